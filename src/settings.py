@@ -1,0 +1,128 @@
+"""Settings, read once from the environment (and `.env`, through python-dotenv) when the app or worker
+starts. Every name here is in `.env.example`; tests build a `Settings` directly or pass overrides."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from src.errors import GpusnapError
+
+
+class SettingsError(GpusnapError):
+    code = "bad_settings"
+
+
+def _csv(value: str | None) -> tuple[str, ...]:
+    return tuple(item.strip() for item in (value or "").split(",") if item.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Storage of metadata and the job queue.
+    database_url: str = "sqlite:///instance/gpusnap.db"
+    redis_url: str | None = None
+    queue_path: str = "instance/queue.db"  # SQLite queue file when REDIS_URL is unset
+
+    # Auth.
+    api_tokens: tuple[str, ...] = ()
+
+    # Object store (Cloudflare R2 or any S3 endpoint).
+    r2_endpoint: str | None = None
+    r2_bucket: str | None = None
+    r2_access_key: str | None = field(default=None, repr=False)
+    r2_secret_key: str | None = field(default=None, repr=False)
+    r2_region: str = "auto"
+    snapshot_prefix: str = "snapshots/"
+
+    # SSH to GPU hosts.
+    ssh_key_path: str = "~/.ssh/id_ed25519"
+    ssh_user: str = "root"
+    ssh_allowed_networks: tuple[str, ...] = ()
+    ssh_connect_timeout_s: float = 10.0
+    ssh_ready_deadline_s: float = 120.0
+    remote_python: str = "python3"
+    remote_s5cmd: str = "s5cmd"
+
+    # vast.ai.
+    vast_api_key: str | None = field(default=None, repr=False)
+    vast_api_url: str = "https://console.vast.ai"
+    vast_default_image: str = "pytorch/pytorch:latest"
+    vast_ready_deadline_s: float = 900.0
+
+    # Data plane tuning, passed to the remote scripts.
+    snapshot_codec: str = "auto"
+    snapshot_part_size_mb: int = 64
+    snapshot_parallelism: int = 8
+
+    # HTTP and jobs.
+    max_request_bytes: int = 1_048_576
+    worker_threads: int = 4
+    job_heartbeat_s: float = 5.0
+    job_stale_after_s: float = 60.0
+    job_max_attempts: int = 3
+    log_level: str = "INFO"
+    log_format: str = "json"  # json | text
+
+    @property
+    def object_store_configured(self) -> bool:
+        return bool(self.r2_endpoint and self.r2_bucket and self.r2_access_key and self.r2_secret_key)
+
+    def replace(self, **changes: object) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, *, dotenv: bool = True) -> "Settings":
+        """Build settings from `environ` (default `os.environ`, after loading `.env` when `dotenv`)."""
+        if environ is None:
+            if dotenv:
+                from dotenv import load_dotenv
+
+                load_dotenv(override=False)
+            environ = os.environ
+        env = {k: v for k, v in environ.items() if v != ""}
+        d = cls()
+
+        def num(name: str, default: float, kind: type = float):  # type: ignore[no-untyped-def]
+            raw = env.get(name)
+            if raw is None:
+                return default
+            try:
+                return kind(raw)
+            except ValueError:
+                raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+
+        return cls(
+            database_url=env.get("DATABASE_URL", d.database_url),
+            redis_url=env.get("REDIS_URL"),
+            queue_path=env.get("QUEUE_PATH", d.queue_path),
+            api_tokens=_csv(env.get("API_TOKENS")),
+            r2_endpoint=env.get("R2_ENDPOINT"),
+            r2_bucket=env.get("R2_BUCKET"),
+            r2_access_key=env.get("R2_ACCESS_KEY"),
+            r2_secret_key=env.get("R2_SECRET_KEY"),
+            r2_region=env.get("R2_REGION", d.r2_region),
+            snapshot_prefix=env.get("SNAPSHOT_PREFIX", d.snapshot_prefix),
+            ssh_key_path=env.get("SSH_KEY_PATH", d.ssh_key_path),
+            ssh_user=env.get("SSH_USER", d.ssh_user),
+            ssh_allowed_networks=_csv(env.get("SSH_ALLOWED_NETWORKS")),
+            ssh_connect_timeout_s=num("SSH_CONNECT_TIMEOUT_S", d.ssh_connect_timeout_s),
+            ssh_ready_deadline_s=num("SSH_READY_DEADLINE_S", d.ssh_ready_deadline_s),
+            remote_python=env.get("REMOTE_PYTHON", d.remote_python),
+            remote_s5cmd=env.get("REMOTE_S5CMD", d.remote_s5cmd),
+            vast_api_key=env.get("VAST_API_KEY"),
+            vast_api_url=env.get("VAST_API_URL", d.vast_api_url),
+            vast_default_image=env.get("VAST_DEFAULT_IMAGE", d.vast_default_image),
+            vast_ready_deadline_s=num("VAST_READY_DEADLINE_S", d.vast_ready_deadline_s),
+            snapshot_codec=env.get("SNAPSHOT_CODEC", d.snapshot_codec),
+            snapshot_part_size_mb=num("SNAPSHOT_PART_SIZE_MB", d.snapshot_part_size_mb, int),
+            snapshot_parallelism=num("SNAPSHOT_PARALLELISM", d.snapshot_parallelism, int),
+            max_request_bytes=num("MAX_REQUEST_BYTES", d.max_request_bytes, int),
+            worker_threads=num("WORKER_THREADS", d.worker_threads, int),
+            job_heartbeat_s=num("JOB_HEARTBEAT_S", d.job_heartbeat_s),
+            job_stale_after_s=num("JOB_STALE_AFTER_S", d.job_stale_after_s),
+            job_max_attempts=num("JOB_MAX_ATTEMPTS", d.job_max_attempts, int),
+            log_level=env.get("LOG_LEVEL", d.log_level).upper(),
+            log_format=env.get("LOG_FORMAT", d.log_format),
+        )

@@ -1,0 +1,138 @@
+"""The object store (Cloudflare R2 or any S3 endpoint) as the control plane sees it, through boto3: read
+manifests, check parts, delete snapshots. Moving workspace bytes is the remote scripts' job (s5cmd)."""
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from src.errors import ExternalError
+
+logger = logging.getLogger(__name__)
+
+
+class StorageError(ExternalError):
+    code = "storage_error"
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+class ObjectStore:
+    """Operations on one bucket. Methods raise `StorageError` (code `storage_error`, or
+    `storage_auth_failed` for rejected credentials); a missing object is a None/False answer, not an error."""
+
+    def __init__(self, *, endpoint: str, bucket: str, access_key: str, secret_key: str, region: str = "auto",
+                 connect_timeout_s: float = 10, read_timeout_s: float = 60) -> None:
+        self.bucket = bucket
+        self._s3 = boto3.client(
+            "s3", endpoint_url=endpoint, aws_access_key_id=access_key, aws_secret_access_key=secret_key,
+            region_name=region,
+            config=Config(connect_timeout=connect_timeout_s, read_timeout=read_timeout_s,
+                          retries={"max_attempts": 5, "mode": "standard"}, s3={"addressing_style": "path"}),
+        )
+
+    def head(self, key: str) -> ObjectInfo | None:
+        """Size and user metadata of `key`, or None when it does not exist."""
+        try:
+            r = self._s3.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as e:
+            if _status(e) == 404:
+                return None
+            raise _wrap(e, f"HEAD {key}") from e
+        except BotoCoreError as e:
+            raise _wrap(e, f"HEAD {key}") from e
+        return ObjectInfo(key=key, size=int(r["ContentLength"]), metadata=dict(r.get("Metadata") or {}))
+
+    def get_bytes(self, key: str) -> bytes | None:
+        """The whole object (for manifests: small), or None when it does not exist."""
+        try:
+            return self._s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except ClientError as e:
+            if _status(e) == 404 or e.response.get("Error", {}).get("Code") == "NoSuchKey":
+                return None
+            raise _wrap(e, f"GET {key}") from e
+        except BotoCoreError as e:
+            raise _wrap(e, f"GET {key}") from e
+
+    def sha256(self, key: str, *, chunk_size: int = 8 << 20) -> tuple[int, str] | None:
+        """Stream `key` and return (size, hex SHA-256), or None when it does not exist. Memory stays at
+        one chunk whatever the object's size."""
+        try:
+            body = self._s3.get_object(Bucket=self.bucket, Key=key)["Body"]
+            digest, size = hashlib.sha256(), 0
+            for chunk in body.iter_chunks(chunk_size):
+                digest.update(chunk)
+                size += len(chunk)
+            return size, digest.hexdigest()
+        except ClientError as e:
+            if _status(e) == 404 or e.response.get("Error", {}).get("Code") == "NoSuchKey":
+                return None
+            raise _wrap(e, f"GET {key}") from e
+        except BotoCoreError as e:
+            raise _wrap(e, f"GET {key}") from e
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        try:
+            self._s3.put_object(Bucket=self.bucket, Key=key, Body=data)
+        except (ClientError, BotoCoreError) as e:
+            raise _wrap(e, f"PUT {key}") from e
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Every object under `prefix` (all pages)."""
+        try:
+            for page in self._s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+                for obj in page.get("Contents", []):
+                    yield ObjectInfo(key=obj["Key"], size=int(obj["Size"]))
+        except (ClientError, BotoCoreError) as e:
+            raise _wrap(e, f"LIST {prefix}") from e
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object under `prefix`; returns how many. Idempotent: nothing there is success."""
+        if not prefix.endswith("/"):
+            raise ValueError("delete_prefix needs a prefix ending in '/' so it cannot match a sibling")
+        return self.delete_keys([o.key for o in self.list(prefix)])
+
+    def delete_keys(self, keys: list[str]) -> int:
+        """Delete `keys`; absent ones count as deleted. Returns len(keys)."""
+        for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
+            batch = [{"Key": k} for k in keys[start:start + 1000]]
+            try:
+                r = self._s3.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            except (ClientError, BotoCoreError) as e:
+                raise _wrap(e, f"DELETE {batch[0]['Key']}") from e
+            if r.get("Errors"):
+                first = r["Errors"][0]
+                raise StorageError(f"could not delete {first.get('Key')}: {first.get('Message')}", retryable=True)
+        return len(keys)
+
+    def ping(self) -> None:
+        """Raise StorageError when the bucket cannot be reached with these credentials."""
+        try:
+            self._s3.head_bucket(Bucket=self.bucket)
+        except (ClientError, BotoCoreError) as e:
+            raise _wrap(e, f"HEAD bucket {self.bucket}") from e
+
+
+def _status(e: ClientError) -> int:
+    return int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+
+
+def _wrap(e: Exception, what: str) -> StorageError:
+    if isinstance(e, ClientError):
+        status = _status(e)
+        code = e.response.get("Error", {}).get("Code", "")
+        if status in (401, 403):
+            return StorageError(f"{what}: the object store refused our credentials ({code})",
+                                code="storage_auth_failed")
+        return StorageError(f"{what}: {code or status}", retryable=status >= 500 or status == 429)
+    return StorageError(f"{what}: {type(e).__name__}: {e}", retryable=True)

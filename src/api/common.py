@@ -1,0 +1,36 @@
+"""Small helpers the blueprints share."""
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Response, current_app, jsonify, request
+
+from src.container import Container
+from src.services.jobs import Idempotency
+
+JOB_ID = {"type": "string", "minLength": 1, "maxLength": 64}
+SNAPSHOT_ID = {"type": "string", "minLength": 1, "maxLength": 64}
+MACHINE_ID = {"type": "string", "minLength": 1, "maxLength": 128}
+
+
+def container() -> Container:
+    return current_app.extensions["gpusnap"]
+
+
+def idempotency(key: str | None, body: Any) -> Idempotency | None:
+    return Idempotency.of(key, method=request.method, path=request.path,
+                          body=body.model_dump(mode="json") if hasattr(body, "model_dump") else body)
+
+
+def accepted(payload: dict[str, Any], job: dict[str, Any]) -> Response:
+    """202 with the job to poll in `Location`."""
+    resp = jsonify(payload)
+    resp.status_code = 202
+    resp.headers["Location"] = f"/api/jobs/{job['id']}"
+    return resp
+
+
+def ok(payload: Any, status: int = 200) -> Response:
+    resp = jsonify(payload)
+    resp.status_code = status
+    return resp

@@ -1,0 +1,255 @@
+"""Request and response models. They validate requests (unknown fields rejected) and generate the
+OpenAPI document, so the two cannot drift apart."""
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+# ---- field types -------------------------------------------------------------------------------
+
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*\.?$")
+# Host names and IPv4 addresses, or anything IPv6-shaped (checked for real by _check_host).
+_HOST_PATTERN = rf"^(?:{_LABEL}(?:\.{_LABEL})*\.?|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*)$"
+
+
+def _check_host(value: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        pass
+    if not _HOSTNAME.match(value):
+        raise ValueError("must be a host name or an IP address")
+    return value.lower().rstrip(".")
+
+
+def _check_workspace_path(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError("must be an absolute path")
+    parts = [p for p in value.split("/") if p]
+    if any(p in ("..", ".") for p in parts):
+        raise ValueError("must not contain '.' or '..' components")
+    if not parts:
+        raise ValueError("must not be the root directory")
+    return "/" + "/".join(parts)
+
+
+_PRINTABLE = r"^[^\x00-\x1f\x7f]+$"
+
+MachineId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$",
+                                 description="Machine id: the vast.ai instance id it was first known by, or any name")]
+SshHost = Annotated[str, Field(min_length=1, max_length=253, description="Host name or IP address",
+                               pattern=_HOST_PATTERN),
+                    AfterValidator(_check_host)]
+SshPort = Annotated[int, Field(ge=1, le=65535)]
+SshUser = Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$")]
+WorkspacePath = Annotated[str, Field(min_length=2, max_length=1024,
+                                     pattern=r"^(/(?!\.{1,2}(/|$))[^/\x00-\x1f\x7f]+)+/?$",
+                                     description="Absolute path, no '..' components, not '/'"),
+                          AfterValidator(_check_workspace_path)]
+SnapshotName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._:-]*$")]
+Codec = Literal["auto", "zstd", "nvcomp-ans", "none"]
+ExcludePattern = Annotated[str, Field(min_length=1, max_length=1024, pattern=_PRINTABLE)]
+SnapshotId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_]+$")]
+
+
+class _Strict(BaseModel):
+    # python-re: the workspace path pattern needs a look-ahead, which pydantic's default engine lacks.
+    model_config = ConfigDict(extra="forbid", regex_engine="python-re")
+
+
+# ---- requests ----------------------------------------------------------------------------------
+
+
+class CreateSnapshotRequest(_Strict):
+    instance_id: MachineId
+    ssh_host: SshHost
+    ssh_port: SshPort
+    workspace_path: WorkspacePath
+    ssh_user: SshUser | None = None
+    snapshot_name: SnapshotName | None = None
+    codec: Codec = "auto"
+    excludes: list[ExcludePattern] = Field(default_factory=list, max_length=256)
+
+
+class RestoreSnapshotRequest(_Strict):
+    ssh_host: SshHost
+    ssh_port: SshPort
+    workspace_path: WorkspacePath
+    ssh_user: SshUser | None = None
+    instance_id: MachineId | None = None
+
+
+class VerifySnapshotRequest(_Strict):
+    deep: bool = Field(False, description="Re-download every part and check its SHA-256, not only its size")
+
+
+class HibernateRequest(_Strict):
+    workspace_path: WorkspacePath
+    ssh_host: SshHost | None = None
+    ssh_port: SshPort | None = None
+    ssh_user: SshUser | None = None
+    destroy_after: bool = True
+    codec: Codec = "auto"
+    excludes: list[ExcludePattern] = Field(default_factory=list, max_length=256)
+
+
+class WakeRequest(_Strict):
+    snapshot_id: SnapshotId | None = None
+    gpu_type: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9 _.-]+$")] | None = None
+    num_gpus: Annotated[int, Field(ge=1, le=16)] = 1
+    region: Annotated[str, Field(min_length=2, max_length=32, pattern=r"^[A-Za-z-]+$")] | None = None
+    max_price: Annotated[float, Field(gt=0, le=1000, description="USD per hour")] | None = None
+    disk_gb: Annotated[int, Field(ge=1, le=100_000)] | None = None
+    image: Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*$")] | None = None
+    workspace_path: WorkspacePath | None = None
+
+
+class EmptyRequest(_Strict):
+    pass
+
+
+class SnapshotListQuery(_Strict):
+    instance_id: MachineId | None = None
+    status: Literal["pending", "running", "complete", "failed", "deleting"] | None = None
+    limit: Annotated[int, Field(ge=1, le=200)] = 50
+    cursor: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+
+
+class JobListQuery(_Strict):
+    kind: Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[a-z_]+$")] | None = None
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None
+    instance_id: MachineId | None = None
+    limit: Annotated[int, Field(ge=1, le=200)] = 50
+    cursor: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+
+
+class InstanceListQuery(_Strict):
+    status: Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[a-z_]+$")] | None = None
+    limit: Annotated[int, Field(ge=1, le=200)] = 50
+    cursor: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+
+
+# ---- responses ---------------------------------------------------------------------------------
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: list[dict[str, Any]] | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class JobProgress(BaseModel):
+    bytes_done: int | None
+    bytes_total: int | None
+    parts_done: int | None
+    parts_total: int | None
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class Job(BaseModel):
+    id: str
+    kind: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    phase: str | None
+    progress: JobProgress
+    result: dict[str, Any] | None
+    error: JobError | None
+    machine_id: str | None
+    snapshot_id: str | None
+    attempts: int
+    cancel_requested: bool
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+
+
+class Snapshot(BaseModel):
+    id: str
+    name: str | None
+    instance_id: str
+    status: Literal["pending", "running", "complete", "failed", "deleting"]
+    workspace_path: str
+    source_host: str | None
+    storage_prefix: str
+    codec: str | None
+    parts: int | None
+    part_size: int | None
+    raw_bytes: int | None
+    stored_bytes: int | None
+    ratio: float | None = Field(description="raw_bytes / stored_bytes")
+    file_count: int | None
+    manifest_sha256: str | None
+    parent_id: str | None
+    excludes: list[str]
+    durations: dict[str, Any]
+    duration_s: float | None
+    error: JobError | None
+    created_at: str
+    completed_at: str | None
+    verified_at: str | None
+
+
+class MachineEvent(BaseModel):
+    kind: str
+    message: str
+    job_id: str | None
+    data: dict[str, Any] | None
+    at: str
+
+
+class Machine(BaseModel):
+    id: str
+    status: str
+    vast_instance_id: int | None
+    ssh_host: str | None
+    ssh_port: int | None
+    ssh_user: str | None
+    host_key_pinned: bool
+    workspace_path: str | None
+    last_snapshot_id: str | None
+    gpu_name: str | None
+    active_job_id: str | None
+    created_at: str
+    updated_at: str
+    events: list[MachineEvent] | None = None
+
+
+class SnapshotList(BaseModel):
+    items: list[Snapshot]
+    next_cursor: str | None
+
+
+class JobList(BaseModel):
+    items: list[Job]
+    next_cursor: str | None
+
+
+class MachineList(BaseModel):
+    items: list[Machine]
+    next_cursor: str | None
+
+
+class SnapshotJobResponse(BaseModel):
+    snapshot: Snapshot
+    job: Job
+
+
+class JobResponse(BaseModel):
+    job: Job
+
+
+class Health(BaseModel):
+    status: str
+    checks: dict[str, str] | None = None

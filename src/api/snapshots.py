@@ -1,0 +1,72 @@
+"""/api/gpu-snapshots: thin handlers over `src.services.snapshots`."""
+from __future__ import annotations
+
+from flask import Blueprint, Response
+
+from src.api import schemas as m
+from src.api.common import SNAPSHOT_ID, accepted, container, idempotency, ok
+from src.api.routing import route
+from src.services import snapshots as service
+
+bp = Blueprint("snapshots", __name__, url_prefix="/api/gpu-snapshots")
+TAG = "snapshots"
+_ID = {"snapshot_id": SNAPSHOT_ID}
+
+
+@route(bp, "", "GET", tag=TAG, summary="List snapshots, newest first", query=m.SnapshotListQuery,
+       responses={200: m.SnapshotList})
+def list_snapshots(query: m.SnapshotListQuery) -> Response:
+    page = service.list_snapshots(container(), instance_id=query.instance_id, status=query.status,
+                                  limit=query.limit, cursor=query.cursor)
+    return ok({"items": page.items, "next_cursor": page.next_cursor})
+
+
+def _create(body: m.CreateSnapshotRequest, idempotency_key: str | None) -> Response:
+    snapshot, job = service.create_snapshot(
+        container(), instance_id=body.instance_id, ssh_host=body.ssh_host, ssh_port=body.ssh_port,
+        workspace_path=body.workspace_path, ssh_user=body.ssh_user, name=body.snapshot_name, codec=body.codec,
+        excludes=body.excludes, idem=idempotency(idempotency_key, body))
+    return accepted({"snapshot": snapshot, "job": job}, job)
+
+
+@route(bp, "", "POST", tag=TAG, summary="Snapshot a workspace over SSH", body=m.CreateSnapshotRequest,
+       responses={202: m.SnapshotJobResponse}, idempotency=True)
+def create_snapshot(body: m.CreateSnapshotRequest, idempotency_key: str | None) -> Response:
+    return _create(body, idempotency_key)
+
+
+@route(bp, "/create", "POST", tag=TAG, summary="Alias of POST /api/gpu-snapshots", body=m.CreateSnapshotRequest,
+       responses={202: m.SnapshotJobResponse}, idempotency=True)
+def create_snapshot_alias(body: m.CreateSnapshotRequest, idempotency_key: str | None) -> Response:
+    return _create(body, idempotency_key)
+
+
+@route(bp, "/<snapshot_id>", "GET", tag=TAG, summary="One snapshot", responses={200: m.Snapshot},
+       path_params=_ID)
+def get_snapshot(snapshot_id: str) -> Response:
+    return ok(service.get_snapshot(container(), snapshot_id))
+
+
+@route(bp, "/<snapshot_id>/restore", "POST", tag=TAG, summary="Restore a snapshot onto a host over SSH",
+       body=m.RestoreSnapshotRequest, responses={202: m.JobResponse}, idempotency=True, path_params=_ID,
+       description="Nothing reaches the live workspace until every part is verified and extracted beside it.")
+def restore_snapshot(snapshot_id: str, body: m.RestoreSnapshotRequest, idempotency_key: str | None) -> Response:
+    job = service.restore_snapshot(container(), snapshot_id, ssh_host=body.ssh_host, ssh_port=body.ssh_port,
+                                   workspace_path=body.workspace_path, ssh_user=body.ssh_user,
+                                   instance_id=body.instance_id, idem=idempotency(idempotency_key, body))
+    return accepted({"job": job}, job)
+
+
+@route(bp, "/<snapshot_id>/verify", "POST", tag=TAG, summary="Check a snapshot's objects in the bucket",
+       body=m.VerifySnapshotRequest, body_optional=True, responses={202: m.JobResponse}, idempotency=True,
+       path_params=_ID)
+def verify_snapshot(snapshot_id: str, body: m.VerifySnapshotRequest, idempotency_key: str | None) -> Response:
+    job = service.verify_snapshot(container(), snapshot_id, deep=body.deep, idem=idempotency(idempotency_key, body))
+    return accepted({"job": job}, job)
+
+
+@route(bp, "/<snapshot_id>", "DELETE", tag=TAG, summary="Delete a snapshot: objects first, then the record",
+       responses={202: m.JobResponse}, idempotency=True, path_params=_ID)
+def delete_snapshot(snapshot_id: str, idempotency_key: str | None) -> Response:
+    job = service.delete_snapshot(container(), snapshot_id, idem=idempotency(idempotency_key, {}))
+    return accepted({"job": job}, job)

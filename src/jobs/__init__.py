@@ -1,0 +1,1 @@
+"""The job engine (queue, runner, recovery) and one module per job kind."""

@@ -1,0 +1,116 @@
+"""What a job handler gets: its parameters, a place to record steps done, progress reporting, cancel."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from src.errors import JobCancelled
+from src.services import jobs as job_service
+
+if TYPE_CHECKING:
+    from src.container import Container
+    from src.models import Job
+
+logger = logging.getLogger(__name__)
+
+_PROGRESS_FIELDS = ("phase", "bytes_done", "bytes_total", "parts_done", "parts_total")
+
+
+class JobLost(Exception):
+    """This attempt no longer owns the job (it was recovered and handed to another worker)."""
+
+
+class JobContext:
+    """Handed to a job kind's `run`. Progress writes are throttled to one per `min_write_interval_s`
+    (a snapshot emits several progress events a second); steps saved with `save_state` are written at once,
+    because a re-run after a crash resumes from them."""
+
+    def __init__(self, *, container: "Container", job: "Job", min_write_interval_s: float = 1.0) -> None:
+        self.container = container
+        self.job_id = job.id
+        self.kind = job.kind
+        self.params: dict[str, Any] = dict(job.params or {})
+        self.state: dict[str, Any] = dict(job.state or {})
+        self.attempt = job.attempts
+        self.machine_id = job.machine_id
+        self.snapshot_id = job.snapshot_id
+        self.cancel_event = threading.Event()
+        self.lost = False
+        self.log = logging.LoggerAdapter(logging.getLogger(f"src.jobs.{job.kind}"), {"job_id": job.id})
+        self._lock = threading.Lock()
+        self._pending: dict[str, Any] = {}
+        self._last_write = 0.0
+        self._min_interval = min_write_interval_s
+
+    @property
+    def settings(self):  # type: ignore[no-untyped-def]
+        return self.container.settings
+
+    def progress(self, **fields: Any) -> None:
+        """Record progress (`phase`, `bytes_done`, `bytes_total`, `parts_done`, `parts_total`). A new phase
+        is written at once; byte counters at most once per interval."""
+        unknown = set(fields) - set(_PROGRESS_FIELDS)
+        if unknown:
+            raise TypeError(f"unknown progress fields {sorted(unknown)}")
+        with self._lock:
+            phase_changed = "phase" in fields and fields["phase"] != self._pending.get("phase")
+            self._pending.update({k: v for k, v in fields.items() if v is not None or k == "phase"})
+        if phase_changed or time.monotonic() - self._last_write >= self._min_interval:
+            self.flush()
+
+    def save_state(self, **updates: Any) -> None:
+        """Merge `updates` into the job's step record and write it now."""
+        with self._lock:
+            self.state.update(updates)
+        self.flush(with_state=True)
+
+    def check_cancelled(self) -> None:
+        if self.cancel_event.is_set():
+            if self.lost:
+                raise JobLost(self.job_id)
+            raise JobCancelled("the job was cancelled")
+
+    def flush(self, *, with_state: bool = False) -> None:
+        """Write pending progress (and the heartbeat). Called by handlers through `progress`, and by the
+        heartbeat thread every few seconds."""
+        with self._lock:
+            progress = dict(self._pending)
+            state = dict(self.state) if with_state else None
+            verdict = job_service.heartbeat(self.container.session_factory, self.job_id, attempt=self.attempt,
+                                            progress=progress, state=state)
+            self._last_write = time.monotonic()
+        if verdict == "cancel":
+            self.cancel_event.set()
+        elif verdict == "lost":
+            self.lost = True
+            self.cancel_event.set()
+            if with_state:
+                raise JobLost(self.job_id)
+
+
+class Heartbeat:
+    """Refreshes the job's lease every `interval_s` while the handler runs, and notices cancel requests."""
+
+    def __init__(self, ctx: JobContext, interval_s: float) -> None:
+        self._ctx = ctx
+        self._interval = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{ctx.job_id}", daemon=True)
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self._interval + 5)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self._ctx.flush()
+            except Exception:  # a DB hiccup must not kill the heartbeat; the next beat tries again
+                logger.warning("heartbeat write failed for job %s", self._ctx.job_id, exc_info=True,
+                               extra={"job_id": self._ctx.job_id})

@@ -1,0 +1,28 @@
+"""The registry of job kinds: what runs, whether a kind is safe to re-run after a crash, and the hook
+that updates domain rows when a job ends."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from src.jobs.context import JobContext
+from src.services.jobs import OnEnd
+
+
+@dataclass(frozen=True)
+class JobKind:
+    name: str
+    run: Callable[[JobContext], dict[str, Any] | None]
+    # Safe to run again from the start (with `ctx.state`) when its worker died mid-way. Kinds whose
+    # steps are idempotent say True; others are failed with `interrupted` instead.
+    rerunnable: bool = True
+    on_end: OnEnd | None = None  # runs in the transaction that finishes the job (any final status)
+
+
+def default_kinds() -> dict[str, JobKind]:
+    """Every production job kind, by name."""
+    from src.jobs import storage_jobs
+
+    kinds = [*storage_jobs.KINDS]
+    return {k.name: k for k in kinds}

@@ -1,0 +1,75 @@
+"""Runs one job: claim it, keep its lease alive, call its kind, record how it ended."""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+from src.errors import GpusnapError, JobCancelled
+from src.jobs.context import Heartbeat, JobContext, JobLost
+from src.logging_setup import job_id_var
+from src.services import jobs as job_service
+
+if TYPE_CHECKING:
+    from src.container import Container
+
+logger = logging.getLogger(__name__)
+
+
+class JobRunner:
+    def __init__(self, container: "Container") -> None:
+        self.container = container
+        self.worker_name = f"{socket.gethostname()}:{os.getpid()}"
+
+    def run(self, job_id: str) -> None:
+        """Run `job_id` if it is still queued; a no-op for a job another worker took or that was cancelled."""
+        c = self.container
+        job = job_service.claim(c.session_factory, job_id, worker=self.worker_name)
+        if job is None:
+            logger.info("job %s is not queued any more; skipped", job_id, extra={"job_id": job_id})
+            return
+        kind = c.job_kinds.get(job.kind)
+        token = job_id_var.set(job_id)
+        started = time.monotonic()
+        try:
+            if kind is None:  # a row written by a newer version of the service
+                job_service.finish(c.session_factory, job_id, attempt=job.attempts, status="failed",
+                                   error=("unknown_kind", f"this worker cannot run jobs of kind {job.kind!r}"))
+                return
+            ctx = JobContext(container=c, job=job)
+            logger.info("job %s (%s) started, attempt %d", job_id, job.kind, job.attempts,
+                        extra={"job_id": job_id})
+            status, result, error = self._call(kind.run, ctx)
+            if ctx.lost:
+                logger.warning("job %s was taken over by another worker; this attempt stops here", job_id,
+                               extra={"job_id": job_id})
+                return
+            if status == "failed" and ctx.cancel_event.is_set():
+                status, error = "cancelled", ("cancelled", "the job was cancelled")
+            ctx.flush()  # last progress numbers
+            job_service.finish(c.session_factory, job_id, attempt=ctx.attempt, status=status, result=result,
+                               error=error, on_end=kind.on_end)
+            elapsed = time.monotonic() - started
+            logger.info("job %s (%s) %s in %.1fs%s", job_id, job.kind, status, elapsed,
+                        f": {error[0]}: {error[1]}" if error else "", extra={"job_id": job_id})
+        finally:
+            job_id_var.reset(token)
+
+    def _call(self, run: Any, ctx: JobContext) -> tuple[str, dict[str, Any] | None, tuple[str, str] | None]:
+        with Heartbeat(ctx, self.container.settings.job_heartbeat_s):
+            try:
+                return "succeeded", run(ctx) or {}, None
+            except JobLost:
+                return "failed", None, ("lost", "taken over by another worker")
+            except JobCancelled as e:
+                return "cancelled", None, ("cancelled", e.message)
+            except GpusnapError as e:
+                if e.code == "cancelled":
+                    return "cancelled", None, ("cancelled", e.message)
+                return "failed", None, (e.code, e.message)
+            except Exception:
+                # Unexpected: the traceback goes to the worker log, the client gets a stable message.
+                logger.exception("job %s crashed", ctx.job_id, extra={"job_id": ctx.job_id})
+                return "failed", None, ("internal", f"unexpected error; the worker log has details for {ctx.job_id}")

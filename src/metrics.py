@@ -1,0 +1,59 @@
+"""Prometheus metrics. Job and snapshot figures are read from the database at scrape time, so `/metrics`
+on any API process tells the truth about jobs that workers on other machines ran."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from src.models import Job, Snapshot
+
+
+class _DatabaseCollector(Collector):
+    def __init__(self, session_factory: sessionmaker[Session]) -> None:
+        self._sf = session_factory
+
+    def collect(self) -> Iterator[object]:
+        jobs = GaugeMetricFamily("gpusnap_jobs", "Jobs by kind and status", labels=["kind", "status"])
+        durations = SummaryMetricFamily("gpusnap_job_duration_seconds", "Run time of finished jobs",
+                                        labels=["kind", "status"])
+        moved = CounterMetricFamily("gpusnap_bytes_moved", "Bytes moved by succeeded jobs", labels=["kind"])
+        snaps = GaugeMetricFamily("gpusnap_snapshots", "Snapshots by status", labels=["status"])
+        stored = GaugeMetricFamily("gpusnap_snapshot_stored_bytes", "Bytes stored by complete snapshots")
+        with self._sf() as s:
+            for kind, status, count in s.execute(select(Job.kind, Job.status, func.count()).group_by(Job.kind, Job.status)):
+                jobs.add_metric([kind, status], count)
+            finished = select(Job.kind, Job.status, Job.started_at, Job.finished_at).where(
+                Job.finished_at.is_not(None), Job.started_at.is_not(None))
+            totals: dict[tuple[str, str], list[float]] = {}
+            for kind, status, started, ended in s.execute(finished):
+                acc = totals.setdefault((kind, status), [0, 0.0])
+                acc[0] += 1
+                acc[1] += max(0.0, (ended - started).total_seconds())
+            for (kind, status), (count, total) in totals.items():
+                durations.add_metric([kind, status], count_value=count, sum_value=total)
+            for kind, total in s.execute(select(Job.kind, func.sum(Job.bytes_done))
+                                         .where(Job.status == "succeeded").group_by(Job.kind)):
+                moved.add_metric([kind], float(total or 0))
+            for status, count in s.execute(select(Snapshot.status, func.count()).group_by(Snapshot.status)):
+                snaps.add_metric([status], count)
+            stored.add_metric([], float(s.scalar(select(func.coalesce(func.sum(Snapshot.stored_bytes), 0))
+                                                 .where(Snapshot.status == "complete")) or 0))
+        yield from (jobs, durations, moved, snaps, stored)
+
+
+class Metrics:
+    """One registry per app (no process globals, so tests can build many apps)."""
+
+    def __init__(self, session_factory: sessionmaker[Session]) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_DatabaseCollector(session_factory))
+        self.http_requests = Counter("gpusnap_http_requests", "HTTP requests", ["method", "route", "status"],
+                                     registry=self.registry)
+        self.http_latency = Histogram("gpusnap_http_request_duration_seconds", "HTTP request latency",
+                                      ["method", "route"], registry=self.registry,
+                                      buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))

@@ -1,0 +1,86 @@
+"""Machines: the logical identity of a GPU host across hibernate and wake, its SSH endpoint and pinned
+host key, and the history of what was done to it."""
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from src.db import transaction
+from src.errors import NotFound
+from src.models import Job, Machine, MachineEvent
+from src.services.pagination import Page, decode_cursor, encode_cursor
+from src.services.views import machine_view
+
+
+def machine_id_for(*, instance_id: str | None, host: str, port: int) -> str:
+    """SSH targets named without a machine id get one from their endpoint."""
+    return instance_id or f"{host}:{port}"
+
+
+def ensure_machine(s: Session, *, machine_id: str, host: str | None, port: int | None, user: str | None,
+                   workspace_path: str | None = None) -> Machine:
+    """The machine row, created on first mention. A new SSH endpoint for a known machine replaces the old
+    one and resets the host-key pin (a different endpoint is a different host key); that is recorded."""
+    machine = s.get(Machine, machine_id, with_for_update=True)
+    if machine is None:
+        machine = Machine(id=machine_id, status="running" if host else "unknown", ssh_host=host, ssh_port=port,
+                          ssh_user=user, workspace_path=workspace_path)
+        s.add(machine)
+        s.flush()
+        add_event(s, machine_id, "registered", f"first seen at {host}:{port}" if host else "registered")
+        return machine
+    if host is not None and (machine.ssh_host, machine.ssh_port) != (host, port):
+        if machine.ssh_host is not None:
+            add_event(s, machine_id, "endpoint_changed",
+                      f"SSH endpoint {machine.ssh_host}:{machine.ssh_port} -> {host}:{port}; host key pin reset")
+        machine.ssh_host, machine.ssh_port, machine.host_key = host, port, None
+    if user is not None:
+        machine.ssh_user = user
+    if workspace_path is not None:
+        machine.workspace_path = workspace_path
+    return machine
+
+
+def add_event(s: Session, machine_id: str, kind: str, message: str, *, job_id: str | None = None,
+              data: dict[str, Any] | None = None) -> None:
+    s.add(MachineEvent(machine_id=machine_id, kind=kind, message=message, job_id=job_id, data=data))
+
+
+def active_job_id(s: Session, machine_id: str) -> str | None:
+    return s.scalar(select(Job.id).where(Job.lock_key == f"machine:{machine_id}"))
+
+
+def get_machine(session_factory: sessionmaker[Session], machine_id: str, *, events: int = 100) -> dict[str, Any]:
+    """The machine, its active job and its latest `events` history entries (oldest first)."""
+    with transaction(session_factory) as s:
+        machine = find_machine(s, machine_id)
+        history = list(s.scalars(select(MachineEvent).where(MachineEvent.machine_id == machine.id)
+                                 .order_by(MachineEvent.id.desc()).limit(events)))
+        return machine_view(machine, events=list(reversed(history)), active_job_id=active_job_id(s, machine.id))
+
+
+def find_machine(s: Session, machine_id: str) -> Machine:
+    """By its id, or by the vast.ai instance id it runs on now. Raises NotFound."""
+    machine = s.get(Machine, machine_id)
+    if machine is None and machine_id.isdigit():
+        machine = s.scalar(select(Machine).where(Machine.vast_instance_id == int(machine_id)))
+    if machine is None:
+        raise NotFound(f"machine {machine_id} not found")
+    return machine
+
+
+def list_machines(session_factory: sessionmaker[Session], *, status: str | None = None, limit: int = 50,
+                  cursor: str | None = None) -> Page:
+    query = select(Machine).order_by(Machine.id).limit(limit + 1)
+    if status:
+        query = query.where(Machine.status == status)
+    if cursor:
+        query = query.where(Machine.id > decode_cursor(cursor))
+    with transaction(session_factory) as s:
+        rows = list(s.scalars(query))
+        more = len(rows) > limit
+        rows = rows[:limit]
+        items = [machine_view(m, active_job_id=active_job_id(s, m.id)) for m in rows]
+    return Page(items=items, next_cursor=encode_cursor(rows[-1].id) if more else None)

@@ -1,0 +1,30 @@
+"""Cursor pagination: a cursor is the opaque (base64) id of the last row of the previous page; ids are
+time-ordered, so "rows with a smaller id" is the next page, stable under concurrent inserts."""
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+from typing import Any
+
+from src.errors import InvalidRequest
+
+
+@dataclass(frozen=True)
+class Page:
+    items: list[dict[str, Any]]
+    next_cursor: str | None
+
+
+def encode_cursor(last_id: str) -> str:
+    return base64.urlsafe_b64encode(last_id.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> str:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise InvalidRequest("cursor is not one this API returned", code="invalid_cursor") from None
+    if not raw or len(raw) > 64 or not raw.replace("_", "").isalnum():
+        raise InvalidRequest("cursor is not one this API returned", code="invalid_cursor")
+    return raw

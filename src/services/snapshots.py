@@ -1,0 +1,164 @@
+"""Snapshots: create, restore, verify and delete them (each starts a job), and read them."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from src.db import transaction
+from src.errors import Conflict, NotFound
+from src.models import Job, Snapshot, new_id
+from src.services import jobs as job_service
+from src.services.jobs import Idempotency
+from src.services.machines import add_event, ensure_machine, machine_id_for
+from src.services.pagination import Page, decode_cursor, encode_cursor
+from src.services.views import job_view, snapshot_view
+
+if TYPE_CHECKING:
+    from src.container import Container
+
+RESTORABLE = "complete"
+
+
+def create_snapshot(c: "Container", *, instance_id: str, ssh_host: str, ssh_port: int, workspace_path: str,
+                    ssh_user: str | None = None, name: str | None = None, codec: str = "auto",
+                    excludes: list[str] | None = None, idem: Idempotency | None = None
+                    ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Start a `create_snapshot` job for the workspace at `ssh_host`. Returns (snapshot, job).
+    Raises Unprocessable when the host is outside SSH_ALLOWED_NETWORKS, Conflict when another operation
+    holds the machine. With the same Idempotency-Key and body, returns the first request's pair."""
+    c.ssh_policy().check(ssh_host)
+    with transaction(c.session_factory) as s:
+        replay = job_service.find_replay(s, idem)
+        if replay is not None:
+            return snapshot_view(_snapshot(s, replay.snapshot_id)), job_view(replay)
+        machine = ensure_machine(s, machine_id=instance_id, host=ssh_host, port=ssh_port, user=ssh_user,
+                                 workspace_path=workspace_path)
+        snap, job = start_snapshot_job(s, c, machine_id=machine.id, workspace_path=workspace_path, name=name,
+                                       codec=codec, excludes=excludes or [], idem=idem)
+        result = snapshot_view(snap), job_view(job)
+    c.queue.enqueue(job.id)
+    return result
+
+
+def start_snapshot_job(s: Session, c: "Container", *, machine_id: str, workspace_path: str, name: str | None,
+                       codec: str, excludes: list[str], idem: Idempotency | None = None,
+                       kind: str = "create_snapshot", params: dict[str, Any] | None = None
+                       ) -> tuple[Snapshot, Job]:
+    """Insert a pending snapshot and the job that fills it (also used by hibernate)."""
+    snap_id = new_id("snap")
+    snap = Snapshot(id=snap_id, name=name, machine_id=machine_id, status="pending", workspace_path=workspace_path,
+                    storage_prefix=f"{c.settings.snapshot_prefix}{machine_id}/{snap_id}/",
+                    requested_codec=codec, excludes=excludes)
+    s.add(snap)
+    job = job_service.add_job(s, kind=kind, params={"snapshot_id": snap_id, **(params or {})},
+                              lock_key=f"machine:{machine_id}", machine_id=machine_id, snapshot_id=snap_id, idem=idem)
+    add_event(s, machine_id, f"{kind}_requested", f"snapshot {snap_id} of {workspace_path}", job_id=job.id)
+    return snap, job
+
+
+def restore_snapshot(c: "Container", snapshot_id: str, *, ssh_host: str, ssh_port: int, workspace_path: str,
+                     ssh_user: str | None = None, instance_id: str | None = None,
+                     idem: Idempotency | None = None) -> dict[str, Any]:
+    """Start a `restore_snapshot` job onto `ssh_host`. Raises NotFound, Conflict (snapshot not complete,
+    or the target machine busy), Unprocessable (host not allowed)."""
+    c.ssh_policy().check(ssh_host)
+    with transaction(c.session_factory) as s:
+        replay = job_service.find_replay(s, idem)
+        if replay is not None:
+            return job_view(replay)
+        snap = _snapshot(s, snapshot_id)
+        _require_restorable(snap)
+        _require_no_delete(s, snap.id)
+        target = machine_id_for(instance_id=instance_id, host=ssh_host, port=ssh_port)
+        ensure_machine(s, machine_id=target, host=ssh_host, port=ssh_port, user=ssh_user)
+        job = job_service.add_job(s, kind="restore_snapshot",
+                                  params={"snapshot_id": snap.id, "workspace_path": workspace_path},
+                                  lock_key=f"machine:{target}", machine_id=target, snapshot_id=snap.id, idem=idem)
+        add_event(s, target, "restore_requested", f"restore {snap.id} into {workspace_path}", job_id=job.id)
+        view = job_view(job)
+    c.queue.enqueue(view["id"])
+    return view
+
+
+def verify_snapshot(c: "Container", snapshot_id: str, *, deep: bool = False,
+                    idem: Idempotency | None = None) -> dict[str, Any]:
+    """Start a `verify_snapshot` job. Raises NotFound; Conflict when the snapshot is not complete or
+    is being verified or deleted."""
+    with transaction(c.session_factory) as s:
+        replay = job_service.find_replay(s, idem)
+        if replay is not None:
+            return job_view(replay)
+        snap = _snapshot(s, snapshot_id)
+        _require_restorable(snap)
+        job = job_service.add_job(s, kind="verify_snapshot", params={"snapshot_id": snap.id, "deep": deep},
+                                  lock_key=f"snapshot:{snap.id}", snapshot_id=snap.id, machine_id=None, idem=idem)
+        view = job_view(job)
+    c.queue.enqueue(view["id"])
+    return view
+
+
+def delete_snapshot(c: "Container", snapshot_id: str, *, idem: Idempotency | None = None) -> dict[str, Any]:
+    """Start a `delete_snapshot` job (objects first, then the record). Raises NotFound; Conflict while a
+    job creates, restores or verifies this snapshot."""
+    with transaction(c.session_factory) as s:
+        replay = job_service.find_replay(s, idem)
+        if replay is not None:
+            return job_view(replay)
+        snap = _snapshot(s, snapshot_id)
+        busy = s.scalar(select(Job.id).where(Job.snapshot_id == snap.id, Job.status.in_(job_service.ACTIVE)))
+        if busy is not None:
+            raise Conflict(f"job {busy} is using snapshot {snap.id}; cancel it or wait", code="snapshot_busy")
+        job = job_service.add_job(s, kind="delete_snapshot",
+                                  params={"snapshot_id": snap.id, "previous_status": snap.status},
+                                  lock_key=f"snapshot:{snap.id}", snapshot_id=snap.id, idem=idem)
+        snap.status = "deleting"
+        view = job_view(job)
+    c.queue.enqueue(view["id"])
+    return view
+
+
+def get_snapshot(c: "Container", snapshot_id: str) -> dict[str, Any]:
+    with transaction(c.session_factory) as s:
+        return snapshot_view(_snapshot(s, snapshot_id))
+
+
+def list_snapshots(c: "Container", *, instance_id: str | None = None, status: str | None = None, limit: int = 50,
+                   cursor: str | None = None) -> Page:
+    """Newest first; `cursor` is the previous page's `next_cursor`."""
+    query = select(Snapshot).order_by(Snapshot.id.desc()).limit(limit + 1)
+    if instance_id:
+        query = query.where(Snapshot.machine_id == instance_id)
+    if status:
+        query = query.where(Snapshot.status == status)
+    if cursor:
+        query = query.where(Snapshot.id < decode_cursor(cursor))
+    with transaction(c.session_factory) as s:
+        rows = list(s.scalars(query))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return Page(items=[snapshot_view(r) for r in rows], next_cursor=encode_cursor(rows[-1].id) if more else None)
+
+
+def latest_complete(s: Session, machine_id: str) -> Snapshot | None:
+    return s.scalar(select(Snapshot).where(Snapshot.machine_id == machine_id, Snapshot.status == RESTORABLE)
+                    .order_by(Snapshot.id.desc()).limit(1))
+
+
+def _snapshot(s: Session, snapshot_id: str | None) -> Snapshot:
+    snap = s.get(Snapshot, snapshot_id) if snapshot_id else None
+    if snap is None:
+        raise NotFound(f"snapshot {snapshot_id} not found")
+    return snap
+
+
+def _require_restorable(snap: Snapshot) -> None:
+    if snap.status != RESTORABLE:
+        raise Conflict(f"snapshot {snap.id} is {snap.status}, not complete", code="snapshot_not_complete")
+
+
+def _require_no_delete(s: Session, snapshot_id: str) -> None:
+    holder = s.scalar(select(Job.id).where(Job.lock_key == f"snapshot:{snapshot_id}"))
+    if holder is not None:
+        raise Conflict(f"job {holder} holds snapshot {snapshot_id}", code="snapshot_busy")

@@ -97,9 +97,10 @@ def delete_snapshot(ctx: JobContext) -> dict[str, Any]:
     store = ctx.container.object_store()
     prefix = snap["storage_prefix"]
     ctx.progress(phase="delete_objects")
+    had_manifest = store.head(prefix + MANIFEST_NAME) is not None
     store.delete_keys([prefix + MANIFEST_NAME])
     ctx.save_state(manifest_deleted=True)
-    deleted = store.delete_prefix(prefix)
+    deleted = store.delete_prefix(prefix) + int(had_manifest)
     ctx.progress(phase="delete_record")
     with transaction(ctx.container.session_factory) as s:
         row = s.get(Snapshot, snapshot_id)

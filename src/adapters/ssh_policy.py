@@ -1,0 +1,157 @@
+"""The SSH allow-list (`SSH_ALLOWED_NETWORKS`): which hosts the service may open an SSH connection to.
+
+A request names an SSH host; without this list anyone holding an API token could point the worker (and
+the object-store credentials it sends) at any machine the worker can reach. The list holds CIDRs and
+exact host names. It is checked twice: `check(host)` before any connection is tried (the API calls it
+to answer 422), and `check_address(host=, address=)` on every address the SSH adapter is about to
+connect to, so a name that resolves into a forbidden range is refused even if DNS changed in between.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import socket
+from collections.abc import Callable, Iterable
+
+from src.errors import Unprocessable
+
+logger = logging.getLogger(__name__)
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Resolver = Callable[[str], list[str]]
+
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*$")
+# An entry made only of digits and dots (or holding ':' or '/') was meant as an address, so a typo
+# there ("10.0.0.0/33", "300.1.1.1") must fail loudly rather than become a host name nobody has.
+_LOOKS_NUMERIC = re.compile(r"^[0-9.]+$|[:/]")
+
+
+class TargetNotAllowed(Unprocessable):
+    """The SSH host is outside `SSH_ALLOWED_NETWORKS` (or resolves outside it)."""
+
+    code = "target_not_allowed"
+
+
+def resolve_host(host: str) -> list[str]:
+    """Every IP address `host` resolves to (TCP). Raises `socket.gaierror` when it does not resolve."""
+    infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    return sorted({str(info[4][0]) for info in infos})
+
+
+def _normalize_name(host: str) -> str:
+    return host.strip().strip("[]").rstrip(".").lower()
+
+
+def _parse_ip(text: str) -> IpAddress | None:
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    # An IPv4-mapped IPv6 address (::ffff:10.0.0.1) reaches the IPv4 host; judge it as that host.
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+class SshPolicy:
+    """Allowed SSH targets: CIDR networks and exact host names. Immutable after construction."""
+
+    def __init__(
+        self,
+        *,
+        networks: Iterable[IpNetwork] = (),
+        hostnames: Iterable[str] = (),
+        allow_all: bool = False,
+        resolver: Resolver = resolve_host,
+    ) -> None:
+        self._networks = tuple(networks)
+        self._hostnames = frozenset(_normalize_name(h) for h in hostnames)
+        self._allow_all = allow_all
+        self._resolver = resolver
+
+    @classmethod
+    def from_setting(cls, value: str | None, *, resolver: Resolver = resolve_host) -> SshPolicy:
+        """Parse `SSH_ALLOWED_NETWORKS` ("10.0.0.0/8,gpu.example.com,127.0.0.1/32").
+
+        Unset or blank allows every host (`allows_everything`; the app warns at start). A bare address
+        is a /32 (or /128); host bits in a CIDR are ignored. Raises `ValueError` naming a malformed
+        entry, so a typo stops the app at start instead of silently refusing (or allowing) hosts.
+        """
+        entries = [e.strip() for e in (value or "").split(",") if e.strip()]
+        if not entries:
+            return cls(allow_all=True, resolver=resolver)
+        networks: list[IpNetwork] = []
+        hostnames: list[str] = []
+        for entry in entries:
+            try:
+                networks.append(ipaddress.ip_network(entry.strip("[]"), strict=False))
+                continue
+            except ValueError:
+                pass
+            name = _normalize_name(entry)
+            if _LOOKS_NUMERIC.search(name) or not _HOSTNAME.match(name):
+                raise ValueError(f"SSH_ALLOWED_NETWORKS: {entry!r} is neither a CIDR nor a host name")
+            hostnames.append(name)
+        return cls(networks=networks, hostnames=hostnames, resolver=resolver)
+
+    @property
+    def allows_everything(self) -> bool:
+        """True when no allow-list is configured: every host is accepted."""
+        return self._allow_all
+
+    def describe(self) -> str:
+        """The list in setting form, for a log line at start (it is configuration, not a secret)."""
+        if self._allow_all:
+            return "*"
+        return ",".join([str(n) for n in self._networks] + sorted(self._hostnames))
+
+    def check(self, host: str) -> None:
+        """Refuse `host` before any connection is tried. Idempotent; no side effects but DNS.
+
+        An address must lie in an allowed network. A listed host name is allowed as such. Any other
+        name is resolved and every address it resolves to must lie in an allowed network (one
+        forbidden address is enough to refuse: the connection could land on it).
+        Raises `TargetNotAllowed`, also when an unlisted name does not resolve.
+        """
+        if self._allow_all:
+            return
+        name = _normalize_name(host)
+        if not name:
+            raise TargetNotAllowed("SSH host is empty")
+        ip = _parse_ip(name)
+        if ip is not None:
+            self._check_ip(host=host, ip=ip)
+            return
+        if name in self._hostnames:
+            return
+        try:
+            addresses = self._resolver(name)
+        except (OSError, UnicodeError) as e:
+            raise TargetNotAllowed(
+                f"SSH host {host!r} is not in SSH_ALLOWED_NETWORKS and could not be resolved to check it"
+            ) from e
+        if not addresses:
+            raise TargetNotAllowed(f"SSH host {host!r} resolves to no address")
+        for address in addresses:
+            self.check_address(host=host, address=address)
+
+    def check_address(self, *, host: str, address: str) -> None:
+        """Refuse connecting to `address` (what `host` resolved to right now). Idempotent, no I/O.
+
+        A host name listed in the policy is trusted wherever it resolves: listing a name is how an
+        operator allows a host whose address changes. Raises `TargetNotAllowed`.
+        """
+        if self._allow_all or _normalize_name(host) in self._hostnames:
+            return
+        ip = _parse_ip(address.split("%", 1)[0])
+        if ip is None:
+            raise TargetNotAllowed(f"SSH host {host!r} resolved to an unparseable address {address!r}")
+        self._check_ip(host=host, ip=ip)
+
+    def _check_ip(self, *, host: str, ip: IpAddress) -> None:
+        if any(ip.version == net.version and ip in net for net in self._networks):
+            return
+        shown = host if _normalize_name(host) == str(ip) else f"{host} ({ip})"
+        raise TargetNotAllowed(f"SSH host {shown} is not in SSH_ALLOWED_NETWORKS")

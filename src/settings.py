@@ -44,6 +44,7 @@ class Settings:
     ssh_ready_deadline_s: float = 120.0
     remote_python: str = "python3"
     remote_s5cmd: str = "s5cmd"
+    remote_idle_timeout_s: float = 600.0  # a remote script silent this long is presumed hung
 
     # vast.ai.
     vast_api_key: str | None = field(default=None, repr=False)
@@ -111,6 +112,7 @@ class Settings:
             ssh_ready_deadline_s=num("SSH_READY_DEADLINE_S", d.ssh_ready_deadline_s),
             remote_python=env.get("REMOTE_PYTHON", d.remote_python),
             remote_s5cmd=env.get("REMOTE_S5CMD", d.remote_s5cmd),
+            remote_idle_timeout_s=num("REMOTE_IDLE_TIMEOUT_S", d.remote_idle_timeout_s),
             vast_api_key=env.get("VAST_API_KEY"),
             vast_api_url=env.get("VAST_API_URL", d.vast_api_url),
             vast_default_image=env.get("VAST_DEFAULT_IMAGE", d.vast_default_image),

@@ -22,7 +22,7 @@ class JobKind:
 
 def default_kinds() -> dict[str, JobKind]:
     """Every production job kind, by name."""
-    from src.jobs import storage_jobs
+    from src.jobs import storage_jobs, transfer_jobs
 
-    kinds = [*storage_jobs.KINDS]
+    kinds = [*storage_jobs.KINDS, *transfer_jobs.KINDS]
     return {k.name: k for k in kinds}

@@ -1,0 +1,87 @@
+"""What job kinds share when they work on a GPU host: open an SSH session to a machine (pinning its host
+key on first use), run a remote script and turn its events into job progress or a job error."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import update
+
+from src.db import transaction
+from src.errors import JobFailed
+from src.jobs.context import JobContext
+from src.models import Machine
+from src.services.machines import add_event
+
+_PROGRESS_KEYS = ("phase", "bytes_done", "bytes_total", "parts_done", "parts_total")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    machine_id: str
+    host: str
+    port: int
+    user: str
+    host_key: str | None
+
+
+def machine_endpoint(ctx: JobContext, machine_id: str) -> Endpoint:
+    """The machine's current SSH endpoint. Raises JobFailed(`no_ssh_endpoint`) when it has none."""
+    with transaction(ctx.container.session_factory) as s:
+        m = s.get(Machine, machine_id)
+        if m is None or not m.ssh_host or not m.ssh_port:
+            raise JobFailed(f"machine {machine_id} has no SSH endpoint", code="no_ssh_endpoint")
+        return Endpoint(machine_id=m.id, host=m.ssh_host, port=m.ssh_port,
+                        user=m.ssh_user or ctx.settings.ssh_user, host_key=m.host_key)
+
+
+@contextmanager
+def ssh_session(ctx: JobContext, endpoint: Endpoint) -> Iterator[Any]:
+    """An open `RemoteSession` to `endpoint`. A machine without a pinned host key gets the presented key
+    pinned now (trust on first use); a pinned key that differs fails inside `open` with
+    `host_key_mismatch`, before anything is authenticated or run."""
+    from src.adapters.remote_types import SshTarget, host_key_fingerprint
+
+    ctx.progress(phase="connect")
+    target = SshTarget(host=endpoint.host, port=endpoint.port, user=endpoint.user,
+                       pinned_host_key=endpoint.host_key)
+    with ctx.container.ssh().open(target) as session:
+        if endpoint.host_key is None:
+            with transaction(ctx.container.session_factory) as s:
+                pinned = s.execute(update(Machine).where(Machine.id == endpoint.machine_id,
+                                                         Machine.host_key.is_(None))
+                                   .values(host_key=session.host_key)).rowcount
+                if pinned:
+                    add_event(s, endpoint.machine_id, "host_key_pinned",
+                              f"pinned {host_key_fingerprint(session.host_key)} on first use", job_id=ctx.job_id)
+        yield session
+
+
+def run_script(ctx: JobContext, session: Any, name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Run remote script `name` and return its `result` event. Progress events become job progress; an
+    `error` event becomes JobFailed with the script's code. Cancel kills the remote process group."""
+    events = session.run_script(name, params, cancel=ctx.cancel_event,
+                                idle_timeout_s=ctx.settings.remote_idle_timeout_s)
+    result: dict[str, Any] | None = None
+    for event in events:
+        kind = event.get("event")
+        if kind == "progress":
+            ctx.progress(**{k: event[k] for k in _PROGRESS_KEYS if k in event})
+        elif kind == "result":
+            result = event
+        elif kind == "error":
+            raise JobFailed(str(event.get("message") or "the remote script failed"),
+                            code=str(event.get("code") or "remote_error"))
+    if result is None:
+        raise JobFailed(f"the {name} script ended without a result", code="remote_error")
+    return result
+
+
+def storage_params(ctx: JobContext) -> dict[str, Any]:
+    """The bucket and its credentials for a remote script (sent as JSON on stdin, never in argv)."""
+    s = ctx.settings
+    ctx.container.object_store()  # raises NotConfigured with a clear message before any SSH work
+    return {"endpoint": s.r2_endpoint, "bucket": s.r2_bucket, "access_key": s.r2_access_key,
+            "secret_key": s.r2_secret_key, "region": s.r2_region}

@@ -1,0 +1,127 @@
+"""Job kinds that move a workspace over SSH: create a snapshot from a host, restore one onto a host."""
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from src.db import transaction
+from src.errors import JobFailed
+from src.jobs.context import JobContext
+from src.jobs.kinds import JobKind
+from src.jobs.remote import machine_endpoint, run_script, ssh_session, storage_params
+from src.jobs.storage_jobs import check_objects
+from src.models import Job, Machine, Snapshot, utcnow
+from src.services.machines import add_event
+
+
+def create_snapshot(ctx: JobContext) -> dict[str, Any]:
+    """Snapshot the machine's workspace into the snapshot's prefix, then check the bucket holds what the
+    manifest lists before calling the snapshot `complete`. Re-runnable: a complete snapshot is reported
+    as is, and a re-run of the remote script uploads only the parts that are missing."""
+    snap = _snapshot_fields(ctx, ctx.params["snapshot_id"])
+    if snap["status"] == "complete":
+        return _summary(snap)
+    _set_snapshot(ctx, snap["id"], status="running", error_code=None, error_message=None)
+    endpoint = machine_endpoint(ctx, snap["machine_id"])
+    params = {
+        "workspace_path": snap["workspace_path"], "s3": storage_params(ctx), "prefix": snap["storage_prefix"],
+        "snapshot_id": snap["id"], "instance_id": snap["machine_id"], "codec": snap["requested_codec"],
+        "part_size": ctx.settings.snapshot_part_size_mb << 20, "parallelism": ctx.settings.snapshot_parallelism,
+        "excludes": snap["excludes"], "s5cmd": ctx.settings.remote_s5cmd,
+    }
+    with ssh_session(ctx, endpoint) as session:
+        result = run_script(ctx, session, "snapshot", params)
+    ctx.progress(phase="verify")
+    check_objects(ctx, prefix=snap["storage_prefix"], manifest_sha256=result.get("manifest_sha256"), deep=False)
+    timings = dict(result.get("timings") or {})
+    with transaction(ctx.container.session_factory) as s:
+        row = s.get(Snapshot, snap["id"])
+        assert row is not None
+        row.status, row.completed_at, row.verified_at = "complete", utcnow(), utcnow()
+        row.source_host = f"{endpoint.host}:{endpoint.port}"
+        row.codec = result.get("codec")
+        row.part_count, row.part_size = result.get("parts"), result.get("part_size")
+        row.raw_bytes, row.stored_bytes = result.get("raw_bytes"), result.get("stored_bytes")
+        row.file_count, row.manifest_sha256 = result.get("files"), result.get("manifest_sha256")
+        row.timings, row.duration_s = timings, result.get("duration_s")
+        machine = s.get(Machine, snap["machine_id"])
+        if machine is not None:
+            machine.last_snapshot_id = snap["id"]
+        add_event(s, snap["machine_id"], "snapshot_complete",
+                  f"snapshot {snap['id']}: {result.get('raw_bytes')} bytes in {result.get('parts')} parts",
+                  job_id=ctx.job_id)
+        summary = _summary(_fields(row))
+    summary.update(uploaded_parts=result.get("uploaded_parts"), skipped_parts=result.get("skipped_parts"))
+    return summary
+
+
+def _create_ended(s: Session, job: Job) -> None:
+    """A snapshot whose job did not succeed is `failed` and never listed as restorable."""
+    if job.status == "succeeded" or not job.snapshot_id:
+        return
+    snap = s.get(Snapshot, job.snapshot_id)
+    if snap is not None and snap.status != "complete":
+        snap.status = "failed"
+        snap.error_code, snap.error_message = job.error_code, job.error_message
+        add_event(s, snap.machine_id, "snapshot_failed", f"snapshot {snap.id}: {job.error_code}", job_id=job.id)
+
+
+def restore_snapshot(ctx: JobContext) -> dict[str, Any]:
+    """Restore the snapshot into `workspace_path` on the job's machine. The remote script verifies every
+    part before it decompresses it and swaps the workspace in only when all of it is extracted, so a
+    failed or re-run restore never leaves a half-written workspace."""
+    snap = _snapshot_fields(ctx, ctx.params["snapshot_id"])
+    if snap["status"] != "complete":
+        raise JobFailed(f"snapshot {snap['id']} is {snap['status']}, not complete", code="snapshot_not_complete")
+    assert ctx.machine_id is not None
+    endpoint = machine_endpoint(ctx, ctx.machine_id)
+    workspace = ctx.params["workspace_path"]
+    params = {"workspace_path": workspace, "s3": storage_params(ctx), "prefix": snap["storage_prefix"],
+              "parallelism": ctx.settings.snapshot_parallelism, "s5cmd": ctx.settings.remote_s5cmd}
+    with ssh_session(ctx, endpoint) as session:
+        result = run_script(ctx, session, "restore", params)
+    with transaction(ctx.container.session_factory) as s:
+        machine = s.get(Machine, ctx.machine_id)
+        if machine is not None:
+            machine.workspace_path = workspace
+        add_event(s, ctx.machine_id, "restored", f"snapshot {snap['id']} restored into {workspace}",
+                  job_id=ctx.job_id)
+    return {"snapshot_id": snap["id"], "workspace_path": workspace, "raw_bytes": result.get("raw_bytes"),
+            "files": result.get("files"), "parts": result.get("parts"), "duration_s": result.get("duration_s")}
+
+
+def _snapshot_fields(ctx: JobContext, snapshot_id: str) -> dict[str, Any]:
+    with transaction(ctx.container.session_factory) as s:
+        row = s.get(Snapshot, snapshot_id)
+        if row is None:
+            raise JobFailed(f"snapshot {snapshot_id} no longer exists", code="not_found")
+        return _fields(row)
+
+
+def _fields(row: Snapshot) -> dict[str, Any]:
+    return {"id": row.id, "status": row.status, "machine_id": row.machine_id, "workspace_path": row.workspace_path,
+            "storage_prefix": row.storage_prefix, "requested_codec": row.requested_codec,
+            "excludes": list(row.excludes or []), "codec": row.codec, "parts": row.part_count,
+            "part_size": row.part_size, "raw_bytes": row.raw_bytes, "stored_bytes": row.stored_bytes,
+            "files": row.file_count, "manifest_sha256": row.manifest_sha256, "duration_s": row.duration_s}
+
+
+def _summary(snap: dict[str, Any]) -> dict[str, Any]:
+    keys = ("codec", "parts", "part_size", "raw_bytes", "stored_bytes", "files", "manifest_sha256", "duration_s")
+    return {"snapshot_id": snap["id"], **{k: snap[k] for k in keys}}
+
+
+def _set_snapshot(ctx: JobContext, snapshot_id: str, **values: Any) -> None:
+    with transaction(ctx.container.session_factory) as s:
+        row = s.get(Snapshot, snapshot_id)
+        if row is not None:
+            for key, value in values.items():
+                setattr(row, key, value)
+
+
+KINDS = [
+    JobKind("create_snapshot", create_snapshot, rerunnable=True, on_end=_create_ended),
+    # A restore extracts into a staging directory and swaps at the end: running it again is safe.
+    JobKind("restore_snapshot", restore_snapshot, rerunnable=True),
+]

@@ -51,6 +51,11 @@ class Settings:
     vast_api_url: str = "https://console.vast.ai"
     vast_default_image: str = "pytorch/pytorch:latest"
     vast_ready_deadline_s: float = 900.0
+    vast_destroy_deadline_s: float = 300.0
+    vast_poll_interval_s: float = 5.0
+    vast_max_offers: int = 3  # offers tried by one wake when hosts never become ready
+    wake_disk_headroom: float = 1.5  # rented disk >= raw workspace size x this, plus vast_image_disk_gb
+    vast_image_disk_gb: float = 20.0
 
     # Data plane tuning, passed to the remote scripts.
     snapshot_codec: str = "auto"
@@ -117,6 +122,11 @@ class Settings:
             vast_api_url=env.get("VAST_API_URL", d.vast_api_url),
             vast_default_image=env.get("VAST_DEFAULT_IMAGE", d.vast_default_image),
             vast_ready_deadline_s=num("VAST_READY_DEADLINE_S", d.vast_ready_deadline_s),
+            vast_destroy_deadline_s=num("VAST_DESTROY_DEADLINE_S", d.vast_destroy_deadline_s),
+            vast_poll_interval_s=num("VAST_POLL_INTERVAL_S", d.vast_poll_interval_s),
+            vast_max_offers=num("VAST_MAX_OFFERS", d.vast_max_offers, int),
+            wake_disk_headroom=num("WAKE_DISK_HEADROOM", d.wake_disk_headroom),
+            vast_image_disk_gb=num("VAST_IMAGE_DISK_GB", d.vast_image_disk_gb),
             snapshot_codec=env.get("SNAPSHOT_CODEC", d.snapshot_codec),
             snapshot_part_size_mb=num("SNAPSHOT_PART_SIZE_MB", d.snapshot_part_size_mb, int),
             snapshot_parallelism=num("SNAPSHOT_PARALLELISM", d.snapshot_parallelism, int),

@@ -93,6 +93,8 @@ class HibernateRequest(_Strict):
     ssh_port: SshPort | None = None
     ssh_user: SshUser | None = None
     destroy_after: bool = True
+    deep_verify: bool = Field(False, description="Before destroying, re-download every part and check its "
+                                                 "SHA-256 (the default checks every part's size and the manifest)")
     codec: Codec = "auto"
     excludes: list[ExcludePattern] = Field(default_factory=list, max_length=256)
 

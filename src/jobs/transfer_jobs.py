@@ -9,21 +9,28 @@ from src.db import transaction
 from src.errors import JobFailed
 from src.jobs.context import JobContext
 from src.jobs.kinds import JobKind
-from src.jobs.remote import machine_endpoint, run_script, ssh_session, storage_params
+from src.jobs.remote import Endpoint, machine_endpoint, run_script, ssh_session, storage_params
 from src.jobs.storage_jobs import check_objects
 from src.models import Job, Machine, Snapshot, utcnow
 from src.services.machines import add_event
 
 
 def create_snapshot(ctx: JobContext) -> dict[str, Any]:
-    """Snapshot the machine's workspace into the snapshot's prefix, then check the bucket holds what the
-    manifest lists before calling the snapshot `complete`. Re-runnable: a complete snapshot is reported
-    as is, and a re-run of the remote script uploads only the parts that are missing."""
-    snap = _snapshot_fields(ctx, ctx.params["snapshot_id"])
+    """The `create_snapshot` job: snapshot the machine's workspace over SSH."""
+    snap = snapshot_fields(ctx, ctx.params["snapshot_id"])
+    if snap["status"] == "complete":
+        return _summary(snap)
+    return take_snapshot(ctx, snap["id"], machine_endpoint(ctx, snap["machine_id"]))
+
+
+def take_snapshot(ctx: JobContext, snapshot_id: str, endpoint: Endpoint) -> dict[str, Any]:
+    """Snapshot the workspace at `endpoint` into the snapshot's prefix, then check the bucket holds what
+    the manifest lists before calling the snapshot `complete`. Re-runnable: a complete snapshot is
+    reported as is, and a re-run of the remote script uploads only the parts that are missing."""
+    snap = snapshot_fields(ctx, snapshot_id)
     if snap["status"] == "complete":
         return _summary(snap)
     _set_snapshot(ctx, snap["id"], status="running", error_code=None, error_message=None)
-    endpoint = machine_endpoint(ctx, snap["machine_id"])
     params = {
         "workspace_path": snap["workspace_path"], "s3": storage_params(ctx), "prefix": snap["storage_prefix"],
         "snapshot_id": snap["id"], "instance_id": snap["machine_id"], "codec": snap["requested_codec"],
@@ -57,6 +64,10 @@ def create_snapshot(ctx: JobContext) -> dict[str, Any]:
 
 
 def _create_ended(s: Session, job: Job) -> None:
+    mark_snapshot_failed_unless_complete(s, job)
+
+
+def mark_snapshot_failed_unless_complete(s: Session, job: Job) -> None:
     """A snapshot whose job did not succeed is `failed` and never listed as restorable."""
     if job.status == "succeeded" or not job.snapshot_id:
         return
@@ -68,30 +79,33 @@ def _create_ended(s: Session, job: Job) -> None:
 
 
 def restore_snapshot(ctx: JobContext) -> dict[str, Any]:
-    """Restore the snapshot into `workspace_path` on the job's machine. The remote script verifies every
-    part before it decompresses it and swaps the workspace in only when all of it is extracted, so a
-    failed or re-run restore never leaves a half-written workspace."""
-    snap = _snapshot_fields(ctx, ctx.params["snapshot_id"])
+    """The `restore_snapshot` job: restore onto the job's machine over SSH."""
+    snap = snapshot_fields(ctx, ctx.params["snapshot_id"])
+    assert ctx.machine_id is not None
+    return restore_onto(ctx, snap, machine_endpoint(ctx, ctx.machine_id), ctx.params["workspace_path"])
+
+
+def restore_onto(ctx: JobContext, snap: dict[str, Any], endpoint: Endpoint, workspace: str) -> dict[str, Any]:
+    """Restore `snap` into `workspace` at `endpoint`. The remote script verifies every part before it
+    decompresses it and swaps the workspace in only when all of it is extracted, so a failed or re-run
+    restore never leaves a half-written workspace."""
     if snap["status"] != "complete":
         raise JobFailed(f"snapshot {snap['id']} is {snap['status']}, not complete", code="snapshot_not_complete")
-    assert ctx.machine_id is not None
-    endpoint = machine_endpoint(ctx, ctx.machine_id)
-    workspace = ctx.params["workspace_path"]
     params = {"workspace_path": workspace, "s3": storage_params(ctx), "prefix": snap["storage_prefix"],
               "parallelism": ctx.settings.snapshot_parallelism, "s5cmd": ctx.settings.remote_s5cmd}
     with ssh_session(ctx, endpoint) as session:
         result = run_script(ctx, session, "restore", params)
     with transaction(ctx.container.session_factory) as s:
-        machine = s.get(Machine, ctx.machine_id)
+        machine = s.get(Machine, endpoint.machine_id)
         if machine is not None:
             machine.workspace_path = workspace
-        add_event(s, ctx.machine_id, "restored", f"snapshot {snap['id']} restored into {workspace}",
+        add_event(s, endpoint.machine_id, "restored", f"snapshot {snap['id']} restored into {workspace}",
                   job_id=ctx.job_id)
     return {"snapshot_id": snap["id"], "workspace_path": workspace, "raw_bytes": result.get("raw_bytes"),
             "files": result.get("files"), "parts": result.get("parts"), "duration_s": result.get("duration_s")}
 
 
-def _snapshot_fields(ctx: JobContext, snapshot_id: str) -> dict[str, Any]:
+def snapshot_fields(ctx: JobContext, snapshot_id: str) -> dict[str, Any]:
     with transaction(ctx.container.session_factory) as s:
         row = s.get(Snapshot, snapshot_id)
         if row is None:

@@ -1,0 +1,146 @@
+"""Hibernate, wake, pause and resume a machine: each checks the machine can do it now and starts a job."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.orm import Session
+
+from src.db import transaction
+from src.errors import Conflict, NotFound, Unprocessable
+from src.jobs.wake import required_disk_gb
+from src.models import Machine, Snapshot
+from src.services import jobs as job_service
+from src.services.jobs import Idempotency
+from src.services.machines import add_event, ensure_machine, find_machine
+from src.services.snapshots import latest_complete, start_snapshot_job
+from src.services.views import job_view
+
+if TYPE_CHECKING:
+    from src.container import Container
+
+_BUSY_STATES = {"hibernated": "is hibernated: wake it first", "paused": "is paused: resume it first",
+                "waking": "is waking", "hibernating": "is hibernating"}
+
+
+def hibernate(c: "Container", machine_id: str, *, workspace_path: str, ssh_host: str | None = None,
+              ssh_port: int | None = None, ssh_user: str | None = None, destroy_after: bool = True,
+              codec: str = "auto", excludes: list[str] | None = None, deep_verify: bool = False,
+              idem: Idempotency | None = None) -> dict[str, Any]:
+    """Start a `hibernate` job: snapshot, verify, then (destroy_after) destroy the vast.ai instance.
+    A machine not seen before is registered; its id is taken as its vast.ai instance id when numeric.
+    Raises Conflict (busy, hibernated, paused), Unprocessable (nothing to destroy, host not allowed),
+    NotFound (unknown machine and no SSH endpoint given)."""
+    if ssh_host is not None:
+        c.ssh_policy().check(ssh_host)
+        if ssh_port is None:
+            ssh_port = 22
+    with transaction(c.session_factory) as s:
+        replay = job_service.find_replay(s, idem)
+        if replay is not None:
+            return job_view(replay)
+        machine = _machine_for_hibernate(s, c, machine_id, host=ssh_host, port=ssh_port, user=ssh_user)
+        _require_not(machine, _BUSY_STATES)
+        if destroy_after and machine.vast_instance_id is None:
+            raise Unprocessable(f"machine {machine.id} has no vast.ai instance to destroy; "
+                                "use destroy_after: false to snapshot only", code="no_vast_instance")
+        if machine.ssh_host is None and machine.vast_instance_id is None:
+            raise Unprocessable("give ssh_host and ssh_port: the machine's SSH endpoint is unknown",
+                                code="no_ssh_endpoint")
+        _, job = start_snapshot_job(s, c, machine_id=machine.id, workspace_path=workspace_path, name="hibernate",
+                                    codec=codec, excludes=excludes or [], idem=idem, kind="hibernate",
+                                    params={"destroy_after": destroy_after, "deep_verify": deep_verify})
+        machine.status = "hibernating"
+        machine.workspace_path = workspace_path
+        view = job_view(job)
+    c.queue.enqueue(view["id"])
+    return view
+
+
+def wake(c: "Container", machine_id: str, *, snapshot_id: str | None = None, gpu_type: str | None = None,
+         num_gpus: int = 1, region: str | None = None, max_price: float | None = None, disk_gb: int | None = None,
+         image: str | None = None, workspace_path: str | None = None, idem: Idempotency | None = None
+         ) -> dict[str, Any]:
+    """Start a `wake` job: rent an instance that fits and restore `snapshot_id` (default: the machine's
+    latest complete snapshot) onto it. Raises NotFound, Conflict (not hibernated, no snapshot),
+    Unprocessable (disk_gb too small for the snapshot), NotConfigured (no vast.ai key)."""
+    c.vast()  # NotConfigured now, not in a job later
+    with transaction(c.session_factory) as s:
+        replay = job_service.find_replay(s, idem)
+        if replay is not None:
+            return job_view(replay)
+        machine = find_machine(s, machine_id)
+        if machine.status != "hibernated":
+            raise Conflict(f"machine {machine.id} is {machine.status}; only a hibernated machine can be woken",
+                           code="machine_not_hibernated")
+        snap = s.get(Snapshot, snapshot_id) if snapshot_id else latest_complete(s, machine.id)
+        if snap is None:
+            raise (NotFound(f"snapshot {snapshot_id} not found") if snapshot_id else
+                   Conflict(f"machine {machine.id} has no complete snapshot to wake from", code="no_snapshot"))
+        if snap.status != "complete":
+            raise Conflict(f"snapshot {snap.id} is {snap.status}, not complete", code="snapshot_not_complete")
+        needed = required_disk_gb(snap.raw_bytes or 0, headroom=c.settings.wake_disk_headroom,
+                                  image_gb=c.settings.vast_image_disk_gb)
+        if disk_gb is not None and disk_gb < needed:
+            raise Unprocessable(f"disk_gb {disk_gb} is too small: snapshot {snap.id} needs at least {needed} GB",
+                                code="disk_too_small")
+        params = {"snapshot_id": snap.id, "gpu_type": gpu_type or machine.gpu_name, "num_gpus": num_gpus,
+                  "region": region, "max_price": max_price, "disk_gb": disk_gb or needed,
+                  "image": image or (machine.offer or {}).get("image") or c.settings.vast_default_image,
+                  "workspace_path": workspace_path or snap.workspace_path, "ssh_user": machine.ssh_user}
+        job = job_service.add_job(s, kind="wake", params=params, lock_key=f"machine:{machine.id}",
+                                  machine_id=machine.id, snapshot_id=snap.id, idem=idem)
+        machine.status = "waking"
+        add_event(s, machine.id, "wake_requested", f"wake from {snap.id}", job_id=job.id)
+        view = job_view(job)
+    c.queue.enqueue(view["id"])
+    return view
+
+
+def pause(c: "Container", machine_id: str, *, idem: Idempotency | None = None) -> dict[str, Any]:
+    """Start a `pause` job (vast.ai stop). Raises NotFound, Conflict unless the machine is running."""
+    return _vast_state_job(c, machine_id, kind="pause", required="running", during="pausing", idem=idem)
+
+
+def resume(c: "Container", machine_id: str, *, idem: Idempotency | None = None) -> dict[str, Any]:
+    """Start a `resume` job (vast.ai start). Raises NotFound, Conflict unless the machine is paused."""
+    return _vast_state_job(c, machine_id, kind="resume", required="paused", during="resuming", idem=idem)
+
+
+def _vast_state_job(c: "Container", machine_id: str, *, kind: str, required: str, during: str,
+                    idem: Idempotency | None) -> dict[str, Any]:
+    c.vast()
+    with transaction(c.session_factory) as s:
+        replay = job_service.find_replay(s, idem)
+        if replay is not None:
+            return job_view(replay)
+        machine = find_machine(s, machine_id)
+        if machine.vast_instance_id is None:
+            raise Conflict(f"machine {machine.id} has no vast.ai instance", code="no_vast_instance")
+        if machine.status != required:
+            raise Conflict(f"machine {machine.id} is {machine.status}, not {required}", code=f"machine_not_{required}")
+        job = job_service.add_job(s, kind=kind, params={}, lock_key=f"machine:{machine.id}", machine_id=machine.id,
+                                  idem=idem)
+        machine.status = during
+        add_event(s, machine.id, f"{kind}_requested", kind, job_id=job.id)
+        view = job_view(job)
+    c.queue.enqueue(view["id"])
+    return view
+
+
+def _machine_for_hibernate(s: Session, c: "Container", machine_id: str, *, host: str | None, port: int | None,
+                           user: str | None) -> Machine:
+    try:
+        machine = find_machine(s, machine_id)
+    except NotFound:
+        if host is None and not machine_id.isdigit():
+            raise
+        machine = ensure_machine(s, machine_id=machine_id, host=host, port=port, user=user)
+        if machine_id.isdigit():
+            machine.vast_instance_id = int(machine_id)
+        return machine
+    return ensure_machine(s, machine_id=machine.id, host=host, port=port, user=user)
+
+
+def _require_not(machine: Machine, states: dict[str, str]) -> None:
+    if machine.status in states:
+        raise Conflict(f"machine {machine.id} {states[machine.status]}", code=f"machine_{machine.status}")

@@ -211,6 +211,8 @@ class RemoteSession:
         idle_timeout_s: float | None,
     ) -> Iterator[dict[str, Any]]:
         remote_dir = self._ensure_scripts()
+        if cancel is not None and cancel.is_set():
+            raise RemoteCancelled(f"remote script {name} on {self._target.host} was cancelled before it started")
         argv = [*self._python_argv, f"{remote_dir}/{name}.py"]
         channel = self._exec(" ".join(shlex.quote(part) for part in argv))
         run = _ScriptRun(reader=ChannelReader(channel, transport=self._transport),

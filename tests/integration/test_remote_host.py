@@ -305,6 +305,14 @@ def test_cancel_kills_the_remote_process_group(sshd: LoopbackSshd, make_client) 
     assert all(pid not in live_group_members(started["pgid"]) for pid in children)
 
 
+def test_cancel_set_before_the_start_launches_nothing(sshd: LoopbackSshd, make_client) -> None:
+    cancel = threading.Event()
+    cancel.set()
+    with make_client(sshd).open(target_of(sshd)) as session:
+        with pytest.raises(RemoteCancelled, match="before it started"):
+            list(session.run_script("events", {"n": 1, "label": "x"}, cancel=cancel))
+
+
 def test_closing_the_stream_early_kills_the_group(sshd: LoopbackSshd, make_client) -> None:
     with make_client(sshd).open(target_of(sshd)) as session:
         stream = session.run_script("slow", {"children": 1, "seconds": 60})

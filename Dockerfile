@@ -10,7 +10,8 @@ COPY pyproject.toml README.md ./
 COPY src ./src
 COPY migrations ./migrations
 COPY alembic.ini app.py gunicorn.conf.py ./
-RUN pip install --no-cache-dir .
+# Editable: migrations/, alembic.ini and app.py are found beside src/ (see src/migrate.py).
+RUN pip install --no-cache-dir -e .
 
 USER gpusnap
 ENV DATABASE_URL=sqlite:////home/gpusnap/gpusnap.db \

@@ -1,0 +1,258 @@
+"""Hibernate, wake, pause and resume as jobs, in-process: a scripted SSH host (FakeSshClient), an
+in-memory bucket, and the fake vast.ai API over real HTTP. The edge cases live here; the e2e tests run
+the same flows with the real sshd, scripts and SeaweedFS."""
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from src.app import create_app
+from src.db import transaction
+from src.models import Job
+from tests.fakes.fake_object_store import FakeObjectStore
+from tests.fakes.fake_remote_host import FakeSshClient
+from tests.support.fixtures_app import AUTH, make_settings, run_jobs
+from tests.support.snapshots import write_snapshot_objects
+
+
+class World:
+    """The app plus its fakes, and the steps tests repeat."""
+
+    def __init__(self, app, store, ssh, vast, fake_vast) -> None:  # type: ignore[no-untyped-def]
+        self.app, self.store, self.ssh, self.vast, self.fake = app, store, ssh, vast, fake_vast
+        self.client = app.test_client()
+
+    def rent_box(self) -> int:
+        instance_id = self.vast.create_instance(1001, image="img", disk_gb=50, label="my-box")
+        while not self.vast.show_instance(instance_id).is_running:
+            pass
+        return instance_id
+
+    def post(self, path: str, body: dict | None = None, **headers: str):  # type: ignore[no-untyped-def]
+        return self.client.post(path, json=body or {}, headers={**AUTH, **headers})
+
+    def job(self, job_id: str) -> dict:
+        return self.client.get(f"/api/jobs/{job_id}", headers=AUTH).get_json()
+
+    def machine(self, machine_id: int | str) -> dict:
+        return self.client.get(f"/api/instances/{machine_id}", headers=AUTH).get_json()
+
+    def script_snapshot_success(self, snapshot: dict) -> None:
+        """Make the next `snapshot` script run succeed: objects in the bucket, a matching result event."""
+        raw = write_snapshot_objects(self.store, snapshot["storage_prefix"], snapshot_id=snapshot["id"], parts=2)
+        self.ssh.scripts["snapshot"] = [
+            {"event": "started", "pid": 10, "pgid": 10},
+            {"event": "progress", "phase": "upload", "bytes_done": 1024, "bytes_total": 2048, "parts_done": 1,
+             "parts_total": 2},
+            {"event": "result", "manifest_sha256": hashlib.sha256(raw).hexdigest(), "raw_bytes": 2048,
+             "stored_bytes": 2048, "parts": 2, "files": 1, "codec": "none", "part_size": 1024,
+             "uploaded_parts": 2, "skipped_parts": 0, "duration_s": 0.1, "timings": {}},
+        ]
+
+    def hibernate(self, instance_id: int, **body) -> dict:  # type: ignore[no-untyped-def]
+        r = self.post(f"/api/instances/{instance_id}/hibernate", {"workspace_path": "/workspace", **body})
+        assert r.status_code == 202, r.get_json()
+        job = r.get_json()["job"]
+        snap = self.client.get(f"/api/gpu-snapshots/{job['snapshot_id']}", headers=AUTH).get_json()
+        return {"job": job, "snapshot": snap}
+
+    def hibernated_box(self) -> int:
+        box = self.rent_box()
+        started = self.hibernate(box)
+        self.script_snapshot_success(started["snapshot"])
+        run_jobs(self.app)
+        assert self.job(started["job"]["id"])["status"] == "succeeded"
+        return box
+
+    def ours(self) -> list[dict]:
+        return [i for i in self.fake.live_instances() if (i.get("label") or "").startswith("gpusnap:")]
+
+
+@pytest.fixture
+def world(tmp_path, sqlite_url, fake_vast, vast_client):  # type: ignore[no-untyped-def]
+    settings = make_settings(tmp_path, sqlite_url, vast_api_key=fake_vast.api_key, vast_api_url=fake_vast.base_url,
+                             vast_poll_interval_s=0.01, vast_ready_deadline_s=1.0, vast_destroy_deadline_s=1.0,
+                             r2_endpoint="http://unused", r2_bucket="b", r2_access_key="k", r2_secret_key="s")
+    store, ssh = FakeObjectStore(), FakeSshClient(scripts={"restore": [{"event": "result", "raw_bytes": 2048}]})
+    app = create_app(settings, object_store=store, ssh=ssh, vast=vast_client, configure_logs=False)
+    yield World(app, store, ssh, vast_client, fake_vast)
+    app.extensions["gpusnap"].engine.dispose()
+
+
+def test_hibernate_snapshots_verifies_then_destroys(world):
+    box = world.rent_box()
+    started = world.hibernate(box)
+    assert world.machine(box)["status"] == "hibernating"
+    world.script_snapshot_success(started["snapshot"])
+    run_jobs(world.app)
+    job = world.job(started["job"]["id"])
+    assert job["status"] == "succeeded", job
+    assert job["result"]["destroyed_instance_id"] == box
+    assert world.fake.instance(box) is None or box not in [i["id"] for i in world.fake.live_instances()]
+    machine = world.machine(box)
+    assert machine["status"] == "hibernated" and machine["vast_instance_id"] is None
+    assert machine["ssh_host"] is None and not machine["host_key_pinned"]
+    # The SSH endpoint came from vast.ai, and the script got the bucket credentials on stdin.
+    call = world.ssh.script_calls[0]
+    assert call.target.host == "127.0.0.1" and call.params["s3"]["secret_key"] == "s"
+
+
+def test_hibernate_with_a_bad_snapshot_never_destroys(world):
+    box = world.rent_box()
+    started = world.hibernate(box)
+    world.ssh.scripts["snapshot"] = [{"event": "error", "code": "disk_full", "message": "no space left"}]
+    run_jobs(world.app)
+    job = world.job(started["job"]["id"])
+    assert job["status"] == "failed" and job["error"]["code"] == "disk_full"
+    assert world.fake.calls_to("DELETE") == []
+    assert world.machine(box)["status"] == "running"
+    snap = world.client.get(f"/api/gpu-snapshots/{started['snapshot']['id']}", headers=AUTH).get_json()
+    assert snap["status"] == "failed" and snap["error"]["code"] == "disk_full"
+
+
+def test_hibernate_when_the_manifest_is_not_in_the_bucket_never_destroys(world):
+    box = world.rent_box()
+    started = world.hibernate(box)
+    world.script_snapshot_success(started["snapshot"])
+    world.store.objects.pop(started["snapshot"]["storage_prefix"] + "manifest.json")
+    run_jobs(world.app)
+    job = world.job(started["job"]["id"])
+    assert job["status"] == "failed" and job["error"]["code"] == "manifest_missing"
+    assert world.fake.calls_to("DELETE") == []
+
+
+def test_unconfirmed_destroy_leaves_machine_in_error_and_snapshot_complete(world):
+    box = world.rent_box()
+    started = world.hibernate(box)
+    world.script_snapshot_success(started["snapshot"])
+    world.fake.fail_next_destroys(1000)
+    run_jobs(world.app)
+    job = world.job(started["job"]["id"])
+    assert job["status"] == "failed" and job["error"]["code"] == "destroy_unconfirmed"
+    assert world.machine(box)["status"] == "error"
+    snap = world.client.get(f"/api/gpu-snapshots/{started['snapshot']['id']}", headers=AUTH).get_json()
+    assert snap["status"] == "complete"
+
+
+def test_hibernate_is_idempotent_and_refused_while_busy_or_hibernated(world):
+    box = world.rent_box()
+    first = world.post(f"/api/instances/{box}/hibernate", {"workspace_path": "/workspace"}, **{"Idempotency-Key": "h1"})
+    again = world.post(f"/api/instances/{box}/hibernate", {"workspace_path": "/workspace"}, **{"Idempotency-Key": "h1"})
+    assert first.get_json()["job"]["id"] == again.get_json()["job"]["id"]
+    busy = world.post(f"/api/instances/{box}/hibernate", {"workspace_path": "/workspace"})
+    assert busy.status_code == 409
+    world.script_snapshot_success(world.client.get(
+        f"/api/gpu-snapshots/{first.get_json()['job']['snapshot_id']}", headers=AUTH).get_json())
+    run_jobs(world.app)
+    again = world.post(f"/api/instances/{box}/hibernate", {"workspace_path": "/workspace"})
+    assert again.status_code == 409 and again.get_json()["error"]["code"] == "machine_hibernated"
+
+
+def test_hibernate_of_a_plain_host_needs_destroy_after_false(world):
+    r = world.post("/api/instances/plain-box/hibernate", {"workspace_path": "/w", "ssh_host": "127.0.0.1"})
+    assert r.status_code == 422 and r.get_json()["error"]["code"] == "no_vast_instance"
+    r = world.post("/api/instances/unknown-box/hibernate", {"workspace_path": "/w"})
+    assert r.status_code == 404
+
+
+def test_wake_rents_restores_and_keeps_the_machine_id(world):
+    box = world.hibernated_box()
+    r = world.post(f"/api/instances/{box}/wake", {"gpu_type": "RTX 4090", "region": "eu"})
+    assert r.status_code == 202, r.get_json()
+    assert world.machine(box)["status"] == "waking"
+    run_jobs(world.app)
+    job = world.job(r.get_json()["job"]["id"])
+    assert job["status"] == "succeeded", job
+    machine = world.machine(box)
+    assert machine["status"] == "running" and machine["vast_instance_id"] == job["result"]["instance_id"]
+    assert world.fake.create_body(machine["vast_instance_id"])["disk"] >= 21
+    assert job["result"]["offer_id"] == 1002  # the only 4090 in the EU
+    restore = world.ssh.script_calls[-1]
+    assert restore.name == "restore" and restore.params["workspace_path"] == "/workspace"
+    assert restore.target.pinned_host_key is None  # a new instance is a new host key
+
+
+def test_wake_refusals(world):
+    box = world.rent_box()
+    r = world.post(f"/api/instances/{box}/wake")
+    assert r.status_code == 404  # never seen by gpusnap
+    box = world.hibernated_box()
+    r = world.post(f"/api/instances/{box}/wake", {"disk_gb": 1})
+    assert r.status_code == 422 and r.get_json()["error"]["code"] == "disk_too_small"
+    r = world.post(f"/api/instances/{box}/wake", {"snapshot_id": "snap_missing"})
+    assert r.status_code == 404
+    assert world.post(f"/api/instances/{box}/wake").status_code == 202
+    assert world.post(f"/api/instances/{box}/wake").status_code == 409
+
+
+def test_wake_failing_restore_destroys_the_new_instance(world):
+    box = world.hibernated_box()
+    world.ssh.scripts["restore"] = [{"event": "error", "code": "part_corrupt", "message": "part-00001 digest"}]
+    r = world.post(f"/api/instances/{box}/wake")
+    run_jobs(world.app)
+    job = world.job(r.get_json()["job"]["id"])
+    assert job["status"] == "failed" and job["error"]["code"] == "part_corrupt"
+    assert world.ours() == []
+    assert world.machine(box)["status"] == "hibernated"
+
+
+def test_cancelled_wake_destroys_what_it_rented(world):
+    box = world.hibernated_box()
+    world.fake.stay_loading(next_n=5)
+    r = world.post(f"/api/instances/{box}/wake")
+    job_id = r.get_json()["job"]["id"]
+    # Cancel lands while the job waits for the instance: the flag is read at the next heartbeat.
+    import threading
+
+    timer = threading.Timer(0.3, lambda: world.post(f"/api/jobs/{job_id}/cancel"))
+    timer.start()
+    run_jobs(world.app)
+    timer.join()
+    job = world.job(job_id)
+    assert job["status"] == "cancelled", job
+    assert world.ours() == []
+    assert world.machine(box)["status"] == "hibernated"
+
+
+def test_rerun_after_a_crash_mid_wake_destroys_the_first_rental(world):
+    box = world.hibernated_box()
+    r = world.post(f"/api/instances/{box}/wake")
+    job_id = r.get_json()["job"]["id"]
+    # A worker died right after renting: the instance exists, the job row says running with a stale lease.
+    orphan = world.vast.create_instance(1001, image="img", disk_gb=30, label=f"gpusnap:{box}:{job_id}:0")
+    with transaction(world.app.extensions["gpusnap"].session_factory) as s:
+        job = s.get(Job, job_id)
+        job.status, job.attempts = "running", 1
+        import datetime as dt
+
+        job.heartbeat_at = dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc)
+    world.app.extensions["gpusnap"].queue.huey.flush()
+    assert world.app.extensions["gpusnap"].queue.recover_stale_jobs() == [job_id]
+    run_jobs(world.app)
+    job = world.job(job_id)
+    assert job["status"] == "succeeded" and job["attempts"] == 2
+    assert orphan not in [i["id"] for i in world.fake.live_instances()]
+    assert [i["id"] for i in world.ours()] == [job["result"]["instance_id"]]
+
+
+def test_pause_resume_and_gpu_taken(world):
+    box = world.rent_box()
+    started = world.hibernate(box, destroy_after=False)
+    world.script_snapshot_success(started["snapshot"])
+    run_jobs(world.app)
+    assert world.machine(box)["status"] == "running"
+    assert world.post(f"/api/instances/{box}/resume").status_code == 409
+    r = world.post(f"/api/instances/{box}/pause")
+    run_jobs(world.app)
+    assert world.job(r.get_json()["job"]["id"])["status"] == "succeeded"
+    assert world.machine(box)["status"] == "paused"
+    world.fake.fail_next(1, status=400, method="PUT", path_prefix=f"/api/v0/instances/{box}/")
+    r = world.post(f"/api/instances/{box}/resume")
+    run_jobs(world.app)
+    assert world.job(r.get_json()["job"]["id"])["status"] == "failed"
+    assert world.machine(box)["status"] == "paused"
+    r = world.post(f"/api/instances/{box}/resume")
+    run_jobs(world.app)
+    assert world.job(r.get_json()["job"]["id"])["status"] == "succeeded"
+    assert world.machine(box)["status"] == "running"

@@ -1,0 +1,183 @@
+"""Part codecs: `none`, `zstd` (CPU, zstandard package) and `nvcomp-ans` (GPU, nvidia.nvcomp).
+
+Each part is compressed independently (one zstd frame / one nvCOMP native bitstream), so parts can
+be produced, uploaded, downloaded and decoded in any order and in parallel. The codec is recorded per
+part: a part that does not shrink by at least MIN_SAVING is stored raw with codec `none`.
+"""
+from __future__ import annotations
+
+import ctypes
+import threading
+from typing import Any, Dict, Optional, Tuple
+
+from gs_bootstrap import ensure
+from gs_common import ScriptError
+
+MIN_SAVING = 0.03  # a part must shrink by 3% to be worth a decompression step on restore
+CODEC_NAMES = ("auto", "zstd", "nvcomp-ans", "none")
+
+
+class Codec:
+    """Interface: compress(raw) -> bytes; decompress(stored, raw_size) -> bytes. Thread-safe."""
+
+    name = "none"
+
+    def compress(self, raw: Any) -> Any:
+        return raw
+
+    def decompress(self, stored: Any, raw_size: int) -> Any:
+        return stored
+
+    def version(self) -> str:
+        return ""
+
+
+class ZstdCodec(Codec):
+    """zstd via the `zstandard` package; the C code releases the GIL, so threads scale.
+
+    `threads` is zstd's own worker count per part (0 = single-threaded, our default: parallelism
+    comes from compressing several parts at once, which keeps memory per part predictable)."""
+
+    name = "zstd"
+
+    def __init__(self, level: int = 3, threads: int = 0, bootstrap: bool = True) -> None:
+        self.zstd = ensure("zstandard", "zstandard", install=bootstrap)
+        self.level = level
+        self.threads = threads
+        self._local = threading.local()  # zstandard contexts must not be shared between threads
+
+    def _ctx(self) -> Tuple[Any, Any]:
+        ctx = getattr(self._local, "ctx", None)
+        if ctx is None:
+            ctx = (self.zstd.ZstdCompressor(level=self.level, threads=self.threads),
+                   self.zstd.ZstdDecompressor())
+            self._local.ctx = ctx
+        return ctx
+
+    def compress(self, raw: Any) -> Any:
+        return self._ctx()[0].compress(raw)
+
+    def decompress(self, stored: Any, raw_size: int) -> Any:
+        try:
+            return self._ctx()[1].decompress(stored, max_output_size=raw_size)
+        except self.zstd.ZstdError as exc:
+            raise ScriptError("part_corrupt", "zstd frame does not decode: %s" % exc) from None
+
+    def version(self) -> str:
+        return str(getattr(self.zstd, "__version__", ""))
+
+
+class _HostBytes:
+    """Expose a bytes-like object through __array_interface__ so nvcomp.as_array can wrap it
+    without numpy (zero-copy; keeps a reference so the memory outlives the nvCOMP array)."""
+
+    def __init__(self, data: Any) -> None:
+        self._data = data if isinstance(data, bytearray) else bytearray(data)
+        self._cbuf = (ctypes.c_ubyte * len(self._data)).from_buffer(self._data)
+        self.__array_interface__ = {"shape": (len(self._data),), "typestr": "|u1",
+                                    "data": (ctypes.addressof(self._cbuf), False), "version": 3}
+
+
+class NvcompAnsCodec(Codec):
+    """rANS on the GPU via the nvCOMP Python API (`nvidia-nvcomp-cu12`/`-cu13` wheels).
+
+    encode: host bytes -> nvcomp.as_array(...).cuda() -> Codec(algorithm="ANS").encode -> .cpu().
+    The native bitstream carries its own header (sizes, chunking), so decode needs no side data."""
+
+    name = "nvcomp-ans"
+
+    def __init__(self, bootstrap: bool = True, device_id: int = 0) -> None:
+        if cuda_driver_version() is None:
+            raise ScriptError("codec_unavailable", "nvcomp-ans needs a CUDA GPU; none is visible")
+        major = 13 if (cuda_driver_version() or 0) >= 13000 else 12
+        self.nvcomp = ensure("nvidia.nvcomp", "nvidia-nvcomp-cu%d" % major, install=bootstrap)
+        self.device_id = device_id
+        self._local = threading.local()  # nvCOMP: one Codec per thread (documented thread-safety)
+
+    def _codec(self) -> Any:
+        codec = getattr(self._local, "codec", None)
+        if codec is None:
+            codec = self.nvcomp.Codec(algorithm="ANS", device_id=self.device_id, data_type="|u1")
+            self._local.codec = codec
+        return codec
+
+    def _to_bytes(self, array: Any) -> bytes:
+        host = array.cpu()
+        pointer = host.__array_interface__["data"][0]
+        return ctypes.string_at(pointer, host.buffer_size)
+
+    def compress(self, raw: Any) -> Any:
+        device = self.nvcomp.as_array(_HostBytes(raw)).cuda()
+        return self._to_bytes(self._codec().encode(device))
+
+    def decompress(self, stored: Any, raw_size: int) -> Any:
+        try:
+            device = self.nvcomp.as_array(_HostBytes(stored)).cuda()
+            out = self._to_bytes(self._codec().decode(device, data_type="|u1"))
+        except RuntimeError as exc:
+            raise ScriptError("part_corrupt", "nvCOMP ANS decode failed: %s" % exc) from None
+        if len(out) != raw_size:
+            raise ScriptError("part_corrupt", "nvCOMP ANS decoded %d bytes, expected %d" % (len(out), raw_size))
+        return out
+
+    def version(self) -> str:
+        return str(getattr(self.nvcomp, "__version__", ""))
+
+
+def cuda_driver_version() -> Optional[int]:
+    """CUDA driver version (e.g. 12040) when libcuda loads and sees at least one device, else None."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+        count, version = ctypes.c_int(0), ctypes.c_int(0)
+        if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value < 1:
+            return None
+        if cuda.cuDriverGetVersion(ctypes.byref(version)) != 0:
+            return None
+        return version.value
+    except (OSError, AttributeError):
+        return None
+
+
+def for_snapshot(name: str, level: int, bootstrap: bool = True) -> Codec:
+    """The codec that compresses new parts. `auto` = nvCOMP ANS when a GPU and an importable nvCOMP
+    are present (no install attempted), zstd otherwise."""
+    if name == "none":
+        return Codec()
+    if name == "zstd":
+        return ZstdCodec(level=level, bootstrap=bootstrap)
+    if name == "nvcomp-ans":
+        return NvcompAnsCodec(bootstrap=bootstrap)
+    if name == "auto":
+        if cuda_driver_version() is not None:
+            try:
+                return NvcompAnsCodec(bootstrap=False)
+            except ScriptError:
+                pass
+        return ZstdCodec(level=level, bootstrap=bootstrap)
+    raise ScriptError("bad_config", "unknown codec %r (expected one of %s)" % (name, ", ".join(CODEC_NAMES)))
+
+
+def for_restore(names: Any, bootstrap: bool = True) -> Dict[str, Codec]:
+    """Decoders for every codec named in a manifest (so a missing one fails before any download)."""
+    out: Dict[str, Codec] = {}
+    for name in sorted(set(names)):
+        if name == "auto" or name not in CODEC_NAMES:
+            raise ScriptError("manifest_invalid", "unknown part codec %r" % name)
+        out[name] = for_snapshot(name, 3, bootstrap)
+    return out
+
+
+def encode_part(codec: Codec, raw: Any) -> Tuple[str, Any]:
+    """(codec name, stored bytes) for one part; falls back to raw when the saving is under 3%."""
+    if codec.name == "none" or not len(raw):
+        return "none", raw
+    stored = codec.compress(raw)
+    if len(stored) > len(raw) * (1.0 - MIN_SAVING):
+        return "none", raw
+    return codec.name, stored
+
+
+def decode_part(codecs: Dict[str, Codec], name: str, stored: Any, raw_size: int) -> Any:
+    if name == "none":
+        return stored
+    return codecs[name].decompress(stored, raw_size)

@@ -1,0 +1,230 @@
+"""Shared plumbing for the remote data-plane scripts (snapshot.py, restore.py).
+
+Runs on the GPU host with python3 >= 3.8 and the standard library only. Contract (docs/architecture.md):
+one JSON object on stdin, JSON lines on stdout (`started`, `progress`…, then exactly one `result` or
+`error`), logs on stderr, exit status 0 only with a `result`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+logger = logging.getLogger("gpusnap.remote")
+
+EXIT_FAILURE = 1
+
+
+class ScriptError(Exception):
+    """A failure with one of the script error codes of docs/architecture.md."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class StdoutGone(Exception):
+    """The control plane stopped reading our stdout: nobody is left to report to."""
+
+
+class Events:
+    """Thread-safe JSON-lines writer for stdout, with throttled progress and secret redaction.
+
+    Writes go straight to fd 1 (one os.write per line) so a line is never interleaved and a broken
+    pipe is noticed on the very write that hits it."""
+
+    def __init__(self, fd: int = 1, min_interval: float = 0.25) -> None:
+        self._fd = fd
+        self._lock = threading.Lock()
+        self._min_interval = min_interval
+        self._last_progress = 0.0
+        self._progress: Dict[str, Any] = {}
+        self._redact: List[str] = []
+        self.gone = False
+
+    def redact(self, *secrets: str) -> None:
+        """Never let these strings reach stdout (s5cmd errors may echo request details)."""
+        self._redact.extend(s for s in secrets if s)
+
+    def scrub(self, text: str) -> str:
+        for secret in self._redact:
+            text = text.replace(secret, "***")
+        return text
+
+    def emit(self, event: str, **fields: Any) -> None:
+        line = self.scrub(json.dumps(dict(event=event, **fields), sort_keys=False)) + "\n"
+        data = line.encode("utf-8")
+        with self._lock:
+            if self.gone:
+                raise StdoutGone()
+            try:
+                while data:
+                    data = data[os.write(self._fd, data):]
+            except (BrokenPipeError, OSError) as exc:
+                self.gone = True
+                raise StdoutGone() from exc
+
+    def progress(self, force: bool = False, **fields: Any) -> None:
+        """Record progress; write it at most every `min_interval` seconds unless forced."""
+        now = time.monotonic()
+        with self._lock:
+            self._progress.update(fields)
+            if not force and now - self._last_progress < self._min_interval:
+                return
+            self._last_progress = now
+            snapshot = dict(self._progress)
+        self.emit("progress", **snapshot)
+
+
+class Context:
+    """Cancellation flag plus the registry of child processes, shared by every thread of a script."""
+
+    def __init__(self, events: Events) -> None:
+        self.events = events
+        self.cancelled = threading.Event()
+        self.cancel_reason = ""
+        self._children: List[subprocess.Popen] = []
+        self._lock = threading.Lock()
+
+    def spawn(self, args: List[str], **kwargs: Any) -> subprocess.Popen:
+        """Start a child we will kill on cancel.
+
+        No PR_SET_PDEATHSIG (preexec_fn is unsafe with threads): an orphan is harmless here, since
+        uploads read complete in-memory files (never a half-fed pipe) and tar dies on a dead pipe."""
+        with self._lock:
+            if self.cancelled.is_set():
+                raise ScriptError("cancelled", "cancelled before %s started" % os.path.basename(args[0]))
+            proc = subprocess.Popen(args, **kwargs)
+            self._children.append(proc)
+            self._children = [p for p in self._children if p.poll() is None or p is proc]
+        return proc
+
+    def kill_children(self) -> None:
+        with self._lock:
+            children = list(self._children)
+        for proc in children:
+            if proc.poll() is None:
+                try:
+                    proc.kill()
+                except OSError:
+                    pass
+
+    def cancel(self, reason: str) -> None:
+        """Idempotent: flag, then kill every child so blocked reads and writes return promptly."""
+        if not self.cancelled.is_set():
+            self.cancel_reason = reason
+            self.cancelled.set()
+        self.kill_children()
+
+    def check(self) -> None:
+        if self.cancelled.is_set():
+            raise ScriptError("cancelled", self.cancel_reason or "cancelled")
+
+
+def read_config() -> Dict[str, Any]:
+    try:
+        cfg = json.loads(sys.stdin.read() or "null")
+    except ValueError as exc:
+        raise ScriptError("bad_config", "stdin is not JSON: %s" % exc) from None
+    if not isinstance(cfg, dict):
+        raise ScriptError("bad_config", "stdin must hold one JSON object")
+    return cfg
+
+
+def run_script(main: Callable[[Dict[str, Any], Context], Dict[str, Any]]) -> None:
+    """Run `main(config, ctx)` under the event contract and exit with the right status.
+
+    SIGTERM/SIGHUP/SIGINT cancel (children killed, `error` code `cancelled`); a broken stdout stops
+    the work without trying to report. Never returns."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
+    events = Events()
+    ctx = Context(events)
+    try:
+        if os.getpgrp() != os.getpid():
+            os.setpgid(0, 0)  # own process group, so `kill -TERM -<pgid>` reaches exactly our tree
+    except OSError:
+        pass
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        ctx.cancel("cancelled by signal %d" % signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    code = EXIT_FAILURE
+    try:
+        events.emit("started", pid=os.getpid(), pgid=os.getpgrp())
+        cfg = read_config()
+        s3 = cfg.get("s3") if isinstance(cfg.get("s3"), dict) else {}
+        events.redact(str(s3.get("secret_key") or ""), str(s3.get("access_key") or ""))
+        result = main(cfg, ctx)
+        ctx.check()
+        events.emit("result", **result)
+        code = 0
+    except StdoutGone:
+        ctx.cancel("stdout closed")
+        logger.error("stdout closed by the reader; stopping")
+    except ScriptError as exc:
+        ctx.kill_children()
+        err_code = "cancelled" if ctx.cancelled.is_set() and ctx.cancel_reason != "stdout closed" else exc.code
+        message = ctx.cancel_reason if err_code == "cancelled" and exc.code != "cancelled" else exc.message
+        _report_error(events, err_code, message)
+    except Exception as exc:  # noqa: BLE001 - last line of defence: report, never hide
+        ctx.kill_children()
+        logger.exception("internal error")
+        code_name = "cancelled" if ctx.cancelled.is_set() else "internal"
+        _report_error(events, code_name, "%s: %s" % (type(exc).__name__, exc))
+    finally:
+        ctx.kill_children()
+    sys.stdout.flush()
+    os._exit(code)  # worker threads may still be blocked on dead children; do not wait for them
+
+
+def _report_error(events: Events, code: str, message: str) -> None:
+    logger.error("%s: %s", code, events.scrub(message))
+    try:
+        events.emit("error", code=code, message=message)
+    except StdoutGone:
+        pass
+
+
+def heartbeat(events: Events, ctx: Context, every: float = 2.0) -> threading.Thread:
+    """Re-send the latest progress periodically: keeps the job alive and detects a dead stdout."""
+
+    def loop() -> None:
+        while not ctx.cancelled.wait(every):
+            try:
+                events.progress(force=True)
+            except StdoutGone:
+                ctx.cancel("stdout closed")
+                return
+
+    thread = threading.Thread(target=loop, name="heartbeat", daemon=True)
+    thread.start()
+    return thread
+
+
+def require(cfg: Dict[str, Any], key: str, kind: type, default: Any = None, required: bool = True) -> Any:
+    """Fetch and type-check one config value; `bad_config` on a wrong type or a missing key."""
+    value = cfg.get(key, default)
+    if value is None and not required:
+        return None
+    if value is None:
+        raise ScriptError("bad_config", "missing config key %r" % key)
+    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        raise ScriptError("bad_config", "config key %r must be %s" % (key, kind.__name__))
+    return value
+
+
+def tail_text(data: bytes, limit: int = 2000) -> str:
+    return data[-limit:].decode("utf-8", "replace").strip()
+
+
+def optional_str(value: Optional[str]) -> str:
+    return value if value else ""

@@ -1,0 +1,174 @@
+"""s5cmd wrapper: every call to the object store made by the remote scripts goes through here.
+
+Credentials travel only in the child's environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+AWS_REGION), never in argv, never on disk. Uploads read an in-memory file (memfd) whose content is
+complete before s5cmd starts, so a killed script can never leave a half-written object behind under
+a finished-looking name: S3 PUTs are all-or-nothing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from typing import Any, Dict, List, Optional
+
+from gs_common import Context, ScriptError, tail_text
+
+_AUTH_MARKERS = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden",
+                 "status code: 403", "InvalidToken", "ExpiredToken", "NoCredentialProviders")
+_NOT_FOUND_MARKERS = ("not found", "NoSuchKey", "no object found", "status code: 404")
+
+
+class NotFound(Exception):
+    """The key (or, for list, any key under the prefix) does not exist."""
+
+
+def classify(stderr: str, fallback: str) -> str:
+    """Map an s5cmd error text to a script error code."""
+    if any(m in stderr for m in _AUTH_MARKERS):
+        return "storage_auth_failed"
+    if "NoSuchBucket" in stderr:
+        return "bad_config"
+    return fallback
+
+
+class S5:
+    """One object store (endpoint + bucket + credentials) reached through the s5cmd binary."""
+
+    def __init__(self, ctx: Context, s3: Dict[str, Any], s5cmd: str = "s5cmd",
+                 work_dir: Optional[str] = None) -> None:
+        for key in ("endpoint", "bucket", "access_key", "secret_key"):
+            if not isinstance(s3.get(key), str) or not s3.get(key):
+                raise ScriptError("bad_config", "s3.%s must be a non-empty string" % key)
+        self.ctx = ctx
+        self.bucket = s3["bucket"]
+        self.work_dir = work_dir
+        self.base = [s5cmd, "--json", "--retry-count", "5", "--endpoint-url", s3["endpoint"]]
+        env = dict(os.environ)
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
+            env.pop(name, None)
+        env.update(AWS_ACCESS_KEY_ID=s3["access_key"], AWS_SECRET_ACCESS_KEY=s3["secret_key"],
+                   AWS_REGION=str(s3.get("region") or "auto"))
+        self.env = env
+
+    def url(self, key: str) -> str:
+        return "s3://%s/%s" % (self.bucket, key)
+
+    def _run(self, args: List[str], fallback: str, stdin: Any = None,
+             pass_fds: tuple = ()) -> subprocess.CompletedProcess:
+        try:
+            proc = self.ctx.spawn(self.base + args, stdin=stdin if stdin is not None else subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env,
+                                  pass_fds=pass_fds)
+        except FileNotFoundError:
+            raise ScriptError("missing_dependency", "s5cmd binary not found: %s" % self.base[0]) from None
+        out, err = proc.communicate()
+        self.ctx.check()
+        return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+    def _fail(self, res: subprocess.CompletedProcess, fallback: str, what: str) -> ScriptError:
+        text = tail_text(res.stderr) or tail_text(res.stdout)
+        code = classify(text, fallback)
+        if code == "bad_config":
+            return ScriptError(code, "bucket %r does not exist (%s)" % (self.bucket, text))
+        return ScriptError(code, "%s failed (s5cmd exit %d): %s" % (what, res.returncode, text))
+
+    def put(self, key: str, data: Any, metadata: Dict[str, str]) -> None:
+        """Upload `data` (bytes-like) as `key` with user metadata; raises ScriptError(upload_failed…)."""
+        fd = _memfile(len(data), self.work_dir)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view[:1 << 24]):]
+            os.lseek(fd, 0, os.SEEK_SET)
+            meta: List[str] = []
+            for name, value in sorted(metadata.items()):
+                meta += ["--metadata", "%s=%s" % (name, value)]
+            res = self._run(["cp", "--raw"] + meta + ["/dev/fd/%d" % fd, self.url(key)], "upload_failed",
+                            pass_fds=(fd,))
+        finally:
+            os.close(fd)
+        if res.returncode != 0:
+            raise self._fail(res, "upload_failed", "upload of %s" % key)
+
+    def head(self, key: str, fallback: str = "upload_failed") -> Dict[str, Any]:
+        """Size and metadata of one object; NotFound when absent."""
+        res = self._run(["head", "--raw", self.url(key)], fallback)
+        if res.returncode != 0:
+            text = tail_text(res.stderr)
+            if classify(text, "") == "" and any(m in text for m in _NOT_FOUND_MARKERS):
+                raise NotFound(key)
+            raise self._fail(res, fallback, "head of %s" % key)
+        info = json.loads(res.stdout.decode("utf-8").strip().splitlines()[-1])
+        return {"size": int(info.get("size", -1)), "metadata": info.get("metadata") or {}}
+
+    def list(self, prefix: str, fallback: str = "upload_failed") -> Dict[str, int]:
+        """Every key directly under `prefix` (a folder ending in '/') mapped to its size."""
+        res = self._run(["ls", self.url(prefix) + "*"], fallback)
+        if res.returncode != 0:
+            text = tail_text(res.stderr)
+            if "no object found" in text and classify(text, "") == "":
+                return {}
+            raise self._fail(res, fallback, "listing of %s" % prefix)
+        found: Dict[str, int] = {}
+        for line in res.stdout.decode("utf-8", "replace").splitlines():
+            if line.strip():
+                item = json.loads(line)
+                if item.get("type") == "file":
+                    name = item["key"][len("s3://%s/" % self.bucket):]
+                    found[name] = int(item.get("size", -1))
+        return found
+
+    def cat(self, key: str, expected: int, fallback: str = "download_failed") -> bytearray:
+        """Read one object into memory, at most `expected + 1` bytes (so excess is seen, not buffered).
+
+        Raises NotFound when the key is absent. The caller compares len() with `expected`."""
+        proc = self.ctx.spawn(self.base + ["cat", "--raw", self.url(key)], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env, bufsize=0)
+        buf = bytearray(expected + 1)
+        view, got = memoryview(buf), 0
+        try:
+            while got < len(buf):
+                n = proc.stdout.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+        finally:
+            view.release()  # a live export would forbid resizing buf below
+            if got > expected:
+                proc.kill()
+            err = proc.stderr.read()
+            proc.wait()
+            proc.stdout.close()
+            proc.stderr.close()
+        self.ctx.check()
+        if got > expected:
+            return buf  # too long: the caller reports a size mismatch
+        if proc.returncode != 0:
+            text = tail_text(err)
+            if classify(text, "") == "" and any(m in text for m in _NOT_FOUND_MARKERS):
+                raise NotFound(key)
+            code = classify(text, fallback)
+            raise ScriptError(code, "download of %s failed (s5cmd exit %d): %s" % (key, proc.returncode, text))
+        del buf[got:]
+        return buf
+
+    def remove(self, keys: List[str]) -> None:
+        if keys:
+            res = self._run(["rm"] + [self.url(k) for k in keys], "upload_failed")
+            if res.returncode != 0:
+                raise self._fail(res, "upload_failed", "removal of stale parts")
+
+
+def _memfile(size: int, work_dir: Optional[str]) -> int:
+    """An anonymous in-memory file (memfd), or an unlinked spool file in `work_dir` where memfd is
+    missing. Either way it disappears with the last descriptor."""
+    if hasattr(os, "memfd_create"):
+        try:
+            return os.memfd_create("gpusnap-part")
+        except OSError:
+            pass
+    fd, path = tempfile.mkstemp(prefix="gpusnap-part-", dir=work_dir)
+    os.unlink(path)
+    return fd

@@ -1,0 +1,186 @@
+"""Restore a snapshot written by snapshot.py into a workspace directory, verified and all-or-nothing.
+
+    python3 restore.py < config.json   (config: workspace_path, s3, prefix, parallelism, s5cmd,
+                                        optional allow_external_symlinks; see docs/data-plane.md)
+
+Order: read and validate the manifest -> check free disk (totals.raw_bytes) -> download parts in a
+bounded window, verifying size and SHA-256 before decoding -> stream the decoded tar through the
+member safety gate into `tar -x` in a staging directory beside the target -> only when every part
+is verified and tar has exited 0, swap staging into place. On any failure the existing workspace is
+untouched and the staging directory is removed.
+"""
+from __future__ import annotations
+
+import binascii
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Dict, List
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from gs_codecs import for_restore  # noqa: E402
+from gs_common import Context, ScriptError, heartbeat, require, run_script, tail_text  # noqa: E402
+from gs_fetch import PartFetcher, PartStream  # noqa: E402
+from gs_manifest import MANIFEST_NAME, validate  # noqa: E402
+from gs_s3 import S5, NotFound  # noqa: E402
+from gs_tarsafe import MemberPolicy, gate  # noqa: E402
+from gs_workspace import Staging, free_bytes  # noqa: E402
+
+DEFAULT_PARALLELISM = 4
+MAX_MANIFEST_BYTES = 256 << 20
+_DISK_FULL = (b"No space left on device", b"Disk quota exceeded")
+
+
+def parse_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    opts = {
+        "workspace": require(cfg, "workspace_path", str),
+        "s3": require(cfg, "s3", dict),
+        "prefix": require(cfg, "prefix", str),
+        "parallelism": require(cfg, "parallelism", int, DEFAULT_PARALLELISM),
+        "s5cmd": require(cfg, "s5cmd", str, "s5cmd"),
+        "allow_external_symlinks": require(cfg, "allow_external_symlinks", bool, False),
+        "bootstrap": require(cfg, "bootstrap", bool, True),
+    }
+    if not os.path.isabs(opts["workspace"]) or os.path.normpath(opts["workspace"]) == "/":
+        raise ScriptError("bad_config", "workspace_path must be an absolute path other than /")
+    if not 1 <= opts["parallelism"] <= 64:
+        raise ScriptError("bad_config", "parallelism must be 1..64")
+    prefix = opts["prefix"]
+    if prefix.startswith("/") or ".." in prefix.split("/") or not prefix.strip("/"):
+        raise ScriptError("bad_config", "prefix must be a relative key prefix such as snapshots/i/s/")
+    opts["prefix"] = prefix if prefix.endswith("/") else prefix + "/"
+    return opts
+
+
+def load_manifest(s5: S5, prefix: str) -> Dict[str, Any]:
+    key = prefix + MANIFEST_NAME
+    try:
+        size = s5.head(key, "download_failed")["size"]
+        if size > MAX_MANIFEST_BYTES:
+            raise ScriptError("manifest_invalid", "manifest is %d bytes, over the limit" % size)
+        body = s5.cat(key, size)
+    except NotFound:
+        raise ScriptError("manifest_missing", "no manifest at %s: the snapshot does not exist or is unfinished"
+                          % key) from None
+    try:
+        return validate(json.loads(bytes(body).decode("utf-8")))
+    except ValueError as exc:
+        raise ScriptError("manifest_invalid", "manifest is not JSON: %s" % exc) from None
+
+
+class TarExtract:
+    """`tar -x` into the staging dir, fed through write(); watches stderr for ENOSPC."""
+
+    def __init__(self, ctx: Context, staging: str) -> None:
+        cmd = ["tar", "--extract", "--file=-", "--directory=" + staging, "--numeric-owner",
+               "--preserve-permissions", "--blocking-factor=128"]
+        if os.geteuid() == 0:
+            cmd.append("--same-owner")
+        try:
+            self.proc = ctx.spawn(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  bufsize=0, env=dict(os.environ, LC_ALL="C"))
+        except FileNotFoundError:
+            raise ScriptError("missing_dependency", "GNU tar is not installed") from None
+        self.errors: List[bytes] = []
+        self.disk_full = False
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        for line in self.proc.stderr:
+            self.errors.append(line)
+            if any(m in line for m in _DISK_FULL) and not self.disk_full:
+                self.disk_full = True
+                self.proc.kill()  # tar would go on file by file; nothing more can fit anyway
+
+    def write(self, data: Any) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[self.proc.stdin.write(view):]
+        except (BrokenPipeError, OSError):
+            self.proc.wait()
+            self.thread.join(5)
+            raise self._failure("tar -x stopped reading") from None
+
+    def _failure(self, what: str) -> ScriptError:
+        text = tail_text(b"".join(self.errors))
+        if self.disk_full:
+            return ScriptError("disk_full", "no space left while extracting: %s" % text)
+        return ScriptError("tar_failed", "%s (exit %s): %s" % (what, self.proc.returncode, text))
+
+    def finish(self) -> None:
+        self.proc.stdin.close()
+        rc = self.proc.wait()
+        self.thread.join(5)
+        if rc != 0 or self.disk_full:
+            raise self._failure("tar -x failed")
+
+
+def main(cfg: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
+    started = time.monotonic()
+    opts = parse_config(cfg)
+    events, prefix = ctx.events, opts["prefix"]
+    s5 = S5(ctx, opts["s3"], opts["s5cmd"])
+    manifest = load_manifest(s5, prefix)
+    parts, totals = manifest["parts"], manifest["totals"]
+    codecs = for_restore([p["codec"] for p in parts], opts["bootstrap"])
+    staging = Staging(opts["workspace"], "%d-%s" % (os.getpid(), binascii.hexlify(os.urandom(3)).decode()))
+    staging.remove_stale()
+    free = free_bytes(staging.fs_path)
+    if free < totals["raw_bytes"]:
+        raise ScriptError("insufficient_disk", "%d bytes free at %s, the snapshot needs %d"
+                          % (free, staging.fs_path, totals["raw_bytes"]))
+    t_download = time.monotonic()
+    events.progress(force=True, phase="download", bytes_done=0, bytes_total=totals["raw_bytes"],
+                    parts_done=0, parts_total=len(parts))
+    heartbeat(events, ctx)
+    fetcher = PartFetcher(ctx=ctx, s5=s5, prefix=prefix, parts=parts, codecs=codecs, window=opts["parallelism"])
+    progress = {"bytes": 0, "parts": 0}
+
+    def on_part(size: int) -> None:
+        progress["bytes"] += size
+        progress["parts"] += 1
+        events.progress(phase="download", bytes_done=progress["bytes"], bytes_total=totals["raw_bytes"],
+                        parts_done=progress["parts"], parts_total=len(parts))
+
+    staging.create()
+    try:
+        tar = TarExtract(ctx, staging.path)
+        try:
+            stream = PartStream(fetcher, on_part)
+            policy = MemberPolicy(staging.target, opts["allow_external_symlinks"])
+            members = gate(stream.read, tar.write, policy)
+            if stream.total != totals["raw_bytes"]:
+                raise ScriptError("part_corrupt", "stream has %d bytes, manifest says %d"
+                                  % (stream.total, totals["raw_bytes"]))
+            tar.finish()
+        finally:
+            fetcher.close()
+            if tar.proc.poll() is None:
+                tar.proc.kill()
+        ctx.check()
+        t_swap = time.monotonic()
+        events.progress(force=True, phase="swap")
+        staging.commit()
+    except BaseException:
+        staging.discard()
+        raise
+    timings = {k: round(v, 3) for k, v in fetcher.spent.items()}
+    timings.update(stream_s=round(t_swap - t_download, 3), swap_s=round(time.monotonic() - t_swap, 3))
+    events.progress(force=True, phase="done", bytes_done=totals["raw_bytes"], bytes_total=totals["raw_bytes"],
+                    parts_done=len(parts), parts_total=len(parts))
+    return {
+        "workspace_path": staging.target, "snapshot_id": manifest.get("snapshot_id", ""),
+        "raw_bytes": totals["raw_bytes"], "stored_bytes": totals["stored_bytes"], "parts": len(parts),
+        "files": max(0, members - 1), "codec": manifest.get("codec", ""),
+        "duration_s": round(time.monotonic() - started, 3), "timings": timings,
+    }
+
+
+if __name__ == "__main__":
+    run_script(main)

@@ -1,0 +1,154 @@
+"""Stream a workspace to object storage as independently compressed parts plus a manifest.
+
+    python3 snapshot.py < config.json      (config and output: docs/architecture.md, docs/data-plane.md)
+
+Pipeline, all stages overlapping: GNU tar (deterministic stream) -> fixed-size raw parts read from
+tar's stdout -> compress + hash in a bounded thread pool -> upload each part with s5cmd from memory.
+At most `parallelism` parts are alive at once, so memory is bounded by about
+parallelism x 2 x part_size and no local disk is used at all. The manifest is uploaded last, after a
+listing confirms every part is present with its size. A re-run with the same prefix resumes: a part
+whose object already carries the same raw SHA-256 (object metadata) is not uploaded again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Dict, List
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from gs_codecs import CODEC_NAMES, for_snapshot  # noqa: E402
+from gs_common import Context, ScriptError, heartbeat, require, run_script  # noqa: E402
+from gs_manifest import MANIFEST_NAME, build, part_key  # noqa: E402
+from gs_pipeline import PartUploader  # noqa: E402
+from gs_s3 import S5  # noqa: E402
+from gs_workspace import scan  # noqa: E402
+
+DEFAULT_PART_SIZE = 32 << 20
+DEFAULT_PARALLELISM = 4
+DEFAULT_ZSTD_LEVEL = 3
+MIN_PART_SIZE = 4096
+MAX_PART_SIZE = 1 << 30
+
+
+def tar_command(workspace: str, excludes: List[str], index_fd: int) -> List[str]:
+    """GNU tar that writes a byte-identical stream for an unchanged tree (what resume relies on):
+    sorted names, no atime/ctime, pid-free PAX header names, sparse format 0.0 (1.0 embeds the pid)."""
+    cmd = ["tar", "--create", "--file=-", "--directory=" + workspace, "--format=posix",
+           "--pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime",
+           "--sort=name", "--numeric-owner", "--sparse", "--sparse-version=0.0",
+           "--blocking-factor=128", "--verbose", "--index-file=/dev/fd/%d" % index_fd]
+    cmd += ["--exclude=" + pattern for pattern in excludes]
+    return cmd + ["."]
+
+
+def parse_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    opts: Dict[str, Any] = {
+        "workspace": require(cfg, "workspace_path", str),
+        "s3": require(cfg, "s3", dict),
+        "prefix": require(cfg, "prefix", str),
+        "codec": require(cfg, "codec", str, "auto"),
+        "zstd_level": require(cfg, "zstd_level", int, DEFAULT_ZSTD_LEVEL),
+        "part_size": require(cfg, "part_size", int, DEFAULT_PART_SIZE),
+        "parallelism": require(cfg, "parallelism", int, DEFAULT_PARALLELISM),
+        "excludes": require(cfg, "excludes", list, []),
+        "s5cmd": require(cfg, "s5cmd", str, "s5cmd"),
+        "work_dir": require(cfg, "work_dir", str, None, required=False),
+        "bootstrap": require(cfg, "bootstrap", bool, True),
+    }
+    if not os.path.isabs(opts["workspace"]):
+        raise ScriptError("bad_config", "workspace_path must be absolute")
+    if opts["codec"] not in CODEC_NAMES:
+        raise ScriptError("bad_config", "codec must be one of %s" % ", ".join(CODEC_NAMES))
+    if not 1 <= opts["zstd_level"] <= 22:
+        raise ScriptError("bad_config", "zstd_level must be 1..22")
+    if not MIN_PART_SIZE <= opts["part_size"] <= MAX_PART_SIZE:
+        raise ScriptError("bad_config", "part_size must be %d..%d" % (MIN_PART_SIZE, MAX_PART_SIZE))
+    if not 1 <= opts["parallelism"] <= 64:
+        raise ScriptError("bad_config", "parallelism must be 1..64")
+    if not all(isinstance(p, str) and p for p in opts["excludes"]):
+        raise ScriptError("bad_config", "excludes must be non-empty strings")
+    prefix = opts["prefix"]
+    if prefix.startswith("/") or ".." in prefix.split("/") or not prefix.strip("/"):
+        raise ScriptError("bad_config", "prefix must be a relative key prefix such as snapshots/i/s/")
+    opts["prefix"] = prefix if prefix.endswith("/") else prefix + "/"
+    return opts
+
+
+def _tool_version(cmd: List[str]) -> str:
+    try:
+        out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=10).stdout
+        return out.decode("utf-8", "replace").strip().splitlines()[0] if out else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def main(cfg: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
+    started, created_at = time.monotonic(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    opts = parse_config(cfg)
+    workspace, prefix, events = opts["workspace"], opts["prefix"], ctx.events
+    if not os.path.isdir(workspace):
+        raise ScriptError("workspace_not_found", "workspace %s is not a directory" % workspace)
+    codec = for_snapshot(opts["codec"], opts["zstd_level"], opts["bootstrap"])
+    s5 = S5(ctx, opts["s3"], opts["s5cmd"], opts["work_dir"])
+    existing = s5.list(prefix)  # also the credentials check, before any real work
+    t_scan = time.monotonic()
+    bytes_total, _entries = scan(workspace, opts["excludes"])
+    events.progress(force=True, phase="upload", bytes_done=0, bytes_total=bytes_total, parts_done=0,
+                    parts_total=max(1, -(-bytes_total // opts["part_size"])))
+    heartbeat(events, ctx)
+    t_stream = time.monotonic()
+    uploader = PartUploader(ctx=ctx, s5=s5, codec=codec, prefix=prefix, part_size=opts["part_size"],
+                            parallelism=opts["parallelism"], existing=existing, bytes_total=bytes_total)
+    parts, files = uploader.run(lambda fd: tar_command(workspace, opts["excludes"], fd))
+
+    t_verify = time.monotonic()
+    events.progress(force=True, phase="verify")
+    listing = s5.list(prefix)
+    for part in parts:
+        size = listing.get(prefix + part["key"])
+        if size != part["stored_size"]:
+            raise ScriptError("upload_failed", "part %s is %s in the bucket, expected %d bytes"
+                              % (part["key"], "missing" if size is None else "%d bytes" % size, part["stored_size"]))
+    known = {prefix + part_key(i) for i in range(len(parts))}
+    stale = [k for k in listing if k[len(prefix):].startswith("part-") and k not in known]
+    s5.remove(stale)  # left by an earlier, longer attempt at this prefix; not in the manifest
+
+    t_manifest = time.monotonic()
+    events.progress(force=True, phase="manifest")
+    timings = {"scan_s": round(t_stream - t_scan, 3), "stream_s": round(t_verify - t_stream, 3),
+               "verify_s": round(t_manifest - t_verify, 3)}
+    timings.update(uploader.timings())
+    source = {"hostname": socket.gethostname(), "workspace_path": workspace,
+              "python": platform.python_version(), "tar": _tool_version(["tar", "--version"]),
+              "s5cmd": _tool_version([opts["s5cmd"], "version"]), "codecs": {codec.name: codec.version()}}
+    manifest = build(cfg=cfg, codec=codec.name, part_size=opts["part_size"], parts=parts, files=files,
+                     source=source, created_at=created_at,
+                     timings=dict(timings, total_s=round(time.monotonic() - started, 3)))
+    body = json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8")
+    digest = hashlib.sha256(body).hexdigest()
+    s5.put(prefix + MANIFEST_NAME, body, {"sha256": digest})
+    if s5.head(prefix + MANIFEST_NAME)["size"] != len(body):
+        raise ScriptError("upload_failed", "manifest size mismatch after upload")
+    timings["manifest_s"] = round(time.monotonic() - t_manifest, 3)
+    totals = manifest["totals"]
+    events.progress(force=True, phase="done", bytes_done=totals["raw_bytes"], bytes_total=totals["raw_bytes"],
+                    parts_done=len(parts), parts_total=len(parts))
+    return {
+        "manifest_key": prefix + MANIFEST_NAME, "manifest_sha256": digest,
+        "raw_bytes": totals["raw_bytes"], "stored_bytes": totals["stored_bytes"], "parts": len(parts),
+        "files": files, "codec": codec.name, "part_size": opts["part_size"],
+        "uploaded_parts": uploader.uploaded, "skipped_parts": uploader.skipped,
+        "duration_s": round(time.monotonic() - started, 3), "timings": timings,
+    }
+
+
+if __name__ == "__main__":
+    run_script(main)

@@ -132,7 +132,7 @@ class JobListQuery(_Strict):
 class InstanceListQuery(_Strict):
     status: Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[a-z_]+$")] | None = None
     limit: Annotated[int, Field(ge=1, le=200)] = 50
-    cursor: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+    cursor: Annotated[str, Field(min_length=1, max_length=256)] | None = None  # base64 of a 128-char machine id
 
 
 # ---- responses ---------------------------------------------------------------------------------

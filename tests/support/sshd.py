@@ -127,6 +127,14 @@ class LoopbackSshd:
         """Remove the keys, config and log (after `stop`)."""
         shutil.rmtree(self._dir, ignore_errors=True)
 
+    def authorize_key_of(self, private_key_path: str | Path) -> None:
+        """Also accept the client key at `private_key_path` (another server's client key, say), so that a
+        test can change this server's host key and nothing else."""
+        key = serialization.load_ssh_private_key(Path(private_key_path).read_bytes(), password=None)
+        line = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        with open(self._authorized, "a") as f:
+            f.write(line.decode() + "\n")
+
     def restart_with_new_host_key(self) -> None:
         """Same address, new host key: what a client sees when the machine behind an address changed."""
         self.stop()

@@ -8,9 +8,11 @@ from flask import Response, current_app, jsonify, request
 from src.container import Container
 from src.services.jobs import Idempotency
 
-JOB_ID = {"type": "string", "minLength": 1, "maxLength": 64}
-SNAPSHOT_ID = {"type": "string", "minLength": 1, "maxLength": 64}
-MACHINE_ID = {"type": "string", "minLength": 1, "maxLength": 128}
+# Path parameters; `@route` answers 404 to a value outside these without a database query.
+JOB_ID = {"type": "string", "minLength": 1, "maxLength": 64, "pattern": r"^[A-Za-z0-9_]+$"}
+SNAPSHOT_ID = {"type": "string", "minLength": 1, "maxLength": 64, "pattern": r"^[A-Za-z0-9_]+$"}
+# Machine ids are names given by users or `host:port` (IPv6 too): anything printable.
+MACHINE_ID = {"type": "string", "minLength": 1, "maxLength": 128, "pattern": r"^[^\x00-\x1f\x7f]+$"}
 
 
 def container() -> Container:

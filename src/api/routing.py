@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 from flask import Blueprint, request
 from pydantic import BaseModel, ValidationError
 
-from src.errors import InvalidRequest, Unprocessable
+from src.errors import InvalidRequest, NotFound, Unprocessable
 
 
 class ValidationFailed(Unprocessable):
@@ -55,6 +56,8 @@ def route(bp: Blueprint, rule: str, method: str, *, summary: str, tag: str,
     def decorate(view: Callable) -> Callable:
         @functools.wraps(view)
         def wrapper(**path: Any) -> Any:
+            for name, value in path.items():
+                check_path_param(name, value, spec.path_params.get(name))
             kwargs: dict[str, Any] = dict(path)
             if body is not None:
                 kwargs["body"] = parse_body(body)
@@ -69,6 +72,16 @@ def route(bp: Blueprint, rule: str, method: str, *, summary: str, tag: str,
         return wrapper
 
     return decorate
+
+
+def check_path_param(name: str, value: str, schema: dict[str, Any] | None) -> None:
+    """An id of a form no id has (too long, a control character) is not found, without asking the
+    database: PostgreSQL answers a NUL in a string with an error, not with "no such row"."""
+    if schema is None:
+        return
+    too_long = len(value) > schema.get("maxLength", len(value))
+    if too_long or ("pattern" in schema and re.search(schema["pattern"], value) is None):
+        raise NotFound(f"no {name.removesuffix('_id')} has an id of that form")
 
 
 def request_json() -> Any:

@@ -11,7 +11,7 @@ from src.jobs.wake import required_disk_gb
 from src.models import Machine, Snapshot
 from src.services import jobs as job_service
 from src.services.jobs import Idempotency
-from src.services.machines import add_event, ensure_machine, find_machine
+from src.services.machines import add_event, ensure_machine, find_machine, vast_instance_id_of
 from src.services.snapshots import latest_complete, start_snapshot_job
 from src.services.views import job_view
 
@@ -132,11 +132,12 @@ def _machine_for_hibernate(s: Session, c: "Container", machine_id: str, *, host:
     try:
         machine = find_machine(s, machine_id)
     except NotFound:
-        if host is None and not machine_id.isdigit():
+        vast_id = vast_instance_id_of(machine_id)
+        if host is None and vast_id is None:
             raise
         machine = ensure_machine(s, machine_id=machine_id, host=host, port=port, user=user)
-        if machine_id.isdigit():
-            machine.vast_instance_id = int(machine_id)
+        if vast_id is not None:
+            machine.vast_instance_id = vast_id
         return machine
     return ensure_machine(s, machine_id=machine.id, host=host, port=port, user=user)
 

@@ -61,11 +61,20 @@ def get_machine(session_factory: sessionmaker[Session], machine_id: str, *, even
         return machine_view(machine, events=list(reversed(history)), active_job_id=active_job_id(s, machine.id))
 
 
+def vast_instance_id_of(machine_id: str) -> int | None:
+    """`machine_id` as a vast.ai instance id: ASCII digits that fit the BIGINT column, else None
+    (`str.isdigit` also accepts '²', which `int` refuses, and a longer number overflows the column)."""
+    if not (machine_id.isascii() and machine_id.isdigit()) or len(machine_id) > 18:
+        return None
+    return int(machine_id)
+
+
 def find_machine(s: Session, machine_id: str) -> Machine:
     """By its id, or by the vast.ai instance id it runs on now. Raises NotFound."""
     machine = s.get(Machine, machine_id)
-    if machine is None and machine_id.isdigit():
-        machine = s.scalar(select(Machine).where(Machine.vast_instance_id == int(machine_id)))
+    vast_id = vast_instance_id_of(machine_id)
+    if machine is None and vast_id is not None:
+        machine = s.scalar(select(Machine).where(Machine.vast_instance_id == vast_id))
     if machine is None:
         raise NotFound(f"machine {machine_id} not found")
     return machine

@@ -18,7 +18,10 @@ def human_bytes(n: float | None) -> str:
     value = float(n)
     for unit in _UNITS:
         if abs(value) < 1024 or unit == _UNITS[-1]:
-            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+            if unit == "B":
+                return f"{int(value)} B"
+            # Three significant digits at most, so the bar line keeps its length as numbers grow.
+            return f"{value:.1f} {unit}" if abs(value) < 100 else f"{value:.0f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
 
@@ -91,6 +94,14 @@ def fraction_of(progress: dict[str, Any]) -> float | None:
     return None
 
 
+def bytes_pair(done: int, total: int | None) -> str:
+    """'1.5/3.0 GiB' when both are in one unit, else '512 MiB/1.0 GiB'."""
+    a, b = human_bytes(done), human_bytes(total)
+    if " " in a and " " in b and a.split(" ")[1] == b.split(" ")[1]:
+        return f"{a.split(' ')[0]}/{b}"
+    return f"{a}/{b}"
+
+
 def progress_fields(job: dict[str, Any], rate: float | None) -> list[str]:
     """The words both renderings share: percent, bytes, parts, rate, ETA (only those that are known)."""
     p = job.get("progress") or {}
@@ -99,7 +110,7 @@ def progress_fields(job: dict[str, Any], rate: float | None) -> list[str]:
     if fraction is not None:
         fields.append(f"{fraction * 100:3.0f}%")
     if p.get("bytes_total") or p.get("bytes_done"):
-        fields.append(f"{human_bytes(p.get('bytes_done') or 0)}/{human_bytes(p.get('bytes_total'))}")
+        fields.append(bytes_pair(p.get("bytes_done") or 0, p.get("bytes_total")))
     if p.get("parts_total") or p.get("parts_done"):
         fields.append(f"parts {p.get('parts_done') or 0}/{p.get('parts_total') or '?'}")
     if rate is not None:
@@ -111,11 +122,17 @@ def progress_fields(job: dict[str, Any], rate: float | None) -> list[str]:
 
 
 def bar_line(job: dict[str, Any], rate: float | None, *, width: int = 80, tick: int = 0) -> str:
-    """One terminal line: `phase [####----] 50% 1.5 MiB/3.0 MiB parts 1/2 1.0 MiB/s ETA 2s`, cut to `width`."""
-    label = job.get("phase") or job.get("status") or ""
-    bar = render_bar(fraction_of(job.get("progress") or {}), 24, tick)
-    line = "  ".join([f"{label:<14}", bar, *progress_fields(job, rate)])
-    return line[:max(width - 1, 10)]  # one column spare: writing the last column wraps on some terminals
+    """One terminal line: `phase [####----] 50% 1.5 MiB/3.0 MiB parts 1/2 1.0 MiB/s ETA 2s`. The bar takes
+    the room the words leave (10 to 30 columns); on a narrow terminal the parts count goes first."""
+    usable = max(width - 1, 10)  # one column spare: writing the last column wraps on some terminals
+    label = str(job.get("phase") or job.get("status") or "")
+    fields = progress_fields(job, rate)
+    fraction = fraction_of(job.get("progress") or {})
+    for words in (fields, [f for f in fields if not f.startswith("parts ")]):
+        room = usable - len("  ".join([label, *words])) - 2
+        if room >= 10:
+            return "  ".join([label, render_bar(fraction, min(room, 30), tick), *words])
+    return "  ".join([label, render_bar(fraction, 10, tick), *words])[:usable].rstrip()
 
 
 def plain_line(job: dict[str, Any], rate: float | None, elapsed: float) -> str:
@@ -221,9 +238,15 @@ def wait_for_job(api: Any, job_id: str, *, timeout: float | None, interval: floa
 
 def terminal_display() -> ProgressDisplay:
     """A display on stderr: the bar when stderr is a terminal, plain lines when it is a pipe or a log."""
-    import shutil
+    import os
     import sys
 
     stream = sys.stderr
     tty = bool(getattr(stream, "isatty", lambda: False)())
-    return ProgressDisplay(stream, tty=tty, width=shutil.get_terminal_size((80, 24)).columns)
+    width = 80
+    if tty:
+        try:  # the width of stderr's terminal: stdout may be a pipe (`gpusnap ... --json | jq`)
+            width = os.get_terminal_size(stream.fileno()).columns or width  # 0 on a pty nobody sized
+        except (OSError, ValueError, AttributeError):
+            pass
+    return ProgressDisplay(stream, tty=tty, width=width)

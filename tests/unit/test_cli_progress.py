@@ -6,14 +6,14 @@ import io
 import pytest
 
 from src.cli.http import ApiError, Unreachable
-from src.cli.progress import (ProgressDisplay, RateMeter, WaitTimeout, bar_line, eta_seconds, human_bytes,
-                              human_duration, plain_line, render_bar, wait_for_job)
+from src.cli.progress import (ProgressDisplay, RateMeter, WaitTimeout, bar_line, bytes_pair, eta_seconds,
+                              human_bytes, human_duration, plain_line, render_bar, wait_for_job)
 
 
 @pytest.mark.parametrize("n, text", [
     (0, "0 B"), (1, "1 B"), (1023, "1023 B"), (1024, "1.0 KiB"), (1536, "1.5 KiB"),
     (5 * 1024**2, "5.0 MiB"), (int(2.25 * 1024**3), "2.2 GiB"), (3 * 1024**4, "3.0 TiB"),
-    (2048 * 1024**5, "2048.0 PiB"), (None, "?"),
+    (150 * 1024**2, "150 MiB"), (2048 * 1024**5, "2048 PiB"), (None, "?"),
 ])
 def test_human_bytes(n, text):
     assert human_bytes(n) == text
@@ -81,27 +81,49 @@ def _job(**progress):  # type: ignore[no-untyped-def]
     return {"id": "job_1", "status": "running", "phase": "upload", "progress": {**base, **progress}}
 
 
+def _bar_of(line: str) -> str:
+    return line[line.index("["):line.index("]") + 1]
+
+
+def test_bytes_pair_shares_the_unit_when_it_can():
+    assert bytes_pair(512 * 1024, 1024 * 1024) == "512 KiB/1.0 MiB"
+    assert bytes_pair(1536, 3072) == "1.5/3.0 KiB"
+    assert bytes_pair(0, None) == "0 B/?"
+
+
 def test_bar_line_shows_phase_percent_bytes_parts_rate_and_eta():
     line = bar_line(_job(bytes_done=512 * 1024, bytes_total=1024 * 1024, parts_done=1, parts_total=2),
                     256 * 1024.0, width=200)
-    assert line.startswith("upload")
-    for part in ("[###########-----------]", " 50%", "512.0 KiB/1.0 MiB", "parts 1/2", "256.0 KiB/s", "ETA 2s"):
+    assert line.startswith("upload  [")
+    for part in (" 50%", "512 KiB/1.0 MiB", "parts 1/2", "256 KiB/s", "ETA 2s"):
         assert part in line
+    bar = _bar_of(line)
+    assert len(bar) == 30 and bar.count("#") == 14 and bar.count("-") == 14
 
 
-def test_bar_line_without_totals_is_indeterminate_and_fits_the_terminal():
-    line = bar_line(_job(), None, width=40)
+@pytest.mark.parametrize("width", [120, 80, 60, 40, 20])
+def test_bar_line_fits_the_terminal_dropping_parts_first(width):
+    job = _job(bytes_done=5 * 1024**3, bytes_total=10 * 1024**3, parts_done=5, parts_total=10)
+    line = bar_line(job, 123e6, width=width)
+    assert len(line) <= width - 1
+    assert ("parts 5/10" in line) == (width >= 80)
+    assert line.startswith("upload  [")
+
+
+def test_bar_line_without_totals_is_indeterminate():
+    line = bar_line(_job(), None, width=80)
     assert "<=>" in line and "%" not in line and "ETA" not in line
-    assert len(line) <= 39
+    assert len(line) <= 79
 
 
 def test_bar_line_falls_back_to_parts_for_the_fraction():
-    assert "[" + "#" * 11 in bar_line(_job(parts_done=1, parts_total=2), None, width=200)
+    bar = _bar_of(bar_line(_job(parts_done=1, parts_total=4), None, width=200))
+    assert bar.count("#") * 3 == bar.count("-")
 
 
 def test_plain_line_names_the_job_and_its_phase():
     line = plain_line(_job(parts_done=3, parts_total=3, bytes_done=3072, bytes_total=3072), None, 12.0)
-    assert line == "[12s] job_1 running phase=upload 100% 3.0 KiB/3.0 KiB parts 3/3"
+    assert line == "[12s] job_1 running phase=upload 100% 3.0/3.0 KiB parts 3/3"
 
 
 class FakeClock:

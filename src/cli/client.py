@@ -155,7 +155,7 @@ JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 @click.group()
 def jobs() -> None:
-    """Jobs: the long operations behind every snapshot, restore, hibernate and wake."""
+    """Jobs: follow, list, cancel the long operations."""
 
 
 @jobs.command("ls")

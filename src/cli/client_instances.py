@@ -18,7 +18,7 @@ def given(**fields: Any) -> dict[str, Any]:
 
 @click.group()
 def instances() -> None:
-    """GPU machines: list, hibernate to the bucket, wake on a new rental, pause, resume."""
+    """GPU machines: list, hibernate, wake, pause, resume."""
 
 
 @instances.command("ls")

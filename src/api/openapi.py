@@ -20,6 +20,7 @@ _ERRORS = {
     409: "Another operation holds this machine, or the Idempotency-Key was used for another request",
     413: "Request body too large",
     422: "Request body failed validation",
+    503: "A dependency (database, job queue, a configured service) is not available",
 }
 
 

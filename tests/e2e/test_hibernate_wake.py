@@ -103,7 +103,7 @@ def test_wake_skips_a_host_that_never_becomes_ready(stack, fake_vast, box):
     r = stack.post(f"/api/instances/{box['id']}/wake", json={"gpu_type": "RTX 4090"})
     job = stack.wait_job(r.json()["job"]["id"])
     assert job["status"] == "succeeded", job
-    rented = [c for c in fake_vast.calls_to("PUT", "/api/v0/asks/")]
+    rented = [c for c in fake_vast.calls_to("PUT", "/api/v0/asks/") if c.json["label"].startswith("gpusnap:")]
     assert len(rented) == 2 and rented[0].path != rented[1].path  # the next offer was used
     assert [i["id"] for i in _ours(fake_vast)] == [job["result"]["instance_id"]]
 
@@ -113,7 +113,7 @@ def test_wake_with_no_fitting_offer_rents_nothing(stack, fake_vast, box):
     r = stack.post(f"/api/instances/{box['id']}/wake", json={"max_price": 0.01})
     job = stack.wait_job(r.json()["job"]["id"])
     assert job["status"] == "failed" and job["error"]["code"] == "no_offer", job
-    assert fake_vast.calls_to("PUT", "/api/v0/asks/") == []
+    assert [c for c in fake_vast.calls_to("PUT", "/api/v0/asks/") if c.json["label"] != "my-box"] == []
     assert stack.get(f"/api/instances/{box['id']}").json()["status"] == "hibernated"
 
 

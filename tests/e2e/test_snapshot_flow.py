@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import time
 
 import boto3
 import pytest
@@ -138,3 +139,31 @@ def test_credentials_never_in_argv_logs_or_responses(stack, sshd, tmp_path):
     assert secret not in stack.worker_log.read_text()
     for path in ("/api/jobs", "/api/gpu-snapshots", f"/api/jobs/{job['id']}", "/api/instances/e2e-1"):
         assert secret not in stack.get(path).text
+
+
+def test_connection_cut_mid_upload_fails_the_job_and_a_rerun_completes(stack, sshd_factory, tmp_path):
+    host = sshd_factory()
+    host.authorize_key_of(stack.env["SSH_KEY_PATH"])
+    workspace = tmp_path / "workspace"
+    workspace.mkdir()
+    for i in range(6):  # incompressible, so the upload takes a moment
+        (workspace / f"blob{i}.bin").write_bytes(os.urandom(8 << 20))
+    created = _create(stack, host, workspace, instance_id="flaky")
+    job_id = created["job"]["id"]
+    deadline = time.monotonic() + 60
+    while True:
+        job = stack.get(f"/api/jobs/{job_id}").json()
+        if job["phase"] == "upload" and (job["progress"]["parts_done"] or 0) >= 1:
+            break
+        assert job["status"] in ("queued", "running"), job
+        assert time.monotonic() < deadline, job
+    host.drop_connections()
+    job = stack.wait_job(job_id)
+    assert job["status"] == "failed" and job["error"]["code"] == "ssh_connection_lost", job
+    snap = stack.get(f"/api/gpu-snapshots/{created['snapshot']['id']}").json()
+    assert snap["status"] == "failed"
+    assert stack.get(f"/api/gpu-snapshots?status=complete&instance_id=flaky").json()["items"] == []
+
+    again = _create(stack, host, workspace, instance_id="flaky")
+    assert stack.wait_job(again["job"]["id"])["status"] == "succeeded"
+    assert stack.get(f"/api/gpu-snapshots/{again['snapshot']['id']}").json()["status"] == "complete"

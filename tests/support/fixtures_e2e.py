@@ -3,6 +3,7 @@ port), a job worker as a real subprocess (`python -m src.cli worker`), a SQLite 
 sshd as the GPU host, SeaweedFS as the bucket and the fake vast.ai API. Tests drive it through HTTP."""
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 import signal
@@ -20,6 +21,8 @@ from werkzeug.serving import make_server
 from src.app import create_app
 from src.migrate import upgrade
 from src.settings import Settings
+
+logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per poll drowns the failure output
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TOKEN = "e2e-token-abcdef0123456789"

@@ -1,0 +1,407 @@
+"""API latency benchmark: `GET /api/gpu-snapshots` (default page of 50, with a bearer token) served by
+gunicorn with the production config (`gunicorn.conf.py`, `app:app`, a real process), over a database
+holding 1,000 snapshots of 20 machines, driven at a constant arrival rate.
+
+    .venv/bin/python bench/bench_api.py                       # SQLite in a temporary directory
+    .venv/bin/python bench/bench_api.py --database-url postgresql://postgres@127.0.0.1:5432/postgres
+    .venv/bin/python bench/bench_api.py --update-docs         # also rewrite the api section of docs/benchmarks.md
+
+With `--database-url`, the URL names a PostgreSQL server: a scratch database is created there and dropped
+at the end (nothing else is touched).
+
+The load generator is open-loop (as wrk2 is): request i is due at start + i/rate whatever happened to
+the ones before it, and its latency is measured from that due time, not from when a connection became
+free, so a slow server cannot hide its queueing delay (no coordinated omission). It runs in this process
+(threads over keep-alive connections), on the same machine as the server.
+
+`--capacity` adds a closed-loop run with `wrk` (apt-get install -y wrk) to find the saturation
+throughput; plain wrk has no constant-rate mode, so it is not used for the latency figures.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import http.client
+import itertools
+import json
+import os
+import pathlib
+import platform
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from typing import Any
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DOCS = ROOT / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- api:begin -->", "<!-- api:end -->"
+TOKEN = "bench-" + uuid.uuid4().hex
+
+
+# ---- data ----------------------------------------------------------------------------------------
+
+
+def seed(database_url: str, *, rows: int, machines: int) -> None:
+    """Migrate, then insert `machines` machines and `rows` complete snapshots spread over them."""
+    from src.db import make_engine, make_session_factory, transaction
+    from src.migrate import upgrade
+    from src.models import Machine, Snapshot, new_id, utcnow
+
+    upgrade(database_url)
+    engine = make_engine(database_url)
+    rng = random.Random(7)
+    try:
+        with transaction(make_session_factory(engine)) as s:
+            ids = [f"bench-{i:03d}" for i in range(machines)]
+            s.add_all(Machine(id=m, status="running", ssh_host=f"10.0.{i // 250}.{i % 250 + 1}", ssh_port=22,
+                              ssh_user="root", workspace_path="/workspace", vast_instance_id=1_000_000 + i)
+                      for i, m in enumerate(ids))
+            s.flush()
+            for _ in range(rows):
+                machine = rng.choice(ids)
+                snap_id = new_id("snap")
+                parts = rng.randint(1, 400)
+                raw = parts * 64 * 2**20
+                stored = int(raw / rng.uniform(1.5, 4))
+                s.add(Snapshot(id=snap_id, name=f"nightly {rng.randint(1, 999)}", machine_id=machine, status="complete",
+                               storage_prefix=f"snapshots/{machine}/{snap_id}/", workspace_path="/workspace",
+                               source_host="10.0.0.1", codec="zstd", requested_codec="auto",
+                               excludes=["*.tmp", ".cache"], part_count=parts, part_size=64 * 2**20, raw_bytes=raw,
+                               stored_bytes=stored, file_count=rng.randint(100, 200_000),
+                               manifest_sha256=hashlib.sha256(snap_id.encode()).hexdigest(),
+                               timings={"tar_s": 12.5, "upload_s": 40.1, "total_s": 55.0}, duration_s=55.0,
+                               completed_at=utcnow()))
+    finally:
+        engine.dispose()
+
+
+class PostgresScratch:
+    """A database of our own on the server `admin_url` names, dropped on exit."""
+
+    def __init__(self, admin_url: str) -> None:
+        import sqlalchemy as sa
+
+        self.name = f"gpusnap_bench_{uuid.uuid4().hex[:10]}"
+        self._admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+        with self._admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{self.name}"'))
+        self.url = admin_url.rsplit("/", 1)[0] + f"/{self.name}"
+
+    def drop(self) -> None:
+        import sqlalchemy as sa
+
+        with self._admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)'))
+        self._admin.dispose()
+
+
+# ---- the server ----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Gunicorn:
+    def __init__(self, *, database_url: str, queue_path: str, port: int, log_path: pathlib.Path,
+                 workers: int | None, threads: int | None) -> None:
+        env = {**os.environ, "DATABASE_URL": database_url, "QUEUE_PATH": queue_path, "API_TOKENS": TOKEN,
+               "LOG_LEVEL": "WARNING", "SSH_ALLOWED_NETWORKS": "10.0.0.0/8"}
+        env.pop("REDIS_URL", None)
+        if workers:
+            env["GUNICORN_WORKERS"] = str(workers)
+        if threads:
+            env["GUNICORN_THREADS"] = str(threads)
+        self.port = port
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "--config", str(ROOT / "gunicorn.conf.py"), "--chdir", str(ROOT),
+             "--bind", f"127.0.0.1:{port}", "app:app"],
+            cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, path: str, timeout: float = 60) -> None:
+        """Until every worker answers: one request per second of patience, each on a new connection."""
+        deadline = time.monotonic() + timeout
+        ok = 0
+        while ok < 20:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"gunicorn exited with {self.proc.returncode}")
+            if time.monotonic() > deadline:
+                raise SystemExit("gunicorn did not answer in time")
+            try:
+                status, _ = get_once(self.port, path)
+                ok = ok + 1 if status == 200 else 0
+            except OSError:
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+
+def get_once(port: int, path: str) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path, headers={"Authorization": f"Bearer {TOKEN}"})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+# ---- the load generator --------------------------------------------------------------------------
+
+
+def open_loop(*, port: int, path: str, rate: float, duration: float, connections: int) -> dict[str, Any]:
+    """Send `rate` requests a second for `duration` seconds; latency counts from each request's due time."""
+    total = int(rate * duration)
+    slots = itertools.count()  # next() on a count is atomic under the GIL: each slot goes to one thread
+    results: list[tuple[float, float, int]] = []  # (due, done, status)
+    lock = threading.Lock()
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    start = time.perf_counter() + 0.2
+
+    def worker() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        mine: list[tuple[float, float, int]] = []
+        while True:
+            i = next(slots)
+            if i >= total:
+                break
+            due = start + i / rate
+            wait = due - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+            try:
+                conn.request("GET", path, headers=headers)
+                resp = conn.getresponse()
+                resp.read()
+                status = resp.status
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                status = 0
+            mine.append((due, time.perf_counter(), status))
+        conn.close()
+        with lock:
+            results.extend(mine)
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(connections)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    latencies = sorted((done - due) * 1000 for due, done, _ in results)
+    elapsed = max(done for _, done, _ in results) - start
+    errors = sum(1 for *_, status in results if status != 200)
+    return {
+        "requests": len(results), "errors": errors, "target_rate": rate,
+        "achieved_rate": round(len(results) / elapsed, 1), "duration_s": round(elapsed, 2),
+        "latency_ms": {name: round(percentile(latencies, q), 2) for name, q in
+                       (("p50", 50), ("p90", 90), ("p99", 99), ("p99.9", 99.9), ("max", 100))}
+                      | {"mean": round(sum(latencies) / len(latencies), 2)},
+    }
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    index = min(len(sorted_values) - 1, max(0, int(round(q / 100 * len(sorted_values) + 0.5)) - 1))
+    return sorted_values[index]
+
+
+def wrk_capacity(*, port: int, path: str, seconds: int, connections: int) -> dict[str, Any] | None:
+    """Closed-loop saturation throughput with wrk, when installed."""
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        print("wrk not installed (apt-get install -y wrk): no capacity figure", file=sys.stderr)
+        return None
+    out = subprocess.run([wrk, "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-H",
+                          f"Authorization: Bearer {TOKEN}", f"http://127.0.0.1:{port}{path}"],
+                         capture_output=True, text=True, check=True).stdout
+    found = {m.group(1): _ms(m.group(2)) for m in re.finditer(r"^\s+(50|90|99)%\s+(\S+)", out, re.M)}
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    return {"connections": connections, "seconds": seconds, "requests_per_s": float(rps.group(1)) if rps else None,
+            "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+            "latency_ms": {f"p{k}": v for k, v in found.items()}}
+
+
+def _ms(text: str) -> float:
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()  # type: ignore[union-attr]
+    return round(float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit], 2)
+
+
+# ---- report --------------------------------------------------------------------------------------
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [BEGIN, "## API: `GET /api/gpu-snapshots`", "",
+             f"Measured {report['when']} on {report['machine']['cpus']} CPUs ({report['machine']['cpu']}), "
+             f"Python {report['machine']['python']}; gunicorn `gunicorn.conf.py` "
+             f"({report['server']['workers']} workers x {report['server']['threads']} threads, gthread); "
+             f"{report['data']['snapshots']:,} snapshots of {report['data']['machines']} machines; page of "
+             f"{report['request']['limit']} ({report['request']['response_bytes']:,} bytes of JSON), bearer token "
+             "from API_TOKENS. Open-loop load at a constant arrival rate from the same machine, latency from each "
+             "request's due time (no coordinated omission).", "",
+             "| database | target rate | achieved | requests | errors | p50 | p90 | p99 | p99.9 | max |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for run in report["runs"]:
+        lat = run["latency_ms"]
+        lines.append(f"| {run['database']} | {run['target_rate']:g}/s | {run['achieved_rate']:g}/s | {run['requests']} "
+                     f"| {run['errors']} | {lat['p50']} ms | {lat['p90']} ms | {lat['p99']} ms | {lat['p99.9']} ms "
+                     f"| {lat['max']} ms |")
+    caps = [(run["database"], run["capacity"]) for run in report["runs"] if run.get("capacity")]
+    if caps:
+        lines += ["", "Saturation (closed loop, `wrk`, "
+                      f"{caps[0][1]['connections']} connections, {caps[0][1]['seconds']} s):", "",
+                  "| database | requests/s | p50 | p90 | p99 |", "|---|---|---|---|---|"]
+        for database, cap in caps:
+            lat = cap["latency_ms"]
+            lines.append(f"| {database} | {cap['requests_per_s']:g} | {lat.get('p50')} ms | {lat.get('p90')} ms "
+                         f"| {lat.get('p99')} ms |")
+    lines += ["", f"Reproduce: `{report['command']}`", END]
+    return "\n".join(lines)
+
+
+def update_docs(section: str) -> None:
+    """Replace only the api section of docs/benchmarks.md (other sections belong to other benchmarks)."""
+    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + section + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    DOCS.write_text(text)
+
+
+# ---- main ----------------------------------------------------------------------------------------
+
+
+def run_one(label: str, database_url: str, args: argparse.Namespace, tmp: pathlib.Path) -> dict[str, Any]:
+    print(f"[{label}] seeding {args.rows} snapshots ...", file=sys.stderr)
+    seed(database_url, rows=args.rows, machines=args.machines)
+    port = free_port()
+    server = Gunicorn(database_url=database_url, queue_path=str(tmp / f"queue-{label}.db"), port=port,
+                      log_path=tmp / f"gunicorn-{label}.log", workers=args.workers, threads=args.threads)
+    path = f"/api/gpu-snapshots?limit={args.limit}"
+    try:
+        server.wait_ready(path)
+        status, body = get_once(port, path)
+        assert status == 200 and len(json.loads(body)["items"]) == min(args.limit, args.rows), body[:200]
+        print(f"[{label}] warm-up {args.warmup:g}s at {args.rate:g}/s ...", file=sys.stderr)
+        open_loop(port=port, path=path, rate=args.rate, duration=args.warmup, connections=args.connections)
+        print(f"[{label}] measuring {args.duration:g}s at {args.rate:g}/s ...", file=sys.stderr)
+        run = open_loop(port=port, path=path, rate=args.rate, duration=args.duration, connections=args.connections)
+        run["database"] = label
+        run["response_bytes"] = len(body)
+        if args.capacity:
+            run["capacity"] = wrk_capacity(port=port, path=path, seconds=args.capacity, connections=16)
+        return run
+    finally:
+        server.stop()
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--database-url", help="a PostgreSQL server (a scratch database is created there); "
+                                          "SQLite in a temporary directory is always measured too")
+    p.add_argument("--no-sqlite", action="store_true", help="with --database-url: measure PostgreSQL only")
+    p.add_argument("--rate", type=float, default=200.0, help="requests per second (default 200)")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds measured (default 30)")
+    p.add_argument("--warmup", type=float, default=3.0, help="seconds at the same rate before measuring")
+    p.add_argument("--connections", type=int, default=32, help="keep-alive connections of the load generator")
+    p.add_argument("--rows", type=int, default=1000)
+    p.add_argument("--machines", type=int, default=20)
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--workers", type=int, help="GUNICORN_WORKERS (default: gunicorn.conf.py's)")
+    p.add_argument("--threads", type=int, help="GUNICORN_THREADS (default: gunicorn.conf.py's)")
+    p.add_argument("--capacity", type=int, default=0, metavar="SECONDS",
+                   help="also measure saturation throughput with wrk for this many seconds")
+    p.add_argument("--json-out", type=pathlib.Path)
+    p.add_argument("--update-docs", action="store_true", help=f"rewrite the api section of {DOCS.relative_to(ROOT)}")
+    args = p.parse_args(argv)
+
+    import multiprocessing
+
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="gpusnap-bench-") as tmpdir:
+        tmp = pathlib.Path(tmpdir)
+        if not (args.database_url and args.no_sqlite):
+            runs.append(run_one("sqlite", f"sqlite:///{tmp / 'gpusnap.db'}", args, tmp))
+        if args.database_url:
+            scratch = PostgresScratch(args.database_url)
+            try:
+                runs.append(run_one("postgres", scratch.url, args, tmp))
+            finally:
+                scratch.drop()
+
+    report = {
+        "when": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": {"cpus": multiprocessing.cpu_count(), "cpu": _cpu_model(), "python": platform.python_version()},
+        "server": gunicorn_settings(workers=args.workers, threads=args.threads),
+        "data": {"snapshots": args.rows, "machines": args.machines},
+        "request": {"path": f"/api/gpu-snapshots?limit={args.limit}", "limit": args.limit,
+                    "response_bytes": runs[0]["response_bytes"]},
+        "load": {"generator": "open loop, python threads", "connections": args.connections,
+                 "warmup_s": args.warmup},
+        "runs": runs,
+        "command": " ".join(["python bench/bench_api.py", *(argv if argv is not None else sys.argv[1:])]),
+    }
+    print(json.dumps(report, indent=2))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(report, indent=2) + "\n")
+    if args.update_docs:
+        update_docs(markdown(report))
+        print(f"updated {DOCS}", file=sys.stderr)
+    return report
+
+
+def gunicorn_settings(*, workers: int | None, threads: int | None) -> dict[str, Any]:
+    """What gunicorn.conf.py resolves to here, with the same overrides the server got."""
+    import runpy
+
+    saved = dict(os.environ)
+    try:
+        if workers:
+            os.environ["GUNICORN_WORKERS"] = str(workers)
+        if threads:
+            os.environ["GUNICORN_THREADS"] = str(threads)
+        conf = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return {"workers": conf["workers"], "threads": conf["threads"], "worker_class": conf["worker_class"]}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+if __name__ == "__main__":
+    main()

@@ -153,7 +153,7 @@ class GatedTee:
 
 
 def gate(source: Callable[[int], Any], sink: Callable[[Any], None], policy: MemberPolicy,
-         bufsize: int = 1 << 20) -> int:
+         bufsize: int = 1 << 16) -> int:
     """Parse the tar stream from `source`, check every member, forward approved bytes to `sink`.
 
     Returns the number of members. Raises ScriptError("unsafe_archive") on the first refusal; by

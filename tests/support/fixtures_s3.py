@@ -2,15 +2,25 @@
 
 `s3_server` (session): an object with endpoint, access_key, secret_key, region, bucket.
 `s3_prefix` (function): a unique key prefix ending in '/', so tests never see each other's objects.
+Plus plain helpers for running the remote data-plane scripts against that server (script_config,
+start_script/finish_script/run_script, tree_state).
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import stat
+import subprocess
+import sys
 import uuid
-from typing import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
-from tests.support.s3_server import S3Endpoint, SeaweedS3Server
+from tests.support.s3_server import S3Endpoint, SeaweedS3Server, s5cmd_binary
 
 
 @pytest.fixture(scope="session")
@@ -30,3 +40,83 @@ def s3_server() -> Iterator[S3Endpoint]:
 def s3_prefix(request: pytest.FixtureRequest) -> str:
     name = "".join(c if c.isalnum() else "-" for c in request.node.name)[:40]
     return "tests/%s-%s/" % (name, uuid.uuid4().hex[:10])
+
+
+# --- helpers for the remote data-plane scripts (src/remote_scripts), used by tests/integration ---
+
+REMOTE_SCRIPTS = Path(__file__).resolve().parents[2] / "src" / "remote_scripts"
+
+
+@dataclass
+class ScriptRun:
+    """Outcome of one remote script run: parsed stdout events, exit status, stderr text."""
+
+    returncode: int
+    events: List[Dict[str, Any]]
+    stderr: str
+
+    @property
+    def last(self) -> Dict[str, Any]:
+        return self.events[-1] if self.events else {}
+
+    @property
+    def error_code(self) -> Optional[str]:
+        return self.last.get("code") if self.last.get("event") == "error" else None
+
+
+def script_config(s3: S3Endpoint, prefix: str, workspace: str, **extra: Any) -> Dict[str, Any]:
+    """A snapshot.py/restore.py stdin config against the test server (small parts by default)."""
+    cfg: Dict[str, Any] = {
+        "workspace_path": workspace, "prefix": prefix, "snapshot_id": "snap-test", "instance_id": "inst-test",
+        "codec": "zstd", "zstd_level": 3, "part_size": 64 * 1024, "parallelism": 4, "excludes": [],
+        "s5cmd": s5cmd_binary(), "bootstrap": False,
+        "s3": {"endpoint": s3.endpoint, "bucket": s3.bucket, "access_key": s3.access_key,
+               "secret_key": s3.secret_key, "region": s3.region},
+    }
+    cfg.update(extra)
+    return cfg
+
+
+def start_script(name: str, config: Any) -> subprocess.Popen:
+    """Start `src/remote_scripts/<name>.py` as the SSH adapter would: JSON on stdin, nothing in argv."""
+    proc = subprocess.Popen([sys.executable, str(REMOTE_SCRIPTS / (name + ".py"))], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdin is not None
+    proc.stdin.write(config if isinstance(config, bytes) else json.dumps(config).encode())
+    proc.stdin.close()
+    proc.stdin = None  # so communicate() does not touch it again
+    return proc
+
+
+def finish_script(proc: subprocess.Popen, timeout: float = 120) -> ScriptRun:
+    out, err = proc.communicate(timeout=timeout)
+    events = [json.loads(line) for line in out.decode().splitlines() if line.strip()]
+    return ScriptRun(proc.returncode, events, err.decode("utf-8", "replace"))
+
+
+def run_script(name: str, config: Any, timeout: float = 120) -> ScriptRun:
+    return finish_script(start_script(name, config), timeout)
+
+
+def tree_state(root: str) -> Dict[bytes, Tuple[Any, ...]]:
+    """Everything a restore must preserve, per entry (bytes paths, so non-UTF-8 names compare):
+    type+mode, uid/gid, size, mtime_ns, link target, content digest, hard-link group."""
+    state: Dict[bytes, Tuple[Any, ...]] = {}
+    inodes: Dict[int, bytes] = {}
+    base = os.fsencode(root)
+    for dirpath, dirnames, filenames in os.walk(base):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, base)
+            st = os.lstat(path)
+            link = os.readlink(path) if stat.S_ISLNK(st.st_mode) else b""
+            digest = ""
+            if stat.S_ISREG(st.st_mode):
+                with open(path, "rb") as fh:
+                    digest = hashlib.sha256(fh.read()).hexdigest()
+            group = inodes.setdefault(st.st_ino, rel) if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode) else b""
+            size = 0 if stat.S_ISDIR(st.st_mode) else st.st_size
+            state[rel] = (st.st_mode, st.st_uid, st.st_gid, size, st.st_mtime_ns, link, digest, group)
+    st = os.lstat(base)
+    state[b"."] = (st.st_mode, st.st_uid, st.st_gid, 0, st.st_mtime_ns, b"", "", b"")
+    return state

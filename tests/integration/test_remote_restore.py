@@ -1,0 +1,285 @@
+"""restore.py for real: local subprocess, real SeaweedFS, real GNU tar and s5cmd.
+
+Round trip of a tree with every tricky kind of entry; each verification failure leaves the existing
+workspace untouched and no staging directory; unsafe archives are refused; disk limits on a real
+(tmpfs) filesystem.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import os
+import subprocess
+import tarfile
+import uuid
+from typing import Any, Dict, Iterator, List
+
+import pytest
+
+from tests.support.fixtures_s3 import run_script, script_config, tree_state
+
+pytestmark = pytest.mark.slow
+
+OLD_MTIME_NS = 981173106_123456789  # 2001-02-03, with nanoseconds
+
+
+def make_tricky_tree(root: str) -> None:
+    os.makedirs(root)
+    j = lambda *p: os.path.join(root, *p)  # noqa: E731
+    os.makedirs(j("empty", "nested-empty"))
+    os.makedirs(j("dir", "sub"))
+    with open(j("dir", "exec.sh"), "w") as fh:
+        fh.write("#!/bin/sh\necho hi\n")
+    os.chmod(j("dir", "exec.sh"), 0o751)
+    with open(j("odd-mode"), "w") as fh:
+        fh.write("odd")
+    os.chmod(j("odd-mode"), 0o604)
+    os.makedirs(j("sticky"))
+    os.chmod(j("sticky"), 0o1777)
+    os.makedirs(j("private"))
+    os.chmod(j("private"), 0o700)
+    open(j("zero-bytes"), "w").close()
+    with open(j("dir", "sub", "big.bin"), "wb") as fh:  # crosses several 64 KiB part boundaries
+        fh.write(os.urandom(300 * 1024) + b"text" * 40000)
+    with open(j("sparse.img"), "wb") as fh:
+        fh.seek(20 << 20)
+        fh.write(b"end")
+    os.link(j("dir", "exec.sh"), j("hardlink-to-exec"))
+    os.symlink("dir/exec.sh", j("rel-link"))
+    os.symlink("does-not-exist", j("dangling-link"))
+    os.symlink("../odd-mode", j("dir", "up-link"))
+    os.mkfifo(j("a-fifo"))
+    bad = os.path.join(os.fsencode(root), b"latin1-\xe9t\xe9-\xff")
+    with open(bad, "wb") as fh:
+        fh.write(b"non-utf8 name")
+    long_dir = os.path.join(os.fsencode(root), b"d" * 120)
+    os.makedirs(long_dir)
+    with open(os.path.join(long_dir, b"long-\xfe-" + b"n" * 150), "wb") as fh:
+        fh.write(b"long path, non-utf8")
+    for dirpath, dirnames, filenames in os.walk(os.fsencode(root), topdown=False):
+        for name in filenames + dirnames:
+            os.utime(os.path.join(dirpath, name), ns=(OLD_MTIME_NS, OLD_MTIME_NS), follow_symlinks=False)
+    os.utime(root, ns=(OLD_MTIME_NS, OLD_MTIME_NS))
+
+
+def staging_dirs(target: str) -> List[str]:
+    return glob.glob(glob.escape(target) + ".gpusnap-*") + glob.glob(os.path.join(glob.escape(target), ".gpusnap-*"))
+
+
+@pytest.fixture
+def s3_client(s3_server: Any) -> Any:
+    import boto3
+
+    return boto3.client("s3", endpoint_url=s3_server.endpoint, aws_access_key_id=s3_server.access_key,
+                        aws_secret_access_key=s3_server.secret_key, region_name=s3_server.region)
+
+
+@pytest.fixture
+def snapshot_of_tree(tmp_path: Any, s3_server: Any, s3_prefix: str) -> Iterator[Dict[str, Any]]:
+    src = str(tmp_path / "src")
+    make_tricky_tree(src)
+    run = run_script("snapshot", script_config(s3_server, s3_prefix, src))
+    assert run.returncode == 0, run.stderr
+    yield {"src": src, "result": run.last}
+
+
+@pytest.fixture
+def existing_workspace(tmp_path: Any) -> str:
+    target = str(tmp_path / "workspace")
+    os.makedirs(os.path.join(target, "keep"))
+    with open(os.path.join(target, "keep", "me.txt"), "w") as fh:
+        fh.write("the old workspace")
+    return target
+
+
+def test_round_trip_is_identical(snapshot_of_tree: Dict[str, Any], s3_server: Any, s3_prefix: str,
+                                 tmp_path: Any, existing_workspace: str) -> None:
+    snap = snapshot_of_tree["result"]
+    assert snap["event"] == "result" and snap["parts"] >= 6 and snap["codec"] == "zstd"
+    run = run_script("restore", script_config(s3_server, s3_prefix, existing_workspace))
+    assert run.returncode == 0, run.stderr
+    assert run.last["event"] == "result" and run.last["raw_bytes"] == snap["raw_bytes"]
+    assert run.last["files"] == snap["files"]
+    assert tree_state(existing_workspace) == tree_state(snapshot_of_tree["src"])
+    sparse = os.stat(os.path.join(existing_workspace, "sparse.img"))
+    assert sparse.st_size == (20 << 20) + 3 and sparse.st_blocks * 512 < 1 << 20  # still sparse
+    assert staging_dirs(existing_workspace) == []
+    assert run.events[0]["event"] == "started" and any(e["event"] == "progress" for e in run.events)
+
+
+def test_round_trip_into_missing_target_with_codec_none(tmp_path: Any, s3_server: Any, s3_prefix: str) -> None:
+    src = str(tmp_path / "src")
+    make_tricky_tree(src)
+    snap = run_script("snapshot", script_config(s3_server, s3_prefix, src, codec="none"))
+    assert snap.returncode == 0, snap.stderr
+    target = str(tmp_path / "fresh" / "ws")
+    os.makedirs(os.path.dirname(target))
+    run = run_script("restore", script_config(s3_server, s3_prefix, target))
+    assert run.returncode == 0, run.stderr
+    assert tree_state(target) == tree_state(src)
+
+
+@pytest.mark.parametrize("damage,code", [
+    ("corrupt", "part_corrupt"), ("truncate", "part_truncated"), ("delete", "part_missing"),
+    ("manifest", "manifest_missing"), ("garbage-manifest", "manifest_invalid"),
+])
+def test_damaged_snapshot_fails_and_leaves_workspace(damage: str, code: str, snapshot_of_tree: Dict[str, Any],
+                                                     s3_server: Any, s3_prefix: str, s3_client: Any,
+                                                     existing_workspace: str) -> None:
+    bucket, key = s3_server.bucket, s3_prefix + "part-00002"
+    if damage in ("corrupt", "truncate"):
+        body = bytearray(s3_client.get_object(Bucket=bucket, Key=key)["Body"].read())
+        if damage == "corrupt":
+            body[len(body) // 2] ^= 0xFF
+        else:
+            del body[len(body) // 2:]
+        s3_client.put_object(Bucket=bucket, Key=key, Body=bytes(body))
+    elif damage == "delete":
+        s3_client.delete_object(Bucket=bucket, Key=key)
+    elif damage == "manifest":
+        s3_client.delete_object(Bucket=bucket, Key=s3_prefix + "manifest.json")
+    else:
+        s3_client.put_object(Bucket=bucket, Key=s3_prefix + "manifest.json", Body=b'{"format": "zip"}')
+    before = tree_state(existing_workspace)
+    run = run_script("restore", script_config(s3_server, s3_prefix, existing_workspace))
+    assert run.returncode != 0
+    assert run.error_code == code, run.last
+    assert tree_state(existing_workspace) == before
+    assert staging_dirs(existing_workspace) == []
+
+
+def upload_crafted(s3_client: Any, bucket: str, prefix: str, tar_bytes: bytes, part_size: int = 4096) -> None:
+    """A hand-made snapshot (codec none): parts plus a manifest with correct sizes and hashes."""
+    parts = []
+    for i in range(0, len(tar_bytes), part_size):
+        chunk = tar_bytes[i:i + part_size]
+        digest = hashlib.sha256(chunk).hexdigest()
+        key = "part-%05d" % len(parts)
+        s3_client.put_object(Bucket=bucket, Key=prefix + key, Body=chunk)
+        parts.append({"index": len(parts), "key": key, "codec": "none", "raw_size": len(chunk),
+                      "stored_size": len(chunk), "sha256": digest, "raw_sha256": digest})
+    manifest = {"format": "gpusnap-manifest", "version": 1, "snapshot_id": "evil", "instance_id": "evil",
+                "codec": "none", "part_size": part_size, "parts": parts,
+                "totals": {"raw_bytes": len(tar_bytes), "stored_bytes": len(tar_bytes), "parts": len(parts),
+                           "files": 2}}
+    s3_client.put_object(Bucket=bucket, Key=prefix + "manifest.json", Body=json.dumps(manifest).encode())
+
+
+def evil_tar(kind: str, outside: str) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        root = tarfile.TarInfo("./")
+        root.type = tarfile.DIRTYPE
+        root.mode = 0o755
+        tar.addfile(root)
+        ok = tarfile.TarInfo("./fine.txt")
+        ok.size = 2
+        tar.addfile(ok, io.BytesIO(b"ok"))
+        if kind == "dotdot":
+            evil = tarfile.TarInfo("./../" + os.path.basename(outside))
+            evil.size = 4
+            tar.addfile(evil, io.BytesIO(b"pwnd"))
+        elif kind == "absolute":
+            evil = tarfile.TarInfo(outside)
+            evil.size = 4
+            tar.addfile(evil, io.BytesIO(b"pwnd"))
+        elif kind in ("symlink", "symlink-then-write"):
+            link = tarfile.TarInfo("./escape")
+            link.type = tarfile.SYMTYPE
+            link.linkname = os.path.dirname(outside) if kind == "symlink-then-write" else "../../../etc"
+            tar.addfile(link)
+            if kind == "symlink-then-write":
+                through = tarfile.TarInfo("./escape/" + os.path.basename(outside))
+                through.size = 4
+                tar.addfile(through, io.BytesIO(b"pwnd"))
+        elif kind == "hardlink":
+            link = tarfile.TarInfo("./hard")
+            link.type = tarfile.LNKTYPE
+            link.linkname = outside
+            tar.addfile(link)
+        elif kind == "device":
+            dev = tarfile.TarInfo("./null")
+            dev.type = tarfile.CHRTYPE
+            dev.devmajor, dev.devminor = 1, 3
+            tar.addfile(dev)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink", "symlink-then-write", "hardlink", "device"])
+def test_unsafe_archive_is_refused(kind: str, tmp_path: Any, s3_server: Any, s3_prefix: str, s3_client: Any,
+                                   existing_workspace: str) -> None:
+    outside = str(tmp_path / ("outside-" + uuid.uuid4().hex[:6]))
+    upload_crafted(s3_client, s3_server.bucket, s3_prefix, evil_tar(kind, outside))
+    before = tree_state(existing_workspace)
+    # with external symlinks allowed, writing *through* one must still be refused
+    cfg = script_config(s3_server, s3_prefix, existing_workspace,
+                        allow_external_symlinks=kind == "symlink-then-write")
+    run = run_script("restore", cfg)
+    assert run.returncode != 0
+    assert run.error_code == "unsafe_archive", run.last
+    assert not os.path.lexists(outside)
+    assert tree_state(existing_workspace) == before
+    assert staging_dirs(existing_workspace) == []
+
+
+def test_wrong_credentials(snapshot_of_tree: Dict[str, Any], s3_server: Any, s3_prefix: str,
+                           existing_workspace: str) -> None:
+    cfg = script_config(s3_server, s3_prefix, existing_workspace)
+    cfg["s3"]["secret_key"] = "not-the-secret"
+    run = run_script("restore", cfg)
+    assert run.returncode != 0 and run.error_code == "storage_auth_failed", run.last
+
+
+def test_bad_config(s3_server: Any, s3_prefix: str) -> None:
+    run = run_script("restore", script_config(s3_server, s3_prefix, "relative/path"))
+    assert run.returncode != 0 and run.error_code == "bad_config"
+
+
+@pytest.fixture
+def small_fs(tmp_path: Any) -> Iterator[Any]:
+    """A real small filesystem (tmpfs) to run out of space on; skipped where mount is not allowed."""
+    mounts: List[str] = []
+
+    def make(name: str, options: str) -> str:
+        path = str(tmp_path / name)
+        os.makedirs(path)
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", path], capture_output=True)
+        if res.returncode != 0:
+            pytest.skip("cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN): %s" % res.stderr.decode().strip())
+        mounts.append(path)
+        return path
+
+    yield make
+    for path in mounts:
+        subprocess.run(["umount", "-l", path], check=False)
+
+
+def test_insufficient_disk_is_refused_before_download(snapshot_of_tree: Dict[str, Any], s3_server: Any,
+                                                      s3_prefix: str, small_fs: Any) -> None:
+    fs = small_fs("tiny", "size=256k")
+    target = os.path.join(fs, "ws")
+    os.makedirs(os.path.join(target, "keep"))
+    before = tree_state(target)
+    run = run_script("restore", script_config(s3_server, s3_prefix, target))
+    assert run.error_code == "insufficient_disk", run.last
+    assert not any(e.get("phase") == "download" for e in run.events)
+    assert tree_state(target) == before and staging_dirs(target) == []
+
+
+def test_disk_full_during_extraction(tmp_path: Any, s3_server: Any, s3_prefix: str, small_fs: Any) -> None:
+    src = str(tmp_path / "many")
+    os.makedirs(src)
+    for i in range(200):
+        open(os.path.join(src, "f%03d" % i), "w").close()
+    assert run_script("snapshot", script_config(s3_server, s3_prefix, src)).returncode == 0
+    fs = small_fs("few-inodes", "size=16m,nr_inodes=64")  # bytes are plenty, inodes are not: ENOSPC
+    target = os.path.join(fs, "ws")
+    os.makedirs(target)
+    with open(os.path.join(target, "old.txt"), "w") as fh:
+        fh.write("old")
+    before = tree_state(target)
+    run = run_script("restore", script_config(s3_server, s3_prefix, target))
+    assert run.error_code == "disk_full", run.last
+    assert tree_state(target) == before and staging_dirs(target) == []

@@ -1,0 +1,87 @@
+"""gs_codecs and gs_manifest: per-part encoding rules and manifest validation (pure)."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "src", "remote_scripts"))
+
+from gs_codecs import Codec, ZstdCodec, decode_part, encode_part, for_restore, for_snapshot  # noqa: E402
+from gs_common import ScriptError  # noqa: E402
+from gs_manifest import build, part_key, validate  # noqa: E402
+
+
+def test_zstd_round_trip_and_threads_share_nothing() -> None:
+    codec = ZstdCodec(level=3)
+    raw = b"weights " * 50000
+    name, stored = encode_part(codec, raw)
+    assert name == "zstd" and len(stored) < len(raw) // 10
+    assert decode_part({"zstd": codec}, name, stored, len(raw)) == raw
+
+
+def test_incompressible_part_is_stored_raw() -> None:
+    raw = os.urandom(256 * 1024)
+    name, stored = encode_part(ZstdCodec(level=3), raw)
+    assert name == "none" and stored is raw
+
+
+def test_corrupt_zstd_frame_is_part_corrupt() -> None:
+    codec = ZstdCodec(level=3)
+    with pytest.raises(ScriptError) as err:
+        codec.decompress(b"\x28\xb5\x2f\xfd" + os.urandom(64), 1000)
+    assert err.value.code == "part_corrupt"
+
+
+def test_codec_selection() -> None:
+    assert isinstance(for_snapshot("none", 3), Codec) and for_snapshot("none", 3).name == "none"
+    if not os.path.exists("/dev/nvidiactl"):
+        assert for_snapshot("auto", 3).name == "zstd"  # no GPU here: auto falls back to zstd
+        with pytest.raises(ScriptError) as err:
+            for_snapshot("nvcomp-ans", 3, bootstrap=False)
+        assert err.value.code in ("codec_unavailable", "missing_dependency")
+    with pytest.raises(ScriptError) as err:
+        for_snapshot("lzma", 3)
+    assert err.value.code == "bad_config"
+    with pytest.raises(ScriptError) as err:
+        for_restore(["zstd", "brotli"])
+    assert err.value.code == "manifest_invalid"
+
+
+def _manifest() -> dict:
+    parts = []
+    for i, data in enumerate([b"a" * 10, b"b" * 4]):
+        digest = hashlib.sha256(data).hexdigest()
+        parts.append({"index": i, "key": part_key(i), "codec": "none", "raw_size": len(data),
+                      "stored_size": len(data), "sha256": digest, "raw_sha256": digest})
+    return build(cfg={"snapshot_id": "s", "instance_id": "i"}, codec="none", part_size=10, parts=parts,
+                 files=3, source={}, created_at="2025-01-01T00:00:00Z", timings={"total_s": 1.0})
+
+
+def test_built_manifest_validates() -> None:
+    doc = _manifest()
+    assert validate(doc) is doc
+    assert doc["totals"] == {"raw_bytes": 14, "stored_bytes": 14, "parts": 2, "files": 3}
+
+
+@pytest.mark.parametrize("breakage", [
+    lambda d: d.update(format="other"),
+    lambda d: d.update(version=2),
+    lambda d: d["parts"][1].update(key="../../etc/passwd"),
+    lambda d: d["parts"][1].update(index=5),
+    lambda d: d["parts"][0].update(codec="lz4"),
+    lambda d: d["parts"][0].update(sha256="zz"),
+    lambda d: d["parts"][0].update(raw_size=-1),
+    lambda d: d["totals"].update(raw_bytes=1),
+    lambda d: d.update(parts=[]),
+    lambda d: d.pop("totals"),
+])
+def test_broken_manifests_are_invalid(breakage) -> None:  # type: ignore[no-untyped-def]
+    doc = copy.deepcopy(_manifest())
+    breakage(doc)
+    with pytest.raises(ScriptError) as err:
+        validate(doc)
+    assert err.value.code == "manifest_invalid"

@@ -1,0 +1,118 @@
+"""gs_tarsafe: the streaming member gate (pure: in-memory tar streams, no tar binary, no network)."""
+from __future__ import annotations
+
+import io
+import os
+import sys
+import tarfile
+from typing import Callable, List
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "src", "remote_scripts"))
+
+from gs_common import ScriptError  # noqa: E402
+from gs_tarsafe import MemberPolicy, gate  # noqa: E402
+
+
+def build(add: Callable[[tarfile.TarFile], None], fmt: int = tarfile.PAX_FORMAT) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        root = tarfile.TarInfo("./")
+        root.type = tarfile.DIRTYPE
+        tar.addfile(root)
+        add(tar)
+    return buf.getvalue()
+
+
+def member(tar: tarfile.TarFile, name: str, data: bytes = b"", **kw: object) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    for key, value in kw.items():
+        setattr(info, key, value)
+    tar.addfile(info, io.BytesIO(data) if data else None)
+
+
+def run_gate(stream: bytes, root: str = "/workspace", allow_external: bool = False, step: int = 700) -> bytes:
+    """Feed `stream` in odd-sized chunks; return what reached the sink."""
+    src = io.BytesIO(stream)
+    out: List[bytes] = []
+    gate(lambda n: src.read(min(n, step)), lambda v: out.append(bytes(v)), MemberPolicy(root, allow_external))
+    return b"".join(out)
+
+
+def test_safe_stream_passes_through_byte_for_byte() -> None:
+    def add(tar: tarfile.TarFile) -> None:
+        member(tar, "./a.txt", b"x" * 5000)
+        member(tar, "./dir/", type=tarfile.DIRTYPE)
+        member(tar, "./dir/link", type=tarfile.SYMTYPE, linkname="../a.txt")
+        member(tar, "./hard", type=tarfile.LNKTYPE, linkname="./a.txt")
+        member(tar, "./fifo", type=tarfile.FIFOTYPE)
+        member(tar, "./" + "n" * 200, b"long name")
+        member(tar, "./abs-inside", type=tarfile.SYMTYPE, linkname="/workspace/a.txt")
+
+    stream = build(add)
+    assert run_gate(stream) == stream
+
+
+@pytest.mark.parametrize("add", [
+    lambda t: member(t, "../escape", b"x"),
+    lambda t: member(t, "./a/../../escape", b"x"),
+    lambda t: member(t, "/etc/passwd", b"x"),
+    lambda t: member(t, "./l", type=tarfile.SYMTYPE, linkname="../../etc"),
+    lambda t: member(t, "./l", type=tarfile.SYMTYPE, linkname="/etc"),
+    lambda t: member(t, "./h", type=tarfile.LNKTYPE, linkname="/etc/passwd"),
+    lambda t: member(t, "./h", type=tarfile.LNKTYPE, linkname="./never-seen"),
+    lambda t: member(t, "./null", type=tarfile.CHRTYPE),
+    lambda t: member(t, "./sda", type=tarfile.BLKTYPE),
+    lambda t: (member(t, "./d", type=tarfile.SYMTYPE, linkname="sub"), member(t, "./d/x", b"through")),
+    lambda t: (member(t, "./d", type=tarfile.SYMTYPE, linkname="sub"), member(t, "./d", b"replace")),
+])
+def test_unsafe_members_are_refused_before_reaching_the_sink(add: Callable[[tarfile.TarFile], None]) -> None:
+    def full(tar: tarfile.TarFile) -> None:
+        member(tar, "./before.txt", b"ok")
+        add(tar)
+
+    stream = build(full)
+    src = io.BytesIO(stream)
+    sunk: List[bytes] = []
+    with pytest.raises(ScriptError) as err:
+        gate(lambda n: src.read(n), lambda v: sunk.append(bytes(v)), MemberPolicy("/workspace"))
+    assert err.value.code == "unsafe_archive"
+    # the refused header never reached tar: the sink holds at most the approved prefix
+    assert len(b"".join(sunk)) <= stream.index(b"./before.txt") + 3 * 512 + 2048
+
+
+def test_external_symlink_allowed_when_asked_but_never_traversed() -> None:
+    ext = build(lambda t: member(t, "./python", type=tarfile.SYMTYPE, linkname="/usr/bin/python3"))
+    assert run_gate(ext, allow_external=True) == ext
+    with pytest.raises(ScriptError):
+        run_gate(ext)
+    through = build(lambda t: (member(t, "./etc", type=tarfile.SYMTYPE, linkname="/etc"),
+                               member(t, "./etc/passwd", b"x")))
+    with pytest.raises(ScriptError):
+        run_gate(through, allow_external=True)
+
+
+def test_trailing_garbage_after_end_marker_is_refused() -> None:
+    stream = build(lambda t: member(t, "./a", b"a"))
+    with pytest.raises(ScriptError):
+        run_gate(stream + b"\x01" * 512)
+    assert run_gate(stream + b"\0" * 4096) == stream + b"\0" * 4096
+
+
+def test_non_regular_member_with_data_is_refused() -> None:
+    stream = bytearray(build(lambda t: member(t, "./d", type=tarfile.DIRTYPE)))
+    # forge a size field on the directory header (second header block): tar and tarfile would disagree
+    hdr = tarfile.TarInfo("./d")
+    hdr.type, hdr.size = tarfile.DIRTYPE, 512
+    forged = build(lambda t: t.addfile(hdr, io.BytesIO(b"\0" * 512)))
+    with pytest.raises(ScriptError):
+        run_gate(forged)
+    assert run_gate(bytes(stream)) == bytes(stream)
+
+
+def test_garbage_stream_is_unsafe() -> None:
+    with pytest.raises(ScriptError) as err:
+        run_gate(os.urandom(4096))
+    assert err.value.code == "unsafe_archive"

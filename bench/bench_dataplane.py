@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -33,20 +34,38 @@ from tests.support.s3_server import SeaweedS3Server, s5cmd_binary  # noqa: E402
 SCRIPTS = os.path.join(ROOT, "src", "remote_scripts")
 
 
+SERVER_PID = [0]
+
+
+def server_cpu() -> float:
+    """CPU seconds used so far by the S3 server (it shares the machine, so it is part of the cost)."""
+    try:
+        with open("/proc/%d/stat" % SERVER_PID[0]) as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def measured(cmd: List[str], stdin: str, env: Dict[str, str], dirs: List[str]) -> Dict[str, Any]:
     """Run one pipeline, sampling its process tree; returns wall time, peaks and its last JSON line."""
     for d in dirs:
         os.makedirs(d, exist_ok=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    server_before = server_cpu()
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=env, text=True)
     with Sampler(proc.pid, dirs) as sampler:
         out, err = proc.communicate(stdin)
     wall = time.monotonic() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     lines = [json.loads(line) for line in out.splitlines() if line.strip()]
     if proc.returncode != 0 or not lines:
         raise RuntimeError("%s failed (%s): %s %s" % (cmd[-1], proc.returncode, out[-2000:], err[-2000:]))
-    return {"wall_s": round(wall, 3), "peak_mem_bytes": sampler.peak_mem, "peak_rss_bytes": sampler.peak_rss,
+    return {"wall_s": round(wall, 3), "cpu_s": round(cpu, 2), "server_cpu_s": round(server_cpu() - server_before, 2),
+            "peak_mem_bytes": sampler.peak_mem, "peak_rss_bytes": sampler.peak_rss,
             "peak_disk_bytes": sampler.peak_disk, "samples": sampler.samples, "result": lines[-1]}
 
 
@@ -86,8 +105,9 @@ def run_round(n: int, args: argparse.Namespace, s3: Any, ws: str, work: str) -> 
                 ws, 1 if who == "ours" else 10**9)
             shutil.rmtree(os.path.dirname(target), ignore_errors=True)
         out["%s_%s" % (who, op)] = res
-        print("  %.1f s, peak mem %.0f MiB, peak disk %.0f MiB" % (
-            res["wall_s"], res["peak_mem_bytes"] / 2**20, res["peak_disk_bytes"] / 2**20), file=sys.stderr)
+        print("  %.1f s (cpu %.1f s + server %.1f s), peak mem %.0f MiB, peak disk %.0f MiB" % (
+            res["wall_s"], res["cpu_s"], res["server_cpu_s"], res["peak_mem_bytes"] / 2**20,
+            res["peak_disk_bytes"] / 2**20), file=sys.stderr)
     return out
 
 
@@ -102,7 +122,8 @@ def summarize(rounds: List[Dict[str, Any]], args: argparse.Namespace) -> Dict[st
         row = {}
         for who in ("ours", "staged"):
             key = "%s_%s" % (who, op)
-            row[who] = {"wall_s": med(key, "wall_s"), "peak_mem_bytes": max(r[key]["peak_mem_bytes"] for r in rounds),
+            row[who] = {"wall_s": med(key, "wall_s"), "cpu_s": med(key, "cpu_s"),
+                        "server_cpu_s": med(key, "server_cpu_s"), "peak_mem_bytes": max(r[key]["peak_mem_bytes"] for r in rounds),
                         "peak_disk_bytes": max(r[key]["peak_disk_bytes"] for r in rounds)}
         row["wall_ratio"] = round(row["ours"]["wall_s"] / row["staged"]["wall_s"], 3)
         summary[op] = row
@@ -149,6 +170,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     shutil.rmtree(server.root, ignore_errors=True)
     os.makedirs(server.root)
     s3 = server.start()
+    SERVER_PID[0] = server.proc.pid if server.proc else 0
     try:
         rounds = [run_round(n, args, s3, ws, args.workdir) for n in range(args.rounds)]
     finally:

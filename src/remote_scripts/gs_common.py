@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -182,6 +183,9 @@ def run_script(main: Callable[[Dict[str, Any], Context], Dict[str, Any]]) -> Non
         _report_error(events, code_name, "%s: %s" % (type(exc).__name__, exc))
     finally:
         ctx.kill_children()
+        own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        logger.info("cpu: script %.2fs user %.2fs sys; children %.2fs user %.2fs sys",
+                    own.ru_utime, own.ru_stime, kids.ru_utime, kids.ru_stime)
     sys.stdout.flush()
     os._exit(code)  # worker threads may still be blocked on dead children; do not wait for them
 

@@ -49,6 +49,7 @@ class Events:
         self._progress: Dict[str, Any] = {}
         self._redact: List[str] = []
         self.gone = False
+        self.on_gone: Optional[Callable[[], None]] = None  # set by Context: a dead reader cancels
 
     def redact(self, *secrets: str) -> None:
         """Never let these strings reach stdout (s5cmd errors may echo request details)."""
@@ -70,6 +71,8 @@ class Events:
                     data = data[os.write(self._fd, data):]
             except (BrokenPipeError, OSError) as exc:
                 self.gone = True
+                if self.on_gone is not None:
+                    self.on_gone()
                 raise StdoutGone() from exc
 
     def progress(self, force: bool = False, **fields: Any) -> None:
@@ -93,6 +96,7 @@ class Context:
         self.cancel_reason = ""
         self._children: List[subprocess.Popen] = []
         self._lock = threading.Lock()
+        events.on_gone = lambda: self.cancel("stdout closed")
 
     def spawn(self, args: List[str], **kwargs: Any) -> subprocess.Popen:
         """Start a child we will kill on cancel.

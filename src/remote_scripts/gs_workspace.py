@@ -99,20 +99,27 @@ class Staging:
     def commit(self) -> None:
         """Swap staging into place, then delete the previous workspace."""
         if self.inside:
-            self._commit_inside()
-        elif not os.path.lexists(self.target):
+            root = self._commit_inside()
+            shutil.rmtree(self.old, onerror=lambda *a: logger.warning("could not remove %s", a[1]))
+            # last, since removing staging/old inside the target changes the target's own mtime
+            if os.geteuid() == 0:
+                os.chown(self.target, root.st_uid, root.st_gid)
+            os.chmod(self.target, root.st_mode & 0o7777)
+            os.utime(self.target, ns=(root.st_atime_ns, root.st_mtime_ns))
+            return
+        if not os.path.lexists(self.target):
             os.rename(self.path, self.target)
             return
-        else:
-            os.rename(self.target, self.old)
-            try:
-                os.rename(self.path, self.target)
-            except OSError:
-                os.rename(self.old, self.target)  # put the old workspace back before failing
-                raise
+        os.rename(self.target, self.old)
+        try:
+            os.rename(self.path, self.target)
+        except OSError:
+            os.rename(self.old, self.target)  # put the old workspace back before failing
+            raise
         shutil.rmtree(self.old, onerror=lambda *a: logger.warning("could not remove %s", a[1]))
 
-    def _commit_inside(self) -> None:
+    def _commit_inside(self) -> os.stat_result:
+        root = os.lstat(self.path)  # the archive's "./" entry, before moving entries changes its mtime
         keep = {os.path.basename(self.path), os.path.basename(self.old)}
         os.mkdir(self.old, 0o700)
         moved: List[str] = []
@@ -132,9 +139,5 @@ class Staging:
                 os.rename(os.path.join(self.old, name), os.path.join(self.target, name))
             os.rmdir(self.old)
             raise
-        st = os.lstat(self.path)
-        if os.geteuid() == 0:
-            os.chown(self.target, st.st_uid, st.st_gid)
-        os.chmod(self.target, st.st_mode & 0o7777)
-        os.utime(self.target, ns=(st.st_atime_ns, st.st_mtime_ns))
         os.rmdir(self.path)
+        return root

@@ -283,3 +283,15 @@ def test_disk_full_during_extraction(tmp_path: Any, s3_server: Any, s3_prefix: s
     run = run_script("restore", script_config(s3_server, s3_prefix, target))
     assert run.error_code == "disk_full", run.last
     assert tree_state(target) == before and staging_dirs(target) == []
+
+
+def test_restore_into_a_mount_point(snapshot_of_tree: Dict[str, Any], s3_server: Any, s3_prefix: str,
+                                    small_fs: Any) -> None:
+    """A volume mounted at the workspace path cannot be renamed: staging goes inside it instead."""
+    target = small_fs("volume", "size=64m")
+    with open(os.path.join(target, "old.txt"), "w") as fh:
+        fh.write("old")
+    run = run_script("restore", script_config(s3_server, s3_prefix, target))
+    assert run.returncode == 0, run.stderr
+    assert tree_state(target) == tree_state(snapshot_of_tree["src"])
+    assert os.path.ismount(target) and staging_dirs(target) == []

@@ -49,6 +49,7 @@ class Events:
         self._progress: Dict[str, Any] = {}
         self._redact: List[str] = []
         self.gone = False
+        self.final = False  # once `result`/`error` is out, nothing else may follow it
         self.on_gone: Optional[Callable[[], None]] = None  # set by Context: a dead reader cancels
 
     def redact(self, *secrets: str) -> None:
@@ -66,6 +67,9 @@ class Events:
         with self._lock:
             if self.gone:
                 raise StdoutGone()
+            if self.final:
+                return
+            self.final = event in ("result", "error")
             try:
                 while data:
                     data = data[os.write(self._fd, data):]

@@ -99,6 +99,10 @@ def main(cfg: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
     codec = for_snapshot(opts["codec"], opts["zstd_level"], opts["bootstrap"])
     s5 = S5(ctx, opts["s3"], opts["s5cmd"], opts["work_dir"])
     existing = s5.list(prefix)  # also the credentials check, before any real work
+    if prefix + MANIFEST_NAME in existing:
+        # Parts are about to be rewritten: the old manifest would describe objects that change
+        # under it. Without a manifest the prefix is an unfinished snapshot until we finish.
+        s5.remove([prefix + MANIFEST_NAME])
     t_scan = time.monotonic()
     bytes_total, _entries = scan(workspace, opts["excludes"])
     events.progress(force=True, phase="upload", bytes_done=0, bytes_total=bytes_total, parts_done=0,

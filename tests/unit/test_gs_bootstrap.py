@@ -55,13 +55,13 @@ def test_events_redact_and_throttle(tmp_path) -> None:  # type: ignore[no-untype
     fd = os.open(str(path), os.O_WRONLY | os.O_CREAT)
     events = Events(fd=fd, min_interval=60)
     events.redact("s3cr3t")
-    events.emit("error", code="x", message="auth with s3cr3t failed")
     events.progress(force=True, phase="upload", bytes_done=1)
     events.progress(bytes_done=2)  # throttled: within the interval
+    events.emit("error", code="x", message="auth with s3cr3t failed")
     os.close(fd)
     lines = [json.loads(line) for line in path.read_text().splitlines()]
-    assert lines[0]["message"] == "auth with *** failed"
-    assert [line["event"] for line in lines] == ["error", "progress"]
+    assert lines[-1]["message"] == "auth with *** failed"
+    assert [line["event"] for line in lines] == ["progress", "error"]
 
 
 def test_events_report_a_closed_reader() -> None:
@@ -71,3 +71,13 @@ def test_events_report_a_closed_reader() -> None:
     with pytest.raises(StdoutGone):
         events.emit("progress")
     os.close(w)
+
+
+def test_nothing_follows_the_final_event(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "out"
+    fd = os.open(str(path), os.O_WRONLY | os.O_CREAT)
+    events = Events(fd=fd, min_interval=0)
+    events.emit("result", ok=True)
+    events.progress(force=True, phase="late heartbeat")
+    os.close(fd)
+    assert [json.loads(line)["event"] for line in path.read_text().splitlines()] == ["result"]

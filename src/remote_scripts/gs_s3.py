@@ -59,14 +59,15 @@ class S5:
     def url(self, key: str) -> str:
         return "s3://%s/%s" % (self.bucket, key)
 
-    def _run(self, args: List[str], fallback: str, stdin: Any = None,
-             pass_fds: tuple = ()) -> subprocess.CompletedProcess:
+    def _spawn(self, args: List[str], **kwargs: Any) -> subprocess.Popen:
         try:
-            proc = self.ctx.spawn(self.base + args, stdin=stdin if stdin is not None else subprocess.DEVNULL,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env,
-                                  pass_fds=pass_fds)
+            return self.ctx.spawn(self.base + args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, env=self.env, **kwargs)
         except FileNotFoundError:
             raise ScriptError("missing_dependency", "s5cmd binary not found: %s" % self.base[0]) from None
+
+    def _run(self, args: List[str], fallback: str, pass_fds: tuple = ()) -> subprocess.CompletedProcess:
+        proc = self._spawn(args, pass_fds=pass_fds)
         out, err = proc.communicate()
         self.ctx.check()
         return subprocess.CompletedProcess(args, proc.returncode, out, err)
@@ -128,8 +129,7 @@ class S5:
         """Read one object into memory, at most `expected + 1` bytes (so excess is seen, not buffered).
 
         Raises NotFound when the key is absent. The caller compares len() with `expected`."""
-        proc = self.ctx.spawn(self.base + ["cat", "--raw", self.url(key)], stdin=subprocess.DEVNULL,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env, bufsize=0)
+        proc = self._spawn(["cat", "--raw", self.url(key)], bufsize=0)
         try:
             fcntl.fcntl(proc.stdout.fileno(), _F_SETPIPE_SZ, 1 << 20)  # fewer, larger reads: less GIL churn
         except OSError:

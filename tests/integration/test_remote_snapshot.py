@@ -230,3 +230,9 @@ def test_wrong_credentials(tmp_path: Any, s3_server: Any, s3_prefix: str) -> Non
     run = run_script("snapshot", cfg)
     assert run.returncode != 0 and run.error_code == "storage_auth_failed", run.last
     assert "wrong-secret" not in run.stderr + json.dumps(run.events)
+
+
+def test_missing_s5cmd_is_missing_dependency(tmp_path: Any, s3_server: Any, s3_prefix: str) -> None:
+    for script in ("snapshot", "restore"):
+        run = run_script(script, script_config(s3_server, s3_prefix, str(tmp_path), s5cmd="/nonexistent/s5cmd"))
+        assert run.returncode != 0 and run.error_code == "missing_dependency", run.last

@@ -137,22 +137,6 @@ class Context:
             raise ScriptError("cancelled", self.cancel_reason or "cancelled")
 
 
-def tune_malloc() -> None:
-    """Keep freed part-sized buffers in the heap for reuse (glibc only; best effort).
-
-    Parts are 32 MiB by default, above glibc's largest dynamic mmap threshold, so every part buffer
-    would be a fresh mmap: zero-filled and page-faulted in, then unmapped. Reusing heap memory saves
-    that sys time; the peak stays bounded by the parts in flight."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
 def read_config() -> Dict[str, Any]:
     try:
         cfg = json.loads(sys.stdin.read() or "null")
@@ -169,7 +153,6 @@ def run_script(main: Callable[[Dict[str, Any], Context], Dict[str, Any]]) -> Non
     SIGTERM/SIGHUP/SIGINT cancel (children killed, `error` code `cancelled`); a broken stdout stops
     the work without trying to report. Never returns."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
-    tune_malloc()
     events = Events()
     ctx = Context(events)
     try:

@@ -18,9 +18,15 @@ CODEC_NAMES = ("auto", "zstd", "nvcomp-ans", "none")
 
 
 class Codec:
-    """Interface: compress(raw) -> bytes; decompress(stored, raw_size) -> bytes. Thread-safe."""
+    """Interface: compress(raw) -> bytes; decompress(stored, raw_size) -> bytes. Thread-safe.
+
+    checks_output(stored): decompress() itself detects wrong output (an embedded checksum), so
+    restore may skip the SHA-256 of the decoded bytes."""
 
     name = "none"
+
+    def checks_output(self, stored: Any) -> bool:
+        return True  # `none`: the decoded bytes are the SHA-256-verified stored bytes
 
     def compress(self, raw: Any) -> Any:
         return raw
@@ -49,13 +55,21 @@ class ZstdCodec(Codec):
     def _ctx(self) -> Tuple[Any, Any]:
         ctx = getattr(self._local, "ctx", None)
         if ctx is None:
-            ctx = (self.zstd.ZstdCompressor(level=self.level, threads=self.threads),
+            # write_checksum: each frame carries XXH64 of its content, checked by zstd on decode, so
+            # restore need not re-hash decoded parts with SHA-256 (stored bytes are SHA-256-checked).
+            ctx = (self.zstd.ZstdCompressor(level=self.level, threads=self.threads, write_checksum=True),
                    self.zstd.ZstdDecompressor())
             self._local.ctx = ctx
         return ctx
 
     def compress(self, raw: Any) -> Any:
         return self._ctx()[0].compress(raw)
+
+    def checks_output(self, stored: Any) -> bool:
+        try:  # frames written by this code carry XXH64; older/foreign ones may not
+            return bool(self.zstd.get_frame_parameters(stored).has_checksum)
+        except self.zstd.ZstdError:
+            return False
 
     def decompress(self, stored: Any, raw_size: int) -> Any:
         try:
@@ -85,6 +99,9 @@ class NvcompAnsCodec(Codec):
     The native bitstream carries its own header (sizes, chunking), so decode needs no side data."""
 
     name = "nvcomp-ans"
+
+    def checks_output(self, stored: Any) -> bool:
+        return False  # no embedded checksum requested: restore re-hashes the output
 
     def __init__(self, bootstrap: bool = True, device_id: int = 0) -> None:
         if cuda_driver_version() is None:

@@ -85,3 +85,16 @@ def test_broken_manifests_are_invalid(breakage) -> None:  # type: ignore[no-unty
     with pytest.raises(ScriptError) as err:
         validate(doc)
     assert err.value.code == "manifest_invalid"
+
+
+def test_zstd_frames_carry_a_checksum_that_catches_bad_output() -> None:
+    codec = ZstdCodec(level=3)
+    raw = b"0123456789abcdef" * 8192
+    stored = bytearray(codec.compress(raw))
+    assert codec.checks_output(bytes(stored))  # so restore may skip re-hashing the decoded bytes
+    stored[-1] ^= 0x01  # the XXH64 trailer
+    with pytest.raises(ScriptError) as err:
+        codec.decompress(bytes(stored), len(raw))
+    assert err.value.code == "part_corrupt"
+    legacy = __import__("zstandard").ZstdCompressor(level=3).compress(raw)  # no checksum flag
+    assert not codec.checks_output(legacy)

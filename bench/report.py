@@ -51,7 +51,19 @@ def table(report: Dict[str, Any]) -> str:
         rows.append("| %s peak memory (process tree RSS + memfd) | %s | %s | %.2f |" % (
             op, _mib(o["peak_mem_bytes"]), _mib(st["peak_mem_bytes"]),
             o["peak_mem_bytes"] / max(1, st["peak_mem_bytes"])))
+    for op in ("snapshot", "restore"):
+        o, st = s[op]["ours"], s[op]["staged"]
+        rows.append("| %s CPU seconds: pipeline + S3 server | %.1f + %.1f s | %.1f + %.1f s | %.2f |" % (
+            op, o["cpu_s"], o["server_cpu_s"], st["cpu_s"], st["server_cpu_s"],
+            (o["cpu_s"] + o["server_cpu_s"]) / max(0.01, st["cpu_s"] + st["server_cpu_s"])))
     rows.append("| compression ratio (raw / stored) | %.3f | %.3f | |" % (s["ratio"]["ours"], s["ratio"]["staged"]))
+    per_round = ["", "Every round (wall seconds, ours / staged = ratio):", ""]
+    for i, r in enumerate(report["rounds"]):
+        per_round.append("- round %d: snapshot %.1f / %.1f = %.2f; restore %.1f / %.1f = %.2f" % (
+            i, r["ours_snapshot"]["wall_s"], r["staged_snapshot"]["wall_s"],
+            r["ours_snapshot"]["wall_s"] / r["staged_snapshot"]["wall_s"], r["ours_restore"]["wall_s"],
+            r["staged_restore"]["wall_s"], r["ours_restore"]["wall_s"] / r["staged_restore"]["wall_s"]))
+    rows += per_round
     goals = "\n".join("- %s: %s" % (k, "met" if v else "**NOT met**") for k, v in s["goals"].items())
     head = ("Measured %s on a %d-CPU machine (load average %.1f at start, %.1f at end; other work may share "
             "the CPUs), %s synthetic workspace (`bench/workspace.py`), SeaweedFS on the same host, "

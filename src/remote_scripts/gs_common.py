@@ -172,8 +172,9 @@ def run_script(main: Callable[[Dict[str, Any], Context], Dict[str, Any]]) -> Non
         cfg = read_config()
         s3 = cfg.get("s3") if isinstance(cfg.get("s3"), dict) else {}
         events.redact(str(s3.get("secret_key") or ""), str(s3.get("access_key") or ""))
+        # No ctx.check() here: once main returns, its work is done (a swapped workspace, an uploaded
+        # manifest) and reporting `cancelled` for a signal that came too late would be a lie.
         result = main(cfg, ctx)
-        ctx.check()
         events.emit("result", **result)
         code = 0
     except StdoutGone:

@@ -57,6 +57,15 @@ def table(report: Dict[str, Any]) -> str:
             op, o["cpu_s"], o["server_cpu_s"], st["cpu_s"], st["server_cpu_s"],
             (o["cpu_s"] + o["server_cpu_s"]) / max(0.01, st["cpu_s"] + st["server_cpu_s"])))
     rows.append("| compression ratio (raw / stored) | %.3f | %.3f | |" % (s["ratio"]["ours"], s["ratio"]["staged"]))
+    cpus = max(1, report["cpus"])
+    floors = ["", "CPU floor = (pipeline + server CPU seconds) / %d CPUs, the best wall time a fully "
+              "overlapped pipeline can reach here:" % cpus, ""]
+    for op in ("snapshot", "restore"):
+        o, st = s[op]["ours"], s[op]["staged"]
+        floors.append("- %s: ours %.1f s (measured %.1f s), staged %.1f s (measured %.1f s)" % (
+            op, (o["cpu_s"] + o["server_cpu_s"]) / cpus, o["wall_s"],
+            (st["cpu_s"] + st["server_cpu_s"]) / cpus, st["wall_s"]))
+    rows += floors
     per_round = ["", "Every round (wall seconds, ours / staged = ratio):", ""]
     for i, r in enumerate(report["rounds"]):
         per_round.append("- round %d: snapshot %.1f / %.1f = %.2f; restore %.1f / %.1f = %.2f" % (

@@ -126,24 +126,30 @@ class S5:
         return found
 
     def cat(self, key: str, expected: int, fallback: str = "download_failed") -> bytearray:
-        """Read one object into memory, at most `expected + 1` bytes (so excess is seen, not buffered).
+        """Read one object into a new buffer (see cat_into); the result has the object's length."""
+        buf = bytearray(expected + 1)
+        got = self.cat_into(key, buf, expected, fallback)
+        del buf[got:]
+        return buf
 
-        Raises NotFound when the key is absent. The caller compares len() with `expected`."""
+    def cat_into(self, key: str, buf: bytearray, expected: int, fallback: str = "download_failed") -> int:
+        """Read one object into `buf` (len >= expected + 1), at most expected + 1 bytes, so an
+        over-long object is seen without buffering it. Returns the byte count; the caller compares
+        it with `expected`. Raises NotFound when the key is absent."""
         proc = self._spawn(["cat", "--raw", self.url(key)], bufsize=0)
         try:
             fcntl.fcntl(proc.stdout.fileno(), _F_SETPIPE_SZ, 1 << 20)  # fewer, larger reads: less GIL churn
         except OSError:
             pass
-        buf = bytearray(expected + 1)
-        view, got = memoryview(buf), 0
+        view, got = memoryview(buf)[:expected + 1], 0
         try:
-            while got < len(buf):
+            while got < len(view):
                 n = proc.stdout.readinto(view[got:])
                 if not n:
                     break
                 got += n
         finally:
-            view.release()  # a live export would forbid resizing buf below
+            view.release()
             if got > expected:
                 proc.kill()
             err = proc.stderr.read()
@@ -152,15 +158,14 @@ class S5:
             proc.stderr.close()
         self.ctx.check()
         if got > expected:
-            return buf  # too long: the caller reports a size mismatch
+            return got  # too long: the caller reports a size mismatch
         if proc.returncode != 0:
             text = tail_text(err)
             if classify(text, "") == "" and any(m in text for m in _NOT_FOUND_MARKERS):
                 raise NotFound(key)
             code = classify(text, fallback)
             raise ScriptError(code, "download of %s failed (s5cmd exit %d): %s" % (key, proc.returncode, text))
-        del buf[got:]
-        return buf
+        return got
 
     def remove(self, keys: List[str]) -> None:
         if keys:

@@ -113,6 +113,8 @@ class GatedTee:
             self._pending.append((self.pos, data))
             self.pos += len(data)
             self._flush()
+            # The source recycles its buffers once it moves on: keep only copies of held-back bytes.
+            self._pending = deque((start, bytes(chunk)) for start, chunk in self._pending)
         return data
 
     def allow(self, upto: int) -> None:
@@ -135,21 +137,21 @@ class GatedTee:
 
     def finish(self) -> None:
         """After the end-of-archive marker: everything left must be zero padding; forward it."""
-        rest: List[Any] = []
         for start, data in self._pending:
-            rest.append(memoryview(data)[max(0, self.sent - start):])
+            chunk = memoryview(data)[max(0, self.sent - start):]
+            self._forward_zeros(chunk)
         self._pending.clear()
         while True:
             data = self._source(1 << 20)
             if not len(data):
                 break
-            rest.append(memoryview(data))
-        for chunk in rest:
-            if bytes(chunk).strip(b"\0"):
-                raise unsafe("data after the end-of-archive marker")
-        for chunk in rest:
-            self._sink(chunk)
-            self.sent += len(chunk)
+            self._forward_zeros(memoryview(data))
+
+    def _forward_zeros(self, chunk: Any) -> None:
+        if bytes(chunk).strip(b"\0"):
+            raise unsafe("data after the end-of-archive marker")
+        self._sink(chunk)
+        self.sent += len(chunk)
 
 
 def gate(source: Callable[[int], Any], sink: Callable[[Any], None], policy: MemberPolicy,

@@ -116,3 +116,42 @@ def test_garbage_stream_is_unsafe() -> None:
     with pytest.raises(ScriptError) as err:
         run_gate(os.urandom(4096))
     assert err.value.code == "unsafe_archive"
+
+
+def test_gate_over_recycled_part_buffers_with_tiny_parts() -> None:
+    """PartStream recycles part buffers; with parts far smaller than tarfile's reads, the bytes that
+    reach tar must still be exactly the archive (no view may outlive its buffer)."""
+    from gs_fetch import PartStream
+
+    def add(tar: tarfile.TarFile) -> None:
+        for i in range(120):  # ~5 MiB: several times PartStream.HOLD_BYTES
+            member(tar, "./f%03d" % i, os.urandom(3000 + 733 * i))
+
+    stream = build(add)
+    parts = [stream[i:i + 4096] for i in range(0, len(stream), 4096)]
+
+    class FakeFetcher:
+        ctx = type("C", (), {"check": staticmethod(lambda: None)})()
+
+        def __init__(self) -> None:
+            self.i, self.pool, self.released = 0, [], 0
+
+        def next(self):  # type: ignore[no-untyped-def]
+            if self.i == len(parts):
+                return None
+            buf = self.pool.pop() if self.pool else bytearray(4097)
+            buf[:len(parts[self.i])] = parts[self.i]
+            view = memoryview(buf)[:len(parts[self.i])]
+            self.i += 1
+            return buf, view
+
+        def release(self, buf: bytearray) -> None:
+            buf[:] = b"\xee" * len(buf)  # scribble: any stale view would now read garbage
+            self.pool.append(buf)
+            self.released += 1
+
+    fetcher = FakeFetcher()
+    reader = PartStream(fetcher, lambda n: None)  # type: ignore[arg-type]
+    out: List[bytes] = []
+    gate(reader.read, lambda v: out.append(bytes(v)), MemberPolicy("/workspace"))
+    assert b"".join(out) == stream and fetcher.released > 10

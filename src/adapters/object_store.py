@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import boto3
 from botocore.config import Config
@@ -14,6 +15,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from src.errors import ExternalError
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class StorageError(ExternalError):
@@ -55,25 +57,25 @@ class ObjectStore:
 
     def get_bytes(self, key: str) -> bytes | None:
         """The whole object (for manifests: small), or None when it does not exist."""
-        try:
-            return self._s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
-        except ClientError as e:
-            if _status(e) == 404 or e.response.get("Error", {}).get("Code") == "NoSuchKey":
-                return None
-            raise _wrap(e, f"GET {key}") from e
-        except BotoCoreError as e:
-            raise _wrap(e, f"GET {key}") from e
+        return self._read(key, lambda body: body.read())
 
     def sha256(self, key: str, *, chunk_size: int = 8 << 20) -> tuple[int, str] | None:
         """Stream `key` and return (size, hex SHA-256), or None when it does not exist. Memory stays at
         one chunk whatever the object's size."""
-        try:
-            body = self._s3.get_object(Bucket=self.bucket, Key=key)["Body"]
+
+        def digest_of(body: Any) -> tuple[int, str]:
             digest, size = hashlib.sha256(), 0
             for chunk in body.iter_chunks(chunk_size):
                 digest.update(chunk)
                 size += len(chunk)
             return size, digest.hexdigest()
+
+        return self._read(key, digest_of)
+
+    def _read(self, key: str, consume: Callable[[Any], T]) -> T | None:
+        """GET `key` and hand its body to `consume`; None when the object does not exist."""
+        try:
+            return consume(self._s3.get_object(Bucket=self.bucket, Key=key)["Body"])
         except ClientError as e:
             if _status(e) == 404 or e.response.get("Error", {}).get("Code") == "NoSuchKey":
                 return None

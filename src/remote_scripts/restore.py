@@ -12,6 +12,7 @@ untouched and the staging directory is removed.
 from __future__ import annotations
 
 import binascii
+import fcntl
 import json
 import os
 import subprocess
@@ -85,6 +86,10 @@ class TarExtract:
                                   bufsize=0, env=dict(os.environ, LC_ALL="C"))
         except FileNotFoundError:
             raise ScriptError("missing_dependency", "GNU tar is not installed") from None
+        try:  # a 1 MiB pipe: tar and the gate wake each other up 16x less often than with 64 KiB
+            fcntl.fcntl(self.proc.stdin.fileno(), 1031, 1 << 20)  # F_SETPIPE_SZ (Linux)
+        except OSError:
+            pass
         self.errors: List[bytes] = []
         self.disk_full = False
         self.thread = threading.Thread(target=self._watch, daemon=True)

@@ -92,7 +92,12 @@ def restore_onto(ctx: JobContext, snap: dict[str, Any], endpoint: Endpoint, work
     if snap["status"] != "complete":
         raise JobFailed(f"snapshot {snap['id']} is {snap['status']}, not complete", code="snapshot_not_complete")
     params = {"workspace_path": workspace, "s3": storage_params(ctx), "prefix": snap["storage_prefix"],
-              "parallelism": ctx.settings.snapshot_parallelism, "s5cmd": ctx.settings.remote_s5cmd}
+              "parallelism": ctx.settings.snapshot_parallelism, "s5cmd": ctx.settings.remote_s5cmd,
+              # The script refuses a manifest other than the one recorded at completion; with that chain
+              # (manifest digest -> part digests) the archive is exactly what our snapshot read, so
+              # the workspace's own symlinks to outside it (a venv's bin/python -> /usr/bin/python3)
+              # are restored as they were. Nothing is ever extracted through such a link.
+              "manifest_sha256": snap["manifest_sha256"], "allow_external_symlinks": bool(snap["manifest_sha256"])}
     with ssh_session(ctx, endpoint) as session:
         result = run_script(ctx, session, "restore", params)
     with transaction(ctx.container.session_factory) as s:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import binascii
 import fcntl
+import hashlib
 import json
 import os
 import subprocess
@@ -44,6 +45,7 @@ def parse_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
         "parallelism": require(cfg, "parallelism", int, DEFAULT_PARALLELISM),
         "s5cmd": require(cfg, "s5cmd", str, "s5cmd"),
         "allow_external_symlinks": require(cfg, "allow_external_symlinks", bool, False),
+        "manifest_sha256": require(cfg, "manifest_sha256", str, None, required=False),
         "bootstrap": require(cfg, "bootstrap", bool, True),
     }
     if not os.path.isabs(opts["workspace"]) or os.path.normpath(opts["workspace"]) == "/":
@@ -57,7 +59,9 @@ def parse_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     return opts
 
 
-def load_manifest(s5: S5, prefix: str) -> Dict[str, Any]:
+def load_manifest(s5: S5, prefix: str, expected_sha256: "str | None" = None) -> Dict[str, Any]:
+    """The manifest, validated. With `expected_sha256` (what the control plane recorded when the
+    snapshot completed) a manifest replaced since then is refused: `manifest_changed`."""
     key = prefix + MANIFEST_NAME
     try:
         size = s5.head(key, "download_failed")["size"]
@@ -67,6 +71,8 @@ def load_manifest(s5: S5, prefix: str) -> Dict[str, Any]:
     except NotFound:
         raise ScriptError("manifest_missing", "no manifest at %s: the snapshot does not exist or is unfinished"
                           % key) from None
+    if expected_sha256 is not None and hashlib.sha256(body).hexdigest() != expected_sha256.lower():
+        raise ScriptError("manifest_changed", "the manifest at %s is not the one recorded for this snapshot" % key)
     try:
         return validate(json.loads(bytes(body).decode("utf-8")))
     except ValueError as exc:
@@ -131,7 +137,7 @@ def main(cfg: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
     opts = parse_config(cfg)
     events, prefix = ctx.events, opts["prefix"]
     s5 = S5(ctx, opts["s3"], opts["s5cmd"])
-    manifest = load_manifest(s5, prefix)
+    manifest = load_manifest(s5, prefix, opts["manifest_sha256"])
     parts, totals = manifest["parts"], manifest["totals"]
     codecs = for_restore([p["codec"] for p in parts], opts["bootstrap"])
     staging = Staging(opts["workspace"], "%d-%s" % (os.getpid(), binascii.hexlify(os.urandom(3)).decode()))

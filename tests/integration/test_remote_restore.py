@@ -295,3 +295,14 @@ def test_restore_into_a_mount_point(snapshot_of_tree: Dict[str, Any], s3_server:
     assert run.returncode == 0, run.stderr
     assert tree_state(target) == tree_state(snapshot_of_tree["src"])
     assert os.path.ismount(target) and staging_dirs(target) == []
+
+
+def test_a_manifest_other_than_the_recorded_one_is_refused(snapshot_of_tree: Dict[str, Any], s3_server: Any,
+                                                            s3_prefix: str, existing_workspace: str) -> None:
+    before = tree_state(existing_workspace)
+    run = run_script("restore", script_config(s3_server, s3_prefix, existing_workspace, manifest_sha256="0" * 64))
+    assert run.returncode != 0 and run.last["code"] == "manifest_changed"
+    assert tree_state(existing_workspace) == before
+    recorded = snapshot_of_tree["result"]["manifest_sha256"]
+    run = run_script("restore", script_config(s3_server, s3_prefix, existing_workspace, manifest_sha256=recorded))
+    assert run.returncode == 0, run.stderr

@@ -12,7 +12,7 @@ MTIME = 1_700_000_000  # a fixed past time, so a restore that forgot mtimes is v
 
 def make_tricky_tree(root: pathlib.Path, *, big_bytes: int = 3 << 20, seed: int = 7) -> pathlib.Path:
     """A workspace: compressible and random files (one `big_bytes` long, crossing part boundaries),
-    odd modes, relative and dangling symlinks, a hard link, an empty dir, a zero-byte file, a sparse
+    odd modes, relative, dangling and absolute (venv-style) symlinks, a hard link, an empty dir, a zero-byte file, a sparse
     file and a non-UTF-8 name. Returns `root`."""
     import random
 
@@ -31,6 +31,8 @@ def make_tricky_tree(root: pathlib.Path, *, big_bytes: int = 3 << 20, seed: int 
     (root / "zero").write_bytes(b"")
     os.symlink("src/pkg/mod_1.py", root / "link_to_mod")
     os.symlink("does/not/exist", root / "dangling")
+    (root / "venv" / "bin").mkdir(parents=True)
+    os.symlink("/usr/bin/python3", root / "venv" / "bin" / "python")  # leaves the tree, as venvs do
     os.link(root / "src" / "pkg" / "mod_2.py", root / "hardlink_to_mod2")
     with open(root / "sparse.img", "wb") as f:
         f.seek(5 << 20)

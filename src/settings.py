@@ -59,8 +59,8 @@ class Settings:
 
     # Data plane tuning, passed to the remote scripts.
     snapshot_codec: str = "auto"
-    snapshot_part_size_mb: int = 64
-    snapshot_parallelism: int = 8
+    snapshot_part_size_mb: int = 32
+    snapshot_parallelism: int = 4
 
     # HTTP and jobs.
     max_request_bytes: int = 1_048_576

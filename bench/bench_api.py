@@ -20,6 +20,7 @@ throughput; plain wrk has no constant-rate mode, so it is not used for the laten
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import hashlib
 import http.client
@@ -39,6 +40,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -46,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 DOCS = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- api:begin -->", "<!-- api:end -->"
-TOKEN = "bench-" + uuid.uuid4().hex
+STATIC_TOKEN = "bench-" + uuid.uuid4().hex
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -117,8 +119,9 @@ def free_port() -> int:
 
 class Gunicorn:
     def __init__(self, *, database_url: str, queue_path: str, port: int, log_path: pathlib.Path,
-                 workers: int | None, threads: int | None) -> None:
-        env = {**os.environ, "DATABASE_URL": database_url, "QUEUE_PATH": queue_path, "API_TOKENS": TOKEN,
+                 workers: int | None, threads: int | None, token: str) -> None:
+        self.token = token
+        env = {**os.environ, "DATABASE_URL": database_url, "QUEUE_PATH": queue_path, "API_TOKENS": STATIC_TOKEN,
                "LOG_LEVEL": "WARNING", "SSH_ALLOWED_NETWORKS": "10.0.0.0/8"}
         env.pop("REDIS_URL", None)
         if workers:
@@ -142,7 +145,7 @@ class Gunicorn:
             if time.monotonic() > deadline:
                 raise SystemExit("gunicorn did not answer in time")
             try:
-                status, _ = get_once(self.port, path)
+                status, _ = get_once(self.port, path, self.token)
                 ok = ok + 1 if status == 200 else 0
             except OSError:
                 time.sleep(0.2)
@@ -158,10 +161,10 @@ class Gunicorn:
         self._log.close()
 
 
-def get_once(port: int, path: str) -> tuple[int, bytes]:
+def get_once(port: int, path: str, token: str) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
-        conn.request("GET", path, headers={"Authorization": f"Bearer {TOKEN}"})
+        conn.request("GET", path, headers={"Authorization": f"Bearer {token}"})
         resp = conn.getresponse()
         return resp.status, resp.read()
     finally:
@@ -171,13 +174,14 @@ def get_once(port: int, path: str) -> tuple[int, bytes]:
 # ---- the load generator --------------------------------------------------------------------------
 
 
-def open_loop(*, port: int, path: str, rate: float, duration: float, connections: int) -> dict[str, Any]:
+def open_loop(*, port: int, path: str, token: str, rate: float, duration: float, connections: int
+              ) -> dict[str, Any]:
     """Send `rate` requests a second for `duration` seconds; latency counts from each request's due time."""
     total = int(rate * duration)
     slots = itertools.count()  # next() on a count is atomic under the GIL: each slot goes to one thread
     results: list[tuple[float, float, int]] = []  # (due, done, status)
     lock = threading.Lock()
-    headers = {"Authorization": f"Bearer {TOKEN}"}
+    headers = {"Authorization": f"Bearer {token}"}
     start = time.perf_counter() + 0.2
 
     def worker() -> None:
@@ -229,14 +233,14 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[index]
 
 
-def wrk_capacity(*, port: int, path: str, seconds: int, connections: int) -> dict[str, Any] | None:
+def wrk_capacity(*, port: int, path: str, token: str, seconds: int, connections: int) -> dict[str, Any] | None:
     """Closed-loop saturation throughput with wrk, when installed."""
     wrk = shutil.which("wrk")
     if wrk is None:
         print("wrk not installed (apt-get install -y wrk): no capacity figure", file=sys.stderr)
         return None
     out = subprocess.run([wrk, "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-H",
-                          f"Authorization: Bearer {TOKEN}", f"http://127.0.0.1:{port}{path}"],
+                          f"Authorization: Bearer {token}", f"http://127.0.0.1:{port}{path}"],
                          capture_output=True, text=True, check=True).stdout
     found = {m.group(1): _ms(m.group(2)) for m in re.finditer(r"^\s+(50|90|99)%\s+(\S+)", out, re.M)}
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
@@ -260,21 +264,26 @@ def markdown(report: dict[str, Any]) -> str:
              f"Python {report['machine']['python']}; gunicorn `gunicorn.conf.py` "
              f"({report['server']['workers']} workers x {report['server']['threads']} threads, gthread); "
              f"{report['data']['snapshots']:,} snapshots of {report['data']['machines']} machines; page of "
-             f"{report['request']['limit']} ({report['request']['response_bytes']:,} bytes of JSON), bearer token "
-             "from API_TOKENS. Open-loop load at a constant arrival rate from the same machine, latency from each "
-             "request's due time (no coordinated omission).", "",
-             "| database | target rate | achieved | requests | errors | p50 | p90 | p99 | p99.9 | max |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"{report['request']['limit']} ({report['request']['response_bytes']:,} bytes of JSON). Open-loop load "
+             f"at a constant arrival rate over {report['load']['connections']} keep-alive connections from the same "
+             "machine; latency counts from each request's due time (no coordinated omission). Token `static`: "
+             "from API_TOKENS (hashed at start); `db`: made with `gpusnap tokens create`, looked up per request. "
+             "The last column is the 1-minute load average when the run started and ended: the machine is shared, "
+             "and anything else running shows in the tail.", "",
+             "| database | token | target rate | achieved | requests | errors | p50 | p90 | p99 | p99.9 | max "
+             "| load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in report["runs"]:
         lat = run["latency_ms"]
-        lines.append(f"| {run['database']} | {run['target_rate']:g}/s | {run['achieved_rate']:g}/s | {run['requests']} "
+        lines.append(f"| {run['database']} | {run['token']} | {run['target_rate']:g}/s | {run['achieved_rate']:g}/s "
+                     f"| {run['requests']} "
                      f"| {run['errors']} | {lat['p50']} ms | {lat['p90']} ms | {lat['p99']} ms | {lat['p99.9']} ms "
-                     f"| {lat['max']} ms |")
-    caps = [(run["database"], run["capacity"]) for run in report["runs"] if run.get("capacity")]
+                     f"| {lat['max']} ms | {run['loadavg_1m'][0]:g} → {run['loadavg_1m'][1]:g} |")
+    caps = [(f"{run['database']} | {run['token']}", run["capacity"]) for run in report["runs"] if run.get("capacity")]
     if caps:
         lines += ["", "Saturation (closed loop, `wrk`, "
                       f"{caps[0][1]['connections']} connections, {caps[0][1]['seconds']} s):", "",
-                  "| database | requests/s | p50 | p90 | p99 |", "|---|---|---|---|---|"]
+                  "| database | token | requests/s | p50 | p90 | p99 |", "|---|---|---|---|---|---|"]
         for database, cap in caps:
             lat = cap["latency_ms"]
             lines.append(f"| {database} | {cap['requests_per_s']:g} | {lat.get('p50')} ms | {lat.get('p90')} ms "
@@ -297,28 +306,54 @@ def update_docs(section: str) -> None:
 # ---- main ----------------------------------------------------------------------------------------
 
 
-def run_one(label: str, database_url: str, args: argparse.Namespace, tmp: pathlib.Path) -> dict[str, Any]:
-    print(f"[{label}] seeding {args.rows} snapshots ...", file=sys.stderr)
-    seed(database_url, rows=args.rows, machines=args.machines)
+def _db_token(database_url: str) -> str:
+    from src.db import make_engine, make_session_factory
+    from src.services.tokens import create_token
+
+    engine = make_engine(database_url)
+    try:
+        return create_token(make_session_factory(engine), f"bench-{uuid.uuid4().hex[:8]}")
+    finally:
+        engine.dispose()
+
+
+@contextlib.contextmanager
+def serving(database_url: str, token: str, args: argparse.Namespace, tmp: pathlib.Path, label: str
+            ) -> Iterator[tuple[int, str, bytes]]:
+    """gunicorn on a free port, ready; yields (port, path, one response body)."""
     port = free_port()
-    server = Gunicorn(database_url=database_url, queue_path=str(tmp / f"queue-{label}.db"), port=port,
-                      log_path=tmp / f"gunicorn-{label}.log", workers=args.workers, threads=args.threads)
+    server = Gunicorn(database_url=database_url, queue_path=str(tmp / "queue.db"), port=port,
+                      log_path=tmp / f"gunicorn-{label.replace('/', '-')}.log", workers=args.workers,
+                      threads=args.threads, token=token)
     path = f"/api/gpu-snapshots?limit={args.limit}"
     try:
         server.wait_ready(path)
-        status, body = get_once(port, path)
+        status, body = get_once(port, path, token)
         assert status == 200 and len(json.loads(body)["items"]) == min(args.limit, args.rows), body[:200]
-        print(f"[{label}] warm-up {args.warmup:g}s at {args.rate:g}/s ...", file=sys.stderr)
-        open_loop(port=port, path=path, rate=args.rate, duration=args.warmup, connections=args.connections)
-        print(f"[{label}] measuring {args.duration:g}s at {args.rate:g}/s ...", file=sys.stderr)
-        run = open_loop(port=port, path=path, rate=args.rate, duration=args.duration, connections=args.connections)
-        run["database"] = label
-        run["response_bytes"] = len(body)
-        if args.capacity:
-            run["capacity"] = wrk_capacity(port=port, path=path, seconds=args.capacity, connections=16)
-        return run
+        yield port, path, body
     finally:
         server.stop()
+
+
+def measure_latency(target: dict[str, Any], args: argparse.Namespace, tmp: pathlib.Path) -> dict[str, Any]:
+    label = f"{target['database']}/{target['token']}"
+    with serving(target["url"], target["secret"], args, tmp, label) as (port, path, body):
+        print(f"[{label}] warm-up {args.warmup:g}s at {args.rate:g}/s ...", file=sys.stderr)
+        open_loop(port=port, path=path, token=target["secret"], rate=args.rate, duration=args.warmup,
+                  connections=args.connections)
+        print(f"[{label}] measuring {args.duration:g}s at {args.rate:g}/s ...", file=sys.stderr)
+        load_before = os.getloadavg()[0]
+        run = open_loop(port=port, path=path, token=target["secret"], rate=args.rate, duration=args.duration,
+                        connections=args.connections)
+    run["loadavg_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    return {"database": target["database"], "token": target["token"], "response_bytes": len(body), **run}
+
+
+def measure_capacity(target: dict[str, Any], args: argparse.Namespace, tmp: pathlib.Path) -> dict[str, Any] | None:
+    label = f"{target['database']}/{target['token']}"
+    with serving(target["url"], target["secret"], args, tmp, label + "-capacity") as (port, path, _):
+        print(f"[{label}] saturating for {args.capacity}s (wrk) ...", file=sys.stderr)
+        return wrk_capacity(port=port, path=path, token=target["secret"], seconds=args.capacity, connections=16)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -337,30 +372,53 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--threads", type=int, help="GUNICORN_THREADS (default: gunicorn.conf.py's)")
     p.add_argument("--capacity", type=int, default=0, metavar="SECONDS",
                    help="also measure saturation throughput with wrk for this many seconds")
+    p.add_argument("--token", choices=("static", "db", "both"), default="both",
+                   help="static: from API_TOKENS (hashed once at start); db: made like `gpusnap tokens create`, "
+                        "looked up in the database on every request")
+    p.add_argument("--pause", type=float, default=5.0, help="seconds of rest between latency runs")
     p.add_argument("--json-out", type=pathlib.Path)
     p.add_argument("--update-docs", action="store_true", help=f"rewrite the api section of {DOCS.relative_to(ROOT)}")
     args = p.parse_args(argv)
 
     import multiprocessing
 
-    runs = []
-    with tempfile.TemporaryDirectory(prefix="gpusnap-bench-") as tmpdir:
+    load_before = os.getloadavg()[0]
+    if load_before > 1.0:
+        print(f"warning: load average {load_before:.2f} before starting: other work on this machine will show "
+              "in the latency tail", file=sys.stderr)
+    runs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="gpusnap-bench-") as tmpdir, contextlib.ExitStack() as cleanup:
         tmp = pathlib.Path(tmpdir)
+        databases = []
         if not (args.database_url and args.no_sqlite):
-            runs.append(run_one("sqlite", f"sqlite:///{tmp / 'gpusnap.db'}", args, tmp))
+            databases.append(("sqlite", f"sqlite:///{tmp / 'gpusnap.db'}"))
         if args.database_url:
             scratch = PostgresScratch(args.database_url)
-            try:
-                runs.append(run_one("postgres", scratch.url, args, tmp))
-            finally:
-                scratch.drop()
+            cleanup.callback(scratch.drop)
+            databases.append(("postgres", scratch.url))
+        targets = []
+        for database, url in databases:
+            print(f"[{database}] seeding {args.rows} snapshots ...", file=sys.stderr)
+            seed(url, rows=args.rows, machines=args.machines)
+            for source in (("static", "db") if args.token == "both" else (args.token,)):
+                targets.append({"database": database, "url": url, "token": source,
+                                "secret": STATIC_TOKEN if source == "static" else _db_token(url)})
+        # Every latency run first: a saturation run leaves the machine busy (and its load average high)
+        # for a while after it ends.
+        for target in targets:
+            runs.append(measure_latency(target, args, tmp))
+            time.sleep(args.pause)
+        if args.capacity:
+            for run, target in zip(runs, targets):
+                run["capacity"] = measure_capacity(target, args, tmp)
 
     report = {
         "when": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": {"cpus": multiprocessing.cpu_count(), "cpu": _cpu_model(), "python": platform.python_version()},
+        "machine": {"cpus": multiprocessing.cpu_count(), "cpu": _cpu_model(), "python": platform.python_version(),
+                    "loadavg_1m_before": round(load_before, 2), "loadavg_1m_after": round(os.getloadavg()[0], 2)},
         "server": gunicorn_settings(workers=args.workers, threads=args.threads),
         "data": {"snapshots": args.rows, "machines": args.machines},
-        "request": {"path": f"/api/gpu-snapshots?limit={args.limit}", "limit": args.limit,
+        "request": {"path": f"/api/gpu-snapshots?limit={args.limit}", "limit": args.limit, "token": args.token,
                     "response_bytes": runs[0]["response_bytes"]},
         "load": {"generator": "open loop, python threads", "connections": args.connections,
                  "warmup_s": args.warmup},

@@ -41,7 +41,7 @@ def hibernate(instance_id: str, body: m.HibernateRequest, idempotency_key: str |
 
 
 @route(bp, "/<instance_id>/wake", "POST", tag=TAG, body=m.WakeRequest, body_optional=True,
-       responses={202: m.JobResponse}, idempotency=True, path_params=_ID,
+       responses={202: m.JobResponse, 503: m.ErrorResponse}, idempotency=True, path_params=_ID,
        summary="Rent a new instance and restore the latest (or a chosen) snapshot onto it",
        description="If anything fails after an instance was rented, that instance is destroyed and the "
                    "snapshot kept; the machine keeps its id.")
@@ -54,7 +54,7 @@ def wake(instance_id: str, body: m.WakeRequest, idempotency_key: str | None) -> 
 
 
 @route(bp, "/<instance_id>/pause", "POST", tag=TAG, body=m.EmptyRequest, body_optional=True,
-       responses={202: m.JobResponse}, idempotency=True, path_params=_ID,
+       responses={202: m.JobResponse, 503: m.ErrorResponse}, idempotency=True, path_params=_ID,
        summary="Stop the instance on vast.ai (disk kept and billed; no data moves)")
 def pause(instance_id: str, body: m.EmptyRequest, idempotency_key: str | None) -> Response:
     job = instances.pause(container(), instance_id, idem=idempotency(idempotency_key, body))
@@ -62,7 +62,7 @@ def pause(instance_id: str, body: m.EmptyRequest, idempotency_key: str | None) -
 
 
 @route(bp, "/<instance_id>/resume", "POST", tag=TAG, body=m.EmptyRequest, body_optional=True,
-       responses={202: m.JobResponse}, idempotency=True, path_params=_ID,
+       responses={202: m.JobResponse, 503: m.ErrorResponse}, idempotency=True, path_params=_ID,
        summary="Start a paused instance again (fails with gpu_unavailable if its GPUs were taken)")
 def resume(instance_id: str, body: m.EmptyRequest, idempotency_key: str | None) -> Response:
     job = instances.resume(container(), instance_id, idem=idempotency(idempotency_key, body))

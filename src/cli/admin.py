@@ -7,6 +7,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import click
 
@@ -36,10 +39,16 @@ def tokens() -> None:
     """API tokens (stored as SHA-256 only)."""
 
 
-def _session_factory():  # type: ignore[no-untyped-def]
+@contextmanager
+def _sessions() -> Iterator[Any]:
+    """A session factory on DATABASE_URL for one command; its engine is disposed afterwards."""
     from src.db import make_engine, make_session_factory
 
-    return make_session_factory(make_engine(Settings.from_env().database_url))
+    engine = make_engine(Settings.from_env().database_url)
+    try:
+        yield make_session_factory(engine)
+    finally:
+        engine.dispose()
 
 
 @tokens.command("create")
@@ -49,7 +58,8 @@ def tokens_create(name: str) -> None:
     from src.services.tokens import create_token
 
     try:
-        click.echo(create_token(_session_factory(), name))
+        with _sessions() as sessions:
+            click.echo(create_token(sessions, name))
     except GpusnapError as e:
         raise click.ClickException(e.message) from None
 
@@ -59,7 +69,9 @@ def tokens_ls() -> None:
     """List tokens (names and dates; the tokens themselves are not stored)."""
     from src.services.tokens import list_tokens
 
-    for t in list_tokens(_session_factory()):
+    with _sessions() as sessions:
+        rows = list_tokens(sessions)
+    for t in rows:
         click.echo(f"{t['name']}\tcreated {t['created_at']}" + (f"\trevoked {t['revoked_at']}" if t["revoked_at"] else ""))
 
 
@@ -70,7 +82,8 @@ def tokens_revoke(name: str) -> None:
     from src.services.tokens import revoke_token
 
     try:
-        revoke_token(_session_factory(), name)
+        with _sessions() as sessions:
+            revoke_token(sessions, name)
     except GpusnapError as e:
         raise click.ClickException(e.message) from None
     click.echo(f"revoked {name}")

@@ -10,7 +10,6 @@ import fcntl
 import hashlib
 import logging
 import os
-import re
 import subprocess
 import threading
 import time
@@ -24,7 +23,6 @@ from gs_s3 import S5, NotFound
 
 logger = logging.getLogger("gpusnap.remote")
 
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _F_SETPIPE_SZ = 1031
 
 
@@ -140,17 +138,7 @@ class PartUploader:
         raw = memoryview(buf)[:size]
         try:
             key = part_key(index)
-            t0 = time.monotonic()
-            raw_sha = hashlib.sha256(raw).hexdigest()
-            self._add("hash_s", time.monotonic() - t0)
-            entry = self._reusable(key, index, raw, raw_sha)
-            if entry is None:
-                entry = self._upload(key, index, raw, raw_sha)
-                with self.lock:
-                    self.uploaded += 1
-            else:
-                with self.lock:
-                    self.skipped += 1
+            entry = self._store(key, index, raw)
             with self.lock:
                 self.parts[index] = entry
                 self.bytes_done += len(raw)
@@ -170,34 +158,48 @@ class PartUploader:
                 self._free.append(buf)
             self.slots.release()
 
-    def _reusable(self, key: str, index: int, raw: memoryview, raw_sha: str) -> Optional[Dict[str, Any]]:
-        """The manifest entry of an identical part already in the bucket (resume), else None."""
-        if self.prefix + key not in self.existing:
-            return None
-        try:
-            info = self.s5.head(self.prefix + key)
-        except NotFound:
-            return None
-        meta = info["metadata"]
-        same = (meta.get("raw-sha256") == raw_sha and meta.get("raw-size") == str(len(raw))
-                and meta.get("stored-size") == str(info["size"]) and meta.get("codec") in ("zstd", "nvcomp-ans", "none")
-                and _HEX64.match(str(meta.get("sha256", ""))))
-        if not same:
-            return None
-        return {"index": index, "key": key, "codec": meta["codec"], "raw_size": len(raw),
-                "stored_size": info["size"], "sha256": meta["sha256"], "raw_sha256": raw_sha}
-
-    def _upload(self, key: str, index: int, raw: memoryview, raw_sha: str) -> Dict[str, Any]:
+    def _store(self, key: str, index: int, raw: memoryview) -> Dict[str, Any]:
+        """Compress and hash the part, then upload it unless an identical object is already there
+        (a resumed run: compression is deterministic, so the same raw bytes give the same digest)."""
         t0 = time.monotonic()
         with self.cpu:
             codec_name, stored = encode_part(self.codec, raw)
         t1 = time.monotonic()
-        sha = raw_sha if stored is raw else hashlib.sha256(stored).hexdigest()
+        sha = hashlib.sha256(stored).hexdigest()
+        # The raw bytes need their own digest only when nothing else vouches for them on restore: a
+        # raw part is its stored bytes, and zstd frames carry a checksum of their content.
+        if stored is raw:
+            raw_sha: Optional[str] = sha
+        elif self.codec.checks_output(stored):
+            raw_sha = None
+        else:
+            raw_sha = hashlib.sha256(raw).hexdigest()
         t2 = time.monotonic()
-        self.s5.put(self.prefix + key, stored, {"sha256": sha, "raw-sha256": raw_sha, "raw-size": str(len(raw)),
-                                                "stored-size": str(len(stored)), "codec": codec_name})
         self._add("compress_s", t1 - t0)
         self._add("hash_s", t2 - t1)
+        entry = {"index": index, "key": key, "codec": codec_name, "raw_size": len(raw),
+                 "stored_size": len(stored), "sha256": sha, "raw_sha256": raw_sha}
+        if self._already_there(key, entry):
+            with self.lock:
+                self.skipped += 1
+            return entry
+        meta = {"sha256": sha, "raw-size": str(len(raw)), "stored-size": str(len(stored)), "codec": codec_name}
+        if raw_sha is not None:
+            meta["raw-sha256"] = raw_sha
+        self.s5.put(self.prefix + key, stored, meta)
         self._add("upload_s", time.monotonic() - t2)
-        return {"index": index, "key": key, "codec": codec_name, "raw_size": len(raw),
-                "stored_size": len(stored), "sha256": sha, "raw_sha256": raw_sha}
+        with self.lock:
+            self.uploaded += 1
+        return entry
+
+    def _already_there(self, key: str, entry: Dict[str, Any]) -> bool:
+        """True when the bucket holds this exact part already (same digest, sizes and codec)."""
+        if self.prefix + key not in self.existing:
+            return False
+        try:
+            info = self.s5.head(self.prefix + key)
+        except NotFound:
+            return False
+        meta = info["metadata"]
+        return (meta.get("sha256") == entry["sha256"] and info["size"] == entry["stored_size"]
+                and meta.get("raw-size") == str(entry["raw_size"]) and meta.get("codec") == entry["codec"])

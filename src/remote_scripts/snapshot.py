@@ -7,7 +7,7 @@ tar's stdout -> compress + hash in a bounded thread pool -> upload each part wit
 At most `parallelism` parts are alive at once, so memory is bounded by about
 parallelism x 2 x part_size and no local disk is used at all. The manifest is uploaded last, after a
 listing confirms every part is present with its size. A re-run with the same prefix resumes: a part
-whose object already carries the same raw SHA-256 (object metadata) is not uploaded again.
+whose object already carries the same SHA-256 (object metadata) is compressed but not uploaded again.
 """
 from __future__ import annotations
 

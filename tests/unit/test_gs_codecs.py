@@ -98,3 +98,20 @@ def test_zstd_frames_carry_a_checksum_that_catches_bad_output() -> None:
     assert err.value.code == "part_corrupt"
     legacy = __import__("zstandard").ZstdCompressor(level=3).compress(raw)  # no checksum flag
     assert not codec.checks_output(legacy)
+
+
+def test_raw_digest_may_be_left_out_only_for_self_checking_zstd_parts() -> None:
+    doc = _manifest()
+    doc["parts"][0].update(codec="zstd", raw_sha256=None)
+    assert validate(doc) is doc  # the zstd frame's checksum vouches for the decoded bytes
+    for codec in ("none", "nvcomp-ans"):
+        doc["parts"][0].update(codec=codec, raw_sha256=None)
+        with pytest.raises(ScriptError) as err:
+            validate(doc)
+        assert err.value.code == "manifest_invalid"
+
+
+def test_zstd_parts_written_here_carry_a_content_checksum() -> None:
+    codec = ZstdCodec(level=3)
+    stored = codec.compress(b"weights " * 10_000)
+    assert codec.checks_output(stored)

@@ -41,8 +41,10 @@ class PartUploader:
     """Runs tar and turns its stream into uploaded parts. One instance per snapshot run."""
 
     def __init__(self, *, ctx: Context, s5: S5, codec: Codec, prefix: str, part_size: int,
-                 parallelism: int, existing: Dict[str, int], bytes_total: int) -> None:
+                 parallelism: int, existing: Dict[str, int], bytes_total: int,
+                 put: Optional[Callable[[str, Any, Dict[str, str]], None]] = None) -> None:
         self.ctx, self.s5, self.codec, self.prefix = ctx, s5, codec, prefix
+        self.put = put or s5.put  # a BatchUploader's put in production: one s5cmd for all parts
         self.part_size, self.parallelism = part_size, parallelism
         self.existing, self.bytes_total = existing, bytes_total
         self.slots = threading.Semaphore(parallelism)
@@ -186,7 +188,7 @@ class PartUploader:
         meta = {"sha256": sha, "raw-size": str(len(raw)), "stored-size": str(len(stored)), "codec": codec_name}
         if raw_sha is not None:
             meta["raw-sha256"] = raw_sha
-        self.s5.put(self.prefix + key, stored, meta)
+        self.put(self.prefix + key, stored, meta)
         self._add("upload_s", time.monotonic() - t2)
         with self.lock:
             self.uploaded += 1

@@ -81,7 +81,7 @@ class S5:
 
     def put(self, key: str, data: Any, metadata: Dict[str, str]) -> None:
         """Upload `data` (bytes-like) as `key` with user metadata; raises ScriptError(upload_failed…)."""
-        fd = _memfile(len(data), self.work_dir)
+        fd = memfile(len(data), self.work_dir)
         try:
             view = memoryview(data)
             while view:
@@ -174,7 +174,7 @@ class S5:
                 raise self._fail(res, "upload_failed", "removal of stale parts")
 
 
-def _memfile(size: int, work_dir: Optional[str]) -> int:
+def memfile(size: int, work_dir: Optional[str]) -> int:
     """An anonymous in-memory file (memfd), or an unlinked spool file in `work_dir` where memfd is
     missing. Either way it disappears with the last descriptor."""
     if hasattr(os, "memfd_create"):

@@ -3,7 +3,8 @@
     python3 snapshot.py < config.json      (config and output: docs/architecture.md, docs/data-plane.md)
 
 Pipeline, all stages overlapping: GNU tar (deterministic stream) -> fixed-size raw parts read from
-tar's stdout -> compress + hash in a bounded thread pool -> upload each part with s5cmd from memory.
+tar's stdout -> compress + hash in a bounded thread pool -> upload each part from memory through one
+long-lived `s5cmd run`.
 At most `parallelism` parts are alive at once, so memory is bounded by about
 parallelism x 2 x part_size and no local disk is used at all. The manifest is uploaded last, after a
 listing confirms every part is present with its size. A re-run with the same prefix resumes: a part
@@ -29,6 +30,7 @@ from gs_common import Context, ScriptError, heartbeat, require, run_script  # no
 from gs_manifest import MANIFEST_NAME, build, part_key  # noqa: E402
 from gs_pipeline import PartUploader  # noqa: E402
 from gs_s3 import S5  # noqa: E402
+from gs_upload import BatchUploader  # noqa: E402
 from gs_workspace import scan  # noqa: E402
 
 DEFAULT_PART_SIZE = 32 << 20
@@ -109,9 +111,11 @@ def main(cfg: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
                     parts_total=max(1, -(-bytes_total // opts["part_size"])))
     heartbeat(events, ctx)
     t_stream = time.monotonic()
-    uploader = PartUploader(ctx=ctx, s5=s5, codec=codec, prefix=prefix, part_size=opts["part_size"],
-                            parallelism=opts["parallelism"], existing=existing, bytes_total=bytes_total)
-    parts, files = uploader.run(lambda fd: tar_command(workspace, opts["excludes"], fd))
+    with BatchUploader(s5, workers=opts["parallelism"]) as batch:
+        uploader = PartUploader(ctx=ctx, s5=s5, codec=codec, prefix=prefix, part_size=opts["part_size"],
+                                parallelism=opts["parallelism"], existing=existing, bytes_total=bytes_total,
+                                put=batch.put)
+        parts, files = uploader.run(lambda fd: tar_command(workspace, opts["excludes"], fd))
 
     t_verify = time.monotonic()
     events.progress(force=True, phase="verify")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import select
+import time
 from typing import Any
 
 import paramiko
@@ -25,21 +26,39 @@ _MAX_LINE = 1 << 20  # a "line" longer than this is not one of our events; drop 
 class ChannelReader:
     """Non-blocking view of one exec channel: both output streams and the exit status."""
 
+    # A server that never sends EOF after the exit status is waited for this long, then believed.
+    EOF_GRACE_S = 5.0
+
     def __init__(self, channel: paramiko.Channel, *, transport: paramiko.Transport) -> None:
         self._channel = channel
         self._transport = transport
+        self._exited_at: float | None = None
 
     @property
     def finished(self) -> bool:
-        """True once the process exited (or the channel or connection closed) and all output was read."""
-        if self._channel.recv_ready() or self._channel.recv_stderr_ready():
+        """True once the process exited and all of its output was read (or the connection closed).
+
+        The exit status alone is not the end: OpenSSH's sshd sends `exit-status` as soon as the
+        process is reaped, possibly before the last bytes of its stdout (a script's final `result`
+        line) have been relayed. The end of the output is the channel's EOF (or close)."""
+        channel = self._channel
+        if channel.recv_ready() or channel.recv_stderr_ready():
             return False
-        return self._channel.exit_status_ready() or not self._transport.is_active()
+        if not self._transport.is_active() or channel.closed:
+            return True
+        if not channel.exit_status_ready():
+            return False
+        if channel.eof_received:
+            return True
+        if self._exited_at is None:
+            self._exited_at = time.monotonic()
+        return time.monotonic() - self._exited_at > self.EOF_GRACE_S
 
     def read(self, timeout: float) -> tuple[bytes, bytes]:
-        """Wait up to `timeout` seconds for output; return what stdout and stderr hold (maybe b"")."""
+        """Wait up to `timeout` seconds for output; return what stdout and stderr hold (maybe b"").
+        The channel's pipe is set on new data, EOF and close, so the wait ends at the first of them."""
         channel = self._channel
-        if not (channel.recv_ready() or channel.recv_stderr_ready() or channel.exit_status_ready()):
+        if not (channel.recv_ready() or channel.recv_stderr_ready() or channel.eof_received):
             select.select([channel], [], [], timeout)
         out = bytearray()
         err = bytearray()

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from src.db import transaction
 from src.errors import Conflict, InvalidRequest, NotFound
 from src.models import Job, new_id, utcnow
-from src.services.pagination import Page, decode_cursor, encode_cursor
+from src.services.pagination import Page, fetch_page
 from src.services.views import job_view
 
 logger = logging.getLogger(__name__)
@@ -90,20 +90,15 @@ def get_job(session_factory: sessionmaker[Session], job_id: str) -> dict[str, An
 def list_jobs(session_factory: sessionmaker[Session], *, kind: str | None = None, status: str | None = None,
               machine_id: str | None = None, limit: int = 50, cursor: str | None = None) -> Page:
     """Newest first. `cursor` is the `next_cursor` of the previous page."""
-    query = select(Job).order_by(Job.id.desc()).limit(limit + 1)
+    query = select(Job)
     if kind:
         query = query.where(Job.kind == kind)
     if status:
         query = query.where(Job.status == status)
     if machine_id:
         query = query.where(Job.machine_id == machine_id)
-    if cursor:
-        query = query.where(Job.id < decode_cursor(cursor))
-    with transaction(session_factory) as s:
-        rows = list(s.scalars(query))
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return Page(items=[job_view(j) for j in rows], next_cursor=encode_cursor(rows[-1].id) if more else None)
+    return fetch_page(session_factory, query, id_column=Job.id, limit=limit, cursor=cursor,
+                      view=lambda _s, job: job_view(job))
 
 
 def cancel_job(session_factory: sessionmaker[Session], job_id: str, *, on_end: Callable[[str], OnEnd | None]

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from src.db import transaction
 from src.errors import NotFound
 from src.models import Job, Machine, MachineEvent
-from src.services.pagination import Page, decode_cursor, encode_cursor
+from src.services.pagination import Page, fetch_page
 from src.services.views import machine_view
 
 
@@ -82,14 +82,8 @@ def find_machine(s: Session, machine_id: str) -> Machine:
 
 def list_machines(session_factory: sessionmaker[Session], *, status: str | None = None, limit: int = 50,
                   cursor: str | None = None) -> Page:
-    query = select(Machine).order_by(Machine.id).limit(limit + 1)
+    query = select(Machine)
     if status:
         query = query.where(Machine.status == status)
-    if cursor:
-        query = query.where(Machine.id > decode_cursor(cursor))
-    with transaction(session_factory) as s:
-        rows = list(s.scalars(query))
-        more = len(rows) > limit
-        rows = rows[:limit]
-        items = [machine_view(m, active_job_id=active_job_id(s, m.id)) for m in rows]
-    return Page(items=items, next_cursor=encode_cursor(rows[-1].id) if more else None)
+    return fetch_page(session_factory, query, id_column=Machine.id, limit=limit, cursor=cursor, newest_first=False,
+                      view=lambda s, m: machine_view(m, active_job_id=active_job_id(s, m.id)))

@@ -12,7 +12,7 @@ from src.models import Job, Snapshot, new_id
 from src.services import jobs as job_service
 from src.services.jobs import Idempotency
 from src.services.machines import add_event, ensure_machine, machine_id_for
-from src.services.pagination import Page, decode_cursor, encode_cursor
+from src.services.pagination import Page, fetch_page
 from src.services.views import job_view, snapshot_view
 
 if TYPE_CHECKING:
@@ -127,18 +127,13 @@ def get_snapshot(c: "Container", snapshot_id: str) -> dict[str, Any]:
 def list_snapshots(c: "Container", *, instance_id: str | None = None, status: str | None = None, limit: int = 50,
                    cursor: str | None = None) -> Page:
     """Newest first; `cursor` is the previous page's `next_cursor`."""
-    query = select(Snapshot).order_by(Snapshot.id.desc()).limit(limit + 1)
+    query = select(Snapshot)
     if instance_id:
         query = query.where(Snapshot.machine_id == instance_id)
     if status:
         query = query.where(Snapshot.status == status)
-    if cursor:
-        query = query.where(Snapshot.id < decode_cursor(cursor))
-    with transaction(c.session_factory) as s:
-        rows = list(s.scalars(query))
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return Page(items=[snapshot_view(r) for r in rows], next_cursor=encode_cursor(rows[-1].id) if more else None)
+    return fetch_page(c.session_factory, query, id_column=Snapshot.id, limit=limit, cursor=cursor,
+                      view=lambda _s, snap: snapshot_view(snap))
 
 
 def latest_complete(s: Session, machine_id: str) -> Snapshot | None:

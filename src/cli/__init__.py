@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from src.cli.admin import db, serve, tokens, worker
+from src.cli.client import register as register_client
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -14,10 +15,4 @@ def main() -> None:
 
 for command in (db, tokens, worker, serve):
     main.add_command(command)
-
-try:  # the runbook client lives in its own module
-    from src.cli.client import register as _register_client
-except ImportError:  # pragma: no cover - during development only
-    _register_client = None
-if _register_client is not None:
-    _register_client(main)
+register_client(main)  # snapshots, instances, jobs

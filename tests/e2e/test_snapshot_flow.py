@@ -167,3 +167,36 @@ def test_connection_cut_mid_upload_fails_the_job_and_a_rerun_completes(stack, ss
     again = _create(stack, host, workspace, instance_id="flaky")
     assert stack.wait_job(again["job"]["id"])["status"] == "succeeded"
     assert stack.get(f"/api/gpu-snapshots/{again['snapshot']['id']}").json()["status"] == "complete"
+
+
+def test_cancel_mid_upload_stops_the_remote_processes(stack, sshd, tmp_path):
+    workspace = tmp_path / "workspace"
+    workspace.mkdir()
+    for i in range(20):
+        (workspace / f"blob{i}.bin").write_bytes(os.urandom(8 << 20))
+    created = _create(stack, sshd, workspace, instance_id="to-cancel")
+    job_id = created["job"]["id"]
+    assert stack.wait_phase(job_id, ("upload",))["status"] == "running"
+    assert stack.post(f"/api/jobs/{job_id}/cancel").status_code == 202
+    job = stack.wait_job(job_id)
+    assert job["status"] == "cancelled", job
+    assert stack.get(f"/api/gpu-snapshots/{created['snapshot']['id']}").json()["status"] == "failed"
+
+    def remote_snapshot_processes() -> list[str]:
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmdline = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if "gpusnap." in cmdline and "snapshot.py" in cmdline or "s5cmd" in cmdline and " run" in cmdline:
+                found.append(cmdline)
+        return found
+
+    deadline = time.monotonic() + 15
+    while remote_snapshot_processes() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert remote_snapshot_processes() == []
+    # The machine is free again.
+    again = _create(stack, sshd, workspace, instance_id="to-cancel")
+    assert stack.wait_job(again["job"]["id"])["status"] == "succeeded"

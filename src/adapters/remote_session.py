@@ -106,7 +106,7 @@ class RemoteSession:
         """
         if not command:
             raise ValueError("empty command")
-        channel = self._exec(" ".join(shlex.quote(part) for part in command))
+        channel = self._exec(command)
         reader = ChannelReader(channel, transport=self._transport)
         stdout, stderr = bytearray(), bytearray()
         deadline = time.monotonic() + timeout
@@ -167,10 +167,11 @@ class RemoteSession:
         finally:
             self._transport.close()
 
-    def _exec(self, command_line: str) -> paramiko.Channel:
+    def _exec(self, argv: Sequence[str]) -> paramiko.Channel:
+        """Start `argv` (each part shell-quoted) on a new exec channel."""
         try:
             channel = self._transport.open_session(timeout=self._channel_timeout)
-            channel.exec_command(command_line)
+            channel.exec_command(shlex.join(argv))
         except (paramiko.SSHException, OSError, EOFError) as e:
             raise SshConnectionLost(f"connection to {self._target.host} failed: {e}") from e
         return channel
@@ -213,8 +214,7 @@ class RemoteSession:
         remote_dir = self._ensure_scripts()
         if cancel is not None and cancel.is_set():
             raise RemoteCancelled(f"remote script {name} on {self._target.host} was cancelled before it started")
-        argv = [*self._python_argv, f"{remote_dir}/{name}.py"]
-        channel = self._exec(" ".join(shlex.quote(part) for part in argv))
+        channel = self._exec([*self._python_argv, f"{remote_dir}/{name}.py"])
         run = _ScriptRun(reader=ChannelReader(channel, transport=self._transport),
                          output=ScriptOutput(stderr_tail=_STDERR_TAIL_BYTES, log_prefix=f"{self._target.host}:{name}"))
         started = last_output = time.monotonic()

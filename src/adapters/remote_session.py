@@ -75,6 +75,7 @@ class RemoteSession:
         self._scripts_dir = scripts_dir
         self._channel_timeout = channel_timeout
         self._remote_dir: str | None = None
+        self._scripts_uploaded = False
         self._closed = False
 
     @property
@@ -177,15 +178,17 @@ class RemoteSession:
         return channel
 
     def _ensure_scripts(self) -> str:
-        if self._remote_dir is not None:
-            return self._remote_dir
-        # mktemp -d creates the directory with mode 700, so no other user on the host can read or
-        # swap the scripts before we run them as root.
-        made = self.run(["mktemp", "-d", "-t", "gpusnap.XXXXXXXXXX"], timeout=30)
-        remote_dir = made.stdout.strip()
-        if not made.ok or not remote_dir.startswith("/") or "\n" in remote_dir:
-            raise ScriptUploadFailed(f"mktemp -d failed on {self._target.host}: {made.stderr.strip()[-500:]}")
-        self._remote_dir = remote_dir
+        if self._remote_dir is None:
+            # mktemp -d creates the directory with mode 700, so no other user on the host can read or
+            # swap the scripts before we run them as root.
+            made = self.run(["mktemp", "-d", "-t", "gpusnap.XXXXXXXXXX"], timeout=30)
+            remote_dir = made.stdout.strip()
+            if not made.ok or not remote_dir.startswith("/") or "\n" in remote_dir:
+                raise ScriptUploadFailed(f"mktemp -d failed on {self._target.host}: {made.stderr.strip()[-500:]}")
+            self._remote_dir = remote_dir  # set before the upload, so close() removes a partial one
+        remote_dir = self._remote_dir
+        if self._scripts_uploaded:
+            return remote_dir
         files = sorted(p for p in self._scripts_dir.glob("*.py") if p.name != "__init__.py")
         try:
             sftp = self._transport.open_sftp_client()
@@ -199,6 +202,7 @@ class RemoteSession:
             if not self._transport.is_active():
                 raise SshConnectionLost(f"connection to {self._target.host} lost while uploading scripts") from e
             raise ScriptUploadFailed(f"could not upload scripts to {self._target.host}:{remote_dir}: {e}") from e
+        self._scripts_uploaded = True  # only now: after a failed upload, the next run_script uploads again
         logger.debug("uploaded %d script(s) to %s:%s", len(files), self._target.host, remote_dir)
         return remote_dir
 

@@ -19,6 +19,7 @@ from src.adapters.remote_host import (
     HostKeyMismatch,
     RemoteCancelled,
     RemoteTimeout,
+    ScriptUploadFailed,
     SshAuthFailed,
     SshClient,
     SshConnectionLost,
@@ -353,6 +354,20 @@ def test_deadline_and_idle_timeout_kill_the_script(sshd: LoopbackSshd, make_clie
 
         with pytest.raises(RemoteTimeout):
             session.run(["sleep", "5"], timeout=0.5)
+
+
+def test_a_failed_upload_is_redone_by_the_next_run(sshd: LoopbackSshd, make_client, tmp_path: Path) -> None:
+    for name, body in SCRIPTS.items():
+        (tmp_path / name).write_text(textwrap.dedent(body).lstrip())
+    broken = tmp_path / "a_unreadable.py"  # sorted first, so nothing else is uploaded before it fails
+    broken.symlink_to(tmp_path / "missing")
+    with make_client(sshd, scripts_dir=tmp_path).open(target_of(sshd)) as session:
+        with pytest.raises(ScriptUploadFailed):
+            list(session.run_script("events", {"n": 0, "label": "x"}))
+        broken.unlink()
+        broken.write_text("")
+        events = list(session.run_script("events", {"n": 0, "label": "retried"}))
+    assert events[-1] == {"event": "result", "label": "RETRIED"}
 
 
 def test_unknown_script_name_is_refused(sshd: LoopbackSshd, make_client) -> None:

@@ -38,7 +38,6 @@ class JobContext:
         self.snapshot_id = job.snapshot_id
         self.cancel_event = threading.Event()
         self.lost = False
-        self.log = logging.LoggerAdapter(logging.getLogger(f"src.jobs.{job.kind}"), {"job_id": job.id})
         self._lock = threading.Lock()
         self._pending: dict[str, Any] = {}
         self._last_write = 0.0

@@ -11,10 +11,10 @@ from src.errors import JobFailed
 from src.jobs.context import JobContext
 from src.jobs.failpoints import failpoint
 from src.jobs.kinds import JobKind
-from src.jobs.machine_state import machine_fields, set_machine
 from src.jobs.remote import Endpoint
+from src.jobs.rows import machine_fields, set_machine, snapshot_fields
 from src.jobs.storage_jobs import check_objects
-from src.jobs.transfer_jobs import mark_snapshot_failed_unless_complete, snapshot_fields, take_snapshot
+from src.jobs.transfer_jobs import mark_snapshot_failed_unless_complete, take_snapshot
 from src.jobs.vast_steps import destroy_confirmed
 from src.models import Job, Machine
 from src.services.machines import add_event

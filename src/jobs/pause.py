@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from src.errors import ExternalError, JobFailed
 from src.jobs.context import JobContext
 from src.jobs.kinds import JobKind
-from src.jobs.machine_state import machine_fields, set_machine
+from src.jobs.rows import machine_fields, set_machine
 from src.jobs.vast_steps import wait_running
 from src.models import Job, Machine
 from src.services.machines import add_event

@@ -1,11 +1,13 @@
-"""Recording what a job did to a machine: its columns and its event history, in one transaction."""
+"""The rows jobs work on, read as plain dicts and updated in short transactions: machines (with their
+event history) and snapshots."""
 from __future__ import annotations
 
 from typing import Any
 
 from src.db import transaction
+from src.errors import JobFailed
 from src.jobs.context import JobContext
-from src.models import Machine
+from src.models import Machine, Snapshot
 from src.services.machines import add_event
 
 
@@ -30,3 +32,34 @@ def machine_fields(ctx: JobContext, machine_id: str) -> dict[str, Any]:
         return {"id": m.id, "status": m.status, "vast_instance_id": m.vast_instance_id, "ssh_host": m.ssh_host,
                 "ssh_port": m.ssh_port, "ssh_user": m.ssh_user, "host_key": m.host_key, "gpu_name": m.gpu_name,
                 "workspace_path": m.workspace_path}
+
+
+def find_snapshot(ctx: JobContext, snapshot_id: str) -> dict[str, Any] | None:
+    """The snapshot's fields, or None when the row is gone."""
+    with transaction(ctx.container.session_factory) as s:
+        row = s.get(Snapshot, snapshot_id)
+        return None if row is None else snapshot_row(row)
+
+
+def snapshot_fields(ctx: JobContext, snapshot_id: str) -> dict[str, Any]:
+    """The snapshot's fields. Raises JobFailed(`not_found`) when the row is gone."""
+    snap = find_snapshot(ctx, snapshot_id)
+    if snap is None:
+        raise JobFailed(f"snapshot {snapshot_id} no longer exists", code="not_found")
+    return snap
+
+
+def snapshot_row(row: Snapshot) -> dict[str, Any]:
+    return {"id": row.id, "status": row.status, "machine_id": row.machine_id, "workspace_path": row.workspace_path,
+            "storage_prefix": row.storage_prefix, "requested_codec": row.requested_codec,
+            "excludes": list(row.excludes or []), "codec": row.codec, "parts": row.part_count,
+            "part_size": row.part_size, "raw_bytes": row.raw_bytes, "stored_bytes": row.stored_bytes,
+            "files": row.file_count, "manifest_sha256": row.manifest_sha256, "duration_s": row.duration_s}
+
+
+def set_snapshot(ctx: JobContext, snapshot_id: str, **values: Any) -> None:
+    with transaction(ctx.container.session_factory) as s:
+        row = s.get(Snapshot, snapshot_id)
+        if row is not None:
+            for key, value in values.items():
+                setattr(row, key, value)

@@ -7,7 +7,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any
 
-from src.errors import GpusnapError, JobCancelled
+from src.errors import GpusnapError
 from src.jobs.context import Heartbeat, JobContext, JobLost
 from src.logging_setup import job_id_var
 from src.services import jobs as job_service
@@ -26,34 +26,31 @@ class JobRunner:
     def run(self, job_id: str) -> None:
         """Run `job_id` if it is still queued; a no-op for a job another worker took or that was cancelled."""
         c = self.container
-        job = job_service.claim(c.session_factory, job_id, worker=self.worker_name)
-        if job is None:
-            logger.info("job %s is not queued any more; skipped", job_id, extra={"job_id": job_id})
-            return
-        kind = c.job_kinds.get(job.kind)
-        token = job_id_var.set(job_id)
-        started = time.monotonic()
+        token = job_id_var.set(job_id)  # every log line below carries the job id
         try:
+            job = job_service.claim(c.session_factory, job_id, worker=self.worker_name)
+            if job is None:
+                logger.info("job %s is not queued any more; skipped", job_id)
+                return
+            kind = c.job_kinds.get(job.kind)
             if kind is None:  # a row written by a newer version of the service
                 job_service.finish(c.session_factory, job_id, attempt=job.attempts, status="failed",
                                    error=("unknown_kind", f"this worker cannot run jobs of kind {job.kind!r}"))
                 return
+            started = time.monotonic()
             ctx = JobContext(container=c, job=job)
-            logger.info("job %s (%s) started, attempt %d", job_id, job.kind, job.attempts,
-                        extra={"job_id": job_id})
+            logger.info("job %s (%s) started, attempt %d", job_id, job.kind, job.attempts)
             status, result, error = self._call(kind.run, ctx)
             if ctx.lost:
-                logger.warning("job %s was taken over by another worker; this attempt stops here", job_id,
-                               extra={"job_id": job_id})
+                logger.warning("job %s was taken over by another worker; this attempt stops here", job_id)
                 return
             if status == "failed" and ctx.cancel_event.is_set():
                 status, error = "cancelled", ("cancelled", "the job was cancelled")
             ctx.flush()  # last progress numbers
             job_service.finish(c.session_factory, job_id, attempt=ctx.attempt, status=status, result=result,
                                error=error, on_end=kind.on_end)
-            elapsed = time.monotonic() - started
-            logger.info("job %s (%s) %s in %.1fs%s", job_id, job.kind, status, elapsed,
-                        f": {error[0]}: {error[1]}" if error else "", extra={"job_id": job_id})
+            logger.info("job %s (%s) %s in %.1fs%s", job_id, job.kind, status, time.monotonic() - started,
+                        f": {error[0]}: {error[1]}" if error else "")
         finally:
             job_id_var.reset(token)
 
@@ -63,13 +60,11 @@ class JobRunner:
                 return "succeeded", run(ctx) or {}, None
             except JobLost:
                 return "failed", None, ("lost", "taken over by another worker")
-            except JobCancelled as e:
-                return "cancelled", None, ("cancelled", e.message)
             except GpusnapError as e:
-                if e.code == "cancelled":
+                if e.code == "cancelled":  # JobCancelled, or a remote script stopped by the cancel
                     return "cancelled", None, ("cancelled", e.message)
                 return "failed", None, (e.code, e.message)
             except Exception:
                 # Unexpected: the traceback goes to the worker log, the client gets a stable message.
-                logger.exception("job %s crashed", ctx.job_id, extra={"job_id": ctx.job_id})
+                logger.exception("job %s crashed", ctx.job_id)
                 return "failed", None, ("internal", f"unexpected error; the worker log has details for {ctx.job_id}")

@@ -11,6 +11,7 @@ from src.db import transaction
 from src.errors import JobFailed
 from src.jobs.context import JobContext
 from src.jobs.kinds import JobKind
+from src.jobs.rows import find_snapshot
 from src.manifest import MANIFEST_NAME, Part, parse_manifest
 from src.models import Job, Machine, Snapshot, utcnow
 
@@ -22,7 +23,7 @@ INTEGRITY_CODES = ("manifest_missing", "manifest_invalid", "manifest_changed", "
 def verify_snapshot(ctx: JobContext) -> dict[str, Any]:
     """Check that the manifest is there and unchanged and that every part has the manifest's size
     (`deep`: also its SHA-256, by streaming it). Reports every bad part, not only the first."""
-    snap = _load(ctx, ctx.params["snapshot_id"])
+    snap = find_snapshot(ctx, ctx.params["snapshot_id"])
     if snap is None:
         raise JobFailed(f"snapshot {ctx.params['snapshot_id']} no longer exists", code="not_found")
     result = check_objects(ctx, prefix=snap["storage_prefix"], manifest_sha256=snap["manifest_sha256"],
@@ -91,7 +92,7 @@ def delete_snapshot(ctx: JobContext) -> dict[str, Any]:
     """Objects first (the manifest before the parts, so that a half-deleted snapshot is never mistaken
     for a complete one), then the record. Deleting what is already gone succeeds."""
     snapshot_id = ctx.params["snapshot_id"]
-    snap = _load(ctx, snapshot_id)
+    snap = find_snapshot(ctx, snapshot_id)
     if snap is None:
         return {"snapshot_id": snapshot_id, "deleted_objects": 0, "already_gone": True}
     store = ctx.container.object_store()
@@ -121,15 +122,6 @@ def _delete_ended(s: Session, job: Job) -> None:
         snap.error_message = "deletion stopped after the manifest was removed; delete again to finish"
     else:  # nothing was removed: the snapshot is as it was
         snap.status = job.params.get("previous_status", "complete")
-
-
-def _load(ctx: JobContext, snapshot_id: str) -> dict[str, Any] | None:
-    with transaction(ctx.container.session_factory) as s:
-        snap = s.get(Snapshot, snapshot_id)
-        if snap is None:
-            return None
-        return {"id": snap.id, "storage_prefix": snap.storage_prefix, "manifest_sha256": snap.manifest_sha256,
-                "status": snap.status}
 
 
 KINDS = [

@@ -10,6 +10,7 @@ from src.errors import JobFailed
 from src.jobs.context import JobContext
 from src.jobs.kinds import JobKind
 from src.jobs.remote import Endpoint, machine_endpoint, run_script, ssh_session, storage_params
+from src.jobs.rows import set_snapshot, snapshot_fields, snapshot_row
 from src.jobs.storage_jobs import check_objects
 from src.models import Job, Machine, Snapshot, utcnow
 from src.services.machines import add_event
@@ -30,7 +31,7 @@ def take_snapshot(ctx: JobContext, snapshot_id: str, endpoint: Endpoint) -> dict
     snap = snapshot_fields(ctx, snapshot_id)
     if snap["status"] == "complete":
         return _summary(snap)
-    _set_snapshot(ctx, snap["id"], status="running", error_code=None, error_message=None)
+    set_snapshot(ctx, snap["id"], status="running", error_code=None, error_message=None)
     params = {
         "workspace_path": snap["workspace_path"], "s3": storage_params(ctx), "prefix": snap["storage_prefix"],
         "snapshot_id": snap["id"], "instance_id": snap["machine_id"], "codec": snap["requested_codec"],
@@ -58,7 +59,7 @@ def take_snapshot(ctx: JobContext, snapshot_id: str, endpoint: Endpoint) -> dict
         add_event(s, snap["machine_id"], "snapshot_complete",
                   f"snapshot {snap['id']}: {result.get('raw_bytes')} bytes in {result.get('parts')} parts",
                   job_id=ctx.job_id)
-        summary = _summary(_fields(row))
+        summary = _summary(snapshot_row(row))
     summary.update(uploaded_parts=result.get("uploaded_parts"), skipped_parts=result.get("skipped_parts"))
     return summary
 
@@ -110,33 +111,9 @@ def restore_onto(ctx: JobContext, snap: dict[str, Any], endpoint: Endpoint, work
             "files": result.get("files"), "parts": result.get("parts"), "duration_s": result.get("duration_s")}
 
 
-def snapshot_fields(ctx: JobContext, snapshot_id: str) -> dict[str, Any]:
-    with transaction(ctx.container.session_factory) as s:
-        row = s.get(Snapshot, snapshot_id)
-        if row is None:
-            raise JobFailed(f"snapshot {snapshot_id} no longer exists", code="not_found")
-        return _fields(row)
-
-
-def _fields(row: Snapshot) -> dict[str, Any]:
-    return {"id": row.id, "status": row.status, "machine_id": row.machine_id, "workspace_path": row.workspace_path,
-            "storage_prefix": row.storage_prefix, "requested_codec": row.requested_codec,
-            "excludes": list(row.excludes or []), "codec": row.codec, "parts": row.part_count,
-            "part_size": row.part_size, "raw_bytes": row.raw_bytes, "stored_bytes": row.stored_bytes,
-            "files": row.file_count, "manifest_sha256": row.manifest_sha256, "duration_s": row.duration_s}
-
-
 def _summary(snap: dict[str, Any]) -> dict[str, Any]:
     keys = ("codec", "parts", "part_size", "raw_bytes", "stored_bytes", "files", "manifest_sha256", "duration_s")
     return {"snapshot_id": snap["id"], **{k: snap[k] for k in keys}}
-
-
-def _set_snapshot(ctx: JobContext, snapshot_id: str, **values: Any) -> None:
-    with transaction(ctx.container.session_factory) as s:
-        row = s.get(Snapshot, snapshot_id)
-        if row is not None:
-            for key, value in values.items():
-                setattr(row, key, value)
 
 
 KINDS = [

@@ -15,9 +15,9 @@ from src.errors import ExternalError, JobFailed
 from src.jobs.context import JobContext, JobLost
 from src.jobs.failpoints import failpoint
 from src.jobs.kinds import JobKind
-from src.jobs.machine_state import set_machine
 from src.jobs.remote import Endpoint
-from src.jobs.transfer_jobs import restore_onto, snapshot_fields
+from src.jobs.rows import set_machine, snapshot_fields
+from src.jobs.transfer_jobs import restore_onto
 from src.jobs.vast_steps import destroy_confirmed, wait_running
 from src.models import Job, Machine
 from src.services.machines import add_event

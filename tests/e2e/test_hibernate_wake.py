@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 
 import pytest
 
@@ -20,7 +19,7 @@ def box(fake_vast, stack, tmp_path):  # type: ignore[no-untyped-def]
     """A running vast.ai instance (the user's, rented before gpusnap knew it) with a workspace."""
     client = VastClient(fake_vast.api_key, fake_vast.base_url, backoff_base=0.001)
     instance_id = client.create_instance(1001, image="pytorch/pytorch:latest", disk_gb=50, label="my-box")
-    while not (inst := client.show_instance(instance_id)).is_running:
+    while not client.show_instance(instance_id).is_running:
         pass
     workspace = make_tricky_tree(tmp_path / "workspace")
     return {"id": instance_id, "workspace": workspace, "tree": describe_tree(workspace)}

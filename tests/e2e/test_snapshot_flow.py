@@ -162,7 +162,7 @@ def test_connection_cut_mid_upload_fails_the_job_and_a_rerun_completes(stack, ss
     assert job["status"] == "failed" and job["error"]["code"] == "ssh_connection_lost", job
     snap = stack.get(f"/api/gpu-snapshots/{created['snapshot']['id']}").json()
     assert snap["status"] == "failed"
-    assert stack.get(f"/api/gpu-snapshots?status=complete&instance_id=flaky").json()["items"] == []
+    assert stack.get("/api/gpu-snapshots?status=complete&instance_id=flaky").json()["items"] == []
 
     again = _create(stack, host, workspace, instance_id="flaky")
     assert stack.wait_job(again["job"]["id"])["status"] == "succeeded"

@@ -216,12 +216,7 @@ class SshClient:
                         target.host, target.port, host_key_fingerprint(line))
             return line
         if not _same_key(presented, pinned):
-            raise HostKeyMismatch(
-                f"host key of {target.host}:{target.port} changed: pinned {host_key_fingerprint(pinned)}, "
-                f"presented {host_key_fingerprint(line)}",
-                expected=pinned,
-                presented=line,
-            )
+            raise HostKeyMismatch(host=target.host, port=target.port, expected=pinned, presented=line)
         return line
 
     def _authenticate(self, transport: paramiko.Transport, target: SshTarget, pkey: paramiko.PKey) -> None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from src.adapters.remote_errors import HostKeyMismatch, RemoteCancelled
-from src.adapters.remote_types import CommandResult, SshTarget, host_key_fingerprint, normalize_host_key
+from src.adapters.remote_types import CommandResult, SshTarget, normalize_host_key
 from src.adapters.ssh_policy import SshPolicy
 
 
@@ -139,12 +139,7 @@ class FakeSshClient:
         presented = normalize_host_key(self.host_key)
         pinned = target.pinned_host_key
         if pinned is not None and pinned != presented:
-            raise HostKeyMismatch(
-                f"host key of {target.host}:{target.port} changed: pinned {host_key_fingerprint(pinned)}, "
-                f"presented {host_key_fingerprint(presented)}",
-                expected=pinned,
-                presented=presented,
-            )
+            raise HostKeyMismatch(host=target.host, port=target.port, expected=pinned, presented=presented)
         session = FakeRemoteSession(client=self, target=target, host_key=presented)
         self.sessions.append(session)
         return session

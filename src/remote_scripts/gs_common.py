@@ -15,11 +15,12 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 logger = logging.getLogger("gpusnap.remote")
 
 EXIT_FAILURE = 1
+MAX_PARALLELISM = 64  # parts in flight (snapshot) or read ahead (restore)
 
 
 class ScriptError(Exception):
@@ -223,8 +224,10 @@ def heartbeat(events: Events, ctx: Context, every: float = 2.0) -> threading.Thr
     return thread
 
 
-def require(cfg: Dict[str, Any], key: str, kind: type, default: Any = None, required: bool = True) -> Any:
-    """Fetch and type-check one config value; `bad_config` on a wrong type or a missing key."""
+def require(cfg: Dict[str, Any], key: str, kind: type, default: Any = None, required: bool = True,
+            within: Optional[Tuple[int, int]] = None) -> Any:
+    """Fetch and type-check one config value (an int also against the inclusive bounds `within`);
+    `bad_config` on a wrong type, a value out of bounds or a missing key."""
     value = cfg.get(key, default)
     if value is None and not required:
         return None
@@ -232,7 +235,16 @@ def require(cfg: Dict[str, Any], key: str, kind: type, default: Any = None, requ
         raise ScriptError("bad_config", "missing config key %r" % key)
     if kind is int and isinstance(value, bool) or not isinstance(value, kind):
         raise ScriptError("bad_config", "config key %r must be %s" % (key, kind.__name__))
+    if within is not None and not within[0] <= value <= within[1]:
+        raise ScriptError("bad_config", "%s must be %d..%d" % (key, within[0], within[1]))
     return value
+
+
+def key_prefix(value: str) -> str:
+    """A config `prefix` as a folder of the bucket: relative, no `..`, not empty; `/`-terminated."""
+    if value.startswith("/") or ".." in value.split("/") or not value.strip("/"):
+        raise ScriptError("bad_config", "prefix must be a relative key prefix such as snapshots/i/s/")
+    return value if value.endswith("/") else value + "/"
 
 
 def tail_text(data: bytes, limit: int = 2000) -> str:

@@ -25,7 +25,8 @@ from typing import Any, Dict, List
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from gs_codecs import for_restore  # noqa: E402
-from gs_common import Context, ScriptError, heartbeat, require, run_script, tail_text  # noqa: E402
+from gs_common import (MAX_PARALLELISM, Context, ScriptError, heartbeat, key_prefix, require,  # noqa: E402
+                       run_script, tail_text)
 from gs_fetch import PartFetcher, PartStream  # noqa: E402
 from gs_manifest import MANIFEST_NAME, validate  # noqa: E402
 from gs_s3 import S5, NotFound  # noqa: E402
@@ -41,8 +42,8 @@ def parse_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     opts = {
         "workspace": require(cfg, "workspace_path", str),
         "s3": require(cfg, "s3", dict),
-        "prefix": require(cfg, "prefix", str),
-        "parallelism": require(cfg, "parallelism", int, DEFAULT_PARALLELISM),
+        "prefix": key_prefix(require(cfg, "prefix", str)),
+        "parallelism": require(cfg, "parallelism", int, DEFAULT_PARALLELISM, within=(1, MAX_PARALLELISM)),
         "s5cmd": require(cfg, "s5cmd", str, "s5cmd"),
         "allow_external_symlinks": require(cfg, "allow_external_symlinks", bool, False),
         "manifest_sha256": require(cfg, "manifest_sha256", str, None, required=False),
@@ -50,12 +51,6 @@ def parse_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     }
     if not os.path.isabs(opts["workspace"]) or os.path.normpath(opts["workspace"]) == "/":
         raise ScriptError("bad_config", "workspace_path must be an absolute path other than /")
-    if not 1 <= opts["parallelism"] <= 64:
-        raise ScriptError("bad_config", "parallelism must be 1..64")
-    prefix = opts["prefix"]
-    if prefix.startswith("/") or ".." in prefix.split("/") or not prefix.strip("/"):
-        raise ScriptError("bad_config", "prefix must be a relative key prefix such as snapshots/i/s/")
-    opts["prefix"] = prefix if prefix.endswith("/") else prefix + "/"
     return opts
 
 

@@ -26,7 +26,7 @@ from typing import Any, Dict, List
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from gs_codecs import CODEC_NAMES, for_snapshot  # noqa: E402
-from gs_common import Context, ScriptError, heartbeat, require, run_script  # noqa: E402
+from gs_common import MAX_PARALLELISM, Context, ScriptError, heartbeat, key_prefix, require, run_script  # noqa: E402
 from gs_manifest import MANIFEST_NAME, build, part_key  # noqa: E402
 from gs_pipeline import PartUploader  # noqa: E402
 from gs_s3 import S5  # noqa: E402
@@ -55,11 +55,11 @@ def parse_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     opts: Dict[str, Any] = {
         "workspace": require(cfg, "workspace_path", str),
         "s3": require(cfg, "s3", dict),
-        "prefix": require(cfg, "prefix", str),
+        "prefix": key_prefix(require(cfg, "prefix", str)),
         "codec": require(cfg, "codec", str, "auto"),
-        "zstd_level": require(cfg, "zstd_level", int, DEFAULT_ZSTD_LEVEL),
-        "part_size": require(cfg, "part_size", int, DEFAULT_PART_SIZE),
-        "parallelism": require(cfg, "parallelism", int, DEFAULT_PARALLELISM),
+        "zstd_level": require(cfg, "zstd_level", int, DEFAULT_ZSTD_LEVEL, within=(1, 22)),
+        "part_size": require(cfg, "part_size", int, DEFAULT_PART_SIZE, within=(MIN_PART_SIZE, MAX_PART_SIZE)),
+        "parallelism": require(cfg, "parallelism", int, DEFAULT_PARALLELISM, within=(1, MAX_PARALLELISM)),
         "excludes": require(cfg, "excludes", list, []),
         "s5cmd": require(cfg, "s5cmd", str, "s5cmd"),
         "work_dir": require(cfg, "work_dir", str, None, required=False),
@@ -69,18 +69,8 @@ def parse_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
         raise ScriptError("bad_config", "workspace_path must be absolute")
     if opts["codec"] not in CODEC_NAMES:
         raise ScriptError("bad_config", "codec must be one of %s" % ", ".join(CODEC_NAMES))
-    if not 1 <= opts["zstd_level"] <= 22:
-        raise ScriptError("bad_config", "zstd_level must be 1..22")
-    if not MIN_PART_SIZE <= opts["part_size"] <= MAX_PART_SIZE:
-        raise ScriptError("bad_config", "part_size must be %d..%d" % (MIN_PART_SIZE, MAX_PART_SIZE))
-    if not 1 <= opts["parallelism"] <= 64:
-        raise ScriptError("bad_config", "parallelism must be 1..64")
     if not all(isinstance(p, str) and p for p in opts["excludes"]):
         raise ScriptError("bad_config", "excludes must be non-empty strings")
-    prefix = opts["prefix"]
-    if prefix.startswith("/") or ".." in prefix.split("/") or not prefix.strip("/"):
-        raise ScriptError("bad_config", "prefix must be a relative key prefix such as snapshots/i/s/")
-    opts["prefix"] = prefix if prefix.endswith("/") else prefix + "/"
     return opts
 
 

@@ -91,6 +91,25 @@ def submitted(api: ApiClient, answer: dict[str, Any], *, as_json: bool, wait: bo
     follow(api, job["id"], timeout=timeout, interval=interval, as_json=as_json)
 
 
+def job_command(lead: Callable[[dict[str, Any]], str] | None = None,
+                ) -> Callable[[Callable[..., dict[str, Any]]], Callable[..., None]]:
+    """For a command that starts a job: adds `--idempotency-key`, `--wait`/`--timeout`/`--interval`, `--json`
+    and the API options. The command gets the `ApiClient` and `idempotency_key`, sends its request and returns
+    the `202 {"job": ...}` answer; `submitted` prints it or follows the job. `lead` makes a line shown first."""
+
+    def decorate(f: Callable[..., dict[str, Any]]) -> Callable[..., None]:
+        @functools.wraps(f)
+        def command(api: ApiClient, *args: Any, wait: bool, timeout: float | None, interval: float, as_json: bool,
+                    **kwargs: Any) -> None:
+            answer = f(api, *args, **kwargs)
+            submitted(api, answer, as_json=as_json, wait=wait, timeout=timeout, interval=interval,
+                      lead=lead(answer) if lead else None)
+
+        return idempotency_option(wait_options(json_option(api_command(command))))
+
+    return decorate
+
+
 def follow(api: ApiClient, job_id: str, *, timeout: float | None, interval: float, as_json: bool) -> None:
     """Poll the job to its end with a progress display on stderr; exit 0, 1 (failed/cancelled) or 2 (timeout)."""
     try:

@@ -6,8 +6,7 @@ from typing import Any
 import click
 
 from src.cli import render
-from src.cli.client import (CODECS, api_command, echo_json, idempotency_option, json_option, list_all,
-                            page_options, show_list, submitted, wait_options)
+from src.cli.client import CODECS, api_command, echo_json, job_command, json_option, list_all, page_options, show_list
 from src.cli.http import ApiClient, seg
 
 
@@ -57,22 +56,17 @@ def instances_show(api: ApiClient, instance_id: str, as_json: bool) -> None:
 @click.option("--deep-verify", is_flag=True, help="Check every part's SHA-256 before destroying, not only sizes.")
 @click.option("--codec", type=click.Choice(CODECS), default=None, help="Compression (default: auto).")
 @click.option("--exclude", "excludes", multiple=True, help="Glob to leave out (repeatable).")
-@idempotency_option
-@wait_options
-@json_option
-@api_command
+@job_command()
 def instances_hibernate(api: ApiClient, instance_id: str, workspace_path: str, ssh_host: str | None,
                         ssh_port: int | None, ssh_user: str | None, keep_instance: bool, deep_verify: bool,
-                        codec: str | None, excludes: tuple[str, ...], idempotency_key: str | None, wait: bool,
-                        timeout: float | None, interval: float, as_json: bool) -> None:
+                        codec: str | None, excludes: tuple[str, ...], idempotency_key: str | None) -> dict[str, Any]:
     """Snapshot the workspace, verify it, then destroy the vast.ai instance (it stops billing).
 
     The instance is destroyed only once the snapshot is complete and verified."""
     body = given(workspace_path=workspace_path, ssh_host=ssh_host, ssh_port=ssh_port, ssh_user=ssh_user,
                  codec=codec, excludes=list(excludes) or None, deep_verify=deep_verify or None)
     body["destroy_after"] = not keep_instance
-    answer = api.post(f"/api/instances/{seg(instance_id)}/hibernate", body, idempotency_key=idempotency_key)
-    submitted(api, answer, as_json=as_json, wait=wait, timeout=timeout, interval=interval)
+    return api.post(f"/api/instances/{seg(instance_id)}/hibernate", body, idempotency_key=idempotency_key)
 
 
 @instances.command("wake")
@@ -86,32 +80,22 @@ def instances_hibernate(api: ApiClient, instance_id: str, workspace_path: str, s
 @click.option("--disk-gb", type=click.IntRange(min=1), default=None, help="Disk to rent (default: fits the snapshot).")
 @click.option("--image", default=None, help="Docker image for the new instance.")
 @click.option("--workspace", "workspace_path", default=None, help="Restore here (default: where it was taken).")
-@idempotency_option
-@wait_options
-@json_option
-@api_command
+@job_command()
 def instances_wake(api: ApiClient, instance_id: str, snapshot_id: str | None, gpu_type: str | None,
                    num_gpus: int | None, region: str | None, max_price: float | None, disk_gb: int | None,
-                   image: str | None, workspace_path: str | None, idempotency_key: str | None, wait: bool,
-                   timeout: float | None, interval: float, as_json: bool) -> None:
+                   image: str | None, workspace_path: str | None, idempotency_key: str | None) -> dict[str, Any]:
     """Rent a new instance and restore the machine's snapshot onto it; the machine keeps its id."""
     body = given(snapshot_id=snapshot_id, gpu_type=gpu_type, num_gpus=num_gpus, region=region, max_price=max_price,
                  disk_gb=disk_gb, image=image, workspace_path=workspace_path)
-    answer = api.post(f"/api/instances/{seg(instance_id)}/wake", body, idempotency_key=idempotency_key)
-    submitted(api, answer, as_json=as_json, wait=wait, timeout=timeout, interval=interval)
+    return api.post(f"/api/instances/{seg(instance_id)}/wake", body, idempotency_key=idempotency_key)
 
 
 def _simple(action: str, doc: str) -> click.Command:
     """pause and resume: an empty POST that starts a job."""
 
-    @idempotency_option
-    @wait_options
-    @json_option
-    @api_command
-    def command(api: ApiClient, instance_id: str, idempotency_key: str | None, wait: bool, timeout: float | None,
-                interval: float, as_json: bool) -> None:
-        answer = api.post(f"/api/instances/{seg(instance_id)}/{action}", idempotency_key=idempotency_key)
-        submitted(api, answer, as_json=as_json, wait=wait, timeout=timeout, interval=interval)
+    @job_command()
+    def command(api: ApiClient, instance_id: str, idempotency_key: str | None) -> dict[str, Any]:
+        return api.post(f"/api/instances/{seg(instance_id)}/{action}", idempotency_key=idempotency_key)
 
     return click.command(action, help=doc)(click.argument("instance_id")(command))
 

@@ -1,11 +1,12 @@
 """`gpusnap snapshots ...`: list, show, create, restore, verify and delete workspace snapshots."""
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from src.cli import render
-from src.cli.client import (CODECS, api_command, echo_json, idempotency_option, json_option, list_all,
-                            page_options, show_list, submitted, wait_options)
+from src.cli.client import CODECS, api_command, echo_json, job_command, json_option, list_all, page_options, show_list
 from src.cli.http import ApiClient, seg
 
 SNAPSHOT_STATUSES = ("pending", "running", "complete", "failed", "deleting")
@@ -15,6 +16,11 @@ port_option = click.option("--port", "ssh_port", type=click.IntRange(1, 65535), 
 user_option = click.option("--user", "ssh_user", default=None, help="SSH login (default: the server's SSH_USER).")
 workspace_option = click.option("--workspace", "workspace_path", required=True,
                                 help="Absolute path of the workspace on the GPU machine.")
+
+
+def _new_snapshot(answer: dict[str, Any]) -> str:
+    snap = answer["snapshot"]
+    return f"snapshot {snap['id']} ({snap['status']}) of instance {snap['instance_id']}"
 
 
 @click.group()
@@ -59,22 +65,15 @@ def snapshots_show(api: ApiClient, snapshot_id: str, as_json: bool) -> None:
 @click.option("--codec", type=click.Choice(CODECS), default="auto", show_default=True,
               help="Compression: auto picks nvcomp-ans on a GPU host that has it, else zstd.")
 @click.option("--exclude", "excludes", multiple=True, help="Glob to leave out (repeatable).")
-@idempotency_option
-@wait_options
-@json_option
-@api_command
+@job_command(lead=_new_snapshot)
 def snapshots_create(api: ApiClient, instance_id: str, ssh_host: str, ssh_port: int, workspace_path: str,
                      ssh_user: str | None, snapshot_name: str | None, codec: str, excludes: tuple[str, ...],
-                     idempotency_key: str | None, wait: bool, timeout: float | None, interval: float,
-                     as_json: bool) -> None:
+                     idempotency_key: str | None) -> dict[str, Any]:
     """Snapshot a workspace over SSH into the bucket (a job; --wait follows it)."""
     body = {"instance_id": instance_id, "ssh_host": ssh_host, "ssh_port": ssh_port, "workspace_path": workspace_path,
             "codec": codec, "excludes": list(excludes)}
     body |= {k: v for k, v in (("ssh_user", ssh_user), ("snapshot_name", snapshot_name)) if v is not None}
-    answer = api.post("/api/gpu-snapshots", body, idempotency_key=idempotency_key)
-    snap = answer["snapshot"]
-    submitted(api, answer, as_json=as_json, wait=wait, timeout=timeout, interval=interval,
-              lead=f"snapshot {snap['id']} ({snap['status']}) of instance {snap['instance_id']}")
+    return api.post("/api/gpu-snapshots", body, idempotency_key=idempotency_key)
 
 
 @snapshots.command("restore")
@@ -84,44 +83,28 @@ def snapshots_create(api: ApiClient, instance_id: str, ssh_host: str, ssh_port: 
 @workspace_option
 @user_option
 @click.option("--instance", "instance_id", default=None, help="Machine the host now belongs to.")
-@idempotency_option
-@wait_options
-@json_option
-@api_command
+@job_command()
 def snapshots_restore(api: ApiClient, snapshot_id: str, ssh_host: str, ssh_port: int, workspace_path: str,
-                      ssh_user: str | None, instance_id: str | None, idempotency_key: str | None, wait: bool,
-                      timeout: float | None, interval: float, as_json: bool) -> None:
+                      ssh_user: str | None, instance_id: str | None, idempotency_key: str | None) -> dict[str, Any]:
     """Restore a snapshot onto a host over SSH. Every part is verified and the archive fully extracted
     beside the workspace before the live workspace is replaced."""
     body: dict[str, object] = {"ssh_host": ssh_host, "ssh_port": ssh_port, "workspace_path": workspace_path}
     body |= {k: v for k, v in (("ssh_user", ssh_user), ("instance_id", instance_id)) if v is not None}
-    answer = api.post(f"/api/gpu-snapshots/{seg(snapshot_id)}/restore", body, idempotency_key=idempotency_key)
-    submitted(api, answer, as_json=as_json, wait=wait, timeout=timeout, interval=interval)
+    return api.post(f"/api/gpu-snapshots/{seg(snapshot_id)}/restore", body, idempotency_key=idempotency_key)
 
 
 @snapshots.command("verify")
 @click.argument("snapshot_id")
 @click.option("--deep", is_flag=True, help="Re-read every part and check its SHA-256, not only its size.")
-@idempotency_option
-@wait_options
-@json_option
-@api_command
-def snapshots_verify(api: ApiClient, snapshot_id: str, deep: bool, idempotency_key: str | None, wait: bool,
-                     timeout: float | None, interval: float, as_json: bool) -> None:
+@job_command()
+def snapshots_verify(api: ApiClient, snapshot_id: str, deep: bool, idempotency_key: str | None) -> dict[str, Any]:
     """Check that a snapshot's manifest and parts are in the bucket, intact."""
-    answer = api.post(f"/api/gpu-snapshots/{seg(snapshot_id)}/verify", {"deep": deep},
-                      idempotency_key=idempotency_key)
-    submitted(api, answer, as_json=as_json, wait=wait, timeout=timeout, interval=interval)
+    return api.post(f"/api/gpu-snapshots/{seg(snapshot_id)}/verify", {"deep": deep}, idempotency_key=idempotency_key)
 
 
 @snapshots.command("rm")
 @click.argument("snapshot_id")
-@idempotency_option
-@wait_options
-@json_option
-@api_command
-def snapshots_rm(api: ApiClient, snapshot_id: str, idempotency_key: str | None, wait: bool, timeout: float | None,
-                 interval: float, as_json: bool) -> None:
+@job_command()
+def snapshots_rm(api: ApiClient, snapshot_id: str, idempotency_key: str | None) -> dict[str, Any]:
     """Delete a snapshot: its objects (manifest first), then its record."""
-    answer = api.delete(f"/api/gpu-snapshots/{seg(snapshot_id)}", idempotency_key=idempotency_key)
-    submitted(api, answer, as_json=as_json, wait=wait, timeout=timeout, interval=interval)
+    return api.delete(f"/api/gpu-snapshots/{seg(snapshot_id)}", idempotency_key=idempotency_key)

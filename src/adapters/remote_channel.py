@@ -96,7 +96,7 @@ class ScriptOutput:
         if err:
             self._stderr += err
             self._tail = (self._tail + err)[-self._tail_limit :]
-            self._log_lines(self._stderr, "stderr")
+            self._log_stderr_lines()
         if not out:
             return []
         self._stdout += out
@@ -119,7 +119,7 @@ class ScriptOutput:
         if self._stderr:
             logger.debug("%s stderr: %s", self._prefix, self._stderr.decode("utf-8", "replace"))
             self._stderr.clear()
-        event = self._parse(line) if line.strip() else None
+        event = self._parse(line)
         return [event] if event is not None else []
 
     def stderr_tail(self) -> str:
@@ -139,9 +139,10 @@ class ScriptOutput:
         logger.debug("%s stdout: %s", self._prefix, text[:1000])
         return None
 
-    def _log_lines(self, buffer: bytearray, stream: str) -> None:
+    def _log_stderr_lines(self) -> None:
+        buffer = self._stderr
         while (end := buffer.find(b"\n")) >= 0:
-            logger.debug("%s %s: %s", self._prefix, stream, buffer[:end].decode("utf-8", "replace")[:1000])
+            logger.debug("%s stderr: %s", self._prefix, buffer[:end].decode("utf-8", "replace")[:1000])
             del buffer[: end + 1]
         if len(buffer) > _MAX_LINE:
             buffer.clear()

@@ -71,6 +71,11 @@ def echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2))
 
 
+def given(**fields: Any) -> dict[str, Any]:
+    """The options the user set: the server applies its own defaults to the rest."""
+    return {k: v for k, v in fields.items() if v is not None and v != ()}
+
+
 # ---- jobs: submit, wait, report ------------------------------------------------------------------
 
 

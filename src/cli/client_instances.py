@@ -6,13 +6,9 @@ from typing import Any
 import click
 
 from src.cli import render
-from src.cli.client import CODECS, api_command, echo_json, job_command, json_option, list_all, page_options, show_list
+from src.cli.client import (CODECS, api_command, echo_json, given, job_command, json_option, list_all, page_options,
+                            show_list)
 from src.cli.http import ApiClient, seg
-
-
-def given(**fields: Any) -> dict[str, Any]:
-    """The options the user set: the server applies its own defaults to the rest."""
-    return {k: v for k, v in fields.items() if v is not None and v != ()}
 
 
 @click.group()

@@ -6,7 +6,8 @@ from typing import Any
 import click
 
 from src.cli import render
-from src.cli.client import CODECS, api_command, echo_json, job_command, json_option, list_all, page_options, show_list
+from src.cli.client import (CODECS, api_command, echo_json, given, job_command, json_option, list_all, page_options,
+                            show_list)
 from src.cli.http import ApiClient, seg
 
 SNAPSHOT_STATUSES = ("pending", "running", "complete", "failed", "deleting")
@@ -71,8 +72,7 @@ def snapshots_create(api: ApiClient, instance_id: str, ssh_host: str, ssh_port: 
                      idempotency_key: str | None) -> dict[str, Any]:
     """Snapshot a workspace over SSH into the bucket (a job; --wait follows it)."""
     body = {"instance_id": instance_id, "ssh_host": ssh_host, "ssh_port": ssh_port, "workspace_path": workspace_path,
-            "codec": codec, "excludes": list(excludes)}
-    body |= {k: v for k, v in (("ssh_user", ssh_user), ("snapshot_name", snapshot_name)) if v is not None}
+            "codec": codec, "excludes": list(excludes), **given(ssh_user=ssh_user, snapshot_name=snapshot_name)}
     return api.post("/api/gpu-snapshots", body, idempotency_key=idempotency_key)
 
 
@@ -88,8 +88,8 @@ def snapshots_restore(api: ApiClient, snapshot_id: str, ssh_host: str, ssh_port:
                       ssh_user: str | None, instance_id: str | None, idempotency_key: str | None) -> dict[str, Any]:
     """Restore a snapshot onto a host over SSH. Every part is verified and the archive fully extracted
     beside the workspace before the live workspace is replaced."""
-    body: dict[str, object] = {"ssh_host": ssh_host, "ssh_port": ssh_port, "workspace_path": workspace_path}
-    body |= {k: v for k, v in (("ssh_user", ssh_user), ("instance_id", instance_id)) if v is not None}
+    body = {"ssh_host": ssh_host, "ssh_port": ssh_port, "workspace_path": workspace_path,
+            **given(ssh_user=ssh_user, instance_id=instance_id)}
     return api.post(f"/api/gpu-snapshots/{seg(snapshot_id)}/restore", body, idempotency_key=idempotency_key)
 
 

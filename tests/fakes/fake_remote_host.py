@@ -37,7 +37,6 @@ def fake_host_key(seed: str) -> str:
 
 
 FAKE_HOST_KEY = fake_host_key("fake-gpu-host")
-OTHER_HOST_KEY = fake_host_key("some-other-machine")
 
 
 @dataclass

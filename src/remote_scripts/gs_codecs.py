@@ -11,7 +11,7 @@ import threading
 from typing import Any, Dict, Optional, Tuple
 
 from gs_bootstrap import ensure
-from gs_common import ScriptError
+from gs_common import ScriptError, read_full
 
 MIN_SAVING = 0.03  # a part must shrink by 3% to be worth a decompression step on restore
 CODEC_NAMES = ("auto", "zstd", "nvcomp-ans", "none")
@@ -87,17 +87,11 @@ class ZstdCodec(Codec):
 
     def decompress_into(self, stored: Any, out: memoryview) -> int:
         # Streaming decode straight into a recycled buffer: no fresh 32 MiB allocation per part.
-        got = 0
         try:
             with self._ctx()[1].stream_reader(stored) as reader:
-                while got < len(out):
-                    n = reader.readinto(out[got:])
-                    if not n:
-                        break
-                    got += n
+                return read_full(reader, out)
         except self.zstd.ZstdError as exc:
             raise ScriptError("part_corrupt", "zstd frame does not decode: %s" % exc) from None
-        return got
 
     def version(self) -> str:
         return str(getattr(self.zstd, "__version__", ""))

@@ -6,6 +6,7 @@ one JSON object on stdin, JSON lines on stdout (`started`, `progress`…, then e
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 logger = logging.getLogger("gpusnap.remote")
 
 EXIT_FAILURE = 1
+_F_SETPIPE_SZ = 1031  # Linux fcntl
 MAX_PARALLELISM = 64  # parts in flight (snapshot) or read ahead (restore)
 
 
@@ -245,6 +247,27 @@ def key_prefix(value: str) -> str:
     if value.startswith("/") or ".." in value.split("/") or not value.strip("/"):
         raise ScriptError("bad_config", "prefix must be a relative key prefix such as snapshots/i/s/")
     return value if value.endswith("/") else value + "/"
+
+
+def widen_pipe(fd: int, size: int = 1 << 20) -> None:
+    """Give a pipe a 1 MiB buffer where Linux allows it: fewer, larger reads and writes, so the two
+    ends wake each other up 16x less often than with the default 64 KiB (less GIL churn)."""
+    try:
+        fcntl.fcntl(fd, _F_SETPIPE_SZ, size)
+    except OSError:
+        pass
+
+
+def read_full(stream: Any, buf: Any) -> int:
+    """Fill the writable buffer `buf` from `stream` (anything with readinto); returns the byte count,
+    short only at the end of the stream."""
+    view, got = memoryview(buf), 0
+    while got < len(view):
+        n = stream.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
 
 
 def tail_text(data: bytes, limit: int = 2000) -> str:

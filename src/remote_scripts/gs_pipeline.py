@@ -6,7 +6,6 @@ whatever the workspace size. Compression is further capped at one part per CPU.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
 import os
@@ -17,24 +16,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from gs_codecs import Codec, encode_part
-from gs_common import Context, ScriptError, tail_text
+from gs_common import Context, ScriptError, read_full, tail_text, widen_pipe
 from gs_manifest import part_key
 from gs_s3 import S5, NotFound
 
 logger = logging.getLogger("gpusnap.remote")
-
-_F_SETPIPE_SZ = 1031
-
-
-def read_full(stream: Any, buf: bytearray) -> int:
-    """Fill `buf` from a raw pipe; returns the byte count (short only at end of stream)."""
-    view, got = memoryview(buf), 0
-    while got < len(buf):
-        n = stream.readinto(view[got:])
-        if not n:
-            break
-        got += n
-    return got
 
 
 class PartUploader:
@@ -86,10 +72,7 @@ class PartUploader:
             raise ScriptError("missing_dependency", "GNU tar is not installed") from None
         finally:
             os.close(index_w)
-        try:
-            fcntl.fcntl(tar.stdout.fileno(), _F_SETPIPE_SZ, 1 << 20)  # fewer wakeups per part
-        except OSError:
-            pass
+        widen_pipe(tar.stdout.fileno())
         counter = threading.Thread(target=self._count_members, args=(index_r,), daemon=True)
         errors: List[bytes] = []
         drain = threading.Thread(target=lambda: errors.append(tar.stderr.read()), daemon=True)

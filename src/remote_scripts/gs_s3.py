@@ -7,21 +7,17 @@ a finished-looking name: S3 PUTs are all-or-nothing.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import subprocess
 import tempfile
 from typing import Any, Dict, List, Optional
 
-from gs_common import Context, ScriptError, tail_text
+from gs_common import Context, ScriptError, read_full, tail_text, widen_pipe
 
 _AUTH_MARKERS = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden",
                  "status code: 403", "InvalidToken", "ExpiredToken", "NoCredentialProviders")
 _NOT_FOUND_MARKERS = ("not found", "NoSuchKey", "no object found", "status code: 404")
-
-
-_F_SETPIPE_SZ = 1031  # Linux fcntl
 
 
 class NotFound(Exception):
@@ -137,17 +133,10 @@ class S5:
         over-long object is seen without buffering it. Returns the byte count; the caller compares
         it with `expected`. Raises NotFound when the key is absent."""
         proc = self._spawn(["cat", "--raw", self.url(key)], bufsize=0)
-        try:
-            fcntl.fcntl(proc.stdout.fileno(), _F_SETPIPE_SZ, 1 << 20)  # fewer, larger reads: less GIL churn
-        except OSError:
-            pass
+        widen_pipe(proc.stdout.fileno())
         view, got = memoryview(buf)[:expected + 1], 0
         try:
-            while got < len(view):
-                n = proc.stdout.readinto(view[got:])
-                if not n:
-                    break
-                got += n
+            got = read_full(proc.stdout, view)
         finally:
             view.release()
             if got > expected:

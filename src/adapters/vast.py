@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -119,7 +118,6 @@ class VastClient:
         self.max_retries = max_retries
         self.backoff_base = backoff_base
         self._session = session or requests.Session()
-        self._sleep: Callable[[float], None] = time.sleep
 
     def __repr__(self) -> str:  # never shows the key
         return f"VastClient(base_url={self.base_url!r})"
@@ -292,7 +290,7 @@ class VastClient:
                 else:
                     return response
             if attempt < self.max_retries:
-                self._sleep(self._backoff_s(attempt) if delay is None else delay)
+                time.sleep(self._backoff_s(attempt) if delay is None else delay)
         raise VastUnavailable(f"vast.ai {method} {path} failed {self.max_retries + 1} times; last: {last}",
                               status=status)
 

@@ -180,11 +180,12 @@ class Instance:
     @property
     def direct_ssh_endpoint(self) -> SshEndpoint | None:
         """The host's public address and the host port Docker mapped to the container's 22/tcp."""
-        mapped = self.ports.get("22/tcp") or []
-        for binding in mapped:
+        if not self.public_ipaddr:
+            return None
+        for binding in self.ports.get("22/tcp") or []:
             port = _int_or_none(binding.get("HostPort"))
-            if self.public_ipaddr and port:
-                return SshEndpoint(host=self.public_ipaddr.strip(), port=port, kind="direct")
+            if port:
+                return SshEndpoint(host=self.public_ipaddr, port=port, kind="direct")
         return None
 
     @property

@@ -155,6 +155,13 @@ def list_all(api: ApiClient, path: str, params: dict[str, Any], *, follow_cursor
     return {"items": items, "next_cursor": page.get("next_cursor")}
 
 
+def show_one(item: dict[str, Any], detail: Callable[[dict[str, Any]], str], *, as_json: bool) -> None:
+    if as_json:
+        echo_json(item)
+    else:
+        click.echo(detail(item))
+
+
 def show_list(page: dict[str, Any], rows: Callable[[list[dict[str, Any]]], str], *, noun: str,
               as_json: bool) -> None:
     if as_json:
@@ -203,11 +210,7 @@ def jobs_ls(api: ApiClient, kind: str | None, status: str | None, instance_id: s
 @api_command
 def jobs_show(api: ApiClient, job_id: str, as_json: bool) -> None:
     """Show one job: status, phase, progress, error, result."""
-    job = api.get(f"/api/jobs/{seg(job_id)}")
-    if as_json:
-        echo_json(job)
-    else:
-        click.echo(render.job_detail(job))
+    show_one(api.get(f"/api/jobs/{seg(job_id)}"), render.job_detail, as_json=as_json)
 
 
 @jobs.command("wait")

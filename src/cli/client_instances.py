@@ -6,8 +6,8 @@ from typing import Any
 import click
 
 from src.cli import render
-from src.cli.client import (CODECS, api_command, echo_json, given, job_command, json_option, list_all, page_options,
-                            show_list)
+from src.cli.client import (CODECS, api_command, given, job_command, json_option, list_all, page_options,
+                            show_list, show_one)
 from src.cli.http import ApiClient, seg
 
 
@@ -35,11 +35,7 @@ def instances_ls(api: ApiClient, status: str | None, limit: int, cursor: str | N
 @api_command
 def instances_show(api: ApiClient, instance_id: str, as_json: bool) -> None:
     """Show one machine and its event history (by its own id or its current vast.ai instance id)."""
-    machine = api.get(f"/api/instances/{seg(instance_id)}")
-    if as_json:
-        echo_json(machine)
-    else:
-        click.echo(render.machine_detail(machine))
+    show_one(api.get(f"/api/instances/{seg(instance_id)}"), render.machine_detail, as_json=as_json)
 
 
 @instances.command("hibernate")

@@ -6,8 +6,8 @@ from typing import Any
 import click
 
 from src.cli import render
-from src.cli.client import (CODECS, api_command, echo_json, given, job_command, json_option, list_all, page_options,
-                            show_list)
+from src.cli.client import (CODECS, api_command, given, job_command, json_option, list_all, page_options,
+                            show_list, show_one)
 from src.cli.http import ApiClient, seg
 
 SNAPSHOT_STATUSES = ("pending", "running", "complete", "failed", "deleting")
@@ -49,11 +49,7 @@ def snapshots_ls(api: ApiClient, instance_id: str | None, status: str | None, li
 @api_command
 def snapshots_show(api: ApiClient, snapshot_id: str, as_json: bool) -> None:
     """Show one snapshot: status, sizes, ratio, codec, parts, phase durations."""
-    snap = api.get(f"/api/gpu-snapshots/{seg(snapshot_id)}")
-    if as_json:
-        echo_json(snap)
-    else:
-        click.echo(render.snapshot_detail(snap))
+    show_one(api.get(f"/api/gpu-snapshots/{seg(snapshot_id)}"), render.snapshot_detail, as_json=as_json)
 
 
 @snapshots.command("create")

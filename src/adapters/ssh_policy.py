@@ -151,7 +151,7 @@ class SshPolicy:
         self._check_ip(host=host, ip=ip)
 
     def _check_ip(self, *, host: str, ip: IpAddress) -> None:
-        if any(ip.version == net.version and ip in net for net in self._networks):
+        if any(ip in net for net in self._networks):  # an address is never in a network of the other version
             return
         shown = host if _normalize_name(host) == str(ip) else f"{host} ({ip})"
         raise TargetNotAllowed(f"SSH host {shown} is not in SSH_ALLOWED_NETWORKS")

@@ -41,12 +41,15 @@ def tokens() -> None:
 
 @contextmanager
 def _sessions() -> Iterator[Any]:
-    """A session factory on DATABASE_URL for one command; its engine is disposed afterwards."""
+    """A session factory on DATABASE_URL for one command; its engine is disposed afterwards. A domain error
+    (a duplicate name, an unknown token) ends the command with its message."""
     from src.db import make_engine, make_session_factory
 
     engine = make_engine(Settings.from_env().database_url)
     try:
         yield make_session_factory(engine)
+    except GpusnapError as e:
+        raise click.ClickException(e.message) from None
     finally:
         engine.dispose()
 
@@ -57,11 +60,8 @@ def tokens_create(name: str) -> None:
     """Create a token called NAME and print it (the only time it is shown)."""
     from src.services.tokens import create_token
 
-    try:
-        with _sessions() as sessions:
-            click.echo(create_token(sessions, name))
-    except GpusnapError as e:
-        raise click.ClickException(e.message) from None
+    with _sessions() as sessions:
+        click.echo(create_token(sessions, name))
 
 
 @tokens.command("ls")
@@ -81,11 +81,8 @@ def tokens_revoke(name: str) -> None:
     """Revoke the token called NAME."""
     from src.services.tokens import revoke_token
 
-    try:
-        with _sessions() as sessions:
-            revoke_token(sessions, name)
-    except GpusnapError as e:
-        raise click.ClickException(e.message) from None
+    with _sessions() as sessions:
+        revoke_token(sessions, name)
     click.echo(f"revoked {name}")
 
 

@@ -84,6 +84,7 @@ class ObjectStore:
             raise _wrap(e, f"GET {key}") from e
 
     def put_bytes(self, key: str, data: bytes) -> None:
+        """Write `data` as `key`, replacing any object there. Idempotent."""
         try:
             self._s3.put_object(Bucket=self.bucket, Key=key, Body=data)
         except (ClientError, BotoCoreError) as e:
@@ -136,5 +137,6 @@ def _wrap(e: Exception, what: str) -> StorageError:
         if status in (401, 403):
             return StorageError(f"{what}: the object store refused our credentials ({code})",
                                 code="storage_auth_failed")
-        return StorageError(f"{what}: {code or status}", retryable=status >= 500 or status == 429)
+        return StorageError(f"{what}: the object store answered HTTP {status} ({code or 'no error code'})",
+                            retryable=status >= 500 or status == 429)
     return StorageError(f"{what}: {type(e).__name__}: {e}", retryable=True)

@@ -87,7 +87,8 @@ def tokens_revoke(name: str) -> None:
 
 
 @click.command()
-@click.option("--threads", type=int, default=None, help="Jobs run at once (default WORKER_THREADS)")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Jobs run at once (default WORKER_THREADS)")
 def worker(threads: int | None) -> None:
     """Run the job worker (Huey consumer) until interrupted."""
     from src.app import create_app

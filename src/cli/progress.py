@@ -4,6 +4,8 @@ The formatting functions are pure (numbers in, text out) so that they are tested
 `ProgressDisplay` only decides when to write what, and where."""
 from __future__ import annotations
 
+import os
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, TextIO
@@ -238,9 +240,6 @@ def wait_for_job(api: Any, job_id: str, *, timeout: float | None, interval: floa
 
 def terminal_display() -> ProgressDisplay:
     """A display on stderr: the bar when stderr is a terminal, plain lines when it is a pipe or a log."""
-    import os
-    import sys
-
     stream = sys.stderr
     tty = bool(getattr(stream, "isatty", lambda: False)())
     width = 80

@@ -11,7 +11,7 @@ import json
 import os
 import subprocess
 import tempfile
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from gs_common import Context, ScriptError, read_full, tail_text, widen_pipe
 
@@ -21,7 +21,7 @@ _NOT_FOUND_MARKERS = ("not found", "NoSuchKey", "no object found", "status code:
 
 
 class NotFound(Exception):
-    """The key (or, for list, any key under the prefix) does not exist."""
+    """The key does not exist (head, cat, cat_into; list answers {} instead)."""
 
 
 def classify(stderr: str, fallback: str) -> str:
@@ -31,6 +31,12 @@ def classify(stderr: str, fallback: str) -> str:
     if "NoSuchBucket" in stderr:
         return "bad_config"
     return fallback
+
+
+def _is_not_found(stderr: str, markers: Tuple[str, ...] = _NOT_FOUND_MARKERS) -> bool:
+    """The object (or, with list's marker, any object under the prefix) is absent; a refused
+    request or a missing bucket is not "not found"."""
+    return classify(stderr, "") == "" and any(m in stderr for m in markers)
 
 
 class S5:
@@ -62,56 +68,49 @@ class S5:
         except FileNotFoundError:
             raise ScriptError("missing_dependency", "s5cmd binary not found: %s" % self.base[0]) from None
 
-    def _run(self, args: List[str], fallback: str, pass_fds: tuple = ()) -> subprocess.CompletedProcess:
+    def _run(self, args: List[str], pass_fds: tuple = ()) -> subprocess.CompletedProcess:
         proc = self._spawn(args, pass_fds=pass_fds)
         out, err = proc.communicate()
         self.ctx.check()
         return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
-    def _fail(self, res: subprocess.CompletedProcess, fallback: str, what: str) -> ScriptError:
-        text = tail_text(res.stderr) or tail_text(res.stdout)
+    def _fail(self, returncode: int, text: str, fallback: str, what: str) -> ScriptError:
         code = classify(text, fallback)
         if code == "bad_config":
             return ScriptError(code, "bucket %r does not exist (%s)" % (self.bucket, text))
-        return ScriptError(code, "%s failed (s5cmd exit %d): %s" % (what, res.returncode, text))
+        return ScriptError(code, "%s failed (s5cmd exit %d): %s" % (what, returncode, text))
+
+    def _failed(self, res: subprocess.CompletedProcess, fallback: str, what: str) -> ScriptError:
+        return self._fail(res.returncode, tail_text(res.stderr) or tail_text(res.stdout), fallback, what)
 
     def put(self, key: str, data: Any, metadata: Dict[str, str]) -> None:
         """Upload `data` (bytes-like) as `key` with user metadata; raises ScriptError(upload_failed…)."""
-        fd = memfile(len(data), self.work_dir)
+        fd = memfile(data, self.work_dir)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view[:1 << 24]):]
-            os.lseek(fd, 0, os.SEEK_SET)
-            meta: List[str] = []
-            for name, value in sorted(metadata.items()):
-                meta += ["--metadata", "%s=%s" % (name, value)]
-            res = self._run(["cp", "--raw"] + meta + ["/dev/fd/%d" % fd, self.url(key)], "upload_failed",
+            res = self._run(["cp", "--raw"] + metadata_args(metadata) + ["/dev/fd/%d" % fd, self.url(key)],
                             pass_fds=(fd,))
         finally:
             os.close(fd)
         if res.returncode != 0:
-            raise self._fail(res, "upload_failed", "upload of %s" % key)
+            raise self._failed(res, "upload_failed", "upload of %s" % key)
 
     def head(self, key: str, fallback: str = "upload_failed") -> Dict[str, Any]:
         """Size and metadata of one object; NotFound when absent."""
-        res = self._run(["head", "--raw", self.url(key)], fallback)
+        res = self._run(["head", "--raw", self.url(key)])
         if res.returncode != 0:
-            text = tail_text(res.stderr)
-            if classify(text, "") == "" and any(m in text for m in _NOT_FOUND_MARKERS):
+            if _is_not_found(tail_text(res.stderr)):
                 raise NotFound(key)
-            raise self._fail(res, fallback, "head of %s" % key)
+            raise self._failed(res, fallback, "head of %s" % key)
         info = json.loads(res.stdout.decode("utf-8").strip().splitlines()[-1])
         return {"size": int(info.get("size", -1)), "metadata": info.get("metadata") or {}}
 
     def list(self, prefix: str, fallback: str = "upload_failed") -> Dict[str, int]:
         """Every key directly under `prefix` (a folder ending in '/') mapped to its size."""
-        res = self._run(["ls", self.url(prefix) + "*"], fallback)
+        res = self._run(["ls", self.url(prefix) + "*"])
         if res.returncode != 0:
-            text = tail_text(res.stderr)
-            if "no object found" in text and classify(text, "") == "":
+            if _is_not_found(tail_text(res.stderr), ("no object found",)):
                 return {}
-            raise self._fail(res, fallback, "listing of %s" % prefix)
+            raise self._failed(res, fallback, "listing of %s" % prefix)
         found: Dict[str, int] = {}
         for line in res.stdout.decode("utf-8", "replace").splitlines():
             if line.strip():
@@ -150,27 +149,47 @@ class S5:
             return got  # too long: the caller reports a size mismatch
         if proc.returncode != 0:
             text = tail_text(err)
-            if classify(text, "") == "" and any(m in text for m in _NOT_FOUND_MARKERS):
+            if _is_not_found(text):
                 raise NotFound(key)
-            code = classify(text, fallback)
-            raise ScriptError(code, "download of %s failed (s5cmd exit %d): %s" % (key, proc.returncode, text))
+            raise self._fail(proc.returncode, text, fallback, "download of %s" % key)
         return got
 
     def remove(self, keys: List[str]) -> None:
+        """Delete these keys (none: nothing to do); raises ScriptError(upload_failed…)."""
         if keys:
-            res = self._run(["rm"] + [self.url(k) for k in keys], "upload_failed")
+            res = self._run(["rm"] + [self.url(k) for k in keys])
             if res.returncode != 0:
-                raise self._fail(res, "upload_failed", "removal of stale parts")
+                what = keys[0] if len(keys) == 1 else "%d objects (%s, ...)" % (len(keys), keys[0])
+                raise self._failed(res, "upload_failed", "removal of %s" % what)
 
 
-def memfile(size: int, work_dir: Optional[str]) -> int:
-    """An anonymous in-memory file (memfd), or an unlinked spool file in `work_dir` where memfd is
-    missing. Either way it disappears with the last descriptor."""
+def metadata_args(metadata: Dict[str, str]) -> List[str]:
+    """`--metadata name=value` for each item, in a stable order."""
+    args: List[str] = []
+    for name, value in sorted(metadata.items()):
+        args += ["--metadata", "%s=%s" % (name, value)]
+    return args
+
+
+def memfile(data: Any, work_dir: Optional[str]) -> int:
+    """A descriptor of an anonymous in-memory file (memfd) holding all of `data` (bytes-like), or of
+    an unlinked spool file in `work_dir` where memfd is missing. Either way it disappears with the
+    last descriptor; the caller closes it."""
+    fd = -1
     if hasattr(os, "memfd_create"):
         try:
-            return os.memfd_create("gpusnap-part")
+            fd = os.memfd_create("gpusnap-part")
         except OSError:
             pass
-    fd, path = tempfile.mkstemp(prefix="gpusnap-part-", dir=work_dir)
-    os.unlink(path)
+    if fd < 0:
+        fd, path = tempfile.mkstemp(prefix="gpusnap-part-", dir=work_dir)
+        os.unlink(path)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view[:1 << 24]):]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
     return fd

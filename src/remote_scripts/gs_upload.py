@@ -19,7 +19,7 @@ import threading
 from typing import Any, Dict, List, Optional
 
 from gs_common import ScriptError, tail_text
-from gs_s3 import S5, classify, memfile
+from gs_s3 import S5, classify, memfile, metadata_args
 
 # What a command line may hold without quoting (s5cmd splits `run` lines on whitespace).
 _PLAIN = re.compile(r"^[A-Za-z0-9._:/=@+,%-]+$")
@@ -61,17 +61,12 @@ class BatchUploader:
     def put(self, key: str, data: Any, metadata: Dict[str, str]) -> None:
         """Upload `data` as `key`; raises ScriptError (upload_failed, storage_auth_failed, cancelled)."""
         url = self.s5.url(key)
-        meta: List[str] = []
-        for name, value in sorted(metadata.items()):
-            meta += ["--metadata", "%s=%s" % (name, value)]
+        meta = metadata_args(metadata)
         if not all(_PLAIN.match(arg) for arg in meta + [url]):
             self.s5.put(key, data, metadata)
             return
-        fd = memfile(len(data), self.s5.work_dir)
+        fd = memfile(data, self.s5.work_dir)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view[:1 << 24]):]
             line = " ".join(["cp", "--raw"] + meta + ["/proc/%d/fd/%d" % (os.getpid(), fd), url]) + "\n"
             waiter = _Waiter()
             with self._lock:

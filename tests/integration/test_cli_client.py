@@ -15,17 +15,11 @@ from src.app import create_app
 from src.cli import main
 from src.db import transaction
 from src.models import Machine
-from tests.fakes.fake_object_store import FakeObjectStore
 from tests.support.fixtures_app import TOKEN, make_settings, run_jobs
 from tests.support.snapshots import add_complete_snapshot
 
 CREATE = ["--instance", "4242", "--host", "10.1.2.3", "--port", "2222", "--workspace", "/workspace"]
 FAST = ["--interval", "0.05", "--timeout", "20"]  # a safety net: a stuck job fails the test, not the run
-
-
-@pytest.fixture
-def store() -> FakeObjectStore:
-    return FakeObjectStore()
 
 
 @pytest.fixture
@@ -118,7 +112,7 @@ def test_snapshots_show(cli, app, store):
     snap = add_complete_snapshot(app, store)
     r = cli("snapshots", "show", snap["id"])
     assert r.exit_code == 0
-    assert f"id:" in r.stdout and snap["id"] in r.stdout and "complete" in r.stdout
+    assert "id:" in r.stdout and snap["id"] in r.stdout and "complete" in r.stdout
     assert snap["prefix"] in r.stdout
     assert json.loads(cli("snapshots", "show", snap["id"], "--json").stdout)["parts"] == 3
 
@@ -164,7 +158,7 @@ def test_wrong_or_missing_token_exits_1_and_never_prints_the_token(cli):
     assert missing.exit_code == 1 and missing.stderr.startswith("error: unauthorized: ")
 
 
-def test_token_option_overrides_the_environment(cli, url):
+def test_token_option_overrides_the_environment(cli):
     r = cli("snapshots", "ls", "--token", TOKEN, token="wrong")
     assert r.exit_code == 0
 
@@ -240,7 +234,7 @@ def test_jobs_ls_and_show(cli, app, store):
     assert r.exit_code == 0 and job_id in r.stdout and "verify_snapshot" in r.stdout
     assert cli("jobs", "ls", "--status", "failed").stdout.strip() == "no jobs"
     shown = cli("jobs", "show", job_id)
-    assert f"id:" in shown.stdout and snap["id"] in shown.stdout
+    assert "id:" in shown.stdout and snap["id"] in shown.stdout
     assert cli("jobs", "show", "job_nope").stderr.startswith("error: not_found: ")
 
 
@@ -249,7 +243,8 @@ def test_jobs_ls_and_show(cli, app, store):
 
 def test_instances_ls_and_show(cli, app, store):
     add_complete_snapshot(app, store, machine_id="m7")
-    cli("snapshots", "create", "--instance", "m7", "--host", "10.1.2.3", "--port", "22", "--workspace", "/w")
+    created = cli("snapshots", "create", "--instance", "m7", "--host", "10.1.2.3", "--port", "22", "--workspace", "/w")
+    assert created.exit_code == 0, created.output
     r = cli("instances", "ls")
     assert r.exit_code == 0 and "m7" in r.stdout
     shown = cli("instances", "show", "m7")

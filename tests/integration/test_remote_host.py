@@ -30,7 +30,7 @@ from src.adapters.remote_host import (
 )
 from src.adapters.remote_session import RemoteSession
 from tests.fakes.fake_remote_host import FakeRemoteSession, FakeSshClient
-from tests.support.sshd import LoopbackSshd, write_key_pair
+from tests.support.sshd import LoopbackSshd, processes, write_key_pair
 
 SECRET = "S3CR3T-not-a-real-key-7f3a91c2"
 
@@ -108,15 +108,7 @@ def target_of(server: LoopbackSshd, *, pinned: str | None = None) -> SshTarget:
 
 def live_group_members(pgid: int) -> list[int]:
     """Processes in `pgid` that are not zombies (PID 1 here may never reap orphans)."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(stat.parent.name))
-    return members
+    return [pid for pid, fields in processes() if int(fields[2]) == pgid and fields[0] != "Z"]
 
 
 def wait_gone(pgid: int, timeout: float = 5.0) -> list[int]:

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -44,17 +45,19 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def _children(pid: int) -> list[int]:
-    """Direct children of `pid`, read from /proc."""
-    kids = []
+def processes() -> Iterator[tuple[int, list[str]]]:
+    """(pid, stat fields after the command name: state, ppid, pgrp, ...) of every process, from /proc."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue  # the process exited while we looked
-        if int(fields[1]) == pid:
-            kids.append(int(stat.parent.name))
-    return kids
+        yield int(stat.parent.name), fields
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of `pid`."""
+    return [child for child, fields in processes() if int(fields[1]) == pid]
 
 
 class LoopbackSshd:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import sqlalchemy as sa
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 from src.cli.admin import tokens
 from src.services.tokens import digest
@@ -19,9 +19,8 @@ def _bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def _cli(database_url: str, *args: str):  # type: ignore[no-untyped-def]
-    result = CliRunner().invoke(tokens, list(args), env={"DATABASE_URL": database_url}, catch_exceptions=False)
-    return result
+def _cli(database_url: str, *args: str) -> Result:
+    return CliRunner().invoke(tokens, list(args), env={"DATABASE_URL": database_url}, catch_exceptions=False)
 
 
 def _assert_error_body(r, status: int, code: str) -> None:  # type: ignore[no-untyped-def]
@@ -75,7 +74,7 @@ def test_cli_token_works_is_stored_only_as_sha256_and_revocation_takes_effect(cl
     listed = _cli(database_url, "ls")
     assert "ci-bot" in listed.output and token not in listed.output and "revoked" not in listed.output
 
-    duplicate = CliRunner().invoke(tokens, ["create", "ci-bot"], env={"DATABASE_URL": database_url})
+    duplicate = _cli(database_url, "create", "ci-bot")
     assert duplicate.exit_code != 0 and "already exists" in duplicate.output
 
     revoked = _cli(database_url, "revoke", "ci-bot")
@@ -85,7 +84,7 @@ def test_cli_token_works_is_stored_only_as_sha256_and_revocation_takes_effect(cl
     # The static token is untouched by revoking a database token.
     assert client.get("/api/gpu-snapshots", headers=AUTH).status_code == 200
 
-    again = CliRunner().invoke(tokens, ["revoke", "ci-bot"], env={"DATABASE_URL": database_url})
+    again = _cli(database_url, "revoke", "ci-bot")
     assert again.exit_code != 0 and "no active token" in again.output
 
 

@@ -14,7 +14,8 @@ from gs_bootstrap import ensure
 from gs_common import ScriptError, read_full
 
 MIN_SAVING = 0.03  # a part must shrink by 3% to be worth a decompression step on restore
-CODEC_NAMES = ("auto", "zstd", "nvcomp-ans", "none")
+PART_CODECS = ("zstd", "nvcomp-ans", "none")  # what a manifest may name for a part
+CODEC_NAMES = ("auto",) + PART_CODECS  # what a snapshot config may ask for
 
 
 class Codec:
@@ -120,9 +121,10 @@ class NvcompAnsCodec(Codec):
         return False  # no embedded checksum requested: restore re-hashes the output
 
     def __init__(self, bootstrap: bool = True, device_id: int = 0) -> None:
-        if cuda_driver_version() is None:
+        driver = cuda_driver_version()
+        if driver is None:
             raise ScriptError("codec_unavailable", "nvcomp-ans needs a CUDA GPU; none is visible")
-        major = 13 if (cuda_driver_version() or 0) >= 13000 else 12
+        major = 13 if driver >= 13000 else 12
         self.nvcomp = ensure("nvidia.nvcomp", "nvidia-nvcomp-cu%d" % major, install=bootstrap)
         self.device_id = device_id
         self._local = threading.local()  # nvCOMP: one Codec per thread (documented thread-safety)
@@ -194,7 +196,7 @@ def for_restore(names: Any, bootstrap: bool = True) -> Dict[str, Codec]:
     """Decoders for every codec named in a manifest (so a missing one fails before any download)."""
     out: Dict[str, Codec] = {}
     for name in sorted(set(names)):
-        if name == "auto" or name not in CODEC_NAMES:
+        if name not in PART_CODECS:
             raise ScriptError("manifest_invalid", "unknown part codec %r" % name)
         out[name] = for_snapshot(name, 3, bootstrap)
     return out
@@ -208,9 +210,3 @@ def encode_part(codec: Codec, raw: Any) -> Tuple[str, Any]:
     if len(stored) > len(raw) * (1.0 - MIN_SAVING):
         return "none", raw
     return codec.name, stored
-
-
-def decode_part(codecs: Dict[str, Codec], name: str, stored: Any, raw_size: int) -> Any:
-    if name == "none":
-        return stored
-    return codecs[name].decompress(stored, raw_size)

@@ -17,7 +17,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
-from gs_codecs import Codec, decode_part
+from gs_codecs import Codec
 from gs_common import Context, ScriptError
 from gs_s3 import S5, NotFound
 

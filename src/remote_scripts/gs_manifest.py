@@ -10,13 +10,13 @@ import re
 import time
 from typing import Any, Dict, List
 
+from gs_codecs import PART_CODECS
 from gs_common import ScriptError
 
 FORMAT = "gpusnap-manifest"
 VERSION = 1
 MANIFEST_NAME = "manifest.json"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_CODECS = ("zstd", "nvcomp-ans", "none")
 
 
 def part_key(index: int) -> str:
@@ -70,7 +70,7 @@ def validate(doc: Any) -> Dict[str, Any]:
             raise _bad("part %d is not an object" % i)
         if part.get("index") != i or part.get("key") != part_key(i):
             raise _bad("part %d has index/key %r/%r" % (i, part.get("index"), part.get("key")))
-        if part.get("codec") not in _CODECS:
+        if part.get("codec") not in PART_CODECS:
             raise _bad("part %d has unknown codec %r" % (i, part.get("codec")))
         _int(part.get("raw_size"), "part %d raw_size" % i)
         _int(part.get("stored_size"), "part %d stored_size" % i)

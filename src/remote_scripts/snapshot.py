@@ -19,7 +19,6 @@ import platform
 import socket
 import subprocess
 import sys
-import threading
 import time
 from typing import Any, Dict, List
 

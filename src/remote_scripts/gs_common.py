@@ -76,7 +76,7 @@ class Events:
             try:
                 while data:
                     data = data[os.write(self._fd, data):]
-            except (BrokenPipeError, OSError) as exc:
+            except OSError as exc:  # EPIPE above all
                 self.gone = True
                 if self.on_gone is not None:
                     self.on_gone()
@@ -272,7 +272,3 @@ def read_full(stream: Any, buf: Any) -> int:
 
 def tail_text(data: bytes, limit: int = 2000) -> str:
     return data[-limit:].decode("utf-8", "replace").strip()
-
-
-def optional_str(value: Optional[str]) -> str:
-    return value if value else ""

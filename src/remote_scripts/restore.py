@@ -1,7 +1,8 @@
 """Restore a snapshot written by snapshot.py into a workspace directory, verified and all-or-nothing.
 
     python3 restore.py < config.json   (config: workspace_path, s3, prefix, parallelism, s5cmd,
-                                        optional allow_external_symlinks; see docs/data-plane.md)
+                                        allow_external_symlinks, manifest_sha256, bootstrap;
+                                        see docs/data-plane.md)
 
 Order: read and validate the manifest -> check free disk (totals.raw_bytes) -> download parts in a
 bounded window, verifying size and SHA-256 before decoding -> stream the decoded tar through the
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,7 +54,7 @@ def parse_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     return opts
 
 
-def load_manifest(s5: S5, prefix: str, expected_sha256: "str | None" = None) -> Dict[str, Any]:
+def load_manifest(s5: S5, prefix: str, expected_sha256: Optional[str] = None) -> Dict[str, Any]:
     """The manifest, validated. With `expected_sha256` (what the control plane recorded when the
     snapshot completed) a manifest replaced since then is refused: `manifest_changed`."""
     key = prefix + MANIFEST_NAME
@@ -104,7 +105,7 @@ class TarExtract:
         try:
             while view:
                 view = view[self.proc.stdin.write(view):]
-        except (BrokenPipeError, OSError):
+        except OSError:  # EPIPE: tar has exited
             self.proc.wait()
             self.thread.join(5)
             raise self._failure("tar -x stopped reading") from None

@@ -6,7 +6,7 @@ Pipeline, all stages overlapping: GNU tar (deterministic stream) -> fixed-size r
 tar's stdout -> compress + hash in a bounded thread pool -> upload each part from memory through one
 long-lived `s5cmd run`.
 At most `parallelism` parts are alive at once, so memory is bounded by about
-parallelism x 2 x part_size and no local disk is used at all. The manifest is uploaded last, after a
+parallelism x (part_size + 2 x stored part) and no local disk is used at all. The manifest is uploaded last, after a
 listing confirms every part is present with its size. A re-run with the same prefix resumes: a part
 whose object already carries the same SHA-256 (object metadata) is compressed but not uploaded again.
 """
@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from gs_codecs import CODEC_NAMES, for_snapshot  # noqa: E402
 from gs_common import MAX_PARALLELISM, Context, ScriptError, heartbeat, key_prefix, require, run_script  # noqa: E402
-from gs_manifest import MANIFEST_NAME, build, part_key  # noqa: E402
+from gs_manifest import MANIFEST_NAME, build, part_key, utc_now  # noqa: E402
 from gs_pipeline import PartUploader  # noqa: E402
 from gs_s3 import S5  # noqa: E402
 from gs_upload import BatchUploader  # noqa: E402
@@ -82,7 +82,7 @@ def _tool_version(cmd: List[str]) -> str:
 
 
 def main(cfg: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
-    started, created_at = time.monotonic(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    started, created_at = time.monotonic(), utc_now()
     opts = parse_config(cfg)
     workspace, prefix, events = opts["workspace"], opts["prefix"], ctx.events
     if not os.path.isdir(workspace):

@@ -15,16 +15,32 @@ from tests.support.services import port_open
 from tests.support.snapshots import add_complete_snapshot
 
 
-def _create(client, instance_id: str = "4242", **changes):  # type: ignore[no-untyped-def]
-    body = {"instance_id": instance_id, "ssh_host": "10.1.2.3", "ssh_port": 2222, "workspace_path": "/workspace",
+def _body(instance_id: str = "4242", **changes):  # type: ignore[no-untyped-def]
+    return {"instance_id": instance_id, "ssh_host": "10.1.2.3", "ssh_port": 2222, "workspace_path": "/workspace",
             **changes}
-    r = client.post("/api/gpu-snapshots", json=body, headers=AUTH)
+
+
+def _create(client, instance_id: str = "4242", **changes):  # type: ignore[no-untyped-def]
+    r = client.post("/api/gpu-snapshots", json=_body(instance_id, **changes), headers=AUTH)
     assert r.status_code == 202, r.get_json()
     return r.get_json()
 
 
 def _ids(page: dict) -> list[str]:
     return [j["id"] for j in page["items"]]
+
+
+def _pages(client, url: str) -> list[dict]:  # type: ignore[no-untyped-def]
+    """Every page of a listing, following next_cursor from `url` (which has a query string already)."""
+    pages = []
+    next_url = url
+    while next_url:
+        r = client.get(next_url, headers=AUTH)
+        assert r.status_code == 200, r.get_json()
+        pages.append(r.get_json())
+        cursor = pages[-1]["next_cursor"]
+        next_url = f"{url}&cursor={cursor}" if cursor else ""
+    return pages
 
 
 # ---- /api/jobs ---------------------------------------------------------------------------------
@@ -66,15 +82,8 @@ def test_list_jobs_filters_by_kind_status_and_instance(client, app, store):
 
 def test_list_jobs_cursor_pagination_walks_every_job_once(client):
     created = [_create(client, f"m{i}")["job"]["id"] for i in range(5)]
-    seen: list[str] = []
-    url = "/api/jobs?limit=2"
-    pages = 0
-    while url:
-        page = client.get(url, headers=AUTH).get_json()
-        seen += _ids(page)
-        pages += 1
-        url = f"/api/jobs?limit=2&cursor={page['next_cursor']}" if page["next_cursor"] else ""
-    assert seen == created[::-1] and pages == 3
+    pages = _pages(client, "/api/jobs?limit=2")
+    assert [job_id for page in pages for job_id in _ids(page)] == created[::-1] and len(pages) == 3
 
 
 @pytest.mark.parametrize("query", ["limit=0", "limit=201", "limit=x", "status=done", "kind=Bad-Kind",
@@ -89,8 +98,7 @@ def test_list_jobs_bad_query_is_400(client, query):
 def test_cancel_queued_job_is_immediate_and_frees_the_machine(client, app):
     created = _create(client, "4242")
     job_id = created["job"]["id"]
-    busy = client.post("/api/gpu-snapshots", json={"instance_id": "4242", "ssh_host": "10.1.2.3", "ssh_port": 2222,
-                                                  "workspace_path": "/workspace"}, headers=AUTH)
+    busy = client.post("/api/gpu-snapshots", json=_body("4242"), headers=AUTH)
     assert busy.status_code == 409
 
     r = client.post(f"/api/jobs/{job_id}/cancel", headers=AUTH)
@@ -135,7 +143,7 @@ def test_cancel_body_with_unknown_field_is_422_and_cancels_nothing(client):
 # ---- /api/instances ----------------------------------------------------------------------------
 
 
-def test_instances_list_and_detail_with_events(client, app):
+def test_instances_list_and_detail_with_events(client):
     job_id = _create(client, "gpu-a")["job"]["id"]
     _create(client, "gpu-b")
     listed = client.get("/api/instances", headers=AUTH).get_json()
@@ -167,15 +175,8 @@ def test_instances_pagination_with_every_machine_id_character_and_the_longest_id
     ids = ["10.1.2.3:2222", "a.b-c_d:e", "z" + "9" * 127]
     for machine_id in ids:
         _create(client, machine_id)
-    seen: list[str] = []
-    url = "/api/instances?limit=1"
-    while url:
-        page = client.get(url, headers=AUTH)
-        assert page.status_code == 200, page.get_json()
-        seen += [m["id"] for m in page.get_json()["items"]]
-        cursor = page.get_json()["next_cursor"]
-        url = f"/api/instances?limit=1&cursor={cursor}" if cursor else ""
-    assert seen == sorted(ids)
+    pages = _pages(client, "/api/instances?limit=1")
+    assert [machine_id for page in pages for machine_id in _ids(page)] == sorted(ids)
 
 
 def test_instance_found_by_vast_instance_id_and_404_when_unknown(client, app):

@@ -4,6 +4,7 @@ run in threads of this process through the same `JobRunner` the worker uses."""
 from __future__ import annotations
 
 import datetime as dt
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -188,6 +189,14 @@ def _age(app, job_id: str, **values: Any) -> None:  # type: ignore[no-untyped-de
         s.execute(update(Job).where(Job.id == job_id).values(**values))
 
 
+def _requeue_stale(app) -> list[str]:  # type: ignore[no-untyped-def]
+    """What recovery does to jobs whose heartbeat is over a minute old, every kind counted as rerunnable."""
+    c = _c(app)
+    return job_service.requeue_stale(c.session_factory, stale_after=dt.timedelta(seconds=60),
+                                     max_attempts=c.settings.job_max_attempts, rerunnable=lambda k: True,
+                                     on_end=lambda k: None)
+
+
 OLD = dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc)
 
 
@@ -203,7 +212,7 @@ def test_progress_is_visible_from_another_session_while_the_job_runs(app, other_
     row = other_session(job_id)
     assert row.status == "running" and row.attempts == 1 and row.phase == "copying"
     assert (row.bytes_done, row.bytes_total, row.parts_done, row.parts_total) == (40, 100, 1, 4)
-    assert row.worker and row.worker.endswith(f":{__import__('os').getpid()}") and row.heartbeat_at is not None
+    assert row.worker and row.worker.endswith(f":{os.getpid()}") and row.heartbeat_at is not None
     first_beat = row.heartbeat_at
 
     gate.release.set()
@@ -299,7 +308,7 @@ def test_recovery_requeues_rerunnable_and_fails_the_rest(app, other_session):
     row = other_session(rerun)
     assert row.status == "queued" and row.phase == "requeued" and row.worker is None
     assert row.lock_key == "machine:r1"  # still held: nobody else may touch the machine meanwhile
-    for job_id, lock in ((once, "machine:o1"), (exhausted, "machine:x1")):
+    for job_id in (once, exhausted):
         row = other_session(job_id)
         assert row.status == "failed" and row.error_code == "interrupted" and row.lock_key is None, job_id
     assert other_session(alive).status == "running"
@@ -319,9 +328,7 @@ def test_recovery_with_max_attempts_left_then_exhausted(app, other_session):
     for attempt in range(1, c.settings.job_max_attempts + 1):
         assert job_service.claim(c.session_factory, job_id, worker="dead-host:1").attempts == attempt
         _age(app, job_id, heartbeat_at=OLD)
-        ids = job_service.requeue_stale(c.session_factory, stale_after=dt.timedelta(seconds=60),
-                                        max_attempts=c.settings.job_max_attempts,
-                                        rerunnable=lambda k: True, on_end=lambda k: None)
+        ids = _requeue_stale(app)
         if attempt < c.settings.job_max_attempts:
             assert ids == [job_id] and other_session(job_id).status == "queued"
     row = other_session(job_id)
@@ -337,8 +344,7 @@ def test_stale_attempt_heartbeat_and_finish_are_refused_after_takeover(app, othe
     first = job_service.claim(sf, job_id, worker="host-a:1")
     assert first.attempts == 1
     _age(app, job_id, heartbeat_at=OLD)
-    assert job_service.requeue_stale(sf, stale_after=dt.timedelta(seconds=60), max_attempts=3,
-                                     rerunnable=lambda k: True, on_end=lambda k: None) == [job_id]
+    assert _requeue_stale(app) == [job_id]
     assert job_service.heartbeat(sf, job_id, attempt=1, progress={"phase": "stale"}) == "lost"  # while queued
     second = job_service.claim(sf, job_id, worker="host-b:2")
     assert second.attempts == 2
@@ -370,8 +376,7 @@ def test_saved_state_survives_takeover_and_the_stale_attempt_is_fenced_off(app, 
 
     # Its worker is presumed dead (the lease is stale); recovery hands the job to another runner.
     _age(app, job_id, heartbeat_at=OLD)
-    assert job_service.requeue_stale(c.session_factory, stale_after=dt.timedelta(seconds=60), max_attempts=3,
-                                     rerunnable=lambda k: True, on_end=lambda k: None) == [job_id]
+    assert _requeue_stale(app) == [job_id]
     JobRunner(c).run(job_id)
     row = other_session(job_id)
     assert row.status == "succeeded" and row.attempts == 2

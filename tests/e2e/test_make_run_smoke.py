@@ -16,7 +16,6 @@ import requests
 
 from tests.support.services import port_open
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 TOKEN = "smoke-token-0123456789abcdef"
 
 

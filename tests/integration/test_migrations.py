@@ -23,8 +23,6 @@ from src.models import Base
 from tests.support.fixtures_db import PG_ADMIN_URL
 from tests.support.services import ensure_postgres
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def fresh_url(request, tmp_path) -> Iterator[str]:  # type: ignore[no-untyped-def]

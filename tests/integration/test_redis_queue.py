@@ -8,15 +8,11 @@ import time
 import pytest
 import redis
 
-from src.app import create_app
 from src.db import transaction
-from src.migrate import upgrade
 from src.models import Job
 from src.services import jobs as job_service
-from src.settings import Settings
 from tests.support.services import ensure_redis
-from tests.support.test_kinds import make_kinds
-from tests.support.test_worker import WorkerProcess
+from tests.support.test_worker import WorkerProcess, control_app, worker_env
 
 pytestmark = pytest.mark.redis
 
@@ -38,13 +34,9 @@ def redis_url():  # type: ignore[no-untyped-def]
 
 
 def test_two_worker_processes_share_the_redis_queue_and_run_each_job_once(tmp_path, redis_url):
-    database_url = f"sqlite:///{tmp_path / 'gpusnap.db'}"
-    upgrade(database_url)
-    env = {"DATABASE_URL": database_url, "REDIS_URL": redis_url, "LOG_FORMAT": "text", "JOB_HEARTBEAT_S": "0.5",
-           "TEST_WORKER_THREADS": "2"}
+    env = worker_env(tmp_path, REDIS_URL=redis_url)
     workers = [WorkerProcess(env, tmp_path, f"worker-{i}").start() for i in (1, 2)]
-    app = create_app(Settings.from_env(env, dotenv=False), job_kinds=make_kinds(), configure_logs=False)
-    c = app.extensions["gpusnap"]
+    c = control_app(env).extensions["gpusnap"]
     try:
         for w in workers:
             w.wait_ready()

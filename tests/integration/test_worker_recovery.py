@@ -9,14 +9,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from src.app import create_app
 from src.db import transaction
-from src.migrate import upgrade
 from src.models import Job
 from src.services import jobs as job_service
-from src.settings import Settings
-from tests.support.test_kinds import make_kinds
-from tests.support.test_worker import WorkerProcess
+from tests.support.test_worker import WorkerProcess, control_app, worker_env
 
 LOCK = "machine:recovery-test"
 
@@ -24,13 +20,8 @@ LOCK = "machine:recovery-test"
 class Harness:
     def __init__(self, tmp_path) -> None:  # type: ignore[no-untyped-def]
         self.tmp = tmp_path
-        database_url = f"sqlite:///{tmp_path / 'gpusnap.db'}"
-        upgrade(database_url)
-        self.env = {"DATABASE_URL": database_url, "QUEUE_PATH": str(tmp_path / "queue.db"), "LOG_FORMAT": "text",
-                    "JOB_HEARTBEAT_S": "0.5", "JOB_STALE_AFTER_S": "600", "TEST_WORKER_THREADS": "2"}
-        self.app = create_app(Settings.from_env(self.env, dotenv=False), job_kinds=make_kinds(),
-                              configure_logs=False)
-        self.c = self.app.extensions["gpusnap"]
+        self.env = worker_env(tmp_path, QUEUE_PATH=str(tmp_path / "queue.db"), JOB_STALE_AFTER_S="600")
+        self.c = control_app(self.env).extensions["gpusnap"]
         self.workers: list[WorkerProcess] = []
 
     def worker(self) -> WorkerProcess:

@@ -15,10 +15,32 @@ import subprocess
 import sys
 import time
 
+from flask import Flask
+
+from src.app import create_app
+from src.cli.admin import run_worker
+from src.migrate import upgrade
+from src.settings import Settings
+from tests.support.test_kinds import make_kinds
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 # Settings the parent's environment must not leak into a worker the test configures itself.
 _OWN = ("DATABASE_URL", "REDIS_URL", "QUEUE_PATH", "API_TOKENS", "WORKER_THREADS", "JOB_HEARTBEAT_S",
         "JOB_STALE_AFTER_S", "JOB_MAX_ATTEMPTS")
+
+
+def worker_env(tmp: pathlib.Path, **settings: str) -> dict[str, str]:
+    """The environment for workers sharing a freshly migrated SQLite database in `tmp`: text logs, a
+    heartbeat every 0.5 s, two threads each, and `settings` (REDIS_URL or QUEUE_PATH, say) on top."""
+    database_url = f"sqlite:///{tmp / 'gpusnap.db'}"
+    upgrade(database_url)
+    return {"DATABASE_URL": database_url, "LOG_FORMAT": "text", "JOB_HEARTBEAT_S": "0.5", "TEST_WORKER_THREADS": "2",
+            **settings}
+
+
+def control_app(env: dict[str, str]) -> Flask:
+    """The app a test adds, enqueues and reads jobs through, configured like the workers of `env`."""
+    return create_app(Settings.from_env(env, dotenv=False), job_kinds=make_kinds(), configure_logs=False)
 
 
 class WorkerProcess:
@@ -76,11 +98,6 @@ class WorkerProcess:
 
 
 def main() -> None:
-    from src.app import create_app
-    from src.cli.admin import run_worker
-    from src.settings import Settings
-    from tests.support.test_kinds import make_kinds
-
     settings = Settings.from_env(dotenv=False)
     app = create_app(settings, job_kinds=make_kinds())
     ready = os.environ.get("TEST_WORKER_READY_FILE")

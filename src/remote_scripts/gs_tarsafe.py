@@ -10,7 +10,8 @@ refused (ScriptError "unsafe_archive"):
 * symlinks whose target leaves the tree (relative `..` climbing above the root, or absolute outside
   the final workspace path) unless `allow_external_symlinks` (then they are kept as inert links;
   nothing is ever extracted through them);
-* hard links to absolute, `..`, or not-yet-seen names;
+* hard links to absolute, `..`, or not-yet-seen names; a hard link to a symlink member is that
+  symlink at a new place (GNU tar links the symlink itself), so it is checked and tracked as one;
 * character/block devices and unknown member types; any non-regular member with a data size
   (GNU tar and tarfile would disagree on where the next header starts);
 * unreadable headers, and non-zero bytes after the end-of-archive marker.
@@ -22,7 +23,7 @@ from __future__ import annotations
 import posixpath
 import tarfile
 from collections import deque
-from typing import Any, Callable, Deque, List, Set, Tuple
+from typing import Any, Callable, Deque, Dict, List, Set, Tuple
 
 from gs_common import ScriptError
 
@@ -49,7 +50,7 @@ class MemberPolicy:
     def __init__(self, final_root: str, allow_external_symlinks: bool = False) -> None:
         self.final_root = posixpath.normpath(final_root)
         self.allow_external = allow_external_symlinks
-        self.symlinks: Set[str] = set()
+        self.symlinks: Dict[str, str] = {}  # path -> target, of symlinks and of hard links to them
         self.seen: Set[str] = set()
         self.members = 0
 
@@ -70,6 +71,11 @@ class MemberPolicy:
                 depth += 1
         return False
 
+    def _add_symlink(self, parts: List[str], target: str, what: str) -> None:
+        if self._symlink_escapes(parts, target) and not self.allow_external:
+            raise unsafe("%s -> %r leaves the workspace" % (what, target))
+        self.symlinks["/".join(parts)] = target
+
     def check(self, member: tarfile.TarInfo) -> None:
         parts = _components(member.name, "member")
         path = "/".join(parts)
@@ -83,14 +89,14 @@ class MemberPolicy:
         if not parts and not member.isdir():
             raise unsafe("the archive root must be a directory")
         if member.issym():
-            if self._symlink_escapes(parts, member.linkname) and not self.allow_external:
-                raise unsafe("symlink %r -> %r leaves the workspace" % (member.name, member.linkname))
-            self.symlinks.add(path)
+            self._add_symlink(parts, member.linkname, "symlink %r" % member.name)
         elif member.islnk():
             target = _components(member.linkname, "hard link target")
             joined = "/".join(target)
             if self._through_symlink(target) or joined not in self.seen:
                 raise unsafe("hard link %r -> %r points outside the archive" % (member.name, member.linkname))
+            if joined in self.symlinks:  # the link's target is relative to its new directory now
+                self._add_symlink(parts, self.symlinks[joined], "hard link %r to a symlink" % member.name)
         self.seen.add(path)
         self.members += 1
 

@@ -7,6 +7,7 @@ import time
 
 import pytest
 import redis
+from sqlalchemy import select
 
 from src.db import transaction
 from src.models import Job
@@ -50,7 +51,7 @@ def test_two_worker_processes_share_the_redis_queue_and_run_each_job_once(tmp_pa
         deadline = time.monotonic() + 60
         while True:
             with transaction(c.session_factory) as s:
-                rows = {j.id: j for j in s.query(Job).all()}
+                rows = {j.id: j for j in s.scalars(select(Job))}
             if all(j.status in job_service.FINISHED for j in rows.values()):
                 break
             assert time.monotonic() < deadline, "\n".join(w.log_tail() for w in workers)

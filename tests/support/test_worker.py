@@ -78,10 +78,11 @@ class WorkerProcess:
 
     def kill(self) -> None:
         """SIGKILL the worker's whole process group: no clean-up code runs, as in a crash."""
-        if self.proc is not None and self.proc.poll() is None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
-        if self.proc is not None:
-            self.proc.wait(timeout=10)
+        self.proc.wait(timeout=10)
 
     def stop(self) -> None:
         """SIGTERM (Huey stops at once), SIGKILL if it lingers."""

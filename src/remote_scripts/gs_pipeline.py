@@ -179,8 +179,8 @@ class PartUploader:
 
     def _already_there(self, key: str, entry: Dict[str, Any]) -> bool:
         """True when the bucket holds this exact part already (same digest, sizes and codec)."""
-        if self.prefix + key not in self.existing:
-            return False
+        if self.existing.get(self.prefix + key) != entry["stored_size"]:
+            return False  # absent, or of another size by the listing: no need to ask for its metadata
         try:
             info = self.s5.head(self.prefix + key)
         except NotFound:

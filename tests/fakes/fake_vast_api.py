@@ -1,16 +1,16 @@
 """A fake vast.ai REST API: a real HTTP server (werkzeug, threaded, on a loopback port) answering the
-endpoints `src/adapters/vast.py` calls, with vast.ai's request and answer shapes, state in memory, and
-switches tests flip from Python to make it misbehave the ways vast.ai does. Instances it rents report
+endpoints `src/adapters/vast.py` calls. This module is the HTTP side: the server, the API key check,
+routing, the call log and the transport-level switches (429s, 5xx, slow answers). The offers, the
+instances and the switches that make instances misbehave are in `fake_vast_market.py`; `FakeVastApi`
+is that market served over HTTP, so tests flip every switch on one object. Instances it rents report
 `ssh_endpoint` (the tests' loopback sshd) once running, as both the proxy and the direct mapping.
 Shapes and switches are described in docs/vast.md."""
 from __future__ import annotations
 
-import base64
-import collections
 import json
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from werkzeug.exceptions import HTTPException, NotFound
@@ -18,35 +18,14 @@ from werkzeug.routing import Map, Rule
 from werkzeug.serving import WSGIRequestHandler, make_server
 from werkzeug.wrappers import Request, Response
 
-_SPECIAL_KEYS = {"order", "type", "limit", "allocated_storage", "disable_bundling"}
-_OFFER_TYPES = {"ondemand", "on-demand", "bid", "reserved"}
+from tests.fakes.fake_vast_market import Answer, FakeVastMarket, default_offers
+
+__all__ = ["Call", "FakeVastApi", "default_offers"]
 
 
 class _QuietHandler(WSGIRequestHandler):
     def log_request(self, *args: Any, **kwargs: Any) -> None:
         """Tests assert on `FakeVastApi.calls`; a line per request on stderr would only be noise."""
-
-
-def default_offers() -> list[dict[str, Any]]:
-    """A small market: two rentable RTX 4090s at different prices and places, one unreliable and one
-    unverified 4090 (cheaper, so filters must drop them), a 3090 in Canada, a 2x A100, a taken H100."""
-    def offer(id_: int, gpu: str, n: int, dph: float, geo: str, **extra: Any) -> dict[str, Any]:
-        base = {"id": id_, "machine_id": id_ + 9000, "host_id": 77, "gpu_name": gpu, "num_gpus": n,
-                "gpu_ram": 24564, "dph_total": dph, "dph_base": round(dph * 0.9, 4), "disk_space": 200.0,
-                "reliability": 0.99, "inet_down": 800.0, "inet_up": 400.0, "geolocation": geo,
-                "verification": "verified", "verified": True, "rentable": True, "rented": False,
-                "external": False, "cpu_cores": 16, "cpu_ram": 64000, "cuda_max_good": 12.4}
-        base.update(extra)
-        return base
-    return [
-        offer(1001, "RTX 4090", 1, 0.40, "Texas, US"),
-        offer(1002, "RTX 4090", 1, 0.35, "Sweden, SE", disk_space=100.0, inet_down=500.0),
-        offer(1003, "RTX 4090", 1, 0.30, "Taiwan, TW", reliability=0.90),
-        offer(1004, "RTX 3090", 1, 0.20, "Quebec, CA", disk_space=50.0),
-        offer(1005, "A100 SXM4", 2, 2.10, "Germany, DE", gpu_ram=81920, disk_space=500.0),
-        offer(1006, "RTX 4090", 1, 0.25, "US", verification="unverified", verified=False),
-        offer(1007, "H100 SXM", 1, 2.50, "Oregon, US", rentable=False),
-    ]
 
 
 @dataclass(frozen=True)
@@ -56,17 +35,6 @@ class Call:
     query: dict[str, str]
     json: Any
     status: int
-
-
-@dataclass
-class _Meta:
-    offer_id: int
-    created_at: float
-    body: dict[str, Any]
-    stuck: str | None = None      # "loading" forever, or "exited"/"unknown" and never running
-    polls: int = 0
-    destroyed: bool = False
-    linger_gets: int = 0
 
 
 @dataclass
@@ -82,53 +50,36 @@ class _Fault:
                 and (self.path_prefix is None or path.startswith(self.path_prefix)))
 
 
-@dataclass
-class _Switches:
-    stay_loading_offers: set[int] = field(default_factory=set)
-    stay_loading_next: int = 0
-    fail_start_offers: dict[int, str] = field(default_factory=dict)
-    fail_start_next: collections.deque = field(default_factory=collections.deque)
-    rate_limited: int = 0
-    retry_after: str | None = "0"
-    faults: list[_Fault] = field(default_factory=list)
-    slow: list[_Fault] = field(default_factory=list)
-    linger_next_destroys: int = 0
-    linger_gets: int = 0
-    create_failures: collections.deque = field(default_factory=collections.deque)
+_URLS = Map([
+    Rule("/api/v0/bundles/", endpoint="search", methods=["POST"]),
+    Rule("/api/v0/asks/<int:offer_id>/", endpoint="create", methods=["PUT"]),
+    Rule("/api/v0/instances/", endpoint="list_v0", methods=["GET"]),
+    Rule("/api/v0/instances/<int:iid>/", endpoint="show", methods=["GET"]),
+    Rule("/api/v0/instances/<int:iid>/", endpoint="update", methods=["PUT"]),
+    Rule("/api/v0/instances/<int:iid>/", endpoint="destroy", methods=["DELETE"]),
+    Rule("/api/v1/instances/", endpoint="list_v1", methods=["GET"]),
+])
 
 
-class FakeVastApi:
+class FakeVastApi(FakeVastMarket):
     """Start with `start()` (or use as a context manager); `base_url` and `api_key` are what a
-    `VastClient` needs. Instances progress `loading` -> `running` after `polls_until_running` reads of
-    them (a show, or a list page that includes them), or after `seconds_until_running` when set."""
+    `VastClient` needs. The market's switches and assertions (`stay_loading`, `live_instances`...) are
+    inherited; the ones here act on calls before they reach it."""
 
     def __init__(self, *, api_key: str = "fake-vast-key", ssh_endpoint: tuple[str, int] = ("127.0.0.1", 22),
                  offers: list[dict[str, Any]] | None = None, polls_until_running: int = 1,
                  seconds_until_running: float | None = None, page_size: int = 25, host: str = "127.0.0.1") -> None:
+        super().__init__(ssh_endpoint=ssh_endpoint, offers=offers, polls_until_running=polls_until_running,
+                         seconds_until_running=seconds_until_running, page_size=page_size)
         self.api_key = api_key
-        self.ssh_endpoint = ssh_endpoint
-        self.offers: list[dict[str, Any]] = offers if offers is not None else default_offers()
-        self.polls_until_running = polls_until_running
-        self.seconds_until_running = seconds_until_running
-        self.page_size = page_size
         self.calls: list[Call] = []
         self._host = host
-        self._instances: dict[int, dict[str, Any]] = {}
-        self._meta: dict[int, _Meta] = {}
-        self._next_id = 5001
-        self._sw = _Switches()
-        self._lock = threading.RLock()
+        self._rate_limited = 0
+        self._retry_after: str | None = "0"
+        self._faults: list[_Fault] = []
+        self._slow: list[_Fault] = []
         self._server: Any = None
         self._thread: threading.Thread | None = None
-        self._urls = Map([
-            Rule("/api/v0/bundles/", endpoint="search", methods=["POST"]),
-            Rule("/api/v0/asks/<int:offer_id>/", endpoint="create", methods=["PUT"]),
-            Rule("/api/v0/instances/", endpoint="list_v0", methods=["GET"]),
-            Rule("/api/v0/instances/<int:iid>/", endpoint="show", methods=["GET"]),
-            Rule("/api/v0/instances/<int:iid>/", endpoint="update", methods=["PUT"]),
-            Rule("/api/v0/instances/<int:iid>/", endpoint="destroy", methods=["DELETE"]),
-            Rule("/api/v1/instances/", endpoint="list_v1", methods=["GET"]),
-        ])
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -160,87 +111,26 @@ class FakeVastApi:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    # -- switches (tests call these) ------------------------------------------------------------
-
-    def set_ssh_endpoint(self, host: str, port: int) -> None:
-        with self._lock:
-            self.ssh_endpoint = (host, port)
-
-    def set_offers(self, offers: list[dict[str, Any]]) -> None:
-        with self._lock:
-            self.offers = list(offers)
-
-    def stay_loading(self, *, offer_id: int | None = None, next_n: int = 0) -> None:
-        """Instances rented from `offer_id`, or the next `next_n` rented, stay `loading` forever."""
-        with self._lock:
-            if offer_id is not None:
-                self._sw.stay_loading_offers.add(offer_id)
-            self._sw.stay_loading_next += next_n
-
-    def fail_start(self, status: str = "exited", *, offer_id: int | None = None, next_n: int = 0) -> None:
-        """Instances go to `status` ("exited", "unknown"...) when first read and never become running."""
-        with self._lock:
-            if offer_id is not None:
-                self._sw.fail_start_offers[offer_id] = status
-            self._sw.fail_start_next.extend([status] * next_n)
+    # -- switches on calls (tests call these) ---------------------------------------------------
 
     def rate_limit_next(self, n: int, *, retry_after: str | None = "0") -> None:
         """Answer the next `n` calls 429 ("API requests too frequent"); `retry_after=None` sends no
         Retry-After header, which is what vast.ai itself does today."""
         with self._lock:
-            self._sw.rate_limited, self._sw.retry_after = n, retry_after
+            self._rate_limited, self._retry_after = n, retry_after
 
     def fail_next(self, n: int, *, status: int = 500, method: str | None = None, path_prefix: str | None = None) -> None:
         """Answer the next `n` matching calls with `status` and do nothing else."""
         with self._lock:
-            self._sw.faults.append(_Fault(remaining=n, status=status, method=method, path_prefix=path_prefix))
+            self._faults.append(_Fault(remaining=n, status=status, method=method, path_prefix=path_prefix))
 
     def fail_next_destroys(self, n: int, *, status: int = 500) -> None:
         self.fail_next(n, status=status, method="DELETE", path_prefix="/api/v0/instances/")
 
-    def linger_after_destroy(self, gets: int, *, next_n: int = 1) -> None:
-        """The next `next_n` destroys succeed (billing stops) but the instance is still shown, unchanged,
-        by the next `gets` reads of it."""
-        with self._lock:
-            self._sw.linger_next_destroys, self._sw.linger_gets = next_n, gets
-
-    def fail_next_creates(self, n: int = 1, *, mode: str = "http_500") -> None:
-        """The next `n` creates fail but leave a contract behind. `mode`: "http_500" (a 500 that does not
-        name it) or "success_false" (200 `{"success": false, "new_contract": id, ...}`, the instance
-        created stopped). A create that times out after acting is `slow_next(path_prefix="/api/v0/asks/")`."""
-        assert mode in ("http_500", "success_false"), mode
-        with self._lock:
-            self._sw.create_failures.extend([mode] * n)
-
     def slow_next(self, n: int, *, seconds: float, method: str | None = None, path_prefix: str | None = None) -> None:
         """Sleep `seconds` before answering the next `n` matching calls (to outlast a client's timeout)."""
         with self._lock:
-            self._sw.slow.append(_Fault(remaining=n, seconds=seconds, method=method, path_prefix=path_prefix))
-
-    def set_status(self, instance_id: int, actual_status: str, *, status_msg: str | None = None) -> None:
-        """Force an instance's `actual_status` (a host going "offline", say); it sticks."""
-        with self._lock:
-            self._instances[instance_id].update(actual_status=actual_status, status_msg=status_msg)
-            self._meta[instance_id].stuck = actual_status if actual_status != "running" else None
-
-    # -- assertions -----------------------------------------------------------------------------
-
-    def instance(self, instance_id: int) -> dict[str, Any] | None:
-        """The instance as vast.ai would show it, without counting as a poll; None once destroyed."""
-        with self._lock:
-            meta = self._meta.get(instance_id)
-            return None if meta is None or meta.destroyed else self._render(instance_id)
-
-    def create_body(self, instance_id: int) -> dict[str, Any]:
-        return self._meta[instance_id].body
-
-    def live_instances(self) -> list[dict[str, Any]]:
-        """Every instance not destroyed, whatever its state: these still cost money."""
-        with self._lock:
-            return [self._render(i) for i, m in sorted(self._meta.items()) if not m.destroyed]
-
-    def running_instances(self) -> list[dict[str, Any]]:
-        return [i for i in self.live_instances() if i["actual_status"] == "running"]
+            self._slow.append(_Fault(remaining=n, seconds=seconds, method=method, path_prefix=path_prefix))
 
     def calls_to(self, method: str, path_prefix: str = "") -> list[Call]:
         with self._lock:
@@ -252,7 +142,7 @@ class FakeVastApi:
         request = Request(environ)
         body = request.get_json(silent=True)
         with self._lock:
-            slow = next((f for f in self._sw.slow if f.matches(request.method, request.path)), None)
+            slow = next((f for f in self._slow if f.matches(request.method, request.path)), None)
             if slow is not None:
                 slow.remaining -= 1
         if slow is not None:
@@ -266,198 +156,35 @@ class FakeVastApi:
         key = request.args.get("api_key")
         auth = request.headers.get("Authorization", "")
         if auth != f"Bearer {self.api_key}" and key != self.api_key:
-            return _json({"success": False, "error": "auth_error", "msg": "Unauthenticated or blacklisted user."}, 401)
-        if self._sw.rate_limited > 0:
-            self._sw.rate_limited -= 1
-            headers = {"Retry-After": self._sw.retry_after} if self._sw.retry_after is not None else {}
+            return _response((401, {"success": False, "error": "auth_error", "msg": "Unauthenticated or blacklisted user."}))
+        if self._rate_limited > 0:
+            self._rate_limited -= 1
+            headers = {"Retry-After": self._retry_after} if self._retry_after is not None else {}
             return Response("API requests too frequent", status=429, headers=headers, mimetype="text/plain")
-        fault = next((f for f in self._sw.faults if f.matches(request.method, request.path)), None)
+        fault = next((f for f in self._faults if f.matches(request.method, request.path)), None)
         if fault is not None:
             fault.remaining -= 1
-            return Response("Internal Server Error", status=fault.status, mimetype="text/plain")
+            return _response((fault.status, "Internal Server Error"))
         try:
-            endpoint, args = self._urls.bind_to_environ(request.environ).match()
+            endpoint, args = _URLS.bind_to_environ(request.environ).match()
         except NotFound:
-            return _json({"success": False, "error": "not_found", "msg": "no such endpoint"}, 404)
+            return _response((404, {"success": False, "error": "not_found", "msg": "no such endpoint"}))
         except HTTPException as exc:
-            return _json({"success": False, "error": "bad_request", "msg": exc.description}, exc.code or 400)
-        return getattr(self, f"_{endpoint}")(request, body, **args)
-
-    def _search(self, request: Request, body: Any) -> Response:
-        if not isinstance(body, dict):
-            return _json({"success": False, "error": "invalid_args", "msg": "Invalid json body"}, 400)
-        if body.get("type", "ondemand") not in _OFFER_TYPES:
-            return _json({"success": False, "error": "invalid_args", "msg": "Invalid offer type"}, 400)
-        conditions = {k: v for k, v in body.items() if k not in _SPECIAL_KEYS}
-        if any(not isinstance(v, dict) for v in conditions.values()):
-            return _json({"success": False, "error": "invalid_args", "msg": "Invalid query: must be dict of conditions"}, 400)
-        offers = [o for o in self.offers if _matches(o, conditions)]
-        for column, direction in reversed(body.get("order") or []):
-            offers.sort(key=lambda o: (o.get(column) is None, o.get(column)), reverse=direction == "desc")
-        return _json({"offers": offers[: int(body.get("limit") or 64)]})
-
-    def _create(self, request: Request, body: Any, offer_id: int) -> Response:
-        offer = next((o for o in self.offers if o["id"] == offer_id and o.get("rentable")), None)
-        if offer is None:
-            return _json({"success": False, "error": "no_such_ask", "msg": f"No ask by id {offer_id} is available."}, 404)
-        if not isinstance(body, dict) or not body.get("image"):
-            return _json({"success": False, "error": "invalid_args", "msg": "'image' is required"}, 400)
-        iid = self._next_id
-        self._next_id += 1
-        meta = _Meta(offer_id=offer_id, created_at=time.monotonic(), body=body)
-        if offer_id in self._sw.stay_loading_offers or self._sw.stay_loading_next > 0:
-            self._sw.stay_loading_next = max(0, self._sw.stay_loading_next - 1)
-            meta.stuck = "loading"
-        elif offer_id in self._sw.fail_start_offers:
-            meta.stuck = self._sw.fail_start_offers[offer_id]
-        elif self._sw.fail_start_next:
-            meta.stuck = self._sw.fail_start_next.popleft()
-        env = body.get("env") if isinstance(body.get("env"), dict) else {}
-        self._instances[iid] = {
-            "id": iid, "machine_id": offer["machine_id"], "host_id": offer.get("host_id"),
-            "label": body.get("label"), "image_uuid": body["image"], "disk_space": float(body.get("disk") or 8),
-            "gpu_name": offer["gpu_name"], "num_gpus": offer["num_gpus"], "dph_total": offer["dph_total"],
-            "geolocation": offer["geolocation"], "onstart": body.get("onstart"),
-            "extra_env": [[k, v] for k, v in env.items()], "start_date": time.time(),
-            "actual_status": "loading", "intended_status": "running", "cur_state": "running",
-            "status_msg": "Pulling image", "template_name": None,
+            return _response((exc.code or 400, {"success": False, "error": "bad_request", "msg": exc.description}))
+        answers = {
+            "search": lambda: self.answer_search(body),
+            "create": lambda: self.answer_create(args["offer_id"], body),
+            "list_v0": self.answer_list_v0,
+            "show": lambda: self.answer_show(args["iid"]),
+            "update": lambda: self.answer_update(args["iid"], body),
+            "destroy": lambda: self.answer_destroy(args["iid"]),
+            "list_v1": lambda: self.answer_list_v1(request.args),
         }
-        self._meta[iid] = meta
-        failure = self._sw.create_failures.popleft() if self._sw.create_failures else None
-        if failure == "http_500":
-            return Response("Internal Server Error", status=500, mimetype="text/plain")
-        if failure == "success_false":
-            self._instances[iid].update(actual_status="stopped", intended_status="stopped", cur_state="stopped",
-                                        status_msg="Required resources are currently unavailable")
-            meta.stuck = "stopped"
-            return _json({"success": False, "new_contract": iid, "error": "resources_unavailable",
-                          "msg": "Required resources are currently unavailable, instance created stopped."})
-        return _json({"success": True, "new_contract": iid, "instance_api_key": f"fake-instance-key-{iid}"})
-
-    def _list_v0(self, request: Request, body: Any) -> Response:
-        return _json({"success": False, "error": "deprecated",
-                      "msg": "Endpoint deprecated: /api/v0/instances/ is deprecated. Use /api/v1/instances/ instead."}, 410)
-
-    def _show(self, request: Request, body: Any, iid: int) -> Response:
-        if not self._visible(iid):
-            return _json({"instances": None})
-        return _json({"instances": self._observe(iid)})
-
-    def _update(self, request: Request, body: Any, iid: int) -> Response:
-        if iid not in self._meta or self._meta[iid].destroyed:
-            return _json({"success": False, "error": "no_such_instance", "msg": f"Instance {iid} not found."}, 404)
-        body = body if isinstance(body, dict) else {}
-        record, meta = self._instances[iid], self._meta[iid]
-        if "label" in body:
-            record["label"] = body["label"]
-        state = body.get("state")
-        if state == "stopped":
-            record.update(actual_status="stopped", intended_status="stopped", cur_state="stopped", status_msg=None)
-            meta.stuck = "stopped"
-        elif state == "running":
-            record.update(intended_status="running", cur_state="running")
-            if meta.stuck == "stopped":
-                meta.stuck = None
-                record.update(actual_status="running", status_msg=None)
-        elif state is not None:
-            return _json({"success": False, "msg": "Invalid target state"}, 400)
-        return _json({"success": True})
-
-    def _destroy(self, request: Request, body: Any, iid: int) -> Response:
-        meta = self._meta.get(iid)
-        if meta is None or meta.destroyed:
-            return _json({"success": False, "error": "no_such_instance", "msg": f"Instance {iid} not found."}, 404)
-        meta.destroyed = True
-        if self._sw.linger_next_destroys > 0:
-            self._sw.linger_next_destroys -= 1
-            meta.linger_gets = self._sw.linger_gets
-        return _json({"success": True})
-
-    def _list_v1(self, request: Request, body: Any) -> Response:
-        try:
-            limit = int(request.args.get("limit", 25))
-            filters = json.loads(request.args.get("select_filters") or "{}")
-            after = request.args.get("after_token")
-            after_id = int(json.loads(base64.b64decode(after))["values"]["id"]) if after else 0
-        except (ValueError, KeyError, TypeError):
-            return _json({"success": False, "error": "invalid_args", "msg": "invalid query parameters"}, 400)
-        limit = 5 if limit <= 0 else min(limit, 25, self.page_size)
-        ids = [i for i in sorted(self._meta) if self._visible(i, consume=False) and _matches(self._instances[i], filters)]
-        page = [i for i in ids if i > after_id][:limit]
-        rows = [self._observe(i) for i in page if self._visible(i)]  # a listing is a read too
-        more = bool(page) and any(i > page[-1] for i in ids)
-        token = base64.b64encode(json.dumps({"values": {"id": page[-1]}}).encode()).decode() if more else None
-        labels = collections.Counter(self._instances[i].get("label") or "" for i in ids)
-        return _json({"success": True, "total_instances": len(ids), "label_counts": dict(labels),
-                      "instances_found": len(rows), "instances": rows, "next_token": token})
-
-    # -- state ----------------------------------------------------------------------------------
-
-    def _visible(self, iid: int, *, consume: bool = True) -> bool:
-        meta = self._meta.get(iid)
-        if meta is None:
-            return False
-        if not meta.destroyed:
-            return True
-        if meta.linger_gets > 0:
-            if consume:
-                meta.linger_gets -= 1
-            return True
-        return False
-
-    def _observe(self, iid: int) -> dict[str, Any]:
-        """One read of an instance by the client: it moves the loading -> running clock on."""
-        record, meta = self._instances[iid], self._meta[iid]
-        if meta.destroyed:  # lingering after a destroy: shown as it was
-            return self._render(iid)
-        if record["actual_status"] == "loading" and meta.stuck in (None, "loading"):
-            meta.polls += 1
-        if meta.stuck not in (None, "loading", "stopped") and record["actual_status"] != meta.stuck:
-            record.update(actual_status=meta.stuck, status_msg=f"container {meta.stuck}")
-        elif meta.stuck is None and record["actual_status"] == "loading":
-            if self.seconds_until_running is not None:
-                ready = time.monotonic() - meta.created_at >= self.seconds_until_running
-            else:
-                ready = meta.polls > self.polls_until_running
-            if ready:
-                record.update(actual_status="running", status_msg="success, running")
-        return self._render(iid)
-
-    def _render(self, iid: int) -> dict[str, Any]:
-        row = dict(self._instances[iid])
-        host, port = self.ssh_endpoint
-        if row["actual_status"] == "running":
-            row.update(ssh_host=host, ssh_port=port, public_ipaddr=host,
-                       ports={"22/tcp": [{"HostIp": "0.0.0.0", "HostPort": str(port)}]})
-        else:
-            row.update(ssh_host=None, ssh_port=None, public_ipaddr=None, ports={})
-        return row
+        return _response(answers[endpoint]())
 
 
-def _matches(row: dict[str, Any], conditions: dict[str, Any]) -> bool:
-    """vast.ai's filter operators over one record. Locations are compared by their country code."""
-    for column, ops in conditions.items():
-        if not isinstance(ops, dict):
-            return False
-        value = row.get(column)
-        if column == "geolocation" and isinstance(value, str):
-            value = value.rsplit(",", 1)[-1].strip()
-        for op, expected in ops.items():
-            try:
-                ok = {
-                    "eq": lambda: value == expected, "neq": lambda: value != expected,
-                    "gt": lambda: value is not None and value > expected,
-                    "gte": lambda: value is not None and value >= expected,
-                    "lt": lambda: value is not None and value < expected,
-                    "lte": lambda: value is not None and value <= expected,
-                    "in": lambda: value in expected, "notin": lambda: value not in expected,
-                }[op]()
-            except (KeyError, TypeError):
-                return False
-            if not ok:
-                return False
-    return True
-
-
-def _json(data: Any, status: int = 200) -> Response:
-    return Response(json.dumps(data), status=status, mimetype="application/json")
+def _response(answer: Answer) -> Response:
+    status, body = answer
+    if isinstance(body, str):
+        return Response(body, status=status, mimetype="text/plain")
+    return Response(json.dumps(body), status=status, mimetype="application/json")

@@ -80,8 +80,7 @@ def main() -> None:
         workspace = tmp / "workspace"
         build(str(workspace), parse_size(args.size))
         signature = tree_signature(str(workspace))
-        creds = {"endpoint": endpoint.endpoint, "bucket": endpoint.bucket, "access_key": endpoint.access_key,
-                 "secret_key": endpoint.secret_key, "region": endpoint.region}
+        creds = endpoint.script_s3()
         env = {
             "DATABASE_URL": f"sqlite:///{tmp}/gpusnap.db", "QUEUE_PATH": str(tmp / "queue.db"), "API_TOKENS": TOKEN,
             "R2_ENDPOINT": endpoint.endpoint, "R2_BUCKET": endpoint.bucket, "R2_ACCESS_KEY": endpoint.access_key,

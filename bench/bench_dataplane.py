@@ -76,9 +76,7 @@ def run_round(n: int, args: argparse.Namespace, s3: Any, ws: str, work: str) -> 
     tag = "bench/%d-r%d" % (int(time.time()), n)
     ours_cfg = {"workspace_path": ws, "prefix": tag + "/ours/", "codec": "zstd", "zstd_level": args.level,
                 "part_size": args.part_size, "parallelism": args.parallelism, "s5cmd": s5,
-                "work_dir": os.path.join(work, "spool-ours"),
-                "s3": {"endpoint": s3.endpoint, "bucket": s3.bucket, "access_key": s3.access_key,
-                       "secret_key": s3.secret_key, "region": s3.region}}
+                "work_dir": os.path.join(work, "spool-ours"), "s3": s3.script_s3()}
     staged_cfg = {"workspace": ws, "endpoint": s3.endpoint, "url": "s3://%s/%s/staged/" % (s3.bucket, tag),
                   "level": args.level, "threads": os.cpu_count() or 1, "s5cmd": s5}
     out: Dict[str, Any] = {}

@@ -18,10 +18,8 @@ from tests.support.s3_server import s5cmd_binary  # noqa: E402
 
 @pytest.fixture
 def s5(s3_server):  # type: ignore[no-untyped-def]
-    creds = {"endpoint": s3_server.endpoint, "bucket": s3_server.bucket, "access_key": s3_server.access_key,
-             "secret_key": s3_server.secret_key, "region": s3_server.region}
     devnull = os.open(os.devnull, os.O_WRONLY)
-    yield S5(Context(Events(fd=devnull)), creds, s5cmd_binary())
+    yield S5(Context(Events(fd=devnull)), s3_server.script_s3(), s5cmd_binary())
     os.close(devnull)
 
 
@@ -50,8 +48,7 @@ def test_a_dead_s5cmd_fails_the_upload_instead_of_hanging(s5, s3_prefix):
 
 
 def test_refused_credentials_are_reported_as_such(s3_server, s3_prefix):
-    creds = {"endpoint": s3_server.endpoint, "bucket": s3_server.bucket, "access_key": s3_server.access_key,
-             "secret_key": "not-the-secret", "region": s3_server.region}
+    creds = s3_server.script_s3(secret_key="not-the-secret")
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         with BatchUploader(S5(Context(Events(fd=devnull)), creds, s5cmd_binary()), workers=1) as batch:

@@ -69,14 +69,6 @@ def staging_dirs(target: str) -> List[str]:
 
 
 @pytest.fixture
-def s3_client(s3_server: Any) -> Any:
-    import boto3
-
-    return boto3.client("s3", endpoint_url=s3_server.endpoint, aws_access_key_id=s3_server.access_key,
-                        aws_secret_access_key=s3_server.secret_key, region_name=s3_server.region)
-
-
-@pytest.fixture
 def snapshot_of_tree(tmp_path: Any, s3_server: Any, s3_prefix: str) -> Iterator[Dict[str, Any]]:
     src = str(tmp_path / "src")
     make_tricky_tree(src)

@@ -5,6 +5,7 @@ in any argv, cancellation, a vanished reader, excludes, bad config, wrong creden
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -17,14 +18,6 @@ import pytest
 from tests.support.fixtures_s3 import finish_script, run_script, script_config, start_script, tree_state
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def s3_client(s3_server: Any) -> Any:
-    import boto3
-
-    return boto3.client("s3", endpoint_url=s3_server.endpoint, aws_access_key_id=s3_server.access_key,
-                        aws_secret_access_key=s3_server.secret_key, region_name=s3_server.region)
 
 
 def keys(s3_client: Any, bucket: str, prefix: str) -> Dict[str, int]:
@@ -59,8 +52,6 @@ def test_snapshot_writes_parts_then_a_valid_manifest(tmp_path: Any, s3_server: A
     assert res["manifest_key"] == s3_prefix + "manifest.json"
     body = s3_client.get_object(Bucket=s3_server.bucket, Key=res["manifest_key"])["Body"].read()
     manifest = json.loads(body)
-    import hashlib
-
     assert hashlib.sha256(body).hexdigest() == res["manifest_sha256"]
     assert manifest["format"] == "gpusnap-manifest" and manifest["version"] == 1
     assert manifest["snapshot_id"] == "snap-test" and manifest["totals"]["parts"] == res["parts"]

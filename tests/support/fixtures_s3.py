@@ -1,6 +1,7 @@
 """pytest fixtures for a real S3 server (SeaweedFS), registered by tests/conftest.py.
 
 `s3_server` (session): an object with endpoint, access_key, secret_key, region, bucket.
+`s3_client` (function): a boto3 client of that server.
 `s3_prefix` (function): a unique key prefix ending in '/', so tests never see each other's objects.
 Plus plain helpers for running the remote data-plane scripts against that server (script_config,
 start_script/finish_script/run_script, tree_state).
@@ -37,6 +38,15 @@ def s3_server() -> Iterator[S3Endpoint]:
 
 
 @pytest.fixture
+def s3_client(s3_server: S3Endpoint) -> Any:
+    """A boto3 client of the test server: to look at or damage objects behind the scripts' back."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=s3_server.endpoint, aws_access_key_id=s3_server.access_key,
+                        aws_secret_access_key=s3_server.secret_key, region_name=s3_server.region)
+
+
+@pytest.fixture
 def s3_prefix(request: pytest.FixtureRequest) -> str:
     name = "".join(c if c.isalnum() else "-" for c in request.node.name)[:40]
     return "tests/%s-%s/" % (name, uuid.uuid4().hex[:10])
@@ -69,9 +79,7 @@ def script_config(s3: S3Endpoint, prefix: str, workspace: str, **extra: Any) -> 
     cfg: Dict[str, Any] = {
         "workspace_path": workspace, "prefix": prefix, "snapshot_id": "snap-test", "instance_id": "inst-test",
         "codec": "zstd", "zstd_level": 3, "part_size": 64 * 1024, "parallelism": 4, "excludes": [],
-        "s5cmd": s5cmd_binary(), "bootstrap": False,
-        "s3": {"endpoint": s3.endpoint, "bucket": s3.bucket, "access_key": s3.access_key,
-               "secret_key": s3.secret_key, "region": s3.region},
+        "s5cmd": s5cmd_binary(), "bootstrap": False, "s3": s3.script_s3(),
     }
     cfg.update(extra)
     return cfg

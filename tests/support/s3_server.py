@@ -19,7 +19,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 GRPC_OFFSET = 10000
 _PORT_NAMES = ("s3", "master", "filer", "volume", "webdav", "admin")
@@ -88,6 +88,11 @@ class S3Endpoint:
     secret_key: str
     region: str
     bucket: str
+
+    def script_s3(self, **changes: str) -> Dict[str, str]:
+        """The `s3` object of a snapshot.py/restore.py config for this server (with `changes`)."""
+        return dict({"endpoint": self.endpoint, "bucket": self.bucket, "access_key": self.access_key,
+                     "secret_key": self.secret_key, "region": self.region}, **changes)
 
 
 class SeaweedS3Server:

@@ -46,8 +46,13 @@ def test_install_puts_the_module_in_the_private_dir(tmp_path) -> None:  # type: 
         sys.path.remove(target)
 
 
-def test_private_dir_is_under_the_user_cache() -> None:
-    assert os.path.join(".cache", "gpusnap") in private_dir() or "gpusnap" in private_dir()
+def test_private_dir_is_under_the_user_cache(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    per_python = "pylib-py%d%d" % sys.version_info[:2]
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert private_dir() == os.path.join(str(tmp_path), ".cache", "gpusnap", per_python)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert private_dir() == os.path.join(str(tmp_path / "xdg"), "gpusnap", per_python)
 
 
 def test_events_redact_and_throttle(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -108,14 +108,14 @@ def test_trailing_garbage_after_end_marker_is_refused() -> None:
 
 
 def test_non_regular_member_with_data_is_refused() -> None:
-    stream = bytearray(build(lambda t: member(t, "./d", type=tarfile.DIRTYPE)))
-    # forge a size field on the directory header (second header block): tar and tarfile would disagree
+    clean = build(lambda t: member(t, "./d", type=tarfile.DIRTYPE))
+    # a directory header with a size (tarfile writes it and the data): tar and tarfile would disagree
     hdr = tarfile.TarInfo("./d")
     hdr.type, hdr.size = tarfile.DIRTYPE, 512
     forged = build(lambda t: t.addfile(hdr, io.BytesIO(b"\0" * 512)))
     with pytest.raises(ScriptError):
         run_gate(forged)
-    assert run_gate(bytes(stream)) == bytes(stream)
+    assert run_gate(clean) == clean
 
 
 def test_garbage_stream_is_unsafe() -> None:

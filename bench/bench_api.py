@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from loadgen import get_once, open_loop, wrk_capacity  # noqa: E402
+from report import replace_section  # noqa: E402
 
 DOCS = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- api:begin -->", "<!-- api:end -->"
@@ -197,13 +198,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 def update_docs(section: str) -> None:
     """Replace only the api section of docs/benchmarks.md (other sections belong to other benchmarks)."""
-    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    DOCS.write_text(text)
+    replace_section(DOCS, BEGIN, END, section)
 
 
 # ---- main ----------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from report import tree_signature  # noqa: E402
+from report import replace_section, tree_signature  # noqa: E402
 from workspace import build, parse_size  # noqa: E402
 
 from src.migrate import upgrade  # noqa: E402
@@ -51,16 +51,17 @@ def run_direct(script: str, config: dict) -> float:
     return elapsed
 
 
-def run_api(stack: Stack, method: str, path: str, body: dict) -> float:
+def run_api(stack: Stack, path: str, body: dict) -> tuple[float, dict]:
+    """POST that starts a job, timed until a client polling the job sees it succeed: (seconds, job)."""
     os.sync()
     started = time.perf_counter()
-    r = stack.http.request(method, stack.url + path, json=body, timeout=30)
+    r = stack.http.post(stack.url + path, json=body, timeout=30)
     r.raise_for_status()
     job = stack.wait_job(r.json()["job"]["id"], timeout=3600)
     elapsed = time.perf_counter() - started
     if job["status"] != "succeeded":
         raise SystemExit(f"{path} failed: {job['error']}")
-    return elapsed
+    return elapsed, job
 
 
 def main() -> None:
@@ -109,16 +110,12 @@ def main() -> None:
         def via_api() -> None:
             body = {"instance_id": "bench", "ssh_host": sshd.host, "ssh_port": sshd.port,
                     "workspace_path": str(workspace), "codec": "zstd"}
-            os.sync()
-            started = time.perf_counter()
-            r = stack.http.post(stack.url + "/api/gpu-snapshots", json=body, timeout=30)
-            r.raise_for_status()
-            job = stack.wait_job(r.json()["job"]["id"], timeout=3600)
-            timings["api_snapshot"].append(time.perf_counter() - started)
-            assert job["status"] == "succeeded", job
+            elapsed, job = run_api(stack, "/api/gpu-snapshots", body)
+            timings["api_snapshot"].append(elapsed)
             target = tmp / "restored-api"
-            timings["api_restore"].append(run_api(stack, "POST", f"/api/gpu-snapshots/{job['snapshot_id']}/restore", {
-                "ssh_host": sshd.host, "ssh_port": sshd.port, "workspace_path": str(target)}))
+            elapsed, _ = run_api(stack, f"/api/gpu-snapshots/{job['snapshot_id']}/restore", {
+                "ssh_host": sshd.host, "ssh_port": sshd.port, "workspace_path": str(target)})
+            timings["api_restore"].append(elapsed)
             assert tree_signature(str(target)) == signature, "API restore differs"
             shutil.rmtree(target)
 
@@ -170,13 +167,7 @@ def write_docs(path: pathlib.Path, r: dict) -> None:
         *rows,
         "<!-- control-plane:end -->",
     ])
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    begin, end = "<!-- control-plane:begin -->", "<!-- control-plane:end -->"
-    if begin in text:
-        text = text[: text.index(begin)] + section + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    path.write_text(text)
+    replace_section(path, "<!-- control-plane:begin -->", "<!-- control-plane:end -->", section)
 
 
 if __name__ == "__main__":

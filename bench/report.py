@@ -1,4 +1,5 @@
-"""Helpers for bench_dataplane.py: restored-tree check, the markdown report, the GPU codec comparison."""
+"""Helpers for bench_dataplane.py: restored-tree check, the markdown report, the GPU codec comparison;
+and replace_section(), with which every benchmark rewrites only its own part of docs/benchmarks.md."""
 from __future__ import annotations
 
 import hashlib
@@ -90,17 +91,23 @@ def table(report: Dict[str, Any]) -> str:
     return "%s\n%s\n\nGoals:\n%s\n%s" % (head, "\n".join(rows), goals, extra)
 
 
-def write_docs(path: str, report: Dict[str, Any]) -> None:
-    """Replace the dataplane section of docs/benchmarks.md (other sections are left alone)."""
-    section = "%s\n## Data plane: streaming snapshot/restore vs staged baseline\n\n%s\n%s" % (
-        BEGIN, table(report), END)
-    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n\n"
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
+def replace_section(path: Any, begin: str, end: str, section: str) -> None:
+    """Put `section` (from the `begin` marker to the `end` marker) in place of the text between those
+    markers in the markdown file `path`, or append it; the rest of the file is left as it is."""
+    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + section + text[text.index(end) + len(end):]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     with open(path, "w") as fh:
         fh.write(text)
+
+
+def write_docs(path: str, report: Dict[str, Any]) -> None:
+    """Replace the dataplane section of docs/benchmarks.md (other sections are left alone)."""
+    section = "%s\n## Data plane: streaming snapshot/restore vs staged baseline\n\n%s\n%s" % (
+        BEGIN, table(report), END)
+    replace_section(path, BEGIN, END, section)
 
 
 def gpu_codecs(ws: str, part_size: int, level: int, max_parts: int = 16) -> Dict[str, Any]:

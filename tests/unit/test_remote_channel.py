@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import time
 
+import pytest
+
 from src.adapters.remote_channel import ChannelReader
 
 
@@ -39,8 +41,15 @@ class LiveTransport:
         return True
 
 
-def test_exit_status_before_the_last_output_is_not_the_end():
-    channel = FakeChannel()
+@pytest.fixture
+def channel():  # type: ignore[no-untyped-def]
+    fake = FakeChannel()
+    yield fake
+    os.close(fake._r)
+    os.close(fake._w)
+
+
+def test_exit_status_before_the_last_output_is_not_the_end(channel):
     reader = ChannelReader(channel, transport=LiveTransport())  # type: ignore[arg-type]
     channel.exit_status = 0  # sshd reported the exit before relaying the final line
     assert not reader.finished
@@ -52,8 +61,7 @@ def test_exit_status_before_the_last_output_is_not_the_end():
     assert reader.finished and reader.exit_status() == 0
 
 
-def test_a_server_that_never_sends_eof_is_believed_after_a_grace(monkeypatch):
-    channel = FakeChannel()
+def test_a_server_that_never_sends_eof_is_believed_after_a_grace(channel, monkeypatch):
     reader = ChannelReader(channel, transport=LiveTransport())  # type: ignore[arg-type]
     monkeypatch.setattr(ChannelReader, "EOF_GRACE_S", 0.05)
     channel.exit_status = 3

@@ -183,12 +183,10 @@ def for_snapshot(name: str, level: int, bootstrap: bool = True) -> Codec:
     if name == "nvcomp-ans":
         return NvcompAnsCodec(bootstrap=bootstrap)
     if name == "auto":
-        if cuda_driver_version() is not None:
-            try:
-                return NvcompAnsCodec(bootstrap=False)
-            except ScriptError:
-                pass
-        return ZstdCodec(level=level, bootstrap=bootstrap)
+        try:
+            return NvcompAnsCodec(bootstrap=False)  # codec_unavailable without a GPU
+        except ScriptError:
+            return ZstdCodec(level=level, bootstrap=bootstrap)
     raise ScriptError("bad_config", "unknown codec %r (expected one of %s)" % (name, ", ".join(CODEC_NAMES)))
 
 

@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 logger = logging.getLogger("gpusnap.remote")
 
 EXIT_FAILURE = 1
+STDOUT_CLOSED = "stdout closed"  # the cancel reason when the reader is gone: nothing is reported
 _F_SETPIPE_SZ = 1031  # Linux fcntl
 MAX_PARALLELISM = 64  # parts in flight (snapshot) or read ahead (restore)
 
@@ -103,7 +104,7 @@ class Context:
         self.cancel_reason = ""
         self._children: List[subprocess.Popen] = []
         self._lock = threading.Lock()
-        events.on_gone = lambda: self.cancel("stdout closed")
+        events.on_gone = lambda: self.cancel(STDOUT_CLOSED)
 
     def spawn(self, args: List[str], **kwargs: Any) -> subprocess.Popen:
         """Start a child we will kill on cancel.
@@ -181,11 +182,11 @@ def run_script(main: Callable[[Dict[str, Any], Context], Dict[str, Any]]) -> Non
         events.emit("result", **result)
         code = 0
     except StdoutGone:
-        ctx.cancel("stdout closed")
+        ctx.cancel(STDOUT_CLOSED)
         logger.error("stdout closed by the reader; stopping")
     except ScriptError as exc:
         ctx.kill_children()
-        err_code = "cancelled" if ctx.cancelled.is_set() and ctx.cancel_reason != "stdout closed" else exc.code
+        err_code = "cancelled" if ctx.cancelled.is_set() and ctx.cancel_reason != STDOUT_CLOSED else exc.code
         message = ctx.cancel_reason if err_code == "cancelled" and exc.code != "cancelled" else exc.message
         _report_error(events, err_code, message)
     except Exception as exc:  # noqa: BLE001 - last line of defence: report, never hide
@@ -218,7 +219,7 @@ def heartbeat(events: Events, ctx: Context, every: float = 2.0) -> threading.Thr
             try:
                 events.progress(force=True)
             except StdoutGone:
-                ctx.cancel("stdout closed")
+                ctx.cancel(STDOUT_CLOSED)
                 return
 
     thread = threading.Thread(target=loop, name="heartbeat", daemon=True)

@@ -12,7 +12,6 @@ untouched and the staging directory is removed.
 """
 from __future__ import annotations
 
-import binascii
 import hashlib
 import json
 import os
@@ -132,7 +131,7 @@ def main(cfg: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
     manifest = load_manifest(s5, prefix, opts["manifest_sha256"])
     parts, totals = manifest["parts"], manifest["totals"]
     codecs = for_restore([p["codec"] for p in parts], opts["bootstrap"])
-    staging = Staging(opts["workspace"], "%d-%s" % (os.getpid(), binascii.hexlify(os.urandom(3)).decode()))
+    staging = Staging(opts["workspace"], "%d-%s" % (os.getpid(), os.urandom(3).hex()))
     staging.remove_stale()
     free = free_bytes(staging.fs_path)
     if free < totals["raw_bytes"]:

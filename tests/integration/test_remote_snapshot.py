@@ -117,13 +117,11 @@ def test_credentials_never_appear_in_argv(tmp_path: Any, s3_server: Any, s3_pref
     secrets = [s3_server.secret_key.encode(), s3_server.access_key.encode()]
     seen: Set[bytes] = set()
     stop = threading.Event()
-    polls = [0]
     s5cmd_seen = [0]
 
     def poll() -> None:
         while not stop.is_set():
             for cmd in _cmdlines():
-                polls[0] += 1
                 if b"s5cmd" in cmd:
                     s5cmd_seen[0] += 1
                 seen.update(s for s in secrets if s in cmd)

@@ -1,7 +1,6 @@
 """Server-side commands: migrations, tokens, the job worker, and `serve` (API and worker together)."""
 from __future__ import annotations
 
-import os
 import pathlib
 import signal
 import subprocess

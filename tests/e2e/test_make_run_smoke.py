@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,15 +13,9 @@ import time
 import pytest
 import requests
 
-from tests.support.services import port_open
+from tests.support.services import free_port, port_open
 
 TOKEN = "smoke-token-0123456789abcdef"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _children(pid: int) -> list[int]:
@@ -43,7 +36,7 @@ def _alive(pid: int) -> bool:
 
 @pytest.fixture
 def served(tmp_path):  # type: ignore[no-untyped-def]
-    port = _free_port()
+    port = free_port()
     env = {**{k: v for k, v in os.environ.items() if k not in ("REDIS_URL",)},
            "DATABASE_URL": f"sqlite:///{tmp_path / 'instance' / 'gpusnap.db'}",
            "QUEUE_PATH": str(tmp_path / "instance" / "queue.db"), "API_TOKENS": TOKEN,

@@ -3,7 +3,6 @@ on SQLite, with an in-memory object store. Jobs run only in the tests that start
 from __future__ import annotations
 
 import json
-import socket
 import threading
 from collections.abc import Iterator
 
@@ -16,6 +15,7 @@ from src.cli import main
 from src.db import transaction
 from src.models import Machine
 from tests.support.fixtures_app import TOKEN, make_settings, run_jobs
+from tests.support.services import free_port
 from tests.support.snapshots import add_complete_snapshot
 
 CREATE = ["--instance", "4242", "--host", "10.1.2.3", "--port", "2222", "--workspace", "/workspace"]
@@ -74,12 +74,6 @@ def cli(url):  # type: ignore[no-untyped-def]
         return runner.invoke(main, list(args), env=env, catch_exceptions=False)
 
     return run
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- snapshots -----------------------------------------------------------------------------------
@@ -164,7 +158,7 @@ def test_token_option_overrides_the_environment(cli):
 
 
 def test_unreachable_url_is_a_clear_message_naming_it(cli):
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     r = cli("snapshots", "ls", base_url=dead)
     assert r.exit_code == 1
     assert r.stderr.startswith("error: unreachable: ") and dead in r.stderr and "GPUSNAP_URL" in r.stderr
@@ -172,7 +166,7 @@ def test_unreachable_url_is_a_clear_message_naming_it(cli):
 
 
 def test_url_option_overrides_the_environment(cli, url):
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     assert cli("snapshots", "ls", "--url", url + "/", base_url=dead).exit_code == 0
     bad = cli("snapshots", "ls", "--url", "ftp://example.invalid")
     assert bad.exit_code == 1 and bad.stderr.startswith("error: invalid_url: ")

@@ -7,7 +7,6 @@ import os
 import pathlib
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -20,8 +19,7 @@ from click.testing import CliRunner
 from src.cli import main
 from src.migrate import alembic_config
 from src.models import Base
-from tests.support.fixtures_db import PG_ADMIN_URL
-from tests.support.services import ensure_postgres
+from tests.support.fixtures_db import scratch_postgres_database
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -30,19 +28,8 @@ def fresh_url(request, tmp_path) -> Iterator[str]:  # type: ignore[no-untyped-de
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'sub' / 'fresh.db'}"  # the directory does not exist yet either
         return
-    reason = ensure_postgres()
-    if reason:
-        pytest.skip(f"POSTGRES TESTS SKIPPED: {reason}")
-    name = f"gpusnap_mig_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with scratch_postgres_database("gpusnap_mig") as url:
+        yield url
 
 
 def _head(url: str) -> str:

@@ -48,3 +48,10 @@ def ensure_redis(host: str = "127.0.0.1", port: int = 6379) -> str | None:
     subprocess.run(["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "--port", str(port),
                     "--save", "", "--appendonly", "no"], check=False, capture_output=True, timeout=30)
     return None if _wait(host, port, 15) else f"Redis did not start on {host}:{port}"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

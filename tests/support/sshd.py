@@ -24,6 +24,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from tests.support.services import free_port
+
 SSHD_PATH = "/usr/sbin/sshd"
 MISSING_SSHD = f"{SSHD_PATH} is missing: run `make test`, which installs openssh-server"
 _PRIVSEP_DIR = Path("/run/sshd")
@@ -37,12 +39,6 @@ def write_key_pair(private_path: Path) -> str:
     private_path.chmod(0o600)
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     return public.decode()
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def processes() -> Iterator[tuple[int, list[str]]]:
@@ -65,7 +61,7 @@ class LoopbackSshd:
 
     def __init__(self, *, host: str = "127.0.0.1", port: int | None = None, sshd_path: str = SSHD_PATH) -> None:
         self.host = host
-        self.port = port or _free_port(host)
+        self.port = port or free_port(host)
         self.user = getpass.getuser()
         self._sshd_path = sshd_path
         self._dir = Path(tempfile.mkdtemp(prefix="gpusnap-sshd-"))

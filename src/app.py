@@ -41,6 +41,12 @@ def create_app(settings: Settings | None = None, *, job_kinds: dict[str, Any] | 
     if not settings.ssh_allowed_networks:
         logger.warning("SSH_ALLOWED_NETWORKS is unset: jobs may SSH to any host a request names")
 
+    if settings.object_store_configured:
+        from src.adapters.host_credentials import describe
+
+        hosts_get = describe(settings)
+        (logger.info if hosts_get.startswith("scoped") else logger.warning)("host credentials: %s", hosts_get)
+
     app = Flask("gpusnap", static_folder=None)  # no /static route: the API serves only what it documents
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]

@@ -42,6 +42,7 @@ class Container:
     object_store_override: Any = None
     ssh_override: Any = None
     vast_override: Any = None
+    credentials_override: Any = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _built: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -53,6 +54,21 @@ class Container:
             raise NotConfigured("the object store is not configured: set R2_ENDPOINT, R2_BUCKET, "
                                 "R2_ACCESS_KEY and R2_SECRET_KEY")
         return self._once("object_store", lambda: _object_store(s))
+
+    def host_credentials(self) -> Any:
+        """The broker (`src.adapters.host_credentials.CredentialBroker`) that mints each job's scoped
+        credentials for the GPU host. Raises NotConfigured without an object store, and when
+        REQUIRE_SCOPED_CREDENTIALS is set but no scoped broker is configured."""
+        if self.credentials_override is not None:
+            return self.credentials_override
+        from src.adapters.host_credentials import PARENT_KEY_WARNING, broker_from_settings
+
+        self.object_store()  # the same clear error when the bucket itself is not configured
+        broker = self._once("host_credentials", lambda: broker_from_settings(self.settings))
+        if not broker.scoped and self.settings.require_scoped_credentials:
+            raise NotConfigured("REQUIRE_SCOPED_CREDENTIALS is set but no scoped credentials are configured: "
+                                + PARENT_KEY_WARNING)
+        return broker
 
     def ssh_policy(self) -> Any:
         """The SSH_ALLOWED_NETWORKS policy (`src.adapters.ssh_policy.SshPolicy`), checked before any job

@@ -18,6 +18,13 @@ def _csv(value: str | None) -> tuple[str, ...]:
     return tuple(item.strip() for item in (value or "").split(",") if item.strip())
 
 
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, "false").strip().lower()
+    if raw not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise SettingsError(f"{name} must be true or false, got {raw!r}")
+    return raw in ("1", "true", "yes", "on")
+
+
 @dataclass(frozen=True)
 class Settings:
     # Storage of metadata and the job queue.
@@ -35,6 +42,14 @@ class Settings:
     r2_secret_key: str | None = field(default=None, repr=False)
     r2_region: str = "auto"
     snapshot_prefix: str = "snapshots/"
+
+    # Credentials GPU hosts receive: scoped per job when one of these is set (src/adapters/host_credentials.py).
+    cloudflare_account_id: str | None = None
+    cloudflare_api_token: str | None = field(default=None, repr=False)
+    cloudflare_api_url: str = "https://api.cloudflare.com/client/v4"
+    sts_role_arn: str | None = None
+    sts_endpoint: str | None = None  # unset: R2_ENDPOINT (MinIO, Ceph serve STS beside S3)
+    require_scoped_credentials: bool = False  # true: refuse to send the parent key to any host
 
     # SSH to GPU hosts.
     ssh_key_path: str = "~/.ssh/id_ed25519"
@@ -110,6 +125,12 @@ class Settings:
             r2_secret_key=env.get("R2_SECRET_KEY"),
             r2_region=env.get("R2_REGION", d.r2_region),
             snapshot_prefix=env.get("SNAPSHOT_PREFIX", d.snapshot_prefix),
+            cloudflare_account_id=env.get("CLOUDFLARE_ACCOUNT_ID"),
+            cloudflare_api_token=env.get("CLOUDFLARE_API_TOKEN"),
+            cloudflare_api_url=env.get("CLOUDFLARE_API_URL", d.cloudflare_api_url),
+            sts_role_arn=env.get("STS_ROLE_ARN"),
+            sts_endpoint=env.get("STS_ENDPOINT"),
+            require_scoped_credentials=_flag(env, "REQUIRE_SCOPED_CREDENTIALS"),
             ssh_key_path=env.get("SSH_KEY_PATH", d.ssh_key_path),
             ssh_user=env.get("SSH_USER", d.ssh_user),
             ssh_allowed_networks=_csv(env.get("SSH_ALLOWED_NETWORKS")),

@@ -50,7 +50,12 @@ def readyz() -> Response:
         logger.warning("readyz: queue: %s", e)
         checks["queue"] = "unavailable"
     healthy = all(v == "ok" for v in checks.values())
-    return ok({"status": "ok" if healthy else "unavailable", "checks": checks}, 200 if healthy else 503)
+    body: dict = {"status": "ok" if healthy else "unavailable", "checks": checks}
+    if c.settings.object_store_configured:  # a warning, not a failure: jobs still run
+        from src.adapters.host_credentials import describe
+
+        body["details"] = {"host_credentials": describe(c.settings)}
+    return ok(body, 200 if healthy else 503)
 
 
 @route(bp, "/metrics", "GET", tag=TAG, summary="Prometheus metrics", responses={200: None}, public=True)

@@ -255,3 +255,5 @@ class JobResponse(BaseModel):
 class Health(BaseModel):
     status: str
     checks: dict[str, str] | None = None
+    details: dict[str, str] | None = Field(default=None, description="Warnings that do not make the service "
+                                           "unready, e.g. `host_credentials`: which credentials GPU hosts get")

@@ -2,6 +2,7 @@
 key on first use), run a remote script and turn its events into job progress or a job error."""
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -14,6 +15,9 @@ from src.errors import JobFailed
 from src.jobs.context import JobContext
 from src.models import Machine
 from src.services.machines import add_event
+
+logger = logging.getLogger(__name__)
+CREDENTIALS_TTL_MARGIN_S = 600
 
 _PROGRESS_KEYS = ("phase", "bytes_done", "bytes_total", "parts_done", "parts_total")
 
@@ -79,9 +83,24 @@ def run_script(ctx: JobContext, session: Any, name: str, params: dict[str, Any])
     return result
 
 
-def storage_params(ctx: JobContext) -> dict[str, Any]:
-    """The bucket and its credentials for a remote script (sent as JSON on stdin, never in argv)."""
+def storage_params(ctx: JobContext, *, prefix: str, write: bool) -> dict[str, Any]:
+    """The bucket and the credentials a remote script gets (sent as JSON on stdin, never in argv): minted
+    for this job, reaching only `prefix`, read-only unless `write`, valid past the job's deadline. Without
+    a scoped broker configured the parent key is sent, as the start-up log and `/readyz` warn."""
     s = ctx.settings
-    ctx.container.object_store()  # raises NotConfigured with a clear message before any SSH work
-    return {"endpoint": s.r2_endpoint, "bucket": s.r2_bucket, "access_key": s.r2_access_key,
-            "secret_key": s.r2_secret_key, "region": s.r2_region}
+    broker = ctx.container.host_credentials()  # NotConfigured before any SSH work when there is no bucket
+    creds = broker.for_prefix(prefix, write=write, ttl_s=credentials_ttl_s(ctx))
+    if creds.scoped:
+        logger.info("job %s: %s credentials minted for %s (%s)", ctx.job_id, "read-write" if write else "read-only",
+                    prefix, creds.source)
+    return {"endpoint": s.r2_endpoint, "bucket": s.r2_bucket, "region": s.r2_region, **creds.s3_fields()}
+
+
+def credentials_ttl_s(ctx: JobContext) -> int:
+    """How long a job's host credentials live: past the job's own deadline, so that they never expire
+    under a job that is still allowed to run, and not much longer."""
+    return int(job_deadline_s(ctx.settings, ctx.kind)) + CREDENTIALS_TTL_MARGIN_S
+
+
+def job_deadline_s(settings: Any, kind: str) -> float:  # MERGE: replaced by the per-kind deadlines
+    return 6 * 3600.0

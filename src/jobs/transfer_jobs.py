@@ -33,7 +33,8 @@ def take_snapshot(ctx: JobContext, snapshot_id: str, endpoint: Endpoint) -> dict
         return _summary(snap)
     set_snapshot(ctx, snap["id"], status="running", error_code=None, error_message=None)
     params = {
-        "workspace_path": snap["workspace_path"], "s3": storage_params(ctx), "prefix": snap["storage_prefix"],
+        "workspace_path": snap["workspace_path"], "prefix": snap["storage_prefix"],
+        "s3": storage_params(ctx, prefix=snap["storage_prefix"], write=True),
         "snapshot_id": snap["id"], "instance_id": snap["machine_id"], "codec": snap["requested_codec"],
         "part_size": ctx.settings.snapshot_part_size_mb << 20, "parallelism": ctx.settings.snapshot_parallelism,
         "excludes": snap["excludes"], "s5cmd": ctx.settings.remote_s5cmd,
@@ -92,7 +93,8 @@ def restore_onto(ctx: JobContext, snap: dict[str, Any], endpoint: Endpoint, work
     restore never leaves a half-written workspace."""
     if snap["status"] != "complete":
         raise JobFailed(f"snapshot {snap['id']} is {snap['status']}, not complete", code="snapshot_not_complete")
-    params = {"workspace_path": workspace, "s3": storage_params(ctx), "prefix": snap["storage_prefix"],
+    params = {"workspace_path": workspace, "prefix": snap["storage_prefix"],
+              "s3": storage_params(ctx, prefix=snap["storage_prefix"], write=False),
               "parallelism": ctx.settings.snapshot_parallelism, "s5cmd": ctx.settings.remote_s5cmd,
               # The script refuses a manifest other than the one recorded at completion; with that chain
               # (manifest digest -> part digests) the archive is exactly what our snapshot read, so

@@ -175,7 +175,8 @@ def run_script(main: Callable[[Dict[str, Any], Context], Dict[str, Any]]) -> Non
         events.emit("started", pid=os.getpid(), pgid=os.getpgrp())
         cfg = read_config()
         s3 = cfg.get("s3") if isinstance(cfg.get("s3"), dict) else {}
-        events.redact(str(s3.get("secret_key") or ""), str(s3.get("access_key") or ""))
+        events.redact(str(s3.get("secret_key") or ""), str(s3.get("access_key") or ""),
+                      str(s3.get("session_token") or ""))
         # No ctx.check() here: once main returns, its work is done (a swapped workspace, an uploaded
         # manifest) and reporting `cancelled` for a signal that came too late would be a lie.
         result = main(cfg, ctx)

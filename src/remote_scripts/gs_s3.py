@@ -1,8 +1,8 @@
 """s5cmd wrapper: every call to the object store made by the remote scripts goes through here.
 
 Credentials travel only in the child's environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
-AWS_REGION), never in argv, never on disk. Uploads read an in-memory file (memfd) whose content is
-complete before s5cmd starts, so a killed script can never leave a half-written object behind under
+AWS_SESSION_TOKEN for per-job credentials, AWS_REGION), never in argv, never on disk. Uploads read an
+in-memory file (memfd) whose content is complete before s5cmd starts, so a killed script can never leave a half-written object behind under
 a finished-looking name: S3 PUTs are all-or-nothing.
 """
 from __future__ import annotations
@@ -56,6 +56,13 @@ class S5:
             env.pop(name, None)
         env.update(AWS_ACCESS_KEY_ID=s3["access_key"], AWS_SECRET_ACCESS_KEY=s3["secret_key"],
                    AWS_REGION=str(s3.get("region") or "auto"))
+        # Per-job credentials (R2 temporary credentials, STS) come with a session token; s5cmd reads it
+        # from AWS_SESSION_TOKEN like every AWS SDK client.
+        token = s3.get("session_token")
+        if token is not None:
+            if not isinstance(token, str) or not token:
+                raise ScriptError("bad_config", "s3.session_token must be a non-empty string when given")
+            env["AWS_SESSION_TOKEN"] = token
         self.env = env
 
     def url(self, key: str) -> str:

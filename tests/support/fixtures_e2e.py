@@ -102,11 +102,10 @@ class Stack:
         self.app.extensions["gpusnap"].engine.dispose()
 
 
-@pytest.fixture
-def stack(tmp_path, sshd, s3_server, s3_prefix, fake_vast) -> Iterator[Stack]:  # type: ignore[no-untyped-def]
-    """The service with a worker running. `stack.env` is the environment both processes read."""
+def stack_env(tmp_path, sshd, s3_server, s3_prefix, fake_vast) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    """The environment the API and the worker of an e2e stack read."""
     db = tmp_path / "gpusnap.db"
-    env = {
+    return {
         "DATABASE_URL": f"sqlite:///{db}",
         "QUEUE_PATH": str(tmp_path / "queue.db"),
         "API_TOKENS": TOKEN,
@@ -123,6 +122,12 @@ def stack(tmp_path, sshd, s3_server, s3_prefix, fake_vast) -> Iterator[Stack]:  
         "VAST_POLL_INTERVAL_S": "0.05", "VAST_READY_DEADLINE_S": "5", "VAST_DESTROY_DEADLINE_S": "10",
         "JOB_HEARTBEAT_S": "0.5", "JOB_STALE_AFTER_S": "30", "LOG_FORMAT": "json", "LOG_LEVEL": "INFO",
     }
+
+
+@pytest.fixture
+def stack(tmp_path, sshd, s3_server, s3_prefix, fake_vast) -> Iterator[Stack]:  # type: ignore[no-untyped-def]
+    """The service with a worker running. `stack.env` is the environment both processes read."""
+    env = stack_env(tmp_path, sshd, s3_server, s3_prefix, fake_vast)
     upgrade(env["DATABASE_URL"])
     s = Stack(env=env, tmp=tmp_path)
     s.start_worker()

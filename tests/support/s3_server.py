@@ -88,11 +88,44 @@ class S3Endpoint:
     secret_key: str
     region: str
     bucket: str
+    master: str = ""  # host:port of weed's master and filer, for `add_identity`
+    filer: str = ""
 
     def script_s3(self, **changes: str) -> Dict[str, str]:
         """The `s3` object of a snapshot.py/restore.py config for this server (with `changes`)."""
         return dict({"endpoint": self.endpoint, "bucket": self.bucket, "access_key": self.access_key,
                      "secret_key": self.secret_key, "region": self.region}, **changes)
+
+
+def add_identity(server: S3Endpoint, *, name: str, access_key: str, secret_key: str, actions: List[str],
+                 timeout: float = 30.0) -> None:
+    """Add an S3 identity to a running server (`weed shell s3.configure -apply`), e.g. one limited to a
+    prefix: SeaweedFS scopes actions as `Read:<bucket>/<prefix>*`, `Write:<bucket>/<prefix>*`. Waits until
+    the S3 gateway knows the key (it learns of changes through the filer a moment later)."""
+    import boto3  # test-side dependency only
+    from botocore.config import Config
+    from botocore.exceptions import ClientError
+
+    command = "s3.configure -user=%s -access_key=%s -secret_key=%s -actions=%s -apply\n" % (
+        name, access_key, secret_key, ",".join(actions))
+    done = subprocess.run([venv_binary("weed"), "shell", "-master=" + server.master, "-filer=" + server.filer],
+                          input=command, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError("weed shell s3.configure failed: %s" % done.stderr[-2000:])
+    client = boto3.client("s3", endpoint_url=server.endpoint, aws_access_key_id=access_key,
+                          aws_secret_access_key=secret_key, region_name=server.region,
+                          config=Config(retries={"max_attempts": 1}))
+    deadline = time.monotonic() + timeout
+    while True:
+        try:  # a GET answers with an error code in its body, unlike a HEAD
+            client.get_object(Bucket=server.bucket, Key="gpusnap-identity-probe")
+            return
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "InvalidAccessKeyId":
+                return  # the key is known (NoSuchKey, or AccessDenied outside its scope)
+        if time.monotonic() > deadline:
+            raise RuntimeError("SeaweedFS never learned of key %s" % access_key)
+        time.sleep(0.2)
 
 
 class SeaweedS3Server:
@@ -132,7 +165,8 @@ class SeaweedS3Server:
             endpoint = "http://127.0.0.1:%d" % ports["s3"]
             try:
                 self._wait_ready(endpoint, timeout)
-                self.info = S3Endpoint(endpoint, self.access_key, self.secret_key, "us-east-1", self.bucket)
+                self.info = S3Endpoint(endpoint, self.access_key, self.secret_key, "us-east-1", self.bucket,
+                                       master="127.0.0.1:%d" % ports["master"], filer="127.0.0.1:%d" % ports["filer"])
                 return self.info
             except RuntimeError as exc:
                 last_error = str(exc)

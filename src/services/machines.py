@@ -57,8 +57,9 @@ def _insert_if_absent(s: Session, **values: Any) -> bool:
         from sqlalchemy.dialects.sqlite import insert as dialect_insert
     else:  # pragma: no cover - the service runs on SQLite or PostgreSQL
         raise NotImplementedError(f"ensure_machine does not support {dialect}")
-    stmt = dialect_insert(Machine).values(**values).on_conflict_do_nothing(index_elements=[Machine.id])
-    return s.execute(stmt).rowcount == 1
+    stmt = (dialect_insert(Machine).values(**values).on_conflict_do_nothing(index_elements=[Machine.id])
+            .returning(Machine.id))  # RETURNING, not rowcount: psycopg reports -1 for this statement
+    return s.execute(stmt).scalar_one_or_none() is not None
 
 
 def add_event(s: Session, machine_id: str, kind: str, message: str, *, job_id: str | None = None,

@@ -120,6 +120,7 @@ def _rent_until_running(ctx: JobContext, vast: Any, machine_id: str, *, disk_gb:
         label = rental_label(machine_id, ctx.job_id, ctx.attempt, n)
         ctx.progress(phase="rent")
         ctx.save_state(renting=label)  # a fenced write: raises JobLost, before renting, unless we own the job
+        ctx.check_cancelled()  # and its answer says whether a cancel came meanwhile: then rent nothing
         try:
             # ssh_direct: SSH straight to the host (no shared relay in the way of a long restore).
             instance_id = vast.create_instance(offer.id, image=p["image"], disk_gb=disk_gb, label=label,

@@ -302,3 +302,15 @@ def test_rental_labels_fit_vast_and_name_the_attempt(machine_id):
     label = rental_label(machine_id, job_id, 12, 3)
     assert len(label) <= 64 and label.isascii() and label.endswith(f":{job_id}:12:3")
     assert label != rental_label(machine_id, job_id, 1, 3) != rental_label(machine_id + "x", job_id, 12, 3)
+
+
+def test_pause_and_resume_record_their_point_of_no_return_before_calling_vast(world):
+    box = world.rent_box()
+    started = world.hibernate(box, destroy_after=False)
+    world.script_snapshot_success(started["snapshot"])
+    run_jobs(world.app)
+    job_id = world.post(f"/api/instances/{box}/pause").get_json()["job"]["id"]
+    run_jobs(world.app)
+    with world.app.extensions["gpusnap"].session_factory() as s:
+        assert s.get(Job, job_id).state["no_return"]["step"] == "stop"
+    assert world.fake.instance(box)["actual_status"] in ("stopped", "exited")

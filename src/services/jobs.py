@@ -139,7 +139,7 @@ def cancel_job(session_factory: sessionmaker[Session], job_id: str, *, on_end: C
                ) -> dict[str, Any]:
     """Cancel a job. A queued job is cancelled at once; a running one is flagged and its runner stops it
     (remote processes included) at its next check, and an accepted cancel is final: the job ends
-    `cancelled`. A running job past its point of no return (`NO_RETURN`: hibernate's destroy is being
+    `cancelled`. An active job past its point of no return (`NO_RETURN`: hibernate's destroy is being
     sent) gives Conflict `too_late_to_cancel` and will finish. Cancelling a cancelled job is a no-op; a
     job that already succeeded or failed gives Conflict `job_finished`."""
     with transaction(session_factory) as s:
@@ -151,7 +151,7 @@ def cancel_job(session_factory: sessionmaker[Session], job_id: str, *, on_end: C
             raise NotFound(f"job {job_id} not found")
         if job.status in ("succeeded", "failed"):
             raise Conflict(f"job {job_id} already {job.status}", code="job_finished")
-        if job.status == "running" and NO_RETURN in (job.state or {}):
+        if job.status in ACTIVE and NO_RETURN in (job.state or {}):  # queued too: a re-queued job past it
             step = (job.state or {})[NO_RETURN].get("step", "its last step")
             raise Conflict(f"job {job_id} is past its point of no return ({step} was sent); it will finish",
                            code="too_late_to_cancel")  # rolls the flag back

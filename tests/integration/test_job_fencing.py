@@ -145,3 +145,13 @@ def test_recovery_leaves_a_job_whose_worker_heartbeated_since_it_was_read(client
     assert job_service.requeue_stale(c.session_factory, stale_after=dt.timedelta(days=365 * 20), max_attempts=3,
                                      rerunnable=lambda _k: True, on_end=lambda _k: None) == []
     assert _row(app, ctx.job_id).status == "running"
+
+
+def test_a_requeued_job_past_its_point_of_no_return_cannot_be_cancelled_either(client, app):
+    ctx = _started(client, app, "requeued")
+    ctx.point_of_no_return("destroy", destroying=5)
+    assert _requeue_all_running(app) == [ctx.job_id]  # its worker died after the destroy was sent
+    r = client.post(f"/api/jobs/{ctx.job_id}/cancel", headers=AUTH)
+    assert r.status_code == 409 and r.get_json()["error"]["code"] == "too_late_to_cancel"
+    row = _row(app, ctx.job_id)
+    assert row.status == "queued" and row.cancel_requested is False  # the next attempt finishes the destroy

@@ -59,7 +59,7 @@ def _wait_row(stack: Stack, job_id: str, until: Callable[[Job], bool], *, timeou
 
 
 def test_cancel_accepted_while_hibernate_verifies_against_a_slow_bucket_is_final(stack, fake_vast, box, s3_server):
-    head_delay = 4.0
+    head_delay = 5.0  # the slow end of what the fault run saw (HEADs of 2-5 s)
     with SlowS3Proxy(s3_server.endpoint, head_delay_s=head_delay) as proxy:
         stack.stop_worker()
         stack.start_worker(R2_ENDPOINT=proxy.endpoint)  # the worker and its remote scripts use the slow bucket

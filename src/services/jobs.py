@@ -33,7 +33,7 @@ STATUSES = ACTIVE + FINISHED
 OnEnd = Callable[[Session, Job], None]
 
 # Key in `jobs.state` set (by `JobContext.owned(no_return=...)`) when a job is about to take an action that
-# cannot be undone (hibernate's destroy, wake's hand-over). From then on a cancel is refused with
+# cannot be undone (hibernate's destroy, wake's hand-over, pause's stop, resume's start). From then on a cancel is refused with
 # 409 `too_late_to_cancel`; before it, an accepted cancel is final.
 NO_RETURN = "no_return"
 T = TypeVar("T")
@@ -153,7 +153,8 @@ def cancel_job(session_factory: sessionmaker[Session], job_id: str, *, on_end: C
             raise Conflict(f"job {job_id} already {job.status}", code="job_finished")
         if job.status in ACTIVE and NO_RETURN in (job.state or {}):  # queued too: a re-queued job past it
             step = (job.state or {})[NO_RETURN].get("step", "its last step")
-            raise Conflict(f"job {job_id} is past its point of no return ({step} was sent); it will finish",
+            raise Conflict(f"too late to cancel job {job_id}: it is past its point of no return (step {step!r}: an "
+                           "action that cannot be undone was sent); it will finish",
                            code="too_late_to_cancel")  # rolls the flag back
         if job.status == "queued":
             finish_in_session(s, job, status="cancelled", error=("cancelled", "cancelled before it started"),

@@ -113,7 +113,7 @@ def test_a_frozen_wake_attempt_does_nothing_after_another_worker_finished_its_jo
     assert stack.wait_job(_hibernate(stack, box)["id"])["status"] == "succeeded"
     shutil.rmtree(box["workspace"])  # the rented disk is gone with the instance
     stack.stop_worker()
-    env = {**stack.env, "JOB_STALE_AFTER_S": "3", "VAST_READY_DEADLINE_S": "120", "TEST_WORKER_KINDS": "all"}
+    env = {**stack.env, "JOB_STALE_AFTER_S": "5", "VAST_READY_DEADLINE_S": "120", "TEST_WORKER_KINDS": "all"}
     frozen = WorkerProcess(env, tmp_path, "frozen").start()
     successor = WorkerProcess(env, tmp_path, "successor")
     try:
@@ -125,7 +125,7 @@ def test_a_frozen_wake_attempt_does_nothing_after_another_worker_finished_its_jo
         row = _wait_row(stack, job_id, lambda j: j.phase == "wait_running" and j.attempts == 1)
         first_instance = row.state["instance_id"]
         frozen.freeze()
-        time.sleep(4.5)  # past JOB_STALE_AFTER_S: its lease has run out
+        time.sleep(6.5)  # past JOB_STALE_AFTER_S: its lease has run out
 
         successor.start().wait_ready()  # recovers the job at start and runs attempt 2
         done = stack.wait_job(job_id)

@@ -26,7 +26,12 @@ def get_job(job_id: str) -> Response:
 
 
 @route(bp, "/<job_id>/cancel", "POST", tag=TAG, summary="Cancel a job (a running one stops at its next heartbeat)",
-       body=m.EmptyRequest, body_optional=True, responses={202: m.Job}, path_params={"job_id": JOB_ID})
+       body=m.EmptyRequest, body_optional=True, responses={202: m.Job, 409: m.ErrorResponse},
+       path_params={"job_id": JOB_ID},
+       description="A 202 is final: the job ends `cancelled` (a hibernate cancelled before its destroy leaves "
+                   "the instance running). Past the job's point of no return (hibernate's destroy, wake's "
+                   "hand-over, pause's stop, resume's start) the answer is 409 `too_late_to_cancel` and the "
+                   "job finishes; a job that already succeeded or failed gives 409 `job_finished`.")
 def cancel_job(job_id: str, body: m.EmptyRequest) -> Response:
     kinds = container().job_kinds
     job = service.cancel_job(container().session_factory, job_id,

@@ -4,9 +4,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from sqlalchemy.orm import Session
+
+from src.db import transaction
 from src.errors import JobCancelled
+from src.models import utcnow
 from src.services import jobs as job_service
 
 if TYPE_CHECKING:
@@ -16,6 +24,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _PROGRESS_FIELDS = ("phase", "bytes_done", "bytes_total", "parts_done", "parts_total")
+T = TypeVar("T")
 
 
 class JobLost(Exception):
@@ -71,6 +80,69 @@ class JobContext:
                 raise JobLost(self.job_id)
             raise JobCancelled("the job was cancelled")
 
+    def sleep(self, seconds: float) -> None:
+        """Wait `seconds`, or less: a cancel (or losing the job) noticed meanwhile raises at once."""
+        self.check_cancelled()
+        if self.cancel_event.wait(max(0.0, seconds)):
+            self.check_cancelled()
+
+    def result(self, future: "Future[T]", *, poll_s: float = 0.2) -> T:
+        """`future.result()`, but a cancel noticed while it runs raises at once (the work itself, a
+        read-only request, is left to end by itself)."""
+        while True:
+            try:
+                return future.result(timeout=poll_s)
+            except FutureTimeout:
+                self.check_cancelled()
+
+    @contextmanager
+    def owned(self, *, no_return: str | None = None, **state_updates: Any) -> Iterator[Session]:
+        """A transaction that writes only while this attempt owns the job: it starts with a fenced write
+        of the job row (`job_service.fence`) that holds the row until commit, so a recovered job's stale
+        attempt can never overwrite what its successor wrote. Raises JobLost otherwise.
+
+        `no_return` (a step name) marks the job's point of no return in the same write, and only when no
+        cancel was requested (else JobCancelled, nothing written): from then on a cancel answers 409
+        `too_late_to_cancel`. Use it right before an action that cannot be undone. `state_updates` are
+        merged into `ctx.state` in the same write."""
+        with self._lock:
+            state = {**self.state, **state_updates}
+        first = no_return is not None and job_service.NO_RETURN not in state
+        if first:
+            state[job_service.NO_RETURN] = {"step": no_return, "attempt": self.attempt, "at": utcnow().isoformat()}
+        write_state = state if (state_updates or first) else None
+        with transaction(self.container.session_factory) as s:
+            verdict = job_service.fence(s, self.job_id, attempt=self.attempt, state=write_state,
+                                        refuse_if_cancelled=first)
+            if verdict == "cancel":
+                self.cancel_event.set()
+                raise JobCancelled("the job was cancelled")
+            if verdict == "lost":
+                self._mark_lost()
+            yield s
+        if write_state is not None:
+            with self._lock:
+                self.state = write_state
+
+    def point_of_no_return(self, step: str, **state_updates: Any) -> None:
+        """Right before an action that cannot be undone: raise JobCancelled if a cancel was accepted (the
+        database is asked, not the heartbeat's last answer), JobLost if another attempt owns the job; else
+        record that the job is past its point of no return (with `state_updates`), after which a cancel
+        is refused. Idempotent for a re-run that reaches the same step."""
+        with self.owned(no_return=step, **state_updates):
+            pass
+
+    def ensure_owner(self) -> None:
+        """Raise JobLost unless this attempt still owns the job. Called right before an external action
+        (rent, destroy): a worker that was frozen past its lease must not act for its successor."""
+        with self.owned():
+            pass
+
+    def _mark_lost(self) -> None:
+        self.lost = True
+        self.cancel_event.set()
+        raise JobLost(self.job_id)
+
     def flush(self, *, with_state: bool = False) -> None:
         """Write pending progress (and the heartbeat). Called by handlers through `progress`, and by the
         heartbeat thread every few seconds."""
@@ -83,10 +155,10 @@ class JobContext:
         if verdict == "cancel":
             self.cancel_event.set()
         elif verdict == "lost":
+            if with_state:
+                self._mark_lost()
             self.lost = True
             self.cancel_event.set()
-            if with_state:
-                raise JobLost(self.job_id)
 
 
 class Heartbeat:

@@ -51,7 +51,9 @@ def hibernate(ctx: JobContext) -> dict[str, Any]:
     if instance_id is None:
         raise JobFailed("the machine has no vast.ai instance to destroy", code="no_vast_instance")
     ctx.progress(phase="destroy")
-    ctx.save_state(destroying=instance_id)
+    # Last chance for a cancel: it is checked in the database, in the same write that records the destroy
+    # as begun; after it, a cancel is answered 409 `too_late_to_cancel`.
+    ctx.point_of_no_return("destroy", destroying=instance_id)
     failpoint("hibernate.before_destroy")
     destroy_confirmed(ctx, ctx.container.vast(), int(instance_id))
     set_machine(ctx, machine_id, status="hibernated", vast_instance_id=None, ssh_host=None, ssh_port=None,

@@ -21,6 +21,7 @@ def pause(ctx: JobContext) -> dict[str, Any]:
     machine_id, instance_id = _instance(ctx)
     vast = ctx.container.vast()
     ctx.progress(phase="stop")
+    ctx.point_of_no_return("stop")  # a cancel accepted until now is final; from here on it is refused
     vast.stop_instance(instance_id)
     deadline = time.monotonic() + ctx.settings.vast_ready_deadline_s
     while True:
@@ -31,7 +32,7 @@ def pause(ctx: JobContext) -> dict[str, Any]:
             break
         if time.monotonic() >= deadline:
             raise JobFailed(f"vast.ai instance {instance_id} still {instance.actual_status}", code="stop_unconfirmed")
-        time.sleep(ctx.settings.vast_poll_interval_s)
+        ctx.sleep(ctx.settings.vast_poll_interval_s)  # raises JobLost at once if the job was taken over
     set_machine(ctx, machine_id, status="paused", event=("paused", f"instance {instance_id} stopped"))
     return {"instance_id": instance_id}
 
@@ -40,6 +41,7 @@ def resume(ctx: JobContext) -> dict[str, Any]:
     machine_id, instance_id = _instance(ctx)
     vast = ctx.container.vast()
     ctx.progress(phase="start")
+    ctx.point_of_no_return("start")
     try:
         vast.start_instance(instance_id)
     except ExternalError as e:

@@ -9,6 +9,7 @@ import socket
 from typing import TYPE_CHECKING
 
 from huey import Huey, RedisHuey, SqliteHuey, crontab
+from sqlalchemy.exc import SQLAlchemyError
 
 from src.services import jobs as job_service
 
@@ -39,8 +40,25 @@ class JobQueue:
         self._execute = huey.task(name="gpusnap.execute_job")(runner.run)
         huey.periodic_task(crontab(minute="*"), name="gpusnap.recover_stale_jobs")(self.recover_stale_jobs)
 
-    def enqueue(self, job_id: str) -> None:
-        self._execute(job_id)
+    def enqueue(self, job_id: str) -> bool:
+        """Hand `job_id` to the workers; False when the queue refused. Called after the job's row is
+        committed, and that row is the truth: a queued row nobody picked up is enqueued again by
+        `recover_stale_jobs` once it has waited JOB_STALE_AFTER_S. So a queue that is down (Redis
+        unreachable, the SQLite queue file locked or gone) delays the job but neither loses it nor fails
+        the request that created it (which answers 202; a retry would find the machine busy). The job's
+        phase says `enqueue_failed` meanwhile."""
+        try:
+            self._execute(job_id)
+            return True
+        except Exception as e:  # noqa: BLE001 - whatever the backend raises, the job runs later through recovery
+            logger.warning("could not enqueue job %s (%s: %s); it starts when recovery re-sends queued jobs "
+                           "(within JOB_STALE_AFTER_S once the queue answers)", job_id, type(e).__name__, e,
+                           extra={"job_id": job_id})
+            try:
+                job_service.note_enqueue_failed(self._container.session_factory, job_id)
+            except SQLAlchemyError:  # the phase is only a hint; the queued row alone gets the job run
+                logger.warning("could not mark job %s enqueue_failed", job_id, exc_info=True)
+            return False
 
     def recover_stale_jobs(self, *, local_dead_workers: bool = False) -> list[str]:
         """Re-queue or fail jobs whose worker died (see `job_service.requeue_stale`). Runs every minute in

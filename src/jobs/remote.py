@@ -53,7 +53,7 @@ def ssh_session(ctx: JobContext, endpoint: Endpoint) -> Iterator[Any]:
                        pinned_host_key=endpoint.host_key)
     with ctx.container.ssh().open(target) as session:
         if endpoint.host_key is None:
-            with transaction(ctx.container.session_factory) as s:
+            with ctx.owned() as s:  # fenced: only while this attempt owns the job
                 pinned = s.execute(update(Machine).where(Machine.id == endpoint.machine_id,
                                                          Machine.host_key.is_(None))
                                    .values(host_key=session.host_key)).rowcount

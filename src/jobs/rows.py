@@ -1,5 +1,6 @@
 """The rows jobs work on, read as plain dicts and updated in short transactions: machines (with their
-event history) and snapshots."""
+event history) and snapshots. Every write is fenced (`ctx.owned()`): it happens only while this attempt
+owns the job, in the same transaction as that check, else JobLost."""
 from __future__ import annotations
 
 from typing import Any
@@ -12,9 +13,12 @@ from src.services.machines import add_event
 
 
 def set_machine(ctx: JobContext, machine_id: str, *, event: tuple[str, str] | None = None,
-                data: dict[str, Any] | None = None, **values: Any) -> None:
-    """Update the machine's columns (`values`) and append `event` (kind, message)."""
-    with transaction(ctx.container.session_factory) as s:
+                data: dict[str, Any] | None = None, no_return: str | None = None,
+                save: dict[str, Any] | None = None, **values: Any) -> None:
+    """Update the machine's columns (`values`) and append `event` (kind, message). Raises JobLost when
+    this attempt no longer owns the job (nothing is written). `no_return` and `save` go to `ctx.owned`:
+    the job's point of no return and steps recorded in the same transaction as the machine's change."""
+    with ctx.owned(no_return=no_return, **(save or {})) as s:
         machine = s.get(Machine, machine_id)
         if machine is None:
             return
@@ -58,7 +62,8 @@ def snapshot_row(row: Snapshot) -> dict[str, Any]:
 
 
 def set_snapshot(ctx: JobContext, snapshot_id: str, **values: Any) -> None:
-    with transaction(ctx.container.session_factory) as s:
+    """Update the snapshot's columns, fenced like `set_machine`."""
+    with ctx.owned() as s:
         row = s.get(Snapshot, snapshot_id)
         if row is not None:
             for key, value in values.items():

@@ -47,8 +47,12 @@ class JobRunner:
             if status == "failed" and ctx.cancel_event.is_set():
                 status, error = "cancelled", ("cancelled", "the job was cancelled")
             ctx.flush()  # last progress numbers
-            job_service.finish(c.session_factory, job_id, attempt=ctx.attempt, status=status, result=result,
-                               error=error, on_end=kind.on_end)
+            # Fenced by the attempt; a success after an accepted cancel is recorded as `cancelled` (see finish).
+            if not job_service.finish(c.session_factory, job_id, attempt=ctx.attempt, status=status, result=result,
+                                      error=error, on_end=kind.on_end):
+                logger.warning("job %s was taken over by another worker before it could finish; its end "
+                               "(%s) is not recorded", job_id, status)
+                return
             logger.info("job %s (%s) %s in %.1fs%s", job_id, job.kind, status, time.monotonic() - started,
                         f": {error[0]}: {error[1]}" if error else "")
         finally:

@@ -7,7 +7,6 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from src.db import transaction
 from src.errors import JobFailed
 from src.jobs.context import JobContext
 from src.jobs.kinds import JobKind
@@ -28,7 +27,7 @@ def verify_snapshot(ctx: JobContext) -> dict[str, Any]:
         raise JobFailed(f"snapshot {ctx.params['snapshot_id']} no longer exists", code="not_found")
     result = check_objects(ctx, prefix=snap["storage_prefix"], manifest_sha256=snap["manifest_sha256"],
                            deep=bool(ctx.params.get("deep")))
-    with transaction(ctx.container.session_factory) as s:
+    with ctx.owned() as s:  # fenced: only while this attempt owns the job
         s.execute(update(Snapshot).where(Snapshot.id == snap["id"]).values(verified_at=utcnow()))
     return result
 
@@ -67,13 +66,19 @@ def check_objects(ctx: JobContext, *, prefix: str, manifest_sha256: str | None, 
 
     problems: list[tuple[Part, str]] = []
     done_parts = done_bytes = 0
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        for part, problem in pool.map(check, manifest.parts):
+    pool = ThreadPoolExecutor(max_workers=8)
+    try:
+        futures = [pool.submit(check, part) for part in manifest.parts]
+        for future in futures:
+            # A slow bucket (seconds per HEAD) must not delay a cancel: wait interruptibly.
+            part, problem = ctx.result(future)
             done_parts += 1
             done_bytes += part.stored_size
             ctx.progress(parts_done=done_parts, bytes_done=done_bytes)
             if problem:
                 problems.append((part, problem))
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # on a cancel, parts not started are never asked for
     if problems:
         first_part, first_code = problems[0]
         listed = ", ".join(f"{p.key} ({code})" for p, code in problems[:10])
@@ -103,7 +108,7 @@ def delete_snapshot(ctx: JobContext) -> dict[str, Any]:
     ctx.save_state(manifest_deleted=True)
     deleted = store.delete_prefix(prefix) + int(had_manifest)
     ctx.progress(phase="delete_record")
-    with transaction(ctx.container.session_factory) as s:
+    with ctx.owned() as s:  # fenced: only while this attempt owns the job
         row = s.get(Snapshot, snapshot_id)
         if row is not None:
             s.delete(row)

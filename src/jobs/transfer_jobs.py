@@ -5,7 +5,6 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from src.db import transaction
 from src.errors import JobFailed
 from src.jobs.context import JobContext
 from src.jobs.kinds import JobKind
@@ -44,7 +43,7 @@ def take_snapshot(ctx: JobContext, snapshot_id: str, endpoint: Endpoint) -> dict
     ctx.progress(phase="verify")
     check_objects(ctx, prefix=snap["storage_prefix"], manifest_sha256=result.get("manifest_sha256"), deep=False)
     timings = dict(result.get("timings") or {})
-    with transaction(ctx.container.session_factory) as s:
+    with ctx.owned() as s:  # fenced: only while this attempt owns the job
         row = s.get(Snapshot, snap["id"])
         assert row is not None
         row.status, row.completed_at, row.verified_at = "complete", utcnow(), utcnow()
@@ -103,7 +102,7 @@ def restore_onto(ctx: JobContext, snap: dict[str, Any], endpoint: Endpoint, work
               "manifest_sha256": snap["manifest_sha256"], "allow_external_symlinks": bool(snap["manifest_sha256"])}
     with ssh_session(ctx, endpoint) as session:
         result = run_script(ctx, session, "restore", params)
-    with transaction(ctx.container.session_factory) as s:
+    with ctx.owned() as s:  # fenced: only while this attempt owns the job
         machine = s.get(Machine, endpoint.machine_id)
         if machine is not None:
             machine.workspace_path = workspace

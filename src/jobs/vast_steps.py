@@ -32,18 +32,22 @@ def wait_running(ctx: JobContext, vast: Any, instance_id: int, *, deadline_s: fl
             raise JobFailed(f"vast.ai instance {instance_id} not running after {deadline_s:.0f}s "
                             f"(status {last.actual_status}: {last.status_msg or 'no message'})",
                             code="instance_not_ready")
-        time.sleep(interval)
+        ctx.sleep(interval)  # a cancel during a long boot is acted on now, not after the deadline
 
 
 def destroy_confirmed(ctx: JobContext, vast: Any, instance_id: int, *, deadline_s: float | None = None) -> None:
     """Destroy the instance and poll until vast.ai no longer shows it. Retries failed destroys with
-    backoff; never assumes success. Raises JobFailed(`destroy_unconfirmed`) past the deadline."""
+    backoff; never assumes success. Raises JobFailed(`destroy_unconfirmed`) past the deadline, and
+    JobLost, before sending anything, once this attempt no longer owns the job (a frozen worker that
+    wakes up must not destroy what its successor now runs on). A cancel does not stop it: it is often
+    the clean-up a cancel asked for, or past the point of no return."""
     deadline = time.monotonic() + (deadline_s if deadline_s is not None else ctx.settings.vast_destroy_deadline_s)
     interval = ctx.settings.vast_poll_interval_s
     attempt = 0
     last_error = "no answer yet"
     while True:
         attempt += 1
+        ctx.ensure_owner()
         try:
             vast.destroy_instance(instance_id)
             for _ in range(5):  # vast.ai may show a destroyed instance briefly; look again before re-sending

@@ -1,11 +1,18 @@
 """The `wake` job: rent a vast.ai instance that fits, wait until it runs and answers SSH, restore the
 snapshot onto it, and hand the machine back running under its old id.
 
-Never leaks an instance: every rental is labelled `gpusnap:<machine>:<job>:<n>` before it is asked for,
-so when anything fails after a rental was attempted (an error, a cancel, a crash and re-run) every
-instance carrying this job's label prefix is destroyed and that destruction is confirmed."""
+Never leaks an instance, and never touches another attempt's: every rental is labelled
+`gpusnap:<machine hash>:<job>:<attempt>:<n>` (`rental_label`) before it is asked for. When anything fails
+after a rental was attempted (an error, a cancel), this attempt destroys, confirmed, what carries its own
+attempt's label. A re-run after a crash (a new attempt) first destroys what earlier attempts of the job
+rented, and sweeps again before it hands the machine over. Every vast.ai action and row write checks
+that this attempt still owns the job, so a worker frozen past its lease that wakes up does nothing.
+The hand-over (the machine row pointing at the new instance) is the point of no return: a cancel
+accepted before it destroys the new instance; after it, a cancel is refused (`too_late_to_cancel`)."""
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
 from typing import Any
 
@@ -23,6 +30,32 @@ from src.models import Job, Machine
 from src.services.machines import add_event
 
 NOT_READY = ("instance_not_ready", "instance_gone")
+# vast.ai is reported to refuse long instance labels (no public document states the limit: the
+# label-instance reference, docs.vast.ai/cli/reference/label-instance, only says "string"); stay within 64.
+LABEL_MAX = 64
+
+logger = logging.getLogger(__name__)
+
+
+def job_label_prefix(machine_id: str, job_id: str) -> str:
+    """What every rental of one wake job carries. The machine id (up to 128 characters, any printable
+    character) enters as a short hash; the job id leads back to the machine through the database."""
+    return f"gpusnap:{hashlib.sha256(machine_id.encode()).hexdigest()[:12]}:{job_id}:"
+
+
+def rental_label(machine_id: str, job_id: str, attempt: int, n: int) -> str:
+    """The label of the `n`-th rental of `attempt` of a wake job (at most LABEL_MAX characters)."""
+    label = f"{job_label_prefix(machine_id, job_id)}{attempt}:{n}"
+    if len(label) > LABEL_MAX:
+        raise JobFailed(f"rental label {label!r} is longer than {LABEL_MAX} characters", code="internal")
+    return label
+
+
+def _label_attempt(label: str | None, prefix: str) -> int | None:
+    """The attempt number in a label made by `rental_label` under `prefix`, else None."""
+    rest = (label or "").removeprefix(prefix)
+    head = rest.split(":", 1)[0]
+    return int(head) if label and label.startswith(prefix) and head.isdigit() else None
 
 
 def required_disk_gb(raw_bytes: int, *, headroom: float, image_gb: float) -> int:
@@ -34,12 +67,15 @@ def wake(ctx: JobContext) -> dict[str, Any]:
     machine_id = ctx.machine_id
     assert machine_id is not None
     p = ctx.params
+    if "woke" in ctx.state:  # an earlier attempt handed the machine over, then its worker died
+        return dict(ctx.state["woke"])
     vast = ctx.container.vast()
     snap = snapshot_fields(ctx, p["snapshot_id"])
-    label_prefix = f"gpusnap:{machine_id}:{ctx.job_id}:"
-    _destroy_labelled(ctx, vast, label_prefix)  # a re-run after a crash starts clean
+    job_prefix = job_label_prefix(machine_id, ctx.job_id)
+    _destroy_other_attempts(ctx, vast, job_prefix)  # a re-run after a crash starts clean
+    own_prefix = f"{job_prefix}{ctx.attempt}:"
     try:
-        instance, offer = _rent_until_running(ctx, vast, label_prefix, disk_gb=p["disk_gb"])
+        instance, offer = _rent_until_running(ctx, vast, machine_id, disk_gb=p["disk_gb"])
         ep = instance.ssh_endpoint
         ctx.container.ssh_policy().check(ep.host)
         set_machine(ctx, machine_id, ssh_host=ep.host, ssh_port=ep.port, host_key=None,
@@ -48,21 +84,26 @@ def wake(ctx: JobContext) -> dict[str, Any]:
         user = p.get("ssh_user") or ctx.settings.ssh_user
         endpoint = Endpoint(machine_id=machine_id, host=ep.host, port=ep.port, user=user, host_key=None)
         restored = restore_onto(ctx, snap, endpoint, p["workspace_path"])
+        ctx.check_cancelled()
+        # An attempt frozen between its ownership check and its rent may have rented after our first sweep.
+        _destroy_other_attempts(ctx, vast, job_prefix)
+        result = {"instance_id": instance.id, "offer_id": offer.id, "dph_total": offer.dph_total,
+                  "ssh_host": ep.host, "ssh_port": ep.port, **restored}
+        set_machine(ctx, machine_id, no_return="hand_over", save={"woke": result}, status="running",
+                    vast_instance_id=instance.id, gpu_name=instance.gpu_name,
+                    offer={"offer_id": offer.id, "dph_total": offer.dph_total, "disk_gb": p["disk_gb"],
+                           "image": p["image"], "geolocation": offer.geolocation},
+                    event=("woke", f"restored {snap['id']} onto vast.ai instance {instance.id}"))
     except JobLost:
-        raise  # another worker owns this job now, and with it the instance
+        raise  # another attempt owns this job now; it destroys what this one rented
     except BaseException:
         ctx.progress(phase="cleanup")
-        _destroy_labelled(ctx, vast, label_prefix)
+        _destroy_labelled(ctx, vast, own_prefix)
         raise
-    set_machine(ctx, machine_id, status="running", vast_instance_id=instance.id, gpu_name=instance.gpu_name,
-                offer={"offer_id": offer.id, "dph_total": offer.dph_total, "disk_gb": p["disk_gb"],
-                       "image": p["image"], "geolocation": offer.geolocation},
-                event=("woke", f"restored {snap['id']} onto vast.ai instance {instance.id}"))
-    return {"instance_id": instance.id, "offer_id": offer.id, "dph_total": offer.dph_total,
-            "ssh_host": ep.host, "ssh_port": ep.port, **restored}
+    return result
 
 
-def _rent_until_running(ctx: JobContext, vast: Any, label_prefix: str, *, disk_gb: int) -> tuple[Any, Any]:
+def _rent_until_running(ctx: JobContext, vast: Any, machine_id: str, *, disk_gb: int) -> tuple[Any, Any]:
     """Rent the cheapest fitting offer and wait for it to run; when a host never becomes ready, destroy
     it and try the next offer (at most VAST_MAX_OFFERS). Raises JobFailed(`no_offer`) when nothing fits."""
     p = ctx.params
@@ -76,9 +117,10 @@ def _rent_until_running(ctx: JobContext, vast: Any, label_prefix: str, *, disk_g
     failures: list[str] = []
     for n, offer in enumerate(offers[: ctx.settings.vast_max_offers]):
         ctx.check_cancelled()
-        label = f"{label_prefix}{n}"
+        label = rental_label(machine_id, ctx.job_id, ctx.attempt, n)
         ctx.progress(phase="rent")
-        ctx.save_state(renting=label)
+        ctx.save_state(renting=label)  # a fenced write: raises JobLost, before renting, unless we own the job
+        ctx.check_cancelled()  # and its answer says whether a cancel came meanwhile: then rent nothing
         try:
             # ssh_direct: SSH straight to the host (no shared relay in the way of a long restore).
             instance_id = vast.create_instance(offer.id, image=p["image"], disk_gb=disk_gb, label=label,
@@ -110,6 +152,15 @@ def _destroy_labelled(ctx: JobContext, vast: Any, label_prefix: str) -> None:
     """Destroy (confirmed) every instance whose label starts with `label_prefix`."""
     for instance in vast.list_instances(label_prefix=label_prefix):
         destroy_confirmed(ctx, vast, instance.id)
+
+
+def _destroy_other_attempts(ctx: JobContext, vast: Any, job_prefix: str) -> None:
+    """Destroy (confirmed) what earlier attempts of this job rented; never this attempt's own rentals."""
+    for instance in vast.list_instances(label_prefix=job_prefix):
+        if _label_attempt(instance.label, job_prefix) != ctx.attempt:
+            logger.warning("destroying instance %s (%s) left by an earlier attempt of job %s", instance.id,
+                           instance.label, ctx.job_id)
+            destroy_confirmed(ctx, vast, instance.id)
 
 
 def _wake_ended(s: Session, job: Job) -> None:

@@ -22,6 +22,7 @@ _BUSY_STATES = {"hibernated": "is hibernated: wake it first", "paused": "is paus
                 "waking": "is waking", "hibernating": "is hibernating"}
 
 
+@job_service.settle_idempotency_race(lambda _s, job: job_view(job))
 def hibernate(c: "Container", machine_id: str, *, workspace_path: str, ssh_host: str | None = None,
               ssh_port: int | None = None, ssh_user: str | None = None, destroy_after: bool = True,
               codec: str = "auto", excludes: list[str] | None = None, deep_verify: bool = False,
@@ -56,6 +57,7 @@ def hibernate(c: "Container", machine_id: str, *, workspace_path: str, ssh_host:
     return view
 
 
+@job_service.settle_idempotency_race(lambda _s, job: job_view(job))
 def wake(c: "Container", machine_id: str, *, snapshot_id: str | None = None, gpu_type: str | None = None,
          num_gpus: int = 1, region: str | None = None, max_price: float | None = None, disk_gb: int | None = None,
          image: str | None = None, workspace_path: str | None = None, idem: Idempotency | None = None
@@ -96,11 +98,13 @@ def wake(c: "Container", machine_id: str, *, snapshot_id: str | None = None, gpu
     return view
 
 
+@job_service.settle_idempotency_race(lambda _s, job: job_view(job))
 def pause(c: "Container", machine_id: str, *, idem: Idempotency | None = None) -> dict[str, Any]:
     """Start a `pause` job (vast.ai stop). Raises NotFound, Conflict unless the machine is running."""
     return _vast_state_job(c, machine_id, kind="pause", required="running", during="pausing", idem=idem)
 
 
+@job_service.settle_idempotency_race(lambda _s, job: job_view(job))
 def resume(c: "Container", machine_id: str, *, idem: Idempotency | None = None) -> dict[str, Any]:
     """Start a `resume` job (vast.ai start). Raises NotFound, Conflict unless the machine is paused."""
     return _vast_state_job(c, machine_id, kind="resume", required="paused", during="resuming", idem=idem)

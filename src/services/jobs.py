@@ -4,12 +4,13 @@ the rest."""
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
@@ -30,6 +31,12 @@ STATUSES = ACTIVE + FINISHED
 # Called inside the transaction that finishes a job, so domain rows (a snapshot marked failed, a
 # machine's status) change together with the job's status.
 OnEnd = Callable[[Session, Job], None]
+
+# Key in `jobs.state` set (by `JobContext.owned(no_return=...)`) when a job is about to take an action that
+# cannot be undone (hibernate's destroy, wake's hand-over, pause's stop, resume's start). From then on a cancel is refused with
+# 409 `too_late_to_cancel`; before it, an accepted cancel is final.
+NO_RETURN = "no_return"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,33 @@ def find_replay(session: Session, idem: Idempotency | None) -> Job | None:
         raise Conflict("this Idempotency-Key was already used for a different request",
                        code="idempotency_key_reused")
     return job
+
+
+def settle_idempotency_race(replay: Callable[[Session, Job], T]) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Decorate a service that starts a job (first argument the container, keyword `idem`). Two requests
+    with the same Idempotency-Key and body that arrive together both miss `find_replay`; the one that
+    commits second then fails on a unique index (the key itself, the machine lock, the machine row) or
+    finds the machine busy. It answers with the winner's job (`replay(session, job)`), as a replay one
+    second later would. Without a key, or when no job carries it, the Conflict stands; a bare
+    IntegrityError (a concurrent request won a unique index) becomes Conflict `concurrent_request`."""
+    def decorate(fn: Callable[..., T]) -> Callable[..., T]:
+        @functools.wraps(fn)
+        def wrapper(c: Any, *args: Any, idem: Idempotency | None = None, **kwargs: Any) -> T:
+            try:
+                return fn(c, *args, idem=idem, **kwargs)
+            except (Conflict, IntegrityError) as e:
+                if idem is not None:
+                    with transaction(c.session_factory) as s:
+                        winner = find_replay(s, idem)
+                        if winner is not None:
+                            logger.info("Idempotency-Key race: answering with the winner's job %s", winner.id)
+                            return replay(s, winner)
+                if isinstance(e, IntegrityError):
+                    raise Conflict("a concurrent request changed the same records; try again",
+                                   code="concurrent_request") from e
+                raise
+        return wrapper
+    return decorate
 
 
 def add_job(session: Session, *, kind: str, params: dict[str, Any], lock_key: str | None,
@@ -104,19 +138,27 @@ def list_jobs(session_factory: sessionmaker[Session], *, kind: str | None = None
 def cancel_job(session_factory: sessionmaker[Session], job_id: str, *, on_end: Callable[[str], OnEnd | None]
                ) -> dict[str, Any]:
     """Cancel a job. A queued job is cancelled at once; a running one is flagged and its runner stops it
-    (remote processes included) at the next heartbeat. Cancelling a cancelled job is a no-op; a job that
-    already succeeded or failed gives Conflict."""
+    (remote processes included) at its next check, and an accepted cancel is final: the job ends
+    `cancelled`. An active job past its point of no return (`NO_RETURN`: hibernate's destroy is being
+    sent) gives Conflict `too_late_to_cancel` and will finish. Cancelling a cancelled job is a no-op; a
+    job that already succeeded or failed gives Conflict `job_finished`."""
     with transaction(session_factory) as s:
-        job = s.get(Job, job_id, with_for_update=True)
+        # The write comes first: it takes the row (PostgreSQL) or the database (SQLite) until commit, so
+        # the worker's fenced point-of-no-return write is either wholly before this or wholly after it.
+        s.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(cancel_requested=True))
+        job = s.get(Job, job_id, with_for_update=True, populate_existing=True)
         if job is None:
             raise NotFound(f"job {job_id} not found")
         if job.status in ("succeeded", "failed"):
             raise Conflict(f"job {job_id} already {job.status}", code="job_finished")
+        if job.status in ACTIVE and NO_RETURN in (job.state or {}):  # queued too: a re-queued job past it
+            step = (job.state or {})[NO_RETURN].get("step", "its last step")
+            raise Conflict(f"too late to cancel job {job_id}: it is past its point of no return (step {step!r}: an "
+                           "action that cannot be undone was sent); it will finish",
+                           code="too_late_to_cancel")  # rolls the flag back
         if job.status == "queued":
             finish_in_session(s, job, status="cancelled", error=("cancelled", "cancelled before it started"),
                               on_end=on_end(job.kind))
-        elif job.status == "running":
-            job.cancel_requested = True
         return job_view(job)
 
 
@@ -157,14 +199,42 @@ def heartbeat(session_factory: sessionmaker[Session], job_id: str, *, attempt: i
     return "cancel" if cancel else "ok"
 
 
+def fence(s: Session, job_id: str, *, attempt: int, state: dict[str, Any] | None = None,
+          refuse_if_cancelled: bool = False) -> str:
+    """The first statement of every worker-side write: touch the job row only if `attempt` still owns it
+    (status running, `jobs.attempts == attempt`). It holds the row (PostgreSQL) or the database (SQLite)
+    until the caller's transaction ends, so what the caller writes next is fenced by the same check.
+    `state` replaces `jobs.state`; `refuse_if_cancelled` also requires that no cancel was requested (the
+    point of no return). Returns "ok", "cancel" (a cancel came first: nothing written), or "lost"
+    (another attempt owns the job, or it ended)."""
+    conditions = [Job.id == job_id, Job.status == "running", Job.attempts == attempt]
+    if refuse_if_cancelled:
+        conditions.append(Job.cancel_requested.is_(False))
+    values: dict[str, Any] = {"heartbeat_at": utcnow()}
+    if state is not None:
+        values["state"] = state
+    if s.execute(update(Job).where(*conditions).values(**values)).rowcount == 1:
+        return "ok"
+    row = s.execute(select(Job.status, Job.attempts, Job.cancel_requested).where(Job.id == job_id)).first()
+    owned = row is not None and row.status == "running" and row.attempts == attempt
+    return "cancel" if owned and row.cancel_requested else "lost"
+
+
 def finish(session_factory: sessionmaker[Session], job_id: str, *, attempt: int, status: str,
            result: dict[str, Any] | None = None, error: tuple[str, str] | None = None,
            on_end: OnEnd | None = None) -> bool:
-    """End a running job owned by `attempt`. Returns False when this attempt lost the job meanwhile."""
+    """End a running job owned by `attempt`. Returns False when this attempt lost the job meanwhile.
+    A job whose cancel was accepted ends `cancelled` even when its handler returned success (the cancel
+    came after its last check; what it did is kept in `result`), unless it had passed its point of no
+    return, after which no cancel is accepted."""
     with transaction(session_factory) as s:
-        job = s.get(Job, job_id, with_for_update=True)
-        if job is None or job.status != "running" or job.attempts != attempt:
+        if fence(s, job_id, attempt=attempt) == "lost":
             return False
+        job = s.get(Job, job_id, with_for_update=True, populate_existing=True)
+        assert job is not None
+        if status == "succeeded" and job.cancel_requested and NO_RETURN not in (job.state or {}):
+            status, error = "cancelled", ("cancelled", "the job was cancelled after its last step had run; "
+                                          "what it did is in `result`")
         finish_in_session(s, job, status=status, result=result, error=error, on_end=on_end)
         return True
 
@@ -195,10 +265,23 @@ def requeue_stale(session_factory: sessionmaker[Session], *, stale_after: dt.tim
         stale = s.scalars(select(Job).where(Job.status == "running", Job.heartbeat_at < cutoff)
                           .with_for_update(skip_locked=True)).all()
         for job in stale:
-            if rerunnable(job.kind) and job.attempts < max_attempts:
+            # Re-check in a write (SQLite has no row locks): a worker that heartbeated since the read keeps it.
+            still = s.execute(update(Job).where(Job.id == job.id, Job.status == "running",
+                                                Job.attempts == job.attempts, Job.heartbeat_at < cutoff)
+                              .values(worker=None).execution_options(synchronize_session=False)).rowcount
+            if still != 1:
+                continue
+            s.refresh(job)
+            if job.cancel_requested and NO_RETURN not in (job.state or {}):
+                # The cancel was accepted while its worker was gone: it is final, the job does not run again.
+                logger.warning("job %s (%s) lost its worker after a cancel; cancelled", job.id, job.kind,
+                               extra={"job_id": job.id})
+                finish_in_session(s, job, status="cancelled", error=("cancelled", "the job was cancelled"),
+                                  on_end=on_end(job.kind))
+            elif rerunnable(job.kind) and job.attempts < max_attempts:
                 logger.warning("job %s (%s) lost its worker; re-queued (attempt %d of %d)",
                                job.id, job.kind, job.attempts + 1, max_attempts, extra={"job_id": job.id})
-                job.status, job.worker, job.phase = "queued", None, "requeued"
+                job.status, job.phase = "queued", "requeued"
                 to_enqueue.append(job.id)
             else:
                 logger.warning("job %s (%s) lost its worker; marked failed", job.id, job.kind,
@@ -209,6 +292,13 @@ def requeue_stale(session_factory: sessionmaker[Session], *, stale_after: dt.tim
         forgotten = s.scalars(select(Job.id).where(Job.status == "queued", Job.created_at < cutoff)).all()
         to_enqueue.extend(j for j in forgotten if j not in to_enqueue)
     return to_enqueue
+
+
+def note_enqueue_failed(session_factory: sessionmaker[Session], job_id: str) -> None:
+    """Say on a queued job (phase `enqueue_failed`) that handing it to the workers failed: recovery
+    (`requeue_stale`) enqueues it once it has waited JOB_STALE_AFTER_S."""
+    with transaction(session_factory) as s:
+        s.execute(update(Job).where(Job.id == job_id, Job.status == "queued").values(phase="enqueue_failed"))
 
 
 def expire_dead_local_workers(session_factory: sessionmaker[Session], *, hostname: str,

@@ -25,12 +25,16 @@ def ensure_machine(s: Session, *, machine_id: str, host: str | None, port: int |
     one and resets the host-key pin (a different endpoint is a different host key); that is recorded."""
     machine = s.get(Machine, machine_id, with_for_update=True)
     if machine is None:
-        machine = Machine(id=machine_id, status="running" if host else "unknown", ssh_host=host, ssh_port=port,
-                          ssh_user=user, workspace_path=workspace_path)
-        s.add(machine)
-        s.flush()
-        add_event(s, machine_id, "registered", f"first seen at {host}:{port}" if host else "registered")
-        return machine
+        # Two first requests for one new id race here: both see no row. An insert that does nothing on a
+        # conflict lets the second wait for the first to commit and then go on with the row the first
+        # made (and usually a 409: the machine is busy), instead of failing on the primary key (a 500).
+        created = _insert_if_absent(s, id=machine_id, status="running" if host else "unknown", ssh_host=host,
+                                    ssh_port=port, ssh_user=user, workspace_path=workspace_path)
+        machine = s.get(Machine, machine_id, with_for_update=True, populate_existing=True)
+        assert machine is not None
+        if created:
+            add_event(s, machine_id, "registered", f"first seen at {host}:{port}" if host else "registered")
+            return machine
     if host is not None and (machine.ssh_host, machine.ssh_port) != (host, port):
         if machine.ssh_host is not None:
             add_event(s, machine_id, "endpoint_changed",
@@ -41,6 +45,21 @@ def ensure_machine(s: Session, *, machine_id: str, host: str | None, port: int |
     if workspace_path is not None:
         machine.workspace_path = workspace_path
     return machine
+
+
+def _insert_if_absent(s: Session, **values: Any) -> bool:
+    """INSERT the machine row unless one with its id exists (committed by a concurrent request, which this
+    waits for). Returns whether this call inserted it."""
+    dialect = s.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    else:  # pragma: no cover - the service runs on SQLite or PostgreSQL
+        raise NotImplementedError(f"ensure_machine does not support {dialect}")
+    stmt = (dialect_insert(Machine).values(**values).on_conflict_do_nothing(index_elements=[Machine.id])
+            .returning(Machine.id))  # RETURNING, not rowcount: psycopg reports -1 for this statement
+    return s.execute(stmt).scalar_one_or_none() is not None
 
 
 def add_event(s: Session, machine_id: str, kind: str, message: str, *, job_id: str | None = None,

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 RESTORABLE = "complete"
 
 
+@job_service.settle_idempotency_race(lambda s, job: (snapshot_view(_snapshot(s, job.snapshot_id)),
+                                                   job_view(job)))
 def create_snapshot(c: "Container", *, instance_id: str, ssh_host: str, ssh_port: int, workspace_path: str,
                     ssh_user: str | None = None, name: str | None = None, codec: str = "auto",
                     excludes: list[str] | None = None, idem: Idempotency | None = None
@@ -58,6 +60,7 @@ def start_snapshot_job(s: Session, c: "Container", *, machine_id: str, workspace
     return snap, job
 
 
+@job_service.settle_idempotency_race(lambda _s, job: job_view(job))
 def restore_snapshot(c: "Container", snapshot_id: str, *, ssh_host: str, ssh_port: int, workspace_path: str,
                      ssh_user: str | None = None, instance_id: str | None = None,
                      idem: Idempotency | None = None) -> dict[str, Any]:
@@ -82,6 +85,7 @@ def restore_snapshot(c: "Container", snapshot_id: str, *, ssh_host: str, ssh_por
     return view
 
 
+@job_service.settle_idempotency_race(lambda _s, job: job_view(job))
 def verify_snapshot(c: "Container", snapshot_id: str, *, deep: bool = False,
                     idem: Idempotency | None = None) -> dict[str, Any]:
     """Start a `verify_snapshot` job. Raises NotFound; Conflict when the snapshot is not complete or
@@ -99,6 +103,7 @@ def verify_snapshot(c: "Container", snapshot_id: str, *, deep: bool = False,
     return view
 
 
+@job_service.settle_idempotency_race(lambda _s, job: job_view(job))
 def delete_snapshot(c: "Container", snapshot_id: str, *, idem: Idempotency | None = None) -> dict[str, Any]:
     """Start a `delete_snapshot` job (objects first, then the record). Raises NotFound; Conflict while a
     job creates, restores or verifies this snapshot."""

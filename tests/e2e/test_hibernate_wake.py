@@ -9,6 +9,7 @@ import shutil
 import pytest
 
 from src.adapters.vast import VastClient
+from src.jobs.wake import rental_label
 from tests.support.trees import describe_tree, make_tricky_tree
 
 pytestmark = pytest.mark.slow
@@ -56,7 +57,7 @@ def test_hibernate_then_wake_restores_same_machine(stack, fake_vast, box):
     assert machine["vast_instance_id"] == woke["result"]["instance_id"] != box["id"]
     assert [i["id"] for i in _ours(fake_vast)] == [machine["vast_instance_id"]]
     created = fake_vast.create_body(machine["vast_instance_id"])
-    assert created["label"].startswith(f"gpusnap:{box['id']}:") and created["disk"] >= 21
+    assert created["label"] == rental_label(str(box["id"]), woke["id"], 1, 0) and created["disk"] >= 21
     kinds = [e["kind"] for e in machine["events"]]
     assert kinds.index("hibernated") < kinds.index("woke")
     # The machine answers to its new vast.ai id too.

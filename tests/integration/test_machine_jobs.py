@@ -9,6 +9,7 @@ import pytest
 
 from src.app import create_app
 from src.db import transaction
+from src.jobs.wake import rental_label
 from src.models import Job
 from tests.fakes.fake_object_store import FakeObjectStore
 from tests.fakes.fake_remote_host import FakeSshClient
@@ -220,7 +221,7 @@ def test_rerun_after_a_crash_mid_wake_destroys_the_first_rental(world):
     r = world.post(f"/api/instances/{box}/wake")
     job_id = r.get_json()["job"]["id"]
     # A worker died right after renting: the instance exists, the job row says running with a stale lease.
-    orphan = world.vast.create_instance(1001, image="img", disk_gb=30, label=f"gpusnap:{box}:{job_id}:0")
+    orphan = world.vast.create_instance(1001, image="img", disk_gb=30, label=rental_label(str(box), job_id, 1, 0))
     with transaction(world.app.extensions["gpusnap"].session_factory) as s:
         job = s.get(Job, job_id)
         job.status, job.attempts = "running", 1
@@ -256,3 +257,60 @@ def test_pause_resume_and_gpu_taken(world):
     run_jobs(world.app)
     assert world.job(r.get_json()["job"]["id"])["status"] == "succeeded"
     assert world.machine(box)["status"] == "running"
+
+
+class _CancelDuringRestore(FakeSshClient):
+    """The scripted host, plus a cancel of the job posted the moment the restore script is started: the
+    cancel is accepted (202) while the wake's last step runs, before the hand-over."""
+
+    def __init__(self, on_restore, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(**kwargs)
+        self.on_restore = on_restore
+
+    def open(self, target):  # type: ignore[no-untyped-def]
+        session = super().open(target)
+        run_script = session.run_script
+
+        def run_script_then_cancel(name, params, **kw):  # type: ignore[no-untyped-def]
+            if name == "restore":
+                self.on_restore()
+            return run_script(name, params, **kw)
+
+        session.run_script = run_script_then_cancel  # type: ignore[method-assign]
+        return session
+
+
+def test_a_cancel_accepted_before_the_wake_hand_over_destroys_the_new_instance(world):
+    box = world.hibernated_box()
+    answers = []
+    world.app.extensions["gpusnap"].ssh_override = _CancelDuringRestore(
+        lambda: answers.append(world.post(f"/api/jobs/{job_id}/cancel").status_code),
+        scripts={"restore": [{"event": "result", "raw_bytes": 2048}]})
+    job_id = world.post(f"/api/instances/{box}/wake").get_json()["job"]["id"]
+    run_jobs(world.app)
+    job = world.job(job_id)
+    assert answers == [202]
+    assert job["status"] == "cancelled", job
+    assert world.ours() == []  # the instance rented for the wake was destroyed
+    machine = world.machine(box)
+    assert machine["status"] == "hibernated" and machine["vast_instance_id"] is None
+
+
+@pytest.mark.parametrize("machine_id", ["7", "x" * 128, "host:2222", "[2001:db8::1]:22", "ünï cødé\u200b:1"])
+def test_rental_labels_fit_vast_and_name_the_attempt(machine_id):
+    job_id = "job_01m8rrtfqh82npczxwagzch255"
+    label = rental_label(machine_id, job_id, 12, 3)
+    assert len(label) <= 64 and label.isascii() and label.endswith(f":{job_id}:12:3")
+    assert label != rental_label(machine_id, job_id, 1, 3) != rental_label(machine_id + "x", job_id, 12, 3)
+
+
+def test_pause_and_resume_record_their_point_of_no_return_before_calling_vast(world):
+    box = world.rent_box()
+    started = world.hibernate(box, destroy_after=False)
+    world.script_snapshot_success(started["snapshot"])
+    run_jobs(world.app)
+    job_id = world.post(f"/api/instances/{box}/pause").get_json()["job"]["id"]
+    run_jobs(world.app)
+    with world.app.extensions["gpusnap"].session_factory() as s:
+        assert s.get(Job, job_id).state["no_return"]["step"] == "stop"
+    assert world.fake.instance(box)["actual_status"] in ("stopped", "exited")

@@ -3,7 +3,9 @@ consumer) with the job kinds of `tests.support.test_kinds`, configured from the 
 `gpusnap worker`. With TEST_WORKER_READY_FILE set, that file is created once the app is built, just
 before the worker recovers stale jobs and starts consuming (tests wait for it instead of sleeping).
 
-`WorkerProcess` starts one as a subprocess (its own process group) for the tests.
+`WorkerProcess` starts one as a subprocess (its own process group) for the tests. With
+TEST_WORKER_KINDS=all the worker also runs every production job kind (hibernate, wake...), for tests
+that freeze or kill a worker in the middle of a real job.
 
 (Named for the brief; pytest collects this module but finds no tests in it.)"""
 from __future__ import annotations
@@ -19,6 +21,7 @@ from flask import Flask
 
 from src.app import create_app
 from src.cli.admin import run_worker
+from src.jobs.kinds import default_kinds
 from src.migrate import upgrade
 from src.settings import Settings
 from tests.support.test_kinds import make_kinds
@@ -84,10 +87,22 @@ class WorkerProcess:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=10)
 
+    def freeze(self) -> None:
+        """SIGSTOP the whole process group: the worker stops mid-step, its heartbeat with it (a stalled VM,
+        a long GC pause, a laptop lid closed), and carries on where it was after `thaw`."""
+        assert self.proc is not None and self.proc.poll() is None
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """SIGCONT after `freeze`."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGCONT)
+
     def stop(self) -> None:
         """SIGTERM (Huey stops at once), SIGKILL if it lingers."""
         if self.proc is None or self.proc.poll() is not None:
             return
+        os.killpg(self.proc.pid, signal.SIGCONT)  # a frozen worker cannot act on SIGTERM
         os.killpg(self.proc.pid, signal.SIGTERM)
         try:
             self.proc.wait(timeout=10)
@@ -100,7 +115,10 @@ class WorkerProcess:
 
 def main() -> None:
     settings = Settings.from_env(dotenv=False)
-    app = create_app(settings, job_kinds=make_kinds())
+    kinds = make_kinds()
+    if os.environ.get("TEST_WORKER_KINDS") == "all":
+        kinds = {**default_kinds(), **kinds}
+    app = create_app(settings, job_kinds=kinds)
     ready = os.environ.get("TEST_WORKER_READY_FILE")
     if ready:
         with open(ready, "w") as f:

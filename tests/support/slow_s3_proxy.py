@@ -1,0 +1,76 @@
+"""A small HTTP proxy in front of the test S3 server that makes some requests slow: a bucket whose HEADs
+take seconds (what a loaded R2 or S3 endpoint does at times). Point a client's endpoint at `proxy.endpoint`;
+every request is forwarded unchanged, the Host header included, so SigV4 signatures made for the proxy's
+address still verify upstream. `head_delay_s` (changeable while it runs) delays each HEAD before it is
+forwarded; `heads` counts the HEADs seen.
+
+Plain HTTP/1.0 with one request per connection: enough for boto3 and s5cmd, and nothing to get wrong
+about keep-alive."""
+from __future__ import annotations
+
+import http.client
+import threading
+import time
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+_HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade"}
+
+
+class SlowS3Proxy:
+    def __init__(self, upstream: str, *, head_delay_s: float = 0.0) -> None:
+        parsed = urllib.parse.urlsplit(upstream)
+        self.upstream_host, self.upstream_port = parsed.hostname or "127.0.0.1", parsed.port or 80
+        self.head_delay_s = head_delay_s
+        self.heads = 0
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.0"
+
+            def log_message(self, *args: Any) -> None:
+                """Quiet: a line per request would bury a failing test's output."""
+
+            def _forward(self) -> None:
+                if self.command == "HEAD":
+                    with proxy._lock:
+                        proxy.heads += 1
+                    time.sleep(proxy.head_delay_s)
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                conn = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port, timeout=120)
+                try:
+                    conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+                    for name, value in self.headers.items():
+                        if name.lower() not in _HOP_BY_HOP:
+                            conn.putheader(name, value)
+                    conn.endheaders(body)
+                    resp = conn.getresponse()
+                    self.send_response_only(resp.status, resp.reason)
+                    for name, value in resp.getheaders():
+                        if name.lower() not in _HOP_BY_HOP:
+                            self.send_header(name, value)
+                    self.send_header("Connection", "close")
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        while chunk := resp.read(65536):
+                            self.wfile.write(chunk)
+                finally:
+                    conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self._server.server_port}"
+        self._thread = threading.Thread(target=self._server.serve_forever, name="slow-s3-proxy", daemon=True)
+
+    def __enter__(self) -> "SlowS3Proxy":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()

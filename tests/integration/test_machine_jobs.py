@@ -256,3 +256,28 @@ def test_pause_resume_and_gpu_taken(world):
     run_jobs(world.app)
     assert world.job(r.get_json()["job"]["id"])["status"] == "succeeded"
     assert world.machine(box)["status"] == "running"
+
+
+def test_resume_when_gpus_are_taken_cancels_the_queued_start(world):
+    """vast.ai answers a start it cannot do now with `resources_unavailable` and queues it; left alone the
+    instance would start (and bill) later. The resume fails `gpu_unavailable` and the queue is emptied."""
+    import time
+
+    box = world.rent_box()
+    started = world.hibernate(box, destroy_after=False)
+    world.script_snapshot_success(started["snapshot"])
+    run_jobs(world.app)
+    r = world.post(f"/api/instances/{box}/pause")
+    run_jobs(world.app)
+    assert world.machine(box)["status"] == "paused"
+    world.fake.take_gpus(box, free_after_s=0.5)
+    r = world.post(f"/api/instances/{box}/resume")
+    run_jobs(world.app)
+    job = world.job(r.get_json()["job"]["id"])
+    assert job["status"] == "failed" and job["error"]["code"] == "gpu_unavailable", job
+    assert world.machine(box)["status"] == "paused"
+    assert world.fake.instance(box)["intended_status"] == "stopped"
+    time.sleep(0.6)  # the GPUs free up: a start still queued would run now
+    assert world.fake.instance(box)["actual_status"] == "stopped"
+    puts = [c.json for c in world.fake.calls_to("PUT", f"/api/v0/instances/{box}/") if c.status == 200]
+    assert puts[-2:] == [{"state": "running"}, {"state": "stopped"}]

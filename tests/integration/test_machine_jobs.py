@@ -281,3 +281,22 @@ def test_resume_when_gpus_are_taken_cancels_the_queued_start(world):
     assert world.fake.instance(box)["actual_status"] == "stopped"
     puts = [c.json for c in world.fake.calls_to("PUT", f"/api/v0/instances/{box}/") if c.status == 200]
     assert puts[-2:] == [{"state": "running"}, {"state": "stopped"}]
+
+
+def test_verify_refuses_a_manifest_larger_than_the_cap_without_reading_it(world, monkeypatch):
+    """The bucket is not ours to trust: a manifest past MAX_MANIFEST_BYTES (256 MiB, as on the host) fails
+    `manifest_too_large` instead of being read into the control plane's memory."""
+    import src.jobs.storage_jobs as storage_jobs
+
+    box = world.rent_box()
+    started = world.hibernate(box, destroy_after=False)
+    world.script_snapshot_success(started["snapshot"])
+    run_jobs(world.app)
+    snap = started["snapshot"]
+    monkeypatch.setattr(storage_jobs, "MAX_MANIFEST_BYTES", 4096)  # 256 MiB of test data would be slow
+    world.store.objects[snap["storage_prefix"] + "manifest.json"] = b" " * 4097
+    r = world.post(f"/api/gpu-snapshots/{snap['id']}/verify")
+    run_jobs(world.app)
+    job = world.job(r.get_json()["job"]["id"])
+    assert job["status"] == "failed" and job["error"]["code"] == "manifest_too_large", job
+    assert world.client.get(f"/api/gpu-snapshots/{snap['id']}", headers=AUTH).get_json()["status"] == "failed"

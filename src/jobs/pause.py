@@ -61,21 +61,25 @@ def resume(ctx: JobContext) -> dict[str, Any]:
 
 def _cancel_queued_start(ctx: JobContext, vast: Any, instance_id: int) -> None:
     """Ask for `stopped` again and see vast.ai record it (`intended_status`), so the queued start is gone.
-    Raises JobFailed(`queued_start_not_cancelled`) when vast.ai still intends to run it at the deadline."""
+    Raises JobFailed(`queued_start_not_cancelled`) when vast.ai refuses, or still intends to run it at the
+    deadline."""
     deadline = time.monotonic() + ctx.settings.vast_ready_deadline_s
-    last: str | None = None
     while True:
-        vast.stop_instance(instance_id)
-        instance = vast.show_instance(instance_id)
-        if instance is None:
-            return  # gone: nothing left to start
-        last = instance.intended_status
-        if last == "stopped":
-            return
+        try:
+            vast.stop_instance(instance_id)
+            instance = vast.show_instance(instance_id)
+            if instance is None or instance.intended_status == "stopped":
+                return  # cancelled (or gone: nothing left to start)
+            last = f"intended {instance.intended_status}"
+        except ExternalError as e:
+            if not e.retryable:
+                raise JobFailed(f"could not cancel the queued start of vast.ai instance {instance_id} ({e.message}); "
+                                "it may start and bill when its GPUs free up: stop it by hand",
+                                code="queued_start_not_cancelled") from e
+            last = e.message
         if time.monotonic() >= deadline:
-            raise JobFailed(f"vast.ai still intends instance {instance_id} to be {last} after we cancelled its "
-                            "queued start; it may start and bill when its GPUs free up: stop it by hand",
-                            code="queued_start_not_cancelled")
+            raise JobFailed(f"vast.ai instance {instance_id} still has a queued start ({last}); it may start and "
+                            "bill when its GPUs free up: stop it by hand", code="queued_start_not_cancelled")
         time.sleep(ctx.settings.vast_poll_interval_s)
 
 

@@ -300,3 +300,18 @@ def test_verify_refuses_a_manifest_larger_than_the_cap_without_reading_it(world,
     job = world.job(r.get_json()["job"]["id"])
     assert job["status"] == "failed" and job["error"]["code"] == "manifest_too_large", job
     assert world.client.get(f"/api/gpu-snapshots/{snap['id']}", headers=AUTH).get_json()["status"] == "failed"
+
+
+def test_wake_moves_on_when_an_offer_is_gone_and_only_rents_hosts_with_direct_ports(world):
+    box = world.hibernated_box()
+    world.fake.offer_gone(1002)  # the cheapest fitting 4090: taken between search and rent (410)
+    r = world.post(f"/api/instances/{box}/wake", {"gpu_type": "RTX 4090"})
+    run_jobs(world.app)
+    job = world.job(r.get_json()["job"]["id"])
+    assert job["status"] == "succeeded" and job["result"]["offer_id"] == 1001, job
+    gone = [c for c in world.fake.calls_to("PUT", "/api/v0/asks/1002/")]
+    assert [c.status for c in gone if c.status != 429] == [410]
+    search = [c for c in world.fake.calls_to("POST", "/api/v0/bundles/") if c.status == 200][-1]
+    assert search.json["direct_port_count"] == {"gte": 1} and search.json["type"] == "on-demand"
+    assert world.fake.create_body(job["result"]["instance_id"])["runtype"] == "ssh_direct"
+    assert world.ours() == [world.fake.instance(job["result"]["instance_id"])]

@@ -100,9 +100,9 @@ class _Switches:
 
 
 class FakeVastMarket:
-    """Offers and instances in memory. Instances progress `loading` -> `running` after
-    `polls_until_running` reads of them (a show, or a list page that includes them), or after
-    `seconds_until_running` when set. Switches and assertions take `_lock`; the `answer_*` methods
+    """Offers and instances in memory. Instances start with `actual_status` null, are `loading` from the
+    first read of them (a show, or a list page that includes them), then `running` after
+    `polls_until_running` more reads, or after `seconds_until_running` when set. Switches and assertions take `_lock`; the `answer_*` methods
     expect the caller (the HTTP server) to hold it."""
 
     def __init__(self, *, ssh_endpoint: tuple[str, int] = ("127.0.0.1", 22),

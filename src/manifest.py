@@ -10,6 +10,9 @@ from src.errors import JobFailed
 
 FORMAT = "gpusnap-manifest"
 MANIFEST_NAME = "manifest.json"
+# The most the control plane reads of a manifest from the bucket (the host's restore script caps it the same:
+# src/remote_scripts/restore.py MAX_MANIFEST_BYTES). A bigger object is refused, never buffered.
+MAX_MANIFEST_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,20 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+# What R2 / S3 answer for a key or signature they refuse. R2 says `Unauthorized` with HTTP 401 for a bad key
+# (its S3 error-code reference; seen in the field as `An error occurred (401) ... Unauthorized`), S3 says 403.
+AUTH_ERROR_CODES = frozenset({"Unauthorized", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                              "InvalidToken", "ExpiredToken", "Forbidden", "401", "403"})
+
+
 class StorageError(ExternalError):
     code = "storage_error"
+
+
+class ObjectTooLarge(StorageError):
+    """An object is larger than the caller agreed to hold in memory (`get_bytes(max_bytes=)`)."""
+
+    code = "object_too_large"
 
 
 @dataclass(frozen=True)
@@ -40,7 +52,8 @@ class ObjectStore:
             "s3", endpoint_url=endpoint, aws_access_key_id=access_key, aws_secret_access_key=secret_key,
             region_name=region,
             config=Config(connect_timeout=connect_timeout_s, read_timeout=read_timeout_s,
-                          retries={"max_attempts": 5, "mode": "standard"}, s3={"addressing_style": "path"}),
+                          retries={"max_attempts": 5, "mode": "standard"}, s3={"addressing_style": "path"},
+                          **_checksum_options()),
         )
 
     def head(self, key: str) -> ObjectInfo | None:
@@ -55,9 +68,27 @@ class ObjectStore:
             raise _wrap(e, f"HEAD {key}") from e
         return ObjectInfo(key=key, size=int(r["ContentLength"]), metadata=dict(r.get("Metadata") or {}))
 
-    def get_bytes(self, key: str) -> bytes | None:
-        """The whole object (for manifests: small), or None when it does not exist."""
-        return self._read(key, lambda body: body.read())
+    def get_bytes(self, key: str, *, max_bytes: int | None = None) -> bytes | None:
+        """The whole object, or None when it does not exist. With `max_bytes`, an object announced
+        (Content-Length) or found (at most max_bytes + 1 bytes are read) to be larger raises
+        `ObjectTooLarge` and is never held in memory whole: the bucket is not ours to trust."""
+        if max_bytes is None:
+            return self._read(key, lambda body: body.read())
+
+        def capped(response: dict[str, Any]) -> bytes:
+            body = response["Body"]
+            try:
+                announced = int(response.get("ContentLength", -1))
+                if announced > max_bytes:
+                    raise ObjectTooLarge(f"{key} is {announced} bytes; at most {max_bytes} are read")
+                data = body.read(max_bytes + 1)
+                if len(data) > max_bytes:
+                    raise ObjectTooLarge(f"{key} is larger than {max_bytes} bytes")
+                return data
+            finally:
+                body.close()
+
+        return self._read_response(key, capped)
 
     def sha256(self, key: str, *, chunk_size: int = 8 << 20) -> tuple[int, str] | None:
         """Stream `key` and return (size, hex SHA-256), or None when it does not exist. Memory stays at
@@ -74,8 +105,11 @@ class ObjectStore:
 
     def _read(self, key: str, consume: Callable[[Any], T]) -> T | None:
         """GET `key` and hand its body to `consume`; None when the object does not exist."""
+        return self._read_response(key, lambda response: consume(response["Body"]))
+
+    def _read_response(self, key: str, consume: Callable[[dict[str, Any]], T]) -> T | None:
         try:
-            return consume(self._s3.get_object(Bucket=self.bucket, Key=key)["Body"])
+            return consume(self._s3.get_object(Bucket=self.bucket, Key=key))
         except ClientError as e:
             if _status(e) == 404 or e.response.get("Error", {}).get("Code") == "NoSuchKey":
                 return None
@@ -130,11 +164,20 @@ def _status(e: ClientError) -> int:
     return int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
 
 
+def _checksum_options() -> dict[str, str]:
+    """botocore >= 1.36 adds CRC checksums to every upload and validates them on download by default;
+    R2 has refused those headers in the field. `when_required` sends and checks them only where the
+    S3 API requires it. Older botocore (boto3 >= 1.34 is allowed) has neither option nor the new default."""
+    if "request_checksum_calculation" not in getattr(Config, "OPTION_DEFAULTS", {}):
+        return {}
+    return {"request_checksum_calculation": "when_required", "response_checksum_validation": "when_required"}
+
+
 def _wrap(e: Exception, what: str) -> StorageError:
     if isinstance(e, ClientError):
         status = _status(e)
         code = e.response.get("Error", {}).get("Code", "")
-        if status in (401, 403):
+        if status in (401, 403) or code in AUTH_ERROR_CODES:
             return StorageError(f"{what}: the object store refused our credentials ({code})",
                                 code="storage_auth_failed")
         return StorageError(f"{what}: the object store answered HTTP {status} ({code or 'no error code'})",

@@ -14,7 +14,7 @@ import requests
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
 from src.adapters.vast_models import (
-    Instance, Offer, SshEndpoint, build_offer_query, normalize_gpu_name, region_country_codes,
+    MAX_LABEL_CHARS, Instance, Offer, SshEndpoint, build_offer_query, normalize_gpu_name, region_country_codes,
 )
 from src.errors import ExternalError
 
@@ -127,13 +127,15 @@ class VastClient:
     def search_offers(self, *, gpu_name: str | None = None, num_gpus: int = 1, region: str | None = None,
                       max_price_per_hour: float | None = None, min_disk_gb: float | None = None,
                       min_reliability: float | None = 0.95, min_inet_down_mbps: float | None = None,
-                      verified: bool = True, limit: int = 20) -> list[Offer]:
+                      verified: bool = True, limit: int = 20, min_direct_ports: int | None = None) -> list[Offer]:
         """Rentable on-demand offers matching the filters, cheapest (`dph_total`) first. Read-only, so
-        retried freely. Raises `InvalidRequest` for bad filters (an unknown region...) before any call."""
+        retried freely. Raises `InvalidRequest` for bad filters (an unknown region...) before any call.
+        Pass `min_direct_ports=1` when renting with a `*_direct` runtype: hosts without direct ports only
+        offer vast.ai's proxy."""
         query = build_offer_query(
             gpu_name=gpu_name, num_gpus=num_gpus, region=region, max_price_per_hour=max_price_per_hour,
             min_disk_gb=min_disk_gb, min_reliability=min_reliability, min_inet_down_mbps=min_inet_down_mbps,
-            verified=verified, limit=limit)
+            verified=verified, limit=limit, min_direct_ports=min_direct_ports)
         response = self._call("POST", "/api/v0/bundles/", json=query)
         self._raise_for_refusal(response, what="search offers")
         offers = [Offer.from_api(o) for o in _body(response).get("offers") or []]
@@ -150,7 +152,12 @@ class VastClient:
         made); a timeout or 5xx after sending raises `VastUnavailable` at once, because a contract may
         exist anyway: find it with `list_instances(label_prefix=label)` before renting again. A
         `success: false` answer raises `VastError` whose `instance_id` is the contract it left, if named.
-        `env` is vast.ai's JSON object form: variables, and `"-p 8000:8000": "1"` keys for ports."""
+        `env` is vast.ai's JSON object form: variables, and `"-p 8000:8000": "1"` keys for ports.
+        A label longer than vast.ai takes raises `VastError` (code `label_too_long`) before any call; an
+        offer taken meanwhile raises `VastError` with status 404/410 and vast_error `no_such_ask`."""
+        if len(label) > MAX_LABEL_CHARS:
+            raise VastError(f"rental label is {len(label)} characters; vast.ai takes at most {MAX_LABEL_CHARS}",
+                            code="label_too_long")
         body: dict[str, Any] = {
             "client_id": "me", "image": image, "disk": disk_gb, "label": label, "runtype": runtype,
             "env": dict(env or {}),
@@ -246,8 +253,10 @@ class VastClient:
         if response.status_code < 400:
             return
         error, message = _vast_message(response)
+        # vast.ai names an over-long label only in `msg` (OpenAPI `auto_put_api_v0_instances_id_4ff617.yaml`).
+        code = "label_too_long" if message == "label_too_long" else None
         raise VastError(f"vast.ai refused to {what} (HTTP {response.status_code}): {message}",
-                        status=response.status_code, vast_error=error)
+                        code=code, status=response.status_code, vast_error=error)
 
     def _backoff_s(self, attempt: int) -> float:
         # Exponential with jitter, so many workers retrying at once do not hit vast.ai in step.

@@ -21,8 +21,13 @@ REGIONS: dict[str, tuple[str, ...]] = {
     "us": NORTH_AMERICA, "na": NORTH_AMERICA, "north_america": NORTH_AMERICA, "north-america": NORTH_AMERICA,
 }
 
-# vast.ai calls on-demand rentals "ondemand" in the search schema's `type` enum.
-OFFER_TYPE = "ondemand"
+# What vast.ai's own CLI/SDK sends as the search `type` for on-demand rentals (vast-cli
+# `vastai/api/offers.py` `search_offers(offer_type="on-demand")` and `launch_instance`; the OpenAPI
+# example for POST /api/v0/bundles/ sends it too, while the schema's enum spells it "ondemand").
+OFFER_TYPE = "on-demand"
+# vast.ai refuses over-long labels (`{"error": "invalid_args", "msg": "label_too_long"}`, OpenAPI
+# `auto_put_api_v0_instances_id_4ff617.yaml`); the limit itself is not published, 64 is our assumption.
+MAX_LABEL_CHARS = 64
 SEARCH_ORDER = [["dph_total", "asc"]]
 
 
@@ -48,9 +53,11 @@ def normalize_gpu_name(gpu_name: str) -> str:
 def build_offer_query(*, gpu_name: str | None = None, num_gpus: int = 1, region: str | None = None,
                       max_price_per_hour: float | None = None, min_disk_gb: float | None = None,
                       min_reliability: float | None = 0.95, min_inet_down_mbps: float | None = None,
-                      verified: bool = True, limit: int = 20) -> dict[str, Any]:
+                      verified: bool = True, limit: int = 20, min_direct_ports: int | None = None) -> dict[str, Any]:
     """The JSON body for `POST /api/v0/bundles/`: each filter is `{field: {operator: value}}`, plus the
-    special keys `order`, `type`, `limit` and `allocated_storage`. Cheapest first. Raises `InvalidRequest`."""
+    special keys `order`, `type`, `limit` and `allocated_storage`. Cheapest first. `min_direct_ports`
+    keeps hosts that can map that many ports straight to the instance (`direct_port_count`, needed for
+    the `*_direct` runtypes). Raises `InvalidRequest`."""
     if num_gpus < 1:
         raise InvalidRequest("num_gpus must be at least 1", code="invalid_offer_filter")
     if not 1 <= limit <= 1000:
@@ -80,6 +87,12 @@ def build_offer_query(*, gpu_name: str | None = None, num_gpus: int = 1, region:
         query["reliability"] = {"gte": min_reliability}
     if min_inet_down_mbps is not None:
         query["inet_down"] = {"gte": min_inet_down_mbps}
+    if min_direct_ports is not None:
+        if min_direct_ports < 1:
+            raise InvalidRequest("min_direct_ports must be at least 1", code="invalid_offer_filter")
+        # Field and operator: OpenAPI `auto_post_api_v0_bundles_32b4bb.yaml` (`direct_port_count`), vast-cli
+        # `vastai/api/query.py` `offers_fields`.
+        query["direct_port_count"] = {"gte": min_direct_ports}
     query["order"] = [list(pair) for pair in SEARCH_ORDER]
     query["type"] = OFFER_TYPE
     query["limit"] = limit
@@ -98,6 +111,14 @@ def _float_or_none(value: Any) -> float | None:
         return float(value) if value is not None else None
     except (TypeError, ValueError):
         return None
+
+
+def _is_port(value: int) -> bool:
+    return 0 < value < 65536
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 def country_code(geolocation: str | None) -> str | None:
@@ -166,6 +187,7 @@ class Instance:
     ports: dict[str, list[dict[str, str]]]
     status_msg: str | None
     label: str | None
+    image_runtype: str | None      # "ssh", "ssh_direct", "jupyter_proxy"...: how SSH reaches the container
     gpu_name: str | None
     num_gpus: int | None
     dph_total: float | None
@@ -180,19 +202,24 @@ class Instance:
     @property
     def direct_ssh_endpoint(self) -> SshEndpoint | None:
         """The host's public address and the host port Docker mapped to the container's 22/tcp."""
-        if not self.public_ipaddr:
+        bindings = self.ports.get("22/tcp")
+        if not self.public_ipaddr or not isinstance(bindings, list):
             return None
-        for binding in self.ports.get("22/tcp") or []:
-            port = _int_or_none(binding.get("HostPort"))
-            if port:
+        for binding in bindings:
+            port = _int_or_none(binding.get("HostPort")) if isinstance(binding, dict) else None
+            if port is not None and _is_port(port):
                 return SshEndpoint(host=self.public_ipaddr, port=port, kind="direct")
         return None
 
     @property
     def proxy_ssh_endpoint(self) -> SshEndpoint | None:
-        if self.ssh_host and self.ssh_port:
-            return SshEndpoint(host=self.ssh_host, port=self.ssh_port, kind="proxy")
-        return None
+        """vast.ai's SSH proxy. For Jupyter runtypes `ssh_port` is Jupyter's proxy port and SSH is the next
+        one: vast-cli `vastai/cli/commands/misc.py` `_ssh_url` connects to `int(ssh_port) + 1 if "jupyter"
+        in instance["image_runtype"]`, else `ssh_port`."""
+        if not (self.ssh_host and self.ssh_port):
+            return None
+        port = self.ssh_port + 1 if "jupyter" in (self.image_runtype or "") else self.ssh_port
+        return SshEndpoint(host=self.ssh_host, port=port, kind="proxy") if _is_port(port) else None
 
     @property
     def ssh_endpoint(self) -> SshEndpoint | None:
@@ -212,7 +239,8 @@ class Instance:
             ssh_host=data.get("ssh_host") or None, ssh_port=_int_or_none(data.get("ssh_port")),
             public_ipaddr=(data.get("public_ipaddr") or "").strip() or None,
             ports=ports if isinstance(ports, dict) else {}, status_msg=data.get("status_msg"),
-            label=data.get("label"), gpu_name=data.get("gpu_name"), num_gpus=_int_or_none(data.get("num_gpus")),
+            label=data.get("label"), image_runtype=_str_or_none(data.get("image_runtype")),
+            gpu_name=data.get("gpu_name"), num_gpus=_int_or_none(data.get("num_gpus")),
             dph_total=_float_or_none(data.get("dph_total")), disk_space=_float_or_none(data.get("disk_space")),
             geolocation=data.get("geolocation"), raw=dict(data),
         )

@@ -46,6 +46,9 @@ def resume(ctx: JobContext) -> dict[str, Any]:
         vast.start_instance(instance_id)
     except ExternalError as e:
         if getattr(e, "vast_error", None) == "resources_unavailable":
+            # vast.ai queued the start ("state change queued", OpenAPI auto_put_api_v0_instances_id_4ff617.yaml):
+            # left alone, it starts (and bills) whenever the GPUs free up, behind our back. Take it back.
+            _cancel_queued_start(ctx, vast, instance_id)
             raise JobFailed(f"the GPUs of instance {instance_id}'s host are rented by someone else; wake from a "
                             "snapshot instead, or try again later", code="gpu_unavailable") from e
         raise
@@ -56,6 +59,30 @@ def resume(ctx: JobContext) -> dict[str, Any]:
     set_machine(ctx, machine_id, status="running", ssh_host=ep.host, ssh_port=ep.port,
                 event=("resumed", f"instance {instance_id} running at {ep.host}:{ep.port}"))
     return {"instance_id": instance_id, "ssh_host": ep.host, "ssh_port": ep.port}
+
+
+def _cancel_queued_start(ctx: JobContext, vast: Any, instance_id: int) -> None:
+    """Ask for `stopped` again and see vast.ai record it (`intended_status`), so the queued start is gone.
+    Raises JobFailed(`queued_start_not_cancelled`) when vast.ai refuses, or still intends to run it at the
+    deadline."""
+    deadline = time.monotonic() + ctx.settings.vast_ready_deadline_s
+    while True:
+        try:
+            vast.stop_instance(instance_id)
+            instance = vast.show_instance(instance_id)
+            if instance is None or instance.intended_status == "stopped":
+                return  # cancelled (or gone: nothing left to start)
+            last = f"intended {instance.intended_status}"
+        except ExternalError as e:
+            if not e.retryable:
+                raise JobFailed(f"could not cancel the queued start of vast.ai instance {instance_id} ({e.message}); "
+                                "it may start and bill when its GPUs free up: stop it by hand",
+                                code="queued_start_not_cancelled") from e
+            last = e.message
+        if time.monotonic() >= deadline:
+            raise JobFailed(f"vast.ai instance {instance_id} still has a queued start ({last}); it may start and "
+                            "bill when its GPUs free up: stop it by hand", code="queued_start_not_cancelled")
+        time.sleep(ctx.settings.vast_poll_interval_s)
 
 
 def _instance(ctx: JobContext) -> tuple[str, int]:

@@ -11,12 +11,13 @@ from src.errors import JobFailed
 from src.jobs.context import JobContext
 from src.jobs.kinds import JobKind
 from src.jobs.rows import find_snapshot
-from src.manifest import MANIFEST_NAME, Part, parse_manifest
+from src.adapters.object_store import ObjectTooLarge
+from src.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Part, parse_manifest
 from src.models import Job, Machine, Snapshot, utcnow
 
 # Verdicts that prove the snapshot cannot be restored (as opposed to the store being unreachable).
-INTEGRITY_CODES = ("manifest_missing", "manifest_invalid", "manifest_changed", "part_missing", "part_truncated",
-                   "part_corrupt")
+INTEGRITY_CODES = ("manifest_missing", "manifest_invalid", "manifest_too_large", "manifest_changed", "part_missing",
+                   "part_truncated", "part_corrupt")
 
 
 def verify_snapshot(ctx: JobContext) -> dict[str, Any]:
@@ -36,7 +37,10 @@ def check_objects(ctx: JobContext, *, prefix: str, manifest_sha256: str | None, 
     """The verification itself (also a step of hibernate). Raises JobFailed with an integrity code."""
     store = ctx.container.object_store()
     ctx.progress(phase="manifest")
-    raw = store.get_bytes(prefix + MANIFEST_NAME)
+    try:
+        raw = store.get_bytes(prefix + MANIFEST_NAME, max_bytes=MAX_MANIFEST_BYTES)
+    except ObjectTooLarge as e:
+        raise JobFailed(f"the manifest is too large to be ours: {e.message}", code="manifest_too_large") from e
     if raw is None:
         raise JobFailed(f"{prefix}{MANIFEST_NAME} is missing", code="manifest_missing")
     manifest = parse_manifest(raw)

@@ -108,8 +108,9 @@ def _rent_until_running(ctx: JobContext, vast: Any, machine_id: str, *, disk_gb:
     it and try the next offer (at most VAST_MAX_OFFERS). Raises JobFailed(`no_offer`) when nothing fits."""
     p = ctx.params
     ctx.progress(phase="search_offers")
+    # min_direct_ports: we rent `ssh_direct`, which maps port 22 only on hosts that have direct ports.
     offers = vast.search_offers(gpu_name=p.get("gpu_type"), num_gpus=p.get("num_gpus", 1), region=p.get("region"),
-                                max_price_per_hour=p.get("max_price"), min_disk_gb=disk_gb)
+                                max_price_per_hour=p.get("max_price"), min_disk_gb=disk_gb, min_direct_ports=1)
     if not offers:
         wanted = ", ".join(f"{k}={p[k]}" for k in ("gpu_type", "num_gpus", "region", "max_price") if p.get(k))
         raise JobFailed(f"no vast.ai offer fits ({wanted or 'any GPU'}, disk >= {disk_gb} GB); nothing was rented",

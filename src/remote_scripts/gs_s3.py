@@ -15,8 +15,13 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from gs_common import Context, ScriptError, read_full, tail_text, widen_pipe
 
+# s5cmd prints the AWS SDK's error as "<Code>: <Message>\n\tstatus code: <n>, request id: ..." (inside its
+# --json error line). R2 answers a bad key with code `Unauthorized` and HTTP 401 (a HEAD has no body, so
+# only the status text: "Unauthorized: Unauthorized"); S3 with 403 AccessDenied / InvalidAccessKeyId /
+# SignatureDoesNotMatch. All of them mean the credentials, not the upload, are wrong.
 _AUTH_MARKERS = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden",
-                 "status code: 403", "InvalidToken", "ExpiredToken", "NoCredentialProviders")
+                 "status code: 403", "status code: 401", "Unauthorized:", "InvalidToken", "ExpiredToken",
+                 "NoCredentialProviders")
 _NOT_FOUND_MARKERS = ("not found", "NoSuchKey", "no object found", "status code: 404")
 
 

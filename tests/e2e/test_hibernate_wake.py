@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def box(fake_vast, stack, tmp_path):  # type: ignore[no-untyped-def]
     """A running vast.ai instance (the user's, rented before gpusnap knew it) with a workspace."""
-    client = VastClient(fake_vast.api_key, fake_vast.base_url, backoff_base=0.001)
+    client = VastClient(fake_vast.api_key, fake_vast.base_url, backoff_base=0.01)  # outlasts the fake's 429s
     instance_id = client.create_instance(1001, image="pytorch/pytorch:latest", disk_gb=50, label="my-box")
     while not client.show_instance(instance_id).is_running:
         pass
@@ -157,3 +157,28 @@ def test_pause_and_resume(stack, fake_vast, box):
     r = stack.post(f"/api/instances/{box['id']}/resume")
     assert stack.wait_job(r.json()["job"]["id"])["status"] == "succeeded"
     assert stack.get(f"/api/instances/{box['id']}").json()["status"] == "running"
+
+
+def test_jupyter_box_hibernates_through_the_proxy_and_wakes_on_direct_ssh(stack, fake_vast, tmp_path):
+    """A user's box rented with a Jupyter runtype is reached through vast.ai's proxy on `ssh_port + 1`
+    (the fake's `ssh_port` itself is dead); the wake rents `ssh_direct` on a host with direct ports and
+    reaches the new instance on its direct mapping (its proxy endpoint is dead)."""
+    client = VastClient(fake_vast.api_key, fake_vast.base_url, backoff_base=0.01)
+    instance_id = client.create_instance(1001, image="pytorch/pytorch:latest", disk_gb=50, label="my-notebook",
+                                         runtype="jupyter")
+    while not client.show_instance(instance_id).is_running:
+        pass
+    workspace = make_tricky_tree(tmp_path / "workspace")
+    tree = describe_tree(workspace)
+    r = stack.post(f"/api/instances/{instance_id}/hibernate", json={"workspace_path": str(workspace)})
+    assert stack.wait_job(r.json()["job"]["id"])["status"] == "succeeded"
+    shutil.rmtree(workspace)
+    r = stack.post(f"/api/instances/{instance_id}/wake", json={"gpu_type": "RTX 4090"})
+    woke = stack.wait_job(r.json()["job"]["id"])
+    assert woke["status"] == "succeeded", woke
+    assert describe_tree(workspace) == tree
+    new = fake_vast.instance(woke["result"]["instance_id"])
+    assert woke["result"]["ssh_port"] == int(new["ports"]["22/tcp"][0]["HostPort"]) != new["ssh_port"]
+    assert fake_vast.create_body(new["id"])["runtype"] == "ssh_direct"
+    searches = [c for c in fake_vast.calls_to("POST", "/api/v0/bundles/") if c.status == 200]
+    assert searches[-1].json["direct_port_count"] == {"gte": 1}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 
-from src.adapters.object_store import ObjectInfo, StorageError
+from src.adapters.object_store import ObjectInfo, ObjectTooLarge, StorageError
 
 
 class FakeObjectStore:
@@ -25,9 +25,13 @@ class FakeObjectStore:
         data = self.objects.get(key)
         return None if data is None else ObjectInfo(key=key, size=len(data), metadata=self.metadata.get(key, {}))
 
-    def get_bytes(self, key: str) -> bytes | None:
+    def get_bytes(self, key: str, *, max_bytes: int | None = None) -> bytes | None:
+        """As `ObjectStore.get_bytes`: an object over `max_bytes` raises `ObjectTooLarge`."""
         self._call("get", key)
-        return self.objects.get(key)
+        data = self.objects.get(key)
+        if data is not None and max_bytes is not None and len(data) > max_bytes:
+            raise ObjectTooLarge(f"{key} is {len(data)} bytes; at most {max_bytes} are read")
+        return data
 
     def sha256(self, key: str) -> tuple[int, str] | None:
         self._call("get", key)

@@ -2,8 +2,10 @@
 endpoints `src/adapters/vast.py` calls. This module is the HTTP side: the server, the API key check,
 routing, the call log and the transport-level switches (429s, 5xx, slow answers). The offers, the
 instances and the switches that make instances misbehave are in `fake_vast_market.py`; `FakeVastApi`
-is that market served over HTTP, so tests flip every switch on one object. Instances it rents report
-`ssh_endpoint` (the tests' loopback sshd) once running, as both the proxy and the direct mapping.
+is that market served over HTTP, so tests flip every switch on one object. Instances it rents point
+whichever SSH endpoint their runtype makes live (direct mapping or proxy) at `ssh_endpoint` (the tests'
+loopback sshd), the other at a dead port. Like vast.ai, it enforces a minimum interval between calls
+to each endpoint (429 "API requests too frequent", no Retry-After), scaled by `rate_limit_scale`.
 Shapes and switches are described in docs/vast.md."""
 from __future__ import annotations
 
@@ -50,6 +52,17 @@ class _Fault:
                 and (self.path_prefix is None or path.startswith(self.path_prefix)))
 
 
+# Minimum seconds between two accepted calls to an endpoint ("Rate Limits and Errors": per endpoint and
+# identity, a minimum interval; 429 otherwise). The figures are each OpenAPI file's `x-rateLimit`
+# (auto_post_api_v0_bundles_32b4bb.yaml threshold 2, auto_put_api_v0_asks_id_6ec785.yaml 4.5,
+# auto_get_api_v0_instances_id_4ff617.yaml 2, auto_put_… 1, auto_delete_… 3, auto_get_api_v1_instances_7c2781.yaml 1)
+# and "Rate Limits by Endpoint and Method" (GET /api/v0/instances/ 0.5 token/s). A refused call costs no token
+# (penalty 0 in that table), so it does not push the next allowed moment back.
+MIN_INTERVAL_S = {"search": 2.0, "create": 4.5, "show": 2.0, "update": 1.0, "destroy": 3.0, "list_v1": 1.0,
+                  "list_v0": 2.0}
+# Tests would take minutes at vast.ai's pace; the default keeps the shape (which calls collide) at 1/100 speed.
+DEFAULT_RATE_LIMIT_SCALE = 0.01
+
 _URLS = Map([
     Rule("/api/v0/bundles/", endpoint="search", methods=["POST"]),
     Rule("/api/v0/asks/<int:offer_id>/", endpoint="create", methods=["PUT"]),
@@ -68,7 +81,8 @@ class FakeVastApi(FakeVastMarket):
 
     def __init__(self, *, api_key: str = "fake-vast-key", ssh_endpoint: tuple[str, int] = ("127.0.0.1", 22),
                  offers: list[dict[str, Any]] | None = None, polls_until_running: int = 1,
-                 seconds_until_running: float | None = None, page_size: int = 25, host: str = "127.0.0.1") -> None:
+                 seconds_until_running: float | None = None, page_size: int = 25, host: str = "127.0.0.1",
+                 rate_limit_scale: float = DEFAULT_RATE_LIMIT_SCALE) -> None:
         super().__init__(ssh_endpoint=ssh_endpoint, offers=offers, polls_until_running=polls_until_running,
                          seconds_until_running=seconds_until_running, page_size=page_size)
         self.api_key = api_key
@@ -78,6 +92,8 @@ class FakeVastApi(FakeVastMarket):
         self._retry_after: str | None = "0"
         self._faults: list[_Fault] = []
         self._slow: list[_Fault] = []
+        self.rate_limit_scale = rate_limit_scale   # 0 turns the minimum intervals off
+        self._last_accepted: dict[str, float] = {}
         self._server: Any = None
         self._thread: threading.Thread | None = None
 
@@ -171,6 +187,11 @@ class FakeVastApi(FakeVastMarket):
             return _response((404, {"success": False, "error": "not_found", "msg": "no such endpoint"}))
         except HTTPException as exc:
             return _response((exc.code or 400, {"success": False, "error": "bad_request", "msg": exc.description}))
+        interval = MIN_INTERVAL_S.get(endpoint, 0.0) * self.rate_limit_scale
+        now = time.monotonic()
+        if interval and now - self._last_accepted.get(endpoint, -1e9) < interval:
+            return Response("API requests too frequent", status=429, mimetype="text/plain")
+        self._last_accepted[endpoint] = now
         answers = {
             "search": lambda: self.answer_search(body),
             "create": lambda: self.answer_create(args["offer_id"], body),

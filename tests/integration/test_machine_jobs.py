@@ -314,3 +314,62 @@ def test_pause_and_resume_record_their_point_of_no_return_before_calling_vast(wo
     with world.app.extensions["gpusnap"].session_factory() as s:
         assert s.get(Job, job_id).state["no_return"]["step"] == "stop"
     assert world.fake.instance(box)["actual_status"] in ("stopped", "exited")
+
+
+def test_resume_when_gpus_are_taken_cancels_the_queued_start(world):
+    """vast.ai answers a start it cannot do now with `resources_unavailable` and queues it; left alone the
+    instance would start (and bill) later. The resume fails `gpu_unavailable` and the queue is emptied."""
+    import time
+
+    box = world.rent_box()
+    started = world.hibernate(box, destroy_after=False)
+    world.script_snapshot_success(started["snapshot"])
+    run_jobs(world.app)
+    r = world.post(f"/api/instances/{box}/pause")
+    run_jobs(world.app)
+    assert world.machine(box)["status"] == "paused"
+    world.fake.take_gpus(box, free_after_s=0.5)
+    r = world.post(f"/api/instances/{box}/resume")
+    run_jobs(world.app)
+    job = world.job(r.get_json()["job"]["id"])
+    assert job["status"] == "failed" and job["error"]["code"] == "gpu_unavailable", job
+    assert world.machine(box)["status"] == "paused"
+    assert world.fake.instance(box)["intended_status"] == "stopped"
+    time.sleep(0.6)  # the GPUs free up: a start still queued would run now
+    assert world.fake.instance(box)["actual_status"] == "stopped"
+    puts = [c.json for c in world.fake.calls_to("PUT", f"/api/v0/instances/{box}/") if c.status == 200]
+    assert puts[-2:] == [{"state": "running"}, {"state": "stopped"}]
+
+
+def test_verify_refuses_a_manifest_larger_than_the_cap_without_reading_it(world, monkeypatch):
+    """The bucket is not ours to trust: a manifest past MAX_MANIFEST_BYTES (256 MiB, as on the host) fails
+    `manifest_too_large` instead of being read into the control plane's memory."""
+    import src.jobs.storage_jobs as storage_jobs
+
+    box = world.rent_box()
+    started = world.hibernate(box, destroy_after=False)
+    world.script_snapshot_success(started["snapshot"])
+    run_jobs(world.app)
+    snap = started["snapshot"]
+    monkeypatch.setattr(storage_jobs, "MAX_MANIFEST_BYTES", 4096)  # 256 MiB of test data would be slow
+    world.store.objects[snap["storage_prefix"] + "manifest.json"] = b" " * 4097
+    r = world.post(f"/api/gpu-snapshots/{snap['id']}/verify")
+    run_jobs(world.app)
+    job = world.job(r.get_json()["job"]["id"])
+    assert job["status"] == "failed" and job["error"]["code"] == "manifest_too_large", job
+    assert world.client.get(f"/api/gpu-snapshots/{snap['id']}", headers=AUTH).get_json()["status"] == "failed"
+
+
+def test_wake_moves_on_when_an_offer_is_gone_and_only_rents_hosts_with_direct_ports(world):
+    box = world.hibernated_box()
+    world.fake.offer_gone(1002)  # the cheapest fitting 4090: taken between search and rent (410)
+    r = world.post(f"/api/instances/{box}/wake", {"gpu_type": "RTX 4090"})
+    run_jobs(world.app)
+    job = world.job(r.get_json()["job"]["id"])
+    assert job["status"] == "succeeded" and job["result"]["offer_id"] == 1001, job
+    gone = [c for c in world.fake.calls_to("PUT", "/api/v0/asks/1002/")]
+    assert [c.status for c in gone if c.status != 429] == [410]
+    search = [c for c in world.fake.calls_to("POST", "/api/v0/bundles/") if c.status == 200][-1]
+    assert search.json["direct_port_count"] == {"gte": 1} and search.json["type"] == "on-demand"
+    assert world.fake.create_body(job["result"]["instance_id"])["runtype"] == "ssh_direct"
+    assert world.ours() == [world.fake.instance(job["result"]["instance_id"])]

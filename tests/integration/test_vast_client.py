@@ -35,7 +35,7 @@ def test_search_sends_vast_filter_and_returns_cheapest_first(fake_vast: FakeVast
     [call] = fake_vast.calls_to("POST", "/api/v0/bundles/")
     assert call.json["gpu_name"] == {"eq": "RTX 4090"}
     assert call.json["order"] == [["dph_total", "asc"]]
-    assert call.json["type"] == "ondemand"
+    assert call.json["type"] == "on-demand"  # what vast-cli offers.py sends
 
 
 def test_search_filters_region_disk_bandwidth_and_count(vast_client: VastClient) -> None:
@@ -59,10 +59,12 @@ def test_create_show_progresses_to_running_with_ssh_endpoint(fake_vast: FakeVast
     assert body == {"client_id": "me", "image": IMAGE, "disk": 40, "label": "gpusnap-m1", "runtype": "ssh",
                     "env": {"GPUSNAP": "1", "-p 8000:8000": "1"}, "onstart": "touch /root/ready"}
     first = vast_client.show_instance(iid)
-    assert first.actual_status == "loading" and first.ssh_endpoint is None
+    # vast.ai shows the proxy endpoint while the container is still loading: it is not usable yet.
+    assert first.actual_status == "loading" and not first.is_running and first.ssh_endpoint is not None
     inst = _poll_until_running(vast_client, iid)
-    assert (inst.ssh_endpoint.host, inst.ssh_endpoint.port, inst.ssh_endpoint.kind) == ("127.0.0.1", 2222, "direct")
-    assert (inst.ssh_host, inst.ssh_port) == ("127.0.0.1", 2222)
+    # runtype "ssh" is the proxy: no 22/tcp mapping, so the proxy endpoint is the one.
+    assert (inst.ssh_endpoint.host, inst.ssh_endpoint.port, inst.ssh_endpoint.kind) == ("127.0.0.1", 2222, "proxy")
+    assert (inst.ssh_host, inst.ssh_port, inst.ports, inst.image_runtype) == ("127.0.0.1", 2222, {}, "ssh")
     assert (inst.label, inst.gpu_name, inst.num_gpus, inst.disk_space) == ("gpusnap-m1", "RTX 4090", 1, 40.0)
     assert fake_vast.running_instances()[0]["id"] == iid
 
@@ -99,7 +101,7 @@ def test_list_follows_pages_and_filters_by_label_prefix(fake_vast: FakeVastApi, 
     other = _rent(vast_client, label="someone-else")
     assert [i.id for i in vast_client.list_instances()] == ours + [other]
     assert [i.id for i in vast_client.list_instances(label_prefix="gpusnap-")] == ours
-    pages = fake_vast.calls_to("GET", "/api/v1/instances/")
+    pages = [c for c in fake_vast.calls_to("GET", "/api/v1/instances/") if c.status != 429]
     assert len(pages) == 6  # 3 pages per listing of 6 instances
     assert "after_token" not in pages[0].query and pages[1].query["after_token"]
     assert fake_vast.calls_to("GET", "/api/v0/instances/") == []  # the v0 list is gone (410)
@@ -114,7 +116,7 @@ def test_stop_and_start(fake_vast: FakeVastApi, vast_client: VastClient) -> None
     vast_client.stop_instance(iid)  # idempotent
     vast_client.start_instance(iid)
     assert vast_client.show_instance(iid).is_running
-    assert [c.json for c in fake_vast.calls_to("PUT", "/api/v0/instances/")] == [
+    assert [c.json for c in fake_vast.calls_to("PUT", "/api/v0/instances/") if c.status != 429] == [
         {"state": "stopped"}, {"state": "stopped"}, {"state": "running"}]
 
 
@@ -229,3 +231,120 @@ def test_unreachable_vast_is_vast_unavailable() -> None:
         client.show_instance(1)
     with pytest.raises(VastUnavailable):  # never connected, so even a create was retried, then gave up
         _rent(client)
+
+
+# -- vast.ai as it really answers (issue 8) -------------------------------------------------------
+
+def test_a_new_instance_is_null_then_loading_then_running(fake_vast: FakeVastApi, vast_client: VastClient) -> None:
+    iid = _rent(vast_client)
+    assert fake_vast.instance(iid)["actual_status"] is None  # provisioning: vast.ai says null
+    assert vast_client.show_instance(iid).actual_status == "loading"
+    assert _poll_until_running(vast_client, iid).is_running
+
+
+@pytest.mark.parametrize("runtype, kind", [("ssh_direct", "direct"), ("jupyter_direct", "direct"),
+                                           ("ssh", "proxy"), ("ssh_proxy", "proxy"),
+                                           ("jupyter", "proxy"), ("jupyter_proxy", "proxy")])
+def test_only_the_endpoint_the_runtype_makes_live_reaches_the_host(fake_vast: FakeVastApi, vast_client: VastClient,
+                                                                   runtype: str, kind: str) -> None:
+    fake_vast.set_ssh_endpoint("127.0.0.1", 2222)
+    iid = vast_client.create_instance(1001, image=IMAGE, disk_gb=40, label="m", runtype=runtype)
+    inst = _poll_until_running(vast_client, iid)
+    assert inst.image_runtype == runtype
+    assert (inst.ssh_endpoint.host, inst.ssh_endpoint.port, inst.ssh_endpoint.kind) == ("127.0.0.1", 2222, kind)
+    other = inst.proxy_ssh_endpoint if kind == "direct" else inst.direct_ssh_endpoint
+    assert other is None or other.port == fake_vast.dead_port
+
+
+def test_jupyter_proxy_ssh_is_the_port_after_ssh_port(fake_vast: FakeVastApi, vast_client: VastClient) -> None:
+    fake_vast.set_ssh_endpoint("127.0.0.1", 2222)
+    inst = _poll_until_running(vast_client, vast_client.create_instance(1001, image=IMAGE, disk_gb=40, label="m",
+                                                                        runtype="jupyter_proxy"))
+    assert inst.ssh_port == 2221 and inst.ssh_endpoint.port == 2222  # vast-cli misc.py: ssh_port + 1
+
+
+def test_direct_runtype_on_a_host_without_direct_ports_falls_back_to_the_proxy(fake_vast: FakeVastApi,
+                                                                               vast_client: VastClient) -> None:
+    fake_vast.set_ssh_endpoint("127.0.0.1", 2222)
+    inst = _poll_until_running(vast_client, vast_client.create_instance(1004, image=IMAGE, disk_gb=40, label="m",
+                                                                        runtype="ssh_direct"))
+    assert inst.direct_ssh_endpoint is None
+    assert (inst.ssh_endpoint.port, inst.ssh_endpoint.kind) == (2222, "proxy")
+
+
+def test_search_can_ask_for_hosts_with_direct_ports(fake_vast: FakeVastApi, vast_client: VastClient) -> None:
+    assert 1004 in [o.id for o in vast_client.search_offers(region="us")]
+    assert [o.id for o in vast_client.search_offers(region="us", min_direct_ports=1)] == [1001]
+    call = [c for c in fake_vast.calls_to("POST", "/api/v0/bundles/") if c.status == 200][-1]
+    assert call.json["direct_port_count"] == {"gte": 1}
+
+
+@pytest.mark.parametrize("query, msg", [({"gpu_nam": {"eq": "RTX 4090"}}, "unknown field gpu_nam"),
+                                        ({"num_gpus": {"ge": 1}}, "unknown operator ge"),
+                                        ({"num_gpus": 1}, "must be dict of conditions")])
+def test_fake_refuses_unknown_search_fields_and_operators(fake_vast: FakeVastApi, vast_client: VastClient,
+                                                          query: dict, msg: str) -> None:
+    """What the client sends is checked against vast.ai's schema, so a typo in our filter fails here."""
+    response = vast_client._call("POST", "/api/v0/bundles/", json={**query, "type": "on-demand"})
+    assert response.status_code == 400 and msg in response.json()["msg"]
+    vast_client.search_offers(gpu_name="RTX 4090", region="eu", max_price_per_hour=1, min_disk_gb=10,
+                              min_inet_down_mbps=1, min_direct_ports=1)  # everything we send is known
+    assert fake_vast.calls[-1].status == 200
+
+
+def test_offer_gone_is_410_no_such_ask(fake_vast: FakeVastApi, vast_client: VastClient) -> None:
+    fake_vast.offer_gone(1001)
+    with pytest.raises(VastError) as info:
+        _rent(vast_client)
+    assert (info.value.status, info.value.vast_error, info.value.retryable) == (410, "no_such_ask", False)
+    assert fake_vast.live_instances() == []
+
+
+def test_over_long_label_is_refused_before_any_call(fake_vast: FakeVastApi, vast_client: VastClient) -> None:
+    with pytest.raises(VastError) as info:
+        _rent(vast_client, label="gpusnap:" + "m" * 120 + ":job:0")
+    assert info.value.code == "label_too_long"
+    assert fake_vast.calls_to("PUT", "/api/v0/asks/") == [] and fake_vast.live_instances() == []
+    _rent(vast_client, label="x" * 64)  # the longest we allow is accepted
+
+
+def test_fake_refuses_over_long_labels_like_vast(fake_vast: FakeVastApi, vast_client: VastClient) -> None:
+    response = vast_client._call("PUT", "/api/v0/asks/1001/", json={"image": IMAGE, "label": "x" * 65},
+                                 idempotent=False)
+    assert response.status_code == 400 and response.json() == {"success": False, "error": "invalid_args",
+                                                               "msg": "label_too_long"}
+    assert fake_vast.live_instances() == []
+
+
+def test_start_while_gpus_taken_is_queued_and_happens_later_unless_cancelled(fake_vast: FakeVastApi,
+                                                                             vast_client: VastClient) -> None:
+    queued, cancelled = _rent(vast_client, label="a"), _rent(vast_client, label="b")
+    for iid in (queued, cancelled):
+        _poll_until_running(vast_client, iid)
+        vast_client.stop_instance(iid)
+        fake_vast.take_gpus(iid, free_after_s=0.3)
+        with pytest.raises(VastError) as info:
+            vast_client.start_instance(iid)
+        assert info.value.vast_error == "resources_unavailable" and info.value.retryable
+        inst = vast_client.show_instance(iid)
+        assert (inst.actual_status, inst.intended_status) == ("stopped", "running")  # the start is queued
+    vast_client.stop_instance(cancelled)
+    time.sleep(0.35)
+    assert fake_vast.instance(queued)["actual_status"] in ("loading", "running")  # started (and bills) by itself
+    assert (fake_vast.instance(cancelled)["actual_status"], fake_vast.instance(cancelled)["intended_status"]) \
+        == ("stopped", "stopped")
+
+
+def test_polling_faster_than_vast_allows_gets_429_and_the_client_backs_off(fake_vast: FakeVastApi) -> None:
+    """vast.ai enforces a minimum interval per endpoint and answers 429 without Retry-After; the client's
+    backoff must outlast it and still succeed."""
+    fake_vast.rate_limit_scale = 0.05  # show: 100 ms between accepted calls
+    client = VastClient(fake_vast.api_key, fake_vast.base_url, max_retries=6, backoff_base=0.02)
+    iid = _rent(client)
+    started = time.monotonic()
+    for _ in range(4):
+        assert client.show_instance(iid) is not None
+    assert time.monotonic() - started >= 0.3  # 4 accepted reads need 3 full intervals
+    statuses = [c.status for c in fake_vast.calls_to("GET", f"/api/v0/instances/{iid}/")]
+    assert 429 in statuses and statuses.count(200) == 4
+    assert all(c.status == 429 for c in fake_vast.calls if c.status != 200)

@@ -23,5 +23,6 @@ def fake_vast(request: pytest.FixtureRequest) -> Iterator[FakeVastApi]:
 
 @pytest.fixture
 def vast_client(fake_vast: FakeVastApi) -> VastClient:
-    """A real `VastClient` against the fake, with backoff small enough that retries cost milliseconds."""
-    return VastClient(fake_vast.api_key, fake_vast.base_url, timeout=(2, 5), max_retries=3, backoff_base=0.001)
+    """A real `VastClient` against the fake, with backoff that outlasts the fake's scaled-down minimum
+    intervals (the longest, renting, is 45 ms; five retries wait at least 155 ms) in milliseconds."""
+    return VastClient(fake_vast.api_key, fake_vast.base_url, timeout=(2, 5), max_retries=5, backoff_base=0.01)

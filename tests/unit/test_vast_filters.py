@@ -13,7 +13,7 @@ def test_default_query_is_rentable_verified_reliable_cheapest_first() -> None:
     assert build_offer_query() == {
         "rentable": {"eq": True}, "rented": {"eq": False}, "external": {"eq": False},
         "num_gpus": {"eq": 1}, "verified": {"eq": True}, "reliability": {"gte": 0.95},
-        "order": [["dph_total", "asc"]], "type": "ondemand", "limit": 20,
+        "order": [["dph_total", "asc"]], "type": "on-demand", "limit": 20,
     }
 
 
@@ -100,3 +100,34 @@ def test_proxy_ssh_when_no_port_is_mapped() -> None:
 def test_no_ssh_endpoint_while_provisioning() -> None:
     inst = Instance.from_api({"id": 7, "actual_status": None, "ports": None})
     assert inst.ssh_endpoint is None and not inst.is_running and inst.ports == {}
+
+
+@pytest.mark.parametrize("runtype", ["jupyter", "jupyter_proxy", "jupyter_direct"])
+def test_jupyter_runtypes_ssh_through_the_proxy_on_the_next_port(runtype: str) -> None:
+    """vast-cli vastai/cli/commands/misc.py `_ssh_url`: `ssh_port + 1 if "jupyter" in image_runtype`."""
+    inst = _instance(ssh_host="ssh4.vast.ai", ssh_port=31000, image_runtype=runtype, ports={})
+    assert (inst.ssh_endpoint.host, inst.ssh_endpoint.port, inst.ssh_endpoint.kind) == ("ssh4.vast.ai", 31001, "proxy")
+
+
+def test_ssh_runtypes_use_ssh_port_as_is() -> None:
+    for runtype in ("ssh", "ssh_proxy", "ssh_direct", None):
+        assert _instance(ssh_host="ssh4.vast.ai", ssh_port=31000, image_runtype=runtype).ssh_endpoint.port == 31000
+
+
+@pytest.mark.parametrize("fields", [
+    {"ports": {"22/tcp": "41022"}}, {"ports": {"22/tcp": ["41022"]}}, {"ports": {"22/tcp": [{"HostPort": "0"}]}},
+    {"ports": {"22/tcp": [{"HostPort": "70000"}]}}, {"ports": {"22/tcp": [{"HostPort": None}]}},
+    {"ports": ["22/tcp"]}, {"ssh_port": 65535, "image_runtype": "jupyter"}, {"image_runtype": 7},
+])
+def test_hostile_instance_records_give_no_endpoint_rather_than_a_crash(fields: dict) -> None:
+    inst = _instance(**{"public_ipaddr": "203.0.113.9", "ssh_host": None, **fields})
+    if "ssh_port" in fields:  # 65535 + 1 is no port at all
+        inst = _instance(ssh_host="ssh4.vast.ai", **fields)
+    assert inst.direct_ssh_endpoint is None and inst.ssh_endpoint is None
+
+
+def test_direct_port_filter() -> None:
+    assert build_offer_query(min_direct_ports=1)["direct_port_count"] == {"gte": 1}
+    assert "direct_port_count" not in build_offer_query()
+    with pytest.raises(InvalidRequest):
+        build_offer_query(min_direct_ports=0)

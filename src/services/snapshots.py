@@ -32,7 +32,7 @@ def create_snapshot(c: "Container", *, instance_id: str, ssh_host: str, ssh_port
                     ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Start a `create_snapshot` job for the workspace at `ssh_host`. Returns (snapshot, job).
     Raises Unprocessable when the host is outside SSH_ALLOWED_NETWORKS, Conflict when another operation
-    holds the machine, Unprocessable(`exclude_matches_root`) for an exclude that would empty the snapshot.
+    holds the machine or it is hibernated (or waking, or `error`), Unprocessable(`exclude_matches_root`) for an exclude that would empty the snapshot.
     With the same Idempotency-Key and body, returns the first request's pair."""
     excludes = check_excludes(excludes)
     c.ssh_policy().check(ssh_host)
@@ -40,6 +40,12 @@ def create_snapshot(c: "Container", *, instance_id: str, ssh_host: str, ssh_port
         replay = job_service.find_replay(s, idem)
         if replay is not None:
             return snapshot_view(_snapshot(s, replay.snapshot_id)), job_view(replay)
+        existing = s.get(Machine, instance_id)
+        if existing is not None and existing.status in NEEDS_SNAPSHOT:
+            # Its newest complete snapshot is what it wakes from: a snapshot of some other endpoint
+            # under its id would take that place (and leave the real one unprotected from deletion).
+            raise Conflict(f"machine {instance_id} is {existing.status}: its workspace is in its snapshot, not "
+                           "on a host; wake it first", code=f"machine_{existing.status}")
         machine = ensure_machine(s, machine_id=instance_id, host=ssh_host, port=ssh_port, user=ssh_user,
                                  workspace_path=workspace_path)
         snap, job = start_snapshot_job(s, c, machine_id=machine.id, workspace_path=workspace_path, name=name,

@@ -80,3 +80,12 @@ def test_a_snapshot_in_use_by_a_restore_is_not_deleted_even_forced(app, client):
                   machine_id="m3", snapshot_id=sid, lock_key="machine:m3"))
     r = client.delete(f"/api/gpu-snapshots/{sid}?force=true", headers=AUTH)
     assert r.status_code == 409 and r.get_json()["error"]["code"] == "snapshot_busy"
+
+
+def test_a_hibernated_machine_takes_no_snapshot_from_some_host(app, client):  # type: ignore[no-untyped-def]
+    """It would become the newest complete snapshot: what wake restores and what is protected."""
+    (sid,) = _add(app, "m4", "hibernated", ["complete"])
+    r = client.post("/api/gpu-snapshots", headers=AUTH, json={"instance_id": "m4", "ssh_host": "127.0.0.1",
+                                                              "ssh_port": 22, "workspace_path": "/tmp/empty"})
+    assert r.status_code == 409 and r.get_json()["error"]["code"] == "machine_hibernated"
+    assert _needed(app) == {sid: ["m4"]}

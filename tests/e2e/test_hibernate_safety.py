@@ -39,6 +39,9 @@ def _destroys(fake_vast) -> list:  # type: ignore[no-untyped-def]
 
 
 def test_hibernate_naming_another_host_is_refused(stack, fake_vast, box, other):
+    for path in ("/root", "/etc/app", "/home/ubuntu"):  # wake would have to restore there
+        r = stack.post(f"/api/instances/{box['id']}/hibernate", json={"workspace_path": path})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "system_path", r.text
     r = stack.post(f"/api/instances/{box['id']}/hibernate",
                    json={"workspace_path": str(box["workspace"]), "ssh_host": "127.0.0.1", "ssh_port": other.port})
     assert r.status_code == 422 and r.json()["error"]["code"] == "endpoint_mismatch", r.text

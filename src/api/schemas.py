@@ -78,9 +78,13 @@ class CreateSnapshotRequest(_Strict):
 class RestoreSnapshotRequest(_Strict):
     ssh_host: SshHost
     ssh_port: SshPort
-    workspace_path: WorkspacePath
+    workspace_path: WorkspacePath = Field(description="Directory to replace. System directories are refused "
+                                                      "with 422 `system_path` (deny list in the README)")
     ssh_user: SshUser | None = None
     instance_id: MachineId | None = None
+    overwrite: bool = Field(False, description="Replace a non-empty workspace_path (kept beside it as "
+                                               "`<path>.gpusnap-old-<UTC timestamp>` until the next successful "
+                                               "restore there). Without it the job fails with `workspace_exists`")
 
 
 class VerifySnapshotRequest(_Strict):
@@ -112,6 +116,11 @@ class WakeRequest(_Strict):
 
 class EmptyRequest(_Strict):
     pass
+
+
+class DeleteSnapshotQuery(_Strict):
+    force: bool = Field(False, description="Delete even the snapshot a hibernated machine would wake from "
+                                           "(otherwise 409 `snapshot_needed`)")
 
 
 class SnapshotListQuery(_Strict):

@@ -49,11 +49,15 @@ def get_snapshot(snapshot_id: str) -> Response:
 
 @route(bp, "/<snapshot_id>/restore", "POST", tag=TAG, summary="Restore a snapshot onto a host over SSH",
        body=m.RestoreSnapshotRequest, responses={202: m.JobResponse}, idempotency=True, path_params=_ID,
-       description="Nothing reaches the live workspace until every part is verified and extracted beside it.")
+       description="Nothing reaches the live workspace until every part is verified and extracted beside it. "
+                   "System directories are refused (422 `system_path`); a non-empty workspace is replaced only "
+                   "with `overwrite: true` (else the job fails with `workspace_exists`), and the replaced tree is "
+                   "kept beside it until the next successful restore of that path.")
 def restore_snapshot(snapshot_id: str, body: m.RestoreSnapshotRequest, idempotency_key: str | None) -> Response:
     job = service.restore_snapshot(container(), snapshot_id, ssh_host=body.ssh_host, ssh_port=body.ssh_port,
                                    workspace_path=body.workspace_path, ssh_user=body.ssh_user,
-                                   instance_id=body.instance_id, idem=idempotency(idempotency_key, body))
+                                   instance_id=body.instance_id, overwrite=body.overwrite,
+                                   idem=idempotency(idempotency_key, body))
     return accepted({"job": job}, job)
 
 
@@ -66,7 +70,12 @@ def verify_snapshot(snapshot_id: str, body: m.VerifySnapshotRequest, idempotency
 
 
 @route(bp, "/<snapshot_id>", "DELETE", tag=TAG, summary="Delete a snapshot: objects first, then the record",
-       responses={202: m.JobResponse}, idempotency=True, path_params=_ID)
-def delete_snapshot(snapshot_id: str, idempotency_key: str | None) -> Response:
-    job = service.delete_snapshot(container(), snapshot_id, idem=idempotency(idempotency_key, {}))
+       query=m.DeleteSnapshotQuery, responses={202: m.JobResponse}, idempotency=True,
+       path_params=_ID,
+       description="409 `snapshot_needed` for the snapshot a hibernated machine would wake from (unless "
+                   "`force=true`); 409 `snapshot_busy` while a job uses it.")
+def delete_snapshot(snapshot_id: str, query: m.DeleteSnapshotQuery, idempotency_key: str | None) -> Response:
+    # The key's body: {} for a plain delete (as before `force` existed), so replays keep matching.
+    job = service.delete_snapshot(container(), snapshot_id, force=query.force,
+                                  idem=idempotency(idempotency_key, {"force": True} if query.force else {}))
     return accepted({"job": job}, job)

@@ -79,13 +79,17 @@ def snapshots_create(api: ApiClient, instance_id: str, ssh_host: str, ssh_port: 
 @workspace_option
 @user_option
 @click.option("--instance", "instance_id", default=None, help="Machine the host now belongs to.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty workspace (kept beside it as "
+                                                "<path>.gpusnap-old-<timestamp> until the next restore there).")
 @job_command()
 def snapshots_restore(api: ApiClient, snapshot_id: str, ssh_host: str, ssh_port: int, workspace_path: str,
-                      ssh_user: str | None, instance_id: str | None, idempotency_key: str | None) -> dict[str, Any]:
+                      ssh_user: str | None, instance_id: str | None, overwrite: bool,
+                      idempotency_key: str | None) -> dict[str, Any]:
     """Restore a snapshot onto a host over SSH. Every part is verified and the archive fully extracted
-    beside the workspace before the live workspace is replaced."""
+    beside the workspace before the live workspace is replaced. Without --overwrite a non-empty
+    workspace fails the job with workspace_exists."""
     body = {"ssh_host": ssh_host, "ssh_port": ssh_port, "workspace_path": workspace_path,
-            **given(ssh_user=ssh_user, instance_id=instance_id)}
+            **given(ssh_user=ssh_user, instance_id=instance_id, overwrite=overwrite or None)}
     return api.post(f"/api/gpu-snapshots/{seg(snapshot_id)}/restore", body, idempotency_key=idempotency_key)
 
 
@@ -100,7 +104,10 @@ def snapshots_verify(api: ApiClient, snapshot_id: str, deep: bool, idempotency_k
 
 @snapshots.command("rm")
 @click.argument("snapshot_id")
+@click.option("--force", is_flag=True, help="Delete even the snapshot a hibernated machine would wake from.")
 @job_command()
-def snapshots_rm(api: ApiClient, snapshot_id: str, idempotency_key: str | None) -> dict[str, Any]:
-    """Delete a snapshot: its objects (manifest first), then its record."""
-    return api.delete(f"/api/gpu-snapshots/{seg(snapshot_id)}", idempotency_key=idempotency_key)
+def snapshots_rm(api: ApiClient, snapshot_id: str, force: bool, idempotency_key: str | None) -> dict[str, Any]:
+    """Delete a snapshot: its objects (manifest first), then its record. The snapshot a hibernated machine
+    would wake from is refused (snapshot_needed) unless --force."""
+    query = "?force=true" if force else ""
+    return api.delete(f"/api/gpu-snapshots/{seg(snapshot_id)}{query}", idempotency_key=idempotency_key)

@@ -7,13 +7,15 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from src.errors import JobFailed
+from src.db import transaction
+from src.errors import Conflict, JobFailed
 from src.jobs.context import JobContext
 from src.jobs.kinds import JobKind
 from src.jobs.rows import find_snapshot
 from src.adapters.object_store import ObjectTooLarge
 from src.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Part, parse_manifest
 from src.models import Job, Machine, Snapshot, utcnow
+from src.services.snapshots import check_deletable
 
 # Verdicts that prove the snapshot cannot be restored (as opposed to the store being unreachable).
 INTEGRITY_CODES = ("manifest_missing", "manifest_invalid", "manifest_too_large", "manifest_changed", "part_missing",
@@ -106,6 +108,8 @@ def delete_snapshot(ctx: JobContext) -> dict[str, Any]:
         return {"snapshot_id": snapshot_id, "deleted_objects": 0, "already_gone": True}
     store = ctx.container.object_store()
     prefix = snap["storage_prefix"]
+    if not ctx.state.get("manifest_deleted"):
+        _recheck_deletable(ctx, snapshot_id)
     ctx.progress(phase="delete_objects")
     had_manifest = store.head(prefix + MANIFEST_NAME) is not None
     store.delete_keys([prefix + MANIFEST_NAME])
@@ -118,6 +122,17 @@ def delete_snapshot(ctx: JobContext) -> dict[str, Any]:
             s.delete(row)
         s.execute(update(Machine).where(Machine.last_snapshot_id == snapshot_id).values(last_snapshot_id=None))
     return {"snapshot_id": snapshot_id, "deleted_objects": deleted, "already_gone": False}
+
+
+def _recheck_deletable(ctx: JobContext, snapshot_id: str) -> None:
+    """The same rule as the request, at the moment objects are about to go: a machine may have been
+    hibernated onto this snapshot, or a restore may have started, since the DELETE was accepted."""
+    with transaction(ctx.container.session_factory) as s:
+        try:
+            check_deletable(s, snapshot_id, force=bool(ctx.params.get("force")), job_id=ctx.job_id,
+                            was_restorable=ctx.params.get("previous_status") == "complete")
+        except Conflict as e:
+            raise JobFailed(e.message, code=e.code) from None
 
 
 def _delete_ended(s: Session, job: Job) -> None:

@@ -60,7 +60,8 @@ def take_snapshot(ctx: JobContext, snapshot_id: str, endpoint: Endpoint) -> dict
                   f"snapshot {snap['id']}: {result.get('raw_bytes')} bytes in {result.get('parts')} parts",
                   job_id=ctx.job_id)
         summary = _summary(snapshot_row(row))
-    summary.update(uploaded_parts=result.get("uploaded_parts"), skipped_parts=result.get("skipped_parts"))
+    summary.update(uploaded_parts=result.get("uploaded_parts"), skipped_parts=result.get("skipped_parts"),
+                   scan=result.get("scan"))
     return summary
 
 
@@ -83,13 +84,17 @@ def restore_snapshot(ctx: JobContext) -> dict[str, Any]:
     """The `restore_snapshot` job: restore onto the job's machine over SSH."""
     snap = snapshot_fields(ctx, ctx.params["snapshot_id"])
     assert ctx.machine_id is not None
-    return restore_onto(ctx, snap, machine_endpoint(ctx, ctx.machine_id), ctx.params["workspace_path"])
+    return restore_onto(ctx, snap, machine_endpoint(ctx, ctx.machine_id), ctx.params["workspace_path"],
+                        overwrite=bool(ctx.params.get("overwrite", False)))
 
 
-def restore_onto(ctx: JobContext, snap: dict[str, Any], endpoint: Endpoint, workspace: str) -> dict[str, Any]:
+def restore_onto(ctx: JobContext, snap: dict[str, Any], endpoint: Endpoint, workspace: str, *,
+                 overwrite: bool = False) -> dict[str, Any]:
     """Restore `snap` into `workspace` at `endpoint`. The remote script verifies every part before it
     decompresses it and swaps the workspace in only when all of it is extracted, so a failed or re-run
-    restore never leaves a half-written workspace."""
+    restore never leaves a half-written workspace. It refuses a system directory (`system_path`, after
+    resolving symlinks on the host) and, unless `overwrite`, a non-empty one (`workspace_exists`); the
+    tree it replaces is kept beside it (`previous_workspace` in the result)."""
     if snap["status"] != "complete":
         raise JobFailed(f"snapshot {snap['id']} is {snap['status']}, not complete", code="snapshot_not_complete")
     params = {"workspace_path": workspace, "prefix": snap["storage_prefix"],
@@ -99,7 +104,8 @@ def restore_onto(ctx: JobContext, snap: dict[str, Any], endpoint: Endpoint, work
               # (manifest digest -> part digests) the archive is exactly what our snapshot read, so
               # the workspace's own symlinks to outside it (a venv's bin/python -> /usr/bin/python3)
               # are restored as they were. Nothing is ever extracted through such a link.
-              "manifest_sha256": snap["manifest_sha256"], "allow_external_symlinks": bool(snap["manifest_sha256"])}
+              "manifest_sha256": snap["manifest_sha256"], "allow_external_symlinks": bool(snap["manifest_sha256"]),
+              "overwrite": overwrite}
     with ssh_session(ctx, endpoint) as session:
         result = run_script(ctx, session, "restore", params)
     with ctx.owned() as s:  # fenced: only while this attempt owns the job
@@ -109,7 +115,8 @@ def restore_onto(ctx: JobContext, snap: dict[str, Any], endpoint: Endpoint, work
         add_event(s, endpoint.machine_id, "restored", f"snapshot {snap['id']} restored into {workspace}",
                   job_id=ctx.job_id)
     return {"snapshot_id": snap["id"], "workspace_path": workspace, "raw_bytes": result.get("raw_bytes"),
-            "files": result.get("files"), "parts": result.get("parts"), "duration_s": result.get("duration_s")}
+            "files": result.get("files"), "parts": result.get("parts"), "duration_s": result.get("duration_s"),
+            "previous_workspace": result.get("previous_workspace")}
 
 
 def _summary(snap: dict[str, Any]) -> dict[str, Any]:

@@ -83,7 +83,9 @@ def wake(ctx: JobContext) -> dict[str, Any]:
         failpoint("wake.before_restore")
         user = p.get("ssh_user") or ctx.settings.ssh_user
         endpoint = Endpoint(machine_id=machine_id, host=ep.host, port=ep.port, user=user, host_key=None)
-        restored = restore_onto(ctx, snap, endpoint, p["workspace_path"])
+        # overwrite: the instance was rented by this job a moment ago, so whatever is at the path came
+        # from the image, not from a user (and it is kept beside the workspace all the same).
+        restored = restore_onto(ctx, snap, endpoint, p["workspace_path"], overwrite=True)
         ctx.check_cancelled()
         # An attempt frozen between its ownership check and its rent may have rented after our first sweep.
         _destroy_other_attempts(ctx, vast, job_prefix)

@@ -5,6 +5,10 @@ Staging lives beside the target on the same filesystem (`<target>.gpusnap-stagin
 final swap is two renames. When the target is itself a mount point (a volume mounted at
 /workspace cannot be renamed), staging moves inside it (`<target>/.gpusnap-staging-<id>`) and the
 swap moves the entries instead. Either way the live workspace is not touched before commit().
+
+The workspace a commit replaces is kept, not deleted: as `<target>.gpusnap-old-<UTC timestamp>`
+beside it (inside it, as `.gpusnap-old-<UTC timestamp>`, for a mount point; snapshots exclude that
+name), until the next successful restore of the same path removes it. An empty one is not kept.
 """
 from __future__ import annotations
 
@@ -13,26 +17,36 @@ import glob
 import logging
 import os
 import shutil
-from typing import List, Tuple
+import time
+from typing import List, Optional, Tuple
 
 from gs_common import ScriptError
 
 logger = logging.getLogger("gpusnap.remote")
 
 TAR_HEADER = 512
+STAGING_PREFIX = ".gpusnap-staging-"
+OLD_PREFIX = ".gpusnap-old-"
+# What a snapshot never saves: our own restore leftovers inside a mounted workspace (anchored: only
+# at the workspace root, where restore puts them).
+OWN_EXCLUDES = ["./" + STAGING_PREFIX + "*", "./" + OLD_PREFIX + "*"]
 
 
 def _excluded(rel: str, name: str, patterns: List[str]) -> bool:
-    # Approximates GNU tar's unanchored --exclude: a pattern may match the name or a path suffix.
+    # Approximates GNU tar's unanchored --exclude: a pattern may match the name or a path suffix,
+    # and tar sees members as "./<rel>" (so "./cache" matches).
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(rel, p) or
-               fnmatch.fnmatchcase(rel, "*/" + p) for p in patterns)
+               fnmatch.fnmatchcase(rel, "*/" + p) or fnmatch.fnmatchcase("./" + rel, p) for p in patterns)
 
 
 def scan(root: str, excludes: List[str]) -> Tuple[int, int]:
     """(estimated tar stream bytes, entries) of the tree: apparent sizes + one header per entry.
 
-    An estimate for progress only; unreadable directories are skipped, symlinks never followed."""
+    Also what a hibernate compares the snapshot with before it destroys anything (a snapshot far
+    smaller than this is `hollow_snapshot`), so a hard-linked file's data counts once, as tar stores
+    it. Unreadable directories are skipped, symlinks never followed."""
     total, entries = TAR_HEADER, 1
+    seen_inodes = set()
     stack = [(root, "")]
     while stack:
         path, rel = stack.pop()
@@ -49,12 +63,41 @@ def scan(root: str, excludes: List[str]) -> Tuple[int, int]:
                             stack.append((entry.path, sub))
                         elif entry.is_file(follow_symlinks=False):
                             st = entry.stat(follow_symlinks=False)  # sparse files: allocated size
+                            if st.st_nlink > 1:
+                                if (st.st_dev, st.st_ino) in seen_inodes:
+                                    continue
+                                seen_inodes.add((st.st_dev, st.st_ino))
                             total += -(-min(st.st_size, st.st_blocks * 512) // 512) * 512
                     except OSError:
                         continue
         except OSError:
             continue
     return total, entries
+
+
+def occupied(target: str) -> List[str]:
+    """Up to 5 entries of `target` that a restore would replace (empty when it is missing or empty).
+    Our own staging/old directories and an empty `lost+found` (a fresh filesystem has one) do not count."""
+    try:
+        names = sorted(os.listdir(target))
+    except FileNotFoundError:
+        return []
+    except NotADirectoryError:
+        return [os.path.basename(target)]
+    found = []
+    for name in names:
+        if name.startswith((STAGING_PREFIX, OLD_PREFIX)):
+            continue
+        if name == "lost+found":
+            try:
+                if not os.listdir(os.path.join(target, name)):
+                    continue
+            except OSError:
+                pass
+        found.append(name)
+        if len(found) == 5:
+            break
+    return found
 
 
 def free_bytes(path: str) -> int:
@@ -74,17 +117,23 @@ class Staging:
             raise ScriptError("bad_config", "workspace_path %s exists and is not a directory" % self.target)
         self.inside = os.path.isdir(self.target) and os.path.ismount(self.target)
         if self.inside:
-            self.path = os.path.join(self.target, ".gpusnap-staging-" + run_id)
-            self.old = os.path.join(self.target, ".gpusnap-old-" + run_id)
+            self.path = os.path.join(self.target, STAGING_PREFIX + run_id)
+            self.old_base = os.path.join(self.target, OLD_PREFIX)
         else:
-            self.path = "%s.gpusnap-staging-%s" % (self.target, run_id)
-            self.old = "%s.gpusnap-old-%s" % (self.target, run_id)
+            self.path = self.target + STAGING_PREFIX + run_id
+            self.old_base = self.target + OLD_PREFIX
+        self.old = self.old_base + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        n = 1
+        while os.path.lexists(self.old):  # two restores within a second
+            n += 1
+            self.old = "%s%s-%d" % (self.old_base, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()), n)
+        self.kept_old: Optional[str] = None  # set by commit() when the replaced workspace was kept
         self.fs_path = self.target if self.inside else parent
 
     def remove_stale(self) -> None:
         """Remove staging dirs left by restores that were killed (never the live data, never old-*)."""
-        pattern = (os.path.join(self.target, ".gpusnap-staging-*") if self.inside
-                   else glob.escape(self.target) + ".gpusnap-staging-*")
+        pattern = (os.path.join(glob.escape(self.target), STAGING_PREFIX + "*") if self.inside
+                   else glob.escape(self.target) + STAGING_PREFIX + "*")
         for stale in glob.glob(pattern):
             if stale != self.path:
                 logger.info("removing stale staging directory %s", stale)
@@ -97,10 +146,11 @@ class Staging:
         shutil.rmtree(self.path, ignore_errors=True)
 
     def commit(self) -> None:
-        """Swap staging into place, then delete the previous workspace."""
+        """Swap staging into place; keep the replaced workspace (`kept_old`) and remove the ones kept
+        by earlier restores of this path."""
         if self.inside:
             root = self._commit_inside()
-            shutil.rmtree(self.old, onerror=lambda *a: logger.warning("could not remove %s", a[1]))
+            self._keep_old()
             # last, since removing staging/old inside the target changes the target's own mtime
             if os.geteuid() == 0:
                 os.chown(self.target, root.st_uid, root.st_gid)
@@ -109,6 +159,7 @@ class Staging:
             return
         if not os.path.lexists(self.target):
             os.rename(self.path, self.target)
+            self._keep_old()
             return
         os.rename(self.target, self.old)
         try:
@@ -116,11 +167,26 @@ class Staging:
         except OSError:
             os.rename(self.old, self.target)  # put the old workspace back before failing
             raise
-        shutil.rmtree(self.old, onerror=lambda *a: logger.warning("could not remove %s", a[1]))
+        self._keep_old()
+
+    def _keep_old(self) -> None:
+        """After a successful swap: the replaced workspace stays as `self.old` (unless it was empty);
+        older copies from earlier restores of this path are removed now."""
+        try:
+            os.rmdir(self.old)  # only succeeds when empty: nothing worth keeping
+        except OSError:
+            if os.path.isdir(self.old):
+                self.kept_old = self.old
+        for earlier in glob.glob(glob.escape(self.old_base) + "*"):
+            if earlier != self.old:
+                logger.info("removing %s, kept by an earlier restore", earlier)
+                shutil.rmtree(earlier, onerror=lambda *a: logger.warning("could not remove %s", a[1]))
 
     def _commit_inside(self) -> os.stat_result:
         root = os.lstat(self.path)  # the archive's "./" entry, before moving entries changes its mtime
+        # Our own directories stay where they are (earlier kept copies are pruned after success).
         keep = {os.path.basename(self.path), os.path.basename(self.old)}
+        keep.update(n for n in os.listdir(self.target) if n.startswith((STAGING_PREFIX, OLD_PREFIX)))
         os.mkdir(self.old, 0o700)
         moved: List[str] = []
         try:

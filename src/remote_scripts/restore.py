@@ -1,14 +1,16 @@
 """Restore a snapshot written by snapshot.py into a workspace directory, verified and all-or-nothing.
 
     python3 restore.py < config.json   (config: workspace_path, s3, prefix, parallelism, s5cmd,
-                                        allow_external_symlinks, manifest_sha256, bootstrap;
-                                        see docs/data-plane.md)
+                                        allow_external_symlinks, manifest_sha256, bootstrap,
+                                        overwrite; see docs/data-plane.md)
 
-Order: read and validate the manifest -> check free disk (totals.raw_bytes) -> download parts in a
+Order: refuse a system directory (after resolving symlinks: `system_path`) and, without `overwrite`,
+a non-empty workspace (`workspace_exists`), before anything is downloaded -> read and validate the manifest -> check free disk (totals.raw_bytes) -> download parts in a
 bounded window, verifying size and SHA-256 before decoding -> stream the decoded tar through the
 member safety gate into `tar -x` in a staging directory beside the target -> only when every part
-is verified and tar has exited 0, swap staging into place. On any failure the existing workspace is
-untouched and the staging directory is removed.
+is verified and tar has exited 0, swap staging into place, keeping the replaced workspace beside it
+(gs_workspace.Staging). On any failure the existing workspace is untouched and the staging directory
+is removed.
 """
 from __future__ import annotations
 
@@ -28,9 +30,10 @@ from gs_common import (MAX_PARALLELISM, Context, ScriptError, heartbeat, key_pre
                        run_script, tail_text, widen_pipe)
 from gs_fetch import PartFetcher, PartStream  # noqa: E402
 from gs_manifest import MANIFEST_NAME, validate  # noqa: E402
+from gs_paths import denied_reason  # noqa: E402
 from gs_s3 import S5, NotFound  # noqa: E402
 from gs_tarsafe import MemberPolicy, gate  # noqa: E402
-from gs_workspace import Staging, free_bytes  # noqa: E402
+from gs_workspace import Staging, free_bytes, occupied  # noqa: E402
 
 DEFAULT_PARALLELISM = 4
 MAX_MANIFEST_BYTES = 256 << 20
@@ -47,10 +50,26 @@ def parse_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
         "allow_external_symlinks": require(cfg, "allow_external_symlinks", bool, False),
         "manifest_sha256": require(cfg, "manifest_sha256", str, None, required=False),
         "bootstrap": require(cfg, "bootstrap", bool, True),
+        "overwrite": require(cfg, "overwrite", bool, False),
     }
     if not os.path.isabs(opts["workspace"]) or os.path.normpath(opts["workspace"]) == "/":
         raise ScriptError("bad_config", "workspace_path must be an absolute path other than /")
     return opts
+
+
+def check_destination(workspace: str, overwrite: bool) -> None:
+    """Refuse, before anything is downloaded, a destination that is a system directory as named or
+    as it resolves on this host (`/workspace` may be a symlink to `/etc`), and a non-empty one unless
+    the request said `overwrite`."""
+    for path in (workspace, os.path.realpath(workspace)):
+        reason = denied_reason(path)
+        if reason is not None:
+            raise ScriptError("system_path", "refusing to restore into %s: %s" % (workspace, reason))
+    if not overwrite:
+        found = occupied(workspace)
+        if found:
+            raise ScriptError("workspace_exists", "%s is not empty (%s...): restore with overwrite to replace it "
+                              "(the old tree is kept beside it)" % (workspace, ", ".join(found)))
 
 
 def load_manifest(s5: S5, prefix: str, expected_sha256: Optional[str] = None) -> Dict[str, Any]:
@@ -126,6 +145,7 @@ class TarExtract:
 def main(cfg: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
     started = time.monotonic()
     opts = parse_config(cfg)
+    check_destination(opts["workspace"], opts["overwrite"])
     events, prefix = ctx.events, opts["prefix"]
     s5 = S5(ctx, opts["s3"], opts["s5cmd"])
     manifest = load_manifest(s5, prefix, opts["manifest_sha256"])
@@ -168,6 +188,7 @@ def main(cfg: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
         ctx.check()
         t_swap = time.monotonic()
         events.progress(force=True, phase="swap")
+        check_destination(opts["workspace"], opts["overwrite"])  # again: it may have filled meanwhile
         staging.commit()
     except BaseException:
         staging.discard()
@@ -179,7 +200,7 @@ def main(cfg: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
     return {
         "workspace_path": staging.target, "snapshot_id": manifest.get("snapshot_id", ""),
         "raw_bytes": totals["raw_bytes"], "stored_bytes": totals["stored_bytes"], "parts": len(parts),
-        "files": max(0, members - 1), "codec": manifest.get("codec", ""),
+        "files": max(0, members - 1), "codec": manifest.get("codec", ""), "previous_workspace": staging.kept_old,
         "duration_s": round(time.monotonic() - started, 3), "timings": timings,
     }
 

@@ -30,7 +30,7 @@ from gs_manifest import MANIFEST_NAME, build, part_key, utc_now  # noqa: E402
 from gs_pipeline import PartUploader  # noqa: E402
 from gs_s3 import S5  # noqa: E402
 from gs_upload import BatchUploader  # noqa: E402
-from gs_workspace import scan  # noqa: E402
+from gs_workspace import OWN_EXCLUDES, scan  # noqa: E402
 
 DEFAULT_PART_SIZE = 32 << 20
 DEFAULT_PARALLELISM = 4
@@ -70,6 +70,7 @@ def parse_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
         raise ScriptError("bad_config", "codec must be one of %s" % ", ".join(CODEC_NAMES))
     if not all(isinstance(p, str) and p for p in opts["excludes"]):
         raise ScriptError("bad_config", "excludes must be non-empty strings")
+    opts["excludes"] = opts["excludes"] + OWN_EXCLUDES  # a restore's kept copy inside a mounted workspace
     return opts
 
 
@@ -95,7 +96,7 @@ def main(cfg: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
         # under it. Without a manifest the prefix is an unfinished snapshot until we finish.
         s5.remove([prefix + MANIFEST_NAME])
     t_scan = time.monotonic()
-    bytes_total, _entries = scan(workspace, opts["excludes"])
+    bytes_total, entries = scan(workspace, opts["excludes"])
     events.progress(force=True, phase="upload", bytes_done=0, bytes_total=bytes_total, parts_done=0,
                     parts_total=max(1, -(-bytes_total // opts["part_size"])))
     heartbeat(events, ctx)
@@ -143,6 +144,9 @@ def main(cfg: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
         "raw_bytes": totals["raw_bytes"], "stored_bytes": totals["stored_bytes"], "parts": len(parts),
         "files": files, "codec": codec.name, "part_size": opts["part_size"],
         "uploaded_parts": uploader.uploaded, "skipped_parts": uploader.skipped,
+        # What the pre-scan found (entries below the root, estimated tar bytes): hibernate compares
+        # `files` and `raw_bytes` with it before destroying anything (hollow_snapshot).
+        "scan": {"entries": max(0, entries - 1), "bytes": bytes_total},
         "duration_s": round(time.monotonic() - started, 3), "timings": timings,
     }
 

@@ -6,12 +6,14 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.orm import Session
 
 from src.db import transaction
-from src.errors import Conflict, NotFound, Unprocessable
+from src.errors import Conflict, ExternalError, NotFound, Unprocessable
+from src.jobs.hibernate import endpoint_text, own_endpoints
 from src.jobs.wake import required_disk_gb
 from src.models import Machine, Snapshot
 from src.services import jobs as job_service
 from src.services.jobs import Idempotency
 from src.services.machines import add_event, ensure_machine, find_machine, vast_instance_id_of
+from src.services.path_policy import check_excludes, check_restore_path
 from src.services.snapshots import latest_complete, start_snapshot_job
 from src.services.views import job_view
 
@@ -29,12 +31,19 @@ def hibernate(c: "Container", machine_id: str, *, workspace_path: str, ssh_host:
               idem: Idempotency | None = None) -> dict[str, Any]:
     """Start a `hibernate` job: snapshot, verify, then (destroy_after) destroy the vast.ai instance.
     A machine not seen before is registered; its id is taken as its vast.ai instance id when numeric.
-    Raises Conflict (busy, hibernated, paused), Unprocessable (nothing to destroy, host not allowed),
-    NotFound (unknown machine and no SSH endpoint given)."""
+    Raises Conflict (busy, hibernated, paused), Unprocessable (nothing to destroy, host not allowed,
+    `exclude_matches_root`, `system_path` for a workspace wake could not restore into, and
+    `endpoint_mismatch` when the instance to destroy is not the one at ssh_host:ssh_port), NotFound
+    (unknown machine and no SSH endpoint given)."""
+    excludes = check_excludes(excludes)
+    if destroy_after:
+        check_restore_path(workspace_path, what="workspace_path (where wake will restore it)")
     if ssh_host is not None:
         c.ssh_policy().check(ssh_host)
         if ssh_port is None:
             ssh_port = 22
+        if destroy_after:
+            _check_endpoint_is_the_instance(c, machine_id, ssh_host, ssh_port)
     with transaction(c.session_factory) as s:
         replay = job_service.find_replay(s, idem)
         if replay is not None:
@@ -49,7 +58,8 @@ def hibernate(c: "Container", machine_id: str, *, workspace_path: str, ssh_host:
                                 code="no_ssh_endpoint")
         _, job = start_snapshot_job(s, c, machine_id=machine.id, workspace_path=workspace_path, name="hibernate",
                                     codec=codec, excludes=excludes or [], idem=idem, kind="hibernate",
-                                    params={"destroy_after": destroy_after, "deep_verify": deep_verify})
+                                    params={"destroy_after": destroy_after, "deep_verify": deep_verify,
+                                            "requested_endpoint": [ssh_host, ssh_port] if ssh_host else None})
         machine.status = "hibernating"
         machine.workspace_path = workspace_path
         view = job_view(job)
@@ -80,6 +90,9 @@ def wake(c: "Container", machine_id: str, *, snapshot_id: str | None = None, gpu
                    Conflict(f"machine {machine.id} has no complete snapshot to wake from", code="no_snapshot"))
         if snap.status != "complete":
             raise Conflict(f"snapshot {snap.id} is {snap.status}, not complete", code="snapshot_not_complete")
+        check_restore_path(workspace_path or snap.workspace_path,
+                           what="workspace_path" if workspace_path else f"snapshot {snap.id}'s workspace_path "
+                                                                           "(give another workspace_path)")
         needed = required_disk_gb(snap.raw_bytes or 0, headroom=c.settings.wake_disk_headroom,
                                   image_gb=c.settings.vast_image_disk_gb)
         if disk_gb is not None and disk_gb < needed:
@@ -129,6 +142,29 @@ def _vast_state_job(c: "Container", machine_id: str, *, kind: str, required: str
         view = job_view(job)
     c.queue.enqueue(view["id"])
     return view
+
+
+def _check_endpoint_is_the_instance(c: "Container", machine_id: str, host: str, port: int) -> None:
+    """Refuse a hibernate whose snapshot would come from one host while another instance is destroyed:
+    the endpoint given must be one vast.ai reports for the instance (its proxy or its direct mapping).
+    When vast.ai cannot say now (unreachable, instance not running) the job checks before it acts."""
+    vast = c.vast()  # NotConfigured now: destroy_after needs vast.ai anyway
+    with transaction(c.session_factory) as s:
+        try:
+            vast_id = find_machine(s, machine_id).vast_instance_id
+        except NotFound:
+            vast_id = vast_instance_id_of(machine_id)
+    if vast_id is None:
+        return  # refused below with no_vast_instance
+    try:
+        instance = vast.show_instance(vast_id)
+    except ExternalError:
+        return
+    own = own_endpoints(instance) if instance is not None else set()
+    if own and endpoint_text(host, port) not in own:
+        raise Unprocessable(f"{host}:{port} is not vast.ai instance {vast_id} (it answers at "
+                            f"{', '.join(sorted(own))}); hibernate would snapshot one machine and destroy another",
+                            code="endpoint_mismatch")
 
 
 def _machine_for_hibernate(s: Session, c: "Container", machine_id: str, *, host: str | None, port: int | None,

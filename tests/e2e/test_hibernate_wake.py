@@ -135,9 +135,9 @@ def test_failed_wakes_leave_no_instance_behind(stack, fake_vast, box):
 
 def test_wake_failing_after_rent_destroys_the_new_instance(stack, fake_vast, box, s3_server):
     assert stack.wait_job(_hibernate(stack, box)["id"])["status"] == "succeeded"
-    # The restore cannot succeed: the snapshot's workspace path is taken by a file we cannot replace.
+    # The restore cannot succeed: the workspace path's parent does not exist on the host.
     os.makedirs(box["workspace"], exist_ok=True)
-    r = stack.post(f"/api/instances/{box['id']}/wake", json={"workspace_path": "/proc/gpusnap-cannot-write"})
+    r = stack.post(f"/api/instances/{box['id']}/wake", json={"workspace_path": "/gpusnap-no-such-parent/ws"})
     job = stack.wait_job(r.json()["job"]["id"])
     assert job["status"] == "failed", job
     assert _ours(fake_vast) == []

@@ -113,7 +113,8 @@ def test_corrupted_part_fails_restore_and_leaves_target_untouched(stack, sshd, s
     (target / "precious.txt").write_text("do not lose me\n")
     before = describe_tree(target)
     r = stack.post(f"/api/gpu-snapshots/{snap['id']}/restore",
-                   json={"ssh_host": sshd.host, "ssh_port": sshd.port, "workspace_path": str(target)})
+                   json={"ssh_host": sshd.host, "ssh_port": sshd.port, "workspace_path": str(target),
+                         "overwrite": True})
     job = stack.wait_job(r.json()["job"]["id"])
     assert job["status"] == "failed" and job["error"]["code"] == "part_corrupt", job
     assert describe_tree(target) == before

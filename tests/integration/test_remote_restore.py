@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import tarfile
 import uuid
@@ -65,7 +66,14 @@ def make_tricky_tree(root: str) -> None:
 
 
 def staging_dirs(target: str) -> List[str]:
-    return glob.glob(glob.escape(target) + ".gpusnap-*") + glob.glob(os.path.join(glob.escape(target), ".gpusnap-*"))
+    return (glob.glob(glob.escape(target) + ".gpusnap-staging-*")
+            + glob.glob(os.path.join(glob.escape(target), ".gpusnap-staging-*")))
+
+
+def kept_old(target: str) -> List[str]:
+    """Workspaces a restore replaced and kept (beside the target, or inside it for a mount point)."""
+    return (glob.glob(glob.escape(target) + ".gpusnap-old-*")
+            + glob.glob(os.path.join(glob.escape(target), ".gpusnap-old-*")))
 
 
 @pytest.fixture
@@ -90,7 +98,7 @@ def test_round_trip_is_identical(snapshot_of_tree: Dict[str, Any], s3_server: An
                                  tmp_path: Any, existing_workspace: str) -> None:
     snap = snapshot_of_tree["result"]
     assert snap["event"] == "result" and snap["parts"] >= 6 and snap["codec"] == "zstd"
-    run = run_script("restore", script_config(s3_server, s3_prefix, existing_workspace))
+    run = run_script("restore", script_config(s3_server, s3_prefix, existing_workspace, overwrite=True))
     assert run.returncode == 0, run.stderr
     assert run.last["event"] == "result" and run.last["raw_bytes"] == snap["raw_bytes"]
     assert run.last["files"] == snap["files"]
@@ -98,6 +106,9 @@ def test_round_trip_is_identical(snapshot_of_tree: Dict[str, Any], s3_server: An
     sparse = os.stat(os.path.join(existing_workspace, "sparse.img"))
     assert sparse.st_size == (20 << 20) + 3 and sparse.st_blocks * 512 < 1 << 20  # still sparse
     assert staging_dirs(existing_workspace) == []
+    assert kept_old(existing_workspace) == [run.last["previous_workspace"]]
+    with open(os.path.join(run.last["previous_workspace"], "keep", "me.txt")) as fh:
+        assert fh.read() == "the old workspace"
     assert run.events[0]["event"] == "started" and any(e["event"] == "progress" for e in run.events)
 
 
@@ -135,7 +146,7 @@ def test_damaged_snapshot_fails_and_leaves_workspace(damage: str, code: str, sna
     else:
         s3_client.put_object(Bucket=bucket, Key=s3_prefix + "manifest.json", Body=b'{"format": "zip"}')
     before = tree_state(existing_workspace)
-    run = run_script("restore", script_config(s3_server, s3_prefix, existing_workspace))
+    run = run_script("restore", script_config(s3_server, s3_prefix, existing_workspace, overwrite=True))
     assert run.returncode != 0
     assert run.error_code == code, run.last
     assert tree_state(existing_workspace) == before
@@ -206,7 +217,7 @@ def test_unsafe_archive_is_refused(kind: str, tmp_path: Any, s3_server: Any, s3_
     upload_crafted(s3_client, s3_server.bucket, s3_prefix, evil_tar(kind, outside))
     before = tree_state(existing_workspace)
     # with external symlinks allowed, writing *through* one must still be refused
-    cfg = script_config(s3_server, s3_prefix, existing_workspace,
+    cfg = script_config(s3_server, s3_prefix, existing_workspace, overwrite=True,
                         allow_external_symlinks=kind == "symlink-then-write")
     run = run_script("restore", cfg)
     assert run.returncode != 0
@@ -218,7 +229,7 @@ def test_unsafe_archive_is_refused(kind: str, tmp_path: Any, s3_server: Any, s3_
 
 def test_wrong_credentials(snapshot_of_tree: Dict[str, Any], s3_server: Any, s3_prefix: str,
                            existing_workspace: str) -> None:
-    cfg = script_config(s3_server, s3_prefix, existing_workspace)
+    cfg = script_config(s3_server, s3_prefix, existing_workspace, overwrite=True)
     cfg["s3"]["secret_key"] = "not-the-secret"
     run = run_script("restore", cfg)
     assert run.returncode != 0 and run.error_code == "storage_auth_failed", run.last
@@ -254,7 +265,7 @@ def test_insufficient_disk_is_refused_before_download(snapshot_of_tree: Dict[str
     target = os.path.join(fs, "ws")
     os.makedirs(os.path.join(target, "keep"))
     before = tree_state(target)
-    run = run_script("restore", script_config(s3_server, s3_prefix, target))
+    run = run_script("restore", script_config(s3_server, s3_prefix, target, overwrite=True))
     assert run.error_code == "insufficient_disk", run.last
     assert not any(e.get("phase") == "download" for e in run.events)
     assert tree_state(target) == before and staging_dirs(target) == []
@@ -272,7 +283,7 @@ def test_disk_full_during_extraction(tmp_path: Any, s3_server: Any, s3_prefix: s
     with open(os.path.join(target, "old.txt"), "w") as fh:
         fh.write("old")
     before = tree_state(target)
-    run = run_script("restore", script_config(s3_server, s3_prefix, target))
+    run = run_script("restore", script_config(s3_server, s3_prefix, target, overwrite=True))
     assert run.error_code == "disk_full", run.last
     assert tree_state(target) == before and staging_dirs(target) == []
 
@@ -283,8 +294,15 @@ def test_restore_into_a_mount_point(snapshot_of_tree: Dict[str, Any], s3_server:
     target = small_fs("volume", "size=64m")
     with open(os.path.join(target, "old.txt"), "w") as fh:
         fh.write("old")
-    run = run_script("restore", script_config(s3_server, s3_prefix, target))
+    run = run_script("restore", script_config(s3_server, s3_prefix, target, overwrite=True))
     assert run.returncode == 0, run.stderr
+    # The replaced workspace cannot leave the volume: it is kept inside it (snapshots exclude that name).
+    old = run.last["previous_workspace"]
+    assert kept_old(target) == [old] and os.path.dirname(old) == target
+    assert sorted(os.listdir(old)) == ["old.txt"]
+    root_mtime = os.stat(target).st_mtime_ns  # the archive's root entry, restored last
+    shutil.rmtree(old)
+    os.utime(target, ns=(root_mtime, root_mtime))
     assert tree_state(target) == tree_state(snapshot_of_tree["src"])
     assert os.path.ismount(target) and staging_dirs(target) == []
 
@@ -292,9 +310,9 @@ def test_restore_into_a_mount_point(snapshot_of_tree: Dict[str, Any], s3_server:
 def test_a_manifest_other_than_the_recorded_one_is_refused(snapshot_of_tree: Dict[str, Any], s3_server: Any,
                                                             s3_prefix: str, existing_workspace: str) -> None:
     before = tree_state(existing_workspace)
-    run = run_script("restore", script_config(s3_server, s3_prefix, existing_workspace, manifest_sha256="0" * 64))
+    run = run_script("restore", script_config(s3_server, s3_prefix, existing_workspace, overwrite=True, manifest_sha256="0" * 64))
     assert run.returncode != 0 and run.last["code"] == "manifest_changed"
     assert tree_state(existing_workspace) == before
     recorded = snapshot_of_tree["result"]["manifest_sha256"]
-    run = run_script("restore", script_config(s3_server, s3_prefix, existing_workspace, manifest_sha256=recorded))
+    run = run_script("restore", script_config(s3_server, s3_prefix, existing_workspace, overwrite=True, manifest_sha256=recorded))
     assert run.returncode == 0, run.stderr

@@ -29,7 +29,11 @@ def hibernate(c: "Container", machine_id: str, *, workspace_path: str, ssh_host:
     """Start a `hibernate` job: snapshot, verify, then (destroy_after) destroy the vast.ai instance.
     A machine not seen before is registered; its id is taken as its vast.ai instance id when numeric.
     Raises Conflict (busy, hibernated, paused), Unprocessable (nothing to destroy, host not allowed),
-    NotFound (unknown machine and no SSH endpoint given)."""
+    NotFound (unknown machine and no SSH endpoint given), NotConfigured (no bucket; no vast.ai key when
+    the instance is to be destroyed or its endpoint asked of vast.ai) - at request time, not in the job."""
+    c.object_store()
+    if destroy_after or ssh_host is None:
+        c.vast()
     if ssh_host is not None:
         c.ssh_policy().check(ssh_host)
         if ssh_port is None:

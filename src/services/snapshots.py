@@ -27,7 +27,9 @@ def create_snapshot(c: "Container", *, instance_id: str, ssh_host: str, ssh_port
                     ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Start a `create_snapshot` job for the workspace at `ssh_host`. Returns (snapshot, job).
     Raises Unprocessable when the host is outside SSH_ALLOWED_NETWORKS, Conflict when another operation
-    holds the machine. With the same Idempotency-Key and body, returns the first request's pair."""
+    holds the machine, NotConfigured (no bucket). With the same Idempotency-Key and body, returns the first
+    request's pair."""
+    c.object_store()  # NotConfigured (503) now, not a job that fails later
     c.ssh_policy().check(ssh_host)
     with transaction(c.session_factory) as s:
         replay = job_service.find_replay(s, idem)
@@ -62,7 +64,8 @@ def restore_snapshot(c: "Container", snapshot_id: str, *, ssh_host: str, ssh_por
                      ssh_user: str | None = None, instance_id: str | None = None,
                      idem: Idempotency | None = None) -> dict[str, Any]:
     """Start a `restore_snapshot` job onto `ssh_host`. Raises NotFound, Conflict (snapshot not complete,
-    or the target machine busy), Unprocessable (host not allowed)."""
+    or the target machine busy), Unprocessable (host not allowed), NotConfigured (no bucket)."""
+    c.object_store()
     c.ssh_policy().check(ssh_host)
     with transaction(c.session_factory) as s:
         replay = job_service.find_replay(s, idem)
@@ -85,7 +88,8 @@ def restore_snapshot(c: "Container", snapshot_id: str, *, ssh_host: str, ssh_por
 def verify_snapshot(c: "Container", snapshot_id: str, *, deep: bool = False,
                     idem: Idempotency | None = None) -> dict[str, Any]:
     """Start a `verify_snapshot` job. Raises NotFound; Conflict when the snapshot is not complete or
-    is being verified or deleted."""
+    is being verified or deleted; NotConfigured (no bucket)."""
+    c.object_store()
     with transaction(c.session_factory) as s:
         replay = job_service.find_replay(s, idem)
         if replay is not None:
@@ -101,7 +105,8 @@ def verify_snapshot(c: "Container", snapshot_id: str, *, deep: bool = False,
 
 def delete_snapshot(c: "Container", snapshot_id: str, *, idem: Idempotency | None = None) -> dict[str, Any]:
     """Start a `delete_snapshot` job (objects first, then the record). Raises NotFound; Conflict while a
-    job creates, restores or verifies this snapshot."""
+    job creates, restores or verifies this snapshot; NotConfigured (no bucket to delete its objects from)."""
+    c.object_store()
     with transaction(c.session_factory) as s:
         replay = job_service.find_replay(s, idem)
         if replay is not None:

@@ -59,7 +59,8 @@ def readyz() -> Response:
 
 @route(bp, "/metrics", "GET", tag=TAG, summary="Prometheus metrics", responses={200: None}, public=True)
 def metrics() -> Response:
-    return Response(generate_latest(container().metrics.registry), mimetype=CONTENT_TYPE_LATEST)
+    # `content_type`, not `mimetype`: CONTENT_TYPE_LATEST carries its charset already (one, not two).
+    return Response(generate_latest(container().metrics.registry), content_type=CONTENT_TYPE_LATEST)
 
 
 # The description of the API is not secret (the API is): a browser opens /api/docs without a token and

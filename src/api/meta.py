@@ -74,7 +74,14 @@ def openapi() -> Response:
 @route(bp, "/api/docs", "GET", tag=TAG, summary="Swagger UI: read and try this API", responses={200: None},
        public=True)
 def docs() -> Response:
-    return Response(render_docs(_document()), mimetype="text/html")
+    resp = Response(render_docs(_document()), mimetype="text/html")
+    # The page may load and call this server only: a browser refuses anything else (a CDN, the validator).
+    resp.headers["Content-Security-Policy"] = DOCS_CSP
+    return resp
+
+
+DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+            "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
 
 
 # Swagger UI's own files, from the flask-swagger-ui package (no CDN). Only these names are served.

@@ -108,6 +108,7 @@ def test_openapi_and_docs_are_readable_without_a_token_but_the_api_is_not(client
     for ref in re.findall(r"(?:src|href)='([^']+)'", html):
         assert ref.startswith("/"), ref
     assert '"validatorUrl": null' in html  # Swagger UI would post the document to validator.swagger.io
+    assert "default-src 'self'" in page.headers["Content-Security-Policy"]  # the browser refuses anything else
     assets = re.findall(r"(?:src|href)='(/api/docs/assets/[^']+)'", html)
     assert len(assets) >= 4
     for asset in assets:

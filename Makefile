@@ -31,9 +31,10 @@ test-deps: $(VENV)/.installed-test
 
 # What the tests need from the system, installed where missing (idempotent; bounded by APT_TIMEOUT):
 # - openssh-server: the loopback "GPU host" in the tests is a real sshd;
-# - chromium (Debian's package): /api/docs is rendered in a real headless browser, offline.
+# - chromium (Debian's package) and a font: /api/docs is rendered in a real headless browser, offline.
 # Anything that cannot be installed fails `make test` here, loudly, instead of skipping tests later.
-SYSTEM_PACKAGES := /usr/sbin/sshd:openssh-server /usr/bin/chromium:chromium
+SYSTEM_PACKAGES := /usr/sbin/sshd:openssh-server /usr/bin/chromium:chromium \
+  /usr/share/fonts/truetype/liberation:fonts-liberation
 system-deps:
 	@SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); missing=""; \
 	for entry in $(SYSTEM_PACKAGES); do \

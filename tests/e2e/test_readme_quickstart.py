@@ -90,14 +90,27 @@ def _run_block(clone: Path, env: dict, log: Path, *, netns: bool) -> str:
         finally:
             try:
                 os.killpg(proc.pid, signal.SIGTERM)
-                deadline = time.monotonic() + 30
-                while time.monotonic() < deadline:
-                    os.killpg(proc.pid, 0)
-                    time.sleep(0.2)
-                os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+            deadline = time.monotonic() + 30
+            while _live_in_group(proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            for pid in _live_in_group(proc.pid):
+                os.kill(pid, signal.SIGKILL)
     return log.read_text(errors="replace")
+
+
+def _live_in_group(pgid: int) -> list[int]:
+    """Processes of the group that are not zombies (orphans here may never be reaped by PID 1)."""
+    live = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            live.append(int(stat.parent.name))
+    return live
 
 
 def test_readme_quick_start_pasted_into_a_fresh_clone_works_twice(tmp_path):

@@ -94,6 +94,9 @@ def test_dockerfile_installs_the_app_only_and_starts_through_the_entrypoint():
     env = " ".join(args for instruction, args in steps if instruction == "ENV")
     assert "DATABASE_URL=sqlite:////data/" in env and "QUEUE_PATH=/data/" in env
     assert ("VOLUME", "/data") in steps and ("EXPOSE", "5000") in steps and "GUNICORN_BIND=0.0.0.0:5000" in env
+    # The build context never carries local secrets or state to the daemon.
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".env", "gpusnap_ssh_key", ".venv", "instance"} <= set(ignored)
 
 
 # ---- the entrypoint, run here -----------------------------------------------------------------

@@ -5,38 +5,62 @@ VENV := .venv
 BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 5000
+# Bounds for the apt-get steps of system-deps (seconds): a stuck mirror fails the setup, it does not hang it.
+APT_TIMEOUT ?= 900
 
-.PHONY: run test venv system-deps migrate bench lint clean
+.PHONY: run setup test test-deps venv system-deps migrate bench lint clean
 
-venv: $(VENV)/.installed
+# `make setup` (alias `venv`): the app alone, what `make run` needs. The test extras (pytest, schemathesis,
+# SeaweedFS: hundreds of MB) are installed by `make test` only.
+setup venv: $(VENV)/.installed-app
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
 
 # Reinstall whenever the dependency list changes.
-$(VENV)/.installed: pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+$(VENV)/.installed-app: pyproject.toml | $(VENV)/bin/python
+	$(BIN)/python -m pip install -q -e .
 	touch $@
 
-# The loopback "GPU host" in the tests is a real sshd; install it where it is missing.
-system-deps:
-	@if [ ! -x /usr/sbin/sshd ]; then \
-	  echo "installing openssh-server (tests run a loopback sshd)"; \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get install -y -q openssh-server >/dev/null 2>&1 || \
-	  { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q openssh-server >/dev/null; }; \
-	fi
-	@test -x /usr/sbin/sshd || { echo "openssh-server could not be installed" >&2; exit 1; }
+$(VENV)/.installed-test: pyproject.toml | $(VENV)/bin/python
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@ $(VENV)/.installed-app
 
-migrate: venv
+test-deps: $(VENV)/.installed-test
+
+# What the tests need from the system, installed where missing (idempotent; bounded by APT_TIMEOUT):
+# - openssh-server: the loopback "GPU host" in the tests is a real sshd;
+# - chromium (Debian's package) and a font: /api/docs is rendered in a real headless browser, offline.
+# Anything that cannot be installed fails `make test` here, loudly, instead of skipping tests later.
+SYSTEM_PACKAGES := /usr/sbin/sshd:openssh-server /usr/bin/chromium:chromium \
+  /usr/share/fonts/truetype/liberation:fonts-liberation
+system-deps:
+	@SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); missing=""; \
+	for entry in $(SYSTEM_PACKAGES); do \
+	  [ -x "$${entry%%:*}" ] || missing="$$missing $${entry#*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing (apt-get, at most $(APT_TIMEOUT)s)"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  timeout $(APT_TIMEOUT) $$SUDO apt-get install -y -q --no-install-recommends $$missing >/dev/null 2>&1 || \
+	  { timeout $(APT_TIMEOUT) $$SUDO apt-get update -q >/dev/null && \
+	    timeout $(APT_TIMEOUT) $$SUDO apt-get install -y -q --no-install-recommends $$missing >/dev/null; }; \
+	fi; \
+	for entry in $(SYSTEM_PACKAGES); do \
+	  [ -x "$${entry%%:*}" ] || { echo "$${entry#*:} could not be installed ($${entry%%:*} is missing)" >&2; exit 1; }; \
+	done
+
+migrate: setup
 	$(BIN)/gpusnap db upgrade
 
-run: venv migrate
+run: setup migrate
 	$(BIN)/gpusnap serve --host $(HOST) --port $(PORT)
 
-test: venv system-deps
+test: test-deps system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: venv
+bench: test-deps
 	$(BIN)/python bench/bench_dataplane.py
 
 clean:

@@ -13,9 +13,9 @@ def make_engine(database_url: str) -> Engine:
     """An engine for `database_url`. SQLite gets WAL and a busy timeout so that the API and the worker
     (separate processes) can write to one file without 'database is locked' errors."""
     if database_url.startswith("sqlite"):
-        path = database_url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        path = database_url.split("///", 1)[1].split("?", 1)[0] if "///" in database_url else ""
+        if path and path != ":memory:" and not path.startswith("file:"):
+            prepare_private_file(path)
         engine = create_engine(database_url, connect_args={"timeout": 30, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
@@ -28,6 +28,26 @@ def make_engine(database_url: str) -> Engine:
 
         return engine
     return create_engine(database_url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+
+
+def prepare_private_file(path: str) -> None:
+    """Create a SQLite file (and its directory) readable by this user only: it holds token digests, job
+    parameters and host keys, and the Huey queue file holds pickled task payloads. The directory is made
+    0700 when we create it; the file is created 0600 before SQLite opens it (SQLite gives its -wal, -shm
+    and -journal files the mode of the database file), and a file left group/world-readable by an older
+    version is narrowed to 0600, with its -wal/-shm."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        os.chmod(directory, 0o700)  # makedirs' mode is filtered by the umask
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    os.close(fd)
+    for candidate in (path, path + "-wal", path + "-shm", path + "-journal"):
+        try:
+            if os.stat(candidate).st_mode & 0o077:
+                os.chmod(candidate, 0o600)
+        except FileNotFoundError:
+            continue
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

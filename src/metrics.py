@@ -2,9 +2,10 @@
 on any API process tells the truth about jobs that workers on other machines ran."""
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, multiprocess, values
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
@@ -46,14 +47,33 @@ class _DatabaseCollector(Collector):
         yield from (jobs, durations, moved, snaps, stored)
 
 
+def multiprocess_dir() -> str | None:
+    """The directory of prometheus_client's multiprocess mode when it is on in this process, else None.
+    It is on when PROMETHEUS_MULTIPROC_DIR was set before prometheus_client was imported (gunicorn.conf.py
+    sets it in the master, so every worker starts with it); set later, it would change nothing."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if path and values.ValueClass is not values.MutexValue and os.path.isdir(path):
+        return path
+    return None
+
+
 class Metrics:
-    """One registry per app (no process globals, so tests can build many apps)."""
+    """One registry per app (no process globals, so tests can build many apps).
+
+    The HTTP counters are counted where requests are served. Under gunicorn that is several worker
+    processes, and a scrape lands on one of them: in multiprocess mode every worker writes its counts to
+    files in PROMETHEUS_MULTIPROC_DIR and a scrape sums them all (dead workers' files included), so what
+    any scrape reads only grows. Job and snapshot figures come from the database either way."""
 
     def __init__(self, session_factory: sessionmaker[Session]) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_DatabaseCollector(session_factory))
+        shared = multiprocess_dir()
+        if shared:
+            multiprocess.MultiProcessCollector(self.registry, path=shared)
+        own = None if shared else self.registry  # multiprocess: values go to the files, read back above
         self.http_requests = Counter("gpusnap_http_requests", "HTTP requests", ["method", "route", "status"],
-                                     registry=self.registry)
+                                     registry=own)
         self.http_latency = Histogram("gpusnap_http_request_duration_seconds", "HTTP request latency",
-                                      ["method", "route"], registry=self.registry,
+                                      ["method", "route"], registry=own,
                                       buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))

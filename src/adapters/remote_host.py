@@ -77,7 +77,7 @@ class SshClient:
         scripts_dir: str | os.PathLike[str] = DEFAULT_SCRIPTS_DIR,
     ) -> None:
         if not shlex.split(remote_python):
-            raise ValueError("remote_python is empty")
+            raise ValueError("REMOTE_PYTHON is empty: set it to the GPU host's python3")
         self._key_path = Path(key_path).expanduser()
         self._policy = policy
         self._connect_timeout = connect_timeout
@@ -126,7 +126,8 @@ class SshClient:
             return paramiko.PKey.from_path(str(self._key_path))
         except (OSError, paramiko.SSHException, ValueError) as e:
             # Deliberately not retryable: a missing or encrypted key will not fix itself.
-            raise SshAuthFailed(f"cannot load the SSH private key at {self._key_path}: {e}") from e
+            raise SshAuthFailed(f"cannot load the SSH private key at {self._key_path}: {e} (set SSH_KEY_PATH to "
+                                "an unencrypted private key whose public half the GPU hosts accept)") from e
 
     def _connect_with_retries(self, target: SshTarget) -> paramiko.Transport:
         deadline = time.monotonic() + self._ready_deadline

@@ -78,6 +78,14 @@ class RemoteSession:
         self._scripts_uploaded = False
         self._closed = False
 
+    def _interpreter_hint(self, status: int, stderr_tail: str) -> str:
+        """When the interpreter itself could not run the script (not found: the shell's 126/127; too old
+        to parse it), say which setting names it."""
+        if status in (126, 127) or "SyntaxError" in stderr_tail:
+            return (f" (the host could not run REMOTE_PYTHON={shlex.join(self._python_argv)!r}: set REMOTE_PYTHON "
+                    "to a Python 3.8+ interpreter that exists on the GPU host)")
+        return ""
+
     @property
     def target(self) -> SshTarget:
         return self._target
@@ -255,7 +263,9 @@ class RemoteSession:
             status = run.reader.exit_status()
             if status != 0 and not saw_error:
                 what = f"exit status {status}" if status >= 0 else "no exit status (killed by a signal?)"
-                yield {"event": "error", "code": "remote_exit", "message": f"{what}: {run.output.stderr_tail()}"}
+                tail = run.output.stderr_tail()
+                yield {"event": "error", "code": "remote_exit",
+                       "message": f"{what}: {tail}{self._interpreter_hint(status, tail)}"}
         finally:
             if not run.killed and not run.reader.finished and self._transport.is_active():
                 # Abandoned early (the caller closed the iterator, or an error above): do not leave a

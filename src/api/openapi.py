@@ -1,8 +1,9 @@
-"""The OpenAPI 3 document, generated from the `@route` registry and the pydantic models, and a plain
-HTML page that renders it (self-contained: no scripts fetched from elsewhere)."""
+"""The OpenAPI 3 document, generated from the `@route` registry and the pydantic models, and the
+Swagger UI page that renders it (its assets are served by this app: nothing is fetched from elsewhere)."""
 from __future__ import annotations
 
 import html
+import json
 import re
 from typing import Any
 
@@ -118,27 +119,33 @@ def _not_null(schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
-def render_docs(doc: dict[str, Any]) -> str:
-    """A readable page of the endpoints, built on the server from the same document."""
+def render_docs(doc: dict[str, Any], *, assets: str = "/api/docs/assets") -> str:
+    """Swagger UI (its files ship in the `flask-swagger-ui` package and are served from `assets`: the page
+    works offline, nothing is fetched from a CDN) reading /api/openapi.json. The bearer scheme of the
+    document gives it an "Authorize" button; the token is kept only in the page. A `<noscript>` table of
+    the endpoints, built on the server from the same document, is there for readers without JavaScript."""
     rows = []
     for path, ops in doc["paths"].items():
         for method, op in ops.items():
             codes = ", ".join(sorted(op["responses"]))
             rows.append(f"<tr><td><code>{method.upper()}</code></td><td><code>{html.escape(path)}</code></td>"
                         f"<td>{html.escape(op['summary'])}</td><td>{codes}</td></tr>")
-    schemas = "".join(f"<h3 id='{html.escape(n)}'>{html.escape(n)}</h3><pre>{html.escape(_pretty(s))}</pre>"
-                      for n, s in sorted(doc["components"]["schemas"].items()))
-    return ("<!doctype html><html><head><meta charset='utf-8'><title>gpusnap API</title>"
-            "<style>body{font-family:sans-serif;max-width:70em;margin:2em auto}td{padding:.2em .6em}"
-            "pre{background:#f4f4f4;padding:.6em;overflow:auto}</style></head><body>"
-            f"<h1>gpusnap API {html.escape(doc['info']['version'])}</h1>"
-            "<p>Machine-readable: <a href='/api/openapi.json'>/api/openapi.json</a>. "
-            "Send <code>Authorization: Bearer &lt;token&gt;</code> on every call but /healthz, /readyz, /metrics.</p>"
+    # validatorUrl null: Swagger UI would otherwise send the document to validator.swagger.io.
+    config = {"url": "/api/openapi.json", "dom_id": "#swagger-ui", "deepLinking": True, "validatorUrl": None,
+              "persistAuthorization": False, "tryItOutEnabled": False, "displayRequestDuration": True}
+    title = f"gpusnap API {html.escape(doc['info']['version'])}"
+    return ("<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+            f"<title>{title}</title>"
+            f"<link rel='stylesheet' href='{assets}/swagger-ui.css'>"
+            f"<link rel='stylesheet' href='{assets}/index.css'>"
+            f"<link rel='icon' type='image/png' href='{assets}/favicon-32x32.png' sizes='32x32'>"
+            "</head><body><div id='swagger-ui'></div>"
+            f"<noscript><h1>{title}</h1><p>Machine-readable: <a href='/api/openapi.json'>/api/openapi.json</a>. "
+            "Send <code>Authorization: Bearer &lt;token&gt;</code> on every call but the public ones.</p>"
             f"<table><tr><th>method</th><th>path</th><th>what</th><th>answers</th></tr>{''.join(rows)}</table>"
-            f"<h2>Schemas</h2>{schemas}</body></html>")
-
-
-def _pretty(schema: Any) -> str:
-    import json
-
-    return json.dumps(schema, indent=2)
+            "</noscript>"
+            f"<script src='{assets}/swagger-ui-bundle.js'></script>"
+            f"<script src='{assets}/swagger-ui-standalone-preset.js'></script>"
+            f"<script>window.ui = SwaggerUIBundle(Object.assign({json.dumps(config)}, "
+            "{presets: [SwaggerUIBundle.presets.apis, SwaggerUIStandalonePreset], layout: 'StandaloneLayout'}));"
+            "</script></body></html>")

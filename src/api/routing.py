@@ -90,9 +90,30 @@ def request_json() -> Any:
     if not raw.strip():
         return {}
     try:
-        return json.loads(raw)
+        data = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise InvalidRequest("the request body is not valid JSON", code="invalid_json") from None
+    except RecursionError:  # `[[[[...` a few thousand deep: the parser runs out of stack
+        raise InvalidRequest(f"the request body is nested deeper than {MAX_JSON_DEPTH} levels",
+                             code="malformed_json") from None
+    if _depth_exceeds(data, MAX_JSON_DEPTH):  # no body we accept nests deeper; models must not recurse on it
+        raise InvalidRequest(f"the request body is nested deeper than {MAX_JSON_DEPTH} levels", code="malformed_json")
+    return data
+
+
+MAX_JSON_DEPTH = 32
+
+
+def _depth_exceeds(data: Any, limit: int) -> bool:
+    """Whether `data` nests containers deeper than `limit` (iterative: never recurses itself)."""
+    stack = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return False
 
 
 def parse_body(model: type[BaseModel]) -> BaseModel:

@@ -11,7 +11,11 @@ from contextlib import contextmanager
 from typing import Any
 
 import click
+from alembic.util.exc import CommandError as AlembicError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, OperationalError, ProgrammingError, SQLAlchemyError
 
+from src.cli.client import CliFailure
 from src.errors import GpusnapError
 from src.settings import Settings
 
@@ -28,9 +32,10 @@ def db_upgrade() -> None:
     """Apply every migration (idempotent)."""
     from src.migrate import current_revision, upgrade
 
-    url = Settings.from_env().database_url
-    upgrade(url)
-    click.echo(f"database at revision {current_revision(url)}")
+    url = _database_url()
+    with _database_errors(url):
+        upgrade(url)
+        click.echo(f"database at revision {current_revision(url)}")
 
 
 @click.group()
@@ -38,29 +43,91 @@ def tokens() -> None:
     """API tokens (stored as SHA-256 only)."""
 
 
+def _database_url() -> str:
+    try:
+        return Settings.from_env().database_url
+    except GpusnapError as e:  # a malformed setting: say which, no traceback
+        raise CliFailure(e.code, e.message) from None
+
+
+def redacted(url: str) -> str:
+    """DATABASE_URL without its password, for messages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy can parse: say nothing of its content
+        return "DATABASE_URL"
+
+
+@contextmanager
+def _database_errors(url: str) -> Iterator[None]:
+    """Database failures as one line a person can act on (`error: <code>: <message>`, exit 1)."""
+    try:
+        yield
+    except GpusnapError as e:
+        raise CliFailure(e.code, e.message) from None
+    except (OperationalError, ProgrammingError) as e:
+        text = str(e.orig if getattr(e, "orig", None) is not None else e).strip().splitlines()[0]
+        if "no such table" in text or ("relation" in text and "does not exist" in text):
+            raise CliFailure("not_migrated", f"the database {redacted(url)} has no schema yet: "
+                             "run `gpusnap db upgrade` first") from None
+        raise CliFailure("database_unavailable", f"the database {redacted(url)} failed: {text} "
+                         "(check DATABASE_URL)") from None
+    except (SQLAlchemyError, ArgumentError, AlembicError) as e:
+        text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CliFailure("database_unavailable", f"the database {redacted(url)} failed: {text} "
+                         "(check DATABASE_URL)") from None
+
+
+def _require_migrated(url: str) -> None:
+    """Admin commands need the schema this version expects; they never create it behind the operator's
+    back (on a shared PostgreSQL that is a deliberate step): they say to run `gpusnap db upgrade`."""
+    from alembic.script import ScriptDirectory
+
+    from src.migrate import alembic_config, current_revision
+
+    heads = set(ScriptDirectory.from_config(alembic_config(url)).get_heads())
+    current = current_revision(url)
+    if current is None:
+        raise CliFailure("not_migrated", f"the database {redacted(url)} has no schema yet: "
+                         "run `gpusnap db upgrade` first")
+    if current not in heads:
+        raise CliFailure("not_migrated", f"the database {redacted(url)} is at revision {current}, this "
+                         f"version needs {', '.join(sorted(heads))}: run `gpusnap db upgrade` first")
+
+
 @contextmanager
 def _sessions() -> Iterator[Any]:
-    """A session factory on DATABASE_URL for one command; its engine is disposed afterwards. A domain error
-    (a duplicate name, an unknown token) ends the command with its message."""
+    """A session factory on DATABASE_URL for one command, after checking the schema is current; its engine
+    is disposed afterwards. A domain error (a duplicate name, an unknown token) or a database failure ends
+    the command with one line, `error: <code>: <message>`, and exit status 1."""
     from src.db import make_engine, make_session_factory
 
-    engine = make_engine(Settings.from_env().database_url)
-    try:
-        yield make_session_factory(engine)
-    except GpusnapError as e:
-        raise click.ClickException(e.message) from None
-    finally:
-        engine.dispose()
+    url = _database_url()
+    with _database_errors(url):
+        _require_migrated(url)
+        engine = make_engine(url)
+        try:
+            yield make_session_factory(engine)
+        finally:
+            engine.dispose()
 
 
 @tokens.command("create")
 @click.argument("name")
-def tokens_create(name: str) -> None:
+@click.option("--replace", is_flag=True,
+              help="If a token called NAME exists, delete it (it stops working) and make a new one")
+def tokens_create(name: str, replace: bool) -> None:
     """Create a token called NAME and print it (the only time it is shown)."""
     from src.services.tokens import create_token
 
-    with _sessions() as sessions:
-        click.echo(create_token(sessions, name))
+    try:
+        with _sessions() as sessions:
+            token = create_token(sessions, name, replace=replace)
+    except CliFailure as e:
+        if e.code == "token_exists":
+            e.message += " (pass --replace to make a new one in its place, or choose another name)"
+        raise
+    click.echo(token)
 
 
 @tokens.command("ls")
@@ -92,8 +159,11 @@ def worker(threads: int | None) -> None:
     """Run the job worker (Huey consumer) until interrupted."""
     from src.app import create_app
 
-    settings = Settings.from_env()
-    container = create_app(settings).extensions["gpusnap"]
+    url = _database_url()
+    with _database_errors(url):
+        _require_migrated(url)  # a worker on an empty database would fail every job it claims
+        settings = Settings.from_env()
+        container = create_app(settings).extensions["gpusnap"]
     run_worker(container, threads=threads or settings.worker_threads)
 
 
@@ -114,7 +184,9 @@ def serve(host: str, port: int) -> None:
     """Migrate, then run the API (gunicorn) and a worker together; Ctrl-C stops both."""
     from src.migrate import upgrade
 
-    upgrade(Settings.from_env().database_url)
+    url = _database_url()
+    with _database_errors(url):
+        upgrade(url)
     children = [
         subprocess.Popen([sys.executable, "-m", "src.cli", "worker"], cwd=ROOT),
         subprocess.Popen([sys.executable, "-m", "gunicorn", "--config", str(ROOT / "gunicorn.conf.py"),

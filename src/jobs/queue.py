@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from huey import Huey, RedisHuey, SqliteHuey, crontab
 from sqlalchemy.exc import SQLAlchemyError
 
+from src.db import prepare_private_file
 from src.services import jobs as job_service
 
 if TYPE_CHECKING:
@@ -23,8 +24,7 @@ logger = logging.getLogger(__name__)
 def make_huey(settings: "Settings") -> Huey:
     if settings.redis_url:
         return RedisHuey("gpusnap", url=settings.redis_url)
-    directory = os.path.dirname(os.path.abspath(settings.queue_path))
-    os.makedirs(directory, exist_ok=True)
+    prepare_private_file(settings.queue_path)  # 0600: Huey pickles task payloads into this file
     return SqliteHuey("gpusnap", filename=settings.queue_path)
 
 

@@ -34,10 +34,14 @@ def hibernate(c: "Container", machine_id: str, *, workspace_path: str, ssh_host:
     Raises Conflict (busy, hibernated, paused), Unprocessable (nothing to destroy, host not allowed,
     `exclude_matches_root`, `system_path` for a workspace wake could not restore into, and
     `endpoint_mismatch` when the instance to destroy is not the one at ssh_host:ssh_port), NotFound
-    (unknown machine and no SSH endpoint given)."""
+    (unknown machine and no SSH endpoint given), NotConfigured (no bucket; no vast.ai key when the
+    instance is to be destroyed or its endpoint asked of vast.ai) - at request time, not in the job."""
     excludes = check_excludes(excludes)
     if destroy_after:
         check_restore_path(workspace_path, what="workspace_path (where wake will restore it)")
+    c.object_store()
+    if destroy_after or ssh_host is None:
+        c.vast()
     if ssh_host is not None:
         c.ssh_policy().check(ssh_host)
         if ssh_port is None:

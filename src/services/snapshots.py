@@ -34,9 +34,11 @@ def create_snapshot(c: "Container", *, instance_id: str, ssh_host: str, ssh_port
                     ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Start a `create_snapshot` job for the workspace at `ssh_host`. Returns (snapshot, job).
     Raises Unprocessable when the host is outside SSH_ALLOWED_NETWORKS, Conflict when another operation
-    holds the machine or it is hibernated (or waking, or `error`), Unprocessable(`exclude_matches_root`) for an exclude that would empty the snapshot.
-    With the same Idempotency-Key and body, returns the first request's pair."""
+    holds the machine or it is hibernated (or waking, or `error`), Unprocessable(`exclude_matches_root`)
+    for an exclude that would empty the snapshot, NotConfigured (no bucket). With the same Idempotency-Key
+    and body, returns the first request's pair."""
     excludes = check_excludes(excludes)
+    c.object_store()  # NotConfigured (503) now, not a job that fails later
     c.ssh_policy().check(ssh_host)
     with transaction(c.session_factory) as s:
         replay = job_service.find_replay(s, idem)
@@ -78,9 +80,11 @@ def restore_snapshot(c: "Container", snapshot_id: str, *, ssh_host: str, ssh_por
                      ssh_user: str | None = None, instance_id: str | None = None, overwrite: bool = False,
                      idem: Idempotency | None = None) -> dict[str, Any]:
     """Start a `restore_snapshot` job onto `ssh_host`. Raises NotFound, Conflict (snapshot not complete,
-    or the target machine busy), Unprocessable (host not allowed; `system_path`). Without `overwrite`
-    the job fails with `workspace_exists` when the destination is not empty (only the host can tell)."""
+    or the target machine busy), Unprocessable (host not allowed; `system_path`), NotConfigured (no
+    bucket). Without `overwrite` the job fails with `workspace_exists` when the destination is not empty
+    (only the host can tell)."""
     check_restore_path(workspace_path)
+    c.object_store()
     c.ssh_policy().check(ssh_host)
     with transaction(c.session_factory) as s:
         replay = job_service.find_replay(s, idem)
@@ -105,7 +109,8 @@ def restore_snapshot(c: "Container", snapshot_id: str, *, ssh_host: str, ssh_por
 def verify_snapshot(c: "Container", snapshot_id: str, *, deep: bool = False,
                     idem: Idempotency | None = None) -> dict[str, Any]:
     """Start a `verify_snapshot` job. Raises NotFound; Conflict when the snapshot is not complete or
-    is being verified or deleted."""
+    is being verified or deleted; NotConfigured (no bucket)."""
+    c.object_store()
     with transaction(c.session_factory) as s:
         replay = job_service.find_replay(s, idem)
         if replay is not None:
@@ -124,7 +129,9 @@ def delete_snapshot(c: "Container", snapshot_id: str, *, force: bool = False,
                     idem: Idempotency | None = None) -> dict[str, Any]:
     """Start a `delete_snapshot` job (objects first, then the record). Raises NotFound; Conflict
     (`snapshot_busy`) while a job creates, restores, wakes from or verifies this snapshot, and
-    (`snapshot_needed`) when it is the snapshot a hibernated machine would wake from, unless `force`."""
+    (`snapshot_needed`) when it is the snapshot a hibernated machine would wake from, unless `force`;
+    NotConfigured (no bucket to delete its objects from)."""
+    c.object_store()
     with transaction(c.session_factory) as s:
         replay = job_service.find_replay(s, idem)
         if replay is not None:

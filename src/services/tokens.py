@@ -6,7 +6,7 @@ import hashlib
 import hmac
 import secrets
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -19,11 +19,15 @@ def digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def create_token(session_factory: sessionmaker[Session], name: str) -> str:
-    """Create a token named `name` and return it (the only time it is visible). Conflict if the name exists."""
+def create_token(session_factory: sessionmaker[Session], name: str, *, replace: bool = False) -> str:
+    """Create a token named `name` and return it (the only time it is visible). Conflict if the name exists,
+    unless `replace`: then the old token of that name (revoked or not) is deleted in the same transaction,
+    so it stops working the moment the new one exists."""
     token = "gps_" + secrets.token_urlsafe(32)
     try:
         with transaction(session_factory) as s:
+            if replace:
+                s.execute(delete(ApiToken).where(ApiToken.name == name))
             s.add(ApiToken(name=name, token_sha256=digest(token)))
     except IntegrityError:
         raise Conflict(f"a token named {name!r} already exists", code="token_exists") from None

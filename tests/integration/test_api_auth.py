@@ -10,8 +10,8 @@ from src.cli.admin import tokens
 from src.services.tokens import digest
 from tests.support.fixtures_app import AUTH
 
-PUBLIC = ["/healthz", "/readyz", "/metrics"]
-PROTECTED = ["/api/gpu-snapshots", "/api/jobs", "/api/instances", "/api/openapi.json", "/api/docs",
+PUBLIC = ["/healthz", "/readyz", "/metrics", "/api/openapi.json", "/api/docs", "/api/docs/assets/swagger-ui.css"]
+PROTECTED = ["/api/gpu-snapshots", "/api/jobs", "/api/instances",
              "/api/jobs/job_nope", "/api/instances/m-nope"]
 
 
@@ -95,14 +95,34 @@ def test_probes_and_metrics_are_public(client, path):
     assert "WWW-Authenticate" not in r.headers
 
 
-def test_openapi_and_docs_need_a_token(client):
-    assert client.get("/api/openapi.json").status_code == 401
-    assert client.get("/api/docs").status_code == 401
-    doc = client.get("/api/openapi.json", headers=AUTH)
+def test_openapi_and_docs_are_readable_without_a_token_but_the_api_is_not(client):
+    doc = client.get("/api/openapi.json")
     assert doc.status_code == 200 and doc.get_json()["openapi"].startswith("3.")
-    page = client.get("/api/docs", headers=AUTH)
+    assert doc.get_json()["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"  # "Authorize"
+    page = client.get("/api/docs")
     assert page.status_code == 200 and page.mimetype == "text/html"
-    assert "/api/gpu-snapshots" in page.get_data(as_text=True)
+    html = page.get_data(as_text=True)
+    assert "SwaggerUIBundle(" in html and "/api/openapi.json" in html
+    # Every script and stylesheet comes from this server (works offline, nothing from a CDN).
+    import re
+    for ref in re.findall(r"(?:src|href)='([^']+)'", html):
+        assert ref.startswith("/"), ref
+    assert '"validatorUrl": null' in html  # Swagger UI would post the document to validator.swagger.io
+    assert "default-src 'self'" in page.headers["Content-Security-Policy"]  # the browser refuses anything else
+    assets = re.findall(r"(?:src|href)='(/api/docs/assets/[^']+)'", html)
+    assert len(assets) >= 4
+    for asset in assets:
+        r = client.get(asset)
+        assert r.status_code == 200 and len(r.data) > 100, asset
+    assert client.get("/api/gpu-snapshots").status_code == 401
+
+
+@pytest.mark.parametrize("name", ["../openapi.py", "..%2F..%2Fsrc%2Fapp.py", "index.template.html", "VERSION",
+                                  "swagger-ui-bundle.js.map", "%00", "x" * 300])
+def test_docs_assets_serve_only_swagger_ui_files(client, name):
+    r = client.get(f"/api/docs/assets/{name}")
+    assert r.status_code in (401, 404), r.status_code
+    assert b"import " not in r.data
 
 
 @pytest.mark.parametrize("method", ["GET", "POST", "DELETE"])

@@ -39,7 +39,7 @@ CONTRACT_ROUTES = [
     ("GET", "/api/openapi.json"), ("GET", "/api/docs"),
     ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics"),
 ]
-PUBLIC = {"/healthz", "/readyz", "/metrics"}
+PUBLIC = {"/healthz", "/readyz", "/metrics", "/api/openapi.json", "/api/docs", "/api/docs/assets/{name}"}
 
 
 class _AnyVast:

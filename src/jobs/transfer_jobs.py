@@ -1,19 +1,29 @@
 """Job kinds that move a workspace over SSH: create a snapshot from a host, restore one onto a host."""
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from sqlalchemy.orm import Session
 
 from src.db import transaction
-from src.errors import JobFailed
-from src.jobs.context import JobContext
+from src.errors import ExternalError, GpusnapError, JobFailed
+from src.jobs.context import JobContext, JobLost
 from src.jobs.kinds import JobKind
 from src.jobs.remote import Endpoint, machine_endpoint, run_script, ssh_session, storage_params
-from src.jobs.rows import set_snapshot, snapshot_fields, snapshot_row
+from src.jobs.rows import find_snapshot, set_snapshot, snapshot_fields, snapshot_row
 from src.jobs.storage_jobs import check_objects
 from src.models import Job, Machine, Snapshot, utcnow
 from src.services.machines import add_event
+
+logger = logging.getLogger(__name__)
+
+# Failures after which the same step, run again, may well succeed: the SSH link dropped (the remote script
+# sees its stdout close and stops; parts it stored are skipped by the next try), or the bucket kept failing
+# reads/writes past the script's own retries. Everything else (auth, integrity, disk full, a timeout whose
+# remote process may still run, cancel) ends the job at once.
+_RETRYABLE_REMOTE = ("ssh_connection_lost", "ssh_unreachable")
+_RETRYABLE_SCRIPT = ("download_failed", "upload_failed")
 
 
 def create_snapshot(ctx: JobContext) -> dict[str, Any]:
@@ -38,10 +48,16 @@ def take_snapshot(ctx: JobContext, snapshot_id: str, endpoint: Endpoint) -> dict
         "part_size": ctx.settings.snapshot_part_size_mb << 20, "parallelism": ctx.settings.snapshot_parallelism,
         "excludes": snap["excludes"], "s5cmd": ctx.settings.remote_s5cmd,
     }
-    with ssh_session(ctx, endpoint) as session:
-        result = run_script(ctx, session, "snapshot", params)
-    ctx.progress(phase="verify")
-    check_objects(ctx, prefix=snap["storage_prefix"], manifest_sha256=result.get("manifest_sha256"), deep=False)
+    try:
+        result = run_remote(ctx, endpoint, "snapshot", params)
+        ctx.progress(phase="verify")
+        check_objects(ctx, prefix=snap["storage_prefix"], manifest_sha256=result.get("manifest_sha256"),
+                      deep=False)
+    except JobLost:
+        raise  # another worker owns the job now and resumes the upload: leave its parts alone
+    except GpusnapError as e:
+        discard_parts(ctx, snap, reason=e.code)
+        raise
     timings = dict(result.get("timings") or {})
     with transaction(ctx.container.session_factory) as s:
         row = s.get(Snapshot, snap["id"])
@@ -60,8 +76,67 @@ def take_snapshot(ctx: JobContext, snapshot_id: str, endpoint: Endpoint) -> dict
                   f"snapshot {snap['id']}: {result.get('raw_bytes')} bytes in {result.get('parts')} parts",
                   job_id=ctx.job_id)
         summary = _summary(snapshot_row(row))
-    summary.update(uploaded_parts=result.get("uploaded_parts"), skipped_parts=result.get("skipped_parts"))
+    summary.update(uploaded_parts=result.get("uploaded_parts"), skipped_parts=result.get("skipped_parts"),
+                   remote_tries=ctx.state.get("remote_tries", 1))
     return summary
+
+
+def run_remote(ctx: JobContext, endpoint: Endpoint, name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Run remote script `name` on a fresh SSH session, up to `REMOTE_TRIES` times when the link drops or
+    the bucket keeps failing (backoff `REMOTE_RETRY_BACKOFF_S`, doubled each time). Every try gets the same
+    parameters (same snapshot id and prefix), so a snapshot resumes and skips the parts already stored, and
+    a restore starts again in a fresh staging directory. The try in progress is saved in the job's state
+    (`remote_tries`) and shown as phase `retry_wait` between tries; a cancel is honoured during the wait."""
+    tries = max(1, int(ctx.settings.remote_tries))
+    attempt = int(ctx.state.get("remote_tries") or 1)
+    while True:
+        ctx.check_cancelled()
+        try:
+            with ssh_session(ctx, endpoint) as session:
+                return run_script(ctx, session, name, params)
+        except (ExternalError, JobFailed) as e:
+            transient = (e.code in _RETRYABLE_REMOTE and getattr(e, "retryable", False)) or \
+                (isinstance(e, JobFailed) and e.code in _RETRYABLE_SCRIPT)
+            if not transient or attempt >= tries or ctx.cancel_event.is_set():
+                if attempt > 1:
+                    e.message = f"{e.message} (after {attempt} tries)"
+                    e.args = (e.message,)
+                raise
+            delay = float(ctx.settings.remote_retry_backoff_s) * 2 ** (attempt - 1)
+            logger.warning("job %s: %s try %d of %d failed (%s: %s); trying again in %.0fs", ctx.job_id, name,
+                           attempt, tries, e.code, e.message, delay, extra={"job_id": ctx.job_id})
+            attempt += 1
+            with transaction(ctx.container.session_factory) as s:
+                add_event(s, endpoint.machine_id, "remote_retry", f"{name}: try {attempt} of {tries} in {delay:.0f}s "
+                          f"after {e.code}: {e.message[:300]}", job_id=ctx.job_id)
+            ctx.save_state(remote_tries=attempt)
+            ctx.progress(phase="retry_wait")
+            ctx.cancel_event.wait(delay)
+
+
+def discard_parts(ctx: JobContext, snap: dict[str, Any], *, reason: str) -> None:
+    """The failure path of a snapshot: remove what it stored under its own prefix, since a snapshot that is
+    not complete is never restorable. Best effort and idempotent (nothing there is success); skipped when
+    the row turned `complete` meanwhile. What cannot be removed now (store down, a worker killed for good)
+    stays until the snapshot record is deleted (DELETE removes its prefix); see docs/data-plane.md."""
+    prefix = snap["storage_prefix"]
+    if not prefix.rstrip("/").endswith("/" + snap["id"]):  # only a per-snapshot prefix, never a shared one
+        logger.warning("not removing %s: not a per-snapshot prefix of %s", prefix, snap["id"])
+        return
+    current = find_snapshot(ctx, snap["id"])
+    if current is None or current["status"] == "complete":
+        return  # deleted meanwhile (its delete job owns the objects), or finished after all
+    try:
+        removed = ctx.container.object_store().delete_prefix(prefix)
+    except ExternalError as e:
+        logger.warning("could not remove the parts of failed snapshot %s: %s", snap["id"], e.message,
+                       extra={"job_id": ctx.job_id})
+        return
+    if removed:
+        with transaction(ctx.container.session_factory) as s:
+            add_event(s, snap["machine_id"], "snapshot_parts_removed",
+                      f"snapshot {snap['id']} ended with {reason}: removed its {removed} stored objects",
+                      job_id=ctx.job_id)
 
 
 def _create_ended(s: Session, job: Job) -> None:
@@ -99,8 +174,7 @@ def restore_onto(ctx: JobContext, snap: dict[str, Any], endpoint: Endpoint, work
               # the workspace's own symlinks to outside it (a venv's bin/python -> /usr/bin/python3)
               # are restored as they were. Nothing is ever extracted through such a link.
               "manifest_sha256": snap["manifest_sha256"], "allow_external_symlinks": bool(snap["manifest_sha256"])}
-    with ssh_session(ctx, endpoint) as session:
-        result = run_script(ctx, session, "restore", params)
+    result = run_remote(ctx, endpoint, "restore", params)
     with transaction(ctx.container.session_factory) as s:
         machine = s.get(Machine, endpoint.machine_id)
         if machine is not None:
@@ -108,7 +182,8 @@ def restore_onto(ctx: JobContext, snap: dict[str, Any], endpoint: Endpoint, work
         add_event(s, endpoint.machine_id, "restored", f"snapshot {snap['id']} restored into {workspace}",
                   job_id=ctx.job_id)
     return {"snapshot_id": snap["id"], "workspace_path": workspace, "raw_bytes": result.get("raw_bytes"),
-            "files": result.get("files"), "parts": result.get("parts"), "duration_s": result.get("duration_s")}
+            "files": result.get("files"), "parts": result.get("parts"), "duration_s": result.get("duration_s"),
+            "remote_tries": ctx.state.get("remote_tries", 1)}
 
 
 def _summary(snap: dict[str, Any]) -> dict[str, Any]:

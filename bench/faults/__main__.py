@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _row(t: scenarios.Trial) -> str:
     return (f"{t.scenario:<14} {t.op:<17} {t.outcome:<32} {'ok' if t.expected else 'UNEXPECTED':<10} "
-            f"{'ok' if t.data_ok else 'DATA-LOSS':<9} orphans={t.orphans:<2} {t.seconds:6.1f}s  {t.note}")
+            f"{'ok' if t.data_ok else (t.damage or 'lost').upper():<9} orphans={t.orphans:<2} {t.seconds:6.1f}s  {t.note}")
 
 
 def _summary(trials: list[scenarios.Trial], leaked: int, seconds: float) -> int:
@@ -94,9 +94,12 @@ def _summary(trials: list[scenarios.Trial], leaked: int, seconds: float) -> int:
     orphans = sum(t.orphans for t in trials)
     unexpected = [t for t in trials if not t.expected and t.scenario not in GOALS]
     print()
-    print(f"trials {len(trials)} in {seconds:.0f}s | data loss {len(lost)} | stuck jobs {len(stuck)} | orphan "
+    changed = sum(1 for t in lost if t.damage == "changed")
+    print(f"trials {len(trials)} in {seconds:.0f}s | data loss {len(lost) - changed} | failed but workspace "
+          f"changed {changed} | stuck jobs {len(stuck)} | orphan "
           f"processes {orphans} | leaked instances {leaked} | unexpected outcomes {len(unexpected)}")
-    missed += [f"data loss in {t.scenario}/{t.op} ({t.outcome})" for t in lost]
+    missed += [f"{'failed restore changed the live workspace' if t.damage == 'changed' else 'data loss'} in "
+               f"{t.scenario}/{t.op} ({t.outcome})" for t in lost]
     missed += [f"stuck job in {t.scenario}/{t.op}" for t in stuck]
     missed += [f"{orphans} orphan remote processes"] if orphans else []
     missed += [f"{leaked} leaked instances"] if leaked else []

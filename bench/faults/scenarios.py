@@ -29,6 +29,7 @@ class Trial:
     orphans: int
     seconds: float
     note: str = ""
+    damage: str = ""  # '' | 'changed' (a failed restore swapped in the whole snapshot) | 'lost'
 
 
 def _outcome(job: dict[str, Any]) -> str:
@@ -75,13 +76,21 @@ def _restore(w: World, scenario: str, snap: dict[str, Any], source: pathlib.Path
     job_id = w.restore(snap["id"], w.name("r"), target)["id"]
     injected = during(job_id) if during is not None else ""
     job = w.wait(job_id)
+    outcome, damage = _outcome(job), ""
     if job["status"] == "succeeded":
-        data_ok = describe_tree(target) == describe_tree(source)
+        damage = "" if describe_tree(target) == describe_tree(source) else "lost"
     else:
         w.orphans()  # let a remote script that outlived its job do its worst before looking
-        data_ok = describe_tree(target) == before and _root(target) == root_before
-    return Trial(scenario, "restore", _outcome(job), job["status"] == "succeeded", data_ok, w.orphans(),
-                 time.monotonic() - started, f"tries={job.get('remote_tries') or 1} {injected}".rstrip())
+        after = describe_tree(target)
+        if after == before and _root(target) == root_before:
+            damage = ""
+        elif after == describe_tree(source):
+            # whole and verified, but the job said it failed: allowed only when it said it cannot know
+            damage = "" if outcome == "failed:remote_state_unknown" else "changed"
+        else:
+            damage = "lost"
+    return Trial(scenario, "restore", outcome, job["status"] == "succeeded", not damage, w.orphans(),
+                 time.monotonic() - started, f"tries={job.get('remote_tries') or 1} {injected}".rstrip(), damage)
 
 
 def s3_faults(w: World, trials: int, rate: float) -> list[Trial]:

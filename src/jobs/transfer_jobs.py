@@ -50,9 +50,7 @@ def take_snapshot(ctx: JobContext, snapshot_id: str, endpoint: Endpoint) -> dict
     }
     try:
         result = run_remote(ctx, endpoint, "snapshot", params)
-        ctx.progress(phase="verify")
-        check_objects(ctx, prefix=snap["storage_prefix"], manifest_sha256=result.get("manifest_sha256"),
-                      deep=False)
+        _verify_uploaded(ctx, snap["storage_prefix"], result.get("manifest_sha256"))
     except JobLost:
         raise  # another worker owns the job now and resumes the upload: leave its parts alone
     except GpusnapError as e:
@@ -114,6 +112,24 @@ def run_remote(ctx: JobContext, endpoint: Endpoint, name: str, params: dict[str,
             ctx.cancel_event.wait(delay)
 
 
+def _verify_uploaded(ctx: JobContext, prefix: str, manifest_sha256: str | None) -> None:
+    """check_objects, tried again (REMOTE_TRIES, same backoff) while the store fails in a retryable way: a
+    bucket that answers 503 for a while must not cost a snapshot that is all there."""
+    tries = max(1, int(ctx.settings.remote_tries))
+    for attempt in range(1, tries + 1):
+        ctx.progress(phase="verify")
+        try:
+            check_objects(ctx, prefix=prefix, manifest_sha256=manifest_sha256, deep=False)
+            return
+        except ExternalError as e:
+            if not e.retryable or attempt == tries:
+                raise
+            logger.warning("job %s: verify try %d of %d failed (%s); trying again", ctx.job_id, attempt, tries,
+                           e.message, extra={"job_id": ctx.job_id})
+            ctx.cancel_event.wait(float(ctx.settings.remote_retry_backoff_s) * 2 ** (attempt - 1))
+            ctx.check_cancelled()
+
+
 def discard_parts(ctx: JobContext, snap: dict[str, Any], *, reason: str) -> None:
     """The failure path of a snapshot: remove what it stored under its own prefix, since a snapshot that is
     not complete is never restorable. Best effort and idempotent (nothing there is success); skipped when
@@ -128,7 +144,7 @@ def discard_parts(ctx: JobContext, snap: dict[str, Any], *, reason: str) -> None
         return  # deleted meanwhile (its delete job owns the objects), or finished after all
     try:
         removed = ctx.container.object_store().delete_prefix(prefix)
-    except ExternalError as e:
+    except GpusnapError as e:  # store down or not configured: the job's own error is what gets reported
         logger.warning("could not remove the parts of failed snapshot %s: %s", snap["id"], e.message,
                        extra={"job_id": ctx.job_id})
         return

@@ -108,3 +108,25 @@ def test_integrity_failures_are_not_retried(app):  # type: ignore[no-untyped-def
     run_jobs(app)
     job = _job(app, created["job"]["id"])
     assert job["error"]["code"] == "disk_full" and len(app.ssh.script_calls) == 1
+
+
+def test_verify_after_upload_outlasts_a_burst_of_store_errors(app):  # type: ignore[no-untyped-def]
+    created = _create(app)
+    _script_succeeds(app, created["snapshot"])
+    app.store.fail_calls = 2
+    run_jobs(app)
+    job = _job(app, created["job"]["id"])
+    assert job["status"] == "succeeded", job
+    assert app.store.fail_calls == 0 and len(app.ssh.script_calls) == 1  # verify retried, not the upload
+
+
+def test_a_store_that_stays_down_fails_the_job_with_a_retryable_code(app):  # type: ignore[no-untyped-def]
+    created = _create(app)
+    _script_succeeds(app, created["snapshot"])
+    app.store.unreachable = True
+    run_jobs(app)
+    job = _job(app, created["job"]["id"])
+    assert job["status"] == "failed" and job["error"]["code"] == "storage_error", job
+    app.store.unreachable = False
+    # the parts could not be removed then; they stay until the record is deleted
+    assert any(k.startswith(created["snapshot"]["storage_prefix"]) for k in app.store.objects)

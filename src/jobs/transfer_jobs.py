@@ -139,6 +139,9 @@ def discard_parts(ctx: JobContext, snap: dict[str, Any], *, reason: str) -> None
     if not prefix.rstrip("/").endswith("/" + snap["id"]):  # only a per-snapshot prefix, never a shared one
         logger.warning("not removing %s: not a per-snapshot prefix of %s", prefix, snap["id"])
         return
+    ctx.flush()  # a fresh heartbeat: an attempt that was frozen and has been replaced finds out it is lost
+    if ctx.lost:
+        return  # the job's new owner is uploading into this prefix right now
     current = find_snapshot(ctx, snap["id"])
     if current is None or current["status"] == "complete":
         return  # deleted meanwhile (its delete job owns the objects), or finished after all

@@ -130,3 +130,32 @@ def test_a_store_that_stays_down_fails_the_job_with_a_retryable_code(app):  # ty
     app.store.unreachable = False
     # the parts could not be removed then; they stay until the record is deleted
     assert any(k.startswith(created["snapshot"]["storage_prefix"]) for k in app.store.objects)
+
+
+def test_an_attempt_that_lost_the_job_never_removes_the_parts(tmp_path, sqlite_url):  # type: ignore[no-untyped-def]
+    """A frozen worker wakes up to a dead connection after its job was handed to another worker: the
+    new owner is uploading into the same prefix, so the old attempt's failure path must not touch it."""
+    from sqlalchemy import update
+
+    from src.db import transaction
+    from src.models import Job
+
+    class ReplacedWhileFrozen(FakeSshClient):
+        def open(self, target):  # type: ignore[no-untyped-def]
+            with transaction(app.extensions["gpusnap"].session_factory) as s:  # recovery re-ran the job
+                s.execute(update(Job).values(attempts=Job.attempts + 1))
+            raise SshAuthFailed("the old attempt's connection is gone")
+
+    settings = make_settings(tmp_path, sqlite_url, r2_endpoint="http://unused", r2_bucket="b", r2_access_key="k",
+                             r2_secret_key="s")
+    store = FakeObjectStore()
+    app = create_app(settings, object_store=store, ssh=ReplacedWhileFrozen(), configure_logs=False)
+    try:
+        created = _create(app)
+        prefix = created["snapshot"]["storage_prefix"]
+        store.put_bytes(prefix + "part-00000", b"uploaded by the new owner")
+        run_jobs(app)
+        assert store.objects[prefix + "part-00000"] == b"uploaded by the new owner"
+        assert _job(app, created["job"]["id"])["status"] == "running"  # the new owner's to finish
+    finally:
+        app.extensions["gpusnap"].engine.dispose()

@@ -60,6 +60,8 @@ class Settings:
     remote_python: str = "python3"
     remote_s5cmd: str = "s5cmd"
     remote_idle_timeout_s: float = 600.0  # a remote script silent this long is presumed hung
+    remote_tries: int = 3  # a snapshot/restore step is run this often when the SSH link drops
+    remote_retry_backoff_s: float = 5.0  # wait before the 2nd try, doubled before each later one
 
     # vast.ai.
     vast_api_key: str | None = field(default=None, repr=False)
@@ -139,6 +141,8 @@ class Settings:
             remote_python=env.get("REMOTE_PYTHON", d.remote_python),
             remote_s5cmd=env.get("REMOTE_S5CMD", d.remote_s5cmd),
             remote_idle_timeout_s=num("REMOTE_IDLE_TIMEOUT_S", d.remote_idle_timeout_s),
+            remote_tries=num("REMOTE_TRIES", d.remote_tries, int),
+            remote_retry_backoff_s=num("REMOTE_RETRY_BACKOFF_S", d.remote_retry_backoff_s),
             vast_api_key=env.get("VAST_API_KEY"),
             vast_api_url=env.get("VAST_API_URL", d.vast_api_url),
             vast_default_image=env.get("VAST_DEFAULT_IMAGE", d.vast_default_image),

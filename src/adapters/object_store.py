@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -16,6 +17,11 @@ from src.errors import ExternalError
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+# botocore retries a failed request, but not a body cut short after the headers came (a reset mid-GET):
+# that surfaces while reading, as IncompleteReadError / ResponseStreamingError. A whole GET is tried
+# this many times, with backoff, before its failure is reported (as a retryable StorageError).
+READ_TRIES = 4
+READ_BACKOFF_S = 0.5
 
 
 # What R2 / S3 answer for a key or signature they refuse. R2 says `Unauthorized` with HTTP 401 for a bad key
@@ -108,6 +114,21 @@ class ObjectStore:
         return self._read_response(key, lambda response: consume(response["Body"]))
 
     def _read_response(self, key: str, consume: Callable[[dict[str, Any]], T]) -> T | None:
+        """GET `key` and hand the whole response to `consume`; None when the object does not exist. A body
+        that breaks off (botocore checks it against Content-Length) or another retryable failure is read
+        again from the start, READ_TRIES times in all."""
+        for attempt in range(1, READ_TRIES + 1):
+            try:
+                return self._read_once(key, consume)
+            except StorageError as e:
+                if not e.retryable or attempt == READ_TRIES:
+                    raise
+                logger.warning("GET %s failed (try %d of %d), reading it again: %s", key, attempt, READ_TRIES,
+                               e.message)
+                time.sleep(READ_BACKOFF_S * 2 ** (attempt - 1))
+        raise AssertionError("unreachable")
+
+    def _read_once(self, key: str, consume: Callable[[dict[str, Any]], T]) -> T | None:
         try:
             return consume(self._s3.get_object(Bucket=self.bucket, Key=key))
         except ClientError as e:

@@ -181,6 +181,8 @@ class Job(BaseModel):
     snapshot_id: str | None
     attempts: int
     cancel_requested: bool
+    remote_tries: int | None = Field(None, description="which try of the remote step the job is on, once a "
+                                     "dropped SSH link or a failing bucket made it try again (REMOTE_TRIES)")
     created_at: str
     started_at: str | None
     finished_at: str | None

@@ -1,18 +1,29 @@
 """Job kinds that move a workspace over SSH: create a snapshot from a host, restore one onto a host."""
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from sqlalchemy.orm import Session
 
-from src.errors import JobFailed
-from src.jobs.context import JobContext
+from src.db import transaction
+from src.errors import ExternalError, GpusnapError, JobFailed
+from src.jobs.context import JobContext, JobLost
 from src.jobs.kinds import JobKind
 from src.jobs.remote import Endpoint, machine_endpoint, run_script, ssh_session, storage_params
-from src.jobs.rows import set_snapshot, snapshot_fields, snapshot_row
+from src.jobs.rows import find_snapshot, set_snapshot, snapshot_fields, snapshot_row
 from src.jobs.storage_jobs import check_objects
 from src.models import Job, Machine, Snapshot, utcnow
 from src.services.machines import add_event
+
+logger = logging.getLogger(__name__)
+
+# Failures after which the same step, run again, may well succeed: the SSH link dropped (the remote script
+# sees its stdout close and stops; parts it stored are skipped by the next try), or the bucket kept failing
+# reads/writes past the script's own retries. Everything else (auth, integrity, disk full, a timeout whose
+# remote process may still run, cancel) ends the job at once.
+_RETRYABLE_REMOTE = ("ssh_connection_lost", "ssh_unreachable")
+_RETRYABLE_SCRIPT = ("download_failed", "upload_failed")
 
 
 def create_snapshot(ctx: JobContext) -> dict[str, Any]:
@@ -38,10 +49,14 @@ def take_snapshot(ctx: JobContext, snapshot_id: str, endpoint: Endpoint) -> dict
         "part_size": ctx.settings.snapshot_part_size_mb << 20, "parallelism": ctx.settings.snapshot_parallelism,
         "excludes": snap["excludes"], "s5cmd": ctx.settings.remote_s5cmd,
     }
-    with ssh_session(ctx, endpoint) as session:
-        result = run_script(ctx, session, "snapshot", params)
-    ctx.progress(phase="verify")
-    check_objects(ctx, prefix=snap["storage_prefix"], manifest_sha256=result.get("manifest_sha256"), deep=False)
+    try:
+        result = run_remote(ctx, endpoint, "snapshot", params)
+        _verify_uploaded(ctx, snap["storage_prefix"], result.get("manifest_sha256"))
+    except JobLost:
+        raise  # another worker owns the job now and resumes the upload: leave its parts alone
+    except GpusnapError as e:
+        discard_parts(ctx, snap, reason=e.code)
+        raise
     timings = dict(result.get("timings") or {})
     with ctx.owned() as s:  # fenced: only while this attempt owns the job
         row = s.get(Snapshot, snap["id"])
@@ -61,8 +76,87 @@ def take_snapshot(ctx: JobContext, snapshot_id: str, endpoint: Endpoint) -> dict
                   job_id=ctx.job_id)
         summary = _summary(snapshot_row(row))
     summary.update(uploaded_parts=result.get("uploaded_parts"), skipped_parts=result.get("skipped_parts"),
-                   scan=result.get("scan"))
+                   scan=result.get("scan"), remote_tries=ctx.state.get("remote_tries", 1))
     return summary
+
+
+def run_remote(ctx: JobContext, endpoint: Endpoint, name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Run remote script `name` on a fresh SSH session, up to `REMOTE_TRIES` times when the link drops or
+    the bucket keeps failing (backoff `REMOTE_RETRY_BACKOFF_S`, doubled each time). Every try gets the same
+    parameters (same snapshot id and prefix), so a snapshot resumes and skips the parts already stored, and
+    a restore starts again in a fresh staging directory. The try in progress is saved in the job's state
+    (`remote_tries`) and shown as phase `retry_wait` between tries; a cancel is honoured during the wait."""
+    tries = max(1, int(ctx.settings.remote_tries))
+    attempt = int(ctx.state.get("remote_tries") or 1)
+    while True:
+        ctx.check_cancelled()
+        try:
+            with ssh_session(ctx, endpoint) as session:
+                return run_script(ctx, session, name, params)
+        except (ExternalError, JobFailed) as e:
+            transient = (e.code in _RETRYABLE_REMOTE and getattr(e, "retryable", False)) or \
+                (isinstance(e, JobFailed) and e.code in _RETRYABLE_SCRIPT)
+            if not transient or attempt >= tries or ctx.cancel_event.is_set():
+                if attempt > 1:
+                    e.message = f"{e.message} (after {attempt} tries)"
+                    e.args = (e.message,)
+                raise
+            delay = float(ctx.settings.remote_retry_backoff_s) * 2 ** (attempt - 1)
+            logger.warning("job %s: %s try %d of %d failed (%s: %s); trying again in %.0fs", ctx.job_id, name,
+                           attempt, tries, e.code, e.message, delay, extra={"job_id": ctx.job_id})
+            attempt += 1
+            with transaction(ctx.container.session_factory) as s:
+                add_event(s, endpoint.machine_id, "remote_retry", f"{name}: try {attempt} of {tries} in {delay:.0f}s "
+                          f"after {e.code}: {e.message[:300]}", job_id=ctx.job_id)
+            ctx.save_state(remote_tries=attempt)
+            ctx.progress(phase="retry_wait")
+            ctx.cancel_event.wait(delay)
+
+
+def _verify_uploaded(ctx: JobContext, prefix: str, manifest_sha256: str | None) -> None:
+    """check_objects, tried again (REMOTE_TRIES, same backoff) while the store fails in a retryable way: a
+    bucket that answers 503 for a while must not cost a snapshot that is all there."""
+    tries = max(1, int(ctx.settings.remote_tries))
+    for attempt in range(1, tries + 1):
+        ctx.progress(phase="verify")
+        try:
+            check_objects(ctx, prefix=prefix, manifest_sha256=manifest_sha256, deep=False)
+            return
+        except ExternalError as e:
+            if not e.retryable or attempt == tries:
+                raise
+            logger.warning("job %s: verify try %d of %d failed (%s); trying again", ctx.job_id, attempt, tries,
+                           e.message, extra={"job_id": ctx.job_id})
+            ctx.cancel_event.wait(float(ctx.settings.remote_retry_backoff_s) * 2 ** (attempt - 1))
+            ctx.check_cancelled()
+
+
+def discard_parts(ctx: JobContext, snap: dict[str, Any], *, reason: str) -> None:
+    """The failure path of a snapshot: remove what it stored under its own prefix, since a snapshot that is
+    not complete is never restorable. Best effort and idempotent (nothing there is success); skipped when
+    the row turned `complete` meanwhile. What cannot be removed now (store down, a worker killed for good)
+    stays until the snapshot record is deleted (DELETE removes its prefix); see docs/data-plane.md."""
+    prefix = snap["storage_prefix"]
+    if not prefix.rstrip("/").endswith("/" + snap["id"]):  # only a per-snapshot prefix, never a shared one
+        logger.warning("not removing %s: not a per-snapshot prefix of %s", prefix, snap["id"])
+        return
+    ctx.flush()  # a fresh heartbeat: an attempt that was frozen and has been replaced finds out it is lost
+    if ctx.lost:
+        return  # the job's new owner is uploading into this prefix right now
+    current = find_snapshot(ctx, snap["id"])
+    if current is None or current["status"] == "complete":
+        return  # deleted meanwhile (its delete job owns the objects), or finished after all
+    try:
+        removed = ctx.container.object_store().delete_prefix(prefix)
+    except GpusnapError as e:  # store down or not configured: the job's own error is what gets reported
+        logger.warning("could not remove the parts of failed snapshot %s: %s", snap["id"], e.message,
+                       extra={"job_id": ctx.job_id})
+        return
+    if removed:
+        with transaction(ctx.container.session_factory) as s:
+            add_event(s, snap["machine_id"], "snapshot_parts_removed",
+                      f"snapshot {snap['id']} ended with {reason}: removed its {removed} stored objects",
+                      job_id=ctx.job_id)
 
 
 def _create_ended(s: Session, job: Job) -> None:
@@ -106,8 +200,7 @@ def restore_onto(ctx: JobContext, snap: dict[str, Any], endpoint: Endpoint, work
               # are restored as they were. Nothing is ever extracted through such a link.
               "manifest_sha256": snap["manifest_sha256"], "allow_external_symlinks": bool(snap["manifest_sha256"]),
               "overwrite": overwrite}
-    with ssh_session(ctx, endpoint) as session:
-        result = run_script(ctx, session, "restore", params)
+    result = run_remote(ctx, endpoint, "restore", params)
     with ctx.owned() as s:  # fenced: only while this attempt owns the job
         machine = s.get(Machine, endpoint.machine_id)
         if machine is not None:
@@ -116,7 +209,7 @@ def restore_onto(ctx: JobContext, snap: dict[str, Any], endpoint: Endpoint, work
                   job_id=ctx.job_id)
     return {"snapshot_id": snap["id"], "workspace_path": workspace, "raw_bytes": result.get("raw_bytes"),
             "files": result.get("files"), "parts": result.get("parts"), "duration_s": result.get("duration_s"),
-            "previous_workspace": result.get("previous_workspace")}
+            "previous_workspace": result.get("previous_workspace"), "remote_tries": ctx.state.get("remote_tries", 1)}
 
 
 def _summary(snap: dict[str, Any]) -> dict[str, Any]:

@@ -86,8 +86,9 @@ class PartFetcher:
         except NotFound:
             raise ScriptError("part_missing", "part %s is missing from the bucket" % key) from None
         t1 = time.monotonic()
-        if got < size:
-            raise ScriptError("part_truncated", "part %s has %d bytes, manifest says %d" % (key, got, size))
+        if got < size:  # cat_into returns short only when the bucket's own object is that short
+            raise ScriptError("part_truncated", "part %s is %d bytes in the bucket, manifest says %d"
+                              % (key, got, size))
         if got > size:
             raise ScriptError("part_corrupt", "part %s is longer than the %d bytes of the manifest" % (key, size))
         stored = memoryview(sbuf)[:size]

@@ -23,6 +23,11 @@ _AUTH_MARKERS = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", 
                  "status code: 403", "status code: 401", "Unauthorized:", "InvalidToken", "ExpiredToken",
                  "NoCredentialProviders")
 _NOT_FOUND_MARKERS = ("not found", "NoSuchKey", "no object found", "status code: 404")
+# A download is tried this many times. s5cmd's own --retry-count covers failed requests, but s5cmd
+# 2.3.0 `cat` can retry after a connection reset mid-body and still exit 0 with a SHORT body (issue
+# 14: 65,084 of 786,808 bytes), so every read is checked against the length we expect and read again.
+FETCH_TRIES = 4
+FETCH_BACKOFF_S = 0.5  # doubled after each failed try: 0.5, 1, 2 s
 
 
 class NotFound(Exception):
@@ -142,7 +147,44 @@ class S5:
     def cat_into(self, key: str, buf: bytearray, expected: int, fallback: str = "download_failed") -> int:
         """Read one object into `buf` (len >= expected + 1), at most expected + 1 bytes, so an
         over-long object is seen without buffering it. Returns the byte count; the caller compares
-        it with `expected`. Raises NotFound when the key is absent."""
+        it with `expected`. Raises NotFound when the key is absent.
+
+        A short read or a failed s5cmd is tried again (FETCH_TRIES in all, with backoff). When every
+        try came back short, the object's own size decides: if the bucket says it IS that short, the
+        short count is returned (the caller reports a truncated object: data that arrived whole and is
+        wrong); otherwise ScriptError(`fallback`, retryable download failure). Refused credentials or
+        a missing bucket are never retried."""
+        problem = ""
+        shorts = set()
+        for attempt in range(FETCH_TRIES):
+            if attempt:
+                self._backoff(attempt)
+            try:
+                got = self._cat_once(key, buf, expected, fallback)
+            except ScriptError as exc:
+                if exc.code != fallback:
+                    raise  # storage_auth_failed, bad_config: the same request will fail the same way
+                problem = exc.message
+                continue
+            if got >= expected:
+                return got  # whole (or too long: the caller reports a size mismatch)
+            shorts.add(got)
+            problem = "got %d of %d bytes" % (got, expected)
+        if shorts:
+            try:
+                size = self.head(key, fallback)["size"]
+            except ScriptError:
+                size = -1  # unknown: report the download as failed, not the object as bad
+            if size in shorts:
+                return size  # the stored object really is that short
+        raise ScriptError(fallback, "download of %s failed after %d tries: %s" % (key, FETCH_TRIES, problem))
+
+    def _backoff(self, attempt: int) -> None:
+        """Sleep before try `attempt` (1-based count of failures so far); a cancel cuts it short."""
+        self.ctx.cancelled.wait(FETCH_BACKOFF_S * (2 ** (attempt - 1)))
+        self.ctx.check()
+
+    def _cat_once(self, key: str, buf: bytearray, expected: int, fallback: str) -> int:
         proc = self._spawn(["cat", "--raw", self.url(key)], bufsize=0)
         widen_pipe(proc.stdout.fileno())
         view, got = memoryview(buf)[:expected + 1], 0

@@ -129,21 +129,45 @@ class Staging:
             self.old = "%s%s-%d" % (self.old_base, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()), n)
         self.kept_old: Optional[str] = None  # set by commit() when the replaced workspace was kept
         self.fs_path = self.target if self.inside else parent
+        # Inside a mount point, creating and removing staging changes the live root's mtime/atime:
+        # remember them (and mode, owner) so a failed restore can put the root back as it was.
+        self.root_before = os.lstat(self.target) if self.inside else None
 
     def remove_stale(self) -> None:
         """Remove staging dirs left by restores that were killed (never the live data, never old-*)."""
         pattern = (os.path.join(glob.escape(self.target), STAGING_PREFIX + "*") if self.inside
                    else glob.escape(self.target) + STAGING_PREFIX + "*")
+        removed = False
         for stale in glob.glob(pattern):
             if stale != self.path:
                 logger.info("removing stale staging directory %s", stale)
                 shutil.rmtree(stale, ignore_errors=True)
+                removed = True
+        if removed:
+            self._put_back_root()
 
     def create(self) -> None:
         os.mkdir(self.path, 0o700)
 
     def discard(self) -> None:
+        """The failure path: remove staging; inside a mount point, put the root's attributes back."""
         shutil.rmtree(self.path, ignore_errors=True)
+        self._put_back_root()
+
+    def _put_back_root(self) -> None:
+        """Restore the live root's owner, mode and times as they were before this restore (mount-point
+        case only; elsewhere staging lives beside the root and never touches it). Best effort: a
+        failure is logged, and the restore's own error is what gets reported."""
+        st = self.root_before
+        if st is None:
+            return
+        try:
+            if os.geteuid() == 0:
+                os.chown(self.target, st.st_uid, st.st_gid)
+            os.chmod(self.target, st.st_mode & 0o7777)
+            os.utime(self.target, ns=(st.st_atime_ns, st.st_mtime_ns))
+        except OSError as exc:
+            logger.warning("could not restore the attributes of %s: %s", self.target, exc)
 
     def commit(self) -> None:
         """Swap staging into place; keep the replaced workspace (`kept_old`) and remove the ones kept

@@ -35,6 +35,7 @@ def job_view(job: Job) -> dict[str, Any]:
         "snapshot_id": job.snapshot_id,
         "attempts": job.attempts,
         "cancel_requested": job.cancel_requested,
+        "remote_tries": (job.state or {}).get("remote_tries"),
         "created_at": iso(job.created_at),
         "started_at": iso(job.started_at),
         "finished_at": iso(job.finished_at),

@@ -13,12 +13,16 @@ class FakeObjectStore:
         self.objects: dict[str, bytes] = {}
         self.metadata: dict[str, dict[str, str]] = {}
         self.unreachable = False  # every call raises a retryable StorageError while True
+        self.fail_calls = 0  # the next this many calls raise a retryable StorageError (a 503 burst)
         self.calls: list[tuple[str, str]] = []
 
     def _call(self, op: str, key: str) -> None:
         self.calls.append((op, key))
         if self.unreachable:
             raise StorageError(f"{op} {key}: connection refused", retryable=True)
+        if self.fail_calls > 0:
+            self.fail_calls -= 1
+            raise StorageError(f"{op} {key}: the object store answered HTTP 503 (SlowDown)", retryable=True)
 
     def head(self, key: str) -> ObjectInfo | None:
         self._call("head", key)

@@ -34,7 +34,7 @@ PAX_TYPE = b"x"
 
 _OCTAL = re.compile(rb"[0-7]+[\0 ]+\Z")
 _DECIMAL = re.compile(rb"(?:0|[1-9][0-9]{0,18})\Z")
-_MTIME = re.compile(rb"-?(?:0|[1-9][0-9]{0,11})(?:\.[0-9]{1,9})?\Z")
+_MTIME = re.compile(rb"-?(?:0|[1-9][0-9]{0,17})(?:\.[0-9]{1,9})?\Z")
 _MAX_ID = (1 << 32) - 1
 _MAX_SIZE = (1 << 63) - 1
 _PAX_SINGLE = (b"path", b"linkpath", b"mtime", b"size", b"uid", b"gid", b"GNU.sparse.size", b"GNU.sparse.numblocks")

@@ -6,7 +6,7 @@ import ipaddress
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool
 
 # ---- field types -------------------------------------------------------------------------------
 
@@ -81,6 +81,8 @@ class RestoreSnapshotRequest(_Strict):
     workspace_path: WorkspacePath
     ssh_user: SshUser | None = None
     instance_id: MachineId | None = None
+    keep_setuid: StrictBool = Field(False, description="Restore setuid/setgid bits as archived; by default they are "
+                                                  "cleared (FIFOs and device nodes are never restored)")
 
 
 class VerifySnapshotRequest(_Strict):

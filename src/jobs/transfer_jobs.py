@@ -83,10 +83,12 @@ def restore_snapshot(ctx: JobContext) -> dict[str, Any]:
     """The `restore_snapshot` job: restore onto the job's machine over SSH."""
     snap = snapshot_fields(ctx, ctx.params["snapshot_id"])
     assert ctx.machine_id is not None
-    return restore_onto(ctx, snap, machine_endpoint(ctx, ctx.machine_id), ctx.params["workspace_path"])
+    return restore_onto(ctx, snap, machine_endpoint(ctx, ctx.machine_id), ctx.params["workspace_path"],
+                        keep_setuid=bool(ctx.params.get("keep_setuid", False)))
 
 
-def restore_onto(ctx: JobContext, snap: dict[str, Any], endpoint: Endpoint, workspace: str) -> dict[str, Any]:
+def restore_onto(ctx: JobContext, snap: dict[str, Any], endpoint: Endpoint, workspace: str, *,
+                 keep_setuid: bool = False) -> dict[str, Any]:
     """Restore `snap` into `workspace` at `endpoint`. The remote script verifies every part before it
     decompresses it and swaps the workspace in only when all of it is extracted, so a failed or re-run
     restore never leaves a half-written workspace."""
@@ -98,7 +100,9 @@ def restore_onto(ctx: JobContext, snap: dict[str, Any], endpoint: Endpoint, work
               # (manifest digest -> part digests) the archive is exactly what our snapshot read, so
               # the workspace's own symlinks to outside it (a venv's bin/python -> /usr/bin/python3)
               # are restored as they were. Nothing is ever extracted through such a link.
-              "manifest_sha256": snap["manifest_sha256"], "allow_external_symlinks": bool(snap["manifest_sha256"])}
+              "manifest_sha256": snap["manifest_sha256"], "allow_external_symlinks": bool(snap["manifest_sha256"]),
+              # setuid/setgid bits come back only when the restore asked for them
+              "keep_setuid": keep_setuid}
     with ssh_session(ctx, endpoint) as session:
         result = run_script(ctx, session, "restore", params)
     with transaction(ctx.container.session_factory) as s:
@@ -108,7 +112,8 @@ def restore_onto(ctx: JobContext, snap: dict[str, Any], endpoint: Endpoint, work
         add_event(s, endpoint.machine_id, "restored", f"snapshot {snap['id']} restored into {workspace}",
                   job_id=ctx.job_id)
     return {"snapshot_id": snap["id"], "workspace_path": workspace, "raw_bytes": result.get("raw_bytes"),
-            "files": result.get("files"), "parts": result.get("parts"), "duration_s": result.get("duration_s")}
+            "files": result.get("files"), "parts": result.get("parts"), "duration_s": result.get("duration_s"),
+            "skipped_members": result.get("skipped_members"), "setuid_cleared": result.get("setuid_cleared")}
 
 
 def _summary(snap: dict[str, Any]) -> dict[str, Any]:

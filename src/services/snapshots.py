@@ -59,9 +59,10 @@ def start_snapshot_job(s: Session, c: "Container", *, machine_id: str, workspace
 
 
 def restore_snapshot(c: "Container", snapshot_id: str, *, ssh_host: str, ssh_port: int, workspace_path: str,
-                     ssh_user: str | None = None, instance_id: str | None = None,
+                     ssh_user: str | None = None, instance_id: str | None = None, keep_setuid: bool = False,
                      idem: Idempotency | None = None) -> dict[str, Any]:
-    """Start a `restore_snapshot` job onto `ssh_host`. Raises NotFound, Conflict (snapshot not complete,
+    """Start a `restore_snapshot` job onto `ssh_host` (`keep_setuid`: restore setuid/setgid bits,
+    cleared by default). Raises NotFound, Conflict (snapshot not complete,
     or the target machine busy), Unprocessable (host not allowed)."""
     c.ssh_policy().check(ssh_host)
     with transaction(c.session_factory) as s:
@@ -74,7 +75,8 @@ def restore_snapshot(c: "Container", snapshot_id: str, *, ssh_host: str, ssh_por
         target = machine_id_for(instance_id=instance_id, host=ssh_host, port=ssh_port)
         ensure_machine(s, machine_id=target, host=ssh_host, port=ssh_port, user=ssh_user)
         job = job_service.add_job(s, kind="restore_snapshot",
-                                  params={"snapshot_id": snap.id, "workspace_path": workspace_path},
+                                  params={"snapshot_id": snap.id, "workspace_path": workspace_path,
+                                          "keep_setuid": keep_setuid},
                                   lock_key=f"machine:{target}", machine_id=target, snapshot_id=snap.id, idem=idem)
         add_event(s, target, "restore_requested", f"restore {snap.id} into {workspace_path}", job_id=job.id)
         view = job_view(job)

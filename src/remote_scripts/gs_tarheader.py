@@ -3,9 +3,10 @@
 Reading accepts only the header forms our snapshot writer (GNU tar `--format=posix`, the options
 in snapshot.py) produces; anything else is ScriptError "unsafe_archive":
 
-* every header: ustar magic `ustar\\0` version `00`, a valid (unsigned) checksum, octal numeric
-  fields (digits then NUL/space: no base-256, no leading blanks), string fields NUL-terminated with
-  nothing but NULs after the terminator, an empty `prefix`, zero padding;
+* every header: ustar magic `ustar\\0` version `00`, a valid (unsigned) checksum, numeric fields
+  in GNU tar's exact octal layout (zero-padded digits and one NUL: no base-256, no blanks), name
+  and link NUL-terminated with nothing but NULs after the terminator, empty owner names (the
+  writer runs with --numeric-owner), zero device numbers, an empty `prefix`, zero padding;
 * types `0` (file), `5` (directory), `2` (symlink), `1` (hard link), `6` (FIFO), and `x` (a pax
   header for the next member only, at most MAX_PAX_BYTES). Device types `3`/`4` are reported as
   such; `g`, `L`, `K`, `S`, `7`, `\\0`, `V`, `M`, `N`, `D`, ... are refused;
@@ -32,7 +33,6 @@ MEMBER_TYPES = (b"0", b"5", b"2", b"1", b"6")
 DEVICE_TYPES = (b"3", b"4")
 PAX_TYPE = b"x"
 
-_OCTAL = re.compile(rb"[0-7]+[\0 ]+\Z")
 _DECIMAL = re.compile(rb"(?:0|[1-9][0-9]{0,18})\Z")
 _MTIME = re.compile(rb"-?(?:0|[1-9][0-9]{0,17})(?:\.[0-9]{1,9})?\Z")
 _MAX_ID = (1 << 32) - 1
@@ -65,39 +65,36 @@ def _cstr(field: bytes, what: str) -> bytes:
     return field[:end]
 
 
-def _octal(field: bytes, what: str) -> int:
-    if not _OCTAL.match(field):
-        raise unsafe("%s field %r is not plain octal" % (what, field))
-    return int(field.rstrip(b"\0 "), 8)
+# mode, uid, gid, size, mtime, checksum and type, exactly as GNU tar (and tarfile) write them:
+# zero-padded octal with one NUL (the checksum: six digits, NUL, space). No base-256, no blanks.
+_NUMBERS = re.compile(rb"([0-7]{7})\0([0-7]{7})\0([0-7]{7})\0([0-7]{11})\0([0-7]{11})\0([0-7]{6})\0 (.)", re.S)
+# uname, gname (empty: --numeric-owner), devmajor/devminor (all NUL in pax headers, zero in
+# members), prefix (unused by GNU tar's POSIX format), padding
+_TAIL_SUMS = {t: sum(t) for t in (bytes(247), bytes(64) + b"0000000\x000000000\x00" + bytes(167))}
 
 
 def parse_header(block: bytes) -> Tuple[bytes, Dict[str, object]]:
     """(type, fields) of one 512-byte header; refuses every form our writer does not produce."""
     if block[257:265] != b"ustar\x0000":
         raise unsafe("header is not POSIX ustar (magic %r)" % block[257:265])
-    if _octal(block[148:156], "checksum") != sum(block) - sum(block[148:156]) + 256:
-        raise unsafe("header checksum mismatch")
-    kind = block[156:157]
+    numbers = _NUMBERS.match(block, 100)
+    if numbers is None:
+        raise unsafe("mode, uid, gid, size, mtime or checksum is not plain zero-padded octal")
+    mode, uid, gid, size, mtime, checksum = [int(v, 8) for v in numbers.groups()[:6]]
+    kind = numbers.group(7)
     if kind in DEVICE_TYPES:
         raise unsafe("device node %r is not allowed" % _cstr(block[0:100], "name"))
     if kind not in MEMBER_TYPES and kind != PAX_TYPE:
         raise unsafe("header type %r is not allowed" % kind)
-    if block[345:512] != ZERO_BLOCK[345:512]:
-        raise unsafe("header has a prefix field or non-zero padding")
-    fields: Dict[str, object] = {
-        "name": _cstr(block[0:100], "name"), "linkname": _cstr(block[157:257], "linkname"),
-        "mode": _octal(block[100:108], "mode"), "uid": _octal(block[108:116], "uid"),
-        "gid": _octal(block[116:124], "gid"), "size": _octal(block[124:136], "size"),
-        "mtime": _octal(block[136:148], "mtime"),
-    }
-    _cstr(block[265:297], "uname")
-    _cstr(block[297:329], "gname")
-    devices = block[329:345]  # GNU tar leaves them all NUL in pax headers, "0000000\0" in members
-    if devices != ZERO_BLOCK[:16] and (_octal(devices[:8], "devmajor") or _octal(devices[8:], "devminor")):
-        raise unsafe("header carries device numbers")
-    if fields["mode"] > 0o7777:  # type: ignore[operator]
-        raise unsafe("mode %o has bits beyond 07777" % fields["mode"])  # type: ignore[str-format]
-    return kind, fields
+    tail = _TAIL_SUMS.get(block[265:512])
+    if tail is None:
+        raise unsafe("header has owner names, device numbers, a prefix or non-zero padding")
+    if checksum != sum(block[:148]) + sum(block[156:265]) + 256 + tail:  # the checksum field as 8 blanks
+        raise unsafe("header checksum mismatch")
+    if mode > 0o7777:
+        raise unsafe("mode %o has bits beyond 07777" % mode)
+    return kind, {"name": _cstr(block[0:100], "name"), "linkname": _cstr(block[157:257], "linkname"),
+                  "mode": mode, "uid": uid, "gid": gid, "size": size, "mtime": mtime}
 
 
 def parse_pax(data: bytes) -> Dict[bytes, object]:
@@ -187,12 +184,14 @@ def make_member(kind: bytes, fields: Dict[str, object], pax: Dict[bytes, object]
 
 _OCT7, _OCT11 = (1 << 21) - 1, (1 << 33) - 1
 _TAIL = b"ustar\x0000" + bytes(64) + b"0000000\x000000000\x00" + bytes(167)  # magic..end, uname/gname empty
+_TAIL_SUM = sum(_TAIL) + 256  # and the checksum field counted as 8 blanks
 
 
 def _ustar(name: bytes, mode: int, uid: int, gid: int, size: int, mtime: int, kind: bytes, link: bytes) -> bytes:
-    head = b"%s%07o\0%07o\0%07o\0%011o\0%011o\0" % (name + bytes(100 - len(name)), mode, uid, gid, size, mtime)
-    rest = kind + link + bytes(100 - len(link)) + _TAIL
-    return b"%s%06o\0 %s" % (head, sum(head) + sum(rest) + 256, rest)
+    numbers = b"%07o\0%07o\0%07o\0%011o\0%011o\0" % (mode, uid, gid, size, mtime)
+    checksum = sum(name) + sum(numbers) + kind[0] + sum(link) + _TAIL_SUM  # the NUL padding adds nothing
+    return b"".join((name, bytes(100 - len(name)), numbers, b"%06o\0 " % checksum, kind, link,
+                     bytes(100 - len(link)), _TAIL))
 
 
 def _record(key: bytes, value: bytes) -> bytes:

@@ -79,6 +79,8 @@ CASES: List[Case] = [
     Case("empty-symlink-target", lambda o: archive(symlink("./s", ""))),
     Case("pax-path-absolute", lambda o: archive(pax([("path", _out(o))]), entry("./harmless", b"pwned"))),
     Case("pax-path-dotdot", lambda o: archive(pax([("path", "./../x")]), entry("./harmless", b"pwned"))),
+    Case("pax-path-through-symlink", lambda o: archive(directory("./sub/"), symlink("./l", "sub"),
+                                                       pax([("path", "./l/x")]), entry("./harmless", b"x"))),
     Case("pax-linkpath-escape", lambda o: archive(pax([("linkpath", "../../etc")]), symlink("./l", "ok"))),
     Case("hardlink-absolute", lambda o: archive(hardlink("./h", "/etc/passwd"))),
     Case("hardlink-dotdot", lambda o: archive(hardlink("./h", "./../x"))),
@@ -200,6 +202,7 @@ WHY = {
     'empty-symlink-target': "symlink b'./s' has an empty target",
     'pax-path-absolute': "member b'<o>/pwned' is not a ./-relative name",
     'pax-path-dotdot': "member b'./../x' has an empty, '.' or '..' component",
+    'pax-path-through-symlink': "member b'./l/x' goes through or replaces a symlink",
     'pax-linkpath-escape': "symlink b'./l' -> b'../../etc' leaves the workspace",
     'hardlink-absolute': "hard link target b'/etc/passwd' is not a ./-relative name",
     'hardlink-dotdot': "hard link target b'./../x' has an empty, '.' or '..' component",
@@ -315,6 +318,29 @@ NEUTRALISED: List[Case] = [
     Case("external-symlink-allowed", lambda o: archive(symlink("./python", "/usr/bin/python3")), refused=False,
          allow_external=True, check=_inert_link),
 ]
+
+
+def _odd_but_legit(ws: str) -> None:
+    base = os.fsencode(ws)
+    long_dir = os.path.join(base, b"d" * 120)
+    with open(os.path.join(long_dir, b"line\nbreak \\ \xff" + b"n" * 130), "rb") as fh:
+        assert fh.read() == b"odd"
+    st = os.lstat(os.path.join(base, b"old"))
+    assert st.st_mtime_ns == 1000000000_500000000 and (st.st_uid, st.st_gid) == (3000000, 4294967294)
+    assert os.readlink(os.path.join(base, b"t")) == b"d" * 120 + b"/" + b"z" * 100
+    assert os.path.samefile(os.path.join(base, b"old"), os.path.join(base, b"hard"))
+
+
+ODD_NAME = b"./" + b"d" * 120 + b"/line\nbreak \\ \xff" + b"n" * 130
+
+NEUTRALISED.append(Case(
+    "odd-but-legit-members", lambda o: archive(
+        pax([("path", b"./" + b"d" * 120 + b"/")]) + directory("./@x/"),
+        pax([("path", ODD_NAME)]) + entry("./@y", b"odd"),
+        pax([("mtime", "1000000000.5"), ("uid", "3000000"), ("gid", "4294967294")]) + entry("./old", b"o"),
+        hardlink("./hard", "./old"),
+        pax([("linkpath", b"d" * 120 + b"/" + b"z" * 100)]) + symlink("./t", "x")),
+    refused=False, check=_odd_but_legit))
 
 
 def run_pipeline(stream: bytes, ws: str, case: Case, step: int = 700) -> Tuple[Optional[ScriptError], bytes]:

@@ -196,3 +196,10 @@ def test_gate_over_recycled_part_buffers_with_tiny_parts() -> None:
     out: List[bytes] = []
     gate(reader.read, lambda v: out.append(bytes(v)), MemberPolicy("/workspace"))
     assert _members(b"".join(out)) == _members(stream) and fetcher.released > 10
+
+
+def test_the_gates_own_output_is_a_form_it_accepts_unchanged() -> None:
+    """The headers the gate writes are within the forms it reads: gating twice changes nothing."""
+    stream = build(lambda t: [add(t) for add in SAFE_MEMBERS])
+    once = run_gate(stream)
+    assert run_gate(once) == once

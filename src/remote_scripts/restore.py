@@ -79,8 +79,8 @@ class TarExtract:
 
     def __init__(self, ctx: Context, staging: str) -> None:
         try:
-            self.proc = ctx.spawn(extract_command(staging), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                  bufsize=0, env=dict(os.environ, LC_ALL="C"))
+            self.proc = ctx.spawn(extract_command(staging), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, bufsize=0, env=dict(os.environ, LC_ALL="C"))
         except FileNotFoundError:
             raise ScriptError("missing_dependency", "GNU tar is not installed") from None
         widen_pipe(self.proc.stdin.fileno())

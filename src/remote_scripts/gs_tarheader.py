@@ -5,15 +5,17 @@ in snapshot.py) produces; anything else is ScriptError "unsafe_archive":
 
 * every header: ustar magic `ustar\\0` version `00`, a valid (unsigned) checksum, numeric fields
   in GNU tar's exact octal layout (zero-padded digits and one NUL: no base-256, no blanks), name
-  and link NUL-terminated with nothing but NULs after the terminator, empty owner names (the
-  writer runs with --numeric-owner), zero device numbers, an empty `prefix`, zero padding;
+  and link (and owner names) NUL-terminated with nothing but NULs after the terminator, zero
+  device numbers, an empty `prefix`, zero padding;
 * types `0` (file), `5` (directory), `2` (symlink), `1` (hard link), `6` (FIFO), and `x` (a pax
   header for the next member only, at most MAX_PAX_BYTES). Device types `3`/`4` are reported as
   such; `g`, `L`, `K`, `S`, `7`, `\\0`, `V`, `M`, `N`, `D`, ... are refused;
 * pax records `path`, `linkpath`, `mtime`, `size`, `uid`, `gid` and the sparse-0.0 map
   (`GNU.sparse.size`, `GNU.sparse.numblocks`, then `GNU.sparse.offset`/`GNU.sparse.numbytes`
-  pairs); each at most once (the pairs excepted), well-formed, no NUL in a value. Any other
-  keyword (`GNU.sparse.name`, `GNU.sparse.map`, `hdrcharset`, `SCHILY.*`, `atime`, ...) is refused.
+  pairs); each at most once (the pairs excepted), well-formed, no NUL in a value. `uname`,
+  `gname`, `atime`, `ctime` (and the header's owner names) are read but never passed on: restore
+  extracts with --numeric-owner and tar sets no atime. Any other keyword (`GNU.sparse.name`,
+  `GNU.sparse.map`, `hdrcharset`, `SCHILY.*`, ...) is refused.
 
 Writing (encode) produces the few forms GNU tar reads one way only: a ustar header whose name and
 link fit its fields, preceded by a pax header only for what does not fit. So whatever quirks a
@@ -37,7 +39,8 @@ _DECIMAL = re.compile(rb"(?:0|[1-9][0-9]{0,18})\Z")
 _MTIME = re.compile(rb"-?(?:0|[1-9][0-9]{0,17})(?:\.[0-9]{1,9})?\Z")
 _MAX_ID = (1 << 32) - 1
 _MAX_SIZE = (1 << 63) - 1
-_PAX_SINGLE = (b"path", b"linkpath", b"mtime", b"size", b"uid", b"gid", b"GNU.sparse.size", b"GNU.sparse.numblocks")
+_PAX_SINGLE = (b"path", b"linkpath", b"mtime", b"size", b"uid", b"gid", b"GNU.sparse.size", b"GNU.sparse.numblocks",
+               b"uname", b"gname", b"atime", b"ctime")  # the last four: read, checked once, never passed on
 _SPARSE_PAIR = (b"GNU.sparse.offset", b"GNU.sparse.numbytes")
 
 
@@ -68,9 +71,9 @@ def _cstr(field: bytes, what: str) -> bytes:
 # mode, uid, gid, size, mtime, checksum and type, exactly as GNU tar (and tarfile) write them:
 # zero-padded octal with one NUL (the checksum: six digits, NUL, space). No base-256, no blanks.
 _NUMBERS = re.compile(rb"([0-7]{7})\0([0-7]{7})\0([0-7]{7})\0([0-7]{11})\0([0-7]{11})\0([0-7]{6})\0 (.)", re.S)
-# uname, gname (empty: --numeric-owner), devmajor/devminor (all NUL in pax headers, zero in
-# members), prefix (unused by GNU tar's POSIX format), padding
-_TAIL_SUMS = {t: sum(t) for t in (bytes(247), bytes(64) + b"0000000\x000000000\x00" + bytes(167))}
+# devmajor/devminor (all NUL in pax headers, zero in members), prefix (unused by GNU tar's POSIX
+# format), padding
+_TAIL_SUMS = {t: sum(t) for t in (bytes(183), b"0000000\x000000000\x00" + bytes(167))}
 
 
 def parse_header(block: bytes) -> Tuple[bytes, Dict[str, object]]:
@@ -86,13 +89,15 @@ def parse_header(block: bytes) -> Tuple[bytes, Dict[str, object]]:
         raise unsafe("device node %r is not allowed" % _cstr(block[0:100], "name"))
     if kind not in MEMBER_TYPES and kind != PAX_TYPE:
         raise unsafe("header type %r is not allowed" % kind)
-    tail = _TAIL_SUMS.get(block[265:512])
+    tail = _TAIL_SUMS.get(block[329:512])
     if tail is None:
-        raise unsafe("header has owner names, device numbers, a prefix or non-zero padding")
-    if checksum != sum(block[:148]) + sum(block[156:265]) + 256 + tail:  # the checksum field as 8 blanks
+        raise unsafe("header has device numbers, a prefix or non-zero padding")
+    if checksum != sum(block[:148]) + sum(block[156:329]) + 256 + tail:  # the checksum field as 8 blanks
         raise unsafe("header checksum mismatch")
     if mode > 0o7777:
         raise unsafe("mode %o has bits beyond 07777" % mode)
+    _cstr(block[265:297], "uname")  # owner names are never used (--numeric-owner) nor passed on
+    _cstr(block[297:329], "gname")
     return kind, {"name": _cstr(block[0:100], "name"), "linkname": _cstr(block[157:257], "linkname"),
                   "mode": mode, "uid": uid, "gid": gid, "size": size, "mtime": mtime}
 

@@ -14,8 +14,9 @@ in snapshot.py) produces; anything else is ScriptError "unsafe_archive":
   (`GNU.sparse.size`, `GNU.sparse.numblocks`, then `GNU.sparse.offset`/`GNU.sparse.numbytes`
   pairs); each at most once (the pairs excepted), well-formed, no NUL in a value. `uname`,
   `gname`, `atime`, `ctime` (and the header's owner names) are read but never passed on: restore
-  extracts with --numeric-owner and tar sets no atime. Any other keyword (`GNU.sparse.name`,
-  `GNU.sparse.map`, `hdrcharset`, `SCHILY.*`, ...) is refused.
+  extracts with --numeric-owner and tar sets no atime; so is `hdrcharset=BINARY` (what tarfile
+  writes for non-UTF-8 names: raw bytes, which is how the gate and tar under LC_ALL=C read names
+  anyway). Any other keyword (`GNU.sparse.name`, `GNU.sparse.map`, `SCHILY.*`, ...) is refused.
 
 Writing (encode) produces the few forms GNU tar reads one way only: a ustar header whose name and
 link fit its fields, preceded by a pax header only for what does not fit. So whatever quirks a
@@ -40,7 +41,7 @@ _MTIME = re.compile(rb"-?(?:0|[1-9][0-9]{0,17})(?:\.[0-9]{1,9})?\Z")
 _MAX_ID = (1 << 32) - 1
 _MAX_SIZE = (1 << 63) - 1
 _PAX_SINGLE = (b"path", b"linkpath", b"mtime", b"size", b"uid", b"gid", b"GNU.sparse.size", b"GNU.sparse.numblocks",
-               b"uname", b"gname", b"atime", b"ctime")  # the last four: read, checked once, never passed on
+               b"uname", b"gname", b"atime", b"ctime", b"hdrcharset")  # the last five: never passed on
 _SPARSE_PAIR = (b"GNU.sparse.offset", b"GNU.sparse.numbytes")
 
 
@@ -122,6 +123,8 @@ def parse_pax(data: bytes) -> Dict[bytes, object]:
         if key in _PAX_SINGLE:
             if key in out:
                 raise unsafe("pax record %r repeated" % key)
+            if key == b"hdrcharset" and value != b"BINARY":  # names are raw bytes here, as for tar in LC_ALL=C
+                raise unsafe("pax hdrcharset %r is not BINARY" % value)
             out[key] = value
         elif key in _SPARSE_PAIR:
             if key != _SPARSE_PAIR[len(pairs) % 2]:

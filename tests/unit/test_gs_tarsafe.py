@@ -203,3 +203,15 @@ def test_the_gates_own_output_is_a_form_it_accepts_unchanged() -> None:
     stream = build(lambda t: [add(t) for add in SAFE_MEMBERS])
     once = run_gate(stream)
     assert run_gate(once) == once
+
+
+def test_an_archive_made_by_tarfile_add_passes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """tarfile fills owner names and writes hdrcharset=BINARY for non-UTF-8 names: inert, accepted."""
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_bytes(b"data")
+    open(os.path.join(os.fsencode(src), b"latin-\xe9"), "wb").close()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.add(str(src), arcname=".")
+    assert sorted(m[0] for m in _members(run_gate(buf.getvalue()))) == sorted(m[0] for m in _members(buf.getvalue()))

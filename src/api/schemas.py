@@ -6,7 +6,7 @@ import ipaddress
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool
 
 # ---- field types -------------------------------------------------------------------------------
 
@@ -85,6 +85,8 @@ class RestoreSnapshotRequest(_Strict):
     overwrite: bool = Field(False, description="Replace a non-empty workspace_path (kept beside it as "
                                                "`<path>.gpusnap-old-<UTC timestamp>` until the next successful "
                                                "restore there). Without it the job fails with `workspace_exists`")
+    keep_setuid: StrictBool = Field(False, description="Restore setuid/setgid bits as archived; by default they are "
+                                                  "cleared (FIFOs and device nodes are never restored)")
 
 
 class VerifySnapshotRequest(_Strict):

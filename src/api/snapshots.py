@@ -57,6 +57,7 @@ def restore_snapshot(snapshot_id: str, body: m.RestoreSnapshotRequest, idempoten
     job = service.restore_snapshot(container(), snapshot_id, ssh_host=body.ssh_host, ssh_port=body.ssh_port,
                                    workspace_path=body.workspace_path, ssh_user=body.ssh_user,
                                    instance_id=body.instance_id, overwrite=body.overwrite,
+                                   keep_setuid=body.keep_setuid,
                                    idem=idempotency(idempotency_key, body))
     return accepted({"job": job}, job)
 

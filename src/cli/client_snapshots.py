@@ -81,15 +81,17 @@ def snapshots_create(api: ApiClient, instance_id: str, ssh_host: str, ssh_port: 
 @click.option("--instance", "instance_id", default=None, help="Machine the host now belongs to.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty workspace (kept beside it as "
                                                 "<path>.gpusnap-old-<timestamp> until the next restore there).")
+@click.option("--keep-setuid", is_flag=True, default=False, help="Restore setuid/setgid bits (cleared by default).")
 @job_command()
 def snapshots_restore(api: ApiClient, snapshot_id: str, ssh_host: str, ssh_port: int, workspace_path: str,
-                      ssh_user: str | None, instance_id: str | None, overwrite: bool,
+                      ssh_user: str | None, instance_id: str | None, overwrite: bool, keep_setuid: bool,
                       idempotency_key: str | None) -> dict[str, Any]:
     """Restore a snapshot onto a host over SSH. Every part is verified and the archive fully extracted
     beside the workspace before the live workspace is replaced. Without --overwrite a non-empty
     workspace fails the job with workspace_exists."""
     body = {"ssh_host": ssh_host, "ssh_port": ssh_port, "workspace_path": workspace_path,
-            **given(ssh_user=ssh_user, instance_id=instance_id, overwrite=overwrite or None)}
+            **given(ssh_user=ssh_user, instance_id=instance_id, overwrite=overwrite or None,
+                    keep_setuid=keep_setuid or None)}
     return api.post(f"/api/gpu-snapshots/{seg(snapshot_id)}/restore", body, idempotency_key=idempotency_key)
 
 

@@ -179,11 +179,12 @@ def restore_snapshot(ctx: JobContext) -> dict[str, Any]:
     snap = snapshot_fields(ctx, ctx.params["snapshot_id"])
     assert ctx.machine_id is not None
     return restore_onto(ctx, snap, machine_endpoint(ctx, ctx.machine_id), ctx.params["workspace_path"],
-                        overwrite=bool(ctx.params.get("overwrite", False)))
+                        overwrite=bool(ctx.params.get("overwrite", False)),
+                        keep_setuid=bool(ctx.params.get("keep_setuid", False)))
 
 
 def restore_onto(ctx: JobContext, snap: dict[str, Any], endpoint: Endpoint, workspace: str, *,
-                 overwrite: bool = False) -> dict[str, Any]:
+                 overwrite: bool = False, keep_setuid: bool = False) -> dict[str, Any]:
     """Restore `snap` into `workspace` at `endpoint`. The remote script verifies every part before it
     decompresses it and swaps the workspace in only when all of it is extracted, so a failed or re-run
     restore never leaves a half-written workspace. It refuses a system directory (`system_path`, after
@@ -199,7 +200,9 @@ def restore_onto(ctx: JobContext, snap: dict[str, Any], endpoint: Endpoint, work
               # the workspace's own symlinks to outside it (a venv's bin/python -> /usr/bin/python3)
               # are restored as they were. Nothing is ever extracted through such a link.
               "manifest_sha256": snap["manifest_sha256"], "allow_external_symlinks": bool(snap["manifest_sha256"]),
-              "overwrite": overwrite}
+              "overwrite": overwrite,
+              # setuid/setgid bits come back only when the restore asked for them
+              "keep_setuid": keep_setuid}
     result = run_remote(ctx, endpoint, "restore", params)
     with ctx.owned() as s:  # fenced: only while this attempt owns the job
         machine = s.get(Machine, endpoint.machine_id)
@@ -209,7 +212,8 @@ def restore_onto(ctx: JobContext, snap: dict[str, Any], endpoint: Endpoint, work
                   job_id=ctx.job_id)
     return {"snapshot_id": snap["id"], "workspace_path": workspace, "raw_bytes": result.get("raw_bytes"),
             "files": result.get("files"), "parts": result.get("parts"), "duration_s": result.get("duration_s"),
-            "previous_workspace": result.get("previous_workspace"), "remote_tries": ctx.state.get("remote_tries", 1)}
+            "previous_workspace": result.get("previous_workspace"), "remote_tries": ctx.state.get("remote_tries", 1),
+            "skipped_members": result.get("skipped_members"), "setuid_cleared": result.get("setuid_cleared")}
 
 
 def _summary(snap: dict[str, Any]) -> dict[str, Any]:

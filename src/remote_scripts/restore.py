@@ -1,8 +1,8 @@
 """Restore a snapshot written by snapshot.py into a workspace directory, verified and all-or-nothing.
 
     python3 restore.py < config.json   (config: workspace_path, s3, prefix, parallelism, s5cmd,
-                                        allow_external_symlinks, manifest_sha256, bootstrap,
-                                        overwrite; see docs/data-plane.md)
+                                        allow_external_symlinks, keep_setuid, manifest_sha256,
+                                        bootstrap, overwrite; see docs/data-plane.md)
 
 Order: refuse a system directory (after resolving symlinks: `system_path`) and, without `overwrite`,
 a non-empty workspace (`workspace_exists`), before anything is downloaded -> read and validate the manifest -> check free disk (totals.raw_bytes) -> download parts in a
@@ -32,7 +32,7 @@ from gs_fetch import PartFetcher, PartStream  # noqa: E402
 from gs_manifest import MANIFEST_NAME, validate  # noqa: E402
 from gs_paths import denied_reason  # noqa: E402
 from gs_s3 import S5, NotFound  # noqa: E402
-from gs_tarsafe import MemberPolicy, gate  # noqa: E402
+from gs_tarsafe import MemberPolicy, extract_command, gate  # noqa: E402
 from gs_workspace import Staging, free_bytes, occupied  # noqa: E402
 
 DEFAULT_PARALLELISM = 4
@@ -48,6 +48,7 @@ def parse_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
         "parallelism": require(cfg, "parallelism", int, DEFAULT_PARALLELISM, within=(1, MAX_PARALLELISM)),
         "s5cmd": require(cfg, "s5cmd", str, "s5cmd"),
         "allow_external_symlinks": require(cfg, "allow_external_symlinks", bool, False),
+        "keep_setuid": require(cfg, "keep_setuid", bool, False),
         "manifest_sha256": require(cfg, "manifest_sha256", str, None, required=False),
         "bootstrap": require(cfg, "bootstrap", bool, True),
         "overwrite": require(cfg, "overwrite", bool, False),
@@ -96,13 +97,9 @@ class TarExtract:
     """`tar -x` into the staging dir, fed through write(); watches stderr for ENOSPC."""
 
     def __init__(self, ctx: Context, staging: str) -> None:
-        cmd = ["tar", "--extract", "--file=-", "--directory=" + staging, "--numeric-owner",
-               "--preserve-permissions", "--blocking-factor=128"]
-        if os.geteuid() == 0:
-            cmd.append("--same-owner")
         try:
-            self.proc = ctx.spawn(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                  bufsize=0, env=dict(os.environ, LC_ALL="C"))
+            self.proc = ctx.spawn(extract_command(staging), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, bufsize=0, env=dict(os.environ, LC_ALL="C"))
         except FileNotFoundError:
             raise ScriptError("missing_dependency", "GNU tar is not installed") from None
         widen_pipe(self.proc.stdin.fileno())
@@ -175,7 +172,7 @@ def main(cfg: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
         tar = TarExtract(ctx, staging.path)
         try:
             stream = PartStream(fetcher, on_part)
-            policy = MemberPolicy(staging.target, opts["allow_external_symlinks"])
+            policy = MemberPolicy(staging.target, opts["allow_external_symlinks"], opts["keep_setuid"])
             members = gate(stream.read, tar.write, policy)
             if stream.total != totals["raw_bytes"]:
                 raise ScriptError("part_corrupt", "stream has %d bytes, manifest says %d"
@@ -201,6 +198,9 @@ def main(cfg: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
         "workspace_path": staging.target, "snapshot_id": manifest.get("snapshot_id", ""),
         "raw_bytes": totals["raw_bytes"], "stored_bytes": totals["stored_bytes"], "parts": len(parts),
         "files": max(0, members - 1), "codec": manifest.get("codec", ""), "previous_workspace": staging.kept_old,
+        # what the gate neutralised: FIFOs left out (names: the first 100), setuid/setgid bits cleared
+        "skipped_members": policy.skipped_count, "skipped_names": policy.skipped,
+        "setuid_cleared": policy.cleared_setuid,
         "duration_s": round(time.monotonic() - started, 3), "timings": timings,
     }
 

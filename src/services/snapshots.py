@@ -78,11 +78,11 @@ def start_snapshot_job(s: Session, c: "Container", *, machine_id: str, workspace
 @job_service.settle_idempotency_race(lambda _s, job: job_view(job))
 def restore_snapshot(c: "Container", snapshot_id: str, *, ssh_host: str, ssh_port: int, workspace_path: str,
                      ssh_user: str | None = None, instance_id: str | None = None, overwrite: bool = False,
-                     idem: Idempotency | None = None) -> dict[str, Any]:
-    """Start a `restore_snapshot` job onto `ssh_host`. Raises NotFound, Conflict (snapshot not complete,
-    or the target machine busy), Unprocessable (host not allowed; `system_path`), NotConfigured (no
-    bucket). Without `overwrite` the job fails with `workspace_exists` when the destination is not empty
-    (only the host can tell)."""
+                     keep_setuid: bool = False, idem: Idempotency | None = None) -> dict[str, Any]:
+    """Start a `restore_snapshot` job onto `ssh_host` (`keep_setuid`: restore setuid/setgid bits,
+    cleared by default). Raises NotFound, Conflict (snapshot not complete, or the target machine busy),
+    Unprocessable (host not allowed; `system_path`), NotConfigured (no bucket). Without `overwrite` the
+    job fails with `workspace_exists` when the destination is not empty (only the host can tell)."""
     check_restore_path(workspace_path)
     c.object_store()
     c.ssh_policy().check(ssh_host)
@@ -97,7 +97,7 @@ def restore_snapshot(c: "Container", snapshot_id: str, *, ssh_host: str, ssh_por
         ensure_machine(s, machine_id=target, host=ssh_host, port=ssh_port, user=ssh_user)
         job = job_service.add_job(s, kind="restore_snapshot",
                                   params={"snapshot_id": snap.id, "workspace_path": workspace_path,
-                                          "overwrite": overwrite},
+                                          "overwrite": overwrite, "keep_setuid": keep_setuid},
                                   lock_key=f"machine:{target}", machine_id=target, snapshot_id=snap.id, idem=idem)
         add_event(s, target, "restore_requested", f"restore {snap.id} into {workspace_path}", job_id=job.id)
         view = job_view(job)

@@ -208,3 +208,23 @@ def test_delete_while_snapshot_in_use_is_409(client, app, store):
     assert client.post(f"/api/gpu-snapshots/{snap['id']}/verify", headers=AUTH).status_code == 202
     r = client.delete(f"/api/gpu-snapshots/{snap['id']}", headers=AUTH)
     assert r.status_code == 409 and r.get_json()["error"]["code"] == "snapshot_busy"
+
+
+@pytest.mark.parametrize("given,stored", [({}, False), ({"keep_setuid": True}, True)])
+def test_restore_carries_keep_setuid_to_the_job(client, app, store, given, stored):
+    from src.models import Job
+
+    snap = add_complete_snapshot(app, store)
+    body = {"ssh_host": "10.0.0.5", "ssh_port": 22, "workspace_path": "/w", **given}
+    r = client.post(f"/api/gpu-snapshots/{snap['id']}/restore", json=body, headers=AUTH)
+    assert r.status_code == 202
+    with app.extensions["gpusnap"].session_factory() as s:
+        assert s.get(Job, r.get_json()["job"]["id"]).params["keep_setuid"] is stored
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None, [True]])
+def test_restore_refuses_a_keep_setuid_that_is_not_a_boolean(client, app, store, value):
+    snap = add_complete_snapshot(app, store)
+    body = {"ssh_host": "10.0.0.5", "ssh_port": 22, "workspace_path": "/w", "keep_setuid": value}
+    r = client.post(f"/api/gpu-snapshots/{snap['id']}/restore", json=body, headers=AUTH)
+    assert r.status_code in (400, 422) and "error" in r.get_json()

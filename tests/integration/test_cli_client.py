@@ -123,6 +123,18 @@ def test_snapshots_create_prints_the_job_and_a_second_one_is_a_409(cli):
     assert again.stdout == ""
 
 
+@pytest.mark.parametrize("flag,kept", [([], False), (["--keep-setuid"], True)])
+def test_snapshots_restore_passes_keep_setuid(cli, app, store, flag, kept):
+    from src.models import Job
+
+    snap = add_complete_snapshot(app, store)
+    r = cli("snapshots", "restore", snap["id"], "--host", "10.0.0.9", "--port", "22", "--workspace", "/w",
+            *flag, "--json")
+    assert r.exit_code == 0, r.output
+    with app.extensions["gpusnap"].session_factory() as s:
+        assert s.get(Job, json.loads(r.stdout)["job"]["id"]).params["keep_setuid"] is kept
+
+
 def test_snapshots_create_json_and_idempotency_key(cli):
     first = json.loads(cli("snapshots", "create", *CREATE, "--json", "--idempotency-key", "k1").stdout)
     again = json.loads(cli("snapshots", "create", *CREATE, "--json", "--idempotency-key", "k1").stdout)

@@ -34,6 +34,9 @@ logger = logging.getLogger(__name__)
 
 _SCRIPT_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _KILL_GRACE_S = 5.0
+# How long a host may take to answer an exec request (it forks first): generous, since a slow answer
+# ends the job; a host that never answers is what this bounds.
+_EXEC_ANSWER_S = 30.0
 _STDERR_TAIL_BYTES = 4096
 
 # Stop one run of our script and confirm it is gone. POSIX sh (dash has no `kill --`), /proc only.
@@ -289,7 +292,8 @@ class RemoteSession:
         saw_error = False
         try:
             try:
-                with self._watchdog.guard(f"starting {name}", timeout=self._channel_timeout, cancel=cancel):
+                with self._watchdog.guard(f"starting {name}", timeout=max(self._channel_timeout, _EXEC_ANSWER_S),
+                                          cancel=cancel):
                     run.launched = True  # from here the script may run, whatever the answer says
                     self._start(channel, [*self._python_argv, f"{remote_dir}/{name}.py"])
                 try:

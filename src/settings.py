@@ -116,7 +116,7 @@ class Settings:
 
         def pos(name: str, default: float) -> float:
             value = num(name, default)
-            if not value > 0:  # also refuses NaN
+            if not 0 < value < float("inf"):  # also refuses NaN: a bound that bounds nothing is a typo
                 raise SettingsError(f"{name} must be a number of seconds above 0, got {env.get(name)!r}")
             return value
 

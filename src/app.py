@@ -38,8 +38,11 @@ def create_app(settings: Settings | None = None, *, job_kinds: dict[str, Any] | 
                           job_kinds=job_kinds if job_kinds is not None else default_kinds(),
                           object_store_override=object_store, ssh_override=ssh, vast_override=vast)
     container.queue = JobQueue(container, huey if huey is not None else make_huey(settings))
-    if not settings.ssh_allowed_networks:
-        logger.warning("SSH_ALLOWED_NETWORKS is unset: jobs may SSH to any host a request names")
+    if settings.ssh_allowed_networks == ("*",):
+        logger.warning("SSH_ALLOWED_NETWORKS is '*': jobs may SSH to any host a request names, "
+                       "loopback, private networks and cloud metadata addresses included")
+    elif not settings.ssh_allowed_networks:
+        logger.info("SSH_ALLOWED_NETWORKS is unset: jobs may SSH to public unicast addresses only")
 
     if settings.object_store_configured:
         from src.adapters.host_credentials import describe

@@ -112,7 +112,8 @@ def _ssh_client(s: Settings) -> Any:
 
     return SshClient(os.path.expanduser(s.ssh_key_path), policy=SshPolicy.from_setting(",".join(s.ssh_allowed_networks)),
                      connect_timeout=s.ssh_connect_timeout_s, ready_deadline=s.ssh_ready_deadline_s,
-                     remote_python=s.remote_python,
+                     remote_python=s.remote_python, upload_timeout=s.ssh_upload_timeout_s,
+                     cleanup_timeout=s.ssh_cleanup_timeout_s,
                      scripts_dir=pathlib.Path(__file__).resolve().parent / "remote_scripts")
 
 

@@ -62,6 +62,8 @@ class Settings:
     remote_idle_timeout_s: float = 600.0  # a remote script silent this long is presumed hung
     remote_tries: int = 3  # a snapshot/restore step is run this often when the SSH link drops
     remote_retry_backoff_s: float = 5.0  # wait before the 2nd try, doubled before each later one
+    ssh_upload_timeout_s: float = 120.0  # copying the remote scripts by SFTP
+    ssh_cleanup_timeout_s: float = 30.0  # a fresh connection to kill a script whose own link hung
 
     # vast.ai.
     vast_api_key: str | None = field(default=None, repr=False)
@@ -85,12 +87,25 @@ class Settings:
     job_heartbeat_s: float = 5.0
     job_stale_after_s: float = 60.0
     job_max_attempts: int = 3
+    # Overall deadline of one attempt of a job, by kind: past it the job is stopped like a cancel
+    # (remote scripts killed, rentals cleaned up) and fails `remote_timeout`.
+    job_deadline_snapshot_s: float = 14400.0
+    job_deadline_restore_s: float = 14400.0
+    job_deadline_hibernate_s: float = 18000.0
+    job_deadline_wake_s: float = 18000.0
+    job_deadline_other_s: float = 7200.0
     log_level: str = "INFO"
     log_format: str = "json"  # json | text
 
     @property
     def object_store_configured(self) -> bool:
         return bool(self.r2_endpoint and self.r2_bucket and self.r2_access_key and self.r2_secret_key)
+
+    def job_deadline_s(self, kind: str) -> float:
+        """The overall deadline (seconds, per attempt) of a job of `kind`."""
+        return {"create_snapshot": self.job_deadline_snapshot_s, "restore_snapshot": self.job_deadline_restore_s,
+                "hibernate": self.job_deadline_hibernate_s, "wake": self.job_deadline_wake_s,
+                }.get(kind, self.job_deadline_other_s)
 
     def replace(self, **changes: object) -> "Settings":
         return dataclasses.replace(self, **changes)
@@ -115,6 +130,12 @@ class Settings:
                 return kind(raw)
             except ValueError:
                 raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+
+        def pos(name: str, default: float) -> float:
+            value = num(name, default)
+            if not 0 < value < float("inf"):  # also refuses NaN: a bound that bounds nothing is a typo
+                raise SettingsError(f"{name} must be a number of seconds above 0, got {env.get(name)!r}")
+            return value
 
         return cls(
             database_url=env.get("DATABASE_URL", d.database_url),
@@ -143,6 +164,8 @@ class Settings:
             remote_idle_timeout_s=num("REMOTE_IDLE_TIMEOUT_S", d.remote_idle_timeout_s),
             remote_tries=num("REMOTE_TRIES", d.remote_tries, int),
             remote_retry_backoff_s=num("REMOTE_RETRY_BACKOFF_S", d.remote_retry_backoff_s),
+            ssh_upload_timeout_s=pos("SSH_UPLOAD_TIMEOUT_S", d.ssh_upload_timeout_s),
+            ssh_cleanup_timeout_s=pos("SSH_CLEANUP_TIMEOUT_S", d.ssh_cleanup_timeout_s),
             vast_api_key=env.get("VAST_API_KEY"),
             vast_api_url=env.get("VAST_API_URL", d.vast_api_url),
             vast_default_image=env.get("VAST_DEFAULT_IMAGE", d.vast_default_image),
@@ -160,6 +183,11 @@ class Settings:
             job_heartbeat_s=num("JOB_HEARTBEAT_S", d.job_heartbeat_s),
             job_stale_after_s=num("JOB_STALE_AFTER_S", d.job_stale_after_s),
             job_max_attempts=num("JOB_MAX_ATTEMPTS", d.job_max_attempts, int),
+            job_deadline_snapshot_s=pos("JOB_DEADLINE_SNAPSHOT_S", d.job_deadline_snapshot_s),
+            job_deadline_restore_s=pos("JOB_DEADLINE_RESTORE_S", d.job_deadline_restore_s),
+            job_deadline_hibernate_s=pos("JOB_DEADLINE_HIBERNATE_S", d.job_deadline_hibernate_s),
+            job_deadline_wake_s=pos("JOB_DEADLINE_WAKE_S", d.job_deadline_wake_s),
+            job_deadline_other_s=pos("JOB_DEADLINE_OTHER_S", d.job_deadline_other_s),
             log_level=env.get("LOG_LEVEL", d.log_level).upper(),
             log_format=env.get("LOG_FORMAT", d.log_format),
         )

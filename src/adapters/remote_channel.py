@@ -54,6 +54,16 @@ class ChannelReader:
             self._exited_at = time.monotonic()
         return time.monotonic() - self._exited_at > self.EOF_GRACE_S
 
+    @property
+    def exited(self) -> bool:
+        """True once the host reported the process's end: its exit status, or (a death by a signal,
+        which paramiko does not record) the server closing the channel on a live connection. Unlike
+        `finished`, a dead connection is never taken for an ended process."""
+        channel = self._channel
+        if channel.exit_status_ready() and channel.exit_status != -1:
+            return True
+        return channel.closed and self._transport.is_active()
+
     def read(self, timeout: float) -> tuple[bytes, bytes]:
         """Wait up to `timeout` seconds for output; return what stdout and stderr hold (maybe b"").
         The channel's pipe is set on new data, EOF and close, so the wait ends at the first of them."""

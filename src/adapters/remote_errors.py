@@ -66,3 +66,18 @@ class ScriptUploadFailed(RemoteError):
     """The remote scripts could not be copied to the host (no SFTP, disk full, ...)."""
 
     code = "script_upload_failed"
+
+
+class RemoteStateUnknown(RemoteError):
+    """A remote script was stopped early (cancel, timeout, lost connection) and neither the connection
+    it ran on nor a fresh one could confirm that its process group is gone: it may still be running
+    and may still change the host (a restore may yet swap the workspace in). `.cause` holds the error
+    that stopped it, `.pgid` the process group (None when the script never reported it)."""
+
+    code = "remote_state_unknown"
+
+    def __init__(self, message: str, *, cause: RemoteError, pgid: int | None, script: str) -> None:
+        super().__init__(message, retryable=False)
+        self.cause = cause
+        self.pgid = pgid
+        self.script = script

@@ -8,10 +8,12 @@ adapter: targets, results and errors are re-exported here. Design notes: `docs/s
 from __future__ import annotations
 
 import base64
+import copy
 import logging
 import os
 import shlex
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from src.adapters.remote_errors import (
     HostKeyMismatch,
     RemoteCancelled,
     RemoteError,
+    RemoteStateUnknown,
     RemoteTimeout,
     ScriptUploadFailed,
     SshAuthFailed,
@@ -29,11 +32,12 @@ from src.adapters.remote_errors import (
 )
 from src.adapters.remote_session import RemoteSession
 from src.adapters.remote_types import CommandResult, SshTarget, host_key_fingerprint, normalize_host_key
+from src.adapters.remote_watchdog import Watchdog
 from src.adapters.ssh_policy import SshPolicy, TargetNotAllowed
 
 __all__ = [
     "CommandResult", "HostKeyMismatch", "RemoteCancelled", "RemoteError", "RemoteSession",
-    "RemoteTimeout", "ScriptUploadFailed", "SshAuthFailed", "SshClient", "SshConnectionLost",
+    "RemoteStateUnknown", "RemoteTimeout", "ScriptUploadFailed", "SshAuthFailed", "SshClient", "SshConnectionLost",
     "SshPolicy", "SshTarget", "SshUnreachable", "TargetNotAllowed", "DEFAULT_SCRIPTS_DIR",
 ]
 
@@ -75,6 +79,8 @@ class SshClient:
         ready_deadline: float = 60.0,
         remote_python: str = "python3",
         scripts_dir: str | os.PathLike[str] = DEFAULT_SCRIPTS_DIR,
+        upload_timeout: float = 120.0,
+        cleanup_timeout: float = 30.0,
     ) -> None:
         if not shlex.split(remote_python):
             raise ValueError("REMOTE_PYTHON is empty: set it to the GPU host's python3")
@@ -88,8 +94,10 @@ class SshClient:
         self._ready_deadline = ready_deadline
         self._remote_python = remote_python
         self._scripts_dir = Path(scripts_dir)
+        self._upload_timeout = upload_timeout
+        self._cleanup_timeout = cleanup_timeout
 
-    def open(self, target: SshTarget) -> RemoteSession:
+    def open(self, target: SshTarget, *, cancel: threading.Event | None = None) -> RemoteSession:
         """Connect, verify the host key, authenticate; return a session (use it as a context manager).
 
         Order matters and is the contract: allow-list (before any packet); TCP + SSH handshake,
@@ -98,16 +106,22 @@ class SshClient:
         host key check against `target.pinned_host_key` (None: trust on first use, read
         `session.host_key`); then public-key authentication. Not idempotent only in that it connects.
         Raises `TargetNotAllowed`, `SshUnreachable` (retryable), `HostKeyMismatch` (nothing was
-        authenticated or run), `SshAuthFailed`.
+        authenticated or run), `SshAuthFailed`, `RemoteCancelled` (once `cancel` is set: the
+        connection attempt is dropped at once), `RemoteTimeout` (the server went silent mid-handshake).
+        `cancel` becomes the session's: every later step stops when it is set.
         """
         self._policy.check(target.host)
         pkey = self._load_key()
-        transport = self._connect_with_retries(target)
+        transport, watchdog = self._connect_with_retries(target, cancel)
         try:
-            host_key = self._verify_host_key(transport, target)
-            self._authenticate(transport, target, pkey)
+            # paramiko bounds the authentication answer (auth_timeout); the guard adds the cancel and
+            # covers the service request before it, which paramiko waits for without a limit.
+            with watchdog.guard("authentication", timeout=self._auth_timeout + self._connect_timeout, cancel=cancel):
+                host_key = self._verify_host_key(transport, target)
+                self._authenticate(transport, target, pkey)
             transport.set_keepalive(max(1, int(self._keepalive_s)))
         except BaseException:
+            watchdog.stop()
             transport.close()
             raise
         logger.info("ssh session open to %s@%s:%d (%s)", target.user, target.host, target.port,
@@ -119,7 +133,24 @@ class SshClient:
             remote_python=self._remote_python,
             scripts_dir=self._scripts_dir,
             channel_timeout=self._connect_timeout,
+            watchdog=watchdog,
+            cancel=cancel,
+            reconnect=lambda: self._for_cleanup().open(
+                SshTarget(host=target.host, port=target.port, user=target.user, pinned_host_key=host_key)),
+            upload_timeout=self._upload_timeout,
         )
+
+    def _for_cleanup(self) -> SshClient:
+        """A copy of this client for a cleanup connection: the same key, policy and scripts, every
+        wait cut to fit `cleanup_timeout`, so stopping a runaway script never hangs a worker."""
+        budget = self._cleanup_timeout
+        clone = copy.copy(self)
+        clone._connect_timeout = min(self._connect_timeout, budget / 3)
+        clone._banner_timeout = min(self._banner_timeout, budget / 3)
+        clone._auth_timeout = min(self._auth_timeout, budget / 3)
+        clone._ready_deadline = budget
+        clone._ready_retries = None
+        return clone
 
     def _load_key(self) -> paramiko.PKey:
         try:
@@ -129,26 +160,34 @@ class SshClient:
             raise SshAuthFailed(f"cannot load the SSH private key at {self._key_path}: {e} (set SSH_KEY_PATH to "
                                 "an unencrypted private key whose public half the GPU hosts accept)") from e
 
-    def _connect_with_retries(self, target: SshTarget) -> paramiko.Transport:
+    def _connect_with_retries(self, target: SshTarget, cancel: threading.Event | None
+                              ) -> tuple[paramiko.Transport, Watchdog]:
         deadline = time.monotonic() + self._ready_deadline
+        where = f"{target.host}:{target.port}"
         attempt = 0
         while True:
+            if cancel is not None and cancel.is_set():
+                raise RemoteCancelled(f"cancelled while connecting to {where}")
             try:
-                return self._handshake(target)
+                return self._handshake(target, cancel)
             except _NotReadyYet as e:
                 attempt += 1
                 delay = min(0.5 * 2 ** (attempt - 1), 5.0)
                 cause = e.__cause__ or e
                 out_of_tries = self._ready_retries is not None and attempt > self._ready_retries
                 if out_of_tries or time.monotonic() + delay > deadline:
-                    raise SshUnreachable(
-                        f"cannot reach sshd at {target.host}:{target.port} after {attempt} attempt(s): {cause}"
-                    ) from cause
-                logger.info("sshd at %s:%d not ready (%s); retry %d in %.1fs",
-                            target.host, target.port, cause, attempt, delay)
-                time.sleep(delay)
+                    # One message whatever the cause (refused, timed out, no route, no such name, not
+                    # SSH): a job error must not tell a caller which ports are open where. The cause
+                    # stays in the worker log.
+                    logger.warning("giving up on sshd at %s after %d attempt(s): %s", where, attempt, cause)
+                    raise SshUnreachable(_unreachable(target)) from cause
+                logger.info("sshd at %s not ready (%s); retry %d in %.1fs", where, cause, attempt, delay)
+                if cancel is not None:
+                    cancel.wait(delay)
+                else:
+                    time.sleep(delay)
 
-    def _handshake(self, target: SshTarget) -> paramiko.Transport:
+    def _handshake(self, target: SshTarget, cancel: threading.Event | None) -> tuple[paramiko.Transport, Watchdog]:
         """TCP connect to an allowed address, exchange banners and keys. No authentication."""
         sock = self._connect_socket(target)
         transport = paramiko.Transport(sock)
@@ -161,19 +200,24 @@ class SshClient:
             options.key_types = [k for k in preferred if k in options.key_types] + [
                 k for k in options.key_types if k not in preferred
             ]
+        watchdog = Watchdog(transport, where=f"{target.host}:{target.port}")
+        limit = self._connect_timeout + self._banner_timeout
         try:
-            transport.start_client(timeout=self._connect_timeout + self._banner_timeout)
-        except (OSError, EOFError) as e:
+            with watchdog.guard("SSH handshake", timeout=limit + 1.0, cancel=cancel):
+                try:
+                    transport.start_client(timeout=limit)
+                except (OSError, EOFError) as e:
+                    raise _NotReadyYet() from e
+                except paramiko.SSHException as e:
+                    if not transport.remote_version:
+                        raise _NotReadyYet() from e  # no banner yet: sshd starting, or MaxStartups dropped us
+                    logger.warning("SSH handshake with %s:%d failed: %s", target.host, target.port, e)
+                    raise SshUnreachable(_unreachable(target), retryable=False) from e
+        except BaseException:
+            watchdog.stop()
             transport.close()
-            raise _NotReadyYet() from e
-        except paramiko.SSHException as e:
-            transport.close()
-            if not transport.remote_version:
-                raise _NotReadyYet() from e  # no banner yet: sshd starting, or MaxStartups dropped us
-            raise SshUnreachable(
-                f"SSH handshake with {target.host}:{target.port} failed: {e}", retryable=False
-            ) from e
-        return transport
+            raise
+        return transport, watchdog
 
     def _connect_socket(self, target: SshTarget) -> socket.socket:
         try:
@@ -227,6 +271,11 @@ class SshClient:
         except paramiko.AuthenticationException as e:
             raise SshAuthFailed(f"{where} refused our SSH key: {e}") from e
         except (paramiko.SSHException, OSError, EOFError) as e:
-            raise SshUnreachable(f"connection to {where} failed during authentication: {e}") from e
+            logger.warning("connection to %s failed during authentication: %s", where, e)
+            raise SshUnreachable(_unreachable(target)) from e
         if remaining or not transport.is_authenticated():
             raise SshAuthFailed(f"{where} requires further authentication ({', '.join(remaining)})")
+
+
+def _unreachable(target: SshTarget) -> str:
+    return f"cannot reach an SSH server at {target.host}:{target.port}"

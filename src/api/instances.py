@@ -67,3 +67,13 @@ def pause(instance_id: str, body: m.EmptyRequest, idempotency_key: str | None) -
 def resume(instance_id: str, body: m.EmptyRequest, idempotency_key: str | None) -> Response:
     job = instances.resume(container(), instance_id, idem=idempotency(idempotency_key, body))
     return accepted({"job": job}, job)
+
+
+@route(bp, "/<instance_id>/forget-host-key", "POST", tag=TAG, body=m.EmptyRequest, body_optional=True,
+       responses={200: m.Machine}, path_params=_ID, summary="Clear the machine's pinned SSH host key",
+       description="The next connection trusts and pins the key the host presents (trust on first use). "
+                   "For a machine known to be re-installed or re-keyed; recorded as a `host_key_forgotten` "
+                   "event. Naming the machine by another host or port never clears the pin; only this call "
+                   "and a wake onto a new instance do.")
+def forget_host_key(instance_id: str, body: m.EmptyRequest) -> Response:
+    return ok(service.forget_host_key(container().session_factory, instance_id))

@@ -94,3 +94,13 @@ def _simple(action: str, doc: str) -> click.Command:
 
 instances.add_command(_simple("pause", "Stop the instance on vast.ai: its disk is kept (and billed), no data moves."))
 instances.add_command(_simple("resume", "Start a paused instance again (fails if its GPUs were taken meanwhile)."))
+
+
+@instances.command("forget-host-key")
+@click.argument("instance_id")
+@json_option
+@api_command
+def instances_forget_host_key(api: ApiClient, instance_id: str, as_json: bool) -> None:
+    """Clear the machine's pinned SSH host key (after a re-install): the next connection pins the key
+    the host presents. Recorded in the machine's history."""
+    show_one(api.post(f"/api/instances/{seg(instance_id)}/forget-host-key"), render.machine_detail, as_json=as_json)

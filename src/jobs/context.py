@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sqlalchemy.orm import Session
 
 from src.db import transaction
-from src.errors import JobCancelled
+from src.errors import JobCancelled, JobFailed
 from src.models import utcnow
 from src.services import jobs as job_service
 
@@ -47,6 +47,12 @@ class JobContext:
         self.snapshot_id = job.snapshot_id
         self.cancel_event = threading.Event()
         self.lost = False
+        # The kind's overall deadline, per attempt. Past it the heartbeat sets `timed_out` and the
+        # cancel event, so the job stops the way a cancel stops it (remote scripts killed, rentals
+        # cleaned up) and the runner records `remote_timeout`.
+        self.deadline_s = container.settings.job_deadline_s(job.kind)
+        self.deadline_at = time.monotonic() + self.deadline_s
+        self.timed_out = False
         self._lock = threading.Lock()
         self._pending: dict[str, Any] = {}
         self._last_write = 0.0
@@ -78,6 +84,8 @@ class JobContext:
         if self.cancel_event.is_set():
             if self.lost:
                 raise JobLost(self.job_id)
+            if self.timed_out:
+                raise JobFailed(self.deadline_message(), code="remote_timeout")
             raise JobCancelled("the job was cancelled")
 
     def sleep(self, seconds: float) -> None:
@@ -143,6 +151,17 @@ class JobContext:
         self.cancel_event.set()
         raise JobLost(self.job_id)
 
+    def check_deadline(self) -> None:
+        """Called by the heartbeat: past the deadline, stop the job like a cancel would."""
+        if not self.timed_out and time.monotonic() >= self.deadline_at:
+            logger.warning("job %s (%s) ran past its deadline of %gs; stopping it", self.job_id, self.kind,
+                           self.deadline_s, extra={"job_id": self.job_id})
+            self.timed_out = True
+            self.cancel_event.set()
+
+    def deadline_message(self) -> str:
+        return f"the {self.kind} job ran past its deadline of {self.deadline_s:g}s and was stopped"
+
     def flush(self, *, with_state: bool = False) -> None:
         """Write pending progress (and the heartbeat). Called by handlers through `progress`, and by the
         heartbeat thread every few seconds."""
@@ -180,6 +199,7 @@ class Heartbeat:
 
     def _loop(self) -> None:
         while not self._stop.wait(self._interval):
+            self._ctx.check_deadline()
             try:
                 self._ctx.flush()
             except Exception:  # a DB hiccup must not kill the heartbeat; the next beat tries again

@@ -99,10 +99,11 @@ def _endpoint(ctx: JobContext, machine_id: str) -> Endpoint:
         raise JobFailed(f"vast.ai instance {m['vast_instance_id']} has no SSH endpoint", code="no_ssh_endpoint")
     ep = instance.ssh_endpoint
     ctx.container.ssh_policy().check(ep.host)
-    set_machine(ctx, machine_id, ssh_host=ep.host, ssh_port=ep.port, host_key=None,
+    # The same instance under the address vast.ai reports: its pinned host key still applies.
+    set_machine(ctx, machine_id, ssh_host=ep.host, ssh_port=ep.port,
                 event=("endpoint_discovered", f"SSH endpoint {ep.host}:{ep.port} from vast.ai"))
     return Endpoint(machine_id=machine_id, host=ep.host, port=ep.port,
-                    user=m.get("ssh_user") or ctx.settings.ssh_user, host_key=None)
+                    user=m.get("ssh_user") or ctx.settings.ssh_user, host_key=m.get("host_key"))
 
 
 def endpoint_text(host: str, port: int | str) -> str:

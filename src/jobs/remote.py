@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import update
 
+from src.adapters.remote_errors import RemoteStateUnknown
 from src.db import transaction
 from src.errors import JobFailed
 from src.jobs.context import JobContext
@@ -45,13 +46,16 @@ def machine_endpoint(ctx: JobContext, machine_id: str) -> Endpoint:
 def ssh_session(ctx: JobContext, endpoint: Endpoint) -> Iterator[Any]:
     """An open `RemoteSession` to `endpoint`. A machine without a pinned host key gets the presented key
     pinned now (trust on first use); a pinned key that differs fails inside `open` with
-    `host_key_mismatch`, before anything is authenticated or run."""
+    `host_key_mismatch`, before anything is authenticated or run. The job's cancel event (also set
+    when the job passes its deadline) is the session's: any SSH wait ends as soon as it is set.
+    A remote script that could not be confirmed dead (`remote_state_unknown`) is recorded as a
+    machine event before the error goes on: the workspace may have changed."""
     from src.adapters.remote_types import SshTarget, host_key_fingerprint
 
     ctx.progress(phase="connect")
     target = SshTarget(host=endpoint.host, port=endpoint.port, user=endpoint.user,
                        pinned_host_key=endpoint.host_key)
-    with ctx.container.ssh().open(target) as session:
+    with ctx.container.ssh().open(target, cancel=ctx.cancel_event) as session:
         if endpoint.host_key is None:
             with ctx.owned() as s:  # fenced: only while this attempt owns the job
                 pinned = s.execute(update(Machine).where(Machine.id == endpoint.machine_id,
@@ -60,7 +64,22 @@ def ssh_session(ctx: JobContext, endpoint: Endpoint) -> Iterator[Any]:
                 if pinned:
                     add_event(s, endpoint.machine_id, "host_key_pinned",
                               f"pinned {host_key_fingerprint(session.host_key)} on first use", job_id=ctx.job_id)
-        yield session
+        try:
+            yield session
+        except RemoteStateUnknown as e:
+            _record_state_unknown(ctx, endpoint, e)
+            raise
+
+
+def _record_state_unknown(ctx: JobContext, endpoint: Endpoint, error: RemoteStateUnknown) -> None:
+    logger.error("job %s: remote script %s on %s:%d may still be running: %s", ctx.job_id, error.script,
+                 endpoint.host, endpoint.port, error.message, extra={"job_id": ctx.job_id})
+    with transaction(ctx.container.session_factory) as s:
+        add_event(s, endpoint.machine_id, "remote_state_unknown",
+                  f"the {error.script} script was stopped ({error.cause.code}) but could not be confirmed dead; "
+                  "it may still be running, and the workspace may have changed", job_id=ctx.job_id,
+                  data={"script": error.script, "pgid": error.pgid, "cause": error.cause.code,
+                        "host": endpoint.host, "port": endpoint.port})
 
 
 def run_script(ctx: JobContext, session: Any, name: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -69,15 +88,21 @@ def run_script(ctx: JobContext, session: Any, name: str, params: dict[str, Any])
     events = session.run_script(name, params, cancel=ctx.cancel_event,
                                 idle_timeout_s=ctx.settings.remote_idle_timeout_s)
     result: dict[str, Any] | None = None
-    for event in events:
-        kind = event.get("event")
-        if kind == "progress":
-            ctx.progress(**{k: event[k] for k in _PROGRESS_KEYS if k in event})
-        elif kind == "result":
-            result = event
-        elif kind == "error":
-            raise JobFailed(str(event.get("message") or "the remote script failed"),
-                            code=str(event.get("code") or "remote_error"))
+    # closing(): the stream is ended here, while the session is open, not whenever it is collected;
+    # ending it early stops the script and confirms it gone (or raises `remote_state_unknown`).
+    failure: dict[str, Any] | None = None
+    with closing(events):
+        for event in events:
+            kind = event.get("event")
+            if kind == "progress":
+                ctx.progress(**{k: event[k] for k in _PROGRESS_KEYS if k in event})
+            elif kind == "result":
+                result = event
+            elif kind == "error" and failure is None:
+                failure = event  # the last line: read on to the script's exit rather than kill it
+    if failure is not None:
+        raise JobFailed(str(failure.get("message") or "the remote script failed"),
+                        code=str(failure.get("code") or "remote_error"))
     if result is None:
         raise JobFailed(f"the {name} script ended without a result", code="remote_error")
     return result
@@ -97,10 +122,6 @@ def storage_params(ctx: JobContext, *, prefix: str, write: bool) -> dict[str, An
 
 
 def credentials_ttl_s(ctx: JobContext) -> int:
-    """How long a job's host credentials live: past the job's own deadline, so that they never expire
-    under a job that is still allowed to run, and not much longer."""
-    return int(job_deadline_s(ctx.settings, ctx.kind)) + CREDENTIALS_TTL_MARGIN_S
-
-
-def job_deadline_s(settings: Any, kind: str) -> float:  # MERGE: replaced by the per-kind deadlines
-    return 6 * 3600.0
+    """How long a job's host credentials live: past the attempt's whole deadline (JOB_DEADLINE_*_S), so
+    that they never expire under a job that is still allowed to run, and not much longer."""
+    return int(ctx.deadline_s) + CREDENTIALS_TTL_MARGIN_S

@@ -44,7 +44,11 @@ class JobRunner:
             if ctx.lost:
                 logger.warning("job %s was taken over by another worker; this attempt stops here", job_id)
                 return
-            if status == "failed" and ctx.cancel_event.is_set():
+            if error is not None and error[0] == "remote_state_unknown":
+                pass  # never softened to "cancelled" or "remote_timeout": the host may have changed
+            elif ctx.timed_out and status != "succeeded":
+                status, error = "failed", ("remote_timeout", ctx.deadline_message())
+            elif status == "failed" and ctx.cancel_event.is_set():
                 status, error = "cancelled", ("cancelled", "the job was cancelled")
             ctx.flush()  # last progress numbers
             # Fenced by the attempt; a success after an accepted cancel is recorded as `cancelled` (see finish).

@@ -22,7 +22,10 @@ def machine_id_for(*, instance_id: str | None, host: str, port: int) -> str:
 def ensure_machine(s: Session, *, machine_id: str, host: str | None, port: int | None, user: str | None,
                    workspace_path: str | None = None) -> Machine:
     """The machine row, created on first mention. A new SSH endpoint for a known machine replaces the old
-    one and resets the host-key pin (a different endpoint is a different host key); that is recorded."""
+    one and is recorded, but the host-key pin stays: the pin belongs to the machine, not to the name it
+    was reached by (`localhost` and `127.0.0.1` are one host), so a request cannot reset it by naming
+    the machine differently. It is cleared only when a wake moves the machine onto a new instance, or
+    explicitly with `forget_host_key`."""
     machine = s.get(Machine, machine_id, with_for_update=True)
     if machine is None:
         # Two first requests for one new id race here: both see no row. An insert that does nothing on a
@@ -37,9 +40,10 @@ def ensure_machine(s: Session, *, machine_id: str, host: str | None, port: int |
             return machine
     if host is not None and (machine.ssh_host, machine.ssh_port) != (host, port):
         if machine.ssh_host is not None:
+            kept = "; host key pin kept" if machine.host_key else ""
             add_event(s, machine_id, "endpoint_changed",
-                      f"SSH endpoint {machine.ssh_host}:{machine.ssh_port} -> {host}:{port}; host key pin reset")
-        machine.ssh_host, machine.ssh_port, machine.host_key = host, port, None
+                      f"SSH endpoint {machine.ssh_host}:{machine.ssh_port} -> {host}:{port}{kept}")
+        machine.ssh_host, machine.ssh_port = host, port
     if user is not None:
         machine.ssh_user = user
     if workspace_path is not None:
@@ -62,6 +66,27 @@ def _insert_if_absent(s: Session, **values: Any) -> bool:
     return s.execute(stmt).scalar_one_or_none() is not None
 
 
+def forget_host_key(session_factory: sessionmaker[Session], machine_id: str) -> dict[str, Any]:
+    """Clear the machine's pinned host key, so the next connection trusts (and pins) whatever key the
+    host presents: for an operator who knows the machine was re-installed or re-keyed. Recorded as a
+    `host_key_forgotten` event with the old key's fingerprint. Idempotent. Raises NotFound."""
+    from src.adapters.remote_types import host_key_fingerprint
+
+    with transaction(session_factory) as s:
+        machine = find_machine(s, machine_id)
+        s.refresh(machine, with_for_update=True)
+        old = machine.host_key
+        if old is not None:
+            machine.host_key = None
+            add_event(s, machine.id, "host_key_forgotten",
+                      f"host key pin {host_key_fingerprint(old)} cleared on request; the next connection pins "
+                      "the key the host presents", data={"fingerprint": host_key_fingerprint(old)})
+        else:
+            add_event(s, machine.id, "host_key_forgotten", "no host key was pinned; nothing changed")
+        s.flush()
+        return get_machine_in(s, machine)
+
+
 def add_event(s: Session, machine_id: str, kind: str, message: str, *, job_id: str | None = None,
               data: dict[str, Any] | None = None) -> None:
     s.add(MachineEvent(machine_id=machine_id, kind=kind, message=message, job_id=job_id, data=data))
@@ -74,10 +99,13 @@ def active_job_id(s: Session, machine_id: str) -> str | None:
 def get_machine(session_factory: sessionmaker[Session], machine_id: str, *, events: int = 100) -> dict[str, Any]:
     """The machine, its active job and its latest `events` history entries (oldest first)."""
     with transaction(session_factory) as s:
-        machine = find_machine(s, machine_id)
-        history = list(s.scalars(select(MachineEvent).where(MachineEvent.machine_id == machine.id)
-                                 .order_by(MachineEvent.id.desc()).limit(events)))
-        return machine_view(machine, events=list(reversed(history)), active_job_id=active_job_id(s, machine.id))
+        return get_machine_in(s, find_machine(s, machine_id), events=events)
+
+
+def get_machine_in(s: Session, machine: Machine, *, events: int = 100) -> dict[str, Any]:
+    history = list(s.scalars(select(MachineEvent).where(MachineEvent.machine_id == machine.id)
+                             .order_by(MachineEvent.id.desc()).limit(events)))
+    return machine_view(machine, events=list(reversed(history)), active_job_id=active_job_id(s, machine.id))
 
 
 def vast_instance_id_of(machine_id: str) -> int | None:

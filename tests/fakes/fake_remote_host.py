@@ -68,8 +68,10 @@ class FakeRemoteSession:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def run(self, command: list[str], *, timeout: float) -> CommandResult:
+    def run(self, command: list[str], *, timeout: float, cancel: threading.Event | None = None) -> CommandResult:
         self._check_open()
+        if cancel is not None and cancel.is_set():
+            raise RemoteCancelled(f"command {command[0]!r} was cancelled")
         self.commands.append(list(command))
         self.client.commands.append(list(command))
         return self.client.command_results.get(shlex.join(command), CommandResult(0, "", ""))
@@ -129,7 +131,7 @@ class FakeSshClient:
         self.script_calls: list[ScriptCall] = []
         self.commands: list[list[str]] = []
 
-    def open(self, target: SshTarget) -> FakeRemoteSession:
+    def open(self, target: SshTarget, *, cancel: threading.Event | None = None) -> FakeRemoteSession:
         if self.policy is not None:
             self.policy.check(target.host)
         self.opened.append(target)

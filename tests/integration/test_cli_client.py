@@ -260,6 +260,22 @@ def test_instances_ls_and_show(cli, app, store):
     assert machine["id"] == "m7" and isinstance(machine["events"], list)
 
 
+def test_instances_forget_host_key(cli, app):
+    from src.db import transaction
+    from src.models import Machine
+    from tests.fakes.fake_remote_host import FAKE_HOST_KEY
+
+    assert cli("snapshots", "create", *CREATE).exit_code == 0
+    with transaction(app.extensions["gpusnap"].session_factory) as s:
+        s.get(Machine, "4242").host_key = FAKE_HOST_KEY
+    r = cli("instances", "forget-host-key", "4242", "--json")
+    assert r.exit_code == 0, r.output
+    machine = json.loads(r.stdout)
+    assert not machine["host_key_pinned"] and machine["events"][-1]["kind"] == "host_key_forgotten"
+    missing = cli("instances", "forget-host-key", "nope")
+    assert missing.exit_code != 0 and "not_found" in missing.stderr
+
+
 def test_instances_hibernate_keep_instance_submits_a_job(cli):
     r = cli("instances", "hibernate", "m9", "--workspace", "/workspace", "--host", "10.1.2.3", "--port", "22",
             "--keep-instance", "--json")

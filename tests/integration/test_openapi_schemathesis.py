@@ -49,10 +49,10 @@ class _AnyVast:
 
 def _seeded_app(tmp_path, database_url: str):  # type: ignore[no-untyped-def]
     """The app with some rows, so that lists return items whose shape the response schemas must match.
-    SSH_ALLOWED_NETWORKS allows everything: generated host names are not looked up in DNS, and valid
+    SSH_ALLOWED_NETWORKS is `*` (everything): generated host names are not looked up in DNS, and valid
     requests get as far as the database instead of stopping at the allow-list."""
     store = FakeObjectStore()
-    app = create_app(make_settings(tmp_path, database_url, ssh_allowed_networks=()), object_store=store,
+    app = create_app(make_settings(tmp_path, database_url, ssh_allowed_networks=("*",)), object_store=store,
                      vast=_AnyVast(), configure_logs=False)
     client = app.test_client()
     snap = add_complete_snapshot(app, store, machine_id="seed-machine")

@@ -26,13 +26,53 @@ def policy(setting: str, **table: list[str]) -> SshPolicy:
     return SshPolicy.from_setting(setting, resolver=FakeResolver({k.replace("_", "."): v for k, v in table.items()}))
 
 
+# Every kind of address that is not one public host (issue 9: unset must fail safe).
+NOT_PUBLIC = [
+    "127.0.0.1", "127.8.9.10", "::1", "[::1]", "::ffff:127.0.0.1",   # loopback, also IPv4-mapped
+    "169.254.169.254", "169.254.0.1", "fe80::1", "[fe80::1%eth0]",   # link-local: the metadata service
+    "10.0.0.1", "172.16.3.4", "192.168.1.1", "fd00::1", "fec0::1",   # private, ULA, site-local
+    "100.64.0.1",                                                    # CGNAT shared space
+    "224.0.0.1", "239.255.255.250", "ff02::1",                       # multicast
+    "0.0.0.0", "::", "255.255.255.255", "240.0.0.1",                 # unspecified, broadcast, reserved
+    "192.0.2.7", "198.51.100.7", "203.0.113.7", "2001:db8::7",       # documentation ranges
+    "198.18.0.1",                                                    # benchmarking
+    "64:ff9b::a9fe:a9fe", "2002:7f00:1::1", "2001:0:4136:e378:8000:63bf:3fff:fdd2",  # NAT64/6to4/Teredo wraps
+]
+
+
 @pytest.mark.parametrize("setting", [None, "", "  ", ",", " , ,"])
-def test_unset_or_blank_allows_everything(setting: str | None) -> None:
-    p = SshPolicy.from_setting(setting, resolver=FakeResolver({}))
-    assert p.allows_everything
-    p.check("203.0.113.9")
+def test_unset_or_blank_allows_public_unicast_only(setting: str | None) -> None:
+    p = SshPolicy.from_setting(setting, resolver=FakeResolver({"gpu.example.org": ["8.8.4.4", "2606:4700::1"],
+                                                                 "sneaky.example.org": ["8.8.4.4", "169.254.169.254"],
+                                                                 "metadata.example.org": ["169.254.169.254"]}))
+    assert p.public_only and not p.allows_everything
+    for host in ("8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "gpu.example.org", "64:ff9b::808:808"):
+        p.check(host)
+    p.check_address(host="gpu.example.org", address="8.8.4.4")
+    for host in NOT_PUBLIC + ["sneaky.example.org", "metadata.example.org", "localhost", "unknown.example.org"]:
+        with pytest.raises(TargetNotAllowed) as info:
+            p.check(host)
+        assert info.value.code == "target_not_allowed" and info.value.http_status == 422
+    for address in NOT_PUBLIC:
+        with pytest.raises(TargetNotAllowed):
+            p.check_address(host="gpu.example.org", address=address.strip("[]").split("%")[0])
+
+
+def test_star_allows_everything_on_purpose_and_only_alone() -> None:
+    p = SshPolicy.from_setting("*", resolver=FakeResolver({}))
+    assert p.allows_everything and not p.public_only and p.describe() == "*"
+    p.check("127.0.0.1")
     p.check("anything.example.org")
-    p.check_address(host="anything.example.org", address="192.0.2.1")
+    p.check_address(host="anything.example.org", address="169.254.169.254")
+    with pytest.raises(ValueError):
+        SshPolicy.from_setting("*,10.0.0.0/8")
+
+
+def test_a_configured_list_replaces_the_public_default() -> None:
+    p = policy("127.0.0.0/8")
+    p.check("127.0.0.1")
+    with pytest.raises(TargetNotAllowed):
+        p.check("8.8.8.8")  # public, but not listed
 
 
 def test_addresses_inside_cidrs_pass_and_outside_are_refused() -> None:
@@ -128,4 +168,4 @@ def test_empty_host_is_refused() -> None:
 
 def test_describe_lists_the_setting() -> None:
     assert policy("10.0.0.0/8,GPU.example.com").describe() == "10.0.0.0/8,gpu.example.com"
-    assert SshPolicy.from_setting("").describe() == "*"
+    assert SshPolicy.from_setting("").describe() == "(public unicast addresses only)"

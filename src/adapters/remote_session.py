@@ -26,6 +26,7 @@ from src.adapters.remote_errors import (
     SshConnectionLost,
 )
 from src.adapters.remote_types import CommandResult, SshTarget
+from src.adapters.script_upload import ScriptUploader, UploadFile
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,9 @@ class RemoteSession:
         self._remote_dir: str | None = None
         self._scripts_uploaded = False
         self._closed = False
+        # SFTP, or an exec channel where the host has no SFTP subsystem; what arrives is hash-checked.
+        self._uploader = ScriptUploader(transport=transport, host=target.host, python_argv=self._python_argv,
+                                        channel_timeout=channel_timeout)
 
     @property
     def target(self) -> SshTarget:
@@ -150,6 +154,14 @@ class RemoteSession:
         payload = json.dumps(params).encode() + b"\n"
         return self._stream(name, payload, cancel=cancel, deadline_s=deadline_s, idle_timeout_s=idle_timeout_s)
 
+    def put_file(self, name: str, data: bytes, *, mode: int = 0o600) -> str:
+        """Place `data` as `name` in the private directory (created and filled with the scripts first if
+        need be), checked by SHA-256 on the host; returns its path there. Raises `ScriptUploadFailed`
+        (including a digest that differs on arrival), `SshConnectionLost`."""
+        remote_dir = self._ensure_scripts()
+        self._uploader.upload(remote_dir, [UploadFile(name, data, mode)])
+        return f"{remote_dir}/{name}"
+
     def close(self) -> None:
         """Remove the uploaded scripts and disconnect. Idempotent; never raises for a dead connection."""
         if self._closed:
@@ -190,18 +202,7 @@ class RemoteSession:
         if self._scripts_uploaded:
             return remote_dir
         files = sorted(p for p in self._scripts_dir.glob("*.py") if p.name != "__init__.py")
-        try:
-            sftp = self._transport.open_sftp_client()
-            try:
-                for path in files:
-                    with sftp.open(f"{remote_dir}/{path.name}", "wb") as remote_file:
-                        remote_file.write(path.read_bytes())
-            finally:
-                sftp.close()
-        except (OSError, EOFError, paramiko.SSHException) as e:
-            if not self._transport.is_active():
-                raise SshConnectionLost(f"connection to {self._target.host} lost while uploading scripts") from e
-            raise ScriptUploadFailed(f"could not upload scripts to {self._target.host}:{remote_dir}: {e}") from e
+        self._uploader.upload(remote_dir, [UploadFile(p.name, p.read_bytes()) for p in files])
         self._scripts_uploaded = True  # only now: after a failed upload, the next run_script uploads again
         logger.debug("uploaded %d script(s) to %s:%s", len(files), self._target.host, remote_dir)
         return remote_dir

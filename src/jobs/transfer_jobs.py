@@ -8,6 +8,7 @@ from sqlalchemy.orm import Session
 from src.db import transaction
 from src.errors import JobFailed
 from src.jobs.context import JobContext
+from src.jobs.host_tools import host_s5cmd
 from src.jobs.kinds import JobKind
 from src.jobs.remote import Endpoint, machine_endpoint, run_script, ssh_session, storage_params
 from src.jobs.rows import set_snapshot, snapshot_fields, snapshot_row
@@ -36,9 +37,10 @@ def take_snapshot(ctx: JobContext, snapshot_id: str, endpoint: Endpoint) -> dict
         "workspace_path": snap["workspace_path"], "s3": storage_params(ctx), "prefix": snap["storage_prefix"],
         "snapshot_id": snap["id"], "instance_id": snap["machine_id"], "codec": snap["requested_codec"],
         "part_size": ctx.settings.snapshot_part_size_mb << 20, "parallelism": ctx.settings.snapshot_parallelism,
-        "excludes": snap["excludes"], "s5cmd": ctx.settings.remote_s5cmd,
+        "excludes": snap["excludes"],
     }
     with ssh_session(ctx, endpoint) as session:
+        params["s5cmd"], s5cmd_used = host_s5cmd(ctx, session)
         result = run_script(ctx, session, "snapshot", params)
     ctx.progress(phase="verify")
     check_objects(ctx, prefix=snap["storage_prefix"], manifest_sha256=result.get("manifest_sha256"), deep=False)
@@ -59,8 +61,12 @@ def take_snapshot(ctx: JobContext, snapshot_id: str, endpoint: Endpoint) -> dict
         add_event(s, snap["machine_id"], "snapshot_complete",
                   f"snapshot {snap['id']}: {result.get('raw_bytes')} bytes in {result.get('parts')} parts",
                   job_id=ctx.job_id)
+        warnings = [str(w) for w in result.get("warnings") or []]
+        for warning in warnings:  # e.g. no compressor on the host: parts stored uncompressed
+            add_event(s, snap["machine_id"], "snapshot_warning", warning, job_id=ctx.job_id)
         summary = _summary(snapshot_row(row))
-    summary.update(uploaded_parts=result.get("uploaded_parts"), skipped_parts=result.get("skipped_parts"))
+    summary.update(uploaded_parts=result.get("uploaded_parts"), skipped_parts=result.get("skipped_parts"),
+                   warnings=warnings, codec_fallback=result.get("codec_fallback"), s5cmd=s5cmd_used)
     return summary
 
 
@@ -93,13 +99,14 @@ def restore_onto(ctx: JobContext, snap: dict[str, Any], endpoint: Endpoint, work
     if snap["status"] != "complete":
         raise JobFailed(f"snapshot {snap['id']} is {snap['status']}, not complete", code="snapshot_not_complete")
     params = {"workspace_path": workspace, "s3": storage_params(ctx), "prefix": snap["storage_prefix"],
-              "parallelism": ctx.settings.snapshot_parallelism, "s5cmd": ctx.settings.remote_s5cmd,
+              "parallelism": ctx.settings.snapshot_parallelism,
               # The script refuses a manifest other than the one recorded at completion; with that chain
               # (manifest digest -> part digests) the archive is exactly what our snapshot read, so
               # the workspace's own symlinks to outside it (a venv's bin/python -> /usr/bin/python3)
               # are restored as they were. Nothing is ever extracted through such a link.
               "manifest_sha256": snap["manifest_sha256"], "allow_external_symlinks": bool(snap["manifest_sha256"])}
     with ssh_session(ctx, endpoint) as session:
+        params["s5cmd"], s5cmd_used = host_s5cmd(ctx, session)
         result = run_script(ctx, session, "restore", params)
     with transaction(ctx.container.session_factory) as s:
         machine = s.get(Machine, endpoint.machine_id)
@@ -108,7 +115,8 @@ def restore_onto(ctx: JobContext, snap: dict[str, Any], endpoint: Endpoint, work
         add_event(s, endpoint.machine_id, "restored", f"snapshot {snap['id']} restored into {workspace}",
                   job_id=ctx.job_id)
     return {"snapshot_id": snap["id"], "workspace_path": workspace, "raw_bytes": result.get("raw_bytes"),
-            "files": result.get("files"), "parts": result.get("parts"), "duration_s": result.get("duration_s")}
+            "files": result.get("files"), "parts": result.get("parts"), "duration_s": result.get("duration_s"),
+            "s5cmd": s5cmd_used}
 
 
 def _summary(snap: dict[str, Any]) -> dict[str, Any]:

@@ -38,6 +38,11 @@ def fake_host_key(seed: str) -> str:
 
 FAKE_HOST_KEY = fake_host_key("fake-gpu-host")
 
+# What probe_host.py answers on a host that has a recent s5cmd on its PATH (the jobs' first call).
+HOST_WITH_S5CMD = [{"event": "started", "pid": 2, "pgid": 2},
+                   {"event": "result", "machine": "x86_64", "s5cmd_path": "/usr/local/bin/s5cmd",
+                    "s5cmd_version": "v2.3.0-991c9fb", "s5cmd_sha256": None}]
+
 
 @dataclass
 class ScriptCall:
@@ -91,6 +96,12 @@ class FakeRemoteSession:
         self.client.script_calls.append(call)
         return self._steps(call, list(self.client.scripts[name]), cancel)
 
+    def put_file(self, name: str, data: bytes, *, mode: int = 0o600) -> str:
+        """Like RemoteSession.put_file: the file lands in the session's private directory."""
+        self._check_open()
+        self.client.files[name] = (bytes(data), mode)
+        return f"/tmp/gpusnap.fake/{name}"
+
     def close(self) -> None:
         self.closed = True
 
@@ -119,7 +130,8 @@ class FakeSshClient:
         host_key: str = FAKE_HOST_KEY,
         policy: SshPolicy | None = None,
     ) -> None:
-        self.scripts: dict[str, list[Any]] = dict(scripts or {})
+        # probe_host answers "s5cmd is here" unless a test scripts it otherwise
+        self.scripts: dict[str, list[Any]] = {"probe_host": HOST_WITH_S5CMD, **(scripts or {})}
         self.host_key = host_key  # what the "server" presents; change it to simulate a new machine
         self.policy = policy  # checked like the real client: a refused host is never "connected"
         self.fail_next_opens: list[BaseException] = []  # raised by the next open() calls, in order
@@ -128,6 +140,7 @@ class FakeSshClient:
         self.sessions: list[FakeRemoteSession] = []  # sessions handed out (authenticated)
         self.script_calls: list[ScriptCall] = []
         self.commands: list[list[str]] = []
+        self.files: dict[str, tuple[bytes, int]] = {}  # put_file: name -> (bytes, mode)
 
     def open(self, target: SshTarget) -> FakeRemoteSession:
         if self.policy is not None:

@@ -202,7 +202,7 @@ class RemoteSession:
         if self._scripts_uploaded:
             return remote_dir
         files = sorted(p for p in self._scripts_dir.glob("*.py") if p.name != "__init__.py")
-        self._uploader.upload(remote_dir, [UploadFile(p.name, p.read_bytes()) for p in files])
+        self._uploader.upload(remote_dir, [UploadFile.from_path(p) for p in files])
         self._scripts_uploaded = True  # only now: after a failed upload, the next run_script uploads again
         logger.debug("uploaded %d script(s) to %s:%s", len(files), self._target.host, remote_dir)
         return remote_dir

@@ -37,6 +37,14 @@ class UploadFile:
     data: bytes
     mode: int = 0o600
 
+    @classmethod
+    def from_path(cls, path: Path, mode: int = 0o600) -> UploadFile:
+        """Read a local file to upload; raises `ScriptUploadFailed` when it cannot be read."""
+        try:
+            return cls(path.name, path.read_bytes(), mode)
+        except OSError as e:
+            raise ScriptUploadFailed(f"cannot read {path} to upload it: {e}") from e
+
     @property
     def sha256(self) -> str:
         return hashlib.sha256(self.data).hexdigest()

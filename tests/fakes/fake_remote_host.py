@@ -8,7 +8,8 @@ Tests configure it, run the code under test, then assert on its recorded state:
     assert fake.opened[0].pinned_host_key is None           # first use
     assert fake.script_calls[0].params["s3"]["bucket"] == "b"
 
-A script's list may hold an exception instance: it is raised when the run reaches that step (e.g.
+A script may also be a callable `(params) -> list of steps`, for a host whose answer depends on what
+it is asked (probe_host before and after a file was shipped). A script's list may hold an exception instance: it is raised when the run reaches that step (e.g.
 `SshConnectionLost("dropped")` after two progress events). Setting the `cancel` event makes the next
 step raise `RemoteCancelled`, like the real session after it killed the process group.
 """
@@ -94,7 +95,8 @@ class FakeRemoteSession:
         call = ScriptCall(target=self.target, name=name, params=copy.deepcopy(params),
                           deadline_s=deadline_s, idle_timeout_s=idle_timeout_s)
         self.client.script_calls.append(call)
-        return self._steps(call, list(self.client.scripts[name]), cancel)
+        steps = self.client.scripts[name]
+        return self._steps(call, list(steps(copy.deepcopy(params)) if callable(steps) else steps), cancel)
 
     def put_file(self, name: str, data: bytes, *, mode: int = 0o600) -> str:
         """Like RemoteSession.put_file: the file lands in the session's private directory."""
@@ -131,7 +133,7 @@ class FakeSshClient:
         policy: SshPolicy | None = None,
     ) -> None:
         # probe_host answers "s5cmd is here" unless a test scripts it otherwise
-        self.scripts: dict[str, list[Any]] = {"probe_host": HOST_WITH_S5CMD, **(scripts or {})}
+        self.scripts: dict[str, Any] = {"probe_host": HOST_WITH_S5CMD, **(scripts or {})}
         self.host_key = host_key  # what the "server" presents; change it to simulate a new machine
         self.policy = policy  # checked like the real client: a refused host is never "connected"
         self.fail_next_opens: list[BaseException] = []  # raised by the next open() calls, in order

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import shlex
 import time
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ from src.adapters.remote_errors import ScriptUploadFailed, SshConnectionLost
 logger = logging.getLogger(__name__)
 
 _RECEIVER = Path(__file__).resolve().parent.parent / "remote_scripts" / "gs_receive.py"
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
 _SEND_CHUNK = 1 << 18
 _MIN_RATE = 1 << 20  # bytes/s: an upload may take 60 s plus one second per MiB before it times out
 
@@ -36,6 +38,11 @@ class UploadFile:
     name: str
     data: bytes
     mode: int = 0o600
+
+    def __post_init__(self) -> None:
+        # The same rule gs_receive.py applies on the host: a plain name inside the private directory.
+        if not _NAME.match(self.name) or not 0 <= self.mode <= 0o700:
+            raise ValueError(f"cannot upload {self.name!r} with mode {self.mode:o}")
 
     @classmethod
     def from_path(cls, path: Path, mode: int = 0o600) -> UploadFile:

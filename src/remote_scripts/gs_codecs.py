@@ -190,7 +190,9 @@ def _zstd(level: int, bootstrap: bool) -> Codec:
         return ZstdCodec(level=level, bootstrap=bootstrap)
     except ScriptError as exc:
         binary = shutil.which("zstd")
-        if exc.code != "missing_dependency" or binary is None:
+        if exc.code != "missing_dependency":
+            raise
+        if binary is None:
             raise ScriptError(exc.code, "%s; and no `zstd` binary is on PATH" % exc.message) from None
         codec = ZstdCliCodec(binary, level=level)
         codec.fallback = {"requested": "zstd", "used": "zstd", "implementation": codec.version(),

@@ -240,8 +240,8 @@ def fallback_warning(codec: Codec) -> Optional[str]:
     if not fb:
         return None
     used = fb["used"] if fb["used"] != "zstd" else "zstd (%s)" % (fb.get("implementation") or "zstd")
-    return "codec %s was asked for; parts are stored with %s because: %s" % (
-        fb["requested"], used, "; ".join(fb["reasons"]))
+    why = " ".join("; ".join(fb["reasons"]).split())  # one line: pip's errors span several
+    return "codec %s was asked for; parts are stored with %s because: %s" % (fb["requested"], used, why[:1000])
 
 
 def for_restore(names: Any, bootstrap: bool = True) -> Dict[str, Codec]:

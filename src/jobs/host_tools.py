@@ -130,5 +130,6 @@ def host_s5cmd(ctx: JobContext, session: Any, *, tool: LocalTool | None = None) 
     shipped_version = parse_version(str(check.get("s5cmd_version") or ""))
     if shipped_version is None or shipped_version < MIN_S5CMD:
         raise JobFailed(f"{why}, and the shipped s5cmd answers version {check.get('s5cmd_version')!r} on the "
-                        f"host (needs >= 2.3.0): install s5cmd there or set REMOTE_S5CMD", code="missing_dependency")
+                        f"host (needs >= 2.3.0; an empty answer: it does not run there, e.g. a noexec $TMPDIR): install "
+                        f"s5cmd >= 2.3.0 there or set REMOTE_S5CMD", code="missing_dependency")
     return path, {"source": "shipped", "path": path, "version": check.get("s5cmd_version"), "sha256": tool.sha256}

@@ -69,7 +69,7 @@ class ScriptUploader:
         self._host = host
         self._python_argv = list(python_argv)
         self._channel_timeout = channel_timeout
-        self.sftp_available: bool | None = None  # None: not tried yet
+        self.sftp_available: bool | None = None  # None: not tried yet; False: absent or cannot write
         self.last_method: str | None = None
 
     def upload(self, remote_dir: str, files: Sequence[UploadFile]) -> str:
@@ -80,12 +80,18 @@ class ScriptUploader:
         if not files:
             return "none"
         method = "exec"
+        timeout = 60.0 + sum(len(f.data) for f in files) / _MIN_RATE
         if self.sftp_available is not False:
-            sftp = self._open_sftp()
+            sftp = self._open_sftp(timeout)
             if sftp is not None:
-                method = "sftp"
                 try:
                     self._put_sftp(sftp, remote_dir, files)
+                    method = "sftp"
+                except ScriptUploadFailed as e:
+                    # SFTP is there but cannot reach the directory (a chrooted internal-sftp, say):
+                    # the exec channel may still; if not, its own error says why.
+                    logger.warning("SFTP upload to %s failed (%s); sending files over an exec channel", self._host, e)
+                    self.sftp_available = False  # and from now on: it would only fail again
                 finally:
                     sftp.close()
         self._receive(remote_dir, files, "check" if method == "sftp" else "receive")
@@ -93,9 +99,14 @@ class ScriptUploader:
         logger.debug("uploaded %d file(s) to %s:%s by %s", len(files), self._host, remote_dir, method)
         return method
 
-    def _open_sftp(self) -> paramiko.SFTPClient | None:
+    def _open_sftp(self, timeout: float) -> paramiko.SFTPClient | None:
         try:
-            sftp = self._transport.open_sftp_client()
+            # open_sftp_client() would wait for the channel without a limit; every read and write on
+            # this channel is bounded by `timeout` too (paramiko raises socket.timeout).
+            channel = self._transport.open_session(timeout=self._channel_timeout)
+            channel.settimeout(timeout)
+            channel.invoke_subsystem("sftp")
+            sftp = paramiko.SFTPClient(channel)
         except (paramiko.SSHException, EOFError, OSError) as e:
             if not self._transport.is_active():
                 raise SshConnectionLost(f"connection to {self._host} lost while opening SFTP") from e
@@ -137,6 +148,9 @@ class ScriptUploader:
         answer = _last_json_line(out)
         if status == 0 and answer.get("ok") is True:
             return
+        if status == 127 and not answer:
+            raise ScriptUploadFailed(f"REMOTE_PYTHON ({shlex.join(self._python_argv)}) was not found on "
+                                     f"{self._host}: set REMOTE_PYTHON to the host's python3 (3.8+)")
         why = answer.get("error") or err.decode("utf-8", "replace").strip()[-500:] or f"exit status {status}"
         raise ScriptUploadFailed(f"files in {self._host}:{remote_dir} failed the {mode} step: {why}")
 

@@ -50,3 +50,23 @@ def test_a_private_directory_opened_to_others_is_refused(sshd_factory, sftp) -> 
         os.chmod(session.remote_dir, 0o755)  # someone widened it between two uploads
         with pytest.raises(ScriptUploadFailed, match="0700"):
             session.put_file("s5cmd", b"\x7fELF not really", mode=0o700)
+
+
+def test_a_remote_python_that_is_not_there_is_named(sshd_factory) -> None:  # type: ignore[no-untyped-def]
+    server = sshd_factory(sftp=False)
+    client = SshClient(server.client_key_path, policy=SshPolicy.from_setting("127.0.0.1/32"), connect_timeout=5,
+                       ready_retries=0, remote_python="/nonexistent/python3")
+    with client.open(SshTarget(host=server.host, port=server.port, user=server.user)) as session:
+        with pytest.raises(ScriptUploadFailed, match="REMOTE_PYTHON"):
+            list(session.run_script("probe_host", {"s5cmd": "s5cmd"}))
+
+
+def test_an_sftp_that_cannot_write_falls_back_to_the_exec_channel(sshd_factory) -> None:  # type: ignore[no-untyped-def]
+    server = sshd_factory(sftp_read_only=True)  # answers SFTP, refuses every write
+    with _open(server) as session:
+        events = list(session.run_script("probe_host", {"s5cmd": "s5cmd"}))
+        assert events[-1]["event"] == "result"
+        assert session._uploader.sftp_available is False and session._uploader.last_method == "exec"
+        path = session.put_file("tool", b"payload", mode=0o700)
+        with open(path, "rb") as f:
+            assert f.read() == b"payload"

@@ -37,8 +37,8 @@ def sshd_factory() -> Iterator[Callable[..., LoopbackSshd]]:
     after it (`sftp=False`: a server without the SFTP subsystem)."""
     servers: list[LoopbackSshd] = []
 
-    def make(*, start: bool = True, sftp: bool = True) -> LoopbackSshd:
-        server = LoopbackSshd(sftp=sftp)
+    def make(*, start: bool = True, sftp: bool = True, sftp_read_only: bool = False) -> LoopbackSshd:
+        server = LoopbackSshd(sftp=sftp, sftp_read_only=sftp_read_only)
         servers.append(server)
         return _started(server) if start else server
 

@@ -60,11 +60,13 @@ class LoopbackSshd:
     """A throwaway sshd. `start()` blocks until it answers with its banner; `stop()` is idempotent."""
 
     def __init__(self, *, host: str = "127.0.0.1", port: int | None = None, sshd_path: str = SSHD_PATH,
-                 sftp: bool = True) -> None:
+                 sftp: bool = True, sftp_read_only: bool = False) -> None:
         """`sftp=False`: no `Subsystem sftp` line, as in minimal images and some container sshd
-        configs; a client asking for the subsystem is refused and only exec channels work."""
+        configs; a client asking for the subsystem is refused and only exec channels work.
+        `sftp_read_only`: the subsystem answers but refuses every write (`internal-sftp -R`)."""
         self.host = host
         self.sftp = sftp
+        self.sftp_read_only = sftp_read_only
         self.port = port or free_port(host)
         self.user = getpass.getuser()
         self._sshd_path = sshd_path
@@ -189,6 +191,6 @@ class LoopbackSshd:
             "MaxStartups 100:30:200",
             "MaxSessions 100",
             "LogLevel VERBOSE",
-            *(["Subsystem sftp internal-sftp"] if self.sftp else []),
+            *([f"Subsystem sftp internal-sftp{' -R' if self.sftp_read_only else ''}"] if self.sftp else []),
             "",
         ])

@@ -100,6 +100,7 @@ class ScriptUploader:
         return method
 
     def _open_sftp(self, timeout: float) -> paramiko.SFTPClient | None:
+        channel: paramiko.Channel | None = None
         try:
             # open_sftp_client() would wait for the channel without a limit; every read and write on
             # this channel is bounded by `timeout` too (paramiko raises socket.timeout).
@@ -108,6 +109,8 @@ class ScriptUploader:
             channel.invoke_subsystem("sftp")
             sftp = paramiko.SFTPClient(channel)
         except (paramiko.SSHException, EOFError, OSError) as e:
+            if channel is not None:
+                channel.close()
             if not self._transport.is_active():
                 raise SshConnectionLost(f"connection to {self._host} lost while opening SFTP") from e
             # OpenSSH answers a subsystem it does not have by closing the channel ("Channel closed.").

@@ -27,6 +27,7 @@ from typing import Any
 
 from src.adapters.remote_errors import HostKeyMismatch, RemoteCancelled
 from src.adapters.remote_types import CommandResult, SshTarget, normalize_host_key
+from src.adapters.script_upload import UploadFile
 from src.adapters.ssh_policy import SshPolicy
 
 
@@ -101,6 +102,7 @@ class FakeRemoteSession:
     def put_file(self, name: str, data: bytes, *, mode: int = 0o600) -> str:
         """Like RemoteSession.put_file: the file lands in the session's private directory."""
         self._check_open()
+        UploadFile(name, bytes(data), mode)  # the same name and mode rules (ValueError)
         self.client.files[name] = (bytes(data), mode)
         return f"/tmp/gpusnap.fake/{name}"
 

@@ -30,6 +30,7 @@ from src.adapters.remote_errors import (
 from src.adapters.remote_kill import kill_script
 from src.adapters.remote_types import CommandResult, SshTarget
 from src.adapters.remote_watchdog import Watchdog
+from src.adapters.script_upload import ScriptUploader, UploadFile
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,9 @@ class RemoteSession:
         self._remote_dir: str | None = None
         self._scripts_uploaded = False
         self._closed = False
+        # SFTP, or an exec channel where the host has no SFTP subsystem; what arrives is hash-checked.
+        self._uploader = ScriptUploader(transport=transport, host=target.host, python_argv=self._python_argv,
+                                        channel_timeout=channel_timeout)
 
     def _interpreter_hint(self, status: int, stderr_tail: str) -> str:
         """When the interpreter itself could not run the script (not found: the shell's 126/127; too old
@@ -168,6 +172,15 @@ class RemoteSession:
         return self._stream(name, payload, cancel=cancel or self._cancel, deadline_s=deadline_s,
                             idle_timeout_s=idle_timeout_s)
 
+    def put_file(self, name: str, data: bytes, *, mode: int = 0o600) -> str:
+        """Place `data` as `name` in the private directory (created and filled with the scripts first if
+        need be), checked by SHA-256 on the host; returns its path there. Raises `ScriptUploadFailed`
+        (including a digest that differs on arrival), `SshConnectionLost`."""
+        remote_dir = self._ensure_scripts(self._cancel)
+        with self._watchdog.guard(f"uploading {name}", timeout=self._upload_timeout, cancel=self._cancel):
+            self._uploader.upload(remote_dir, [UploadFile(name, data, mode)])
+        return f"{remote_dir}/{name}"
+
     def close(self) -> None:
         """Remove the uploaded scripts and disconnect. Idempotent; never raises for a dead connection."""
         if self._closed:
@@ -214,20 +227,10 @@ class RemoteSession:
         if self._scripts_uploaded:
             return remote_dir
         files = sorted(p for p in self._scripts_dir.glob("*.py") if p.name != "__init__.py")
-        # The SFTP start and every SFTP read wait without a limit in paramiko: the guard bounds them.
+        # SFTP start and reads wait without a limit in paramiko, and so may the exec-channel fallback:
+        # the guard bounds the whole upload (and a cancel closes the connection at once).
         with self._watchdog.guard("script upload", timeout=self._upload_timeout, cancel=cancel):
-            try:
-                sftp = self._transport.open_sftp_client()
-                try:
-                    for path in files:
-                        with sftp.open(f"{remote_dir}/{path.name}", "wb") as remote_file:
-                            remote_file.write(path.read_bytes())
-                finally:
-                    sftp.close()
-            except (OSError, EOFError, paramiko.SSHException) as e:
-                if not self._transport.is_active():
-                    raise SshConnectionLost(f"connection to {self._target.host} lost while uploading scripts") from e
-                raise ScriptUploadFailed(f"could not upload scripts to {self._target.host}:{remote_dir}: {e}") from e
+            self._uploader.upload(remote_dir, [UploadFile.from_path(p) for p in files])
         self._scripts_uploaded = True  # only now: after a failed upload, the next run_script uploads again
         logger.debug("uploaded %d script(s) to %s:%s", len(files), self._target.host, remote_dir)
         return remote_dir

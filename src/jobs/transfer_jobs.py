@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 from src.db import transaction
 from src.errors import ExternalError, GpusnapError, JobFailed
 from src.jobs.context import JobContext, JobLost
+from src.jobs.host_tools import host_s5cmd
 from src.jobs.kinds import JobKind
 from src.jobs.remote import Endpoint, machine_endpoint, run_script, ssh_session, storage_params
 from src.jobs.rows import find_snapshot, set_snapshot, snapshot_fields, snapshot_row
@@ -47,10 +48,10 @@ def take_snapshot(ctx: JobContext, snapshot_id: str, endpoint: Endpoint) -> dict
         "s3": storage_params(ctx, prefix=snap["storage_prefix"], write=True),
         "snapshot_id": snap["id"], "instance_id": snap["machine_id"], "codec": snap["requested_codec"],
         "part_size": ctx.settings.snapshot_part_size_mb << 20, "parallelism": ctx.settings.snapshot_parallelism,
-        "excludes": snap["excludes"], "s5cmd": ctx.settings.remote_s5cmd,
+        "excludes": snap["excludes"],
     }
     try:
-        result = run_remote(ctx, endpoint, "snapshot", params)
+        result, s5cmd_used = run_remote(ctx, endpoint, "snapshot", params)
         _verify_uploaded(ctx, snap["storage_prefix"], result.get("manifest_sha256"))
     except JobLost:
         raise  # another worker owns the job now and resumes the upload: leave its parts alone
@@ -74,15 +75,22 @@ def take_snapshot(ctx: JobContext, snapshot_id: str, endpoint: Endpoint) -> dict
         add_event(s, snap["machine_id"], "snapshot_complete",
                   f"snapshot {snap['id']}: {result.get('raw_bytes')} bytes in {result.get('parts')} parts",
                   job_id=ctx.job_id)
+        warnings = [str(w) for w in result.get("warnings") or []]
+        for warning in warnings:  # e.g. no compressor on the host: parts stored uncompressed
+            add_event(s, snap["machine_id"], "snapshot_warning", warning, job_id=ctx.job_id)
         summary = _summary(snapshot_row(row))
     summary.update(uploaded_parts=result.get("uploaded_parts"), skipped_parts=result.get("skipped_parts"),
-                   scan=result.get("scan"), remote_tries=ctx.state.get("remote_tries", 1))
+                   scan=result.get("scan"), remote_tries=ctx.state.get("remote_tries", 1),
+                   warnings=warnings, codec_fallback=result.get("codec_fallback"), s5cmd=s5cmd_used)
     return summary
 
 
-def run_remote(ctx: JobContext, endpoint: Endpoint, name: str, params: dict[str, Any]) -> dict[str, Any]:
-    """Run remote script `name` on a fresh SSH session, up to `REMOTE_TRIES` times when the link drops or
-    the bucket keeps failing (backoff `REMOTE_RETRY_BACKOFF_S`, doubled each time). Every try gets the same
+def run_remote(ctx: JobContext, endpoint: Endpoint, name: str,
+               params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run remote script `name` on a fresh SSH session with the host's s5cmd, or ours shipped to it
+    (`host_tools.host_s5cmd`); returns (the script's result, which s5cmd it used). Up to `REMOTE_TRIES`
+    times when the link drops or the bucket keeps failing (backoff `REMOTE_RETRY_BACKOFF_S`, doubled each
+    time). Every try gets the same
     parameters (same snapshot id and prefix), so a snapshot resumes and skips the parts already stored, and
     a restore starts again in a fresh staging directory. The try in progress is saved in the job's state
     (`remote_tries`) and shown as phase `retry_wait` between tries; a cancel is honoured during the wait."""
@@ -92,7 +100,8 @@ def run_remote(ctx: JobContext, endpoint: Endpoint, name: str, params: dict[str,
         ctx.check_cancelled()
         try:
             with ssh_session(ctx, endpoint) as session:
-                return run_script(ctx, session, name, params)
+                s5cmd_path, s5cmd_used = host_s5cmd(ctx, session)
+                return run_script(ctx, session, name, {**params, "s5cmd": s5cmd_path}), s5cmd_used
         except (ExternalError, JobFailed) as e:
             transient = (e.code in _RETRYABLE_REMOTE and getattr(e, "retryable", False)) or \
                 (isinstance(e, JobFailed) and e.code in _RETRYABLE_SCRIPT)
@@ -194,7 +203,7 @@ def restore_onto(ctx: JobContext, snap: dict[str, Any], endpoint: Endpoint, work
         raise JobFailed(f"snapshot {snap['id']} is {snap['status']}, not complete", code="snapshot_not_complete")
     params = {"workspace_path": workspace, "prefix": snap["storage_prefix"],
               "s3": storage_params(ctx, prefix=snap["storage_prefix"], write=False),
-              "parallelism": ctx.settings.snapshot_parallelism, "s5cmd": ctx.settings.remote_s5cmd,
+              "parallelism": ctx.settings.snapshot_parallelism,
               # The script refuses a manifest other than the one recorded at completion; with that chain
               # (manifest digest -> part digests) the archive is exactly what our snapshot read, so
               # the workspace's own symlinks to outside it (a venv's bin/python -> /usr/bin/python3)
@@ -203,7 +212,7 @@ def restore_onto(ctx: JobContext, snap: dict[str, Any], endpoint: Endpoint, work
               "overwrite": overwrite,
               # setuid/setgid bits come back only when the restore asked for them
               "keep_setuid": keep_setuid}
-    result = run_remote(ctx, endpoint, "restore", params)
+    result, s5cmd_used = run_remote(ctx, endpoint, "restore", params)
     with ctx.owned() as s:  # fenced: only while this attempt owns the job
         machine = s.get(Machine, endpoint.machine_id)
         if machine is not None:
@@ -213,7 +222,8 @@ def restore_onto(ctx: JobContext, snap: dict[str, Any], endpoint: Endpoint, work
     return {"snapshot_id": snap["id"], "workspace_path": workspace, "raw_bytes": result.get("raw_bytes"),
             "files": result.get("files"), "parts": result.get("parts"), "duration_s": result.get("duration_s"),
             "previous_workspace": result.get("previous_workspace"), "remote_tries": ctx.state.get("remote_tries", 1),
-            "skipped_members": result.get("skipped_members"), "setuid_cleared": result.get("setuid_cleared")}
+            "skipped_members": result.get("skipped_members"), "setuid_cleared": result.get("setuid_cleared"),
+            "s5cmd": s5cmd_used}
 
 
 def _summary(snap: dict[str, Any]) -> dict[str, Any]:

@@ -1,17 +1,26 @@
-"""Part codecs: `none`, `zstd` (CPU, zstandard package) and `nvcomp-ans` (GPU, nvidia.nvcomp).
+"""Part codecs: `none`, `zstd` (CPU: the zstandard package, or the `zstd` binary when the package
+cannot be had) and `nvcomp-ans` (GPU, nvidia.nvcomp).
 
 Each part is compressed independently (one zstd frame / one nvCOMP native bitstream), so parts can
 be produced, uploaded, downloaded and decoded in any order and in parallel. The codec is recorded per
 part: a part that does not shrink by at least MIN_SAVING is stored raw with codec `none`.
+
+A missing compressor never fails a snapshot: `for_snapshot` walks down nvcomp-ans -> zstandard ->
+`zstd` binary -> none and says what it skipped and why (`Codec.fallback`), which snapshot.py
+records in its result and in the manifest (`source.codec_fallback`, `warnings`).
 """
 from __future__ import annotations
 
 import ctypes
+import shutil
 import threading
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from gs_bootstrap import ensure
 from gs_common import ScriptError, read_full
+from gs_zstd_cli import ZstdCliCodec
+
+_FALLBACK_CODES = ("missing_dependency", "codec_unavailable")  # "the compressor is not here"
 
 MIN_SAVING = 0.03  # a part must shrink by 3% to be worth a decompression step on restore
 PART_CODECS = ("zstd", "nvcomp-ans", "none")  # what a manifest may name for a part
@@ -25,6 +34,8 @@ class Codec:
     restore may skip the SHA-256 of the decoded bytes."""
 
     name = "none"
+    # Set by for_snapshot when this codec replaces the one asked for: {"requested", "used", "reasons"}.
+    fallback: Optional[Dict[str, Any]] = None
 
     def checks_output(self, stored: Any) -> bool:
         return True  # `none`: the decoded bytes are the SHA-256-verified stored bytes
@@ -56,7 +67,7 @@ class ZstdCodec(Codec):
     name = "zstd"
 
     def __init__(self, level: int = 3, threads: int = 0, bootstrap: bool = True) -> None:
-        self.zstd = ensure("zstandard", "zstandard", install=bootstrap)
+        self.zstd = ensure("zstandard", "zstandard", install=bootstrap)  # pinned, hash-checked
         self.level = level
         self.threads = threads
         self._local = threading.local()  # zstandard contexts must not be shared between threads
@@ -125,7 +136,7 @@ class NvcompAnsCodec(Codec):
         if driver is None:
             raise ScriptError("codec_unavailable", "nvcomp-ans needs a CUDA GPU; none is visible")
         major = 13 if driver >= 13000 else 12
-        self.nvcomp = ensure("nvidia.nvcomp", "nvidia-nvcomp-cu%d" % major, install=bootstrap)
+        self.nvcomp = ensure("nvidia.nvcomp", "nvidia-nvcomp-cu%d" % major, install=bootstrap)  # pinned
         self.device_id = device_id
         self._local = threading.local()  # nvCOMP: one Codec per thread (documented thread-safety)
 
@@ -173,30 +184,79 @@ def cuda_driver_version() -> Optional[int]:
         return None
 
 
+def _zstd(level: int, bootstrap: bool) -> Codec:
+    """zstd frames: the zstandard package (imported or installed pinned), else the `zstd` binary."""
+    try:
+        return ZstdCodec(level=level, bootstrap=bootstrap)
+    except ScriptError as exc:
+        binary = shutil.which("zstd")
+        if exc.code != "missing_dependency":
+            raise
+        if binary is None:
+            raise ScriptError(exc.code, "%s; and no `zstd` binary is on PATH" % exc.message) from None
+        codec = ZstdCliCodec(binary, level=level)
+        codec.fallback = {"requested": "zstd", "used": "zstd", "implementation": codec.version(),
+                          "reasons": [exc.message]}
+        return codec
+
+
 def for_snapshot(name: str, level: int, bootstrap: bool = True) -> Codec:
     """The codec that compresses new parts. `auto` = nvCOMP ANS when a GPU and an importable nvCOMP
-    are present (no install attempted), zstd otherwise."""
+    are present (no install attempted), zstd otherwise.
+
+    Whatever is asked for, a compressor that is missing (not installable, no GPU) is replaced by the
+    next one down nvcomp-ans -> zstd (package, then binary) -> none, never an error; the returned
+    codec's `fallback` says so (None when `auto` simply found no GPU: that is its documented rule)."""
+    if name not in CODEC_NAMES:
+        raise ScriptError("bad_config", "unknown codec %r (expected one of %s)" % (name, ", ".join(CODEC_NAMES)))
     if name == "none":
         return Codec()
-    if name == "zstd":
-        return ZstdCodec(level=level, bootstrap=bootstrap)
-    if name == "nvcomp-ans":
-        return NvcompAnsCodec(bootstrap=bootstrap)
-    if name == "auto":
+    reasons: List[str] = []
+    if name in ("nvcomp-ans", "auto"):
         try:
-            return NvcompAnsCodec(bootstrap=False)  # codec_unavailable without a GPU
-        except ScriptError:
-            return ZstdCodec(level=level, bootstrap=bootstrap)
-    raise ScriptError("bad_config", "unknown codec %r (expected one of %s)" % (name, ", ".join(CODEC_NAMES)))
+            return NvcompAnsCodec(bootstrap=bootstrap and name == "nvcomp-ans")
+        except ScriptError as exc:
+            if exc.code not in _FALLBACK_CODES:
+                raise
+            if name == "nvcomp-ans":
+                reasons.append(exc.message)
+    try:
+        codec = _zstd(level, bootstrap)
+    except ScriptError as exc:
+        if exc.code not in _FALLBACK_CODES:
+            raise
+        codec = Codec()
+        reasons.append(exc.message)
+    if reasons or codec.fallback:
+        reasons += (codec.fallback or {}).get("reasons", [])
+        codec.fallback = {"requested": name, "used": codec.name, "implementation": codec.version(),
+                          "reasons": reasons}
+    return codec
+
+
+def fallback_warning(codec: Codec) -> Optional[str]:
+    """One line for a job result / manifest `warnings`, when the codec is not the one asked for."""
+    fb = codec.fallback
+    if not fb:
+        return None
+    used = fb["used"] if fb["used"] != "zstd" else "zstd (%s)" % (fb.get("implementation") or "zstd")
+    why = " ".join("; ".join(fb["reasons"]).split())  # one line: pip's errors span several
+    return "codec %s was asked for; parts are stored with %s because: %s" % (fb["requested"], used, why[:1000])
 
 
 def for_restore(names: Any, bootstrap: bool = True) -> Dict[str, Codec]:
-    """Decoders for every codec named in a manifest (so a missing one fails before any download)."""
+    """Decoders for every codec named in a manifest (so a missing one fails before any download).
+    zstd parts decode with the zstandard package or, without it, the `zstd` binary (same frames)."""
     out: Dict[str, Codec] = {}
     for name in sorted(set(names)):
         if name not in PART_CODECS:
             raise ScriptError("manifest_invalid", "unknown part codec %r" % name)
-        out[name] = for_snapshot(name, 3, bootstrap)
+        if name == "none":
+            out[name] = Codec()
+        elif name == "zstd":
+            out[name] = _zstd(3, bootstrap)
+        else:
+            out[name] = NvcompAnsCodec(bootstrap=bootstrap)
     return out
 
 

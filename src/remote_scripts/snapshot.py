@@ -24,7 +24,7 @@ from typing import Any, Dict, List
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from gs_codecs import CODEC_NAMES, for_snapshot  # noqa: E402
+from gs_codecs import CODEC_NAMES, fallback_warning, for_snapshot  # noqa: E402
 from gs_common import MAX_PARALLELISM, Context, ScriptError, heartbeat, key_prefix, require, run_script  # noqa: E402
 from gs_manifest import MANIFEST_NAME, build, part_key, utc_now  # noqa: E402
 from gs_pipeline import PartUploader  # noqa: E402
@@ -127,9 +127,15 @@ def main(cfg: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
     source = {"hostname": socket.gethostname(), "workspace_path": workspace,
               "python": platform.python_version(), "tar": _tool_version(["tar", "--version"]),
               "s5cmd": _tool_version([opts["s5cmd"], "version"]), "codecs": {codec.name: codec.version()}}
+    warning = fallback_warning(codec)  # a missing compressor is said, never an error
+    warnings = [warning] if warning else []
+    if codec.fallback:
+        source["codec_fallback"] = codec.fallback
     manifest = build(cfg=cfg, codec=codec.name, part_size=opts["part_size"], parts=parts, files=files,
                      source=source, created_at=created_at,
                      timings=dict(timings, total_s=round(time.monotonic() - started, 3)))
+    if warnings:
+        manifest["warnings"] = warnings
     body = json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8")
     digest = hashlib.sha256(body).hexdigest()
     s5.put(prefix + MANIFEST_NAME, body, {"sha256": digest})
@@ -148,6 +154,7 @@ def main(cfg: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
         # `files` and `raw_bytes` with it before destroying anything (hollow_snapshot).
         "scan": {"entries": max(0, entries - 1), "bytes": bytes_total},
         "duration_s": round(time.monotonic() - started, 3), "timings": timings,
+        "warnings": warnings, "codec_fallback": codec.fallback,
     }
 
 

@@ -8,7 +8,8 @@ Tests configure it, run the code under test, then assert on its recorded state:
     assert fake.opened[0].pinned_host_key is None           # first use
     assert fake.script_calls[0].params["s3"]["bucket"] == "b"
 
-A script's list may hold an exception instance: it is raised when the run reaches that step (e.g.
+A script may also be a callable `(params) -> list of steps`, for a host whose answer depends on what
+it is asked (probe_host before and after a file was shipped). A script's list may hold an exception instance: it is raised when the run reaches that step (e.g.
 `SshConnectionLost("dropped")` after two progress events). Setting the `cancel` event makes the next
 step raise `RemoteCancelled`, like the real session after it killed the process group.
 """
@@ -26,6 +27,7 @@ from typing import Any
 
 from src.adapters.remote_errors import HostKeyMismatch, RemoteCancelled
 from src.adapters.remote_types import CommandResult, SshTarget, normalize_host_key
+from src.adapters.script_upload import UploadFile
 from src.adapters.ssh_policy import SshPolicy
 
 
@@ -37,6 +39,11 @@ def fake_host_key(seed: str) -> str:
 
 
 FAKE_HOST_KEY = fake_host_key("fake-gpu-host")
+
+# What probe_host.py answers on a host that has a recent s5cmd on its PATH (the jobs' first call).
+HOST_WITH_S5CMD = [{"event": "started", "pid": 2, "pgid": 2},
+                   {"event": "result", "machine": "x86_64", "s5cmd_path": "/usr/local/bin/s5cmd",
+                    "s5cmd_version": "v2.3.0-991c9fb", "s5cmd_sha256": None}]
 
 
 @dataclass
@@ -91,7 +98,15 @@ class FakeRemoteSession:
         call = ScriptCall(target=self.target, name=name, params=copy.deepcopy(params),
                           deadline_s=deadline_s, idle_timeout_s=idle_timeout_s)
         self.client.script_calls.append(call)
-        return self._steps(call, list(self.client.scripts[name]), cancel)
+        steps = self.client.scripts[name]
+        return self._steps(call, list(steps(copy.deepcopy(params)) if callable(steps) else steps), cancel)
+
+    def put_file(self, name: str, data: bytes, *, mode: int = 0o600) -> str:
+        """Like RemoteSession.put_file: the file lands in the session's private directory."""
+        self._check_open()
+        UploadFile(name, bytes(data), mode)  # the same name and mode rules (ValueError)
+        self.client.files[name] = (bytes(data), mode)
+        return f"/tmp/gpusnap.fake/{name}"
 
     def close(self) -> None:
         self.closed = True
@@ -121,7 +136,8 @@ class FakeSshClient:
         host_key: str = FAKE_HOST_KEY,
         policy: SshPolicy | None = None,
     ) -> None:
-        self.scripts: dict[str, list[Any]] = dict(scripts or {})
+        # probe_host answers "s5cmd is here" unless a test scripts it otherwise
+        self.scripts: dict[str, Any] = {"probe_host": HOST_WITH_S5CMD, **(scripts or {})}
         self.host_key = host_key  # what the "server" presents; change it to simulate a new machine
         self.policy = policy  # checked like the real client: a refused host is never "connected"
         self.fail_next_opens: list[BaseException] = []  # raised by the next open() calls, in order
@@ -130,6 +146,7 @@ class FakeSshClient:
         self.sessions: list[FakeRemoteSession] = []  # sessions handed out (authenticated)
         self.script_calls: list[ScriptCall] = []
         self.commands: list[list[str]] = []
+        self.files: dict[str, tuple[bytes, int]] = {}  # put_file: name -> (bytes, mode)
 
     def open(self, target: SshTarget, *, cancel: threading.Event | None = None) -> FakeRemoteSession:
         if self.policy is not None:

@@ -95,7 +95,7 @@ def test_hibernate_snapshots_verifies_then_destroys(world):
     assert machine["status"] == "hibernated" and machine["vast_instance_id"] is None
     assert machine["ssh_host"] is None and not machine["host_key_pinned"]
     # The SSH endpoint came from vast.ai, and the script got the bucket credentials on stdin.
-    call = world.ssh.script_calls[0]
+    call = next(c for c in world.ssh.script_calls if c.name != "probe_host")
     assert call.target.host == "127.0.0.1" and call.params["s3"]["secret_key"] == "s"
 
 

@@ -33,11 +33,12 @@ def sshd() -> Iterator[LoopbackSshd]:
 
 @pytest.fixture
 def sshd_factory() -> Iterator[Callable[..., LoopbackSshd]]:
-    """`sshd_factory(start=True)`: a private LoopbackSshd for this test, stopped and removed after it."""
+    """`sshd_factory(start=True, sftp=True)`: a private LoopbackSshd for this test, stopped and removed
+    after it (`sftp=False`: a server without the SFTP subsystem)."""
     servers: list[LoopbackSshd] = []
 
-    def make(*, start: bool = True) -> LoopbackSshd:
-        server = LoopbackSshd()
+    def make(*, start: bool = True, sftp: bool = True, sftp_read_only: bool = False) -> LoopbackSshd:
+        server = LoopbackSshd(sftp=sftp, sftp_read_only=sftp_read_only)
         servers.append(server)
         return _started(server) if start else server
 

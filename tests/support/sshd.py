@@ -59,8 +59,14 @@ def _children(pid: int) -> list[int]:
 class LoopbackSshd:
     """A throwaway sshd. `start()` blocks until it answers with its banner; `stop()` is idempotent."""
 
-    def __init__(self, *, host: str = "127.0.0.1", port: int | None = None, sshd_path: str = SSHD_PATH) -> None:
+    def __init__(self, *, host: str = "127.0.0.1", port: int | None = None, sshd_path: str = SSHD_PATH,
+                 sftp: bool = True, sftp_read_only: bool = False) -> None:
+        """`sftp=False`: no `Subsystem sftp` line, as in minimal images and some container sshd
+        configs; a client asking for the subsystem is refused and only exec channels work.
+        `sftp_read_only`: the subsystem answers but refuses every write (`internal-sftp -R`)."""
         self.host = host
+        self.sftp = sftp
+        self.sftp_read_only = sftp_read_only
         self.port = port or free_port(host)
         self.user = getpass.getuser()
         self._sshd_path = sshd_path
@@ -184,7 +190,7 @@ class LoopbackSshd:
             f"AllowUsers {self.user}",
             "MaxStartups 100:30:200",
             "MaxSessions 100",
-            "Subsystem sftp internal-sftp",
             "LogLevel VERBOSE",
+            *([f"Subsystem sftp internal-sftp{' -R' if self.sftp_read_only else ''}"] if self.sftp else []),
             "",
         ])

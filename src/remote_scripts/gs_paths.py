@@ -16,7 +16,6 @@ Deny list (a restore replaces the whole directory, so each entry says what would
 from __future__ import annotations
 
 import fnmatch
-import posixpath
 from typing import List, Optional
 
 DENY_TREES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/run", "/sbin",

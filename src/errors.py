@@ -3,6 +3,12 @@ and the job runner records `code` and `message` on a failed job."""
 from __future__ import annotations
 
 
+def storable(text: str) -> str:
+    """`text` with anything UTF-8 cannot encode (lone surrogates: a host's non-UTF-8 file name, decoded with
+    surrogateescape) written as backslash escapes, so that the database and JSON can always hold it."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class GpusnapError(Exception):
     """Base of every error we raise on purpose. `code` is a stable snake_case identifier for clients."""
 
@@ -10,6 +16,7 @@ class GpusnapError(Exception):
     http_status = 500
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
+        message = storable(message)
         super().__init__(message)
         self.message = message
         if code is not None:

@@ -200,6 +200,12 @@ class Instance:
         return self.actual_status == "running"
 
     @property
+    def is_released(self) -> bool:
+        """Destroyed: vast.ai may go on showing a destroyed instance for a while, with `cur_state`
+        `unloaded` ("released on destroy", vast.ai's show-instance reference); it bills nothing more."""
+        return self.cur_state == "unloaded"
+
+    @property
     def direct_ssh_endpoint(self) -> SshEndpoint | None:
         """The host's public address and the host port Docker mapped to the container's 22/tcp."""
         bindings = self.ports.get("22/tcp")

@@ -28,8 +28,8 @@ def get_instance(instance_id: str) -> Response:
     return ok(service.get_machine(container().session_factory, instance_id))
 
 
-@route(bp, "/<instance_id>/hibernate", "POST", tag=TAG, body=m.HibernateRequest, responses={202: m.JobResponse},
-       idempotency=True, path_params=_ID, summary="Snapshot the workspace, verify it, then destroy the instance",
+@route(bp, "/<instance_id>/hibernate", "POST", tag=TAG, body=m.HibernateRequest,
+       responses={202: m.JobResponse, 503: m.ErrorResponse}, idempotency=True, path_params=_ID, summary="Snapshot the workspace, verify it, then destroy the instance",
        description="The instance is destroyed only after the snapshot is complete and verified; "
                    "`destroy_after: false` takes the snapshot and keeps the instance.")
 def hibernate(instance_id: str, body: m.HibernateRequest, idempotency_key: str | None) -> Response:

@@ -108,7 +108,8 @@ class HibernateRequest(_Strict):
 class WakeRequest(_Strict):
     snapshot_id: SnapshotId | None = None
     gpu_type: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9 _.-]+$")] | None = None
-    num_gpus: Annotated[int, Field(ge=1, le=16)] = 1
+    num_gpus: Annotated[int, Field(ge=1, le=16, description="Default: the machine's own GPU count, as recorded "
+                                                          "when it was rented or hibernated (else 1)")] | None = None
     region: Annotated[str, Field(min_length=2, max_length=32, pattern=r"^[A-Za-z-]+$")] | None = None
     max_price: Annotated[float, Field(gt=0, le=1000, description="USD per hour")] | None = None
     disk_gb: Annotated[int, Field(ge=1, le=100_000)] | None = None
@@ -140,8 +141,12 @@ class JobListQuery(_Strict):
     cursor: Annotated[str, Field(min_length=1, max_length=128)] | None = None
 
 
+MachineStatus = Literal["unknown", "running", "hibernating", "hibernated", "waking", "pausing", "paused", "resuming",
+                        "error"]
+
+
 class InstanceListQuery(_Strict):
-    status: Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[a-z_]+$")] | None = None
+    status: MachineStatus | None = None
     limit: Annotated[int, Field(ge=1, le=200)] = 50
     cursor: Annotated[str, Field(min_length=1, max_length=256)] | None = None  # base64 of a 128-char machine id
 

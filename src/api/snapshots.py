@@ -30,13 +30,13 @@ def _create(body: m.CreateSnapshotRequest, idempotency_key: str | None) -> Respo
 
 
 @route(bp, "", "POST", tag=TAG, summary="Snapshot a workspace over SSH", body=m.CreateSnapshotRequest,
-       responses={202: m.SnapshotJobResponse}, idempotency=True)
+       responses={202: m.SnapshotJobResponse, 503: m.ErrorResponse}, idempotency=True)
 def create_snapshot(body: m.CreateSnapshotRequest, idempotency_key: str | None) -> Response:
     return _create(body, idempotency_key)
 
 
 @route(bp, "/create", "POST", tag=TAG, summary="Alias of POST /api/gpu-snapshots", body=m.CreateSnapshotRequest,
-       responses={202: m.SnapshotJobResponse}, idempotency=True)
+       responses={202: m.SnapshotJobResponse, 503: m.ErrorResponse}, idempotency=True)
 def create_snapshot_alias(body: m.CreateSnapshotRequest, idempotency_key: str | None) -> Response:
     return _create(body, idempotency_key)
 
@@ -48,7 +48,7 @@ def get_snapshot(snapshot_id: str) -> Response:
 
 
 @route(bp, "/<snapshot_id>/restore", "POST", tag=TAG, summary="Restore a snapshot onto a host over SSH",
-       body=m.RestoreSnapshotRequest, responses={202: m.JobResponse}, idempotency=True, path_params=_ID,
+       body=m.RestoreSnapshotRequest, responses={202: m.JobResponse, 503: m.ErrorResponse}, idempotency=True, path_params=_ID,
        description="Nothing reaches the live workspace until every part is verified and extracted beside it. "
                    "System directories are refused (422 `system_path`); a non-empty workspace is replaced only "
                    "with `overwrite: true` (else the job fails with `workspace_exists`), and the replaced tree is "
@@ -63,7 +63,7 @@ def restore_snapshot(snapshot_id: str, body: m.RestoreSnapshotRequest, idempoten
 
 
 @route(bp, "/<snapshot_id>/verify", "POST", tag=TAG, summary="Check a snapshot's objects in the bucket",
-       body=m.VerifySnapshotRequest, body_optional=True, responses={202: m.JobResponse}, idempotency=True,
+       body=m.VerifySnapshotRequest, body_optional=True, responses={202: m.JobResponse, 503: m.ErrorResponse}, idempotency=True,
        path_params=_ID)
 def verify_snapshot(snapshot_id: str, body: m.VerifySnapshotRequest, idempotency_key: str | None) -> Response:
     job = service.verify_snapshot(container(), snapshot_id, deep=body.deep, idem=idempotency(idempotency_key, body))
@@ -71,7 +71,7 @@ def verify_snapshot(snapshot_id: str, body: m.VerifySnapshotRequest, idempotency
 
 
 @route(bp, "/<snapshot_id>", "DELETE", tag=TAG, summary="Delete a snapshot: objects first, then the record",
-       query=m.DeleteSnapshotQuery, responses={202: m.JobResponse}, idempotency=True,
+       query=m.DeleteSnapshotQuery, responses={202: m.JobResponse, 503: m.ErrorResponse}, idempotency=True,
        path_params=_ID,
        description="409 `snapshot_needed` for the snapshot a hibernated machine would wake from (unless "
                    "`force=true`); 409 `snapshot_busy` while a job uses it.")

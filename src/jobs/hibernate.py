@@ -86,6 +86,18 @@ def hibernate(ctx: JobContext) -> dict[str, Any]:
     return result
 
 
+def _remember_shape(ctx: JobContext, machine_id: str, instance: Any) -> None:
+    """Record the GPUs and image of the instance about to be hibernated: what a later wake rents by default
+    (a machine gpusnap did not rent itself has no offer of ours on record)."""
+    with ctx.owned() as s:  # fenced: only while this attempt owns the job
+        machine = s.get(Machine, machine_id)
+        if machine is None:
+            return
+        shape = {"num_gpus": instance.num_gpus, "image": instance.raw.get("image_uuid")}
+        machine.offer = {**(machine.offer or {}), **{k: v for k, v in shape.items() if v}}
+        machine.gpu_name = instance.gpu_name or machine.gpu_name
+
+
 def _endpoint(ctx: JobContext, machine_id: str) -> Endpoint:
     """The machine's SSH endpoint; asked of vast.ai when the request gave none."""
     m = machine_fields(ctx, machine_id)
@@ -133,6 +145,8 @@ def _instance_endpoint(ctx: JobContext, machine_id: str) -> Endpoint:
     vast_id = int(m["vast_instance_id"])
     instance = ctx.container.vast().show_instance(vast_id)
     own = own_endpoints(instance) if instance is not None else set()
+    if instance is not None:
+        _remember_shape(ctx, machine_id, instance)
     if not own:
         raise JobFailed(f"vast.ai reports no SSH endpoint for instance {vast_id} (not running?); nothing was "
                         "snapshotted or destroyed", code="no_ssh_endpoint")
@@ -150,9 +164,12 @@ def _instance_endpoint(ctx: JobContext, machine_id: str) -> Endpoint:
         ctx.container.ssh_policy().check(ep.host)
         why = (f"remembered endpoint {remembered} is not vast.ai instance {vast_id}'s; using {ep.host}:{ep.port}"
                if remembered else f"SSH endpoint {ep.host}:{ep.port} from vast.ai")
-        set_machine(ctx, machine_id, ssh_host=ep.host, ssh_port=ep.port, host_key=None,
+        # The pin stays: whichever way vast.ai routes SSH (direct or proxy), it reaches this instance's own
+        # sshd, and a pin is reset only by a wake onto a new instance or by forget-host-key.
+        set_machine(ctx, machine_id, ssh_host=ep.host, ssh_port=ep.port,
                     event=("endpoint_replaced" if remembered else "endpoint_discovered", why))
-        endpoint = Endpoint(machine_id=machine_id, host=ep.host, port=ep.port, user=user, host_key=None)
+        endpoint = Endpoint(machine_id=machine_id, host=ep.host, port=ep.port, user=user,
+                            host_key=m.get("host_key"))
     ctx.save_state(snapshot_source={"vast_instance_id": vast_id,
                                     "endpoint": endpoint_text(endpoint.host, endpoint.port)})
     return endpoint

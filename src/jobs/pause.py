@@ -53,7 +53,14 @@ def resume(ctx: JobContext) -> dict[str, Any]:
                             "snapshot instead, or try again later", code="gpu_unavailable") from e
         raise
     ctx.progress(phase="wait_running")
-    instance = wait_running(ctx, vast, instance_id, deadline_s=ctx.settings.vast_ready_deadline_s)
+    try:
+        instance = wait_running(ctx, vast, instance_id, deadline_s=ctx.settings.vast_ready_deadline_s)
+    except JobFailed:
+        # vast.ai accepted the start but the instance never came up (it sits in "scheduling" while its
+        # host's resources are taken: vast-ai/docs cli/reference/start-instance.mdx). Left alone it may
+        # start, and bill, later while gpusnap says paused: take the start back before failing.
+        _cancel_queued_start(ctx, vast, instance_id)
+        raise
     ep = instance.ssh_endpoint
     # Same container, same host keys: the pin stays even if vast.ai maps SSH to another port.
     set_machine(ctx, machine_id, status="running", ssh_host=ep.host, ssh_port=ep.port,

@@ -42,6 +42,9 @@ def take_snapshot(ctx: JobContext, snapshot_id: str, endpoint: Endpoint) -> dict
     snap = snapshot_fields(ctx, snapshot_id)
     if snap["status"] == "complete":
         return _summary(snap)
+    if snap["status"] == "deleting":  # an earlier attempt failed and is removing what it uploaded
+        raise JobFailed(f"snapshot {snap['id']} failed and its parts are being removed; take a new snapshot",
+                        code="snapshot_discarded")
     set_snapshot(ctx, snap["id"], status="running", error_code=None, error_message=None)
     params = {
         "workspace_path": snap["workspace_path"], "prefix": snap["storage_prefix"],
@@ -101,7 +104,13 @@ def run_remote(ctx: JobContext, endpoint: Endpoint, name: str,
         try:
             with ssh_session(ctx, endpoint) as session:
                 s5cmd_path, s5cmd_used = host_s5cmd(ctx, session)
-                return run_script(ctx, session, name, {**params, "s5cmd": s5cmd_path}), s5cmd_used
+                # The newest (attempt, try) wins on the host: an older run of this step still going there
+                # (a frozen worker's, a hung link's) is stopped before this one touches the prefix or the
+                # workspace (gs_runlock).
+                run_lock = {"name": f"{name}-{params.get('snapshot_id') or params.get('restore_id')}",
+                            "rank": [ctx.attempt, attempt]}
+                return run_script(ctx, session, name, {**params, "s5cmd": s5cmd_path, "run_lock": run_lock}), \
+                    s5cmd_used
         except (ExternalError, JobFailed) as e:
             transient = (e.code in _RETRYABLE_REMOTE and getattr(e, "retryable", False)) or \
                 (isinstance(e, JobFailed) and e.code in _RETRYABLE_SCRIPT)
@@ -149,12 +158,18 @@ def discard_parts(ctx: JobContext, snap: dict[str, Any], *, reason: str) -> None
     if not prefix.rstrip("/").endswith("/" + snap["id"]):  # only a per-snapshot prefix, never a shared one
         logger.warning("not removing %s: not a per-snapshot prefix of %s", prefix, snap["id"])
         return
-    ctx.flush()  # a fresh heartbeat: an attempt that was frozen and has been replaced finds out it is lost
-    if ctx.lost:
+    # Claim the prefix for removal in a fenced write: only while this attempt owns the job, and only when
+    # the snapshot is not complete. `deleting` then stops any later attempt of the job from uploading into
+    # it (take_snapshot refuses that state), so a frozen attempt that wakes up here can never remove the
+    # parts of a snapshot its successor completed.
+    try:
+        with ctx.owned() as s:
+            row = s.get(Snapshot, snap["id"])
+            if row is None or row.status == "complete":
+                return  # deleted meanwhile (its delete job owns the objects), or finished after all
+            row.status = "deleting"
+    except JobLost:
         return  # the job's new owner is uploading into this prefix right now
-    current = find_snapshot(ctx, snap["id"])
-    if current is None or current["status"] == "complete":
-        return  # deleted meanwhile (its delete job owns the objects), or finished after all
     try:
         removed = ctx.container.object_store().delete_prefix(prefix)
     except GpusnapError as e:  # store down or not configured: the job's own error is what gets reported
@@ -210,6 +225,9 @@ def restore_onto(ctx: JobContext, snap: dict[str, Any], endpoint: Endpoint, work
               # are restored as they were. Nothing is ever extracted through such a link.
               "manifest_sha256": snap["manifest_sha256"], "allow_external_symlinks": bool(snap["manifest_sha256"]),
               "overwrite": overwrite,
+              # One id for every try and re-run of this job: a try that finds the restore committed already
+              # (its result lost with a dropped link or a dead worker) reports it instead of swapping again.
+              "restore_id": ctx.job_id,
               # setuid/setgid bits come back only when the restore asked for them
               "keep_setuid": keep_setuid}
     result, s5cmd_used = run_remote(ctx, endpoint, "restore", params)

@@ -36,7 +36,8 @@ def wait_running(ctx: JobContext, vast: Any, instance_id: int, *, deadline_s: fl
 
 
 def destroy_confirmed(ctx: JobContext, vast: Any, instance_id: int, *, deadline_s: float | None = None) -> None:
-    """Destroy the instance and poll until vast.ai no longer shows it. Retries failed destroys with
+    """Destroy the instance and poll until vast.ai no longer shows it, or shows it released (`cur_state`
+    `unloaded`). Retries failed destroys with
     backoff; never assumes success. Raises JobFailed(`destroy_unconfirmed`) past the deadline, and
     JobLost, before sending anything, once this attempt no longer owns the job (a frozen worker that
     wakes up must not destroy what its successor now runs on). A cancel does not stop it: it is often
@@ -51,7 +52,8 @@ def destroy_confirmed(ctx: JobContext, vast: Any, instance_id: int, *, deadline_
         try:
             vast.destroy_instance(instance_id)
             for _ in range(5):  # vast.ai may show a destroyed instance briefly; look again before re-sending
-                if _show(vast, instance_id) is None:
+                shown = _show(vast, instance_id)
+                if shown is None or shown.is_released:  # gone, or shown as released (`unloaded`)
                     return
                 time.sleep(interval)
             last_error = "still listed after destroy"

@@ -152,15 +152,17 @@ def _rent_until_running(ctx: JobContext, vast: Any, machine_id: str, *, disk_gb:
 
 
 def _destroy_labelled(ctx: JobContext, vast: Any, label_prefix: str) -> None:
-    """Destroy (confirmed) every instance whose label starts with `label_prefix`."""
+    """Destroy (confirmed) every instance whose label starts with `label_prefix` (those already released,
+    `unloaded`, are destroyed: vast.ai only still lists them)."""
     for instance in vast.list_instances(label_prefix=label_prefix):
-        destroy_confirmed(ctx, vast, instance.id)
+        if not instance.is_released:
+            destroy_confirmed(ctx, vast, instance.id)
 
 
 def _destroy_other_attempts(ctx: JobContext, vast: Any, job_prefix: str) -> None:
     """Destroy (confirmed) what earlier attempts of this job rented; never this attempt's own rentals."""
     for instance in vast.list_instances(label_prefix=job_prefix):
-        if _label_attempt(instance.label, job_prefix) != ctx.attempt:
+        if _label_attempt(instance.label, job_prefix) != ctx.attempt and not instance.is_released:
             logger.warning("destroying instance %s (%s) left by an earlier attempt of job %s", instance.id,
                            instance.label, ctx.job_id)
             destroy_confirmed(ctx, vast, instance.id)

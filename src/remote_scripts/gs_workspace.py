@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import fnmatch
 import glob
+import json
 import logging
 import os
 import shutil
 import time
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from gs_common import ScriptError
 
@@ -27,9 +28,14 @@ logger = logging.getLogger("gpusnap.remote")
 TAR_HEADER = 512
 STAGING_PREFIX = ".gpusnap-staging-"
 OLD_PREFIX = ".gpusnap-old-"
+# `<target>.gpusnap-restored-<restore id>` (inside the target for a mount point): written when a restore
+# commits, holding its result. A re-run of the same restore (a retry after the link dropped, a job re-run
+# after a worker died) finds it and reports that result instead of swapping again: a second swap would
+# move the restored tree aside and remove the kept original, the user's own workspace.
+DONE_PREFIX = ".gpusnap-restored-"
 # What a snapshot never saves: our own restore leftovers inside a mounted workspace (anchored: only
 # at the workspace root, where restore puts them).
-OWN_EXCLUDES = ["./" + STAGING_PREFIX + "*", "./" + OLD_PREFIX + "*"]
+OWN_EXCLUDES = ["./" + STAGING_PREFIX + "*", "./" + OLD_PREFIX + "*", "./" + DONE_PREFIX + "*"]
 
 
 def _excluded(rel: str, name: str, patterns: List[str]) -> bool:
@@ -86,7 +92,7 @@ def occupied(target: str) -> List[str]:
         return [os.path.basename(target)]
     found = []
     for name in names:
-        if name.startswith((STAGING_PREFIX, OLD_PREFIX)):
+        if name.startswith((STAGING_PREFIX, OLD_PREFIX, DONE_PREFIX)):
             continue
         if name == "lost+found":
             try:
@@ -103,6 +109,24 @@ def occupied(target: str) -> List[str]:
 def free_bytes(path: str) -> int:
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize
+
+
+def done_marker(target: str, restore_id: str) -> str:
+    """Where the restore `restore_id` of `target` records that it committed (see DONE_PREFIX)."""
+    target = os.path.normpath(target)
+    if os.path.isdir(target) and os.path.ismount(target):
+        return os.path.join(target, DONE_PREFIX + restore_id)
+    return target + DONE_PREFIX + restore_id
+
+
+def read_done(target: str, restore_id: str) -> Optional[Dict[str, Any]]:
+    """The result recorded by restore `restore_id` of `target` when it committed, or None."""
+    try:
+        with open(done_marker(target, restore_id)) as fh:
+            recorded = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return recorded if isinstance(recorded, dict) and os.path.isdir(target) else None
 
 
 class Staging:
@@ -169,12 +193,14 @@ class Staging:
         except OSError as exc:
             logger.warning("could not restore the attributes of %s: %s", self.target, exc)
 
-    def commit(self) -> None:
+    def commit(self, done: Optional[Tuple[str, Dict[str, Any]]] = None) -> None:
         """Swap staging into place; keep the replaced workspace (`kept_old`) and remove the ones kept
-        by earlier restores of this path."""
+        by earlier restores of this path. `done` (restore id, result) is recorded as that restore's
+        marker (DONE_PREFIX) right after the swap, replacing earlier restores' markers."""
         if self.inside:
             root = self._commit_inside()
             self._keep_old()
+            self._mark_done(done)
             # last, since removing staging/old inside the target changes the target's own mtime
             if os.geteuid() == 0:
                 os.chown(self.target, root.st_uid, root.st_gid)
@@ -184,6 +210,7 @@ class Staging:
         if not os.path.lexists(self.target):
             os.rename(self.path, self.target)
             self._keep_old()
+            self._mark_done(done)
             return
         os.rename(self.target, self.old)
         try:
@@ -192,6 +219,16 @@ class Staging:
             os.rename(self.old, self.target)  # put the old workspace back before failing
             raise
         self._keep_old()
+        self._mark_done(done)
+
+    def _mark_done(self, done: Optional[Tuple[str, Dict[str, Any]]]) -> None:
+        base = os.path.join(self.target, DONE_PREFIX) if self.inside else self.target + DONE_PREFIX
+        for earlier in glob.glob(glob.escape(base) + "*"):
+            os.unlink(earlier)
+        if done is not None:
+            restore_id, result = done
+            with open(base + restore_id, "w") as fh:
+                json.dump(dict(result, previous_workspace=self.kept_old), fh)
 
     def _keep_old(self) -> None:
         """After a successful swap: the replaced workspace stays as `self.old` (unless it was empty);

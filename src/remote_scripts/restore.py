@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -29,11 +30,12 @@ from gs_codecs import for_restore  # noqa: E402
 from gs_common import (MAX_PARALLELISM, Context, ScriptError, heartbeat, key_prefix, require,  # noqa: E402
                        run_script, tail_text, widen_pipe)
 from gs_fetch import PartFetcher, PartStream  # noqa: E402
+import gs_runlock  # noqa: E402
 from gs_manifest import MANIFEST_NAME, validate  # noqa: E402
 from gs_paths import denied_reason  # noqa: E402
 from gs_s3 import S5, NotFound  # noqa: E402
 from gs_tarsafe import MemberPolicy, extract_command, gate  # noqa: E402
-from gs_workspace import Staging, free_bytes, occupied  # noqa: E402
+from gs_workspace import Staging, free_bytes, occupied, read_done  # noqa: E402
 
 DEFAULT_PARALLELISM = 4
 MAX_MANIFEST_BYTES = 256 << 20
@@ -52,7 +54,12 @@ def parse_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
         "manifest_sha256": require(cfg, "manifest_sha256", str, None, required=False),
         "bootstrap": require(cfg, "bootstrap", bool, True),
         "overwrite": require(cfg, "overwrite", bool, False),
+        # The same id on every try of one restore job (its job id): a try that finds it committed
+        # reports that instead of swapping a second time (gs_workspace.DONE_PREFIX).
+        "restore_id": require(cfg, "restore_id", str, None, required=False),
     }
+    if opts["restore_id"] is not None and not re.match(r"^[A-Za-z0-9_-]{1,64}$", opts["restore_id"]):
+        raise ScriptError("bad_config", "restore_id must be 1-64 letters, digits, '_' or '-'")
     if not os.path.isabs(opts["workspace"]) or os.path.normpath(opts["workspace"]) == "/":
         raise ScriptError("bad_config", "workspace_path must be an absolute path other than /")
     return opts
@@ -142,6 +149,12 @@ class TarExtract:
 def main(cfg: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
     started = time.monotonic()
     opts = parse_config(cfg)
+    run_lock = gs_runlock.take(cfg.get("run_lock"))  # noqa: F841 - held (open) until this process ends
+    if opts["restore_id"] is not None:
+        done = read_done(opts["workspace"], opts["restore_id"])
+        if done is not None:  # this restore committed already (its result was lost with the link)
+            ctx.events.progress(force=True, phase="done")
+            return dict(done, already_restored=True, duration_s=round(time.monotonic() - started, 3))
     check_destination(opts["workspace"], opts["overwrite"])
     events, prefix = ctx.events, opts["prefix"]
     s5 = S5(ctx, opts["s3"], opts["s5cmd"])
@@ -186,7 +199,13 @@ def main(cfg: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
         t_swap = time.monotonic()
         events.progress(force=True, phase="swap")
         check_destination(opts["workspace"], opts["overwrite"])  # again: it may have filled meanwhile
-        staging.commit()
+        summary = {"workspace_path": staging.target, "snapshot_id": manifest.get("snapshot_id", ""),
+                   "raw_bytes": totals["raw_bytes"], "stored_bytes": totals["stored_bytes"], "parts": len(parts),
+                   "files": max(0, members - 1), "codec": manifest.get("codec", ""),
+                   # what the gate neutralised: FIFOs left out (names: the first 100), setuid/setgid cleared
+                   "skipped_members": policy.skipped_count, "skipped_names": policy.skipped,
+                   "setuid_cleared": policy.cleared_setuid}
+        staging.commit((opts["restore_id"], summary) if opts["restore_id"] is not None else None)
     except BaseException:
         staging.discard()
         raise
@@ -194,15 +213,8 @@ def main(cfg: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
     timings.update(stream_s=round(t_swap - t_download, 3), swap_s=round(time.monotonic() - t_swap, 3))
     events.progress(force=True, phase="done", bytes_done=totals["raw_bytes"], bytes_total=totals["raw_bytes"],
                     parts_done=len(parts), parts_total=len(parts))
-    return {
-        "workspace_path": staging.target, "snapshot_id": manifest.get("snapshot_id", ""),
-        "raw_bytes": totals["raw_bytes"], "stored_bytes": totals["stored_bytes"], "parts": len(parts),
-        "files": max(0, members - 1), "codec": manifest.get("codec", ""), "previous_workspace": staging.kept_old,
-        # what the gate neutralised: FIFOs left out (names: the first 100), setuid/setgid bits cleared
-        "skipped_members": policy.skipped_count, "skipped_names": policy.skipped,
-        "setuid_cleared": policy.cleared_setuid,
-        "duration_s": round(time.monotonic() - started, 3), "timings": timings,
-    }
+    return dict(summary, previous_workspace=staging.kept_old, duration_s=round(time.monotonic() - started, 3),
+                timings=timings)
 
 
 if __name__ == "__main__":

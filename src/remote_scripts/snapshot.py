@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from gs_codecs import CODEC_NAMES, fallback_warning, for_snapshot  # noqa: E402
 from gs_common import MAX_PARALLELISM, Context, ScriptError, heartbeat, key_prefix, require, run_script  # noqa: E402
+import gs_runlock  # noqa: E402
 from gs_manifest import MANIFEST_NAME, build, part_key, utc_now  # noqa: E402
 from gs_pipeline import PartUploader  # noqa: E402
 from gs_s3 import S5  # noqa: E402
@@ -85,6 +86,7 @@ def _tool_version(cmd: List[str]) -> str:
 def main(cfg: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
     started, created_at = time.monotonic(), utc_now()
     opts = parse_config(cfg)
+    run_lock = gs_runlock.take(cfg.get("run_lock"))  # noqa: F841 - held (open) until this process ends
     workspace, prefix, events = opts["workspace"], opts["prefix"], ctx.events
     if not os.path.isdir(workspace):
         raise ScriptError("workspace_not_found", "workspace %s is not a directory" % workspace)

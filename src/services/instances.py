@@ -73,11 +73,12 @@ def hibernate(c: "Container", machine_id: str, *, workspace_path: str, ssh_host:
 
 @job_service.settle_idempotency_race(lambda _s, job: job_view(job))
 def wake(c: "Container", machine_id: str, *, snapshot_id: str | None = None, gpu_type: str | None = None,
-         num_gpus: int = 1, region: str | None = None, max_price: float | None = None, disk_gb: int | None = None,
-         image: str | None = None, workspace_path: str | None = None, idem: Idempotency | None = None
-         ) -> dict[str, Any]:
+         num_gpus: int | None = None, region: str | None = None, max_price: float | None = None,
+         disk_gb: int | None = None, image: str | None = None, workspace_path: str | None = None,
+         idem: Idempotency | None = None) -> dict[str, Any]:
     """Start a `wake` job: rent an instance that fits and restore `snapshot_id` (default: the machine's
-    latest complete snapshot) onto it. Raises NotFound, Conflict (not hibernated, no snapshot),
+    latest complete snapshot) onto it. GPU type, GPU count and image default to the machine's own, as
+    recorded when it was rented or hibernated. Raises NotFound, Conflict (not hibernated, no snapshot),
     Unprocessable (disk_gb too small for the snapshot), NotConfigured (no vast.ai key)."""
     c.vast()  # NotConfigured now, not in a job later
     with transaction(c.session_factory) as s:
@@ -102,9 +103,11 @@ def wake(c: "Container", machine_id: str, *, snapshot_id: str | None = None, gpu
         if disk_gb is not None and disk_gb < needed:
             raise Unprocessable(f"disk_gb {disk_gb} is too small: snapshot {snap.id} needs at least {needed} GB",
                                 code="disk_too_small")
-        params = {"snapshot_id": snap.id, "gpu_type": gpu_type or machine.gpu_name, "num_gpus": num_gpus,
+        shape = machine.offer or {}
+        params = {"snapshot_id": snap.id, "gpu_type": gpu_type or machine.gpu_name,
+                  "num_gpus": num_gpus or shape.get("num_gpus") or 1,
                   "region": region, "max_price": max_price, "disk_gb": disk_gb or needed,
-                  "image": image or (machine.offer or {}).get("image") or c.settings.vast_default_image,
+                  "image": image or shape.get("image") or c.settings.vast_default_image,
                   "workspace_path": workspace_path or snap.workspace_path, "ssh_user": machine.ssh_user}
         job = job_service.add_job(s, kind="wake", params=params, lock_key=f"machine:{machine.id}",
                                   machine_id=machine.id, snapshot_id=snap.id, idem=idem)

@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from src.db import transaction
-from src.errors import Conflict, InvalidRequest, NotFound
+from src.errors import Conflict, InvalidRequest, NotFound, storable
 from src.models import Job, new_id, utcnow
 from src.services.pagination import Page, fetch_page
 from src.services.views import job_view
@@ -248,7 +248,7 @@ def finish_in_session(s: Session, job: Job, *, status: str, result: dict[str, An
     if result is not None:
         job.result = result
     if error is not None:
-        job.error_code, job.error_message = error[0], error[1][:4000]
+        job.error_code, job.error_message = error[0], storable(error[1])[:4000]
     if on_end is not None:
         on_end(s, job)
 

@@ -8,7 +8,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from src.db import transaction
-from src.errors import NotFound
+from src.errors import NotFound, storable
 from src.models import Job, Machine, MachineEvent
 from src.services.pagination import Page, fetch_page
 from src.services.views import machine_view
@@ -17,6 +17,20 @@ from src.services.views import machine_view
 def machine_id_for(*, instance_id: str | None, host: str, port: int) -> str:
     """SSH targets named without a machine id get one from their endpoint."""
     return instance_id or f"{host}:{port}"
+
+
+def resolve_alias(s: Session, machine_id: str) -> str:
+    """The id of the machine `machine_id` names: itself, or, when no machine has that id, the machine now
+    running on the vast.ai instance of that number (after a wake, clients may use the new instance id).
+    Requests that register a target must resolve it, or one host gets two machine rows and two locks."""
+    if s.get(Machine, machine_id) is not None:
+        return machine_id
+    vast_id = vast_instance_id_of(machine_id)
+    if vast_id is not None:
+        alias = s.scalar(select(Machine.id).where(Machine.vast_instance_id == vast_id))
+        if alias is not None:
+            return alias
+    return machine_id
 
 
 def ensure_machine(s: Session, *, machine_id: str, host: str | None, port: int | None, user: str | None,
@@ -89,7 +103,7 @@ def forget_host_key(session_factory: sessionmaker[Session], machine_id: str) -> 
 
 def add_event(s: Session, machine_id: str, kind: str, message: str, *, job_id: str | None = None,
               data: dict[str, Any] | None = None) -> None:
-    s.add(MachineEvent(machine_id=machine_id, kind=kind, message=message, job_id=job_id, data=data))
+    s.add(MachineEvent(machine_id=machine_id, kind=kind, message=storable(message), job_id=job_id, data=data))
 
 
 def active_job_id(s: Session, machine_id: str) -> str | None:

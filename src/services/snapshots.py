@@ -12,7 +12,7 @@ from src.errors import Conflict, NotFound
 from src.models import Job, Machine, Snapshot, new_id
 from src.services import jobs as job_service
 from src.services.jobs import Idempotency
-from src.services.machines import add_event, ensure_machine, machine_id_for
+from src.services.machines import add_event, ensure_machine, machine_id_for, resolve_alias
 from src.services.pagination import Page, fetch_page
 from src.services.path_policy import check_excludes, check_restore_path
 from src.services.views import job_view, snapshot_view
@@ -44,6 +44,7 @@ def create_snapshot(c: "Container", *, instance_id: str, ssh_host: str, ssh_port
         replay = job_service.find_replay(s, idem)
         if replay is not None:
             return snapshot_view(_snapshot(s, replay.snapshot_id)), job_view(replay)
+        instance_id = resolve_alias(s, instance_id)
         existing = s.get(Machine, instance_id)
         if existing is not None and existing.status in NEEDS_SNAPSHOT:
             # Its newest complete snapshot is what it wakes from: a snapshot of some other endpoint
@@ -93,7 +94,7 @@ def restore_snapshot(c: "Container", snapshot_id: str, *, ssh_host: str, ssh_por
         snap = _snapshot(s, snapshot_id, lock=True)
         _require_restorable(snap)
         _require_no_delete(s, snap.id)
-        target = machine_id_for(instance_id=instance_id, host=ssh_host, port=ssh_port)
+        target = resolve_alias(s, machine_id_for(instance_id=instance_id, host=ssh_host, port=ssh_port))
         ensure_machine(s, machine_id=target, host=ssh_host, port=ssh_port, user=ssh_user)
         job = job_service.add_job(s, kind="restore_snapshot",
                                   params={"snapshot_id": snap.id, "workspace_path": workspace_path,
@@ -171,11 +172,13 @@ def latest_complete(s: Session, machine_id: str) -> Snapshot | None:
 
 def snapshots_needed_by_machines(s: Session, *, assume_restorable: Collection[str] = ()) -> dict[str, list[str]]:
     """{snapshot id: [machine ids]} for every snapshot that a machine without a live instance of its own
-    (status in NEEDS_SNAPSHOT) would wake from: its newest complete snapshot, which is what `wake`
-    picks by default. Deleting one loses that workspace for good, so DELETE (unless forced), the delete
+    (status in NEEDS_SNAPSHOT) would wake from: its newest snapshot that ever completed, which is what
+    `wake` picks by default. Deleting one loses that workspace for good, so DELETE (unless forced), the delete
     job and any retention or garbage collection must leave these alone. `assume_restorable`: ids to
     count as complete whatever their status (a delete in progress asks "was this the one?")."""
-    restorable = Snapshot.status == RESTORABLE
+    # Once complete counts: a verify that failed once (a part briefly missing, a flaky store) marks the
+    # snapshot `failed`, and it may still be the only copy of the workspace, so it stays protected.
+    restorable = or_(Snapshot.status == RESTORABLE, Snapshot.completed_at.is_not(None))
     if assume_restorable:
         restorable = or_(restorable, Snapshot.id.in_(list(assume_restorable)))
     newest = (select(Snapshot.machine_id.label("machine_id"), func.max(Snapshot.id).label("snapshot_id"))
@@ -199,9 +202,10 @@ def check_deletable(s: Session, snapshot_id: str, *, force: bool, was_restorable
     busy = s.scalar(query.limit(1))
     if busy is not None:
         raise Conflict(f"job {busy} is using snapshot {snapshot_id}; cancel it or wait", code="snapshot_busy")
-    if force or not was_restorable:
+    if force:
         return
-    machines = snapshots_needed_by_machines(s, assume_restorable=[snapshot_id]).get(snapshot_id)
+    machines = snapshots_needed_by_machines(s, assume_restorable=[snapshot_id] if was_restorable else ()
+                                            ).get(snapshot_id)
     if machines:
         raise Conflict(f"snapshot {snapshot_id} is what machine {', '.join(sorted(machines))} would wake from "
                        "(its only copy of the workspace); wake it first, or delete with force=true",

@@ -95,6 +95,7 @@ class _Switches:
     fail_start_next: collections.deque = field(default_factory=collections.deque)
     linger_next_destroys: int = 0
     linger_gets: int = 0
+    linger_unloaded: bool = False
     create_failures: collections.deque = field(default_factory=collections.deque)
     gone_offers: set[int] = field(default_factory=set)
 
@@ -146,11 +147,13 @@ class FakeVastMarket:
                 self._sw.fail_start_offers[offer_id] = status
             self._sw.fail_start_next.extend([status] * next_n)
 
-    def linger_after_destroy(self, gets: int, *, next_n: int = 1) -> None:
-        """The next `next_n` destroys succeed (billing stops) but the instance is still shown, unchanged,
-        by the next `gets` reads of it."""
+    def linger_after_destroy(self, gets: int, *, next_n: int = 1, unloaded: bool = False) -> None:
+        """The next `next_n` destroys succeed (billing stops) but the instance is still shown by the next
+        `gets` reads of it: unchanged, or with `unloaded` as vast.ai shows a released one (`cur_state`
+        "unloaded (released on destroy)", vast.ai's show-instance reference)."""
         with self._lock:
             self._sw.linger_next_destroys, self._sw.linger_gets = next_n, gets
+            self._sw.linger_unloaded = unloaded
 
     def fail_next_creates(self, n: int = 1, *, mode: str = "http_500") -> None:
         """The next `n` creates fail but leave a contract behind. `mode`: "http_500" (a 500 that does not
@@ -313,6 +316,8 @@ class FakeVastMarket:
         if self._sw.linger_next_destroys > 0:
             self._sw.linger_next_destroys -= 1
             meta.linger_gets = self._sw.linger_gets
+            if self._sw.linger_unloaded:
+                self._instances[iid]["cur_state"] = "unloaded"
         return 200, {"success": True}
 
     def answer_list_v1(self, query: Mapping[str, str]) -> Answer:

@@ -267,8 +267,8 @@ class _CancelDuringRestore(FakeSshClient):
         super().__init__(**kwargs)
         self.on_restore = on_restore
 
-    def open(self, target):  # type: ignore[no-untyped-def]
-        session = super().open(target)
+    def open(self, target, **kwargs):  # type: ignore[no-untyped-def]
+        session = super().open(target, **kwargs)
         run_script = session.run_script
 
         def run_script_then_cancel(name, params, **kw):  # type: ignore[no-untyped-def]

@@ -49,7 +49,9 @@ def _snapshot_body(machine_id: str) -> dict[str, Any]:
 
 
 def _hibernate_body() -> dict[str, Any]:
-    return {"workspace_path": "/workspace", "ssh_host": "10.1.2.3", "ssh_port": 2222}
+    # destroy_after false: the race is about registering the machine and its lock; a destroying hibernate
+    # would also need vast.ai at request time (503 not_configured without it).
+    return {"workspace_path": "/workspace", "ssh_host": "10.1.2.3", "ssh_port": 2222, "destroy_after": False}
 
 
 def test_concurrent_first_requests_for_a_new_machine_one_202_the_rest_409(app):
@@ -86,7 +88,8 @@ def test_same_idempotency_key_to_two_api_processes_at_once_gives_both_the_same_j
             # The same race for an existing machine, on another endpoint.
             key = f"hib-{round_}"
             answers = _together([lambda a=a: _post(a, f"/api/instances/{machine_id}/hibernate",
-                                                   {"workspace_path": "/w", "destroy_after": False}, key)
+                                                   {"workspace_path": "/w", "destroy_after": False,
+                                                    "ssh_host": "10.1.2.3", "ssh_port": 2222}, key)
                                  for a in apps])
             # The machine is busy with the snapshot job: both get the same 409 (no job carries the key).
             assert [(code, body["error"]["code"]) for code, body in answers] == [(409, "machine_busy")] * 2

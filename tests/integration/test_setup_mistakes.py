@@ -80,11 +80,14 @@ def test_a_missing_ssh_key_names_ssh_key_path(sshd, tmp_path):
 
 @pytest.mark.parametrize("python", ["/nonexistent/python3.99", "false"])
 def test_an_interpreter_the_host_lacks_names_remote_python(sshd, python):
-    with _client(sshd, remote_python=python).open(_target(sshd)) as session:
-        events = list(session.run_script("snapshot", {}))
-    error = events[-1]
-    assert error["event"] == "error" and error["code"] == "remote_exit"
+    """The uploaded scripts are checked on the host with REMOTE_PYTHON before anything runs, so an
+    interpreter that cannot run fails there; one that does not exist is named, with the setting."""
+    from src.adapters.remote_errors import ScriptUploadFailed
+
+    with pytest.raises(ScriptUploadFailed) as info:
+        with _client(sshd, remote_python=python).open(_target(sshd)) as session:
+            list(session.run_script("snapshot", {}))
     if python == "false":  # it ran and failed: not the interpreter's fault, no hint
-        assert "REMOTE_PYTHON" not in error["message"]
+        assert "REMOTE_PYTHON" not in info.value.message
     else:
-        assert "REMOTE_PYTHON='/nonexistent/python3.99'" in error["message"] and "Python 3.8+" in error["message"]
+        assert "REMOTE_PYTHON" in info.value.message and "/nonexistent/python3.99" in info.value.message

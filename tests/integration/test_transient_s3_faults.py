@@ -54,6 +54,7 @@ def workspace(tmp_path: Any) -> str:
 
 
 def restore_via(proxy: S3FaultProxy, s3_server: Any, prefix: str, target: str, **extra: Any) -> Any:
+    extra.setdefault("overwrite", True)  # the target holds an old workspace on purpose
     cfg = script_config(s3_server, prefix, target, **extra)
     cfg["s3"] = s3_server.script_s3(endpoint=proxy.endpoint)
     return run_script("restore", cfg, timeout=180)

@@ -18,6 +18,10 @@ class JobKind:
     # steps are idempotent say True; others are failed with `interrupted` instead.
     rerunnable: bool = True
     on_end: OnEnd | None = None  # runs in the transaction that finishes the job (any final status)
+    # A job of this kind that recovery would end without running again (a cancel accepted while its
+    # worker was gone, or no attempts left) runs once more with `ctx.state["abandoned"]` set, to undo
+    # what its dead attempts left behind (a wake destroys its rentals) before it ends.
+    cleans_up: bool = False
 
 
 def default_kinds() -> dict[str, JobKind]:

@@ -75,6 +75,7 @@ class JobQueue:
             max_attempts=c.settings.job_max_attempts,
             rerunnable=lambda k: k in kinds and kinds[k].rerunnable,
             on_end=lambda k: kinds[k].on_end if k in kinds else None,
+            cleans_up=lambda k: k in kinds and kinds[k].cleans_up,
         )
         for job_id in ids:
             self.enqueue(job_id)

@@ -18,7 +18,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from src.errors import ExternalError, JobFailed
+from src.errors import ExternalError, JobCancelled, JobFailed
 from src.jobs.context import JobContext, JobLost
 from src.jobs.failpoints import failpoint
 from src.jobs.kinds import JobKind
@@ -70,8 +70,15 @@ def wake(ctx: JobContext) -> dict[str, Any]:
     if "woke" in ctx.state:  # an earlier attempt handed the machine over, then its worker died
         return dict(ctx.state["woke"])
     vast = ctx.container.vast()
-    snap = snapshot_fields(ctx, p["snapshot_id"])
     job_prefix = job_label_prefix(machine_id, ctx.job_id)
+    if ctx.state.get("abandoned"):  # recovery's last run: undo what the dead attempts rented, then end
+        ctx.progress(phase="cleanup")
+        _destroy_labelled(ctx, vast, job_prefix)
+        if ctx.state["abandoned"] == "cancelled":
+            raise JobCancelled("the job was cancelled; the instances its attempts rented were destroyed")
+        raise JobFailed("the worker running this job stopped; the instances its attempts rented were destroyed",
+                        code="interrupted")
+    snap = snapshot_fields(ctx, p["snapshot_id"])
     _destroy_other_attempts(ctx, vast, job_prefix)  # a re-run after a crash starts clean
     own_prefix = f"{job_prefix}{ctx.attempt}:"
     try:
@@ -94,7 +101,7 @@ def wake(ctx: JobContext) -> dict[str, Any]:
         set_machine(ctx, machine_id, no_return="hand_over", save={"woke": result}, status="running",
                     vast_instance_id=instance.id, gpu_name=instance.gpu_name,
                     offer={"offer_id": offer.id, "dph_total": offer.dph_total, "disk_gb": p["disk_gb"],
-                           "image": p["image"], "geolocation": offer.geolocation},
+                           "image": p["image"], "num_gpus": p.get("num_gpus"), "geolocation": offer.geolocation},
                     event=("woke", f"restored {snap['id']} onto vast.ai instance {instance.id}"))
     except JobLost:
         raise  # another attempt owns this job now; it destroys what this one rented
@@ -182,4 +189,4 @@ def _wake_ended(s: Session, job: Job) -> None:
     add_event(s, machine.id, "wake_failed", f"{job.error_code}: {job.error_message}", job_id=job.id)
 
 
-KIND = JobKind("wake", wake, rerunnable=True, on_end=_wake_ended)
+KIND = JobKind("wake", wake, rerunnable=True, on_end=_wake_ended, cleans_up=True)

@@ -254,7 +254,8 @@ def finish_in_session(s: Session, job: Job, *, status: str, result: dict[str, An
 
 
 def requeue_stale(session_factory: sessionmaker[Session], *, stale_after: dt.timedelta, max_attempts: int,
-                  rerunnable: Callable[[str], bool], on_end: Callable[[str], OnEnd | None]) -> list[str]:
+                  rerunnable: Callable[[str], bool], on_end: Callable[[str], OnEnd | None],
+                  cleans_up: Callable[[str], bool] = lambda _kind: False) -> list[str]:
     """Recover from dead workers: a running job whose heartbeat is older than `stale_after` is put back
     in the queue when its kind is safe to re-run and attempts remain, else failed with `interrupted`.
     Also returns queued jobs that were never picked up for that long (their enqueue may have been lost).
@@ -272,7 +273,18 @@ def requeue_stale(session_factory: sessionmaker[Session], *, stale_after: dt.tim
             if still != 1:
                 continue
             s.refresh(job)
-            if job.cancel_requested and NO_RETURN not in (job.state or {}):
+            ending = (job.cancel_requested and NO_RETURN not in (job.state or {})) or not (
+                rerunnable(job.kind) and job.attempts < max_attempts)
+            if ending and cleans_up(job.kind) and not (job.state or {}).get("abandoned"):
+                # It would end here, but its dead attempts may have left things behind (a wake's rentals):
+                # one more run undoes them, then ends the job as it would have ended now.
+                why = "cancelled" if job.cancel_requested else "interrupted"
+                logger.warning("job %s (%s) lost its worker; one more run to clean up, then %s", job.id, job.kind,
+                               why, extra={"job_id": job.id})
+                job.state = {**(job.state or {}), "abandoned": why}
+                job.status, job.phase = "queued", "cleanup"
+                to_enqueue.append(job.id)
+            elif job.cancel_requested and NO_RETURN not in (job.state or {}):
                 # The cancel was accepted while its worker was gone: it is final, the job does not run again.
                 logger.warning("job %s (%s) lost its worker after a cancel; cancelled", job.id, job.kind,
                                extra={"job_id": job.id})

@@ -137,6 +137,12 @@ class Settings:
                 raise SettingsError(f"{name} must be a number of seconds above 0, got {env.get(name)!r}")
             return value
 
+        def count(name: str, default: int) -> int:
+            value = num(name, default, int)
+            if value < 1:  # zero worker threads, tries or attempts means nothing ever runs
+                raise SettingsError(f"{name} must be a whole number of at least 1, got {env.get(name)!r}")
+            return value
+
         return cls(
             database_url=env.get("DATABASE_URL", d.database_url),
             redis_url=env.get("REDIS_URL"),
@@ -162,7 +168,7 @@ class Settings:
             remote_python=env.get("REMOTE_PYTHON", d.remote_python),
             remote_s5cmd=env.get("REMOTE_S5CMD", d.remote_s5cmd),
             remote_idle_timeout_s=num("REMOTE_IDLE_TIMEOUT_S", d.remote_idle_timeout_s),
-            remote_tries=num("REMOTE_TRIES", d.remote_tries, int),
+            remote_tries=count("REMOTE_TRIES", d.remote_tries),
             remote_retry_backoff_s=num("REMOTE_RETRY_BACKOFF_S", d.remote_retry_backoff_s),
             ssh_upload_timeout_s=pos("SSH_UPLOAD_TIMEOUT_S", d.ssh_upload_timeout_s),
             ssh_cleanup_timeout_s=pos("SSH_CLEANUP_TIMEOUT_S", d.ssh_cleanup_timeout_s),
@@ -172,17 +178,17 @@ class Settings:
             vast_ready_deadline_s=num("VAST_READY_DEADLINE_S", d.vast_ready_deadline_s),
             vast_destroy_deadline_s=num("VAST_DESTROY_DEADLINE_S", d.vast_destroy_deadline_s),
             vast_poll_interval_s=num("VAST_POLL_INTERVAL_S", d.vast_poll_interval_s),
-            vast_max_offers=num("VAST_MAX_OFFERS", d.vast_max_offers, int),
+            vast_max_offers=count("VAST_MAX_OFFERS", d.vast_max_offers),
             wake_disk_headroom=num("WAKE_DISK_HEADROOM", d.wake_disk_headroom),
             vast_image_disk_gb=num("VAST_IMAGE_DISK_GB", d.vast_image_disk_gb),
             snapshot_codec=env.get("SNAPSHOT_CODEC", d.snapshot_codec),
             snapshot_part_size_mb=num("SNAPSHOT_PART_SIZE_MB", d.snapshot_part_size_mb, int),
-            snapshot_parallelism=num("SNAPSHOT_PARALLELISM", d.snapshot_parallelism, int),
+            snapshot_parallelism=count("SNAPSHOT_PARALLELISM", d.snapshot_parallelism),
             max_request_bytes=num("MAX_REQUEST_BYTES", d.max_request_bytes, int),
-            worker_threads=num("WORKER_THREADS", d.worker_threads, int),
+            worker_threads=count("WORKER_THREADS", d.worker_threads),
             job_heartbeat_s=num("JOB_HEARTBEAT_S", d.job_heartbeat_s),
             job_stale_after_s=num("JOB_STALE_AFTER_S", d.job_stale_after_s),
-            job_max_attempts=num("JOB_MAX_ATTEMPTS", d.job_max_attempts, int),
+            job_max_attempts=count("JOB_MAX_ATTEMPTS", d.job_max_attempts),
             job_deadline_snapshot_s=pos("JOB_DEADLINE_SNAPSHOT_S", d.job_deadline_snapshot_s),
             job_deadline_restore_s=pos("JOB_DEADLINE_RESTORE_S", d.job_deadline_restore_s),
             job_deadline_hibernate_s=pos("JOB_DEADLINE_HIBERNATE_S", d.job_deadline_hibernate_s),

@@ -187,7 +187,9 @@ class SshPolicy:
         self._check_ip(host=host, ip=ip)
 
     def _check_ip(self, *, host: str, ip: IpAddress) -> None:
-        shown = host if _normalize_name(host) == str(ip) else f"{host} ({ip})"
+        # The name only, never what it resolved to: a refusal must not answer DNS questions about
+        # internal names for whoever holds a token.
+        shown = host
         if self._public_only:
             if is_public_unicast(ip):
                 return

@@ -35,20 +35,24 @@ def wait_running(ctx: JobContext, vast: Any, instance_id: int, *, deadline_s: fl
         ctx.sleep(interval)  # a cancel during a long boot is acted on now, not after the deadline
 
 
-def destroy_confirmed(ctx: JobContext, vast: Any, instance_id: int, *, deadline_s: float | None = None) -> None:
+def destroy_confirmed(ctx: JobContext, vast: Any, instance_id: int, *, deadline_s: float | None = None,
+                      fenced: bool = True) -> None:
     """Destroy the instance and poll until vast.ai no longer shows it, or shows it released (`cur_state`
     `unloaded`). Retries failed destroys with
     backoff; never assumes success. Raises JobFailed(`destroy_unconfirmed`) past the deadline, and
     JobLost, before sending anything, once this attempt no longer owns the job (a frozen worker that
     wakes up must not destroy what its successor now runs on). A cancel does not stop it: it is often
-    the clean-up a cancel asked for, or past the point of no return."""
+    the clean-up a cancel asked for, or past the point of no return. `fenced=False` only for what this
+    attempt alone can own (its own rentals, labelled with its attempt number), cleaned up after it lost
+    the job."""
     deadline = time.monotonic() + (deadline_s if deadline_s is not None else ctx.settings.vast_destroy_deadline_s)
     interval = ctx.settings.vast_poll_interval_s
     attempt = 0
     last_error = "no answer yet"
     while True:
         attempt += 1
-        ctx.ensure_owner()
+        if fenced:
+            ctx.ensure_owner()
         try:
             vast.destroy_instance(instance_id)
             for _ in range(5):  # vast.ai may show a destroyed instance briefly; look again before re-sending

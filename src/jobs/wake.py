@@ -104,7 +104,13 @@ def wake(ctx: JobContext) -> dict[str, Any]:
                            "image": p["image"], "num_gpus": p.get("num_gpus"), "geolocation": offer.geolocation},
                     event=("woke", f"restored {snap['id']} onto vast.ai instance {instance.id}"))
     except JobLost:
-        raise  # another attempt owns this job now; it destroys what this one rented
+        # Another attempt owns the job now and may have finished already, so nobody else will sweep what
+        # this one rented while it was frozen. Rentals with this attempt's own label are this attempt's
+        # alone (a hand-over is a fenced write a lost attempt cannot make): destroy them, unfenced.
+        for instance in vast.list_instances(label_prefix=own_prefix):
+            if not instance.is_released:
+                destroy_confirmed(ctx, vast, instance.id, fenced=False)
+        raise
     except BaseException:
         ctx.progress(phase="cleanup")
         _destroy_labelled(ctx, vast, own_prefix)

@@ -16,7 +16,8 @@ from src.models import ApiToken, utcnow
 
 
 def digest(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+    # surrogateescape: a header with undecodable bytes is a wrong token (401), never a crash (500)
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def create_token(session_factory: sessionmaker[Session], name: str, *, replace: bool = False) -> str:

@@ -9,6 +9,12 @@ def storable(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def one_line(text: str) -> str:
+    """`text` on one line (runs of whitespace, newlines included, as one space): CLI errors are one line
+    even when they carry an HTML error page or a remote script's stderr."""
+    return " ".join(text.split())
+
+
 class GpusnapError(Exception):
     """Base of every error we raise on purpose. `code` is a stable snake_case identifier for clients."""
 

@@ -10,7 +10,7 @@ import click
 
 from src.cli.admin import db, serve, tokens, worker
 from src.cli.client import register as register_client
-from src.errors import GpusnapError
+from src.errors import GpusnapError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ class _OneLineErrors(click.Group):
         except GpusnapError as e:
             if os.environ.get("GPUSNAP_DEBUG"):
                 raise
-            click.echo(f"error: {e.code}: {e.message}", err=True)
+            click.echo(f"error: {e.code}: {one_line(e.message)}", err=True)
             ctx.exit(1)
         except Exception as e:  # the last net: one line, not a traceback, and how to see the rest
             if os.environ.get("GPUSNAP_DEBUG"):

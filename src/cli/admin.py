@@ -1,6 +1,7 @@
 """Server-side commands: migrations, tokens, the job worker, and `serve` (API and worker together)."""
 from __future__ import annotations
 
+import os
 import pathlib
 import signal
 import subprocess
@@ -48,6 +49,20 @@ def _database_url() -> str:
         return Settings.from_env().database_url
     except GpusnapError as e:  # a malformed setting: say which, no traceback
         raise CliFailure(e.code, e.message) from None
+
+
+def _absolute_local_paths(url: str) -> dict[str, str]:
+    """DATABASE_URL and QUEUE_PATH with relative SQLite file paths made absolute against this directory."""
+    paths: dict[str, str] = {}
+    parsed = make_url(url)
+    if parsed.drivername.startswith("sqlite") and parsed.database not in (None, "", ":memory:") \
+            and not os.path.isabs(parsed.database):
+        paths["DATABASE_URL"] = parsed.set(database=os.path.abspath(parsed.database)).render_as_string(
+            hide_password=False)
+    settings = Settings.from_env()
+    if not settings.redis_url and not os.path.isabs(settings.queue_path):
+        paths["QUEUE_PATH"] = os.path.abspath(settings.queue_path)
+    return paths
 
 
 def redacted(url: str) -> str:
@@ -164,6 +179,13 @@ def worker(threads: int | None) -> None:
         _require_migrated(url)  # a worker on an empty database would fail every job it claims
         settings = Settings.from_env()
         container = create_app(settings).extensions["gpusnap"]
+    try:
+        container.queue.ping()  # else the consumer logs a traceback for every poll of an unreachable queue
+    except Exception as e:  # noqa: BLE001 - Redis and SQLite raise their own types: any means "not there"
+        where = "REDIS_URL" if settings.redis_url else f"QUEUE_PATH={settings.queue_path}"
+        raise CliFailure("queue_unavailable", f"the job queue cannot be reached ({where}): "
+                                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                         ) from None
     run_worker(container, threads=threads or settings.worker_threads)
 
 
@@ -187,10 +209,13 @@ def serve(host: str, port: int) -> None:
     url = _database_url()
     with _database_errors(url):
         upgrade(url)
+    # The children run from the repository root: relative SQLite paths must mean what they meant here,
+    # where the database was just migrated (and where `tokens create` put its tokens).
+    env = {**os.environ, **_absolute_local_paths(url)}
     children = [
-        subprocess.Popen([sys.executable, "-m", "src.cli", "worker"], cwd=ROOT),
+        subprocess.Popen([sys.executable, "-m", "src.cli", "worker"], cwd=ROOT, env=env),
         subprocess.Popen([sys.executable, "-m", "gunicorn", "--config", str(ROOT / "gunicorn.conf.py"),
-                          "--chdir", str(ROOT), "--bind", f"{host}:{port}", "app:app"], cwd=ROOT),
+                          "--chdir", str(ROOT), "--bind", f"{host}:{port}", "app:app"], cwd=ROOT, env=env),
     ]
     click.echo(f"gpusnap API on http://{host}:{port} (worker pid {children[0].pid})", err=True)
 

@@ -15,6 +15,7 @@ import click
 from src.cli import render
 from src.cli.http import DEFAULT_URL, ApiClient, ClientError, seg
 from src.cli.progress import WaitTimeout, wait_for_job
+from src.errors import one_line
 
 EXIT_FAILED, EXIT_TIMEOUT, EXIT_INTERRUPTED = 1, 2, 130
 CODECS = ("auto", "zstd", "nvcomp-ans", "none")
@@ -28,7 +29,7 @@ class CliFailure(click.ClickException):
         self.code, self.exit_code = code, exit_code
 
     def show(self, file: Any = None) -> None:
-        click.echo(f"error: {self.code}: {self.message}", err=True)
+        click.echo(f"error: {self.code}: {one_line(self.message)}", err=True)
 
 
 # ---- shared options ----------------------------------------------------------------------------

@@ -95,7 +95,8 @@ class World:
     def restore(self, snapshot_id: str, machine: str, target: pathlib.Path) -> dict[str, Any]:
         r = self.stack.post(f"/api/gpu-snapshots/{snapshot_id}/restore",
                             json={"ssh_host": "127.0.0.1", "ssh_port": self.relay.port, "workspace_path": str(target),
-                                  "instance_id": machine})
+                                  # the trials restore over an existing workspace on purpose
+                                  "instance_id": machine, "overwrite": True})
         assert r.status_code == 202, r.text
         return r.json()["job"]
 

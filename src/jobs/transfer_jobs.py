@@ -12,7 +12,7 @@ from src.jobs.context import JobContext, JobLost
 from src.jobs.host_tools import host_s5cmd
 from src.jobs.kinds import JobKind
 from src.jobs.remote import Endpoint, machine_endpoint, run_script, ssh_session, storage_params
-from src.jobs.rows import find_snapshot, set_snapshot, snapshot_fields, snapshot_row
+from src.jobs.rows import set_snapshot, snapshot_fields, snapshot_row
 from src.jobs.storage_jobs import check_objects
 from src.models import Job, Machine, Snapshot, utcnow
 from src.services.machines import add_event

@@ -64,15 +64,13 @@ def test_cancel_accepted_while_hibernate_verifies_against_a_slow_bucket_is_final
         stack.stop_worker()
         stack.start_worker(R2_ENDPOINT=proxy.endpoint)  # the worker and its remote scripts use the slow bucket
         job = _hibernate(stack, box)
-        # Hibernate's own verify step (after the snapshot) has begun, and its HEADs are in flight (each
-        # held for seconds by the bucket): the handler has looked at the cancel flag for the last time
-        # before those HEADs answer.
+        # Hibernate's own verify step (after the snapshot) has begun, and its HEADs are held by the bucket
+        # right now: the handler has looked at the cancel flag for the last time before they answer. (The
+        # snapshot step's own check of its upload ends before `snapshot_done` is saved, so a HEAD held after
+        # that is the verify's. Counting HEADs instead raced: on a loaded machine all of the verify's HEADs
+        # could arrive before the test took its count.)
         _wait_row(stack, job["id"], lambda j: bool((j.state or {}).get("snapshot_done")))
-        heads_before = proxy.heads
-        deadline = time.monotonic() + 120  # generous: a loaded CI machine is slow to reach the verify
-        while proxy.heads == heads_before:
-            assert time.monotonic() < deadline, "hibernate never verified"
-            time.sleep(0.01)
+        _wait_row(stack, job["id"], lambda j: proxy.heads_held > 0, timeout=120)
         r = stack.post(f"/api/jobs/{job['id']}/cancel")
         cancelled_at = time.monotonic()
         assert r.status_code == 202, r.text

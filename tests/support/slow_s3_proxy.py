@@ -2,7 +2,8 @@
 take seconds (what a loaded R2 or S3 endpoint does at times). Point a client's endpoint at `proxy.endpoint`;
 every request is forwarded unchanged, the Host header included, so SigV4 signatures made for the proxy's
 address still verify upstream. `head_delay_s` (changeable while it runs) delays each HEAD before it is
-forwarded; `heads` counts the HEADs seen.
+forwarded; `heads` counts the HEADs seen and `heads_held` those being delayed right now (a test that must
+act while a client waits on a slow HEAD looks at this, not at a count that may have moved before it looked).
 
 Plain HTTP/1.0 with one request per connection: enough for boto3 and s5cmd, and nothing to get wrong
 about keep-alive."""
@@ -24,6 +25,7 @@ class SlowS3Proxy:
         self.upstream_host, self.upstream_port = parsed.hostname or "127.0.0.1", parsed.port or 80
         self.head_delay_s = head_delay_s
         self.heads = 0
+        self.heads_held = 0
         self._lock = threading.Lock()
         proxy = self
 
@@ -37,7 +39,12 @@ class SlowS3Proxy:
                 if self.command == "HEAD":
                     with proxy._lock:
                         proxy.heads += 1
-                    time.sleep(proxy.head_delay_s)
+                        proxy.heads_held += 1
+                    try:
+                        time.sleep(proxy.head_delay_s)
+                    finally:
+                        with proxy._lock:
+                            proxy.heads_held -= 1
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 conn = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port, timeout=120)

@@ -11,6 +11,7 @@ from src.container import Container
 from src.db import make_engine, make_session_factory
 from src.logging_setup import configure_logging
 from src.metrics import Metrics
+from src.services import events
 from src.services.tokens import TokenVerifier
 from src.settings import Settings
 
@@ -33,6 +34,7 @@ def create_app(settings: Settings | None = None, *, job_kinds: dict[str, Any] | 
         configure_logging(level=settings.log_level, fmt=settings.log_format)
     engine = make_engine(settings.database_url)
     session_factory = make_session_factory(engine)
+    events.install(session_factory)  # job and machine changes feed GET /api/events
     container = Container(settings=settings, engine=engine, session_factory=session_factory,
                           metrics=Metrics(session_factory),
                           job_kinds=job_kinds if job_kinds is not None else default_kinds(),

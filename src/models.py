@@ -141,3 +141,32 @@ class ApiToken(Base):
     token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[dt.datetime | None] = mapped_column()
+
+
+class Event(Base):
+    """One entry of the live event stream (`GET /api/events`): job status, phase and progress changes and
+    machine events, in one sequence. The id is the SSE `id:`: a client that reconnects with
+    `Last-Event-ID` gets what followed it, from whichever API process it reaches."""
+
+    __tablename__ = "events"
+    __table_args__ = (Index("ix_events_job_id_kind_id", "job_id", "kind", "id"),)
+
+    # BIGINT on PostgreSQL; INTEGER on SQLite, where only an INTEGER PRIMARY KEY is the autoincrementing rowid.
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(64))
+    machine_id: Mapped[str | None] = mapped_column(String(128), index=True)
+    job_id: Mapped[str | None] = mapped_column(String(64))
+    data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
+
+
+class StreamToken(Base):
+    """A short-lived token (`POST /api/stream-tokens`) that may only open `GET /api/events`: a browser's
+    EventSource cannot send `Authorization`, and an API token must not travel in a URL. Only its SHA-256
+    is stored; every API process can check it."""
+
+    __tablename__ = "stream_tokens"
+
+    token_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    expires_at: Mapped[dt.datetime] = mapped_column(index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)

@@ -25,6 +25,19 @@ def _flag(env: Mapping[str, str], name: str) -> bool:
     return raw in ("1", "true", "yes", "on")
 
 
+def _price(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+    if not 0 <= value < float("inf"):
+        raise SettingsError(f"{name} must be a price of 0 or more, got {raw!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     # Storage of metadata and the job queue.
@@ -96,6 +109,15 @@ class Settings:
     job_deadline_other_s: float = 7200.0
     log_level: str = "INFO"
     log_format: str = "json"  # json | text
+
+    # Dashboards: browser origins allowed by CORS, live events (GET /api/events), costs.
+    cors_origins: tuple[str, ...] = ()
+    events_max_streams: int = 8  # open event streams per API process; keep below GUNICORN_THREADS
+    events_heartbeat_s: float = 15.0  # a comment line this often keeps proxies from closing a quiet stream
+    events_poll_s: float = 0.5  # how often a stream asks the database for new events
+    events_max_stream_s: float = 300.0  # a stream ends after this; EventSource reconnects with Last-Event-ID
+    stream_token_ttl_s: float = 60.0
+    storage_price_gb_month: float = 0.015  # USD per GB-month: Cloudflare R2's standard storage price
 
     @property
     def object_store_configured(self) -> bool:
@@ -196,4 +218,11 @@ class Settings:
             job_deadline_other_s=pos("JOB_DEADLINE_OTHER_S", d.job_deadline_other_s),
             log_level=env.get("LOG_LEVEL", d.log_level).upper(),
             log_format=env.get("LOG_FORMAT", d.log_format),
+            cors_origins=tuple(o.rstrip("/") for o in _csv(env.get("CORS_ORIGINS"))),
+            events_max_streams=count("EVENTS_MAX_STREAMS", d.events_max_streams),
+            events_heartbeat_s=pos("EVENTS_HEARTBEAT_S", d.events_heartbeat_s),
+            events_poll_s=pos("EVENTS_POLL_S", d.events_poll_s),
+            events_max_stream_s=pos("EVENTS_MAX_STREAM_S", d.events_max_stream_s),
+            stream_token_ttl_s=pos("STREAM_TOKEN_TTL_S", d.stream_token_ttl_s),
+            storage_price_gb_month=_price(env, "STORAGE_PRICE_GB_MONTH", d.storage_price_gb_month),
         )

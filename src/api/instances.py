@@ -17,7 +17,7 @@ _ID = {"instance_id": MACHINE_ID}
 @route(bp, "", "GET", tag=TAG, summary="List machines", query=m.InstanceListQuery, responses={200: m.MachineList})
 def list_instances(query: m.InstanceListQuery) -> Response:
     page = service.list_machines(container().session_factory, status=query.status, limit=query.limit,
-                                 cursor=query.cursor)
+                                 cursor=query.cursor, storage_price_gb_month=container().settings.storage_price_gb_month)
     return ok({"items": page.items, "next_cursor": page.next_cursor})
 
 
@@ -25,7 +25,8 @@ def list_instances(query: m.InstanceListQuery) -> Response:
        responses={200: m.Machine}, path_params=_ID,
        description="Answers to the machine's original id and to the vast.ai instance id it runs on now.")
 def get_instance(instance_id: str) -> Response:
-    return ok(service.get_machine(container().session_factory, instance_id))
+    return ok(service.get_machine(container().session_factory, instance_id,
+                                  storage_price_gb_month=container().settings.storage_price_gb_month))
 
 
 @route(bp, "/<instance_id>/hibernate", "POST", tag=TAG, body=m.HibernateRequest,

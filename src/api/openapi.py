@@ -85,7 +85,10 @@ def _operation(path: str, spec: RouteSpec, refs: dict[Any, Any]) -> dict[str, An
     for status, model in spec.responses.items():
         entry: dict[str, Any] = {"description": "OK" if status < 300 else _ERRORS.get(status, "")}
         if model is not None:
-            entry["content"] = {"application/json": {"schema": refs[(model, "serialization")]}}
+            media = spec.content_type if status < 300 else "application/json"
+            entry["content"] = {media: {"schema": refs[(model, "serialization")]}}
+        elif status < 300 and spec.content_type != "application/json":
+            entry["content"] = {spec.content_type: {"schema": {"type": "string"}}}
         if status == 202:
             entry["headers"] = {"Location": {"schema": {"type": "string"}, "description": "The job to poll"}}
         responses[str(status)] = entry

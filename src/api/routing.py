@@ -40,18 +40,22 @@ class RouteSpec:
     idempotent_key: bool = False
     path_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     description: str = ""
+    content_type: str = "application/json"  # of the 2xx answer (`text/event-stream`, `text/html`)
+    stream_token: bool = False  # also accepts a stream token as `?token=` (GET /api/events only)
 
 
 def route(bp: Blueprint, rule: str, method: str, *, summary: str, tag: str,
           body: type[BaseModel] | None = None, body_optional: bool = False, query: type[BaseModel] | None = None,
           responses: dict[int, type[BaseModel] | None], public: bool = False, idempotency: bool = False,
-          path_params: dict[str, dict[str, Any]] | None = None, description: str = "") -> Callable:
+          path_params: dict[str, dict[str, Any]] | None = None, description: str = "",
+          content_type: str = "application/json", stream_token: bool = False) -> Callable:
     """Register `view` on `bp`. The view receives path parameters plus `body=` / `query=` (validated
     models) and `idempotency_key=` when declared. Deny by default: only `public=True` skips auth."""
 
     spec = RouteSpec(method=method, rule=rule, summary=summary, tag=tag, body=body, body_optional=body_optional,
                      query=query, responses=responses, public=public, idempotent_key=idempotency,
-                     path_params=path_params or {}, description=description)
+                     path_params=path_params or {}, description=description, content_type=content_type,
+                     stream_token=stream_token)
 
     def decorate(view: Callable) -> Callable:
         @functools.wraps(view)

@@ -151,6 +151,21 @@ class InstanceListQuery(_Strict):
     cursor: Annotated[str, Field(min_length=1, max_length=256)] | None = None  # base64 of a 128-char machine id
 
 
+EventKind = Annotated[str, Field(pattern=r"^(job|machine)(\.[a-z_]+)?(,(job|machine)(\.[a-z_]+)?)*$", max_length=256,
+                                 description="Comma-separated event kinds (`job.progress`) or families (`job`, "
+                                             "`machine`)")]
+
+
+class EventsQuery(_Strict):
+    machine_id: Annotated[str, Field(min_length=1, max_length=128, pattern=_PRINTABLE)] | None = None
+    job_id: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_]+$")] | None = None
+    kind: EventKind | None = None
+    last_event_id: Annotated[int, Field(ge=0, le=2**62, description="Resume after this event id (for clients that "
+                                        "cannot send the Last-Event-ID header; the header wins)")] | None = None
+    token: Annotated[str, Field(min_length=1, max_length=128, description="A stream token from "
+                                "POST /api/stream-tokens, instead of the Authorization header")] | None = None
+
+
 # ---- responses ---------------------------------------------------------------------------------
 
 
@@ -229,6 +244,31 @@ class MachineEvent(BaseModel):
     at: str
 
 
+class Hours(BaseModel):
+    running: float = Field(description="Hours billed at the full hourly price: running, and hibernating, "
+                                       "waking, pausing, resuming or in error")
+    paused: float = Field(description="Hours stopped (vast.ai bills only the disk)")
+    hibernated: float = Field(description="Hours with no instance at all")
+
+
+class TransferPrices(BaseModel):
+    upload: float | None = Field(description="USD per GB sent from the instance (vast.ai `inet_up_cost`)")
+    download: float | None = Field(description="USD per GB received (vast.ai `inet_down_cost`)")
+
+
+class MachineCosts(BaseModel):
+    hourly_usd: float | None = Field(description="Price of the instance rented last (vast.ai `dph_total`); null "
+                                                 "when unknown (a host gpusnap did not rent)")
+    hours: Hours
+    spent_usd: float | None = Field(description="Billed hours at the price in force in each of them")
+    saved_usd: float | None = Field(description="What the hibernated hours would have cost at the price of the "
+                                                "instance hibernating destroyed")
+    stored_bytes: int = Field(description="Stored bytes of the machine's complete snapshots")
+    storage_usd_month: float = Field(description="stored_bytes at STORAGE_PRICE_GB_MONTH (GB = 10^9 bytes)")
+    transfer_usd_per_gb: TransferPrices | None
+    as_of: str
+
+
 class Machine(BaseModel):
     id: str
     status: str
@@ -244,6 +284,7 @@ class Machine(BaseModel):
     created_at: str
     updated_at: str
     events: list[MachineEvent] | None = None
+    costs: MachineCosts | None = None
 
 
 class SnapshotList(BaseModel):
@@ -275,3 +316,70 @@ class Health(BaseModel):
     checks: dict[str, str] | None = None
     details: dict[str, str] | None = Field(default=None, description="Warnings that do not make the service "
                                            "unready, e.g. `host_credentials`: which credentials GPU hosts get")
+
+
+class StreamTokenResponse(BaseModel):
+    token: str = Field(description="Use as `GET /api/events?token=`; refused by every other endpoint")
+    expires_at: str
+    expires_in: int = Field(description="Seconds (STREAM_TOKEN_TTL_S)")
+    scope: Literal["events"]
+
+
+class StreamEventJob(BaseModel):
+    id: str
+    kind: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    phase: str | None
+    progress: JobProgress
+    error: JobError | None
+    machine_id: str | None
+    snapshot_id: str | None
+
+
+class StreamEventEntry(BaseModel):
+    kind: str
+    message: str
+    data: dict[str, Any] | None
+
+
+class StreamEvent(BaseModel):
+    """The JSON of one `data:` line of GET /api/events."""
+    id: int = Field(description="The same as the event's `id:` line; resume after it with Last-Event-ID")
+    kind: Literal["job.status", "job.phase", "job.progress", "machine.status", "machine.event"]
+    at: str
+    machine_id: str | None
+    job_id: str | None
+    job: StreamEventJob | None = Field(None, description="job.* events: the job as it is after the change")
+    event: StreamEventEntry | None = Field(None, description="machine.event: the machine's new history entry")
+    from_: str | None = Field(None, alias="from", description="machine.status: the status before")
+    to: str | None = Field(None, description="machine.status: the status now")
+    hourly_usd: float | None = Field(None, description="machine.status: the hourly price in force")
+
+
+class MachineTotals(BaseModel):
+    total: int
+    live: int = Field(description="Machines with a billed instance (running and its transitions)")
+    paused: int
+    hibernated: int
+    by_status: dict[str, int]
+
+
+class CostTotals(BaseModel):
+    live_hourly_usd: float = Field(description="Sum of the hourly prices of the live machines")
+    spent_usd: float
+    saved_usd: float
+    stored_bytes: int
+    storage_usd_month: float
+    storage_price_gb_month: float
+
+
+class JobTotals(BaseModel):
+    by_status: dict[str, int]
+    active: int
+
+
+class Summary(BaseModel):
+    machines: MachineTotals
+    costs: CostTotals
+    jobs: JobTotals
+    as_of: str

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from src.db import transaction
 from src.errors import Conflict, InvalidRequest, NotFound, storable
 from src.models import Job, new_id, utcnow
+from src.services import events
 from src.services.pagination import Page, fetch_page
 from src.services.views import job_view
 
@@ -178,7 +179,10 @@ def claim(session_factory: sessionmaker[Session], job_id: str, *, worker: str) -
         )
         if res.rowcount != 1:
             return None
-        return s.get(Job, job_id)
+        job = s.get(Job, job_id)
+        assert job is not None
+        events.job_claimed(s, job)
+        return job
 
 
 def heartbeat(session_factory: sessionmaker[Session], job_id: str, *, attempt: int,
@@ -191,10 +195,13 @@ def heartbeat(session_factory: sessionmaker[Session], job_id: str, *, attempt: i
     if state is not None:
         values["state"] = state
     with transaction(session_factory) as s:
+        before = events.progress_before(s, job_id) if progress else None
         res = s.execute(update(Job).where(Job.id == job_id, Job.status == "running", Job.attempts == attempt)
                         .values(**values))
         if res.rowcount != 1:
             return "lost"
+        if progress:
+            events.progress_written(s, job_id, before)
         cancel = s.scalar(select(Job.cancel_requested).where(Job.id == job_id))
     return "cancel" if cancel else "ok"
 

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from src.db import transaction
 from src.errors import NotFound, storable
 from src.models import Job, Machine, MachineEvent
+from src.services.costs import machine_costs
 from src.services.pagination import Page, fetch_page
 from src.services.views import machine_view
 
@@ -110,16 +111,23 @@ def active_job_id(s: Session, machine_id: str) -> str | None:
     return s.scalar(select(Job.id).where(Job.lock_key == f"machine:{machine_id}"))
 
 
-def get_machine(session_factory: sessionmaker[Session], machine_id: str, *, events: int = 100) -> dict[str, Any]:
-    """The machine, its active job and its latest `events` history entries (oldest first)."""
+def get_machine(session_factory: sessionmaker[Session], machine_id: str, *, events: int = 100,
+                storage_price_gb_month: float | None = None) -> dict[str, Any]:
+    """The machine, its active job and its latest `events` history entries (oldest first); with
+    `storage_price_gb_month`, its `costs` too."""
     with transaction(session_factory) as s:
-        return get_machine_in(s, find_machine(s, machine_id), events=events)
+        return get_machine_in(s, find_machine(s, machine_id), events=events,
+                              storage_price_gb_month=storage_price_gb_month)
 
 
-def get_machine_in(s: Session, machine: Machine, *, events: int = 100) -> dict[str, Any]:
+def get_machine_in(s: Session, machine: Machine, *, events: int = 100,
+                   storage_price_gb_month: float | None = None) -> dict[str, Any]:
     history = list(s.scalars(select(MachineEvent).where(MachineEvent.machine_id == machine.id)
                              .order_by(MachineEvent.id.desc()).limit(events)))
-    return machine_view(machine, events=list(reversed(history)), active_job_id=active_job_id(s, machine.id))
+    view = machine_view(machine, events=list(reversed(history)), active_job_id=active_job_id(s, machine.id))
+    if storage_price_gb_month is not None:
+        view["costs"] = machine_costs(s, machine, storage_price_gb_month=storage_price_gb_month)
+    return view
 
 
 def vast_instance_id_of(machine_id: str) -> int | None:
@@ -142,9 +150,17 @@ def find_machine(s: Session, machine_id: str) -> Machine:
 
 
 def list_machines(session_factory: sessionmaker[Session], *, status: str | None = None, limit: int = 50,
-                  cursor: str | None = None) -> Page:
+                  cursor: str | None = None, storage_price_gb_month: float | None = None) -> Page:
+    """A page of machines; with `storage_price_gb_month`, each with its `costs`."""
     query = select(Machine)
     if status:
         query = query.where(Machine.status == status)
+
+    def view(s: Session, m: Machine) -> dict[str, Any]:
+        out = machine_view(m, active_job_id=active_job_id(s, m.id))
+        if storage_price_gb_month is not None:
+            out["costs"] = machine_costs(s, m, storage_price_gb_month=storage_price_gb_month)
+        return out
+
     return fetch_page(session_factory, query, id_column=Machine.id, limit=limit, cursor=cursor, newest_first=False,
-                      view=lambda s, m: machine_view(m, active_job_id=active_job_id(s, m.id)))
+                      view=view)

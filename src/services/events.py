@@ -1,0 +1,201 @@
+"""The live event stream's records: what the worker and the API write to `events` when a job's status,
+phase or progress changes and when something happens to a machine, and how a stream reads them back.
+
+Writing: `install(session_factory)` hooks every flush of the app's sessions, so that a job or machine row
+changed through the ORM (a job created, finished or re-queued; a machine's status; a machine history
+entry) records its event in the same transaction as the change, whoever's code made it. The two writes
+that bypass the ORM (a worker claiming a job, and its progress heartbeats) call `job_claimed` and
+`progress_written`. Progress is throttled to one event per `PROGRESS_MIN_INTERVAL_S` per job.
+
+Reading: `Follower` hands out events in id order without losing one that a slower transaction commits
+late (see its docstring)."""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import event as sa_event
+from sqlalchemy import func, inspect, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from src.db import transaction
+from src.models import Event, Job, Machine, MachineEvent, utcnow
+from src.services.views import iso
+
+logger = logging.getLogger(__name__)
+
+JOB_STATUS, JOB_PHASE, JOB_PROGRESS = "job.status", "job.phase", "job.progress"
+MACHINE_STATUS, MACHINE_EVENT = "machine.status", "machine.event"
+KINDS = (JOB_STATUS, JOB_PHASE, JOB_PROGRESS, MACHINE_STATUS, MACHINE_EVENT)
+PROGRESS_MIN_INTERVAL_S = 0.5  # at most 2 progress events a second per job
+_COUNTERS = ("bytes_done", "bytes_total", "parts_done", "parts_total")
+
+
+# ---- writing -----------------------------------------------------------------------------------
+
+
+def install(session_factory: sessionmaker[Session]) -> None:
+    """Record events on every flush of sessions made by `session_factory` (idempotent)."""
+    if not sa_event.contains(session_factory, "before_flush", _before_flush):
+        sa_event.listen(session_factory, "before_flush", _before_flush)
+
+
+def job_payload(job: Job) -> dict[str, Any]:
+    """What a job event says about the job: enough for a progress bar and a status badge."""
+    return {"job": {"id": job.id, "kind": job.kind, "status": job.status, "phase": job.phase,
+                    "progress": {k: getattr(job, k) for k in _COUNTERS},
+                    "error": {"code": job.error_code, "message": job.error_message or ""} if job.error_code else None,
+                    "machine_id": job.machine_id, "snapshot_id": job.snapshot_id}}
+
+
+def hourly_price(machine: Machine) -> float | None:
+    """USD per hour of the instance the machine runs (or ran) on: the rented offer's `dph_total`."""
+    value = (machine.offer or {}).get("dph_total")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _before_flush(session: Session, _context: Any, _instances: Any) -> None:
+    for obj in list(session.new):
+        if isinstance(obj, Job):
+            _add(session, JOB_STATUS, obj.machine_id, obj.id, job_payload(obj))
+        elif isinstance(obj, MachineEvent):
+            _add(session, MACHINE_EVENT, obj.machine_id, obj.job_id,
+                 {"event": {"kind": obj.kind, "message": obj.message, "data": obj.data}})
+    for obj in list(session.dirty):
+        if isinstance(obj, Job):
+            changed = _changed(obj, ("status", "phase") + _COUNTERS)
+            kind = JOB_STATUS if "status" in changed else JOB_PHASE if "phase" in changed else (
+                JOB_PROGRESS if changed else None)
+            if kind is not None:
+                _add(session, kind, obj.machine_id, obj.id, job_payload(obj))
+        elif isinstance(obj, Machine):
+            history = inspect(obj).attrs.status.history
+            if history.added and history.deleted and history.deleted[0] != history.added[0]:
+                _add(session, MACHINE_STATUS, obj.id, None,
+                     {"from": history.deleted[0], "to": obj.status, "hourly_usd": hourly_price(obj)})
+
+
+def _changed(obj: Any, names: Iterable[str]) -> set[str]:
+    state = inspect(obj)
+    out = set()
+    for name in names:
+        history = state.attrs[name].history
+        if history.added and (not history.deleted or history.deleted[0] != history.added[0]):
+            out.add(name)
+    return out
+
+
+def _add(session: Session, kind: str, machine_id: str | None, job_id: str | None, data: dict[str, Any]) -> None:
+    session.add(Event(kind=kind, machine_id=machine_id, job_id=job_id, data=data, created_at=utcnow()))
+
+
+def job_claimed(s: Session, job: Job) -> None:
+    """A worker moved `job` to running with a plain UPDATE (no flush sees it): record it."""
+    _add(s, JOB_STATUS, job.machine_id, job.id, job_payload(job))
+
+
+@dataclass(frozen=True)
+class ProgressBefore:
+    phase: str | None
+    counters: tuple[Any, ...]
+
+
+def progress_before(s: Session, job_id: str) -> ProgressBefore | None:
+    row = s.execute(select(Job.phase, *(getattr(Job, k) for k in _COUNTERS)).where(Job.id == job_id)).first()
+    return None if row is None else ProgressBefore(row[0], tuple(row[1:]))
+
+
+def progress_written(s: Session, job_id: str, before: ProgressBefore | None) -> None:
+    """After a heartbeat's UPDATE wrote progress: a phase change is always recorded, new counters at most
+    once per PROGRESS_MIN_INTERVAL_S (the last counters always reach the stream with the job's final
+    status event, which carries them)."""
+    if before is None:
+        return
+    job = s.get(Job, job_id, populate_existing=True)
+    if job is None:
+        return
+    if job.phase != before.phase:
+        _add(s, JOB_PHASE, job.machine_id, job.id, job_payload(job))
+        return
+    if tuple(getattr(job, k) for k in _COUNTERS) == before.counters:
+        return
+    since = utcnow() - dt.timedelta(seconds=PROGRESS_MIN_INTERVAL_S)
+    last = s.scalar(select(func.max(Event.created_at)).where(Event.job_id == job_id, Event.kind == JOB_PROGRESS))
+    if last is not None and _aware(last) > since:
+        return
+    _add(s, JOB_PROGRESS, job.machine_id, job.id, job_payload(job))
+
+
+def _aware(value: dt.datetime) -> dt.datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.timezone.utc)
+
+
+# ---- reading -----------------------------------------------------------------------------------
+
+
+def event_view(e: Event) -> dict[str, Any]:
+    return {"id": e.id, "kind": e.kind, "at": iso(e.created_at), "machine_id": e.machine_id, "job_id": e.job_id,
+            **(e.data or {})}
+
+
+def latest_id(session_factory: sessionmaker[Session]) -> int:
+    with transaction(session_factory) as s:
+        return int(s.scalar(select(func.max(Event.id))) or 0)
+
+
+@dataclass
+class EventFilter:
+    machine_id: str | None = None
+    job_id: str | None = None
+    kinds: tuple[str, ...] = ()  # exact kinds (`job.progress`) or families (`job`, `machine`)
+
+    def matches(self, e: Event) -> bool:
+        if self.machine_id is not None and e.machine_id != self.machine_id:
+            return False
+        if self.job_id is not None and e.job_id != self.job_id:
+            return False
+        return not self.kinds or any(e.kind == k or e.kind.startswith(k + ".") for k in self.kinds)
+
+
+@dataclass
+class Follower:
+    """Reads the events after `last_id`, in id order, for one stream.
+
+    Ids come from a sequence, so on PostgreSQL a transaction can take id 10, commit after the one that
+    took 11, and a reader that already passed 11 would never see 10. So a hole in the ids is waited for
+    (`gap_grace_s`) before it is skipped as an insert that was rolled back; everything after the hole
+    waits with it. SQLite writes one transaction at a time, so it has no such holes."""
+
+    session_factory: sessionmaker[Session]
+    last_id: int
+    where: EventFilter = field(default_factory=EventFilter)
+    gap_grace_s: float = 5.0
+    batch: int = 500
+    _gap: tuple[int, float] | None = None  # (first missing id, when it was first seen missing)
+
+    def poll(self) -> list[dict[str, Any]]:
+        """The events now readable after `last_id` that match the filter (advances `last_id`)."""
+        with transaction(self.session_factory) as s:
+            rows = list(s.scalars(select(Event).where(Event.id > self.last_id).order_by(Event.id).limit(self.batch)))
+            out: list[dict[str, Any]] = []
+            for e in rows:
+                if e.id != self.last_id + 1 and not self._hole_expired(self.last_id + 1):
+                    break
+                self._gap = None
+                self.last_id = e.id
+                if self.where.matches(e):
+                    out.append(event_view(e))
+        return out
+
+    def _hole_expired(self, missing: int) -> bool:
+        now = time.monotonic()
+        if self._gap is None or self._gap[0] != missing:
+            self._gap = (missing, now)
+        if now - self._gap[1] >= self.gap_grace_s:
+            logger.info("event ids from %d were never committed; skipping them", missing)
+            return True
+        return False

@@ -93,7 +93,9 @@ def _remember_shape(ctx: JobContext, machine_id: str, instance: Any) -> None:
         machine = s.get(Machine, machine_id)
         if machine is None:
             return
-        shape = {"num_gpus": instance.num_gpus, "image": instance.raw.get("image_uuid")}
+        # Its price too: what the hibernated hours save (GET /api/instances `costs`) is counted at it.
+        shape = {"num_gpus": instance.num_gpus, "image": instance.raw.get("image_uuid"), "dph_total": instance.dph_total,
+                 "inet_up_cost": instance.raw.get("inet_up_cost"), "inet_down_cost": instance.raw.get("inet_down_cost")}
         machine.offer = {**(machine.offer or {}), **{k: v for k, v in shape.items() if v}}
         machine.gpu_name = instance.gpu_name or machine.gpu_name
 

@@ -101,7 +101,10 @@ def wake(ctx: JobContext) -> dict[str, Any]:
         set_machine(ctx, machine_id, no_return="hand_over", save={"woke": result}, status="running",
                     vast_instance_id=instance.id, gpu_name=instance.gpu_name,
                     offer={"offer_id": offer.id, "dph_total": offer.dph_total, "disk_gb": p["disk_gb"],
-                           "image": p["image"], "num_gpus": p.get("num_gpus"), "geolocation": offer.geolocation},
+                           "image": p["image"], "num_gpus": p.get("num_gpus"), "geolocation": offer.geolocation,
+                           # vast.ai's per-GB transfer prices, shown with the machine's costs when the offer has them
+                           "inet_up_cost": offer.raw.get("inet_up_cost"),
+                           "inet_down_cost": offer.raw.get("inet_down_cost")},
                     event=("woke", f"restored {snap['id']} onto vast.ai instance {instance.id}"))
     except JobLost:
         # Another attempt owns the job now and may have finished already, so nobody else will sweep what

@@ -59,7 +59,9 @@ def default_offers() -> list[dict[str, Any]]:
                 "gpu_ram": 24564, "dph_total": dph, "dph_base": round(dph * 0.9, 4), "disk_space": 200.0,
                 "reliability": 0.99, "inet_down": 800.0, "inet_up": 400.0, "geolocation": geo,
                 "verification": "verified", "verified": True, "rentable": True, "rented": False,
-                "external": False, "cpu_cores": 16, "cpu_ram": 64000, "cuda_max_good": 12.4}
+                "external": False, "cpu_cores": 16, "cpu_ram": 64000, "cuda_max_good": 12.4,
+                # USD per GB, as the bundles answer and the CLI's `offers_fields` name them.
+                "inet_up_cost": 0.002, "inet_down_cost": 0.001}
         base.update(extra)
         return base
     return [
@@ -255,6 +257,7 @@ class FakeVastMarket:
             "id": iid, "machine_id": offer["machine_id"], "host_id": offer.get("host_id"),
             "label": body.get("label"), "image_uuid": body["image"], "disk_space": float(body.get("disk") or 8),
             "gpu_name": offer["gpu_name"], "num_gpus": offer["num_gpus"], "dph_total": offer["dph_total"],
+            "inet_up_cost": offer.get("inet_up_cost"), "inet_down_cost": offer.get("inet_down_cost"),
             "geolocation": offer["geolocation"], "onstart": body.get("onstart"),
             "extra_env": [[k, v] for k, v in env.items()], "start_date": time.time(), "image_runtype": runtype,
             # Null until the host reports the container (Statuses: "null while provisioning"), then loading.

@@ -2,8 +2,9 @@
 take seconds (what a loaded R2 or S3 endpoint does at times). Point a client's endpoint at `proxy.endpoint`;
 every request is forwarded unchanged, the Host header included, so SigV4 signatures made for the proxy's
 address still verify upstream. `head_delay_s` (changeable while it runs) delays each HEAD before it is
-forwarded; `heads` counts the HEADs seen and `heads_held` those being delayed right now (a test that must
-act while a client waits on a slow HEAD looks at this, not at a count that may have moved before it looked).
+forwarded, `put_delay_s` each PUT; `heads` counts the HEADs seen and `heads_held` those being delayed
+right now (a test that must act while a client waits on a slow HEAD looks at this, not at a count that
+may have moved before it looked).
 
 Plain HTTP/1.0 with one request per connection: enough for boto3 and s5cmd, and nothing to get wrong
 about keep-alive."""
@@ -20,10 +21,11 @@ _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", 
 
 
 class SlowS3Proxy:
-    def __init__(self, upstream: str, *, head_delay_s: float = 0.0) -> None:
+    def __init__(self, upstream: str, *, head_delay_s: float = 0.0, put_delay_s: float = 0.0) -> None:
         parsed = urllib.parse.urlsplit(upstream)
         self.upstream_host, self.upstream_port = parsed.hostname or "127.0.0.1", parsed.port or 80
         self.head_delay_s = head_delay_s
+        self.put_delay_s = put_delay_s  # each PUT (an uploaded part) waits this long: uploads that take a while
         self.heads = 0
         self.heads_held = 0
         self._lock = threading.Lock()
@@ -45,6 +47,8 @@ class SlowS3Proxy:
                     finally:
                         with proxy._lock:
                             proxy.heads_held -= 1
+                if self.command == "PUT" and proxy.put_delay_s:
+                    time.sleep(proxy.put_delay_s)
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 conn = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port, timeout=120)

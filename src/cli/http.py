@@ -77,23 +77,36 @@ class ApiClient:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return self._request("DELETE", path, headers=headers)
 
+    def open_events(self, params: dict[str, Any], *, last_event_id: str | None = None,
+                    read_timeout: float = 45.0) -> requests.Response:
+        """`GET /api/events` as an open streaming response (the caller reads and closes it); resumes after
+        `last_event_id`. Raises ClientError when the server refuses or lacks the stream."""
+        headers = {"Accept": "text/event-stream"}
+        if last_event_id is not None:
+            headers["Last-Event-ID"] = last_event_id
+        return self._request("GET", "/api/events", params=params, headers=headers, stream=True,
+                             timeout=(self.timeout[0], read_timeout), raw=True)
+
     def close(self) -> None:
         self._session.close()
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+    def _request(self, method: str, path: str, *, raw: bool = False, **kwargs: Any) -> Any:
         url = self.base_url + path
+        kwargs.setdefault("timeout", self.timeout)
         try:
-            resp = self._session.request(method, url, timeout=self.timeout, **kwargs)
+            resp = self._session.request(method, url, **kwargs)
         except requests.ConnectionError as e:
             raise Unreachable("unreachable", f"cannot connect to the gpusnap API at {self.base_url} "
                                              f"({_reason(e)}); is it running? set --url or GPUSNAP_URL") from None
         except requests.Timeout:
             raise Unreachable("timeout", f"the gpusnap API at {self.base_url} did not answer {method} {path} "
-                                         f"within {self.timeout[1]:g}s") from None
+                                         f"within {kwargs['timeout'][1]:g}s") from None
         except requests.RequestException as e:
             raise Unreachable("request_failed", f"{method} {url}: {e}") from None
         if resp.status_code >= 400:
             raise _api_error(resp)
+        if raw:
+            return resp
         if resp.status_code == 204 or not resp.content:
             return None
         try:

@@ -209,13 +209,25 @@ class WaitTimeout(Exception):
 def wait_for_job(api: Any, job_id: str, *, timeout: float | None, interval: float,
                  display: ProgressDisplay | None = None, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
-    """Poll `GET /api/jobs/<id>` until the job has finished and return it. Raises WaitTimeout, or the
-    client's error when it is not transient (404, 401) or the API stays away longer than OUTAGE_LIMIT_S."""
+    """Follow the job until it has finished and return it: over the event stream (`GET /api/events`) when
+    the client and server have it, else by polling `GET /api/jobs/<id>` every `interval`. Raises
+    WaitTimeout, or the client's error when it is not transient (404, 401) or the API stays away longer
+    than OUTAGE_LIMIT_S."""
     from src.cli.http import ClientError, seg  # here, so that the formatting above imports nothing
 
     display = display or terminal_display()
     start, outage_since, job = clock(), None, None
     try:
+        if hasattr(api, "open_events"):
+            from src.cli.stream import StreamDeadline, follow_job_stream
+
+            try:
+                streamed = follow_job_stream(api, job_id, display=display, clock=clock,
+                                             deadline=None if timeout is None else start + timeout)
+            except StreamDeadline as e:
+                raise WaitTimeout(e.job) from None
+            if streamed is not None:
+                return streamed
         while True:
             try:
                 job = api.get(f"/api/jobs/{seg(job_id)}")

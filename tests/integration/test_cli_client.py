@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
+import requests
 from click.testing import CliRunner, Result
 from werkzeug.serving import WSGIRequestHandler, make_server
 
@@ -307,3 +309,47 @@ def test_pause_then_resume_with_wait_and_the_history_shows_both(cli, app, vast_c
     history = cli("instances", "show", "m5").stdout
     assert "running" in history.splitlines()[1]
     assert "paused" in history and "resumed" in history
+
+
+def _requests_seen(app, route: str) -> float:  # type: ignore[no-untyped-def]
+    registry = app.extensions["gpusnap"].metrics.registry
+    return registry.get_sample_value("gpusnap_http_requests_total", {"method": "GET", "route": route,
+                                                                      "status": "200"}) or 0.0
+
+
+def test_jobs_wait_follows_the_event_stream_instead_of_polling(cli, app, store):
+    snap = add_complete_snapshot(app, store)
+    job_id = json.loads(cli("snapshots", "verify", snap["id"], "--json").stdout)["job"]["id"]
+
+    def run_once_the_stream_is_open() -> None:  # the job runs only while `jobs wait` is following it
+        deadline = time.monotonic() + 20
+        while _requests_seen(app, "/api/events") < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        run_jobs(app)
+
+    runner = threading.Thread(target=run_once_the_stream_is_open, daemon=True)
+    runner.start()
+    r = cli("jobs", "wait", job_id, *FAST)
+    runner.join(20)
+    assert r.exit_code == 0, r.output
+    assert "succeeded" in r.stdout and "phase=" in r.stderr
+    assert _requests_seen(app, "/api/events") == 1
+    # One read when the stream opened and one for the finished job: no polls every 50 ms in between.
+    assert _requests_seen(app, "/api/jobs/<job_id>") == 2
+
+
+def test_jobs_wait_falls_back_to_polling_when_the_server_has_no_stream_free(cli, app, store, url, worker):
+    c = app.extensions["gpusnap"]
+    c.settings = c.settings.replace(events_max_streams=1)
+    held = requests.get(f"{url}/api/events", headers={"Authorization": f"Bearer {TOKEN}"}, stream=True, timeout=10)
+    try:
+        assert held.status_code == 200
+        snap = add_complete_snapshot(app, store)
+        r = cli("snapshots", "verify", snap["id"], "--wait", *FAST)
+        assert r.exit_code == 0, r.output
+        assert "succeeded" in r.stdout
+        refused = c.metrics.registry.get_sample_value("gpusnap_http_requests_total", {
+            "method": "GET", "route": "/api/events", "status": "503"})
+        assert refused == 1  # it asked for the stream, was told no, and polled
+    finally:
+        held.close()

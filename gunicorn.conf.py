@@ -3,12 +3,21 @@ database-bound); threads let one slow client not hold a whole worker."""
 import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
 
 bind = os.environ.get("GUNICORN_BIND", "127.0.0.1:5000")
 workers = int(os.environ.get("GUNICORN_WORKERS", min(2 * multiprocessing.cpu_count() + 1, 9)))
-threads = int(os.environ.get("GUNICORN_THREADS", 4))
+# Each open event stream (GET /api/events, Server-Sent Events) holds one thread for its whole life: a
+# worker serves at most EVENTS_MAX_STREAMS of them (default 8, more get 503 `too_many_streams`), so
+# GUNICORN_THREADS must stay above it or streams would leave no thread for other requests. gthread's
+# `timeout` watches the worker process, not a request, so a long stream does not get the worker killed.
+threads = int(os.environ.get("GUNICORN_THREADS", 16))
 worker_class = "gthread"
+_event_streams = int(os.environ.get("EVENTS_MAX_STREAMS", 8))
+if _event_streams >= threads:
+    sys.stderr.write(f"warning: EVENTS_MAX_STREAMS ({_event_streams}) >= GUNICORN_THREADS ({threads}): open "
+                     "event streams can take every thread of a worker; raise GUNICORN_THREADS\n")
 timeout = 60
 graceful_timeout = 30
 keepalive = 5

@@ -60,7 +60,7 @@ def build_openapi(app: Flask, *, version: str) -> dict[str, Any]:
 
 def _operation(path: str, spec: RouteSpec, refs: dict[Any, Any]) -> dict[str, Any]:
     op: dict[str, Any] = {"summary": spec.summary, "tags": [spec.tag],
-                          "operationId": f"{spec.method.lower()}_{re.sub(r'[^a-z0-9]+', '_', path.lower()).strip('_')}"}
+                          "operationId": f"{spec.method.lower()}_{re.sub(r'[^a-z0-9]+', '_', path.lower()).strip('_') or 'root'}"}
     if spec.description:
         op["description"] = spec.description
     params: list[dict[str, Any]] = []
@@ -84,7 +84,9 @@ def _operation(path: str, spec: RouteSpec, refs: dict[Any, Any]) -> dict[str, An
     responses: dict[str, Any] = {}
     for status, model in spec.responses.items():
         entry: dict[str, Any] = {"description": "OK" if status < 300 else _ERRORS.get(status, "")}
-        if model is not None:
+        if model is not None and status < 300 and spec.content_type == "text/event-stream":
+            entry["content"] = {spec.content_type: {"schema": _sse_event(refs[(model, "serialization")])}}
+        elif model is not None:
             media = spec.content_type if status < 300 else "application/json"
             entry["content"] = {media: {"schema": refs[(model, "serialization")]}}
         elif status < 300 and spec.content_type != "application/json":
@@ -108,6 +110,14 @@ def _operation(path: str, spec: RouteSpec, refs: dict[Any, Any]) -> dict[str, An
     if spec.public:
         op["security"] = []
     return op
+
+
+def _sse_event(data_schema: dict[str, Any]) -> dict[str, Any]:
+    """One event of a `text/event-stream` answer, as its fields: `id`, `event` and `data`, the last a line of
+    JSON whose schema is `data_schema`."""
+    return {"type": "object", "required": ["data"], "properties": {
+        "id": {"type": "string", "pattern": "^[0-9]+$"}, "event": {"type": "string"}, "retry": {"type": "integer"},
+        "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": data_schema}}}
 
 
 def _not_null(schema: dict[str, Any]) -> dict[str, Any]:

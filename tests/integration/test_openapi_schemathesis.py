@@ -38,8 +38,9 @@ CONTRACT_ROUTES = [
     ("GET", "/api/jobs/{job_id}"), ("GET", "/api/jobs"), ("POST", "/api/jobs/{job_id}/cancel"),
     ("GET", "/api/openapi.json"), ("GET", "/api/docs"),
     ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics"),
+    ("POST", "/api/stream-tokens"), ("GET", "/api/events"), ("GET", "/api/summary"), ("GET", "/"),
 ]
-PUBLIC = {"/healthz", "/readyz", "/metrics", "/api/openapi.json", "/api/docs", "/api/docs/assets/{name}"}
+PUBLIC = {"/healthz", "/readyz", "/metrics", "/api/openapi.json", "/api/docs", "/api/docs/assets/{name}", "/"}
 
 
 class _AnyVast:
@@ -52,8 +53,10 @@ def _seeded_app(tmp_path, database_url: str):  # type: ignore[no-untyped-def]
     SSH_ALLOWED_NETWORKS is `*` (everything): generated host names are not looked up in DNS, and valid
     requests get as far as the database instead of stopping at the allow-list."""
     store = FakeObjectStore()
-    app = create_app(make_settings(tmp_path, database_url, ssh_allowed_networks=("*",)), object_store=store,
-                     vast=_AnyVast(), configure_logs=False)
+    # Event streams end after 0.2 s here: a generated GET /api/events is then read to its end and each
+    # event checked against the document.
+    app = create_app(make_settings(tmp_path, database_url, ssh_allowed_networks=("*",), events_max_stream_s=0.2,
+                                   events_poll_s=0.05), object_store=store, vast=_AnyVast(), configure_logs=False)
     client = app.test_client()
     snap = add_complete_snapshot(app, store, machine_id="seed-machine")
     created = client.post("/api/gpu-snapshots", headers=AUTH, json={

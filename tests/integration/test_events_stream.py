@@ -16,8 +16,9 @@ from sqlalchemy import update
 
 from src.app import create_app
 from src.db import transaction
-from src.models import StreamToken
+from src.models import Event, StreamToken
 from src.services import jobs as job_service
+from src.services.events import Follower
 from tests.support.fixtures_app import AUTH, make_settings, run_jobs
 from tests.support.test_kinds import make_kinds
 
@@ -194,4 +195,51 @@ def test_a_stream_ends_after_its_maximum_life(tmp_path, sqlite_url):
     started = time.monotonic()
     body = app.test_client().get("/api/events", headers=AUTH).get_data(as_text=True)  # returns: it ended
     assert body.startswith("retry: 2000\n") and time.monotonic() - started < 10
+    app.extensions["gpusnap"].engine.dispose()
+
+
+def _insert_event(session_factory, kind: str = "machine.event") -> None:  # type: ignore[no-untyped-def]
+    with transaction(session_factory) as s:
+        s.add(Event(kind=kind, machine_id="gap", data={}))
+
+
+def test_a_late_commit_is_waited_for_not_skipped(tmp_path, database_url):
+    """PostgreSQL hands out ids at insert: a transaction that took id N can commit after the one that took
+    N+1. A stream must not pass N+1 before N is committed (it would never send N)."""
+    if database_url.startswith("sqlite"):
+        pytest.skip("SQLite runs one write transaction at a time: ids commit in order")
+    app = create_app(make_settings(tmp_path, database_url), configure_logs=False)
+    sf = app.extensions["gpusnap"].session_factory
+    _insert_event(sf)
+    follower = Follower(sf, 0, gap_grace_s=30)
+    assert [e["id"] for e in follower.poll()] == [1]
+    slow = sf()
+    slow.add(Event(kind="machine.event", machine_id="gap", data={"n": 2}))
+    slow.flush()  # holds id 2, not committed
+    _insert_event(sf)  # id 3, committed
+    assert follower.poll() == []  # 3 waits for 2
+    slow.commit()
+    slow.close()
+    assert [e["id"] for e in follower.poll()] == [2, 3]
+    app.extensions["gpusnap"].engine.dispose()
+
+
+def test_a_hole_left_by_a_rollback_is_passed_after_the_grace(tmp_path, database_url):
+    app = create_app(make_settings(tmp_path, database_url), configure_logs=False)
+    sf = app.extensions["gpusnap"].session_factory
+    _insert_event(sf)
+    with transaction(sf) as s:  # an id that will never be committed: the insert is rolled back
+        s.add(Event(id=2, kind="machine.event", machine_id="gap", data={}))
+        s.flush()
+        s.rollback()
+    with transaction(sf) as s:
+        s.add(Event(id=3, kind="machine.event", machine_id="gap", data={}))
+    follower = Follower(sf, 1, gap_grace_s=0.3)
+    assert follower.poll() == []
+    deadline = time.monotonic() + 10
+    got: list[int] = []
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.1)
+        got = [e["id"] for e in follower.poll()]
+    assert got == [3]
     app.extensions["gpusnap"].engine.dispose()

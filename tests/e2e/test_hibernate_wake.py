@@ -60,6 +60,13 @@ def test_hibernate_then_wake_restores_same_machine(stack, fake_vast, box):
     assert created["label"] == rental_label(str(box["id"]), woke["id"], 1, 0) and created["disk"] >= 21
     kinds = [e["kind"] for e in machine["events"]]
     assert kinds.index("hibernated") < kinds.index("woke")
+    # Costs: the hibernated time is priced at the destroyed instance's $0.40/h (offer 1001, recorded when
+    # hibernate destroyed it); the machine now shows the rented offer's price and transfer prices.
+    costs = machine["costs"]
+    assert costs["hourly_usd"] == woke["result"]["dph_total"]
+    assert costs["transfer_usd_per_gb"] == {"upload": 0.002, "download": 0.001}
+    assert costs["hours"]["hibernated"] > 0 and costs["stored_bytes"] == snap["stored_bytes"]
+    assert costs["saved_usd"] == pytest.approx(costs["hours"]["hibernated"] * 0.40, abs=1e-3)
     # The machine answers to its new vast.ai id too.
     assert stack.get(f"/api/instances/{machine['vast_instance_id']}").json()["id"] == str(box["id"])
 

@@ -117,6 +117,7 @@ class Settings:
     events_poll_s: float = 0.5  # how often a stream asks the database for new events
     events_max_stream_s: float = 300.0  # a stream ends after this; EventSource reconnects with Last-Event-ID
     stream_token_ttl_s: float = 60.0
+    events_progress_retention_s: float = 604800.0  # job.progress events older than this (7 days) are pruned
     storage_price_gb_month: float = 0.015  # USD per GB-month: Cloudflare R2's standard storage price
 
     @property
@@ -224,5 +225,6 @@ class Settings:
             events_poll_s=pos("EVENTS_POLL_S", d.events_poll_s),
             events_max_stream_s=pos("EVENTS_MAX_STREAM_S", d.events_max_stream_s),
             stream_token_ttl_s=pos("STREAM_TOKEN_TTL_S", d.stream_token_ttl_s),
+            events_progress_retention_s=pos("EVENTS_PROGRESS_RETENTION_S", d.events_progress_retention_s),
             storage_price_gb_month=_price(env, "STORAGE_PRICE_GB_MONTH", d.storage_price_gb_month),
         )

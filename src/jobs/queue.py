@@ -39,6 +39,7 @@ class JobQueue:
         runner = JobRunner(container)
         self._execute = huey.task(name="gpusnap.execute_job")(runner.run)
         huey.periodic_task(crontab(minute="*"), name="gpusnap.recover_stale_jobs")(self.recover_stale_jobs)
+        huey.periodic_task(crontab(minute="17"), name="gpusnap.prune_events")(self.prune_events)
 
     def enqueue(self, job_id: str) -> bool:
         """Hand `job_id` to the workers; False when the queue refused. Called after the job's row is
@@ -80,6 +81,13 @@ class JobQueue:
         for job_id in ids:
             self.enqueue(job_id)
         return ids
+
+    def prune_events(self) -> int:
+        """Hourly in each worker: drop progress events older than EVENTS_PROGRESS_RETENTION_S."""
+        from src.services.events import prune_progress
+
+        return prune_progress(self._container.session_factory,
+                              older_than_s=self._container.settings.events_progress_retention_s)
 
     def ping(self) -> None:
         """Raise if the queue's storage cannot be reached (for /readyz)."""

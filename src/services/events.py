@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import event as sa_event
-from sqlalchemy import func, inspect, select
+from sqlalchemy import delete, func, inspect, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from src.db import transaction
@@ -132,6 +132,15 @@ def progress_written(s: Session, job_id: str, before: ProgressBefore | None) -> 
 
 def _aware(value: dt.datetime) -> dt.datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=dt.timezone.utc)
+
+
+def prune_progress(session_factory: sessionmaker[Session], *, older_than_s: float) -> int:
+    """Delete `job.progress` events older than `older_than_s` seconds (the bulk of the log: a job's final
+    counters stay in its last `job.status` event). Status, phase and machine events are kept: costs are
+    computed from `machine.status`. Returns how many were deleted. Safe to run from several workers."""
+    cutoff = utcnow() - dt.timedelta(seconds=older_than_s)
+    with transaction(session_factory) as s:
+        return int(s.execute(delete(Event).where(Event.kind == JOB_PROGRESS, Event.created_at < cutoff)).rowcount or 0)
 
 
 # ---- reading -----------------------------------------------------------------------------------

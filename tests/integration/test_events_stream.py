@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from src.app import create_app
 from src.db import transaction
@@ -243,3 +243,22 @@ def test_a_hole_left_by_a_rollback_is_passed_after_the_grace(tmp_path, database_
         got = [e["id"] for e in follower.poll()]
     assert got == [3]
     app.extensions["gpusnap"].engine.dispose()
+
+
+def test_old_progress_events_are_pruned_and_the_rest_kept(app):
+    c = app.extensions["gpusnap"]
+    job_id = _start_sleep_job(app, 0.8)
+    run_jobs(app)
+    with transaction(c.session_factory) as s:
+        kinds = [k for (k,) in s.execute(select(Event.kind).order_by(Event.id))]
+    assert "job.progress" in kinds
+    assert c.queue.prune_events() == 0  # nothing is a week old
+    with transaction(c.session_factory) as s:  # a week and a bit passes
+        s.execute(update(Event).values(created_at=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=8)))
+    assert c.queue.prune_events() == kinds.count("job.progress")
+    with transaction(c.session_factory) as s:
+        left = [k for (k,) in s.execute(select(Event.kind).order_by(Event.id))]
+    assert left == [k for k in kinds if k != "job.progress"]
+    resp = app.test_client().get(f"/api/events?job_id={job_id}&last_event_id=0", headers=AUTH, buffered=False)
+    assert [f["data"]["job"]["status"] for f in read_until(resp, _finished)][-1] == "succeeded"
+    resp.close()

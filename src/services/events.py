@@ -177,7 +177,10 @@ class Follower:
     Ids come from a sequence, so on PostgreSQL a transaction can take id 10, commit after the one that
     took 11, and a reader that already passed 11 would never see 10. So a hole in the ids is waited for
     (`gap_grace_s`) before it is skipped as an insert that was rolled back; everything after the hole
-    waits with it. SQLite writes one transaction at a time, so it has no such holes."""
+    waits with it. SQLite writes one transaction at a time, so it has no such holes. (A stream opened
+    without a resume point starts after the highest id committed then: an event of a transaction still
+    open at that moment with a lower id is not sent to it; a client that must not miss one reads the
+    state it follows after opening the stream, as `gpusnap jobs wait` does.)"""
 
     session_factory: sessionmaker[Session]
     last_id: int

@@ -16,8 +16,9 @@ _ID = {"instance_id": MACHINE_ID}
 
 @route(bp, "", "GET", tag=TAG, summary="List machines", query=m.InstanceListQuery, responses={200: m.MachineList})
 def list_instances(query: m.InstanceListQuery) -> Response:
-    page = service.list_machines(container().session_factory, status=query.status, limit=query.limit,
-                                 cursor=query.cursor, storage_price_gb_month=container().settings.storage_price_gb_month)
+    c = container()
+    page = service.list_machines(c.session_factory, status=query.status, limit=query.limit, cursor=query.cursor,
+                                 storage_price_gb_month=c.settings.storage_price_gb_month)
     return ok({"items": page.items, "next_cursor": page.next_cursor})
 
 

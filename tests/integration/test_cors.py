@@ -23,9 +23,10 @@ def client(tmp_path, sqlite_url):  # type: ignore[no-untyped-def]
     app.extensions["gpusnap"].engine.dispose()
 
 
-def _preflight(client, origin: str, method: str = "POST", path: str = "/api/gpu-snapshots"):  # type: ignore[no-untyped-def]
-    return client.options(path, headers={"Origin": origin, "Access-Control-Request-Method": method,
-                                         "Access-Control-Request-Headers": "authorization, content-type, idempotency-key"})
+def _preflight(client, origin: str, method: str = "POST"):  # type: ignore[no-untyped-def]
+    return client.options("/api/gpu-snapshots", headers={
+        "Origin": origin, "Access-Control-Request-Method": method,
+        "Access-Control-Request-Headers": "authorization, content-type, idempotency-key"})
 
 
 def test_preflight_from_an_allowed_origin_passes_and_the_call_exposes_location(client):

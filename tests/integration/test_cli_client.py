@@ -353,3 +353,24 @@ def test_jobs_wait_falls_back_to_polling_when_the_server_has_no_stream_free(cli,
         assert refused == 1  # it asked for the stream, was told no, and polled
     finally:
         held.close()
+
+
+def test_jobs_wait_reopens_a_stream_the_server_ended(cli, app, store):
+    c = app.extensions["gpusnap"]
+    c.settings = c.settings.replace(events_max_stream_s=0.3, events_poll_s=0.05)  # streams end quickly
+    snap = add_complete_snapshot(app, store)
+    job_id = json.loads(cli("snapshots", "verify", snap["id"], "--json").stdout)["job"]["id"]
+
+    def run_after_two_streams() -> None:  # the job runs only once `jobs wait` has opened a second stream
+        deadline = time.monotonic() + 20
+        while _requests_seen(app, "/api/events") < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        run_jobs(app)
+
+    runner = threading.Thread(target=run_after_two_streams, daemon=True)
+    runner.start()
+    r = cli("jobs", "wait", job_id, *FAST)
+    runner.join(20)
+    assert r.exit_code == 0, r.output
+    assert "succeeded" in r.stdout
+    assert _requests_seen(app, "/api/events") >= 2

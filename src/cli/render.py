@@ -99,6 +99,22 @@ def machine_detail(m: dict[str, Any]) -> str:
     return text + "\n\n" + table(["at", "event", "job", "message"], rows)
 
 
+def policy_detail(p: dict[str, Any]) -> str:
+    retention = p.get("retention") or {}
+    idle = p.get("idle")
+    idle_text = None
+    if idle:
+        idle_text = (f"{'dry run: ' if idle.get('dry_run') else ''}{idle.get('action')} when every GPU < "
+                     f"{idle.get('gpu_util_below')}% for {idle.get('for_s')}s (sample every {idle.get('sample_every_s')}s"
+                     f"{', SSH sessions ignored' if not idle.get('respect_ssh_sessions', True) else ''})")
+    return block([
+        ("machine", p.get("machine_id")), ("workspace", p.get("workspace_path") or "(the machine's)"),
+        ("excludes", ", ".join(p.get("excludes") or [])), ("schedule", p.get("schedule") and f"{p['schedule']} (UTC)"),
+        ("next run", when(p.get("next_run_at"))), ("last slot", when(p.get("last_slot_at"))),
+        ("retention", ", ".join(f"{k}={v}" for k, v in retention.items() if v)), ("idle", idle_text),
+    ])
+
+
 def job_summary(j: dict[str, Any]) -> str:
     """One line for a submitted or finished job."""
     text = f"job {j['id']} ({j['kind']}) {j['status']}"

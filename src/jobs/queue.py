@@ -39,6 +39,7 @@ class JobQueue:
         runner = JobRunner(container)
         self._execute = huey.task(name="gpusnap.execute_job")(runner.run)
         huey.periodic_task(crontab(minute="*"), name="gpusnap.recover_stale_jobs")(self.recover_stale_jobs)
+        huey.periodic_task(crontab(minute="*"), name="gpusnap.policy_tick")(self.policy_tick)
 
     def enqueue(self, job_id: str) -> bool:
         """Hand `job_id` to the workers; False when the queue refused. Called after the job's row is
@@ -80,6 +81,14 @@ class JobQueue:
         for job_id in ids:
             self.enqueue(job_id)
         return ids
+
+    def policy_tick(self) -> None:
+        """Carry out machine policies (src/jobs/scheduler.py): every minute in each worker, unless
+        SCHEDULER_ENABLED is false there."""
+        if self._container.settings.scheduler_enabled:
+            from src.jobs.scheduler import tick
+
+            tick(self._container)
 
     def ping(self) -> None:
         """Raise if the queue's storage cannot be reached (for /readyz)."""

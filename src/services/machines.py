@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from src.db import transaction
 from src.errors import NotFound, storable
-from src.models import Job, Machine, MachineEvent
+from src.models import Job, Machine, MachineEvent, MachinePolicy
 from src.services.pagination import Page, fetch_page
 from src.services.views import machine_view
 
@@ -117,9 +117,14 @@ def get_machine(session_factory: sessionmaker[Session], machine_id: str, *, even
 
 
 def get_machine_in(s: Session, machine: Machine, *, events: int = 100) -> dict[str, Any]:
+    from src.services.policies import policy_view
+
     history = list(s.scalars(select(MachineEvent).where(MachineEvent.machine_id == machine.id)
                              .order_by(MachineEvent.id.desc()).limit(events)))
-    return machine_view(machine, events=list(reversed(history)), active_job_id=active_job_id(s, machine.id))
+    view = machine_view(machine, events=list(reversed(history)), active_job_id=active_job_id(s, machine.id))
+    policy = s.get(MachinePolicy, machine.id)
+    view["policy"] = policy_view(s, policy) if policy is not None else None
+    return view
 
 
 def vast_instance_id_of(machine_id: str) -> int | None:

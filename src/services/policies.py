@@ -12,7 +12,7 @@ from src.db import transaction
 from src.errors import Unprocessable
 from src.models import IdleSample, MachinePolicy, ScheduleSlot, utcnow
 from src.services import cron
-from src.services.machines import add_event, find_machine
+from src.services.machines import add_event, find_machine, vast_instance_id_of
 from src.services.path_policy import check_excludes, check_restore_path
 from src.services.views import iso
 
@@ -44,8 +44,13 @@ def put_policy(c: "Container", machine_id: str, spec: dict[str, Any]) -> dict[st
         if acts and idle["action"] == "hibernate":
             check_restore_path(workspace, what="workspace_path (where wake will restore it)")
         if acts and machine.vast_instance_id is None:
-            raise Unprocessable(f"machine {machine.id} has no vast.ai instance to {idle['action']}; use action "
-                                "notify or dry_run", code="no_vast_instance")
+            # A numeric machine id is taken as its vast.ai instance id, as hibernate does for a new machine.
+            vast_id = vast_instance_id_of(machine.id)
+            if vast_id is None:
+                raise Unprocessable(f"machine {machine.id} has no vast.ai instance to {idle['action']}; use action "
+                                    "notify or dry_run", code="no_vast_instance")
+            machine.vast_instance_id = vast_id
+            add_event(s, machine.id, "vast_instance_assumed", f"taken to be vast.ai instance {vast_id} (its id)")
         row = s.get(MachinePolicy, machine.id, with_for_update=True)
         old = row.spec if row is not None else {}
         if row is None:

@@ -79,8 +79,10 @@ def _run_schedule(c: "Container", machine_id: str, spec: dict[str, Any], schedul
     if endpoint is None:
         return
     host, port, user, machine_workspace, status = endpoint
-    if status not in ("running", "unknown") or not host or not port:
-        why = f"machine_{status}: the machine is {status}" if host else "no_ssh_endpoint: no SSH endpoint"
+    if status not in ("running", "unknown"):
+        why = f"machine_{status}: the machine is {status}"
+    elif not host or not port:
+        why = "no_ssh_endpoint: the machine has no SSH endpoint"
     else:
         try:
             _snap, job = create_snapshot(c, instance_id=machine_id, ssh_host=host, ssh_port=port, ssh_user=user,

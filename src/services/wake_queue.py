@@ -35,7 +35,7 @@ def mark_waiting(job: Job, *, priority: int) -> None:
 
 
 def is_waiting(state: dict[str, Any]) -> bool:
-    return "wake_queued_at" in state and "admitted_at" not in state
+    return state.get("admitted_at") is None and "wake_queued_at" in state
 
 
 def admit_wakes(c: "Container", *, finishing: str | None = None) -> list[str]:

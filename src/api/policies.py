@@ -1,12 +1,12 @@
 """/api/instances/<id>/policy: what the worker does to a machine by itself."""
 from __future__ import annotations
 
-from flask import Blueprint, Response
+from flask import Blueprint, Response, request
 
 from src.api import schemas as m
 from src.api.common import MACHINE_ID, container, ok
 from src.api.routing import route
-from src.errors import NotFound
+from src.errors import InvalidRequest, NotFound
 from src.services import policies as service
 
 bp = Blueprint("policies", __name__, url_prefix="/api/instances")
@@ -19,6 +19,8 @@ _ID = {"instance_id": MACHINE_ID}
        description="Replaces the whole policy; every part is optional. `schedule` is a 5-field cron expression "
                    "in UTC. Scheduled snapshots and idle actions run as ordinary jobs started by the worker.")
 def put_policy(instance_id: str, body: m.PolicyRequest) -> Response:
+    if not request.get_data(cache=True).strip():  # a PUT states the whole policy; `{}` is the empty one
+        raise InvalidRequest("send the policy as a JSON object (`{}` for an empty policy)", code="invalid_json")
     return ok(service.put_policy(container(), instance_id, body.model_dump(mode="json")))
 
 

@@ -6,7 +6,7 @@ import ipaddress
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 from src.services import cron
 
@@ -117,7 +117,7 @@ class WakeRequest(_Strict):
     disk_gb: Annotated[int, Field(ge=1, le=100_000)] | None = None
     image: Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*$")] | None = None
     workspace_path: WorkspacePath | None = None
-    priority: Annotated[int, Field(ge=0, le=9, description="place in the wake queue while WAKE_CONCURRENCY "
+    priority: Annotated[StrictInt, Field(ge=0, le=9, description="place in the wake queue while WAKE_CONCURRENCY "
                                                            "wakes run: 9 first, then older first")] = 5
 
 
@@ -139,7 +139,7 @@ CronExpression = Annotated[str, Field(min_length=9, max_length=128, pattern=r"^[
                                       description="5-field cron expression in UTC: minute hour day-of-month "
                                                   "month day-of-week"),
                            AfterValidator(_check_cron)]
-_KEEP = Annotated[int, Field(ge=0, le=10_000)]
+_KEEP = Annotated[StrictInt, Field(ge=0, le=10_000)]
 
 
 class RetentionPolicy(_Strict):
@@ -157,14 +157,14 @@ class RetentionPolicy(_Strict):
 
 
 class IdlePolicy(_Strict):
-    gpu_util_below: Annotated[int, Field(ge=1, le=100)] = Field(5, description="percent; every GPU's every "
+    gpu_util_below: Annotated[StrictInt, Field(ge=1, le=100)] = Field(5, description="percent; every GPU's every "
                                                                                "sample must be below it")
-    for_s: Annotated[int, Field(ge=1, le=30 * 86400)] = Field(1800, description="the window, in seconds")
-    sample_every_s: Annotated[int, Field(ge=1, le=86400)] = Field(60, description="seconds between samples (the "
+    for_s: Annotated[StrictInt, Field(ge=1, le=30 * 86400)] = Field(1800, description="the window, in seconds")
+    sample_every_s: Annotated[StrictInt, Field(ge=1, le=86400)] = Field(60, description="seconds between samples (the "
                                                                    "worker's scheduler ticks once a minute)")
     action: Literal["hibernate", "pause", "notify"] = "hibernate"
-    respect_ssh_sessions: bool = Field(True, description="an interactive SSH session keeps the machine awake")
-    dry_run: bool = Field(False, description="record what the action would do (an event), do nothing")
+    respect_ssh_sessions: StrictBool = Field(True, description="an interactive SSH session keeps the machine awake")
+    dry_run: StrictBool = Field(False, description="record what the action would do (an event), do nothing")
 
     @model_validator(mode="after")
     def _window_holds_a_sample(self) -> "IdlePolicy":

@@ -251,3 +251,35 @@ def test_dry_run_only_says_what_it_would_do(pstack, sshd, fake_vast, box, gpus):
     dry = [e for e in machine["events"] if e["kind"] == "idle_dry_run"]
     assert dry and dry[0]["message"].startswith("would hibernate")
     assert 'gpusnap_idle_gpu_utilization{gpu="0",machine="%s"} 1.0' % box["id"] in pstack.get("/metrics").text
+
+
+def test_one_snapshot_restores_onto_several_hosts_at_once(pstack, sshd, sshd_factory, tmp_path):  # type: ignore[no-untyped-def]
+    """Replication: one restore job per target, running at the same time (each locks only its target)."""
+    workspace = tmp_path / "src-ws"
+    workspace.mkdir()
+    (workspace / "data.bin").write_bytes(b"x" * 300_000)
+    snap_id = _snapshot(pstack, "origin", sshd, workspace)["result"]["snapshot_id"]
+    second = sshd_factory()
+    second.authorize_key_of(pstack.env["SSH_KEY_PATH"])
+    targets = [(sshd, tmp_path / "copy-a"), (second, tmp_path / "copy-b")]
+    jobs = []
+    for server, dest in targets:
+        r = pstack.post(f"/api/gpu-snapshots/{snap_id}/restore",
+                        json={"ssh_host": server.host, "ssh_port": server.port, "workspace_path": str(dest)})
+        assert r.status_code == 202, r.text  # the second is not refused while the first runs
+        jobs.append(r.json()["job"]["id"])
+    # Both were running at once at some point (the worker has two threads).
+    deadline, both = time.monotonic() + 60, False
+    while not both and time.monotonic() < deadline:
+        states = [pstack.get(f"/api/jobs/{j}").json() for j in jobs]
+        both = all(s["status"] == "running" for s in states)
+        if all(s["status"] not in ("queued", "running") for s in states):
+            break
+        time.sleep(0.02)
+    finished = [pstack.wait_job(j) for j in jobs]
+    assert [j["status"] for j in finished] == ["succeeded", "succeeded"], finished
+    for _server, dest in targets:
+        assert (dest / "data.bin").read_bytes() == b"x" * 300_000
+    starts = sorted(j["started_at"] for j in finished)
+    ends = sorted(j["finished_at"] for j in finished)
+    assert both or starts[1] < ends[0], "the two restores ran one after the other"

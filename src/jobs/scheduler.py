@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from src.jobs.kinds import JobKind
 
 logger = logging.getLogger(__name__)
+SLOT_HISTORY = dt.timedelta(days=31)
 
 
 def tick(c: "Container", *, now: dt.datetime | None = None) -> dict[str, Any]:
@@ -95,6 +96,9 @@ def _run_schedule(c: "Container", machine_id: str, spec: dict[str, Any], schedul
     with transaction(c.session_factory) as s:
         s.execute(update(ScheduleSlot).where(ScheduleSlot.machine_id == machine_id, ScheduleSlot.slot_at == slot)
                   .values(outcome=outcome, job_id=job_id))
+        # Only the newest slot is ever claimed, so older rows are history: a month of it is kept.
+        s.execute(delete(ScheduleSlot).where(ScheduleSlot.machine_id == machine_id,
+                                             ScheduleSlot.slot_at < slot - SLOT_HISTORY))
         if outcome == "skipped":
             add_event(s, machine_id, "schedule_skipped", f"slot {slot:%Y-%m-%dT%H:%MZ} skipped: {why}"[:2000],
                       data={"slot": f"{slot:%Y-%m-%dT%H:%MZ}"})

@@ -13,6 +13,7 @@ import pytest
 
 from src.app import create_app
 from src.db import transaction
+from src.jobs.runner import JobRunner
 from src.jobs.scheduler import tick
 from src.models import Job, Machine, MachineEvent, ScheduleSlot, Snapshot, new_id, utcnow
 from src.services import jobs as job_service
@@ -307,12 +308,14 @@ def test_wakes_wait_for_a_place_highest_priority_first(capped, store):  # type: 
     with transaction(c.session_factory) as s:
         assert [s.get(Job, jobs[n]["id"]).phase for n in "bcd"] == ["wake_queued"] * 3
     assert admit_wakes(c) == []  # no free place while "a" holds it
-    # A waiting wake that reaches a worker anyway (recovery re-sends old queued jobs) is put back.
+    # A waiting wake that reaches a worker anyway (recovery re-sends old queued jobs) is put back,
+    # by the runner as the worker runs it, and by the check itself.
+    JobRunner(c).run(jobs["b"]["id"])
     claimed = job_service.claim(c.session_factory, jobs["b"]["id"], worker="w")
     assert not hold_unless_admitted(c, claimed.id, attempt=claimed.attempts, state=claimed.state)
     with transaction(c.session_factory) as s:
         row = s.get(Job, jobs["b"]["id"])
-        assert (row.status, row.attempts, row.phase) == ("queued", 0, "wake_queued")
+        assert (row.status, row.attempts, row.phase, row.started_at) == ("queued", 0, "wake_queued", None)
     # "a" ends: the next place goes to priority 9, then the older of the two 5s, then 1.
     order = []
     for name in ("a", "c", "d"):

@@ -172,3 +172,21 @@ def test_probe_answers_are_not_trusted(result, util, error):  # type: ignore[no-
 def test_hostile_session_counts_become_unknown():
     assert parse_probe({"gpu_util": [0], "ssh_sessions": -3})[1] is None
     assert parse_probe({"gpu_util": [0], "ssh_sessions": "1"})[1] is None
+
+
+# ---- wake-time histograms ---------------------------------------------------------------------------
+
+def test_wake_phase_histograms_count_each_phase_of_succeeded_wakes():
+    from src.services.policy_metrics import _wake_histogram
+
+    results = [{"timings": {"queue_s": 0.0, "rent_s": 40.0, "restore_s": 400.0}},
+               {"timings": {"queue_s": 100.0, "rent_s": 200.0, "restore_s": 700.0}},
+               {"timings": {"queue_s": None}}, None, {"no": "timings"}]
+    family = _wake_histogram(results)
+    samples = {(s.name, s.labels["phase"], s.labels.get("le")): s.value for s in family.samples}
+    assert samples[("gpusnap_wake_phase_seconds_count", "queue", None)] == 2
+    assert samples[("gpusnap_wake_phase_seconds_bucket", "queue", "5.0")] == 1
+    assert samples[("gpusnap_wake_phase_seconds_bucket", "rent", "60.0")] == 1
+    assert samples[("gpusnap_wake_phase_seconds_bucket", "rent", "300.0")] == 2
+    assert samples[("gpusnap_wake_phase_seconds_bucket", "restore", "+Inf")] == 2
+    assert samples[("gpusnap_wake_phase_seconds_sum", "restore", None)] == 1100.0

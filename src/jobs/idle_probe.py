@@ -59,7 +59,8 @@ def _probe(c: "Container", machine_id: str, target: "object", *, now: dt.datetim
                     if event.get("event") == "result":
                         result = event
                     elif event.get("event") == "error":
-                        return Sample(taken_at=now, ok=False, error=f"{event.get('code')}: {event.get('message')}"[:500])
+                        error = f"{event.get('code')}: {event.get('message')}"[:500]
+                        return Sample(taken_at=now, ok=False, error=error)
     except GpusnapError as e:
         return Sample(taken_at=now, ok=False, error=f"{e.code}: {e.message}"[:500])
     finally:

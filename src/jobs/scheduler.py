@@ -228,7 +228,8 @@ def with_wake_queue(kind: "JobKind") -> "JobKind":
             return run(ctx)
         finally:
             try:
-                admit_wakes(ctx.container, finishing=ctx.job_id)
+                if not ctx.lost:  # a lost attempt's job goes on elsewhere and still holds its place
+                    admit_wakes(ctx.container, finishing=ctx.job_id)
             except SQLAlchemyError:  # the next tick admits it
                 logger.warning("could not admit the next wake after job %s", ctx.job_id, exc_info=True)
 

@@ -58,7 +58,8 @@ def test_restore_onto_several_hosts_starts_one_job_each(cli, app, store):  # typ
                 "--workspace", "/w", "--json", "--idempotency-key", "rep-1")
     assert [j["id"] for j in json.loads(again.stdout)["jobs"]] == [j["id"] for j in jobs]  # a retry: same jobs
     assert cli("snapshots", "restore", snap["id"], "--host", "10.0.0.7", "--workspace", "/w").exit_code == 2
-    two = cli("snapshots", "restore", snap["id"], "--host", "a:1", "--host", "b:1", "--instance", "x", "--workspace", "/w")
+    two = cli("snapshots", "restore", snap["id"], "--host", "a:1", "--host", "b:1", "--instance", "x",
+              "--workspace", "/w")
     assert two.exit_code == 2 and "--instance" in two.output
 
 

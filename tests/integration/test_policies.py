@@ -15,7 +15,7 @@ from src.app import create_app
 from src.db import transaction
 from src.jobs.runner import JobRunner
 from src.jobs.scheduler import tick
-from src.models import Job, Machine, MachineEvent, ScheduleSlot, Snapshot, new_id, utcnow
+from src.models import Job, Machine, MachineEvent, ScheduleSlot, Snapshot, utcnow
 from src.services import jobs as job_service
 from src.services.retention import apply_retention
 from src.services.wake_queue import admit_wakes, hold_unless_admitted

@@ -1,6 +1,7 @@
 """probe_gpu.py run for real (as the SSH adapter runs it: JSON on stdin, events on stdout) with a fake
 nvidia-smi first on its PATH, printing what real drivers print when things go wrong. Whatever the
-fake prints that is not one integer per GPU must come back as `gpu_error`, never as a reading. (Counting interactive SSH sessions needs a real sshd: tests/e2e/test_policies.py.)"""
+fake prints that is not one integer per GPU must come back as `gpu_error`, never as a reading.
+(Counting interactive SSH sessions needs a real sshd: tests/e2e/test_policies.py.)"""
 from __future__ import annotations
 
 import json

@@ -5,8 +5,8 @@ as one `schedule_skipped` event: counted per slot, a slot run twice would show t
 from __future__ import annotations
 
 import collections
-import re
 import datetime as dt
+import re
 import time
 
 import pytest

@@ -27,27 +27,27 @@ def put_policy(c: "Container", machine_id: str, spec: dict[str, Any]) -> dict[st
     (`no_workspace_path`, `exclude_matches_root`, `system_path`, `no_vast_instance`); NotConfigured
     when an action needs vast.ai or the bucket and they are not configured - now, not at 3 a.m."""
     spec = {**spec, "excludes": check_excludes(spec.get("excludes")) or []}
-    idle = spec.get("idle")
-    acts = idle is not None and not idle.get("dry_run") and idle.get("action") in ("hibernate", "pause")
-    if spec.get("schedule") or (acts and idle["action"] == "hibernate"):
+    idle: dict[str, Any] | None = spec.get("idle")
+    action = idle.get("action") if idle is not None else None
+    acts = idle is not None and not idle.get("dry_run") and action in ("hibernate", "pause")
+    if spec.get("schedule") or (acts and action == "hibernate"):
         c.object_store()
     if acts:
         c.vast()
     now = utcnow()
     with transaction(c.session_factory) as s:
         machine = find_machine(s, machine_id)
-        workspace = spec.get("workspace_path") or machine.workspace_path
-        needs_workspace = bool(spec.get("schedule")) or (idle is not None and idle.get("action") == "hibernate")
-        if needs_workspace and not workspace:
+        workspace: str | None = spec.get("workspace_path") or machine.workspace_path
+        if (spec.get("schedule") or action == "hibernate") and not workspace:
             raise Unprocessable(f"machine {machine.id} has no known workspace_path; give one in the policy",
                                 code="no_workspace_path")
-        if acts and idle["action"] == "hibernate":
+        if acts and action == "hibernate" and workspace:
             check_restore_path(workspace, what="workspace_path (where wake will restore it)")
         if acts and machine.vast_instance_id is None:
             # A numeric machine id is taken as its vast.ai instance id, as hibernate does for a new machine.
             vast_id = vast_instance_id_of(machine.id)
             if vast_id is None:
-                raise Unprocessable(f"machine {machine.id} has no vast.ai instance to {idle['action']}; use action "
+                raise Unprocessable(f"machine {machine.id} has no vast.ai instance to {action}; use action "
                                     "notify or dry_run", code="no_vast_instance")
             machine.vast_instance_id = vast_id
             add_event(s, machine.id, "vast_instance_assumed", f"taken to be vast.ai instance {vast_id} (its id)")

@@ -29,6 +29,9 @@ def test_policy_set_show_rm(cli, app):  # type: ignore[no-untyped-def]  # noqa: 
     assert shown.exit_code == 0, shown.output
     assert "0 3 * * * (UTC)" in shown.stdout and "keep_last=7, keep_daily=7" in shown.stdout
     assert "notify when every GPU < 5% for 1800s" in shown.stdout
+    machine = cli("instances", "show", "12345")
+    assert "policy:" in machine.stdout and "snapshots 0 3 * * * UTC; retention last=7,daily=7; idle notify" \
+        in machine.stdout
     bad = cli("instances", "policy", "set", "12345", "--schedule", "0 3 * *")
     assert bad.exit_code == 1 and bad.stderr.startswith("error: validation_error: schedule")
     assert cli("instances", "policy", "rm", "12345").exit_code == 0

@@ -68,6 +68,9 @@ class Metrics:
     def __init__(self, session_factory: sessionmaker[Session]) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_DatabaseCollector(session_factory))
+        from src.services.policy_metrics import PolicyCollector
+
+        self.registry.register(PolicyCollector(session_factory))
         shared = multiprocess_dir()
         if shared:
             multiprocess.MultiProcessCollector(self.registry, path=shared)

@@ -170,3 +170,48 @@ class StreamToken(Base):
     token_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
     expires_at: Mapped[dt.datetime] = mapped_column(index=True)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+class MachinePolicy(Base):
+    """What the worker does to a machine by itself (`PUT /api/instances/<id>/policy`): scheduled
+    snapshots, retention, idle auto-hibernate. `spec` is the validated request body."""
+
+    __tablename__ = "machine_policies"
+
+    machine_id: Mapped[str] = mapped_column(ForeignKey("machines.id", ondelete="CASCADE"), primary_key=True)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # Schedule slots at or before this instant never run: a new or changed schedule starts from now, not
+    # from a slot in the past.
+    schedule_from: Mapped[dt.datetime | None] = mapped_column()
+    # The next idle sample is due at this instant; moved forward by the worker that takes the sample (a
+    # conditional UPDATE), so two workers never sample one machine for the same interval.
+    next_sample_at: Mapped[dt.datetime | None] = mapped_column()
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class ScheduleSlot(Base):
+    """One schedule slot of one machine, claimed by the worker that runs it: the primary key makes "a slot
+    runs once, whatever the number of workers" a database guarantee."""
+
+    __tablename__ = "schedule_slots"
+
+    machine_id: Mapped[str] = mapped_column(ForeignKey("machines.id", ondelete="CASCADE"), primary_key=True)
+    slot_at: Mapped[dt.datetime] = mapped_column(primary_key=True)
+    outcome: Mapped[str] = mapped_column(String(32), default="claimed")  # started | skipped
+    job_id: Mapped[str | None] = mapped_column(String(64))
+    claimed_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class IdleSample(Base):
+    """One idle probe of a machine: GPU utilisation per GPU and interactive SSH sessions, or the reason
+    the probe failed (which counts as busy)."""
+
+    __tablename__ = "idle_samples"
+    __table_args__ = (Index("ix_idle_samples_machine_at", "machine_id", "taken_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    machine_id: Mapped[str] = mapped_column(ForeignKey("machines.id", ondelete="CASCADE"))
+    taken_at: Mapped[dt.datetime] = mapped_column()
+    ok: Mapped[bool] = mapped_column(Boolean)
+    gpu_util: Mapped[list[int] | None] = mapped_column(JSON)
+    ssh_sessions: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)

@@ -36,6 +36,13 @@ def _price(env: Mapping[str, str], name: str, default: float) -> float:
     if not 0 <= value < float("inf"):
         raise SettingsError(f"{name} must be a price of 0 or more, got {raw!r}")
     return value
+def _non_negative(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    if not (raw.strip().isascii() and raw.strip().isdigit()):
+        raise SettingsError(f"{name} must be a whole number of at least 0, got {raw!r}")
+    return int(raw)
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,9 @@ class Settings:
     job_deadline_hibernate_s: float = 18000.0
     job_deadline_wake_s: float = 18000.0
     job_deadline_other_s: float = 7200.0
+    # Policies (src/jobs/scheduler.py) and the wake queue (src/services/wake_queue.py).
+    scheduler_enabled: bool = True  # false: this worker runs jobs but no policy tick
+    wake_concurrency: int = 8  # wakes renting and restoring at once; the rest wait by priority (0: no cap)
     log_level: str = "INFO"
     log_format: str = "json"  # json | text
 
@@ -217,6 +227,8 @@ class Settings:
             job_deadline_hibernate_s=pos("JOB_DEADLINE_HIBERNATE_S", d.job_deadline_hibernate_s),
             job_deadline_wake_s=pos("JOB_DEADLINE_WAKE_S", d.job_deadline_wake_s),
             job_deadline_other_s=pos("JOB_DEADLINE_OTHER_S", d.job_deadline_other_s),
+            scheduler_enabled=_flag(env, "SCHEDULER_ENABLED") if "SCHEDULER_ENABLED" in env else d.scheduler_enabled,
+            wake_concurrency=_non_negative(env, "WAKE_CONCURRENCY", d.wake_concurrency),
             log_level=env.get("LOG_LEVEL", d.log_level).upper(),
             log_format=env.get("LOG_FORMAT", d.log_format),
             cors_origins=tuple(o.rstrip("/") for o in _csv(env.get("CORS_ORIGINS"))),

@@ -50,7 +50,7 @@ def hibernate(instance_id: str, body: m.HibernateRequest, idempotency_key: str |
 def wake(instance_id: str, body: m.WakeRequest, idempotency_key: str | None) -> Response:
     job = instances.wake(container(), instance_id, snapshot_id=body.snapshot_id, gpu_type=body.gpu_type,
                          num_gpus=body.num_gpus, region=body.region, max_price=body.max_price, disk_gb=body.disk_gb,
-                         image=body.image, workspace_path=body.workspace_path,
+                         image=body.image, workspace_path=body.workspace_path, priority=body.priority,
                          idem=idempotency(idempotency_key, body))
     return accepted({"job": job}, job)
 

@@ -6,7 +6,9 @@ import ipaddress
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
+
+from src.services import cron
 
 # ---- field types -------------------------------------------------------------------------------
 
@@ -115,10 +117,70 @@ class WakeRequest(_Strict):
     disk_gb: Annotated[int, Field(ge=1, le=100_000)] | None = None
     image: Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*$")] | None = None
     workspace_path: WorkspacePath | None = None
+    priority: Annotated[StrictInt, Field(ge=0, le=9, description="place in the wake queue while WAKE_CONCURRENCY "
+                                                           "wakes run: 9 first, then older first")] = 5
 
 
 class EmptyRequest(_Strict):
     pass
+
+
+def _check_cron(value: str) -> str:
+    try:
+        parsed = cron.parse(value)
+    except cron.CronError as e:
+        raise ValueError(str(e)) from None
+    if not parsed.fires():
+        raise ValueError("this expression never fires (no such day)")
+    return " ".join(value.split())
+
+
+CronExpression = Annotated[str, Field(min_length=9, max_length=128, pattern=r"^[A-Za-z0-9*/,\- ]+$",
+                                      description="5-field cron expression in UTC: minute hour day-of-month "
+                                                  "month day-of-week"),
+                           AfterValidator(_check_cron)]
+_KEEP = Annotated[StrictInt, Field(ge=0, le=10_000)]
+
+
+class RetentionPolicy(_Strict):
+    """restic `forget` rules, ORed: a complete snapshot is kept when any rule keeps it."""
+    keep_last: _KEEP = Field(0, description="the newest N complete snapshots")
+    keep_daily: _KEEP = Field(0, description="the newest snapshot of each of the last N days (UTC) that have one")
+    keep_weekly: _KEEP = Field(0, description="the newest snapshot of each of the last N ISO weeks that have one")
+    keep_monthly: _KEEP = Field(0, description="the newest snapshot of each of the last N months that have one")
+
+    @model_validator(mode="after")
+    def _keeps_something(self) -> "RetentionPolicy":
+        if not (self.keep_last or self.keep_daily or self.keep_weekly or self.keep_monthly):
+            raise ValueError("retention keeps nothing: set at least one keep_* above 0 (or leave retention out)")
+        return self
+
+
+class IdlePolicy(_Strict):
+    gpu_util_below: Annotated[StrictInt, Field(ge=1, le=100)] = Field(5, description="percent; every GPU's every "
+                                                                               "sample must be below it")
+    for_s: Annotated[StrictInt, Field(ge=1, le=30 * 86400)] = Field(1800, description="the window, in seconds")
+    sample_every_s: Annotated[StrictInt, Field(ge=1, le=86400)] = Field(60, description="seconds between samples (the "
+                                                                   "worker's scheduler ticks once a minute)")
+    action: Literal["hibernate", "pause", "notify"] = "hibernate"
+    respect_ssh_sessions: StrictBool = Field(True, description="an interactive SSH session keeps the machine awake")
+    dry_run: StrictBool = Field(False, description="record what the action would do (an event), do nothing")
+
+    @model_validator(mode="after")
+    def _window_holds_a_sample(self) -> "IdlePolicy":
+        if self.for_s < self.sample_every_s:
+            raise ValueError("for_s must be at least sample_every_s")
+        return self
+
+
+class PolicyRequest(_Strict):
+    workspace_path: WorkspacePath | None = Field(None, description="what scheduled snapshots and hibernate take "
+                                                 "(default: the machine's own workspace_path)")
+    excludes: list[ExcludePattern] = Field(default_factory=list, max_length=256)
+    codec: Codec = "auto"
+    schedule: CronExpression | None = None
+    retention: RetentionPolicy | None = None
+    idle: IdlePolicy | None = None
 
 
 class DeleteSnapshotQuery(_Strict):
@@ -267,6 +329,18 @@ class MachineCosts(BaseModel):
     storage_usd_month: float = Field(description="stored_bytes at STORAGE_PRICE_GB_MONTH (GB = 10^9 bytes)")
     transfer_usd_per_gb: TransferPrices | None
     as_of: str
+class Policy(BaseModel):
+    machine_id: str
+    workspace_path: str | None
+    excludes: list[str]
+    codec: str
+    schedule: str | None
+    retention: RetentionPolicy | None
+    idle: IdlePolicy | None
+    next_run_at: str | None = Field(description="the next schedule slot (UTC)")
+    last_slot_at: str | None = Field(description="the newest slot claimed by a worker (run or skipped)")
+    created_at: str
+    updated_at: str
 
 
 class Machine(BaseModel):
@@ -285,6 +359,7 @@ class Machine(BaseModel):
     updated_at: str
     events: list[MachineEvent] | None = None
     costs: MachineCosts | None = None
+    policy: Policy | None = None
 
 
 class SnapshotList(BaseModel):

@@ -8,6 +8,7 @@ import click
 from src.cli import render
 from src.cli.client import (CODECS, api_command, given, job_command, json_option, list_all, page_options,
                             show_list, show_one)
+from src.cli.client_policies import policy
 from src.cli.http import ApiClient, seg
 
 
@@ -72,13 +73,16 @@ def instances_hibernate(api: ApiClient, instance_id: str, workspace_path: str, s
 @click.option("--disk-gb", type=click.IntRange(min=1), default=None, help="Disk to rent (default: fits the snapshot).")
 @click.option("--image", default=None, help="Docker image for the new instance.")
 @click.option("--workspace", "workspace_path", default=None, help="Restore here (default: where it was taken).")
+@click.option("--priority", type=click.IntRange(0, 9), default=None,
+              help="Place in the wake queue while WAKE_CONCURRENCY wakes run: 9 first (default 5).")
 @job_command()
 def instances_wake(api: ApiClient, instance_id: str, snapshot_id: str | None, gpu_type: str | None,
                    num_gpus: int | None, region: str | None, max_price: float | None, disk_gb: int | None,
-                   image: str | None, workspace_path: str | None, idempotency_key: str | None) -> dict[str, Any]:
+                   image: str | None, workspace_path: str | None, priority: int | None,
+                   idempotency_key: str | None) -> dict[str, Any]:
     """Rent a new instance and restore the machine's snapshot onto it; the machine keeps its id."""
     body = given(snapshot_id=snapshot_id, gpu_type=gpu_type, num_gpus=num_gpus, region=region, max_price=max_price,
-                 disk_gb=disk_gb, image=image, workspace_path=workspace_path)
+                 disk_gb=disk_gb, image=image, workspace_path=workspace_path, priority=priority)
     return api.post(f"/api/instances/{seg(instance_id)}/wake", body, idempotency_key=idempotency_key)
 
 
@@ -92,6 +96,7 @@ def _simple(action: str, doc: str) -> click.Command:
     return click.command(action, help=doc)(click.argument("instance_id")(command))
 
 
+instances.add_command(policy)
 instances.add_command(_simple("pause", "Stop the instance on vast.ai: its disk is kept (and billed), no data moves."))
 instances.add_command(_simple("resume", "Start a paused instance again (fails if its GPUs were taken meanwhile)."))
 

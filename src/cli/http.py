@@ -73,6 +73,9 @@ class ApiClient:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return self._request("POST", path, json=body if body is not None else {}, headers=headers)
 
+    def put(self, path: str, body: dict[str, Any]) -> Any:
+        return self._request("PUT", path, json=body)
+
     def delete(self, path: str, *, idempotency_key: str | None = None) -> Any:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return self._request("DELETE", path, headers=headers)

@@ -89,14 +89,41 @@ def machine_detail(m: dict[str, Any]) -> str:
         ("id", m["id"]), ("status", m["status"]), ("vast instance", m.get("vast_instance_id")), ("ssh", _ssh(m)),
         ("host key pinned", "yes" if m.get("host_key_pinned") else "no"), ("workspace", m.get("workspace_path")),
         ("gpu", m.get("gpu_name")), ("last snapshot", m.get("last_snapshot_id")),
-        ("active job", m.get("active_job_id")), ("created", when(m.get("created_at"))),
-        ("updated", when(m.get("updated_at"))),
+        ("active job", m.get("active_job_id")), ("policy", _policy_line(m.get("policy"))),
+        ("created", when(m.get("created_at"))), ("updated", when(m.get("updated_at"))),
     ])
     events = m.get("events") or []
     if not events:
         return text + "\n\nno events"
     rows = [[when(e.get("at")), e.get("kind"), e.get("job_id"), e.get("message")] for e in events]
     return text + "\n\n" + table(["at", "event", "job", "message"], rows)
+
+
+def _policy_line(p: dict[str, Any] | None) -> str | None:
+    """One line for `instances show`; `instances policy show` has the whole policy."""
+    if not p:
+        return None
+    parts = [f"snapshots {p['schedule']} UTC" if p.get("schedule") else "",
+             "retention " + ",".join(f"{k.removeprefix('keep_')}={v}" for k, v in (p.get("retention") or {}).items()
+                                     if v) if p.get("retention") else "",
+             f"idle {p['idle'].get('action')}{' (dry run)' if p['idle'].get('dry_run') else ''}" if p.get("idle") else ""]
+    return "; ".join(x for x in parts if x) or "set (empty)"
+
+
+def policy_detail(p: dict[str, Any]) -> str:
+    retention = p.get("retention") or {}
+    idle = p.get("idle")
+    idle_text = None
+    if idle:
+        idle_text = (f"{'dry run: ' if idle.get('dry_run') else ''}{idle.get('action')} when every GPU < "
+                     f"{idle.get('gpu_util_below')}% for {idle.get('for_s')}s (sample every {idle.get('sample_every_s')}s"
+                     f"{', SSH sessions ignored' if not idle.get('respect_ssh_sessions', True) else ''})")
+    return block([
+        ("machine", p.get("machine_id")), ("workspace", p.get("workspace_path") or "(the machine's)"),
+        ("excludes", ", ".join(p.get("excludes") or [])), ("schedule", p.get("schedule") and f"{p['schedule']} (UTC)"),
+        ("next run", when(p.get("next_run_at"))), ("last slot", when(p.get("last_slot_at"))),
+        ("retention", ", ".join(f"{k}={v}" for k, v in retention.items() if v)), ("idle", idle_text),
+    ])
 
 
 def job_summary(j: dict[str, Any]) -> str:

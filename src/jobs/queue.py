@@ -40,6 +40,7 @@ class JobQueue:
         self._execute = huey.task(name="gpusnap.execute_job")(runner.run)
         huey.periodic_task(crontab(minute="*"), name="gpusnap.recover_stale_jobs")(self.recover_stale_jobs)
         huey.periodic_task(crontab(minute="17"), name="gpusnap.prune_events")(self.prune_events)
+        huey.periodic_task(crontab(minute="*"), name="gpusnap.policy_tick")(self.policy_tick)
 
     def enqueue(self, job_id: str) -> bool:
         """Hand `job_id` to the workers; False when the queue refused. Called after the job's row is
@@ -88,6 +89,14 @@ class JobQueue:
 
         return prune_progress(self._container.session_factory,
                               older_than_s=self._container.settings.events_progress_retention_s)
+
+    def policy_tick(self) -> None:
+        """Carry out machine policies (src/jobs/scheduler.py): every minute in each worker, unless
+        SCHEDULER_ENABLED is false there."""
+        if self._container.settings.scheduler_enabled:
+            from src.jobs.scheduler import tick
+
+            tick(self._container)
 
     def ping(self) -> None:
         """Raise if the queue's storage cannot be reached (for /readyz)."""

@@ -11,9 +11,11 @@ The hand-over (the machine row pointing at the new instance) is the point of no 
 accepted before it destroys the new instance; after it, a cancel is refused (`too_late_to_cancel`)."""
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import logging
 import math
+import time
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -81,8 +83,10 @@ def wake(ctx: JobContext) -> dict[str, Any]:
     snap = snapshot_fields(ctx, p["snapshot_id"])
     _destroy_other_attempts(ctx, vast, job_prefix)  # a re-run after a crash starts clean
     own_prefix = f"{job_prefix}{ctx.attempt}:"
+    started = time.monotonic()
     try:
         instance, offer = _rent_until_running(ctx, vast, machine_id, disk_gb=p["disk_gb"])
+        running = time.monotonic()
         ep = instance.ssh_endpoint
         ctx.container.ssh_policy().check(ep.host)
         set_machine(ctx, machine_id, ssh_host=ep.host, ssh_port=ep.port, host_key=None,
@@ -93,11 +97,14 @@ def wake(ctx: JobContext) -> dict[str, Any]:
         # overwrite: the instance was rented by this job a moment ago, so whatever is at the path came
         # from the image, not from a user (and it is kept beside the workspace all the same).
         restored = restore_onto(ctx, snap, endpoint, p["workspace_path"], overwrite=True)
+        # Per phase, for the /metrics wake-time histograms (src/services/policy_metrics.py).
+        timings = {"queue_s": _queue_s(ctx.state), "rent_s": round(running - started, 3),
+                   "restore_s": round(time.monotonic() - running, 3)}
         ctx.check_cancelled()
         # An attempt frozen between its ownership check and its rent may have rented after our first sweep.
         _destroy_other_attempts(ctx, vast, job_prefix)
         result = {"instance_id": instance.id, "offer_id": offer.id, "dph_total": offer.dph_total,
-                  "ssh_host": ep.host, "ssh_port": ep.port, **restored}
+                  "ssh_host": ep.host, "ssh_port": ep.port, **restored, "timings": timings}
         set_machine(ctx, machine_id, no_return="hand_over", save={"woke": result}, status="running",
                     vast_instance_id=instance.id, gpu_name=instance.gpu_name,
                     offer={"offer_id": offer.id, "dph_total": offer.dph_total, "disk_gb": p["disk_gb"],
@@ -119,6 +126,16 @@ def wake(ctx: JobContext) -> dict[str, Any]:
         _destroy_labelled(ctx, vast, own_prefix)
         raise
     return result
+
+
+def _queue_s(state: dict[str, Any]) -> float | None:
+    """Seconds the job waited in the wake queue (src/services/wake_queue.py), when it did."""
+    try:
+        queued = dt.datetime.fromisoformat(str(state["wake_queued_at"]).replace("Z", "+00:00"))
+        admitted = dt.datetime.fromisoformat(str(state["admitted_at"]).replace("Z", "+00:00"))
+    except (KeyError, ValueError):
+        return None
+    return round(max(0.0, (admitted - queued).total_seconds()), 3)
 
 
 def _rent_until_running(ctx: JobContext, vast: Any, machine_id: str, *, disk_gb: int) -> tuple[Any, Any]:

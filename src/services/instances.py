@@ -16,6 +16,7 @@ from src.services.machines import add_event, ensure_machine, find_machine, vast_
 from src.services.path_policy import check_excludes, check_restore_path
 from src.services.snapshots import latest_complete, start_snapshot_job
 from src.services.views import job_view
+from src.services.wake_queue import admit_wakes, mark_waiting
 
 if TYPE_CHECKING:
     from src.container import Container
@@ -75,9 +76,10 @@ def hibernate(c: "Container", machine_id: str, *, workspace_path: str, ssh_host:
 def wake(c: "Container", machine_id: str, *, snapshot_id: str | None = None, gpu_type: str | None = None,
          num_gpus: int | None = None, region: str | None = None, max_price: float | None = None,
          disk_gb: int | None = None, image: str | None = None, workspace_path: str | None = None,
-         idem: Idempotency | None = None) -> dict[str, Any]:
+         priority: int = 5, idem: Idempotency | None = None) -> dict[str, Any]:
     """Start a `wake` job: rent an instance that fits and restore `snapshot_id` (default: the machine's
-    latest complete snapshot) onto it. GPU type, GPU count and image default to the machine's own, as
+    latest complete snapshot) onto it. The job waits in the wake queue (phase `wake_queued`) while
+    WAKE_CONCURRENCY wakes run, `priority` (0-9) highest first. GPU type, GPU count and image default to the machine's own, as
     recorded when it was rented or hibernated. Raises NotFound, Conflict (not hibernated, no snapshot),
     Unprocessable (disk_gb too small for the snapshot), NotConfigured (no vast.ai key)."""
     c.vast()  # NotConfigured now, not in a job later
@@ -111,10 +113,11 @@ def wake(c: "Container", machine_id: str, *, snapshot_id: str | None = None, gpu
                   "workspace_path": workspace_path or snap.workspace_path, "ssh_user": machine.ssh_user}
         job = job_service.add_job(s, kind="wake", params=params, lock_key=f"machine:{machine.id}",
                                   machine_id=machine.id, snapshot_id=snap.id, idem=idem)
+        mark_waiting(job, priority=priority)
         machine.status = "waking"
-        add_event(s, machine.id, "wake_requested", f"wake from {snap.id}", job_id=job.id)
+        add_event(s, machine.id, "wake_requested", f"wake from {snap.id} (priority {priority})", job_id=job.id)
         view = job_view(job)
-    c.queue.enqueue(view["id"])
+    admit_wakes(c)  # enqueues it now when a place is free; else when a running wake ends
     return view
 
 

@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from src.db import transaction
 from src.errors import NotFound, storable
-from src.models import Job, Machine, MachineEvent
+from src.models import Job, Machine, MachineEvent, MachinePolicy
 from src.services.costs import machine_costs
 from src.services.pagination import Page, fetch_page
 from src.services.views import machine_view
@@ -122,11 +122,15 @@ def get_machine(session_factory: sessionmaker[Session], machine_id: str, *, even
 
 def get_machine_in(s: Session, machine: Machine, *, events: int = 100,
                    storage_price_gb_month: float | None = None) -> dict[str, Any]:
+    from src.services.policies import policy_view
+
     history = list(s.scalars(select(MachineEvent).where(MachineEvent.machine_id == machine.id)
                              .order_by(MachineEvent.id.desc()).limit(events)))
     view = machine_view(machine, events=list(reversed(history)), active_job_id=active_job_id(s, machine.id))
     if storage_price_gb_month is not None:
         view["costs"] = machine_costs(s, machine, storage_price_gb_month=storage_price_gb_month)
+    policy = s.get(MachinePolicy, machine.id)
+    view["policy"] = policy_view(s, policy) if policy is not None else None
     return view
 
 

@@ -44,8 +44,13 @@ PUBLIC = {"/healthz", "/readyz", "/metrics", "/api/openapi.json", "/api/docs", "
 
 
 class _AnyVast:
-    """Stands in for a configured vast.ai client: no generated request gets as far as calling it (jobs are
-    queued, never run here), but without one wake/pause/resume answer 503 not_configured to everything."""
+    """Stands in for a configured vast.ai client: jobs are queued, never run here, but without one
+    wake/pause/resume answer 503 not_configured to everything. The one call a request makes itself,
+    hibernate's endpoint check, gets what VastClient.show_instance returns for an id vast.ai does not know
+    (its API answers `{"instances": null}` or 404): None."""
+
+    def show_instance(self, instance_id: int) -> None:
+        return None
 
 
 def _seeded_app(tmp_path, database_url: str):  # type: ignore[no-untyped-def]

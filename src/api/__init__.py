@@ -5,13 +5,13 @@ import time
 
 from flask import Flask, Response, g, request
 
-from src.api import instances, jobs, meta, snapshots
+from src.api import instances, jobs, maintenance, meta, snapshots
 from src.api.auth import install_auth
 from src.api.errors import register_error_handlers
 
 
 def register_api(app: Flask) -> None:
-    for module in (meta, snapshots, jobs, instances):
+    for module in (meta, snapshots, jobs, instances, maintenance):
         app.register_blueprint(module.bp)
     register_error_handlers(app)
     _install_request_metrics(app)  # before auth, so that refused requests are counted too

@@ -26,7 +26,7 @@ class JobKind:
 
 def default_kinds() -> dict[str, JobKind]:
     """Every production job kind, by name."""
-    from src.jobs import hibernate, pause, storage_jobs, transfer_jobs, wake
+    from src.jobs import gc, hibernate, pause, storage_jobs, transfer_jobs, wake
 
-    kinds = [*storage_jobs.KINDS, *transfer_jobs.KINDS, hibernate.KIND, wake.KIND, *pause.KINDS]
+    kinds = [*storage_jobs.KINDS, *transfer_jobs.KINDS, hibernate.KIND, wake.KIND, *pause.KINDS, gc.KIND]
     return {k.name: k for k in kinds}

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from src.db import transaction
 from src.errors import NotFound, storable
-from src.models import Job, Machine, MachineEvent
+from src.models import Job, Machine, MachineEvent, Snapshot, StoreObject
 from src.services.pagination import Page, fetch_page
 from src.services.views import machine_view
 
@@ -119,7 +119,8 @@ def get_machine(session_factory: sessionmaker[Session], machine_id: str, *, even
 def get_machine_in(s: Session, machine: Machine, *, events: int = 100) -> dict[str, Any]:
     history = list(s.scalars(select(MachineEvent).where(MachineEvent.machine_id == machine.id)
                              .order_by(MachineEvent.id.desc()).limit(events)))
-    return machine_view(machine, events=list(reversed(history)), active_job_id=active_job_id(s, machine.id))
+    return machine_view(machine, events=list(reversed(history)), active_job_id=active_job_id(s, machine.id),
+                        store_bytes=store_bytes(s, machine.id))
 
 
 def vast_instance_id_of(machine_id: str) -> int | None:
@@ -147,4 +148,14 @@ def list_machines(session_factory: sessionmaker[Session], *, status: str | None 
     if status:
         query = query.where(Machine.status == status)
     return fetch_page(session_factory, query, id_column=Machine.id, limit=limit, cursor=cursor, newest_first=False,
-                      view=lambda s, m: machine_view(m, active_job_id=active_job_id(s, m.id)))
+                      view=lambda s, m: machine_view(m, active_job_id=active_job_id(s, m.id),
+                                                     store_bytes=store_bytes(s, m.id)))
+
+
+def store_bytes(s: Session, machine_id: str) -> int:
+    """What the machine's snapshots occupy in the bucket: its chunk store (format 2; a chunk shared by
+    many snapshots counted once) plus its format-1 snapshots."""
+    chunked = s.scalar(select(func.coalesce(func.sum(StoreObject.size), 0)).where(StoreObject.machine_id == machine_id))
+    v1 = s.scalar(select(func.coalesce(func.sum(Snapshot.stored_bytes), 0)).where(
+        Snapshot.machine_id == machine_id, Snapshot.format == 1))
+    return int(chunked or 0) + int(v1 or 0)

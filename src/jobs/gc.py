@@ -42,8 +42,21 @@ def gc(ctx: JobContext) -> dict[str, Any]:
 
 
 def gc_machine(ctx: JobContext, machine_id: str, grace_s: float, report: dict[str, Any]) -> None:
-    store = ctx.container.object_store()
     prefix = f"{ctx.settings.snapshot_prefix}{machine_id}/"
+    if not sweep(ctx, machine_id, prefix, grace_s, report):
+        report["skipped_busy"].append(machine_id)
+        return
+    repacked, freed = repack_machine(ctx, machine_id, prefix)
+    if repacked:
+        report["repacked_packs"] += repacked
+        report["repack_freed_bytes"] += freed
+        sweep(ctx, machine_id, prefix, grace_s, report)  # the old packs, unreferenced now
+
+
+def sweep(ctx: JobContext, machine_id: str, prefix: str, grace_s: float, report: dict[str, Any]) -> bool:
+    """Mark, delete and forget the machine's unreferenced objects older than `grace_s`. Returns False
+    when a snapshot of the machine is in progress (nothing new is marked then)."""
+    store = ctx.container.object_store()
     listed = {}
     for sub in ("chunks/", "packs/"):
         for info in store.list(prefix + sub):
@@ -57,7 +70,6 @@ def gc_machine(ctx: JobContext, machine_id: str, grace_s: float, report: dict[st
                                                   Snapshot.status.in_(IN_PROGRESS)).limit(1))
         rows = {r.key: r for r in s.scalars(select(StoreObject).where(StoreObject.machine_id == machine_id))}
         if busy is not None:
-            report["skipped_busy"].append(machine_id)
             # Finish only what this job marked before (the snapshot waits for it); mark nothing new.
             doomed = [k for k, r in rows.items() if r.state == "deleting" and r.gc_job_id == ctx.job_id]
         else:
@@ -82,20 +94,16 @@ def gc_machine(ctx: JobContext, machine_id: str, grace_s: float, report: dict[st
                 doomed.append(key)
     failpoint("gc.after_mark")
     if doomed:
-        sizes = {k: (listed[k].size if k in listed else 0) for k in doomed}
         store.delete_keys([prefix + k for k in doomed])
         failpoint("gc.after_delete")
         with ctx.owned() as s:
             drop_objects(s, machine_id, doomed)
-        report["deleted_objects"] += sum(1 for k in doomed if k in listed)
-        report["deleted_bytes"] += sum(sizes.values())
-        logger.info("gc %s: removed %d unreferenced objects (%d bytes)", machine_id, len(doomed),
-                    sum(sizes.values()), extra={"job_id": ctx.job_id})
+        gone = [k for k in doomed if k in listed]
+        report["deleted_objects"] += len(gone)
+        report["deleted_bytes"] += sum(listed[k].size for k in gone)
+        logger.info("gc %s: removed %d unreferenced objects", machine_id, len(gone), extra={"job_id": ctx.job_id})
     failpoint("gc.after_forget")
-    if busy is None:
-        repacked, freed = repack_machine(ctx, machine_id, prefix)
-        report["repacked_packs"] += repacked
-        report["repack_freed_bytes"] += freed
+    return busy is None
 
 
 def _old(modified: dt.datetime | None, now: dt.datetime, grace_s: float) -> bool:

@@ -1,6 +1,7 @@
 """Job kinds that move a workspace over SSH: create a snapshot from a host, restore one onto a host."""
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Any
 
@@ -15,7 +16,7 @@ from src.jobs.remote import Endpoint, machine_endpoint, run_script, ssh_session,
 from src.jobs.rows import set_snapshot, snapshot_fields, snapshot_row
 from src.jobs.chunk_index import known_chunks, machine_prefix, record_manifest
 from src.jobs.storage_jobs import check_manifest
-from src.manifest import Manifest
+from src.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest
 from src.models import Job, Machine, Snapshot, utcnow
 from src.services.machines import add_event
 
@@ -78,7 +79,7 @@ def take_snapshot(ctx: JobContext, snapshot_id: str, endpoint: Endpoint) -> dict
         row.codec = result.get("codec")
         row.part_count, row.part_size = result.get("parts"), result.get("part_size")
         row.raw_bytes, row.stored_bytes = result.get("raw_bytes"), result.get("stored_bytes")
-        row.file_count, row.manifest_sha256 = result.get("files"), result.get("manifest_sha256")
+        row.file_count, row.manifest_sha256 = result.get("files"), manifest.sha256
         row.timings, row.duration_s = timings, result.get("duration_s")
         if manifest.version == 2:
             # What the bucket holds, as checked above, is the record: not what the host said.
@@ -259,7 +260,15 @@ def restore_onto(ctx: JobContext, snap: dict[str, Any], endpoint: Endpoint, work
               "restore_id": ctx.job_id,
               # setuid/setgid bits come back only when the restore asked for them
               "keep_setuid": keep_setuid}
-    result, s5cmd_used = run_remote(ctx, endpoint, "restore", params)
+    for attempt in (1, 2):
+        params["manifest_sha256"] = digest = manifest_digest(ctx, snap)
+        try:
+            result, s5cmd_used = run_remote(ctx, endpoint, "restore", params)
+            break
+        except JobFailed as e:
+            # gc's repack switched the manifest between our read and the host's: both are this snapshot's.
+            if e.code != "manifest_changed" or attempt == 2 or manifest_digest(ctx, snap) == digest:
+                raise
     with ctx.owned() as s:  # fenced: only while this attempt owns the job
         machine = s.get(Machine, endpoint.machine_id)
         if machine is not None:
@@ -271,6 +280,21 @@ def restore_onto(ctx: JobContext, snap: dict[str, Any], endpoint: Endpoint, work
             "previous_workspace": result.get("previous_workspace"), "remote_tries": ctx.state.get("remote_tries", 1),
             "skipped_members": result.get("skipped_members"), "setuid_cleared": result.get("setuid_cleared"),
             "s5cmd": s5cmd_used}
+
+
+def manifest_digest(ctx: JobContext, snap: dict[str, Any]) -> str | None:
+    """The digest of the manifest the host must find. While gc's repack switches the snapshot to a
+    rewritten manifest (`manifest_sha256_next` set), whichever of the two the bucket holds now."""
+    with transaction(ctx.container.session_factory) as s:
+        row = s.get(Snapshot, snap["id"])
+        if row is None:
+            raise JobFailed(f"snapshot {snap['id']} no longer exists", code="not_found")
+        recorded, switching = row.manifest_sha256, row.manifest_sha256_next
+    if not switching:
+        return recorded
+    raw = ctx.container.object_store().get_bytes(snap["storage_prefix"] + MANIFEST_NAME, max_bytes=MAX_MANIFEST_BYTES)
+    found = hashlib.sha256(raw).hexdigest() if raw is not None else None
+    return found if found in (recorded, switching) else recorded
 
 
 def _summary(snap: dict[str, Any]) -> dict[str, Any]:

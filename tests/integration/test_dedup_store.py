@@ -76,7 +76,7 @@ def test_light_verify_finds_a_missing_or_short_block(app, s3store):
     job = _job(client, f"/api/gpu-snapshots/{snap['id']}/verify")
     assert job["error"]["code"] == "part_truncated", job
     s3store.delete_keys([snap["store_prefix"] + blocks[1]])
-    snap2 = add_v2_snapshot(app, s3store, blocks=[b], known={o.key.split("/")[1] for o in snap["manifest"].objects})
+    snap2 = add_v2_snapshot(app, s3store, blocks=[b], previous=snap["manifest"])
     job = _job(client, f"/api/gpu-snapshots/{snap2['id']}/verify")
     assert job["error"]["code"] == "part_missing", job
 
@@ -85,8 +85,8 @@ def test_delete_keeps_shared_objects_and_gc_removes_only_unreferenced_ones(app, 
     client = app.test_client()
     shared, only_first, only_second = (os.urandom(BLOCK) for _ in range(3))
     first = add_v2_snapshot(app, s3store, blocks=[shared, only_first], groups=[b"g-first"])
-    known = {c.raw_sha256 for c in first["manifest"].chunks}
-    second = add_v2_snapshot(app, s3store, blocks=[shared, only_second], groups=[b"g-first"], known=known)
+    second = add_v2_snapshot(app, s3store, blocks=[shared, only_second], groups=[b"g-first"],
+                             previous=first["manifest"])
     assert second["manifest"].totals["chunks_reused"] == 2
     store_prefix = first["store_prefix"]
     before = _keys(s3store, store_prefix)
@@ -214,3 +214,51 @@ def test_objects_a_dead_gc_left_deleting_are_removed_by_the_next_snapshot(app, s
     assert stray not in _keys(s3store, done["store_prefix"])
     with transaction(c.session_factory) as s:
         assert s.get(StoreObject, ("m1", stray)) is None
+
+
+def assert_restorable(c, store: ObjectStore, snapshot_id: str) -> None:  # type: ignore[no-untyped-def]
+    """Everything a restore of the snapshot reads is there and intact: the manifest is one the row
+    accepts, and every object and every chunk in it has its digest."""
+    import hashlib
+
+    from src.manifest import parse_manifest
+
+    with transaction(c.session_factory) as s:
+        row = s.get(Snapshot, snapshot_id)
+        accepted = {row.manifest_sha256, row.manifest_sha256_next} - {None}
+        prefix = row.storage_prefix
+    manifest = parse_manifest(store.get_bytes(prefix + "manifest.json"))
+    assert manifest.sha256 in accepted
+    store_prefix = prefix.rstrip("/").rsplit("/", 1)[0] + "/"
+    for i, obj in enumerate(manifest.objects):
+        data = store.get_bytes(store_prefix + obj.key)
+        assert data is not None, f"{obj.key} of {snapshot_id} is gone"
+        assert hashlib.sha256(data).hexdigest() == obj.sha256
+        for chunk in (c for c in manifest.chunks if c.object == i):
+            assert hashlib.sha256(data[chunk.offset:chunk.offset + chunk.stored_size]).hexdigest() == chunk.sha256
+
+
+def test_gc_repacks_a_mostly_garbage_pack_and_the_survivor_still_verifies(app, s3store):
+    client = app.test_client()
+    c = app.extensions["gpusnap"]
+    groups = [os.urandom(20_000) for _ in range(10)]
+    first = add_v2_snapshot(app, s3store, blocks=[os.urandom(BLOCK)], groups=groups)
+    # the second keeps one group of the first's pack and adds its own (a second pack)
+    second = add_v2_snapshot(app, s3store, groups=[groups[3], b"new-group"], previous=first["manifest"])
+    old_pack = next(o.key for o in first["manifest"].objects if o.kind == "pack")
+    assert client.delete(f"/api/gpu-snapshots/{first['id']}", headers=AUTH).status_code == 202
+    run_jobs(app)
+    job = _job(client, "/api/maintenance/gc", {"grace_s": 0})
+    assert job["status"] == "succeeded", job
+    assert job["result"]["repacked_packs"] == 1, job["result"]
+    keys = _keys(s3store, first["store_prefix"])
+    assert old_pack not in keys
+    assert_restorable(c, s3store, second["id"])
+    with transaction(c.session_factory) as s:
+        row = s.get(Snapshot, second["id"])
+        assert row.manifest_sha256_next is None and row.manifest_sha256 != second["manifest"].sha256
+        refs = set(s.scalars(select(SnapshotObject.object_key).where(SnapshotObject.snapshot_id == second["id"])))
+        assert old_pack not in refs and refs <= keys
+    assert _job(client, f"/api/gpu-snapshots/{second['id']}/verify", {"deep": True})["status"] == "succeeded"
+    again = _job(client, "/api/maintenance/gc", {"grace_s": 0})["result"]  # nothing left to do
+    assert again["deleted_objects"] == 0 and again["repacked_packs"] == 0

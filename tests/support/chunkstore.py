@@ -9,7 +9,7 @@ from typing import Any
 
 from src.db import transaction
 from src.jobs.chunk_index import record_manifest
-from src.manifest import parse_manifest
+from src.manifest import Manifest, parse_manifest
 from src.models import Machine, Snapshot, new_id, utcnow
 from src.pack import PackEntry, build_pack
 
@@ -19,41 +19,48 @@ def _sha(data: bytes) -> str:
 
 
 def write_v2(store: Any, store_prefix: str, snapshot_id: str, *, blocks: list[bytes], groups: list[bytes],
-             known: set[str] | None = None) -> bytes:
-    """Write `blocks` (one object each, stored raw) and `groups` (one pack) under the machine prefix and a
-    v2 manifest under `<store_prefix><snapshot_id>/`. Chunks in `known` (raw digests) are referenced,
-    not written again (`new: false`); a pack is written only when it holds a new group. Returns the manifest."""
-    known = known or set()
+             previous: Manifest | None = None) -> bytes:
+    """Write `blocks` (one object each, stored raw) and the new ones of `groups` (one pack) under the
+    machine prefix, and a v2 manifest under `<store_prefix><snapshot_id>/`. Chunks `previous` (an earlier
+    snapshot's manifest) holds are referenced where it stored them (`new: false`), as the host does
+    with the known_chunks it is told. Returns the manifest."""
+    old = {c.raw_sha256: (previous.objects[c.object], c) for c in previous.chunks} if previous else {}
     objects: list[dict[str, Any]] = []
     chunks: list[dict[str, Any]] = []
     uploaded = 0
-    for data in blocks:
-        raw = _sha(data)
-        key = f"chunks/{raw}"
-        new = raw not in known
-        if new:
-            store.put_bytes(store_prefix + key, data)
-            uploaded += len(data)
-        if key not in [o["key"] for o in objects]:
-            objects.append({"key": key, "size": len(data), "sha256": raw})
-        chunks.append({"raw_sha256": raw, "raw_size": len(data), "object": [o["key"] for o in objects].index(key),
-                       "offset": 0, "stored_size": len(data), "codec": "none", "sha256": raw, "kind": "block",
-                       "new": new})
-    if groups:
-        unique = list(dict.fromkeys(groups))
-        pack, entries = build_pack([(PackEntry(_sha(g), 0, len(g), len(g), "none", _sha(g)), g) for g in unique])
-        key = f"packs/{_sha(pack)}"
-        new_pack = any(_sha(g) not in known for g in unique)
-        if new_pack:
-            store.put_bytes(store_prefix + key, pack)
-            uploaded += len(pack)
-        objects.append({"key": key, "size": len(pack), "sha256": _sha(pack)})
+
+    def object_index(key: str, size: int, sha: str) -> int:
+        for i, o in enumerate(objects):
+            if o["key"] == key:
+                return i
+        objects.append({"key": key, "size": size, "sha256": sha})
+        return len(objects) - 1
+
+    fresh = list(dict.fromkeys(g for g in groups if _sha(g) not in old))
+    where: dict[str, PackEntry] = {}
+    if fresh:
+        pack, entries = build_pack([(PackEntry(_sha(g), 0, len(g), len(g), "none", _sha(g)), g) for g in fresh])
+        store.put_bytes(f"{store_prefix}packs/{_sha(pack)}", pack)
+        uploaded += len(pack)
+        pack_obj = (f"packs/{_sha(pack)}", len(pack), _sha(pack))
         where = {e.raw_sha256: e for e in entries}
-        for g in groups:
-            e = where[_sha(g)]
-            chunks.append({"raw_sha256": e.raw_sha256, "raw_size": e.raw_size, "object": len(objects) - 1,
-                           "offset": e.offset, "stored_size": e.stored_size, "codec": "none", "sha256": e.sha256,
-                           "kind": "group", "new": e.raw_sha256 not in known})
+    written: set[str] = set()
+    for kind, data in [("block", b) for b in blocks] + [("group", g) for g in groups]:
+        raw = _sha(data)
+        new = raw not in old and raw not in written
+        if raw in old:
+            obj, c = old[raw]
+            index, offset = object_index(obj.key, obj.size, obj.sha256), c.offset
+        elif kind == "block":
+            if new:
+                store.put_bytes(f"{store_prefix}chunks/{raw}", data)
+                uploaded += len(data)
+            index, offset = object_index(f"chunks/{raw}", len(data), raw), 0
+        else:
+            index, offset = object_index(*pack_obj), where[raw].offset
+        written.add(raw)
+        chunks.append({"raw_sha256": raw, "raw_size": len(data), "object": index, "offset": offset,
+                       "stored_size": len(data), "codec": "none", "sha256": raw, "kind": kind, "new": new})
     new_count = sum(1 for c in chunks if c["new"])
     doc = {"format": "gpusnap-manifest", "version": 2, "snapshot_id": snapshot_id, "instance_id": "m",
            "codec": "none", "chunking": {"block_size": 16 << 20, "large_min": 256 << 10, "group_max": 4 << 20,
@@ -68,13 +75,13 @@ def write_v2(store: Any, store_prefix: str, snapshot_id: str, *, blocks: list[by
 
 
 def add_v2_snapshot(app: Any, store: Any, *, machine_id: str = "m1", blocks: list[bytes] = (),
-                    groups: list[bytes] = (), known: set[str] | None = None, status: str = "complete",
+                    groups: list[bytes] = (), previous: Manifest | None = None, status: str = "complete",
                     machine_status: str = "running") -> dict[str, Any]:
     """A format-2 snapshot row (complete by default) with real objects behind it, indexed."""
     c = app.extensions["gpusnap"]
     snap_id = new_id("snap")
     store_prefix = f"{c.settings.snapshot_prefix}{machine_id}/"
-    raw = write_v2(store, store_prefix, snap_id, blocks=list(blocks), groups=list(groups), known=known)
+    raw = write_v2(store, store_prefix, snap_id, blocks=list(blocks), groups=list(groups), previous=previous)
     manifest = parse_manifest(raw)
     with transaction(c.session_factory) as s:
         if s.get(Machine, machine_id) is None:

@@ -134,6 +134,8 @@ def _parse_v2(doc: dict[str, Any], sha256: str) -> Manifest:
     objects_doc, chunks_doc, totals = doc.get("objects"), doc.get("chunks"), doc.get("totals")
     if not isinstance(objects_doc, list) or not isinstance(chunks_doc, list) or not isinstance(totals, dict):
         raise _bad("objects and chunks must be lists, totals an object")
+    if not chunks_doc or not isinstance(doc.get("chunking"), dict):
+        raise _bad("chunks must not be empty, chunking must be an object")
     if not isinstance(doc.get("snapshot_id"), str):
         raise _bad("snapshot_id must be a string")
     objects: list[StoredObject] = []
@@ -145,6 +147,8 @@ def _parse_v2(doc: dict[str, Any], sha256: str) -> Manifest:
             raise _bad(f"object {i} has key {key!r}, not chunks/<sha256> or packs/<sha256>")
         objects.append(StoredObject(key=key, size=_count(o.get("size"), f"object {i} size"),
                                     sha256=_hex(o.get("sha256"), f"object {i} sha256")))
+        if key.startswith("packs/") and key[6:] != objects[-1].sha256:
+            raise _bad(f"pack {key} is not named by its SHA-256")
     if len({o.key for o in objects}) != len(objects):
         raise _bad("an object is listed twice")
     chunks: list[Chunk] = []
@@ -164,25 +168,26 @@ def _parse_v2(doc: dict[str, Any], sha256: str) -> Manifest:
                       offset=_count(c.get("offset"), f"chunk {i} offset"),
                       stored_size=_count(c.get("stored_size"), f"chunk {i} stored_size"), codec=c["codec"],
                       sha256=_hex(c.get("sha256"), f"chunk {i} sha256"), kind=c["kind"], new=c["new"])
+        if chunk.codec == "none" and (chunk.stored_size != chunk.raw_size or chunk.sha256 != chunk.raw_sha256):
+            raise _bad(f"raw chunk {i}: stored and raw differ")
         obj = objects[index]
         if chunk.offset + chunk.stored_size > obj.size:
             raise _bad(f"chunk {i} lies outside {obj.key}")
         if obj.kind == "block" and (chunk.offset != 0 or chunk.stored_size != obj.size
-                                    or obj.key != f"chunks/{chunk.raw_sha256}"):
+                                    or obj.key != f"chunks/{chunk.raw_sha256}" or obj.sha256 != chunk.sha256):
             raise _bad(f"chunk {i} is not the whole of its block object {obj.key}")
         used.add(index)
         chunks.append(chunk)
     if len(used) != len(objects):
         raise _bad("an object is listed that no chunk uses")
     t = {k: _count(totals.get(k), f"totals.{k}") for k in ("raw_bytes", "stored_bytes", "chunks", "chunks_new",
-                                                            "chunks_reused", "bytes_uploaded")}
+                                                            "chunks_reused", "objects")}
+    t["bytes_uploaded"] = _count(totals.get("bytes_uploaded", 0), "totals.bytes_uploaded")
     t["files"] = _count(totals.get("files", 0), "totals.files")
     if (t["raw_bytes"] != sum(c.raw_size for c in chunks) or t["stored_bytes"] != sum(o.size for o in objects)
             or t["chunks"] != len(chunks) or t["chunks_new"] + t["chunks_reused"] != len(chunks)
-            or t["chunks_new"] != sum(1 for c in chunks if c.new)):
+            or t["chunks_new"] != sum(1 for c in chunks if c.new) or t["objects"] != len(objects)):
         raise _bad("the totals do not add up")
-    if "objects" in totals and _count(totals["objects"], "totals.objects") != len(objects):
-        raise _bad("totals.objects does not add up")
     return Manifest(snapshot_id=doc["snapshot_id"], codec=str(doc.get("codec", "")), part_size=0, parts=[],
                     raw_bytes=t["raw_bytes"], stored_bytes=t["stored_bytes"], files=t["files"], sha256=sha256,
                     version=2, objects=objects, chunks=chunks, totals=t, doc=doc)

@@ -20,7 +20,7 @@ from src.jobs.chunk_index import drop_objects, lock_machine
 from src.jobs.context import JobContext
 from src.jobs.failpoints import failpoint
 from src.jobs.kinds import JobKind
-from src.jobs.repack import repack_machine
+from src.jobs.repack import load_manifests, reconcile, repack_machine
 from src.manifest import OBJECT_KEY
 from src.models import Machine, Snapshot, SnapshotObject, StoreObject, utcnow
 
@@ -43,10 +43,15 @@ def gc(ctx: JobContext) -> dict[str, Any]:
 
 def gc_machine(ctx: JobContext, machine_id: str, grace_s: float, report: dict[str, Any]) -> None:
     prefix = f"{ctx.settings.snapshot_prefix}{machine_id}/"
+    # First settle what a killed repack left (a manifest switch half recorded, references the current
+    # manifests no longer make), so that this sweep already sees the old pack as garbage.
+    manifests = load_manifests(ctx, machine_id)
+    if manifests is not None:
+        reconcile(ctx, machine_id, manifests)
     if not sweep(ctx, machine_id, prefix, grace_s, report):
         report["skipped_busy"].append(machine_id)
         return
-    repacked, freed = repack_machine(ctx, machine_id, prefix)
+    repacked, freed = repack_machine(ctx, machine_id, prefix, manifests) if manifests else (0, 0)
     if repacked:
         report["repacked_packs"] += repacked
         report["repack_freed_bytes"] += freed

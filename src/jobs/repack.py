@@ -86,12 +86,10 @@ def reconcile(ctx: JobContext, machine_id: str, manifests: dict[str, Manifest]) 
                 s.add(SnapshotObject(snapshot_id=snap_id, machine_id=machine_id, object_key=key))
 
 
-def repack_machine(ctx: JobContext, machine_id: str, prefix: str) -> tuple[int, int]:
-    """Repack the machine's mostly-garbage packs. Returns (packs repacked, bytes the old packs held)."""
-    manifests = load_manifests(ctx, machine_id)
-    if manifests is None:
-        return 0, 0
-    reconcile(ctx, machine_id, manifests)
+def repack_machine(ctx: JobContext, machine_id: str, prefix: str,
+                   manifests: dict[str, Manifest]) -> tuple[int, int]:
+    """Repack the machine's mostly-garbage packs (`manifests`: from `load_manifests`, references already
+    reconciled). Returns (packs repacked, bytes the old packs held); their references are dropped."""
     users: dict[str, list[str]] = {}
     live: dict[str, dict[int, Any]] = {}  # pack key -> {old offset: chunk}
     sizes: dict[str, int] = {}

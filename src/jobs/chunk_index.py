@@ -45,6 +45,7 @@ def known_chunks(ctx: JobContext, machine_id: str, store_prefix: str) -> list[li
     """What the host need not upload again: every chunk whose object is live and referenced by a
     complete snapshot of the machine, as the host's `known_chunks` rows. Waits while gc is removing
     objects of this machine (see the module doc); objects a dead gc left `deleting` are removed here."""
+    told = False
     while True:
         with transaction(ctx.container.session_factory) as s:
             lock_machine(s, machine_id)
@@ -56,6 +57,11 @@ def known_chunks(ctx: JobContext, machine_id: str, store_prefix: str) -> list[li
             gc_running = gc_jobs and s.scalar(select(func.count()).select_from(Job).where(
                 Job.id.in_(gc_jobs), Job.status.in_(ACTIVE)))
         if gc_running:
+            if not told:
+                logger.info("job %s: waiting for gc job %s to remove %d objects of machine %s before the host "
+                            "lists its chunk store", ctx.job_id, ", ".join(sorted(gc_jobs)), len(doomed), machine_id,
+                            extra={"job_id": ctx.job_id})
+                told = True
             ctx.progress(phase="wait_gc")
             ctx.sleep(GC_WAIT_POLL_S)
             continue

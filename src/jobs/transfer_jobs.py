@@ -9,12 +9,12 @@ from sqlalchemy.orm import Session
 
 from src.db import transaction
 from src.errors import ExternalError, GpusnapError, JobFailed
+from src.jobs.chunk_index import known_chunks, machine_prefix, record_manifest
 from src.jobs.context import JobContext, JobLost
 from src.jobs.host_tools import host_s5cmd
 from src.jobs.kinds import JobKind
 from src.jobs.remote import Endpoint, machine_endpoint, run_script, ssh_session, storage_params
 from src.jobs.rows import set_snapshot, snapshot_fields, snapshot_row
-from src.jobs.chunk_index import known_chunks, machine_prefix, record_manifest
 from src.jobs.storage_jobs import check_manifest
 from src.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest
 from src.models import Job, Machine, Snapshot, utcnow

@@ -112,3 +112,40 @@ def test_hibernate_wake_twice_with_format_2_reuses_chunks_and_restores_the_same_
     woke = _run(stack, f"/api/instances/{box['id']}/wake", {"gpu_type": "RTX 4090", "region": "us"})
     assert woke["status"] == "succeeded", woke
     assert describe_tree(box["workspace"]) == tree
+
+
+def test_a_snapshot_that_starts_while_gc_is_deleting_its_chunks_waits_completes_and_restores(stack, sshd, tmp_path):
+    """The interleaving gc must never win. Snapshot A is deleted, so its chunks are garbage; gc marks them
+    and its worker is killed before it deletes them (`gc.after_mark`). Snapshot B of the same workspace
+    starts then: its host would find those very chunks in the store listing and reuse them, and the
+    recovered gc would delete them under it. B must wait until gc has removed them, upload its own, and
+    restore identical; gc deletes nothing B references."""
+    workspace = make_tricky_tree(tmp_path / "workspace")
+    tree = describe_tree(workspace)
+    first = _snapshot(stack, sshd, workspace, instance_id="race-1")
+    r = stack.delete(f"/api/gpu-snapshots/{first['id']}")
+    assert stack.wait_job(r.json()["job"]["id"])["status"] == "succeeded"
+
+    stack.stop_worker()
+    doomed = stack.start_worker(GPUSNAP_FAILPOINTS="gc.after_mark")
+    r = stack.post("/api/maintenance/gc", json={"grace_s": 0})
+    assert r.status_code == 202, r.text
+    gc_id = r.json()["job"]["id"]
+    assert doomed.wait(timeout=60) == 137  # killed right after marking A's chunks `deleting`
+    assert stack.get(f"/api/jobs/{gc_id}").json()["status"] == "running"  # nobody finished it
+
+    r = stack.post("/api/gpu-snapshots", json={"instance_id": "race-1", "ssh_host": sshd.host,
+                                                "ssh_port": sshd.port, "workspace_path": str(workspace)})
+    assert r.status_code == 202, r.text
+    second_id, second_job = r.json()["snapshot"]["id"], r.json()["job"]["id"]
+    stack.start_worker()  # recovers the gc job and runs both
+    gc = stack.wait_job(gc_id)
+    job = stack.wait_job(second_job)
+    assert gc["status"] == "succeeded" and job["status"] == "succeeded", (gc, job)
+    second = stack.get(f"/api/gpu-snapshots/{second_id}").json()
+    assert second["chunks_reused"] == 0  # nothing of A's was reused: it was being deleted
+    assert _restore(stack, sshd, second, tmp_path / "restored")["status"] == "succeeded"
+    assert describe_tree(tmp_path / "restored") == tree
+    assert _run(stack, f"/api/gpu-snapshots/{second_id}/verify", {"deep": True})["status"] == "succeeded"
+    again = _run(stack, "/api/maintenance/gc", {"grace_s": 0})
+    assert again["status"] == "succeeded" and again["result"]["deleted_objects"] == 0, again

@@ -118,7 +118,7 @@ def test_gc_waits_out_the_grace_period_and_skips_a_machine_with_a_snapshot_in_pr
     s3store.put_bytes(snap["store_prefix"] + orphan, b"left by a snapshot that never completed")
     job = _job(client, "/api/maintenance/gc", {})  # GC_GRACE_S: an hour
     assert job["result"]["deleted_objects"] == 0 and orphan in _keys(s3store, snap["store_prefix"])
-    add_v2_snapshot(app, s3store, machine_id="m1", blocks=[], status="running")
+    add_v2_snapshot(app, s3store, machine_id="m1", blocks=[b"uploading"], status="running")
     job = _job(client, "/api/maintenance/gc", {"grace_s": 0})
     assert job["result"]["skipped_busy"] == ["m1"] and orphan in _keys(s3store, snap["store_prefix"])
 

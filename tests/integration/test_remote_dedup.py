@@ -219,3 +219,16 @@ def test_restore_of_v2_without_store_prefix_is_bad_config_and_v1_still_restores(
     assert restored.returncode == 0, restored.stderr
     assert restored.last["format"] == 1
     assert tree_state(str(tmp_path / "v1")) == tree_state(str(src))
+
+
+def test_missing_pack_is_part_missing_and_nothing_is_swapped_in(
+        tmp_path: pathlib.Path, s3_server: Any, s3_prefix: str, s3_client: Any) -> None:
+    src = make_tricky_tree(tmp_path / "src", big_bytes=1 << 20)
+    store = Store(s3_server, s3_client, s3_prefix)
+    res = store.snapshot(str(src))
+    pack = next(o["key"] for o in res["manifest"]["objects"] if o["key"].startswith("packs/"))
+    s3_client.delete_object(Bucket=s3_server.bucket, Key=store.store + pack)
+    target = tmp_path / "r"
+    run = store.restore(res, str(target))
+    assert run.error_code == "part_missing", run.events[-1]
+    assert not target.exists() or not any(target.iterdir())

@@ -232,3 +232,25 @@ def test_missing_pack_is_part_missing_and_nothing_is_swapped_in(
     run = store.restore(res, str(target))
     assert run.error_code == "part_missing", run.events[-1]
     assert not target.exists() or not any(target.iterdir())
+
+
+def test_rerun_after_a_crash_before_the_manifest_reuses_every_block_and_pack(
+        tmp_path: pathlib.Path, s3_server: Any, s3_prefix: str, s3_client: Any) -> None:
+    """A crash after the last upload but before the manifest: the control plane knows nothing of the
+    objects (known_chunks is empty), the re-run finds them by listing, HEAD (blocks) and TOC (packs)."""
+    src = make_tricky_tree(tmp_path / "src", big_bytes=2 << 20)
+    store = Store(s3_server, s3_client, s3_prefix)
+    cfg = store.config(str(src))
+    first = run_script("snapshot", cfg, timeout=300)
+    assert first.returncode == 0, first.stderr
+    s3_client.delete_object(Bucket=s3_server.bucket, Key=first.last["manifest_key"])  # never committed
+    again = run_script("snapshot", cfg, timeout=300)
+    assert again.returncode == 0, again.stderr
+    res = again.last
+    manifest = json.loads(s3_client.get_object(Bucket=s3_server.bucket, Key=res["manifest_key"])["Body"].read())
+    distinct = {c["raw_sha256"] for c in manifest["chunks"]}  # a repeated chunk (zero blocks) is found once
+    assert res["resumed_packs"] >= 1 and res["resumed_chunks"] == len(distinct)
+    assert res["bytes_uploaded"] == 0 and res["objects_uploaded"] == 0 and res["chunks_new"] == 0
+    assert res["stored_bytes"] == first.last["stored_bytes"]
+    res["prefix"] = cfg["prefix"]
+    check_restore(store, res, src, tmp_path / "restored")

@@ -254,3 +254,20 @@ def test_rerun_after_a_crash_before_the_manifest_reuses_every_block_and_pack(
     assert res["stored_bytes"] == first.last["stored_bytes"]
     res["prefix"] = cfg["prefix"]
     check_restore(store, res, src, tmp_path / "restored")
+
+
+@pytest.mark.parametrize("extra", [
+    {"store_prefix": "elsewhere/m1/"},  # the snapshot prefix must be <store_prefix><id>/
+    {"known_chunks": [["nothex", "chunks/" + "0" * 64, 0, 1, 1, "none", "0" * 64, 1, "0" * 64]]},
+    {"known_chunks": [["0" * 64, "../x", 0, 1, 1, "none", "0" * 64, 1, "0" * 64]]},
+    {"known_chunks": [["0" * 64, "packs/" + "0" * 64, 5, 10, 10, "none", "0" * 64, 12, "0" * 64]]},  # past the end
+    {"block_size": 1000},
+    {"format": 3},
+])
+def test_bad_format_2_config_is_bad_config(tmp_path: pathlib.Path, s3_server: Any, s3_prefix: str,
+                                           s3_client: Any, extra: Dict[str, Any]) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    cfg = Store(s3_server, s3_client, s3_prefix).config(str(src), **extra)
+    run = run_script("snapshot", cfg)
+    assert run.error_code == "bad_config", run.events[-1]

@@ -152,9 +152,10 @@ def restore_pair(b: Bench, work: str, v2_prefix: str, signature: str, rounds: in
     order = []
     for r in range(rounds):
         order += ["v2", "v1"] if r % 2 == 0 else ["v1", "v2"]
-    for who in order:
-        target = os.path.join(work, "restored", who, "ws")
-        shutil.rmtree(os.path.dirname(target), ignore_errors=True)
+    for n, who in enumerate(order):
+        # Restored trees are removed only at the end of the run: deleting 2 GB (ext4 with discard)
+        # slows the filesystem for a while and would tax the next restore (bench_dataplane.py too).
+        target = os.path.join(work, "restored", "%s-%d" % (who, n), "ws")
         os.makedirs(os.path.dirname(target), exist_ok=True)
         if who == "v2":
             res = b.run("restore", b.cfg(target, v2_prefix, store_prefix=b.store))
@@ -163,7 +164,6 @@ def restore_pair(b: Bench, work: str, v2_prefix: str, signature: str, rounds: in
             res = b.run("restore", b.cfg(target, b.tag + "v1/"))
         times[who].append(res["wall_s"])
         peak = max(peak, res["peak_mem_bytes"]) if who == "v2" else peak
-        shutil.rmtree(os.path.dirname(target), ignore_errors=True)
     return {"v2_wall_s": statistics.median(times["v2"]), "v1_wall_s": statistics.median(times["v1"]),
             "v2_runs": times["v2"], "v1_runs": times["v1"], "identical": identical, "peak_mem_bytes": peak}
 

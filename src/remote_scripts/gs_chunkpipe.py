@@ -30,8 +30,9 @@ logger = logging.getLogger("gpusnap.remote")
 class ChunkUploader:
     """Runs tar and turns its stream into stored chunks. One instance per snapshot run."""
 
-    def __init__(self, *, ctx: Context, codec: Codec, index: ChunkIndex, put: Callable[[str, Any, Dict[str, str]], None],
-                 block_size: int, pack_size: int, group_max: int, large_min: int, modulus: int,
+    def __init__(self, *, ctx: Context, codec: Codec, index: ChunkIndex,
+                 put: Callable[[str, Any, Dict[str, str]], None], block_size: int, pack_size: int,
+                 group_max: int, large_min: int, modulus: int,
                  parallelism: int, bytes_total: int) -> None:
         self.ctx, self.codec, self.index, self.put = ctx, codec, index, put
         self.block_size, self.group_max, self.large_min, self.modulus = block_size, group_max, large_min, modulus

@@ -117,9 +117,9 @@ class ChunkFetcher:
     def close(self) -> None:
         for fut in self.queue:
             fut.cancel()
-        for load in self.loads[self.next_load - self.window if self.next_load > self.window else 0:]:
-            if load.future is not None:
-                load.future.cancel()
+        for load in self.loads[:self.next_load]:
+            if load.future is not None and not load.future.done():
+                load.future.cancel()  # not started yet: never downloaded
         self.decode_pool.shutdown(wait=False)
         self.fetch_pool.shutdown(wait=False)
 

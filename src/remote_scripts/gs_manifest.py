@@ -1,7 +1,9 @@
 """The snapshot manifest (`<prefix>manifest.json`): build on snapshot, validate on restore.
 
 Version 2 (format 2, chunks shared across a machine's snapshots): see build_v2/validate_v2 below and
-docs/data-plane.md. Version 1 format (docs/architecture.md): {"format": "gpusnap-manifest", "version": 1, snapshot_id, instance_id,
+docs/data-plane.md.
+
+Version 1 format (docs/architecture.md): {"format": "gpusnap-manifest", "version": 1, snapshot_id, instance_id,
 created_at, finished_at, codec, part_size, parts: [{index, key, codec, raw_size, stored_size, sha256,
 raw_sha256}], totals: {raw_bytes, stored_bytes, parts, files}, source: {...}, timings: {...}}.
 """

@@ -11,6 +11,9 @@ member safety gate into `tar -x` in a staging directory beside the target -> onl
 is verified and tar has exited 0, swap staging into place, keeping the replaced workspace beside it
 (gs_workspace.Staging). On any failure the existing workspace is untouched and the staging directory
 is removed.
+
+A version-2 manifest (format 2) names chunks in the machine's chunk store (config `store_prefix`):
+gs_fetch2.ChunkFetcher fetches and verifies them and feeds the same stream, gate and `tar -x`.
 """
 from __future__ import annotations
 

@@ -9,6 +9,9 @@ At most `parallelism` parts are alive at once, so memory is bounded by about
 parallelism x (part_size + 2 x stored part) and no local disk is used at all. The manifest is uploaded last, after a
 listing confirms every part is present with its size. A re-run with the same prefix resumes: a part
 whose object already carries the same SHA-256 (object metadata) is compressed but not uploaded again.
+
+With `"format": 2` the run is gs_snapshot2's instead: the same tar stream cut into chunks shared by
+all snapshots of a machine, only new ones uploaded (docs/data-plane.md, "Format 2").
 """
 from __future__ import annotations
 

@@ -219,3 +219,55 @@ def test_restore_of_v2_without_store_prefix_is_bad_config_and_v1_still_restores(
     assert restored.returncode == 0, restored.stderr
     assert restored.last["format"] == 1
     assert tree_state(str(tmp_path / "v1")) == tree_state(str(src))
+
+
+def test_missing_pack_is_part_missing_and_nothing_is_swapped_in(
+        tmp_path: pathlib.Path, s3_server: Any, s3_prefix: str, s3_client: Any) -> None:
+    src = make_tricky_tree(tmp_path / "src", big_bytes=1 << 20)
+    store = Store(s3_server, s3_client, s3_prefix)
+    res = store.snapshot(str(src))
+    pack = next(o["key"] for o in res["manifest"]["objects"] if o["key"].startswith("packs/"))
+    s3_client.delete_object(Bucket=s3_server.bucket, Key=store.store + pack)
+    target = tmp_path / "r"
+    run = store.restore(res, str(target))
+    assert run.error_code == "part_missing", run.events[-1]
+    assert not target.exists() or not any(target.iterdir())
+
+
+def test_rerun_after_a_crash_before_the_manifest_reuses_every_block_and_pack(
+        tmp_path: pathlib.Path, s3_server: Any, s3_prefix: str, s3_client: Any) -> None:
+    """A crash after the last upload but before the manifest: the control plane knows nothing of the
+    objects (known_chunks is empty), the re-run finds them by listing, HEAD (blocks) and TOC (packs)."""
+    src = make_tricky_tree(tmp_path / "src", big_bytes=2 << 20)
+    store = Store(s3_server, s3_client, s3_prefix)
+    cfg = store.config(str(src))
+    first = run_script("snapshot", cfg, timeout=300)
+    assert first.returncode == 0, first.stderr
+    s3_client.delete_object(Bucket=s3_server.bucket, Key=first.last["manifest_key"])  # never committed
+    again = run_script("snapshot", cfg, timeout=300)
+    assert again.returncode == 0, again.stderr
+    res = again.last
+    manifest = json.loads(s3_client.get_object(Bucket=s3_server.bucket, Key=res["manifest_key"])["Body"].read())
+    distinct = {c["raw_sha256"] for c in manifest["chunks"]}  # a repeated chunk (zero blocks) is found once
+    assert res["resumed_packs"] >= 1 and res["resumed_chunks"] == len(distinct)
+    assert res["bytes_uploaded"] == 0 and res["objects_uploaded"] == 0 and res["chunks_new"] == 0
+    assert res["stored_bytes"] == first.last["stored_bytes"]
+    res["prefix"] = cfg["prefix"]
+    check_restore(store, res, src, tmp_path / "restored")
+
+
+@pytest.mark.parametrize("extra", [
+    {"store_prefix": "elsewhere/m1/"},  # the snapshot prefix must be <store_prefix><id>/
+    {"known_chunks": [["nothex", "chunks/" + "0" * 64, 0, 1, 1, "none", "0" * 64, 1, "0" * 64]]},
+    {"known_chunks": [["0" * 64, "../x", 0, 1, 1, "none", "0" * 64, 1, "0" * 64]]},
+    {"known_chunks": [["0" * 64, "packs/" + "0" * 64, 5, 10, 10, "none", "0" * 64, 12, "0" * 64]]},  # past the end
+    {"block_size": 1000},
+    {"format": 3},
+])
+def test_bad_format_2_config_is_bad_config(tmp_path: pathlib.Path, s3_server: Any, s3_prefix: str,
+                                           s3_client: Any, extra: Dict[str, Any]) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    cfg = Store(s3_server, s3_client, s3_prefix).config(str(src), **extra)
+    run = run_script("snapshot", cfg)
+    assert run.error_code == "bad_config", run.events[-1]

@@ -11,7 +11,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from src.models import Job, Snapshot
+from src.models import Job, Snapshot, StoreObject
 
 
 class _DatabaseCollector(Collector):
@@ -25,6 +25,11 @@ class _DatabaseCollector(Collector):
         moved = CounterMetricFamily("gpusnap_bytes_moved", "Bytes moved by succeeded jobs", labels=["kind"])
         snaps = GaugeMetricFamily("gpusnap_snapshots", "Snapshots by status", labels=["status"])
         stored = GaugeMetricFamily("gpusnap_snapshot_stored_bytes", "Bytes stored by complete snapshots")
+        machine_stored = GaugeMetricFamily("gpusnap_machine_stored_bytes", "Bytes a machine's snapshots occupy in "
+                                           "the bucket (its chunk store, shared chunks once, plus format-1 snapshots)",
+                                           labels=["machine"])
+        dedup = GaugeMetricFamily("gpusnap_machine_dedup_ratio", "Raw bytes of a machine's complete format-2 "
+                                  "snapshots over the bytes its chunk store holds", labels=["machine"])
         with self._sf() as s:
             for kind, status, count in s.execute(select(Job.kind, Job.status, func.count()).group_by(Job.kind, Job.status)):
                 jobs.add_metric([kind, status], count)
@@ -44,7 +49,20 @@ class _DatabaseCollector(Collector):
                 snaps.add_metric([status], count)
             stored.add_metric([], float(s.scalar(select(func.coalesce(func.sum(Snapshot.stored_bytes), 0))
                                                  .where(Snapshot.status == "complete")) or 0))
-        yield from (jobs, durations, moved, snaps, stored)
+            chunked = dict(s.execute(select(StoreObject.machine_id, func.sum(StoreObject.size))
+                                     .group_by(StoreObject.machine_id)).all())
+            v1 = dict(s.execute(select(Snapshot.machine_id, func.sum(Snapshot.stored_bytes))
+                                .where(Snapshot.format == 1, Snapshot.status == "complete")
+                                .group_by(Snapshot.machine_id)).all())
+            raw = dict(s.execute(select(Snapshot.machine_id, func.sum(Snapshot.raw_bytes))
+                                 .where(Snapshot.format == 2, Snapshot.status == "complete")
+                                 .group_by(Snapshot.machine_id)).all())
+            for machine in sorted(set(chunked) | set(v1)):
+                machine_stored.add_metric([machine], float((chunked.get(machine) or 0) + (v1.get(machine) or 0)))
+            for machine, held in chunked.items():
+                if held:
+                    dedup.add_metric([machine], float(raw.get(machine) or 0) / float(held))
+        yield from (jobs, durations, moved, snaps, stored, machine_stored, dedup)
 
 
 def multiprocess_dir() -> str | None:

@@ -6,7 +6,8 @@ import os
 import time
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, PrimaryKeyConstraint,
+                        String, Text)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -94,6 +95,63 @@ class Snapshot(Base):
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     completed_at: Mapped[dt.datetime | None] = mapped_column()
     verified_at: Mapped[dt.datetime | None] = mapped_column()
+    # 1: fixed parts under its own prefix; 2: chunks shared by the machine's snapshots (docs/data-plane.md).
+    format: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    chunks_new: Mapped[int | None] = mapped_column(Integer)
+    chunks_reused: Mapped[int | None] = mapped_column(Integer)
+    bytes_uploaded: Mapped[int | None] = mapped_column(BigInteger)
+    # Set while gc's repack switches this snapshot to a rewritten manifest: the digest of the new one.
+    # Either digest is this snapshot's until the switch ends (both manifests reference objects that exist).
+    manifest_sha256_next: Mapped[str | None] = mapped_column(String(64))
+
+
+class StoreObject(Base):
+    """An object of a machine's chunk store (format 2): a block `chunks/<raw sha256>` or a pack
+    `packs/<sha256>`, key relative to the machine prefix. `deleting`: gc found it unreferenced and is
+    removing it; nothing may reuse it (a snapshot waits for gc to finish it, see src/jobs/gc.py)."""
+
+    __tablename__ = "store_objects"
+    __table_args__ = (PrimaryKeyConstraint("machine_id", "key"),)
+
+    machine_id: Mapped[str] = mapped_column(String(128))
+    key: Mapped[str] = mapped_column(String(128))
+    kind: Mapped[str] = mapped_column(String(16))  # block | pack
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default="live")  # live | deleting
+    gc_job_id: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class StoreChunk(Base):
+    """Where a chunk (by the SHA-256 of its raw bytes) is stored in a machine's chunk store: what the
+    control plane tells the host it need not upload again (`known_chunks`)."""
+
+    __tablename__ = "store_chunks"
+    __table_args__ = (PrimaryKeyConstraint("machine_id", "raw_sha256", "object_key"),
+                      Index("ix_store_chunks_object", "machine_id", "object_key"))
+
+    machine_id: Mapped[str] = mapped_column(String(128))
+    raw_sha256: Mapped[str] = mapped_column(String(64))
+    object_key: Mapped[str] = mapped_column(String(128))
+    offset: Mapped[int] = mapped_column(BigInteger)
+    stored_size: Mapped[int] = mapped_column(BigInteger)
+    raw_size: Mapped[int] = mapped_column(BigInteger)
+    codec: Mapped[str] = mapped_column(String(32))
+    sha256: Mapped[str] = mapped_column(String(64))  # of the stored bytes
+
+
+class SnapshotObject(Base):
+    """An object of the chunk store that a snapshot's manifest references. gc never deletes an object
+    that any snapshot row references (whatever its status): the rows go with the snapshot record."""
+
+    __tablename__ = "snapshot_objects"
+    __table_args__ = (PrimaryKeyConstraint("snapshot_id", "object_key"),
+                      Index("ix_snapshot_objects_machine_key", "machine_id", "object_key"))
+
+    snapshot_id: Mapped[str] = mapped_column(String(64))
+    machine_id: Mapped[str] = mapped_column(String(128))
+    object_key: Mapped[str] = mapped_column(String(128))
 
 
 class Job(Base):

@@ -45,6 +45,24 @@ def _non_negative(env: Mapping[str, str], name: str, default: int) -> int:
     return int(raw)
 
 
+def _format(env: Mapping[str, str]) -> int:
+    raw = env.get("SNAPSHOT_FORMAT", "2").strip()
+    if raw not in ("1", "2"):
+        raise SettingsError(f"SNAPSHOT_FORMAT must be 1 or 2, got {raw!r}")
+    return int(raw)
+
+
+def _grace(env: Mapping[str, str]) -> float:
+    raw = env.get("GC_GRACE_S", "3600")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"GC_GRACE_S must be a number of seconds, got {raw!r}") from None
+    if not 0 <= value < float("inf"):
+        raise SettingsError(f"GC_GRACE_S must be a number of seconds of at least 0, got {raw!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     # Storage of metadata and the job queue.
@@ -100,6 +118,13 @@ class Settings:
     snapshot_codec: str = "auto"
     snapshot_part_size_mb: int = 32
     snapshot_parallelism: int = 4
+    # Format of new snapshots: 2 = content-addressed chunks shared by a machine's snapshots (only what
+    # changed is uploaded), 1 = self-contained fixed parts. Both restore and verify forever.
+    snapshot_format: int = 2
+    # gc deletes an unreferenced chunk or pack only once it is this old: a snapshot that is uploading
+    # right now, or one that decided to reuse a chunk, has no reference rows until it completes, and a
+    # stale host (a frozen worker's script) may still be writing; see docs/data-plane.md.
+    gc_grace_s: float = 3600.0
 
     # HTTP and jobs.
     max_request_bytes: int = 1_048_576
@@ -217,6 +242,8 @@ class Settings:
             snapshot_codec=env.get("SNAPSHOT_CODEC", d.snapshot_codec),
             snapshot_part_size_mb=num("SNAPSHOT_PART_SIZE_MB", d.snapshot_part_size_mb, int),
             snapshot_parallelism=count("SNAPSHOT_PARALLELISM", d.snapshot_parallelism),
+            snapshot_format=_format(env),
+            gc_grace_s=_grace(env),
             max_request_bytes=num("MAX_REQUEST_BYTES", d.max_request_bytes, int),
             worker_threads=count("WORKER_THREADS", d.worker_threads),
             job_heartbeat_s=num("JOB_HEARTBEAT_S", d.job_heartbeat_s),

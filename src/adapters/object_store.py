@@ -2,6 +2,7 @@
 manifests, check parts, delete snapshots. Moving workspace bytes is the remote scripts' job (s5cmd)."""
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import logging
 import time
@@ -45,6 +46,7 @@ class ObjectInfo:
     key: str
     size: int
     metadata: dict[str, str] = field(default_factory=dict)
+    last_modified: dt.datetime | None = None  # from a listing (gc's grace period); None when not known
 
 
 class ObjectStore:
@@ -150,7 +152,7 @@ class ObjectStore:
         try:
             for page in self._s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
                 for obj in page.get("Contents", []):
-                    yield ObjectInfo(key=obj["Key"], size=int(obj["Size"]))
+                    yield ObjectInfo(key=obj["Key"], size=int(obj["Size"]), last_modified=obj.get("LastModified"))
         except (ClientError, BotoCoreError) as e:
             raise _wrap(e, f"LIST {prefix}") from e
 

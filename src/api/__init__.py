@@ -5,14 +5,14 @@ import time
 
 from flask import Flask, Response, g, request
 
-from src.api import dashboard, events, instances, jobs, meta, policies, snapshots
+from src.api import dashboard, events, instances, jobs, maintenance, meta, policies, snapshots
 from src.api.auth import install_auth
 from src.api.cors import install_cors
 from src.api.errors import register_error_handlers
 
 
 def register_api(app: Flask) -> None:
-    for module in (meta, snapshots, jobs, instances, policies, events, dashboard):
+    for module in (meta, snapshots, jobs, instances, maintenance, policies, events, dashboard):
         app.register_blueprint(module.bp)
     register_error_handlers(app)
     _install_request_metrics(app)  # before auth, so that refused requests are counted too

@@ -181,6 +181,9 @@ class PolicyRequest(_Strict):
     schedule: CronExpression | None = None
     retention: RetentionPolicy | None = None
     idle: IdlePolicy | None = None
+class GcRequest(_Strict):
+    grace_s: Annotated[float, Field(ge=0, le=365 * 86400, description="Delete only unreferenced objects at "
+                                    "least this old (default GC_GRACE_S)")] | None = None
 
 
 class DeleteSnapshotQuery(_Strict):
@@ -288,6 +291,12 @@ class Snapshot(BaseModel):
     ratio: float | None = Field(description="raw_bytes / stored_bytes")
     file_count: int | None
     manifest_sha256: str | None
+    format: Literal[1, 2] = Field(description="1: fixed parts of its own; 2: chunks shared with the machine's "
+                                  "other snapshots (SNAPSHOT_FORMAT when it was taken)")
+    chunks_new: int | None = Field(None, description="format 2: chunks this snapshot uploaded")
+    chunks_reused: int | None = Field(None, description="format 2: chunks the machine's store held already")
+    bytes_uploaded: int | None = Field(None, description="format 2: stored bytes this snapshot uploaded "
+                                       "(stored_bytes counts every object it references, shared ones included)")
     parent_id: str | None
     excludes: list[str]
     durations: dict[str, Any]
@@ -355,6 +364,8 @@ class Machine(BaseModel):
     last_snapshot_id: str | None
     gpu_name: str | None
     active_job_id: str | None
+    store_bytes: int | None = Field(None, description="bytes the machine's snapshots occupy in the bucket: its "
+                                    "chunk store (format 2, shared chunks counted once) plus its format-1 snapshots")
     created_at: str
     updated_at: str
     events: list[MachineEvent] | None = None

@@ -244,6 +244,21 @@ def jobs_cancel(api: ApiClient, job_id: str, as_json: bool) -> None:
         click.echo(render.job_summary(job))
 
 
+# ---- maintenance ---------------------------------------------------------------------------------
+
+
+@click.command("gc")
+@click.option("--grace", "grace_s", type=click.FloatRange(min=0), default=None,
+              help="Delete only unreferenced objects at least this many seconds old (default: the server's "
+                   "GC_GRACE_S).")
+@job_command()
+def gc(api: ApiClient, grace_s: float | None, idempotency_key: str | None) -> dict[str, Any]:
+    """Garbage-collect the chunk stores: delete chunks and packs no snapshot references (format 2), and
+    repack packs that are mostly garbage. Machines with a snapshot in progress are skipped."""
+    body = {} if grace_s is None else {"grace_s": grace_s}
+    return api.post("/api/maintenance/gc", body, idempotency_key=idempotency_key)
+
+
 # ---- the groups ----------------------------------------------------------------------------------
 
 
@@ -252,5 +267,5 @@ def register(main: click.Group) -> None:
     from src.cli.client_instances import instances
     from src.cli.client_snapshots import snapshots
 
-    for group in (snapshots, instances, jobs):
+    for group in (snapshots, instances, jobs, gc):
         main.add_command(group)

@@ -54,7 +54,8 @@ def hibernate(ctx: JobContext) -> dict[str, Any]:
         snap = snapshot_fields(ctx, snapshot_id)
         deep = bool(ctx.params.get("deep_verify"))
         ctx.progress(phase="verify")
-        check_objects(ctx, prefix=snap["storage_prefix"], manifest_sha256=snap["manifest_sha256"], deep=deep)
+        check_objects(ctx, prefix=snap["storage_prefix"], manifest_sha256=snap["manifest_sha256"], deep=deep,
+                      snapshot_id=snapshot_id)
         ctx.save_state(verified=True)
     failpoint("hibernate.after_verify")
 

@@ -26,11 +26,11 @@ class JobKind:
 
 def default_kinds() -> dict[str, JobKind]:
     """Every production job kind, by name."""
-    from src.jobs import hibernate, pause, storage_jobs, transfer_jobs, wake
+    from src.jobs import gc, hibernate, pause, storage_jobs, transfer_jobs, wake
 
     from src.jobs.scheduler import with_retention, with_wake_queue
 
-    kinds = [*storage_jobs.KINDS, *transfer_jobs.KINDS, hibernate.KIND, wake.KIND, *pause.KINDS]
+    kinds = [*storage_jobs.KINDS, *transfer_jobs.KINDS, hibernate.KIND, wake.KIND, *pause.KINDS, gc.KIND]
     # A successful snapshot (scheduled, manual, or hibernate's) applies the machine's retention rules.
     kinds = [with_retention(k) if k.name in ("create_snapshot", "hibernate") else k for k in kinds]
     return {k.name: with_wake_queue(k) if k.name == "wake" else k for k in kinds}

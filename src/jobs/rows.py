@@ -58,7 +58,9 @@ def snapshot_row(row: Snapshot) -> dict[str, Any]:
             "storage_prefix": row.storage_prefix, "requested_codec": row.requested_codec,
             "excludes": list(row.excludes or []), "codec": row.codec, "parts": row.part_count,
             "part_size": row.part_size, "raw_bytes": row.raw_bytes, "stored_bytes": row.stored_bytes,
-            "files": row.file_count, "manifest_sha256": row.manifest_sha256, "duration_s": row.duration_s}
+            "files": row.file_count, "manifest_sha256": row.manifest_sha256, "duration_s": row.duration_s,
+            "format": row.format or 1, "chunks_new": row.chunks_new, "chunks_reused": row.chunks_reused,
+            "bytes_uploaded": row.bytes_uploaded}
 
 
 def set_snapshot(ctx: JobContext, snapshot_id: str, **values: Any) -> None:

@@ -1,6 +1,7 @@
 """Job kinds that move a workspace over SSH: create a snapshot from a host, restore one onto a host."""
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Any
 
@@ -8,12 +9,14 @@ from sqlalchemy.orm import Session
 
 from src.db import transaction
 from src.errors import ExternalError, GpusnapError, JobFailed
+from src.jobs.chunk_index import known_chunks, machine_prefix, record_manifest
 from src.jobs.context import JobContext, JobLost
 from src.jobs.host_tools import host_s5cmd
 from src.jobs.kinds import JobKind
 from src.jobs.remote import Endpoint, machine_endpoint, run_script, ssh_session, storage_params
 from src.jobs.rows import set_snapshot, snapshot_fields, snapshot_row
-from src.jobs.storage_jobs import check_objects
+from src.jobs.storage_jobs import check_manifest
+from src.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest
 from src.models import Job, Machine, Snapshot, utcnow
 from src.services.machines import add_event
 
@@ -48,14 +51,20 @@ def take_snapshot(ctx: JobContext, snapshot_id: str, endpoint: Endpoint) -> dict
     set_snapshot(ctx, snap["id"], status="running", error_code=None, error_message=None)
     params = {
         "workspace_path": snap["workspace_path"], "prefix": snap["storage_prefix"],
-        "s3": storage_params(ctx, prefix=snap["storage_prefix"], write=True),
         "snapshot_id": snap["id"], "instance_id": snap["machine_id"], "codec": snap["requested_codec"],
         "part_size": ctx.settings.snapshot_part_size_mb << 20, "parallelism": ctx.settings.snapshot_parallelism,
         "excludes": snap["excludes"],
     }
+    scope = snap["storage_prefix"]
+    if snap["format"] == 2:
+        # The host writes into the machine's chunk store (shared by its snapshots) and gets told what the
+        # store holds already; credentials reach the machine prefix, not only this snapshot's.
+        scope = machine_prefix(snap["storage_prefix"], snap["id"])
+        params.update(format=2, store_prefix=scope, known_chunks=known_chunks(ctx, snap["machine_id"], scope))
+    params["s3"] = storage_params(ctx, prefix=scope, write=True)
     try:
         result, s5cmd_used = run_remote(ctx, endpoint, "snapshot", params)
-        _verify_uploaded(ctx, snap["storage_prefix"], result.get("manifest_sha256"))
+        manifest = _verify_uploaded(ctx, snap, result.get("manifest_sha256"))
     except JobLost:
         raise  # another worker owns the job now and resumes the upload: leave its parts alone
     except GpusnapError as e:
@@ -70,14 +79,22 @@ def take_snapshot(ctx: JobContext, snapshot_id: str, endpoint: Endpoint) -> dict
         row.codec = result.get("codec")
         row.part_count, row.part_size = result.get("parts"), result.get("part_size")
         row.raw_bytes, row.stored_bytes = result.get("raw_bytes"), result.get("stored_bytes")
-        row.file_count, row.manifest_sha256 = result.get("files"), result.get("manifest_sha256")
+        row.file_count, row.manifest_sha256 = result.get("files"), manifest.sha256
         row.timings, row.duration_s = timings, result.get("duration_s")
+        if manifest.version == 2:
+            # What the bucket holds, as checked above, is the record: not what the host said.
+            row.part_count, row.part_size = len(manifest.chunks), result.get("part_size")
+            row.raw_bytes, row.stored_bytes, row.file_count = manifest.raw_bytes, manifest.stored_bytes, manifest.files
+            row.chunks_new, row.chunks_reused = manifest.totals["chunks_new"], manifest.totals["chunks_reused"]
+            row.bytes_uploaded = manifest.totals["bytes_uploaded"]
+            record_manifest(s, snap["id"], snap["machine_id"], manifest)
         machine = s.get(Machine, snap["machine_id"])
         if machine is not None:
             machine.last_snapshot_id = snap["id"]
         add_event(s, snap["machine_id"], "snapshot_complete",
-                  f"snapshot {snap['id']}: {result.get('raw_bytes')} bytes in {result.get('parts')} parts",
-                  job_id=ctx.job_id)
+                  f"snapshot {snap['id']}: {row.raw_bytes} bytes in {row.part_count} "
+                  + (f"chunks ({row.chunks_new} new, {row.bytes_uploaded} bytes uploaded)" if manifest.version == 2
+                     else "parts"), job_id=ctx.job_id)
         warnings = [str(w) for w in result.get("warnings") or []]
         for warning in warnings:  # e.g. no compressor on the host: parts stored uncompressed
             add_event(s, snap["machine_id"], "snapshot_warning", warning, job_id=ctx.job_id)
@@ -131,15 +148,20 @@ def run_remote(ctx: JobContext, endpoint: Endpoint, name: str,
             ctx.cancel_event.wait(delay)
 
 
-def _verify_uploaded(ctx: JobContext, prefix: str, manifest_sha256: str | None) -> None:
-    """check_objects, tried again (REMOTE_TRIES, same backoff) while the store fails in a retryable way: a
-    bucket that answers 503 for a while must not cost a snapshot that is all there."""
+def _verify_uploaded(ctx: JobContext, snap: dict[str, Any], manifest_sha256: str | None) -> Manifest:
+    """check_manifest, tried again (REMOTE_TRIES, same backoff) while the store fails in a retryable way: a
+    bucket that answers 503 for a while must not cost a snapshot that is all there. Returns the manifest,
+    which must be this snapshot's and of the format it was taken in."""
     tries = max(1, int(ctx.settings.remote_tries))
     for attempt in range(1, tries + 1):
         ctx.progress(phase="verify")
         try:
-            check_objects(ctx, prefix=prefix, manifest_sha256=manifest_sha256, deep=False)
-            return
+            _, manifest = check_manifest(ctx, prefix=snap["storage_prefix"], manifest_sha256=manifest_sha256,
+                                         deep=False)
+            if manifest.snapshot_id != snap["id"] or manifest.version != snap["format"]:
+                raise JobFailed(f"the manifest is of snapshot {manifest.snapshot_id!r} format {manifest.version}, "
+                                f"not {snap['id']} format {snap['format']}", code="manifest_invalid")
+            return manifest
         except ExternalError as e:
             if not e.retryable or attempt == tries:
                 raise
@@ -147,11 +169,14 @@ def _verify_uploaded(ctx: JobContext, prefix: str, manifest_sha256: str | None) 
                            e.message, extra={"job_id": ctx.job_id})
             ctx.cancel_event.wait(float(ctx.settings.remote_retry_backoff_s) * 2 ** (attempt - 1))
             ctx.check_cancelled()
+    raise AssertionError("unreachable")
 
 
 def discard_parts(ctx: JobContext, snap: dict[str, Any], *, reason: str) -> None:
     """The failure path of a snapshot: remove what it stored under its own prefix, since a snapshot that is
-    not complete is never restorable. Best effort and idempotent (nothing there is success); skipped when
+    not complete is never restorable. For format 2 that is its manifest only: the chunks it uploaded are
+    in the machine's shared store, where gc removes them once unreferenced and past GC_GRACE_S (a re-run
+    would reuse them). Best effort and idempotent (nothing there is success); skipped when
     the row turned `complete` meanwhile. What cannot be removed now (store down, a worker killed for good)
     stays until the snapshot record is deleted (DELETE removes its prefix); see docs/data-plane.md."""
     prefix = snap["storage_prefix"]
@@ -216,8 +241,13 @@ def restore_onto(ctx: JobContext, snap: dict[str, Any], endpoint: Endpoint, work
     tree it replaces is kept beside it (`previous_workspace` in the result)."""
     if snap["status"] != "complete":
         raise JobFailed(f"snapshot {snap['id']} is {snap['status']}, not complete", code="snapshot_not_complete")
-    params = {"workspace_path": workspace, "prefix": snap["storage_prefix"],
-              "s3": storage_params(ctx, prefix=snap["storage_prefix"], write=False),
+    scope = snap["storage_prefix"]
+    extra: dict[str, Any] = {}
+    if snap["format"] == 2:  # its objects are in the machine's chunk store: read access there
+        scope = machine_prefix(snap["storage_prefix"], snap["id"])
+        extra["store_prefix"] = scope
+    params = {"workspace_path": workspace, "prefix": snap["storage_prefix"], **extra,
+              "s3": storage_params(ctx, prefix=scope, write=False),
               "parallelism": ctx.settings.snapshot_parallelism,
               # The script refuses a manifest other than the one recorded at completion; with that chain
               # (manifest digest -> part digests) the archive is exactly what our snapshot read, so
@@ -230,7 +260,15 @@ def restore_onto(ctx: JobContext, snap: dict[str, Any], endpoint: Endpoint, work
               "restore_id": ctx.job_id,
               # setuid/setgid bits come back only when the restore asked for them
               "keep_setuid": keep_setuid}
-    result, s5cmd_used = run_remote(ctx, endpoint, "restore", params)
+    for attempt in (1, 2):
+        params["manifest_sha256"] = digest = manifest_digest(ctx, snap)
+        try:
+            result, s5cmd_used = run_remote(ctx, endpoint, "restore", params)
+            break
+        except JobFailed as e:
+            # gc's repack switched the manifest between our read and the host's: both are this snapshot's.
+            if e.code != "manifest_changed" or attempt == 2 or manifest_digest(ctx, snap) == digest:
+                raise
     with ctx.owned() as s:  # fenced: only while this attempt owns the job
         machine = s.get(Machine, endpoint.machine_id)
         if machine is not None:
@@ -244,8 +282,24 @@ def restore_onto(ctx: JobContext, snap: dict[str, Any], endpoint: Endpoint, work
             "s5cmd": s5cmd_used}
 
 
+def manifest_digest(ctx: JobContext, snap: dict[str, Any]) -> str | None:
+    """The digest of the manifest the host must find. While gc's repack switches the snapshot to a
+    rewritten manifest (`manifest_sha256_next` set), whichever of the two the bucket holds now."""
+    with transaction(ctx.container.session_factory) as s:
+        row = s.get(Snapshot, snap["id"])
+        if row is None:
+            raise JobFailed(f"snapshot {snap['id']} no longer exists", code="not_found")
+        recorded, switching = row.manifest_sha256, row.manifest_sha256_next
+    if not switching:
+        return recorded
+    raw = ctx.container.object_store().get_bytes(snap["storage_prefix"] + MANIFEST_NAME, max_bytes=MAX_MANIFEST_BYTES)
+    found = hashlib.sha256(raw).hexdigest() if raw is not None else None
+    return found if found in (recorded, switching) else recorded
+
+
 def _summary(snap: dict[str, Any]) -> dict[str, Any]:
-    keys = ("codec", "parts", "part_size", "raw_bytes", "stored_bytes", "files", "manifest_sha256", "duration_s")
+    keys = ("codec", "parts", "part_size", "raw_bytes", "stored_bytes", "files", "manifest_sha256", "duration_s",
+            "format", "chunks_new", "chunks_reused", "bytes_uploaded")
     return {"snapshot_id": snap["id"], **{k: snap[k] for k in keys}}
 
 

@@ -11,6 +11,9 @@ member safety gate into `tar -x` in a staging directory beside the target -> onl
 is verified and tar has exited 0, swap staging into place, keeping the replaced workspace beside it
 (gs_workspace.Staging). On any failure the existing workspace is untouched and the staging directory
 is removed.
+
+A version-2 manifest (format 2) names chunks in the machine's chunk store (config `store_prefix`):
+gs_fetch2.ChunkFetcher fetches and verifies them and feeds the same stream, gate and `tar -x`.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from gs_codecs import for_restore  # noqa: E402
 from gs_common import (MAX_PARALLELISM, Context, ScriptError, heartbeat, key_prefix, require,  # noqa: E402
                        run_script, tail_text, widen_pipe)
 from gs_fetch import PartFetcher, PartStream  # noqa: E402
+from gs_fetch2 import ChunkFetcher  # noqa: E402
 import gs_runlock  # noqa: E402
 from gs_manifest import MANIFEST_NAME, validate  # noqa: E402
 from gs_paths import denied_reason  # noqa: E402
@@ -57,7 +61,11 @@ def parse_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
         # The same id on every try of one restore job (its job id): a try that finds it committed
         # reports that instead of swapping a second time (gs_workspace.DONE_PREFIX).
         "restore_id": require(cfg, "restore_id", str, None, required=False),
+        # Format 2: the machine's chunk store M (chunks/, packs/); required for a version-2 manifest.
+        "store_prefix": require(cfg, "store_prefix", str, None, required=False),
     }
+    if opts["store_prefix"] is not None:
+        opts["store_prefix"] = key_prefix(opts["store_prefix"])
     if opts["restore_id"] is not None and not re.match(r"^[A-Za-z0-9_-]{1,64}$", opts["restore_id"]):
         raise ScriptError("bad_config", "restore_id must be 1-64 letters, digits, '_' or '-'")
     if not os.path.isabs(opts["workspace"]) or os.path.normpath(opts["workspace"]) == "/":
@@ -159,7 +167,10 @@ def main(cfg: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
     events, prefix = ctx.events, opts["prefix"]
     s5 = S5(ctx, opts["s3"], opts["s5cmd"])
     manifest = load_manifest(s5, prefix, opts["manifest_sha256"])
-    parts, totals = manifest["parts"], manifest["totals"]
+    version = manifest["version"]
+    if version == 2 and opts["store_prefix"] is None:
+        raise ScriptError("bad_config", "a format-2 snapshot needs store_prefix (its machine's chunk store)")
+    parts, totals = (manifest["parts"] if version == 1 else manifest["chunks"]), manifest["totals"]
     codecs = for_restore([p["codec"] for p in parts], opts["bootstrap"])
     staging = Staging(opts["workspace"], "%d-%s" % (os.getpid(), os.urandom(3).hex()))
     staging.remove_stale()
@@ -171,7 +182,12 @@ def main(cfg: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
     events.progress(force=True, phase="download", bytes_done=0, bytes_total=totals["raw_bytes"],
                     parts_done=0, parts_total=len(parts))
     heartbeat(events, ctx)
-    fetcher = PartFetcher(ctx=ctx, s5=s5, prefix=prefix, parts=parts, codecs=codecs, window=opts["parallelism"])
+    fetcher: Any
+    if version == 2:
+        fetcher = ChunkFetcher(ctx=ctx, s5=s5, store_prefix=opts["store_prefix"], manifest=manifest, codecs=codecs,
+                               window=opts["parallelism"])
+    else:
+        fetcher = PartFetcher(ctx=ctx, s5=s5, prefix=prefix, parts=parts, codecs=codecs, window=opts["parallelism"])
     progress = {"bytes": 0, "parts": 0}
 
     def on_part(size: int) -> None:
@@ -204,7 +220,9 @@ def main(cfg: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
                    "files": max(0, members - 1), "codec": manifest.get("codec", ""),
                    # what the gate neutralised: FIFOs left out (names: the first 100), setuid/setgid cleared
                    "skipped_members": policy.skipped_count, "skipped_names": policy.skipped,
-                   "setuid_cleared": policy.cleared_setuid}
+                   "setuid_cleared": policy.cleared_setuid, "format": version}
+        if version == 2:
+            summary.update(objects=len(manifest["objects"]), object_fetches=fetcher.fetches)
         staging.commit((opts["restore_id"], summary) if opts["restore_id"] is not None else None)
     except BaseException:
         staging.discard()

@@ -9,6 +9,9 @@ At most `parallelism` parts are alive at once, so memory is bounded by about
 parallelism x (part_size + 2 x stored part) and no local disk is used at all. The manifest is uploaded last, after a
 listing confirms every part is present with its size. A re-run with the same prefix resumes: a part
 whose object already carries the same SHA-256 (object metadata) is compressed but not uploaded again.
+
+With `"format": 2` the run is gs_snapshot2's instead: the same tar stream cut into chunks shared by
+all snapshots of a machine, only new ones uploaded (docs/data-plane.md, "Format 2").
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gs_codecs import CODEC_NAMES, fallback_warning, for_snapshot  # noqa: E402
 from gs_common import MAX_PARALLELISM, Context, ScriptError, heartbeat, key_prefix, require, run_script  # noqa: E402
 import gs_runlock  # noqa: E402
+import gs_snapshot2  # noqa: E402
 from gs_manifest import MANIFEST_NAME, build, part_key, utc_now  # noqa: E402
 from gs_pipeline import PartUploader  # noqa: E402
 from gs_s3 import S5  # noqa: E402
@@ -64,6 +68,7 @@ def parse_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
         "s5cmd": require(cfg, "s5cmd", str, "s5cmd"),
         "work_dir": require(cfg, "work_dir", str, None, required=False),
         "bootstrap": require(cfg, "bootstrap", bool, True),
+        "format": require(cfg, "format", int, 1, within=(1, 2)),
     }
     if not os.path.isabs(opts["workspace"]):
         raise ScriptError("bad_config", "workspace_path must be absolute")
@@ -83,6 +88,12 @@ def _tool_version(cmd: List[str]) -> str:
         return ""
 
 
+def _source(opts: Dict[str, Any], workspace: str, codec: Any) -> Dict[str, Any]:
+    return {"hostname": socket.gethostname(), "workspace_path": workspace,
+            "python": platform.python_version(), "tar": _tool_version(["tar", "--version"]),
+            "s5cmd": _tool_version([opts["s5cmd"], "version"]), "codecs": {codec.name: codec.version()}}
+
+
 def main(cfg: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
     started, created_at = time.monotonic(), utc_now()
     opts = parse_config(cfg)
@@ -90,8 +101,14 @@ def main(cfg: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
     workspace, prefix, events = opts["workspace"], opts["prefix"], ctx.events
     if not os.path.isdir(workspace):
         raise ScriptError("workspace_not_found", "workspace %s is not a directory" % workspace)
+    if opts["format"] == 2:
+        v2 = gs_snapshot2.parse_config(cfg, opts)  # before any tool runs: a bad v2 config is bad_config
     codec = for_snapshot(opts["codec"], opts["zstd_level"], opts["bootstrap"])
     s5 = S5(ctx, opts["s3"], opts["s5cmd"], opts["work_dir"])
+    if opts["format"] == 2:
+        return gs_snapshot2.run(ctx=ctx, cfg=cfg, opts=opts, v2=v2, codec=codec, s5=s5, started=started,
+                                created_at=created_at, make_tar=lambda fd: tar_command(workspace, opts["excludes"], fd),
+                                source=lambda: _source(opts, workspace, codec))
     existing = s5.list(prefix)  # also the credentials check, before any real work
     if prefix + MANIFEST_NAME in existing:
         # Parts are about to be rewritten: the old manifest would describe objects that change
@@ -126,9 +143,7 @@ def main(cfg: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
     timings = {"scan_s": round(t_stream - t_scan, 3), "stream_s": round(t_verify - t_stream, 3),
                "verify_s": round(t_manifest - t_verify, 3)}
     timings.update(uploader.timings())
-    source = {"hostname": socket.gethostname(), "workspace_path": workspace,
-              "python": platform.python_version(), "tar": _tool_version(["tar", "--version"]),
-              "s5cmd": _tool_version([opts["s5cmd"], "version"]), "codecs": {codec.name: codec.version()}}
+    source = _source(opts, workspace, codec)
     warning = fallback_warning(codec)  # a missing compressor is said, never an error
     warnings = [warning] if warning else []
     if codec.fallback:

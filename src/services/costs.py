@@ -7,7 +7,8 @@ the event log keeps (`machine.status` events, each with the hourly price in forc
 - Paused hours: the instance is stopped; vast.ai bills its disk only (reported, not priced).
 - Hibernated hours: no instance; `saved_usd` is what those hours would have cost at the price of the
   instance that was destroyed (the price in force when the machine went `hibernated`).
-- Storage: the stored bytes of its complete snapshots, at STORAGE_PRICE_GB_MONTH (GB = 10^9 bytes).
+- Storage: what its snapshots occupy in the bucket (`store_usage.store_bytes`: shared chunks counted once),
+  at STORAGE_PRICE_GB_MONTH (GB = 10^9 bytes).
 - Transfer: vast.ai's per-GB upload and download prices of the rented offer, when the offer had them.
 
 History starts when the machine row was created; a machine older than the `events` table counts its
@@ -23,13 +24,13 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from src.db import transaction
-from src.models import Event, Job, Machine, Snapshot, utcnow
+from src.models import Event, Job, Machine, utcnow
 from src.services.events import MACHINE_STATUS, hourly_price
+from src.services.store_usage import store_bytes
 from src.services.views import iso
 
 BILLED = frozenset({"running", "hibernating", "waking", "pausing", "resuming", "error"})
 GB = 10**9
-STORED_STATUSES = ("complete",)
 
 
 @dataclass(frozen=True)
@@ -95,8 +96,7 @@ def machine_costs(s: Session, machine: Machine, *, storage_price_gb_month: float
     price = hourly_price(machine)
     totals = summarize(status_intervals(machine.created_at, changes, current_status=machine.status,
                                         current_price=price, now=now))
-    stored = int(s.scalar(select(func.coalesce(func.sum(Snapshot.stored_bytes), 0))
-                          .where(Snapshot.machine_id == machine.id, Snapshot.status.in_(STORED_STATUSES))) or 0)
+    stored = store_bytes(s, machine.id)  # a chunk shared by several format-2 snapshots is billed once
     offer = machine.offer or {}
     up, down = _price(offer.get("inet_up_cost")), _price(offer.get("inet_down_cost"))
     return {

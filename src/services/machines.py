@@ -12,6 +12,7 @@ from src.errors import NotFound, storable
 from src.models import Job, Machine, MachineEvent, MachinePolicy
 from src.services.costs import machine_costs
 from src.services.pagination import Page, fetch_page
+from src.services.store_usage import store_bytes
 from src.services.views import machine_view
 
 
@@ -126,7 +127,8 @@ def get_machine_in(s: Session, machine: Machine, *, events: int = 100,
 
     history = list(s.scalars(select(MachineEvent).where(MachineEvent.machine_id == machine.id)
                              .order_by(MachineEvent.id.desc()).limit(events)))
-    view = machine_view(machine, events=list(reversed(history)), active_job_id=active_job_id(s, machine.id))
+    view = machine_view(machine, events=list(reversed(history)), active_job_id=active_job_id(s, machine.id),
+                        store_bytes=store_bytes(s, machine.id))
     if storage_price_gb_month is not None:
         view["costs"] = machine_costs(s, machine, storage_price_gb_month=storage_price_gb_month)
     policy = s.get(MachinePolicy, machine.id)
@@ -161,10 +163,11 @@ def list_machines(session_factory: sessionmaker[Session], *, status: str | None 
         query = query.where(Machine.status == status)
 
     def view(s: Session, m: Machine) -> dict[str, Any]:
-        out = machine_view(m, active_job_id=active_job_id(s, m.id))
+        out = machine_view(m, active_job_id=active_job_id(s, m.id), store_bytes=store_bytes(s, m.id))
         if storage_price_gb_month is not None:
             out["costs"] = machine_costs(s, m, storage_price_gb_month=storage_price_gb_month)
         return out
 
     return fetch_page(session_factory, query, id_column=Machine.id, limit=limit, cursor=cursor, newest_first=False,
                       view=view)
+

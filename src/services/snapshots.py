@@ -68,7 +68,7 @@ def start_snapshot_job(s: Session, c: "Container", *, machine_id: str, workspace
     snap_id = new_id("snap")
     snap = Snapshot(id=snap_id, name=name, machine_id=machine_id, status="pending", workspace_path=workspace_path,
                     storage_prefix=f"{c.settings.snapshot_prefix}{machine_id}/{snap_id}/",
-                    requested_codec=codec, excludes=excludes)
+                    requested_codec=codec, excludes=excludes, format=c.settings.snapshot_format)
     s.add(snap)
     job = job_service.add_job(s, kind=kind, params={"snapshot_id": snap_id, **(params or {})},
                               lock_key=f"machine:{machine_id}", machine_id=machine_id, snapshot_id=snap_id, idem=idem)

@@ -63,6 +63,10 @@ def snapshot_view(snap: Snapshot) -> dict[str, Any]:
         "ratio": ratio,
         "file_count": snap.file_count,
         "manifest_sha256": snap.manifest_sha256,
+        "format": snap.format or 1,
+        "chunks_new": snap.chunks_new,
+        "chunks_reused": snap.chunks_reused,
+        "bytes_uploaded": snap.bytes_uploaded,
         "parent_id": snap.parent_id,
         "excludes": snap.excludes or [],
         "durations": snap.timings or {},
@@ -75,7 +79,7 @@ def snapshot_view(snap: Snapshot) -> dict[str, Any]:
 
 
 def machine_view(machine: Machine, *, events: list[MachineEvent] | None = None,
-                 active_job_id: str | None = None) -> dict[str, Any]:
+                 active_job_id: str | None = None, store_bytes: int | None = None) -> dict[str, Any]:
     view: dict[str, Any] = {
         "id": machine.id,
         "status": machine.status,
@@ -88,6 +92,7 @@ def machine_view(machine: Machine, *, events: list[MachineEvent] | None = None,
         "last_snapshot_id": machine.last_snapshot_id,
         "gpu_name": machine.gpu_name,
         "active_job_id": active_job_id,
+        "store_bytes": store_bytes,
         "created_at": iso(machine.created_at),
         "updated_at": iso(machine.updated_at),
     }

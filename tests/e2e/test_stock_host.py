@@ -122,6 +122,7 @@ def test_stock_host_round_trip_ships_s5cmd_and_compresses_with_the_zstd_binary(s
     assert not pathlib.Path(job["result"]["s5cmd"]["path"]).exists()
 
 
+@pytest.mark.snapshot_format(1)  # reads the format-1 manifest's parts
 def test_stock_host_without_any_compressor_stores_parts_raw_and_says_so(stack, stock_host, s3_server, tmp_path):
     _use_host_python(stack, stock_host_python(tmp_path / "host", zstd_binary=False))
     workspace = make_tricky_tree(tmp_path / "workspace")

@@ -12,7 +12,9 @@ import pytest
 from tests.support.fault_relay import FaultRelay
 from tests.support.trees import describe_tree
 
-pytestmark = pytest.mark.slow
+# These count format-1 parts stored and skipped across a cut link (format 2 resumes by its chunk store:
+# tests/integration/test_remote_dedup.py).
+pytestmark = [pytest.mark.slow, pytest.mark.snapshot_format(1)]
 
 
 @pytest.fixture

@@ -203,6 +203,24 @@ def test_verify_wait_then_rm_wait_against_a_complete_snapshot(cli, app, store, w
     assert cli("snapshots", "show", snap["id"]).stderr.startswith("error: not_found: ")
 
 
+def test_gc_wait_removes_what_a_deleted_v2_snapshot_left_and_keeps_the_rest(cli, app, store, worker):
+    import os
+
+    from tests.support.chunkstore import add_v2_snapshot
+
+    first = add_v2_snapshot(app, store, blocks=[os.urandom(4096), os.urandom(4096)])
+    second = add_v2_snapshot(app, store, blocks=[os.urandom(4096)], previous=first["manifest"])
+    assert cli("snapshots", "rm", first["id"], "--wait", *FAST).exit_code == 0
+    left = {k for k in store.objects if "/chunks/" in k}
+    assert len(left) == 3  # shared chunks stay with the record gone
+    r = cli("gc", "--grace", "0", "--wait", "--json", *FAST)
+    assert r.exit_code == 0, r.output
+    job = json.loads(r.stdout)
+    assert job["kind"] == "gc" and job["status"] == "succeeded" and job["result"]["deleted_objects"] == 2
+    assert {k for k in store.objects if "/chunks/" in k} == {second["store_prefix"] + o.key
+                                                               for o in second["manifest"].objects}
+
+
 def test_wait_on_a_failed_job_exits_1_with_its_code(cli, app, store, worker):
     snap = add_complete_snapshot(app, store)
     store.delete_keys([snap["prefix"] + "manifest.json"])

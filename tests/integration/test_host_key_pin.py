@@ -35,7 +35,7 @@ def _snapshot(app, store, ssh, *, host: str, port: int = 22) -> dict:  # type: i
                                                 "workspace_path": "/workspace"}, headers=AUTH)
     assert r.status_code == 202, r.get_json()
     snap = r.get_json()["snapshot"]
-    raw = write_snapshot_objects(store, snap["storage_prefix"], snapshot_id=snap["id"], parts=1)
+    raw = write_snapshot_objects(store, snap["storage_prefix"], snapshot_id=snap["id"], format=snap["format"], parts=1)
     ssh.scripts["snapshot"] = [
         {"event": "started", "pid": 10, "pgid": 10},
         {"event": "result", "manifest_sha256": hashlib.sha256(raw).hexdigest(), "raw_bytes": 1024,

@@ -52,7 +52,7 @@ def box(tmp_path, sqlite_url):  # type: ignore[no-untyped-def]
         r = client.post("/api/gpu-snapshots", json=CREATE, headers=AUTH)
         assert r.status_code == 202, r.get_json()
         snap = r.get_json()["snapshot"]
-        raw = write_snapshot_objects(store, snap["storage_prefix"], snapshot_id=snap["id"], parts=1)
+        raw = write_snapshot_objects(store, snap["storage_prefix"], snapshot_id=snap["id"], format=snap["format"], parts=1)
         ssh.scripts["snapshot"] = [{"event": "started", "pid": 9, "pgid": 9},
                                    {"event": "result", "manifest_sha256": hashlib.sha256(raw).hexdigest(),
                                     "raw_bytes": 1024, "stored_bytes": 1024, "parts": 1, "files": 1, "codec": "none",

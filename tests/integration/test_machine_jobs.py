@@ -41,7 +41,7 @@ class World:
 
     def script_snapshot_success(self, snapshot: dict) -> None:
         """Make the next `snapshot` script run succeed: objects in the bucket, a matching result event."""
-        raw = write_snapshot_objects(self.store, snapshot["storage_prefix"], snapshot_id=snapshot["id"], parts=2)
+        raw = write_snapshot_objects(self.store, snapshot["storage_prefix"], snapshot_id=snapshot["id"], format=snapshot["format"], parts=2)
         self.ssh.scripts["snapshot"] = [
             {"event": "started", "pid": 10, "pgid": 10},
             {"event": "progress", "phase": "upload", "bytes_done": 1024, "bytes_total": 2048, "parts_done": 1,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from tests.integration.test_machine_jobs import world  # noqa: F401  (fixture)
 from tests.support.fixtures_app import AUTH, make_settings, run_jobs
+from tests.support.snapshots import data_keys
 
 
 def test_the_only_copy_stays_protected_after_a_verify_that_failed_once(world):  # noqa: F811
@@ -12,7 +13,7 @@ def test_the_only_copy_stays_protected_after_a_verify_that_failed_once(world):  
     machine's workspace, so a DELETE without force stays a 409."""
     box = world.hibernated_box()
     snap = world.client.get(f"/api/gpu-snapshots?instance_id={box}", headers=AUTH).get_json()["items"][0]
-    part = snap["storage_prefix"] + "part-00001"
+    part = data_keys(world.store, snap)[1]
     saved = world.store.objects.pop(part)
     v = world.post(f"/api/gpu-snapshots/{snap['id']}/verify", {})
     run_jobs(world.app)

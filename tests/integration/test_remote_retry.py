@@ -34,7 +34,7 @@ def _create(app):  # type: ignore[no-untyped-def]
 
 
 def _script_succeeds(app, snapshot):  # type: ignore[no-untyped-def]
-    raw = write_snapshot_objects(app.store, snapshot["storage_prefix"], snapshot_id=snapshot["id"], parts=2)
+    raw = write_snapshot_objects(app.store, snapshot["storage_prefix"], snapshot_id=snapshot["id"], format=snapshot["format"], parts=2)
     app.ssh.scripts["snapshot"] = [
         {"event": "started", "pid": 10, "pgid": 10},
         {"event": "result", "manifest_sha256": hashlib.sha256(raw).hexdigest(), "raw_bytes": 2048,

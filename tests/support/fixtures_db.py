@@ -61,7 +61,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path) -> str:  # type: igno
     url = request.getfixturevalue("_postgres_database")
     engine = sa.create_engine(url)
     with engine.begin() as conn:
-        conn.execute(sa.text("TRUNCATE machines, machine_events, snapshots, jobs, api_tokens, events, stream_tokens RESTART IDENTITY CASCADE"))
+        conn.execute(sa.text("TRUNCATE machines, machine_events, snapshots, jobs, api_tokens, events, stream_tokens, store_objects, store_chunks, snapshot_objects RESTART IDENTITY CASCADE"))
     engine.dispose()
     return url
 

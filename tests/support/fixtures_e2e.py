@@ -125,9 +125,13 @@ def stack_env(tmp_path, sshd, s3_server, s3_prefix, fake_vast) -> dict[str, str]
 
 
 @pytest.fixture
-def stack(tmp_path, sshd, s3_server, s3_prefix, fake_vast) -> Iterator[Stack]:  # type: ignore[no-untyped-def]
-    """The service with a worker running. `stack.env` is the environment both processes read."""
+def stack(request, tmp_path, sshd, s3_server, s3_prefix, fake_vast) -> Iterator[Stack]:  # type: ignore[no-untyped-def]
+    """The service with a worker running. `stack.env` is the environment both processes read. A test marked
+    `@pytest.mark.snapshot_format(1)` (one about format-1 parts) gets that SNAPSHOT_FORMAT; else the default."""
     env = stack_env(tmp_path, sshd, s3_server, s3_prefix, fake_vast)
+    marker = request.node.get_closest_marker("snapshot_format")
+    if marker is not None:
+        env["SNAPSHOT_FORMAT"] = str(marker.args[0])
     upgrade(env["DATABASE_URL"])
     s = Stack(env=env, tmp=tmp_path)
     s.start_worker()

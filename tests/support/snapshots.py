@@ -12,8 +12,16 @@ from src.models import Machine, Snapshot, new_id, utcnow
 
 
 def write_snapshot_objects(store: Any, prefix: str, *, snapshot_id: str, parts: int = 3,
-                           part_size: int = 1024) -> bytes:
-    """Write `parts` random parts and a valid manifest under `prefix`; returns the manifest bytes."""
+                           part_size: int = 1024, format: int = 1) -> bytes:
+    """Write `parts` random parts and a valid manifest under `prefix`; returns the manifest bytes. With
+    `format` 2 (a snapshot the control plane started as format 2), the parts are blocks of the machine's
+    chunk store (the parent of `prefix`) and the manifest is version 2: the same bytes either way."""
+    if format == 2:
+        from tests.support.chunkstore import write_v2
+
+        store_prefix = prefix[: -len(f"{snapshot_id}/")]
+        return write_v2(store, store_prefix, snapshot_id, blocks=[os.urandom(part_size) for _ in range(parts)],
+                        groups=[])
     entries = []
     for i in range(parts):
         data = os.urandom(part_size)
@@ -46,3 +54,16 @@ def add_complete_snapshot(app: Any, store: Any, *, machine_id: str = "m1", parts
                        raw_bytes=parts * part_size, stored_bytes=parts * part_size, file_count=1,
                        manifest_sha256=hashlib.sha256(raw).hexdigest(), completed_at=utcnow()))
     return {"id": snap_id, "prefix": prefix}
+
+
+def data_keys(store: Any, snap: dict[str, Any]) -> list[str]:
+    """The full keys of the objects a snapshot's manifest references, in manifest order, whatever its
+    format: `part-NNNNN` under its prefix (1), chunks and packs in the machine's store (2)."""
+    from src.manifest import parse_manifest
+
+    prefix = snap["storage_prefix"]
+    manifest = parse_manifest(store.get_bytes(prefix + "manifest.json"))
+    if manifest.version == 1:
+        return [prefix + p.key for p in manifest.parts]
+    store_prefix = prefix[: -len(f"{snap['id']}/")]
+    return [store_prefix + o.key for o in manifest.objects]

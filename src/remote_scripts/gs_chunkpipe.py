@@ -1,0 +1,209 @@
+"""The format-2 snapshot data path: tar stdout -> chunks -> hash -> (new only) compress -> upload.
+
+Overlapped and bounded like gs_pipeline.PartUploader: the reader (calling thread) takes a slot before
+it fills a chunk buffer, the worker that finishes the chunk gives it back, so at most `parallelism`
+chunk buffers (16 MiB blocks or 4 MiB groups) plus their compressed copies and two pack buffers are
+alive, whatever the workspace size. Every chunk is hashed (SHA-256 in worker threads: hashlib
+releases the GIL); only chunks the store does not hold are compressed and uploaded: blocks as their
+own object `chunks/<raw sha256>`, groups into packs (gs_packer).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from gs_chunker import Chunker
+from gs_chunkstore import ChunkIndex
+from gs_codecs import Codec, encode_part
+from gs_common import Context, ScriptError, tail_text, widen_pipe
+from gs_packer import Loc, PackBuilder
+
+logger = logging.getLogger("gpusnap.remote")
+
+
+class ChunkUploader:
+    """Runs tar and turns its stream into stored chunks. One instance per snapshot run."""
+
+    def __init__(self, *, ctx: Context, codec: Codec, index: ChunkIndex,
+                 put: Callable[[str, Any, Dict[str, str]], None], block_size: int, pack_size: int,
+                 group_max: int, large_min: int, modulus: int,
+                 parallelism: int, bytes_total: int) -> None:
+        self.ctx, self.codec, self.index, self.put = ctx, codec, index, put
+        self.block_size, self.group_max, self.large_min, self.modulus = block_size, group_max, large_min, modulus
+        self.parallelism, self.bytes_total = parallelism, bytes_total
+        self.packer = PackBuilder(pack_size, group_max)
+        self.slots = threading.Semaphore(parallelism)
+        self.cpu = threading.Semaphore(max(1, min(parallelism, os.cpu_count() or 1)))
+        self.lock = threading.Lock()
+        self.entries: Dict[int, Tuple[str, int, Loc, str, bool]] = {}
+        self.error: Optional[ScriptError] = None
+        self.spent = {"read_s": 0.0, "hash_s": 0.0, "compress_s": 0.0, "upload_s": 0.0}
+        self.bytes_uploaded = self.objects_uploaded = self.bytes_done = self.files = self.read = 0
+        self._free: Dict[str, List[bytearray]] = {"block": [], "group": []}
+        self._tar: Optional[subprocess.Popen] = None
+
+    def timings(self) -> Dict[str, float]:
+        return {k: round(v, 3) for k, v in self.spent.items()}
+
+    def _add(self, stage: str, seconds: float) -> None:
+        with self.lock:
+            self.spent[stage] += seconds
+
+    def _fail(self, err: ScriptError) -> None:
+        with self.lock:
+            if self.error is None:
+                self.error = err
+        if self._tar is not None and self._tar.poll() is None:
+            self._tar.kill()  # unblocks the reader
+
+    def _take(self, kind: str) -> bytearray:
+        """A buffer for the next chunk, once a slot is free (the bound on memory)."""
+        while not self.slots.acquire(timeout=0.2):
+            if self.error is not None or self.ctx.cancelled.is_set():
+                raise _Stop()
+        with self.lock:
+            free = self._free[kind]
+            if free:
+                return free.pop()
+        return bytearray(self.block_size if kind == "block" else self.group_max)
+
+    def run(self, make_tar: Callable[[int], List[str]]) -> Tuple[List[Tuple[str, int, Loc, str, bool]], int]:
+        """Stream the whole archive; returns (chunk entries in stream order, file count)."""
+        index_r, index_w = os.pipe()
+        try:
+            self._tar = tar = self.ctx.spawn(make_tar(index_w), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                             stdin=subprocess.DEVNULL, pass_fds=(index_w,), bufsize=0,
+                                             env=dict(os.environ, LC_ALL="C"))
+        except FileNotFoundError:
+            raise ScriptError("missing_dependency", "GNU tar is not installed") from None
+        finally:
+            os.close(index_w)
+        widen_pipe(tar.stdout.fileno())
+        counter = threading.Thread(target=self._count_members, args=(index_r,), daemon=True)
+        errors: List[bytes] = []
+        drain = threading.Thread(target=lambda: errors.append(tar.stderr.read()), daemon=True)
+        counter.start()
+        drain.start()
+        chunker = Chunker(tar.stdout, self._take, block_size=self.block_size, large_min=self.large_min,
+                          group_max=self.group_max, modulus=self.modulus)
+        count = 0
+        with ThreadPoolExecutor(self.parallelism, thread_name_prefix="chunk") as pool:
+            it = iter(chunker)
+            while True:
+                t0 = time.monotonic()
+                try:
+                    item = next(it)
+                except (_Stop, StopIteration):
+                    break
+                self._add("read_s", time.monotonic() - t0)
+                kind, buf, n = item
+                with self.lock:
+                    self.read = count + 1
+                pool.submit(self._chunk, count, kind, buf, n)
+                count += 1
+                if self.error is not None or self.ctx.cancelled.is_set():
+                    break
+            if self.error is not None or self.ctx.cancelled.is_set():
+                tar.kill()
+            rc = tar.wait()
+        drain.join()
+        counter.join(5)
+        self.ctx.check()
+        if self.error is not None:
+            raise self.error
+        if rc != 0:
+            raise ScriptError("tar_failed", "tar exited %d: %s" % (rc, tail_text(b"".join(errors))))
+        sealed = self.packer.flush()
+        if sealed is not None:
+            self._upload_pack(sealed)
+        return [self.entries[i] for i in range(count)], self.files
+
+    def _count_members(self, fd: int) -> None:
+        count = 0  # tar --verbose --index-file: one line per member; "./" is the root itself
+        with os.fdopen(fd, "rb") as index:
+            for _line in index:
+                count += 1
+        self.files = max(0, count - 1)
+
+    def _chunk(self, i: int, kind: str, buf: bytearray, n: int) -> None:
+        raw = memoryview(buf)[:n]
+        try:
+            t0 = time.monotonic()
+            digest = hashlib.sha256(raw).hexdigest()
+            self._add("hash_s", time.monotonic() - t0)
+            loc, mine = self.index.claim(digest)
+            if mine:
+                try:
+                    loc, mine = self._store(kind, digest, raw)
+                finally:
+                    self.index.settle(digest, loc)
+            assert loc is not None
+            with self.lock:
+                self.entries[i] = (digest, n, loc, kind, mine)
+                self.bytes_done += n
+                done, read, bytes_done = len(self.entries), self.read, self.bytes_done
+            self.ctx.events.progress(phase="upload", bytes_done=bytes_done,
+                                     bytes_total=max(self.bytes_total, bytes_done), parts_done=done,
+                                     parts_total=max(read, -(-self.bytes_total // self.block_size)))
+        except ScriptError as exc:
+            self._fail(exc)
+        except Exception as exc:  # noqa: BLE001 - any worker failure must stop the run, not vanish
+            logger.exception("chunk %d failed", i)
+            self._fail(ScriptError("internal", "chunk %d: %s: %s" % (i, type(exc).__name__, exc)))
+        finally:
+            raw.release()
+            with self.lock:
+                self._free[kind].append(buf)
+            self.slots.release()
+
+    def _store(self, kind: str, digest: str, raw: memoryview) -> Tuple[Loc, bool]:
+        """Compress and upload one new chunk (a block: its own object; a group: into a pack);
+        (location, True when this run uploaded it)."""
+        if kind == "block":
+            found = self.index.listed_block(digest, len(raw))  # uploaded by a crashed attempt
+            if found is not None:
+                return found, False
+        t0 = time.monotonic()
+        with self.cpu:
+            codec_name, stored = encode_part(self.codec, raw)
+        t1 = time.monotonic()
+        sha = digest if stored is raw else hashlib.sha256(stored).hexdigest()
+        t2 = time.monotonic()
+        self._add("compress_s", t1 - t0)
+        self._add("hash_s", t2 - t1)
+        if kind == "group":
+            loc, sealed = self.packer.add(digest, stored, len(raw), codec_name, sha)
+            if sealed is not None:
+                self._upload_pack(sealed)
+            return loc, True
+        key = "chunks/" + digest
+        meta = {"sha256": sha, "raw-sha256": digest, "raw-size": str(len(raw)), "stored-size": str(len(stored)),
+                "codec": codec_name}
+        self.put(key, stored, meta)
+        self._add("upload_s", time.monotonic() - t2)
+        with self.lock:
+            self.bytes_uploaded += len(stored)
+            self.objects_uploaded += 1
+        return Loc(key, 0, len(stored), len(raw), codec_name, sha, len(stored), sha), True
+
+    def _upload_pack(self, sealed: Tuple[str, memoryview, bytearray, List[Loc], int]) -> None:
+        key, view, buf, locs, size = sealed
+        t0 = time.monotonic()
+        try:
+            self.put(key, view, {"sha256": key[len("packs/"):], "chunks": str(len(locs))})
+        finally:
+            self.packer.done(buf, view)
+        self._add("upload_s", time.monotonic() - t0)
+        with self.lock:
+            self.bytes_uploaded += size
+            self.objects_uploaded += 1
+
+
+class _Stop(Exception):
+    """The reader stops taking buffers: a worker failed or the run was cancelled."""

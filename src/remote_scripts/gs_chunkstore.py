@@ -1,0 +1,152 @@
+"""The machine's chunk store as one snapshot run sees it (format 2): which chunks can be referenced
+instead of stored again, and where they are.
+
+Three sources, checked in this order for each chunk digest:
+1. `known_chunks` from the control plane (its database: chunks of complete snapshots of this machine),
+   kept only when the start-of-run listing shows their object with the recorded size;
+2. chunks stored earlier in this run (a repeated file, zero blocks of a preallocated file);
+3. what a crashed or cancelled earlier attempt left (resume): a listed block `chunks/<raw>` is reused
+   after a HEAD shows matching metadata; listed packs that no known chunk points to are fetched once
+   and their TOC read (at most RESUME_PACKS of them).
+
+A digest being stored by one worker is "in flight": another worker that needs it waits for it rather
+than storing it twice.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import threading
+from typing import Any, Dict, List, Optional, Tuple
+
+from gs_codecs import PART_CODECS
+from gs_common import ScriptError
+from gs_packer import Loc, parse_toc
+from gs_s3 import S5, NotFound
+
+logger = logging.getLogger("gpusnap.remote")
+
+KEY_RE = re.compile(r"^(chunks|packs)/[0-9a-f]{64}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+RESUME_PACKS = 64  # a crashed run leaves few packs (small files only); never download more than this
+
+
+def parse_known(rows: Any) -> Dict[str, Loc]:
+    """config `known_chunks` -> {raw_sha256: Loc}; bad_config on a malformed row."""
+    if not isinstance(rows, list):
+        raise ScriptError("bad_config", "known_chunks must be a list")
+    out: Dict[str, Loc] = {}
+    for row in rows:
+        ok = (isinstance(row, list) and len(row) == 9 and isinstance(row[0], str) and _HEX64.match(row[0])
+              and isinstance(row[1], str) and KEY_RE.match(row[1]) and row[5] in PART_CODECS
+              and all(isinstance(row[i], int) and not isinstance(row[i], bool) and row[i] >= 0 for i in (2, 3, 4, 7))
+              and isinstance(row[6], str) and _HEX64.match(row[6]) and isinstance(row[8], str)
+              and _HEX64.match(row[8]) and row[2] + row[3] <= row[7])
+        if not ok:
+            raise ScriptError("bad_config", "known_chunks row %r is malformed" % (row,))
+        out[row[0]] = Loc(row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8])
+    return out
+
+
+class ChunkIndex:
+    """Thread-safe lookup and claim of chunk digests for one run."""
+
+    def __init__(self, s5: S5, store_prefix: str, known: Dict[str, Loc]) -> None:
+        self.s5, self.prefix = s5, store_prefix
+        self.lock = threading.Lock()
+        self.listing: Dict[str, int] = {}
+        for folder in ("chunks/", "packs/"):
+            for key, size in s5.list(store_prefix + folder).items():
+                self.listing[key[len(store_prefix):]] = size
+        self.known = {raw: loc for raw, loc in known.items() if self.listing.get(loc.key) == loc.object_size}
+        self.dropped = len(known) - len(self.known)  # told, but not (or not so) in the bucket
+        self.stored: Dict[str, Loc] = {}  # stored by this run, or found from an earlier attempt
+        self.inflight: Dict[str, threading.Event] = {}
+        self.resumed_chunks = 0
+        self.failed = False
+
+    def resume_packs(self) -> int:
+        """Read the TOC of listed packs no known chunk points to (left by an earlier attempt)."""
+        referenced = {loc.key for loc in self.known.values()}
+        orphans = sorted(k for k in self.listing if k.startswith("packs/") and k not in referenced)
+        for key in orphans[:RESUME_PACKS]:
+            size = self.listing[key]
+            try:
+                body = self.s5.cat(self.prefix + key, size, "upload_failed")
+            except NotFound:
+                continue  # removed since the listing (gc of an old attempt): nothing to reuse
+            digest = hashlib.sha256(body).hexdigest()
+            if len(body) != size or "packs/" + digest != key:
+                logger.warning("pack %s does not match its name; not reused", key)
+                continue
+            try:
+                rows = parse_toc(body)
+            except ScriptError as exc:
+                logger.warning("pack %s: %s; not reused", key, exc.message)
+                continue
+            for row in rows:
+                stored = memoryview(body)[row["offset"]:row["offset"] + row["stored_size"]]
+                if hashlib.sha256(stored).hexdigest() != row["sha256"]:
+                    continue
+                self.stored.setdefault(row["raw_sha256"], Loc(key, row["offset"], row["stored_size"], row["raw_size"],
+                                                              row["codec"], row["sha256"], size, digest))
+                self.resumed_chunks += 1
+        return len(orphans[:RESUME_PACKS])
+
+    def claim(self, raw: str) -> Tuple[Optional[Loc], bool]:
+        """(location, False) when the chunk is already stored; (None, True) when the caller must store
+        it and then call settle(); waits while another worker is storing it."""
+        while True:
+            with self.lock:
+                loc = self.known.get(raw) or self.stored.get(raw)
+                if loc is not None:
+                    return loc, False
+                event = self.inflight.get(raw)
+                if event is None:
+                    self.inflight[raw] = threading.Event()
+                    return None, True
+            event.wait()
+            if self.failed:
+                raise ScriptError("internal", "a worker storing a shared chunk failed")
+
+    def settle(self, raw: str, loc: Optional[Loc]) -> None:
+        """The claimed chunk is stored at `loc` (None: storing failed; waiters give up)."""
+        with self.lock:
+            if loc is not None:
+                self.stored[raw] = loc
+            else:
+                self.failed = True
+            event = self.inflight.pop(raw)
+        event.set()
+
+    def listed_block(self, raw: str, raw_size: int) -> Optional[Loc]:
+        """A block an earlier attempt uploaded as chunks/<raw>, when its metadata vouches for it."""
+        key = "chunks/" + raw
+        size = self.listing.get(key)
+        if size is None:
+            return None
+        try:
+            info = self.s5.head(self.prefix + key)
+        except NotFound:
+            return None
+        meta = info["metadata"]
+        sha, codec = meta.get("sha256", ""), meta.get("codec", "")
+        if (info["size"] != size or meta.get("raw-sha256") != raw or meta.get("raw-size") != str(raw_size)
+                or meta.get("stored-size") != str(size) or codec not in PART_CODECS or not _HEX64.match(sha)):
+            return None
+        with self.lock:
+            self.resumed_chunks += 1
+        return Loc(key, 0, size, raw_size, codec, sha, size, sha)
+
+    def check_present(self, locs: List[Loc]) -> None:
+        """After the upload: every object the manifest will reference is in the bucket at its size."""
+        listing: Dict[str, int] = {}
+        for folder in ("chunks/", "packs/"):
+            for key, size in self.s5.list(self.prefix + folder).items():
+                listing[key[len(self.prefix):]] = size
+        for loc in locs:
+            if listing.get(loc.key or "") != loc.object_size:
+                got = listing.get(loc.key or "")
+                raise ScriptError("upload_failed", "object %s is %s in the bucket, expected %d bytes"
+                                  % (loc.key, "missing" if got is None else "%d bytes" % got, loc.object_size))

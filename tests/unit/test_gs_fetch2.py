@@ -1,0 +1,130 @@
+"""gs_fetch2.ChunkFetcher against an in-memory bucket: chunks come out in order and verified, an object
+used again soon is fetched once, one used again much later is fetched again, object buffers stay
+bounded, and damage maps to part_missing / part_truncated / part_corrupt."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import sys
+from typing import Any, Dict, List, Tuple
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "src" / "remote_scripts"))
+
+from gs_codecs import for_restore  # noqa: E402
+from gs_common import Context, Events, ScriptError  # noqa: E402
+from gs_fetch2 import ChunkFetcher  # noqa: E402
+from gs_manifest import build_v2, validate  # noqa: E402
+from gs_packer import Loc, PackBuilder  # noqa: E402
+from gs_s3 import NotFound  # noqa: E402
+
+
+class DictStore:
+    """The part of gs_s3.S5 ChunkFetcher uses, over a dict. cat_into as the real one: NotFound for an
+    absent key, at most expected + 1 bytes copied, the count returned (short only when the object is)."""
+
+    def __init__(self, objects: Dict[str, bytes]) -> None:
+        self.objects = objects
+        self.gets: List[str] = []
+
+    def cat_into(self, key: str, buf: bytearray, expected: int, fallback: str = "download_failed") -> int:
+        if key not in self.objects:
+            raise NotFound(key)
+        self.gets.append(key)
+        data = self.objects[key][:expected + 1]
+        buf[:len(data)] = data
+        return len(data)
+
+
+def h(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def make(order: List[Tuple[str, int]]) -> Tuple[Dict[str, Any], Dict[str, bytes], List[bytes]]:
+    """A v2 manifest over objects in a dict: ("g", i) = group i (all in one pack), ("b", i) = block i."""
+    builder = PackBuilder(pack_size=1 << 20, chunk_max=1 << 16)
+    groups = [os.urandom(100 + i) for i in range(4)]
+    blocks = [os.urandom(5000 + i) for i in range(50)]
+    group_locs = [builder.add(h(g), g, len(g), "none", h(g))[0] for g in groups]
+    key, view, _buf, _locs, _size = builder.flush()  # type: ignore[misc]
+    objects = {key: bytes(view)}
+    entries, stream = [], []
+    for kind, i in order:
+        if kind == "g":
+            entries.append((h(groups[i]), len(groups[i]), group_locs[i], "group", True))
+            stream.append(groups[i])
+        else:
+            data = blocks[i]
+            loc = Loc("chunks/" + h(data), 0, len(data), len(data), "none", h(data), len(data), h(data))
+            objects[loc.key] = data  # type: ignore[index]
+            entries.append((h(data), len(data), loc, "block", True))
+            stream.append(data)
+    doc = build_v2(cfg={}, codec="none", chunking={}, entries=entries, files=1, bytes_uploaded=0, source={},
+                   created_at="t", timings={})
+    return validate(json.loads(json.dumps(doc))), objects, stream
+
+
+class Counting(ChunkFetcher):
+    allocated = 0
+
+    def _take(self, free: List[bytearray], size: int) -> bytearray:
+        if free is self._obj_free and not free:
+            Counting.allocated += 1
+        return super()._take(free, size)
+
+
+def drain(manifest: Dict[str, Any], store: DictStore, window: int = 2) -> List[bytes]:
+    Counting.allocated = 0
+    fetcher = Counting(ctx=Context(Events(fd=os.open(os.devnull, os.O_WRONLY))), s5=store,  # type: ignore[arg-type]
+                       store_prefix="m/", manifest=manifest, codecs=for_restore(["none"], False), window=window)
+    out = []
+    try:
+        while True:
+            item = fetcher.next()
+            if item is None:
+                return out
+            token, view = item
+            out.append(bytes(view))
+            fetcher.release(token)
+    finally:
+        fetcher.close()
+
+
+def test_chunks_come_out_in_order_and_a_pack_used_again_soon_is_fetched_once() -> None:
+    order = [("g", 0), ("b", 0), ("g", 1), ("b", 1), ("g", 2), ("g", 3)]
+    manifest, objects, stream = make(order)
+    store = DictStore({"m/" + k: v for k, v in objects.items()})
+    assert drain(manifest, store) == stream
+    pack = [k for k in store.gets if "/packs/" in k]
+    assert len(pack) == 1 and len(store.gets) == 3
+
+
+def test_a_pack_used_again_much_later_is_fetched_again_and_buffers_stay_bounded() -> None:
+    order = [("g", 0)] + [("b", i) for i in range(40)] + [("g", 1)]
+    manifest, objects, stream = make(order)
+    store = DictStore({"m/" + k: v for k, v in objects.items()})
+    assert drain(manifest, store, window=2) == stream
+    assert sum(1 for k in store.gets if "/packs/" in k) == 2
+    assert Counting.allocated <= 2 * 2 + 3  # window loads ahead + the planned reuse horizon
+
+
+@pytest.mark.parametrize("damage,code", [("delete", "part_missing"), ("truncate", "part_truncated"),
+                                         ("flip", "part_corrupt"), ("extend", "part_corrupt")])
+def test_damage_is_reported_with_its_code(damage: str, code: str) -> None:
+    manifest, objects, _ = make([("g", 0), ("b", 0), ("b", 1)])
+    store = DictStore({"m/" + k: v for k, v in objects.items()})
+    key = "m/" + manifest["objects"][-1]["key"]
+    if damage == "delete":
+        del store.objects[key]
+    elif damage == "truncate":
+        store.objects[key] = store.objects[key][:-1]
+    elif damage == "flip":
+        store.objects[key] = bytes([store.objects[key][0] ^ 1]) + store.objects[key][1:]
+    else:
+        store.objects[key] += b"x"
+    with pytest.raises(ScriptError) as err:
+        drain(manifest, store)
+    assert err.value.code == code

@@ -14,7 +14,7 @@ from src.services import jobs as job_service
 from src.services.jobs import Idempotency
 from src.services.machines import add_event, ensure_machine, find_machine, vast_instance_id_of
 from src.services.path_policy import check_excludes, check_restore_path
-from src.services.snapshots import latest_complete, start_snapshot_job
+from src.services.snapshots import decode_needs, latest_complete, start_snapshot_job
 from src.services.views import job_view
 
 if TYPE_CHECKING:
@@ -78,8 +78,10 @@ def wake(c: "Container", machine_id: str, *, snapshot_id: str | None = None, gpu
          idem: Idempotency | None = None) -> dict[str, Any]:
     """Start a `wake` job: rent an instance that fits and restore `snapshot_id` (default: the machine's
     latest complete snapshot) onto it. GPU type, GPU count and image default to the machine's own, as
-    recorded when it was rented or hibernated. Raises NotFound, Conflict (not hibernated, no snapshot),
-    Unprocessable (disk_gb too small for the snapshot), NotConfigured (no vast.ai key)."""
+    recorded when it was rented or hibernated. A snapshot with GPU-only parts (nvcomp-ans) rents only
+    hosts whose driver runs CUDA >= its `min_cuda` (offer filter `cuda_max_good`): nothing that cannot
+    decode it is rented. Raises NotFound, Conflict (not hibernated, no snapshot), Unprocessable (disk_gb
+    too small for the snapshot), NotConfigured (no vast.ai key)."""
     c.vast()  # NotConfigured now, not in a job later
     with transaction(c.session_factory) as s:
         replay = job_service.find_replay(s, idem)
@@ -108,7 +110,8 @@ def wake(c: "Container", machine_id: str, *, snapshot_id: str | None = None, gpu
                   "num_gpus": num_gpus or shape.get("num_gpus") or 1,
                   "region": region, "max_price": max_price, "disk_gb": disk_gb or needed,
                   "image": image or shape.get("image") or c.settings.vast_default_image,
-                  "workspace_path": workspace_path or snap.workspace_path, "ssh_user": machine.ssh_user}
+                  "workspace_path": workspace_path or snap.workspace_path, "ssh_user": machine.ssh_user,
+                  "min_cuda": decode_needs(snap)["min_cuda"]}
         job = job_service.add_job(s, kind="wake", params=params, lock_key=f"machine:{machine.id}",
                                   machine_id=machine.id, snapshot_id=snap.id, idem=idem)
         machine.status = "waking"

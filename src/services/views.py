@@ -56,6 +56,8 @@ def snapshot_view(snap: Snapshot) -> dict[str, Any]:
         "source_host": snap.source_host,
         "storage_prefix": snap.storage_prefix,
         "codec": snap.codec or snap.requested_codec,
+        # nvcomp-ans parts decode on an NVIDIA GPU only (CUDA 12+): wake rents only such hosts
+        "requires_gpu": (snap.codec or snap.requested_codec) == "nvcomp-ans",
         "parts": snap.part_count,
         "part_size": snap.part_size,
         "raw_bytes": snap.raw_bytes,

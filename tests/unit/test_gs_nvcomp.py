@@ -166,3 +166,13 @@ def test_each_thread_gets_its_own_nvcomp_codec(host: Path) -> None:
     for t in threads:
         t.join(60)
     assert results == ["nvcomp-ans"] * 4 and codec.fallback is None
+
+
+def test_the_pinned_nvcomp_is_major_6_like_the_codec_and_the_test_extra() -> None:
+    from gs_bootstrap import PINNED
+    from gs_nvcomp import NVCOMP_MAJOR
+    root = Path(__file__).resolve().parents[2]
+    assert NVCOMP_MAJOR == 6 and '"nvidia-nvcomp-cu12>=6,<7"' in (root / "pyproject.toml").read_text()
+    for cuda in (12, 13):
+        versions = {line.split("==")[1].split()[0] for line in PINNED["nvidia-nvcomp-cu%d" % cuda]}
+        assert versions and all(v.startswith("6.") for v in versions)

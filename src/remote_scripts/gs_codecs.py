@@ -103,9 +103,9 @@ def _zstd(level: int, bootstrap: bool) -> Codec:
         return codec
 
 
-def _planes(level: int, bootstrap: bool) -> PlanesCodec:
+def _planes(bootstrap: bool) -> PlanesCodec:
     """zstd-planes needs the zstandard package (one CLI process per plane would cost more than it saves)."""
-    return PlanesCodec(ensure("zstandard", "zstandard", install=bootstrap), level=level)
+    return PlanesCodec(ensure("zstandard", "zstandard", install=bootstrap))
 
 
 def _cpu(name: str, level: int, bootstrap: bool) -> Codec:
@@ -117,7 +117,7 @@ def _cpu(name: str, level: int, bootstrap: bool) -> Codec:
                               "reasons": ["zstd-planes needs the zstandard package"] + (codec.fallback or {}).get(
                                   "reasons", [])}
         return codec
-    planes = PlanesCodec(codec.zstd, level=level)
+    planes = PlanesCodec(codec.zstd)  # its own fast settings (gs_planes), whatever zstd's level
     return planes if name == "zstd-planes" else AutoCpuCodec(codec, planes)
 
 
@@ -185,7 +185,7 @@ def for_restore(names: Any, bootstrap: bool = True, *, gpu_probe: Any = None) ->
         elif name == "zstd":
             out[name] = _zstd(3, bootstrap)
         elif name == "zstd-planes":
-            out[name] = _planes(3, bootstrap)
+            out[name] = _planes(bootstrap)
         else:
             try:
                 out[name] = NvcompAnsCodec(bootstrap=bootstrap, probe=gpu_probe, decode_only=True)

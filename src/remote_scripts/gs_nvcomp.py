@@ -166,7 +166,10 @@ class NvcompAnsCodec(Codec):
         with self._lock:
             self.parts_on_cpu += 1
             if self._cpu is None:
-                self._cpu = self._cpu_fallback() if self._cpu_fallback else Codec()
+                try:
+                    self._cpu = self._cpu_fallback() if self._cpu_fallback else Codec()
+                except ScriptError:  # no CPU compressor either: the part is stored raw
+                    self._cpu = Codec()
             cpu = self._cpu
             fb = self.fallback or {"requested": self.name, "used": "%s and %s" % (self.name, cpu.name),
                                    "implementation": self.version(), "reasons": []}

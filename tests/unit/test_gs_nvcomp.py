@@ -176,3 +176,51 @@ def test_the_pinned_nvcomp_is_major_6_like_the_codec_and_the_test_extra() -> Non
     for cuda in (12, 13):
         versions = {line.split("==")[1].split()[0] for line in PINNED["nvidia-nvcomp-cu%d" % cuda]}
         assert versions and all(v.startswith("6.") for v in versions)
+
+
+class _Bucket:
+    """The one call PartFetcher makes of gs_s3.S5 (cat_into: at most expected + 1 bytes into buf)."""
+
+    def __init__(self, objects: dict[str, bytes]) -> None:
+        self.objects = objects
+
+    def cat_into(self, key: str, buf: bytearray, expected: int, fallback: str = "download_failed") -> int:
+        data = self.objects[key][:expected + 1]
+        buf[:len(data)] = data
+        return len(data)
+
+
+def test_the_fetcher_restores_nvcomp_parts_and_their_cpu_fallbacks(host: Path) -> None:
+    """The restore path itself (gs_fetch.PartFetcher: spare-byte buffers, raw_sha256 for nvCOMP parts)
+    over parts a GPU snapshot wrote, one of which fell back to the CPU."""
+    import hashlib
+
+    from gs_fetch import PartFetcher
+    codec = for_snapshot("auto", 3, bootstrap=False, gpu_probe=FakeProbe())
+    raws = [RAW, RAW[::-1], RAW[:777] * 3, RAW[1:]]
+    fake_nvcomp.STATE["fail_encode"] = 1  # the first part lands on the CPU
+    parts, objects = [], {}
+    for i, raw in enumerate(raws):
+        name, stored = encode_part(codec, raw)
+        key = "part-%05d" % i
+        objects["p/" + key] = bytes(stored)
+        parts.append({"index": i, "key": key, "codec": name, "raw_size": len(raw), "stored_size": len(stored),
+                      "sha256": hashlib.sha256(stored).hexdigest(),
+                      "raw_sha256": None if codec.checks_output(stored) and name != "nvcomp-ans"
+                      else hashlib.sha256(raw).hexdigest()})
+    assert parts[0]["codec"] != "nvcomp-ans" and {p["codec"] for p in parts[1:]} == {"nvcomp-ans"}
+    codecs = for_restore([p["codec"] for p in parts], bootstrap=False, gpu_probe=FakeProbe())
+    fetcher = PartFetcher(ctx=None, s5=_Bucket(objects), prefix="p/", parts=parts, codecs=codecs,  # type: ignore[arg-type]
+                          window=3)
+    try:
+        got = []
+        while True:
+            item = fetcher.next()
+            if item is None:
+                break
+            buf, view = item
+            got.append(bytes(view))
+            fetcher.release(buf)
+    finally:
+        fetcher.close()
+    assert got == raws

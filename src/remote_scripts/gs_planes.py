@@ -14,7 +14,8 @@ own output, like plain zstd parts. The magic is not a zstd frame magic: plain zs
 rather than returning the planes concatenated.
 
 `AutoCpuCodec` (what `auto` is on a CPU host) stores each part as zstd or zstd-planes, whichever is
-smaller on a sample of the part: a few slices, about 3% of a 32 MiB part compressed twice.
+smaller on a sample of the part: a few slices, about 3% of a 32 MiB part compressed twice. A part
+whose sample zstd cannot shrink by 1% is stored raw without compressing the rest of it.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ WIDTH = 2
 CHUNK = 1 << 20  # bytes split or joined at a time (even)
 SAMPLE_SLICES, SAMPLE_BYTES = 4, 256 << 10  # what auto compresses both ways per part
 PLANES_MIN_WIN = 0.02  # planes must beat plain zstd by 2% on the sample to be chosen
+INCOMPRESSIBLE = 0.01  # a sample zstd shrinks by less than 1%: the part is stored raw, uncompressed
 
 
 class PlanesCodec(Codec):
@@ -140,14 +142,22 @@ class AutoCpuCodec(Codec):
         self.zstd, self.planes = zstd_codec, planes
         self.fallback = zstd_codec.fallback
 
-    def prefers_planes(self, raw: Any) -> bool:
+    def choose(self, raw: Any) -> Optional[Codec]:
+        """The codec for this part from its sample, or None when the sample does not shrink by
+        INCOMPRESSIBLE with zstd (random or already compressed data: compressing the whole part would
+        only burn CPU, and the part would be stored raw anyway under MIN_SAVING)."""
         probe = sample(raw)
         if len(probe) < 4096:
-            return False
-        return len(self.planes.compress(probe)) < len(self.zstd.compress(probe)) * (1.0 - PLANES_MIN_WIN)
+            return self.zstd
+        plain = len(self.zstd.compress(probe))
+        if plain > len(probe) * (1.0 - INCOMPRESSIBLE):
+            return None
+        return self.planes if len(self.planes.compress(probe)) < plain * (1.0 - PLANES_MIN_WIN) else self.zstd
 
     def encode(self, raw: Any) -> Tuple[str, Any]:
-        codec = self.planes if self.prefers_planes(raw) else self.zstd
+        codec = self.choose(raw)
+        if codec is None:
+            return "none", raw
         return codec.name, codec.compress(raw)
 
     def compress(self, raw: Any) -> Any:

@@ -90,3 +90,20 @@ def test_explicit_zstd_planes_and_the_manifest_accept_it_without_raw_digest() ->
     doc = build(cfg={"snapshot_id": "s"}, codec=codec.name, part_size=1 << 20, parts=[part], files=1,
                 source={}, created_at="t", timings={})
     assert validate(doc)["decode"] == {"requires_gpu": False}
+
+
+def test_auto_stores_an_incompressible_part_raw_without_compressing_all_of_it() -> None:
+    class Counting(ZstdCodec):
+        seen = 0
+
+        def compress(self, raw):  # type: ignore[no-untyped-def]
+            Counting.seen += len(raw)
+            return super().compress(raw)
+
+    zstd = Counting(level=3)
+    auto = AutoCpuCodec(zstd, PlanesCodec(zstd.zstd))
+    noise = os.urandom(8 << 20)
+    assert encode_part(auto, noise) == ("none", noise)
+    assert Counting.seen <= 1 << 20  # the 4 x 256 KiB sample, not the 8 MiB part
+    weights = bf16(1 << 20)
+    assert encode_part(auto, weights)[0] == "zstd-planes"

@@ -71,6 +71,11 @@ class ZstdCodec(Codec):
 
     def decompress(self, stored: Any, raw_size: int) -> Any:
         try:
+            # A frame header may claim any content size, which decompress() would allocate at once
+            # (a damaged header: MemoryError, not part_corrupt). Refuse a claim past what we expect.
+            claimed = self.zstd.get_frame_parameters(stored).content_size
+            if claimed not in (self.zstd.CONTENTSIZE_UNKNOWN, self.zstd.CONTENTSIZE_ERROR) and claimed > raw_size:
+                raise ScriptError("part_corrupt", "zstd frame claims %d bytes, expected at most %d" % (claimed, raw_size))
             return self._ctx()[1].decompress(stored, max_output_size=raw_size)
         except self.zstd.ZstdError as exc:
             raise ScriptError("part_corrupt", "zstd frame does not decode: %s" % exc) from None

@@ -38,7 +38,7 @@ _PROBE = bytes(range(256)) * 8 + b"\x00" * 2048  # 4 KiB round-tripped at select
 # Errors nvCOMP's bindings raise: RuntimeError (std::runtime_error: CUDA and nvCOMP status errors),
 # MemoryError (std::bad_alloc), ValueError (std::invalid_argument).
 _NVCOMP_ERRORS = (RuntimeError, MemoryError, ValueError, OSError)
-_CUDA_WORDS = ("cuda", "out of memory", "device", "driver", "busy or unavailable", "launch")
+_CUDA_WORDS = ("cuda", "out of memory", "driver", "busy or unavailable", "launch failure")
 
 
 class _HostBytes:

@@ -97,6 +97,7 @@ def main(argv: List[str]) -> int:
     ap.add_argument("--delay-ms", type=float, default=15.0, help="one way; RTT is twice this")
     ap.add_argument("--parallelism", default="4,16")
     ap.add_argument("--part-size", type=parse_size, default=parse_size("32M"))
+    ap.add_argument("--codec", default="zstd", help="ours: zstd (as bench_dataplane), or auto (the default shipped)")
     ap.add_argument("--tools", default="ours,staged,pipe")
     ap.add_argument("--workdir", default="/tmp/gpusnap-wan")
     ap.add_argument("--no-docs", action="store_true")
@@ -122,7 +123,7 @@ def main(argv: List[str]) -> int:
     try:
         for tool in args.tools.split(","):
             for par in ([int(p) for p in args.parallelism.split(",")] if tool == "ours" else [None]):
-                label = ("ours, %d MiB parts, parallelism %d" % (args.part_size >> 20, par) if tool == "ours"
+                label = ("ours, %s, %d MiB parts, parallelism %d" % (args.codec, args.part_size >> 20, par) if tool == "ours"
                          else "staged (32 parts, 32 workers)" if tool == "staged" else "tar \\| zstd -T0 \\| s5cmd pipe")
                 prefix = "%s/%s%s/" % (tag, tool, par or "")
                 target = os.path.join(args.workdir, "restored", prefix.replace("/", "_"), "ws")
@@ -132,7 +133,7 @@ def main(argv: List[str]) -> int:
                     print("%s %s ..." % (label, op), file=sys.stderr, flush=True)
                     proxy_cpu, load = cpu_of(proxy.pid), os.getloadavg()[0]
                     if tool == "ours":
-                        cfg = {"workspace_path": target if op == "restore" else ws, "prefix": prefix, "codec": "zstd",
+                        cfg = {"workspace_path": target if op == "restore" else ws, "prefix": prefix, "codec": args.codec,
                                "zstd_level": 3, "part_size": args.part_size, "parallelism": par, "s5cmd": s5,
                                "bootstrap": False, "s3": s3.script_s3(endpoint=endpoint)}
                         wall, res = run([sys.executable, os.path.join(SCRIPTS, op + ".py")], json.dumps(cfg), dict(os.environ))

@@ -78,6 +78,8 @@ def main() -> None:
     ap.add_argument("--normals-mib", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json-out")
+    ap.add_argument("--codecs", help="comma-separated subset of the codec column, e.g. 'zstd -3,zstd-planes'")
+    ap.add_argument("--sets", help="comma-separated subset of the data column, e.g. 'real bf16'")
     args = ap.parse_args()
     f32 = b"".join(onnx_float32(p) for p in args.onnx)
     sets: List[Tuple[str, Callable[[], bytes]]] = []
@@ -90,9 +92,14 @@ def main() -> None:
     results: Dict[str, Dict[str, Any]] = {}
     print("| data | MiB | codec | ratio | compress MB/s per core (wall) | decompress MB/s per core | parts stored as |")
     print("|---|---|---|---|---|---|---|")
+    wanted = set(args.codecs.split(",")) if args.codecs else None
     for label, make in sets:
+        if args.sets and label not in args.sets.split(","):
+            continue
         data = make()
         for cname, codec in codecs().items():
+            if wanted is not None and cname not in wanted:
+                continue
             r = measure(codec, data, args.rounds)
             results["%s / %s" % (label, cname)] = dict(r, mib=len(data) / (1 << 20))
             print("| %s | %.1f | %s | %.3f | %.0f (%.0f) | %.0f | %s |" % (

@@ -24,7 +24,7 @@ import threading
 from typing import Any, Dict, List, Optional, Tuple
 
 from gs_codec_base import Codec
-from gs_common import ScriptError
+from gs_common import ScriptError, read_full
 
 MAGIC = b"GSP1"
 _HEAD = struct.Struct(">4sBQQ")
@@ -95,15 +95,16 @@ class PlanesCodec(Codec):
             return raw_len
         d0, d1 = self._ctx()[2:]
         try:
-            readers = [d0.stream_reader(view[_HEAD.size:_HEAD.size + first].tobytes()),
-                       d1.stream_reader(view[_HEAD.size + first:].tobytes())]
+            readers = [d0.stream_reader(view[_HEAD.size:_HEAD.size + first]),
+                       d1.stream_reader(view[_HEAD.size + first:])]
             scratch = bytearray(CHUNK)
+            planes = [bytearray(CHUNK // WIDTH) for _ in range(WIDTH)]
             for offset in range(0, raw_len, CHUNK):
                 size = min(CHUNK, raw_len - offset)
                 for k in range(WIDTH):
                     want = (size - k + WIDTH - 1) // WIDTH
-                    plane = readers[k].read(want)
-                    if len(plane) != want:
+                    plane = memoryview(planes[k])[:want]
+                    if read_full(readers[k], plane) != want:
                         raise ScriptError("part_corrupt", "zstd-planes plane %d ends early" % k)
                     scratch[k:size:WIDTH] = plane
                 out[offset:offset + size] = memoryview(scratch)[:size]

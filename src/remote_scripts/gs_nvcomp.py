@@ -13,8 +13,12 @@ What can go wrong on a real rented box, and what this module does about it:
 - on decode a CUDA error is `gpu_error` (the host's fault), not `part_corrupt` (the part's);
 - NVIDIA wheels on torch images ship `nvidia/__init__.py`, which makes `nvidia` a regular package that
   hides a bootstrapped `nvidia/nvcomp`: the package path is extended;
-- nvCOMP 5.x and 6.x cannot read each other's ANS streams: only major 6 is used (NVCOMP_MAJOR), and
-  the manifest records it (gs_codecs.decode_requirements).
+- nvCOMP 5.x and 6.x cannot read each other's ANS streams (nvCOMP 6.0.0 release notes: ANS changed;
+  nvCOMPDx 0.2.0's: its ANS "is only interoperable with nvCOMP 6.0 or newer"): only major 6 is used
+  (NVCOMP_MAJOR), and the manifest records it (gs_codecs.decode_requirements).
+
+Not built: a weights-aware GPU variant. nvCOMP's ANS has a (b)float16 mode (`data_type="<f2"`), the
+GPU counterpart of zstd-planes; it changes the stream format, so it needs a GPU run to be added.
 """
 from __future__ import annotations
 

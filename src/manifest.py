@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from typing import Any
 
 from src.errors import JobFailed
 
@@ -59,3 +60,17 @@ def parse_manifest(raw: bytes) -> Manifest:
     if any("/" in p.key or ".." in p.key for p in parts):
         raise JobFailed("the manifest names a part outside its snapshot", code="manifest_invalid")
     return manifest
+
+
+# nvCOMP 6's wheels exist for CUDA 12 and 13 (src/remote_scripts/gs_bootstrap.py _NVCOMP); ANS has no CPU
+# decoder, so a snapshot whose codec is nvcomp-ans restores only where such a GPU and driver are.
+GPU_ONLY_CODECS = ("nvcomp-ans",)
+NVCOMP_MIN_CUDA = 12.0
+
+
+def decode_needs(codec: str | None) -> dict[str, Any]:
+    """What a host must have to decode a snapshot of this codec: {"requires_gpu", "min_cuda"} (min_cuda
+    None: any host). A GPU snapshot may hold parts that fell back to zstd, never the reverse, so judging
+    by the snapshot's codec never lets a CPU-only host take GPU parts."""
+    gpu = codec in GPU_ONLY_CODECS
+    return {"requires_gpu": gpu, "min_cuda": NVCOMP_MIN_CUDA if gpu else None}

@@ -14,7 +14,8 @@ from src.services import jobs as job_service
 from src.services.jobs import Idempotency
 from src.services.machines import add_event, ensure_machine, find_machine, vast_instance_id_of
 from src.services.path_policy import check_excludes, check_restore_path
-from src.services.snapshots import decode_needs, latest_complete, start_snapshot_job
+from src.manifest import decode_needs
+from src.services.snapshots import latest_complete, start_snapshot_job
 from src.services.views import job_view
 
 if TYPE_CHECKING:
@@ -111,7 +112,7 @@ def wake(c: "Container", machine_id: str, *, snapshot_id: str | None = None, gpu
                   "region": region, "max_price": max_price, "disk_gb": disk_gb or needed,
                   "image": image or shape.get("image") or c.settings.vast_default_image,
                   "workspace_path": workspace_path or snap.workspace_path, "ssh_user": machine.ssh_user,
-                  "min_cuda": decode_needs(snap)["min_cuda"]}
+                  "min_cuda": decode_needs(snap.codec or snap.requested_codec)["min_cuda"]}
         job = job_service.add_job(s, kind="wake", params=params, lock_key=f"machine:{machine.id}",
                                   machine_id=machine.id, snapshot_id=snap.id, idem=idem)
         machine.status = "waking"

@@ -230,16 +230,3 @@ def _require_no_delete(s: Session, snapshot_id: str) -> None:
     if holder is not None:
         raise Conflict(f"job {holder} holds snapshot {snapshot_id}", code="snapshot_busy")
 
-
-# nvCOMP 6's wheels exist for CUDA 12 and 13 (src/remote_scripts/gs_bootstrap.py _NVCOMP); ANS has no CPU
-# decoder, so a snapshot whose codec is nvcomp-ans restores only where such a GPU and driver are.
-GPU_ONLY_CODECS = ("nvcomp-ans",)
-NVCOMP_MIN_CUDA = 12.0
-
-
-def decode_needs(snap: Snapshot) -> dict[str, Any]:
-    """What a host must have to decode `snap`: {"requires_gpu", "min_cuda"} (min_cuda None: any host).
-    Judged by the snapshot's codec: a GPU snapshot may hold parts that fell back to zstd, never the
-    reverse, so this never lets a CPU-only host take GPU parts."""
-    gpu = (snap.codec or snap.requested_codec) in GPU_ONLY_CODECS
-    return {"requires_gpu": gpu, "min_cuda": NVCOMP_MIN_CUDA if gpu else None}

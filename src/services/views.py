@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+from src.manifest import decode_needs
 from src.models import Job, Machine, MachineEvent, Snapshot
 
 
@@ -57,7 +58,7 @@ def snapshot_view(snap: Snapshot) -> dict[str, Any]:
         "storage_prefix": snap.storage_prefix,
         "codec": snap.codec or snap.requested_codec,
         # nvcomp-ans parts decode on an NVIDIA GPU only (CUDA 12+): wake rents only such hosts
-        "requires_gpu": (snap.codec or snap.requested_codec) == "nvcomp-ans",
+        "requires_gpu": decode_needs(snap.codec or snap.requested_codec)["requires_gpu"],
         "parts": snap.part_count,
         "part_size": snap.part_size,
         "raw_bytes": snap.raw_bytes,

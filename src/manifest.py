@@ -196,3 +196,15 @@ def _parse_v2(doc: dict[str, Any], sha256: str) -> Manifest:
 def dump_manifest(doc: dict[str, Any]) -> bytes:
     """The bytes of a manifest the control plane writes (gc's repack rewrites manifests)."""
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+# nvCOMP 6's wheels exist for CUDA 12 and 13 (src/remote_scripts/gs_bootstrap.py _NVCOMP); ANS has no CPU
+# decoder, so a snapshot whose codec is nvcomp-ans restores only where such a GPU and driver are.
+GPU_ONLY_CODECS = ("nvcomp-ans",)
+NVCOMP_MIN_CUDA = 12.0
+
+
+def decode_needs(codec: str | None) -> dict[str, Any]:
+    """What a host must have to decode a snapshot of this codec: {"requires_gpu", "min_cuda"} (min_cuda
+    None: any host). A GPU snapshot may hold parts that fell back to zstd, never the reverse, so judging
+    by the snapshot's codec never lets a CPU-only host take GPU parts."""
+    gpu = codec in GPU_ONLY_CODECS
+    return {"requires_gpu": gpu, "min_cuda": NVCOMP_MIN_CUDA if gpu else None}

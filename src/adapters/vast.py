@@ -127,7 +127,8 @@ class VastClient:
     def search_offers(self, *, gpu_name: str | None = None, num_gpus: int = 1, region: str | None = None,
                       max_price_per_hour: float | None = None, min_disk_gb: float | None = None,
                       min_reliability: float | None = 0.95, min_inet_down_mbps: float | None = None,
-                      verified: bool = True, limit: int = 20, min_direct_ports: int | None = None) -> list[Offer]:
+                      verified: bool = True, limit: int = 20, min_direct_ports: int | None = None,
+                      min_cuda: float | None = None) -> list[Offer]:
         """Rentable on-demand offers matching the filters, cheapest (`dph_total`) first. Read-only, so
         retried freely. Raises `InvalidRequest` for bad filters (an unknown region...) before any call.
         Pass `min_direct_ports=1` when renting with a `*_direct` runtype: hosts without direct ports only
@@ -135,7 +136,7 @@ class VastClient:
         query = build_offer_query(
             gpu_name=gpu_name, num_gpus=num_gpus, region=region, max_price_per_hour=max_price_per_hour,
             min_disk_gb=min_disk_gb, min_reliability=min_reliability, min_inet_down_mbps=min_inet_down_mbps,
-            verified=verified, limit=limit, min_direct_ports=min_direct_ports)
+            verified=verified, limit=limit, min_direct_ports=min_direct_ports, min_cuda=min_cuda)
         response = self._call("POST", "/api/v0/bundles/", json=query)
         self._raise_for_refusal(response, what="search offers")
         offers = [Offer.from_api(o) for o in _body(response).get("offers") or []]

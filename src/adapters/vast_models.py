@@ -53,11 +53,13 @@ def normalize_gpu_name(gpu_name: str) -> str:
 def build_offer_query(*, gpu_name: str | None = None, num_gpus: int = 1, region: str | None = None,
                       max_price_per_hour: float | None = None, min_disk_gb: float | None = None,
                       min_reliability: float | None = 0.95, min_inet_down_mbps: float | None = None,
-                      verified: bool = True, limit: int = 20, min_direct_ports: int | None = None) -> dict[str, Any]:
+                      verified: bool = True, limit: int = 20, min_direct_ports: int | None = None,
+                      min_cuda: float | None = None) -> dict[str, Any]:
     """The JSON body for `POST /api/v0/bundles/`: each filter is `{field: {operator: value}}`, plus the
     special keys `order`, `type`, `limit` and `allocated_storage`. Cheapest first. `min_direct_ports`
     keeps hosts that can map that many ports straight to the instance (`direct_port_count`, needed for
-    the `*_direct` runtypes). Raises `InvalidRequest`."""
+    the `*_direct` runtypes). `min_cuda` keeps hosts whose driver runs at least that CUDA version
+    (`cuda_max_good`): a snapshot with nvCOMP parts needs CUDA 12+ to be decoded. Raises `InvalidRequest`."""
     if num_gpus < 1:
         raise InvalidRequest("num_gpus must be at least 1", code="invalid_offer_filter")
     if not 1 <= limit <= 1000:
@@ -93,6 +95,8 @@ def build_offer_query(*, gpu_name: str | None = None, num_gpus: int = 1, region:
         # Field and operator: OpenAPI `auto_post_api_v0_bundles_32b4bb.yaml` (`direct_port_count`), vast-cli
         # `vastai/api/query.py` `offers_fields`.
         query["direct_port_count"] = {"gte": min_direct_ports}
+    if min_cuda is not None:
+        query["cuda_max_good"] = {"gte": min_cuda}
     query["order"] = [list(pair) for pair in SEARCH_ORDER]
     query["type"] = OFFER_TYPE
     query["limit"] = limit

@@ -53,7 +53,7 @@ WorkspacePath = Annotated[str, Field(min_length=2, max_length=1024,
                                      description="Absolute path, no '..' components, not '/'"),
                           AfterValidator(_check_workspace_path)]
 SnapshotName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._:-]*$")]
-Codec = Literal["auto", "zstd", "nvcomp-ans", "none"]
+Codec = Literal["auto", "zstd", "zstd-planes", "nvcomp-ans", "none"]
 ExcludePattern = Annotated[str, Field(min_length=1, max_length=1024, pattern=_PRINTABLE)]
 SnapshotId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_]+$")]
 
@@ -284,6 +284,9 @@ class Snapshot(BaseModel):
     source_host: str | None
     storage_prefix: str
     codec: str | None
+    requires_gpu: bool = Field(False, description="Its parts need an NVIDIA GPU with CUDA 12+ to be decoded "
+                               "(codec nvcomp-ans: ANS has no CPU decoder). A wake rents only such hosts; a "
+                               "restore onto a host without one fails `gpu_required` before any download.")
     parts: int | None
     part_size: int | None
     raw_bytes: int | None

@@ -18,7 +18,7 @@ from src.cli.progress import WaitTimeout, wait_for_job
 from src.errors import one_line
 
 EXIT_FAILED, EXIT_TIMEOUT, EXIT_INTERRUPTED = 1, 2, 130
-CODECS = ("auto", "zstd", "nvcomp-ans", "none")
+CODECS = ("auto", "zstd", "zstd-planes", "nvcomp-ans", "none")
 
 
 class CliFailure(click.ClickException):

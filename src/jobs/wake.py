@@ -145,9 +145,11 @@ def _rent_until_running(ctx: JobContext, vast: Any, machine_id: str, *, disk_gb:
     ctx.progress(phase="search_offers")
     # min_direct_ports: we rent `ssh_direct`, which maps port 22 only on hosts that have direct ports.
     offers = vast.search_offers(gpu_name=p.get("gpu_type"), num_gpus=p.get("num_gpus", 1), region=p.get("region"),
-                                max_price_per_hour=p.get("max_price"), min_disk_gb=disk_gb, min_direct_ports=1)
+                                max_price_per_hour=p.get("max_price"), min_disk_gb=disk_gb, min_direct_ports=1,
+                                min_cuda=p.get("min_cuda"))
     if not offers:
-        wanted = ", ".join(f"{k}={p[k]}" for k in ("gpu_type", "num_gpus", "region", "max_price") if p.get(k))
+        wanted = ", ".join(f"{k}={p[k]}" for k in ("gpu_type", "num_gpus", "region", "max_price", "min_cuda")
+                           if p.get(k))
         raise JobFailed(f"no vast.ai offer fits ({wanted or 'any GPU'}, disk >= {disk_gb} GB); nothing was rented",
                         code="no_offer")
     failures: list[str] = []

@@ -86,7 +86,7 @@ def private_dir() -> str:
 def _try_import(module: str) -> Optional[ModuleType]:
     try:
         return importlib.import_module(module)
-    except ImportError:
+    except (ImportError, OSError):  # OSError: a C extension whose shared library does not load
         return None
 
 

@@ -1,5 +1,6 @@
 """Part codecs: `none`, `zstd` (CPU: the zstandard package, or the `zstd` binary when the package
-cannot be had) and `nvcomp-ans` (GPU, nvidia.nvcomp).
+cannot be had), `zstd-planes` (bytes split into planes, then zstd: gs_planes) and `nvcomp-ans` (GPU,
+nvidia.nvcomp: gs_nvcomp).
 
 Each part is compressed independently (one zstd frame / one nvCOMP native bitstream), so parts can
 be produced, uploaded, downloaded and decoded in any order and in parallel. The codec is recorded per
@@ -7,55 +8,32 @@ part: a part that does not shrink by at least MIN_SAVING is stored raw with code
 
 A missing compressor never fails a snapshot: `for_snapshot` walks down nvcomp-ans -> zstandard ->
 `zstd` binary -> none and says what it skipped and why (`Codec.fallback`), which snapshot.py
-records in its result and in the manifest (`source.codec_fallback`, `warnings`).
+records in its result and in the manifest (`source.codec_fallback`, `warnings`). A GPU that fails on
+one part after selection stores that part with the CPU codec (gs_nvcomp).
+
+`nvcomp-ans` parts have no CPU decoder: `decode_requirements` says so for the manifest
+(`decode.requires_gpu`, `decode.nvcomp_major`), and `for_restore` refuses up front with `gpu_required`
+on a host that cannot decode them, before anything is downloaded.
 """
 from __future__ import annotations
 
-import ctypes
 import shutil
 import threading
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from gs_bootstrap import ensure
+from gs_codec_base import Codec
 from gs_common import ScriptError, read_full
+from gs_nvcomp import NVCOMP_MAJOR, NvcompAnsCodec, cuda_driver_version  # noqa: F401 - re-exported
+from gs_planes import AutoCpuCodec, PlanesCodec
 from gs_zstd_cli import ZstdCliCodec
 
 _FALLBACK_CODES = ("missing_dependency", "codec_unavailable")  # "the compressor is not here"
 
 MIN_SAVING = 0.03  # a part must shrink by 3% to be worth a decompression step on restore
-PART_CODECS = ("zstd", "nvcomp-ans", "none")  # what a manifest may name for a part
+PART_CODECS = ("zstd", "zstd-planes", "nvcomp-ans", "none")  # what a manifest may name for a part
+GPU_ONLY_CODECS = ("nvcomp-ans",)  # no CPU decoder exists for these
 CODEC_NAMES = ("auto",) + PART_CODECS  # what a snapshot config may ask for
-
-
-class Codec:
-    """Interface: compress(raw) -> bytes; decompress(stored, raw_size) -> bytes. Thread-safe.
-
-    checks_output(stored): decompress() itself detects wrong output (an embedded checksum), so
-    restore may skip the SHA-256 of the decoded bytes."""
-
-    name = "none"
-    # Set by for_snapshot when this codec replaces the one asked for: {"requested", "used", "reasons"}.
-    fallback: Optional[Dict[str, Any]] = None
-
-    def checks_output(self, stored: Any) -> bool:
-        return True  # `none`: the decoded bytes are the SHA-256-verified stored bytes
-
-    def compress(self, raw: Any) -> Any:
-        return raw
-
-    def decompress(self, stored: Any, raw_size: int) -> Any:
-        return stored
-
-    def decompress_into(self, stored: Any, out: memoryview) -> int:
-        """Decode into `out`; returns the byte count (len(out) means "maybe more": the caller gives
-        one spare byte so an over-long part shows as a size mismatch)."""
-        data = self.decompress(stored, len(out))
-        n = min(len(data), len(out))
-        out[:n] = memoryview(data)[:n]
-        return len(data)
-
-    def version(self) -> str:
-        return ""
 
 
 class ZstdCodec(Codec):
@@ -93,6 +71,11 @@ class ZstdCodec(Codec):
 
     def decompress(self, stored: Any, raw_size: int) -> Any:
         try:
+            # A frame header may claim any content size, which decompress() would allocate at once
+            # (a damaged header: MemoryError, not part_corrupt). Refuse a claim past what we expect.
+            claimed = self.zstd.get_frame_parameters(stored).content_size
+            if claimed not in (self.zstd.CONTENTSIZE_UNKNOWN, self.zstd.CONTENTSIZE_ERROR) and claimed > raw_size:
+                raise ScriptError("part_corrupt", "zstd frame claims %d bytes, expected at most %d" % (claimed, raw_size))
             return self._ctx()[1].decompress(stored, max_output_size=raw_size)
         except self.zstd.ZstdError as exc:
             raise ScriptError("part_corrupt", "zstd frame does not decode: %s" % exc) from None
@@ -107,81 +90,6 @@ class ZstdCodec(Codec):
 
     def version(self) -> str:
         return str(getattr(self.zstd, "__version__", ""))
-
-
-class _HostBytes:
-    """Expose a bytes-like object through __array_interface__ so nvcomp.as_array can wrap it
-    without numpy (zero-copy; keeps a reference so the memory outlives the nvCOMP array)."""
-
-    def __init__(self, data: Any) -> None:
-        self._data = data if isinstance(data, bytearray) else bytearray(data)
-        self._cbuf = (ctypes.c_ubyte * len(self._data)).from_buffer(self._data)
-        self.__array_interface__ = {"shape": (len(self._data),), "typestr": "|u1",
-                                    "data": (ctypes.addressof(self._cbuf), False), "version": 3}
-
-
-class NvcompAnsCodec(Codec):
-    """rANS on the GPU via the nvCOMP Python API (`nvidia-nvcomp-cu12`/`-cu13` wheels).
-
-    encode: host bytes -> nvcomp.as_array(...).cuda() -> Codec(algorithm="ANS").encode -> .cpu().
-    The native bitstream carries its own header (sizes, chunking), so decode needs no side data."""
-
-    name = "nvcomp-ans"
-
-    def checks_output(self, stored: Any) -> bool:
-        return False  # no embedded checksum requested: restore re-hashes the output
-
-    def __init__(self, bootstrap: bool = True, device_id: int = 0) -> None:
-        driver = cuda_driver_version()
-        if driver is None:
-            raise ScriptError("codec_unavailable", "nvcomp-ans needs a CUDA GPU; none is visible")
-        major = 13 if driver >= 13000 else 12
-        self.nvcomp = ensure("nvidia.nvcomp", "nvidia-nvcomp-cu%d" % major, install=bootstrap)  # pinned
-        self.device_id = device_id
-        self._local = threading.local()  # nvCOMP: one Codec per thread (documented thread-safety)
-
-    def _codec(self) -> Any:
-        codec = getattr(self._local, "codec", None)
-        if codec is None:
-            codec = self.nvcomp.Codec(algorithm="ANS", device_id=self.device_id, data_type="|u1")
-            self._local.codec = codec
-        return codec
-
-    def _to_bytes(self, array: Any) -> bytes:
-        host = array.cpu()
-        pointer = host.__array_interface__["data"][0]
-        return ctypes.string_at(pointer, host.buffer_size)
-
-    def compress(self, raw: Any) -> Any:
-        device = self.nvcomp.as_array(_HostBytes(raw)).cuda()
-        return self._to_bytes(self._codec().encode(device))
-
-    def decompress(self, stored: Any, raw_size: int) -> Any:
-        try:
-            device = self.nvcomp.as_array(_HostBytes(stored)).cuda()
-            out = self._to_bytes(self._codec().decode(device, data_type="|u1"))
-        except RuntimeError as exc:
-            raise ScriptError("part_corrupt", "nvCOMP ANS decode failed: %s" % exc) from None
-        if len(out) != raw_size:
-            raise ScriptError("part_corrupt", "nvCOMP ANS decoded %d bytes, expected %d" % (len(out), raw_size))
-        return out
-
-    def version(self) -> str:
-        return str(getattr(self.nvcomp, "__version__", ""))
-
-
-def cuda_driver_version() -> Optional[int]:
-    """CUDA driver version (e.g. 12040) when libcuda loads and sees at least one device, else None."""
-    try:
-        cuda = ctypes.CDLL("libcuda.so.1")
-        count, version = ctypes.c_int(0), ctypes.c_int(0)
-        if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value < 1:
-            return None
-        if cuda.cuDriverGetVersion(ctypes.byref(version)) != 0:
-            return None
-        return version.value
-    except (OSError, AttributeError):
-        return None
 
 
 def _zstd(level: int, bootstrap: bool) -> Codec:
@@ -200,9 +108,29 @@ def _zstd(level: int, bootstrap: bool) -> Codec:
         return codec
 
 
-def for_snapshot(name: str, level: int, bootstrap: bool = True) -> Codec:
-    """The codec that compresses new parts. `auto` = nvCOMP ANS when a GPU and an importable nvCOMP
-    are present (no install attempted), zstd otherwise.
+def _planes(bootstrap: bool) -> PlanesCodec:
+    """zstd-planes needs the zstandard package (one CLI process per plane would cost more than it saves)."""
+    return PlanesCodec(ensure("zstandard", "zstandard", install=bootstrap))
+
+
+def _cpu(name: str, level: int, bootstrap: bool) -> Codec:
+    """The CPU codec for `name` (zstd, zstd-planes, or auto's per-part choice between the two)."""
+    codec = _zstd(level, bootstrap)
+    if name == "zstd" or not isinstance(codec, ZstdCodec):  # no zstandard package: plain zstd frames only
+        if name == "zstd-planes":
+            codec.fallback = {"requested": name, "used": "zstd", "implementation": codec.version(),
+                              "reasons": ["zstd-planes needs the zstandard package"] + (codec.fallback or {}).get(
+                                  "reasons", [])}
+        return codec
+    planes = PlanesCodec(codec.zstd)  # its own fast settings (gs_planes), whatever zstd's level
+    return planes if name == "zstd-planes" else AutoCpuCodec(codec, planes)
+
+
+def for_snapshot(name: str, level: int, bootstrap: bool = True, *, part_size: int = 32 << 20,
+                 parallelism: int = 4, gpu_probe: Any = None) -> Codec:
+    """The codec that compresses new parts. `auto` = nvCOMP ANS when a usable GPU (gs_gpu: free memory
+    for `parallelism` parts of `part_size`, compute mode) and an importable nvCOMP 6 are present (no
+    install attempted) and a round trip on it works; otherwise zstd or zstd-planes, per part.
 
     Whatever is asked for, a compressor that is missing (not installable, no GPU) is replaced by the
     next one down nvcomp-ans -> zstd (package, then binary) -> none, never an error; the returned
@@ -212,16 +140,19 @@ def for_snapshot(name: str, level: int, bootstrap: bool = True) -> Codec:
     if name == "none":
         return Codec()
     reasons: List[str] = []
+    cpu_name = "auto" if name in ("auto", "nvcomp-ans") else name
     if name in ("nvcomp-ans", "auto"):
         try:
-            return NvcompAnsCodec(bootstrap=bootstrap and name == "nvcomp-ans")
+            return NvcompAnsCodec(bootstrap=bootstrap and name == "nvcomp-ans", part_size=part_size,
+                                  parallelism=parallelism, probe=gpu_probe,
+                                  cpu_fallback=lambda: _cpu(cpu_name, level, bootstrap))
         except ScriptError as exc:
             if exc.code not in _FALLBACK_CODES:
                 raise
             if name == "nvcomp-ans":
                 reasons.append(exc.message)
     try:
-        codec = _zstd(level, bootstrap)
+        codec = _cpu(cpu_name, level, bootstrap)
     except ScriptError as exc:
         if exc.code not in _FALLBACK_CODES:
             raise
@@ -240,13 +171,16 @@ def fallback_warning(codec: Codec) -> Optional[str]:
     if not fb:
         return None
     used = fb["used"] if fb["used"] != "zstd" else "zstd (%s)" % (fb.get("implementation") or "zstd")
+    if fb.get("parts_on_cpu"):
+        used = "%s (%d part(s) on the CPU)" % (used, fb["parts_on_cpu"])
     why = " ".join("; ".join(fb["reasons"]).split())  # one line: pip's errors span several
     return "codec %s was asked for; parts are stored with %s because: %s" % (fb["requested"], used, why[:1000])
 
 
-def for_restore(names: Any, bootstrap: bool = True) -> Dict[str, Codec]:
+def for_restore(names: Any, bootstrap: bool = True, *, gpu_probe: Any = None) -> Dict[str, Codec]:
     """Decoders for every codec named in a manifest (so a missing one fails before any download).
-    zstd parts decode with the zstandard package or, without it, the `zstd` binary (same frames)."""
+    zstd parts decode with the zstandard package or, without it, the `zstd` binary (same frames).
+    nvcomp-ans parts need this host's GPU: `gpu_required` when it cannot decode them."""
     out: Dict[str, Codec] = {}
     for name in sorted(set(names)):
         if name not in PART_CODECS:
@@ -255,8 +189,26 @@ def for_restore(names: Any, bootstrap: bool = True) -> Dict[str, Codec]:
             out[name] = Codec()
         elif name == "zstd":
             out[name] = _zstd(3, bootstrap)
+        elif name == "zstd-planes":
+            out[name] = _planes(bootstrap)
         else:
-            out[name] = NvcompAnsCodec(bootstrap=bootstrap)
+            try:
+                out[name] = NvcompAnsCodec(bootstrap=bootstrap, probe=gpu_probe, decode_only=True)
+            except ScriptError as exc:
+                if exc.code not in _FALLBACK_CODES:
+                    raise
+                raise ScriptError("gpu_required", "the snapshot has parts compressed with nvCOMP %d ANS, which "
+                                  "only a CUDA GPU can decode, and this host cannot: %s. Restore it on a host "
+                                  "with an NVIDIA GPU (CUDA 12+, Python 3.9+)" % (NVCOMP_MAJOR, exc.message)) from None
+    return out
+
+
+def decode_requirements(part_codecs: Iterable[str]) -> Dict[str, Any]:
+    """What a restore host needs to decode these parts (the manifest's `decode` object)."""
+    gpu = sorted(set(part_codecs) & set(GPU_ONLY_CODECS))
+    out: Dict[str, Any] = {"requires_gpu": bool(gpu)}
+    if gpu:
+        out["nvcomp_major"] = NVCOMP_MAJOR
     return out
 
 
@@ -264,7 +216,8 @@ def encode_part(codec: Codec, raw: Any) -> Tuple[str, Any]:
     """(codec name, stored bytes) for one part; falls back to raw when the saving is under 3%."""
     if codec.name == "none" or not len(raw):
         return "none", raw
-    stored = codec.compress(raw)
-    if len(stored) > len(raw) * (1.0 - MIN_SAVING):
+    encode = getattr(codec, "encode", None)  # ZstdCliCodec has no encode: its parts are its own name
+    name, stored = encode(raw) if encode else (codec.name, codec.compress(raw))
+    if name == "none" or len(stored) > len(raw) * (1.0 - MIN_SAVING):
         return "none", raw
-    return codec.name, stored
+    return name, stored

@@ -5,7 +5,8 @@ docs/data-plane.md.
 
 Version 1 format (docs/architecture.md): {"format": "gpusnap-manifest", "version": 1, snapshot_id, instance_id,
 created_at, finished_at, codec, part_size, parts: [{index, key, codec, raw_size, stored_size, sha256,
-raw_sha256}], totals: {raw_bytes, stored_bytes, parts, files}, source: {...}, timings: {...}}.
+raw_sha256}], totals: {raw_bytes, stored_bytes, parts, files}, decode: {requires_gpu, nvcomp_major?},
+source: {...}, timings: {...}}.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import re
 import time
 from typing import Any, Dict, List
 
-from gs_codecs import PART_CODECS
+from gs_codecs import PART_CODECS, decode_requirements
 from gs_common import ScriptError
 
 FORMAT = "gpusnap-manifest"
@@ -41,6 +42,8 @@ def build(*, cfg: Dict[str, Any], codec: str, part_size: int, parts: List[Dict[s
         "totals": {"raw_bytes": sum(p["raw_size"] for p in parts),
                    "stored_bytes": sum(p["stored_size"] for p in parts),
                    "parts": len(parts), "files": files},
+        # What a restore host needs: nvcomp-ans parts have no CPU decoder (gs_codecs).
+        "decode": decode_requirements(p["codec"] for p in parts),
         "source": source,
         "timings": timings,
     }
@@ -85,7 +88,7 @@ def validate_v1(doc: Any) -> Dict[str, Any]:
         _int(part.get("raw_size"), "part %d raw_size" % i)
         _int(part.get("stored_size"), "part %d stored_size" % i)
         for field in ("sha256", "raw_sha256"):
-            if field == "raw_sha256" and part.get(field) is None and part.get("codec") == "zstd":
+            if field == "raw_sha256" and part.get(field) is None and part.get("codec") in ("zstd", "zstd-planes"):
                 continue  # zstd frames carry their own content checksum
             if not isinstance(part.get(field), str) or not _HEX64.match(part[field]):
                 raise _bad("part %d %s is not a hex SHA-256" % (i, field))

@@ -9,6 +9,7 @@ from src.db import transaction
 from src.errors import Conflict, ExternalError, NotFound, Unprocessable
 from src.jobs.hibernate import endpoint_text, own_endpoints
 from src.jobs.wake import required_disk_gb
+from src.manifest import decode_needs
 from src.models import Machine, Snapshot
 from src.services import jobs as job_service
 from src.services.jobs import Idempotency
@@ -79,9 +80,11 @@ def wake(c: "Container", machine_id: str, *, snapshot_id: str | None = None, gpu
          priority: int = 5, idem: Idempotency | None = None) -> dict[str, Any]:
     """Start a `wake` job: rent an instance that fits and restore `snapshot_id` (default: the machine's
     latest complete snapshot) onto it. The job waits in the wake queue (phase `wake_queued`) while
-    WAKE_CONCURRENCY wakes run, `priority` (0-9) highest first. GPU type, GPU count and image default to the machine's own, as
-    recorded when it was rented or hibernated. Raises NotFound, Conflict (not hibernated, no snapshot),
-    Unprocessable (disk_gb too small for the snapshot), NotConfigured (no vast.ai key)."""
+    WAKE_CONCURRENCY wakes run, `priority` (0-9) highest first. GPU type, GPU count and image default to the
+    machine's own, as recorded when it was rented or hibernated. A snapshot with GPU-only parts (nvcomp-ans)
+    rents only hosts whose driver runs CUDA >= its `min_cuda` (offer filter `cuda_max_good`): nothing that
+    cannot decode it is rented. Raises NotFound, Conflict (not hibernated, no snapshot), Unprocessable
+    (disk_gb too small for the snapshot), NotConfigured (no vast.ai key)."""
     c.vast()  # NotConfigured now, not in a job later
     with transaction(c.session_factory) as s:
         replay = job_service.find_replay(s, idem)
@@ -110,7 +113,8 @@ def wake(c: "Container", machine_id: str, *, snapshot_id: str | None = None, gpu
                   "num_gpus": num_gpus or shape.get("num_gpus") or 1,
                   "region": region, "max_price": max_price, "disk_gb": disk_gb or needed,
                   "image": image or shape.get("image") or c.settings.vast_default_image,
-                  "workspace_path": workspace_path or snap.workspace_path, "ssh_user": machine.ssh_user}
+                  "workspace_path": workspace_path or snap.workspace_path, "ssh_user": machine.ssh_user,
+                  "min_cuda": decode_needs(snap.codec or snap.requested_codec)["min_cuda"]}
         job = job_service.add_job(s, kind="wake", params=params, lock_key=f"machine:{machine.id}",
                                   machine_id=machine.id, snapshot_id=snap.id, idem=idem)
         mark_waiting(job, priority=priority)

@@ -229,3 +229,4 @@ def _require_no_delete(s: Session, snapshot_id: str) -> None:
     holder = s.scalar(select(Job.id).where(Job.lock_key == f"snapshot:{snapshot_id}"))
     if holder is not None:
         raise Conflict(f"job {holder} holds snapshot {snapshot_id}", code="snapshot_busy")
+

@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+from src.manifest import decode_needs
 from src.models import Job, Machine, MachineEvent, Snapshot
 
 
@@ -56,6 +57,8 @@ def snapshot_view(snap: Snapshot) -> dict[str, Any]:
         "source_host": snap.source_host,
         "storage_prefix": snap.storage_prefix,
         "codec": snap.codec or snap.requested_codec,
+        # nvcomp-ans parts decode on an NVIDIA GPU only (CUDA 12+): wake rents only such hosts
+        "requires_gpu": decode_needs(snap.codec or snap.requested_codec)["requires_gpu"],
         "parts": snap.part_count,
         "part_size": snap.part_size,
         "raw_bytes": snap.raw_bytes,

@@ -39,7 +39,7 @@ class World:
     def machine(self, machine_id: int | str) -> dict:
         return self.client.get(f"/api/instances/{machine_id}", headers=AUTH).get_json()
 
-    def script_snapshot_success(self, snapshot: dict) -> None:
+    def script_snapshot_success(self, snapshot: dict, codec: str = "none") -> None:
         """Make the next `snapshot` script run succeed: objects in the bucket, a matching result event."""
         raw = write_snapshot_objects(self.store, snapshot["storage_prefix"], snapshot_id=snapshot["id"], format=snapshot["format"], parts=2)
         self.ssh.scripts["snapshot"] = [
@@ -47,7 +47,7 @@ class World:
             {"event": "progress", "phase": "upload", "bytes_done": 1024, "bytes_total": 2048, "parts_done": 1,
              "parts_total": 2},
             {"event": "result", "manifest_sha256": hashlib.sha256(raw).hexdigest(), "raw_bytes": 2048,
-             "stored_bytes": 2048, "parts": 2, "files": 1, "codec": "none", "part_size": 1024,
+             "stored_bytes": 2048, "parts": 2, "files": 1, "codec": codec, "part_size": 1024,
              "uploaded_parts": 2, "skipped_parts": 0, "duration_s": 0.1, "timings": {}},
         ]
 
@@ -58,10 +58,10 @@ class World:
         snap = self.client.get(f"/api/gpu-snapshots/{job['snapshot_id']}", headers=AUTH).get_json()
         return {"job": job, "snapshot": snap}
 
-    def hibernated_box(self) -> int:
+    def hibernated_box(self, codec: str = "none") -> int:
         box = self.rent_box()
         started = self.hibernate(box)
-        self.script_snapshot_success(started["snapshot"])
+        self.script_snapshot_success(started["snapshot"], codec)
         run_jobs(self.app)
         assert self.job(started["job"]["id"])["status"] == "succeeded"
         return box
@@ -373,3 +373,32 @@ def test_wake_moves_on_when_an_offer_is_gone_and_only_rents_hosts_with_direct_po
     assert search.json["direct_port_count"] == {"gte": 1} and search.json["type"] == "on-demand"
     assert world.fake.create_body(job["result"]["instance_id"])["runtype"] == "ssh_direct"
     assert world.ours() == [world.fake.instance(job["result"]["instance_id"])]
+
+
+def test_a_gpu_only_snapshot_wakes_only_on_a_host_that_can_decode_it(world):
+    from tests.fakes.fake_vast_market import default_offers
+    box = world.hibernated_box(codec="nvcomp-ans")
+    snap = world.client.get(f"/api/gpu-snapshots/{world.machine(box)['last_snapshot_id']}", headers=AUTH).get_json()
+    assert snap["codec"] == "nvcomp-ans" and snap["requires_gpu"] is True
+    old_driver = [dict(o, cuda_max_good=11.8) if o["id"] == 1002 else o for o in default_offers()]
+    world.fake.set_offers(old_driver)  # the cheapest 4090 runs CUDA 11.8: nvCOMP 6 cannot run there
+    r = world.post(f"/api/instances/{box}/wake", {"gpu_type": "RTX 4090"})
+    run_jobs(world.app)
+    job = world.job(r.get_json()["job"]["id"])
+    assert job["status"] == "succeeded" and job["result"]["offer_id"] == 1001, job
+    search = [c for c in world.fake.calls_to("POST", "/api/v0/bundles/") if c.status == 200][-1]
+    assert search.json["cuda_max_good"] == {"gte": 12.0}
+
+
+def test_a_gpu_only_snapshot_rents_nothing_when_no_host_can_decode_it(world):
+    from tests.fakes.fake_vast_market import default_offers
+    box = world.hibernated_box(codec="nvcomp-ans")
+    world.fake.set_offers([dict(o, cuda_max_good=11.8) for o in default_offers()])
+    rented_before = len(world.fake.calls_to("PUT", "/api/v0/asks/"))
+    assert rented_before >= 1  # the box itself was rented through the fake
+    r = world.post(f"/api/instances/{box}/wake")
+    run_jobs(world.app)
+    job = world.job(r.get_json()["job"]["id"])
+    assert job["status"] == "failed" and job["error"]["code"] == "no_offer" and "min_cuda=12.0" in job["error"]["message"]
+    assert len(world.fake.calls_to("PUT", "/api/v0/asks/")) == rented_before and world.ours() == []
+    assert world.machine(box)["status"] == "hibernated"

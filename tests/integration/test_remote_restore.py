@@ -337,3 +337,51 @@ def test_a_manifest_other_than_the_recorded_one_is_refused(snapshot_of_tree: Dic
     recorded = snapshot_of_tree["result"]["manifest_sha256"]
     run = run_script("restore", script_config(s3_server, s3_prefix, existing_workspace, overwrite=True, manifest_sha256=recorded))
     assert run.returncode == 0, run.stderr
+
+
+def test_zstd_planes_snapshot_round_trips_through_the_scripts(tmp_path: Any, s3_server: Any, s3_prefix: str,
+                                                              s3_client: Any) -> None:
+    import array
+    import random
+    src = str(tmp_path / "model")
+    os.makedirs(src)
+    rng = random.Random(3)
+    f32 = array.array("f", (rng.gauss(0.0, 0.02) for _ in range(300001))).tobytes()
+    weights = bytearray(len(f32) // 2)
+    weights[0::2], weights[1::2] = f32[2::4], f32[3::4]  # bf16: the high half of each float32
+    with open(os.path.join(src, "model.bf16"), "wb") as fh:
+        fh.write(weights)
+    with open(os.path.join(src, "notes.txt"), "w") as fh:
+        fh.write("odd length on purpose\n" * 999)
+    snap = run_script("snapshot", script_config(s3_server, s3_prefix, src, codec="auto", part_size=1 << 20))
+    assert snap.returncode == 0, snap.stderr
+    target = str(tmp_path / "restored")
+    run = run_script("restore", script_config(s3_server, s3_prefix, target))
+    assert run.returncode == 0, run.stderr
+    assert tree_state(target) == tree_state(src)
+    manifest = json.loads(s3_client.get_object(Bucket=s3_server.bucket, Key=s3_prefix + "manifest.json")["Body"].read())
+    codecs = [p["codec"] for p in manifest["parts"]]
+    assert "zstd-planes" in codecs  # auto chose it for the weights (text vs planes: test_gs_planes.py)
+    assert manifest["decode"] == {"requires_gpu": False}
+
+
+def test_gpu_only_parts_are_refused_before_any_download_on_a_host_without_gpu(
+        snapshot_of_tree: Dict[str, Any], s3_server: Any, s3_prefix: str, s3_client: Any,
+        existing_workspace: str) -> None:
+    import ctypes
+    try:
+        ctypes.CDLL("libcuda.so.1")
+        pytest.skip("this host has a CUDA driver: the refusal is for hosts without one")
+    except OSError:
+        pass
+    key = s3_prefix + "manifest.json"
+    manifest = json.loads(s3_client.get_object(Bucket=s3_server.bucket, Key=key)["Body"].read())
+    manifest["parts"][1]["codec"] = "nvcomp-ans"  # as a GPU host writes it
+    manifest["decode"] = {"requires_gpu": True, "nvcomp_major": 6}
+    s3_client.put_object(Bucket=s3_server.bucket, Key=key, Body=json.dumps(manifest).encode())
+    before = tree_state(existing_workspace)
+    run = run_script("restore", script_config(s3_server, s3_prefix, existing_workspace, overwrite=True))
+    assert run.error_code == "gpu_required", run.last
+    assert "CUDA GPU" in run.last["message"]
+    assert not any(e.get("phase") == "download" for e in run.events)
+    assert tree_state(existing_workspace) == before and staging_dirs(existing_workspace) == []

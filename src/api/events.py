@@ -76,7 +76,11 @@ def stream_events(query: m.EventsQuery) -> Response:
     except BaseException:
         slots.release()
         raise
-    resp = Response(_frames(follower, c.settings, slots), mimetype="text/event-stream")
+    slot = _Slot(slots)
+    resp = Response(_frames(follower, c.settings, slot), mimetype="text/event-stream")
+    # Also on close: a body that is never read (HEAD, a client gone before the first write) never runs
+    # the generator's `finally`, and its slot would be lost for the life of the process.
+    resp.call_on_close(slot.release)
     resp.headers["Cache-Control"] = "no-cache"
     resp.headers["X-Accel-Buffering"] = "no"  # nginx: pass each event on at once
     return resp
@@ -91,7 +95,20 @@ def _resume_point(from_query: int | None) -> int | None:
     return int(header)
 
 
-def _frames(follower: service.Follower, settings: Any, slots: threading.BoundedSemaphore) -> Iterator[str]:
+class _Slot:
+    """One stream's hold on a slot, given back exactly once (by the generator or the response's close)."""
+
+    def __init__(self, slots: threading.BoundedSemaphore) -> None:
+        self._slots, self._lock, self._held = slots, threading.Lock(), True
+
+    def release(self) -> None:
+        with self._lock:
+            if self._held:
+                self._held = False
+                self._slots.release()
+
+
+def _frames(follower: service.Follower, settings: Any, slot: _Slot) -> Iterator[str]:
     """The stream's text. The slot is given back when the client goes (the server closes this generator
     when a write fails: at the latest one heartbeat after the client left) or the stream's time is up."""
     try:
@@ -110,4 +127,4 @@ def _frames(follower: service.Follower, settings: Any, slots: threading.BoundedS
             if not sent:
                 time.sleep(settings.events_poll_s)
     finally:
-        slots.release()
+        slot.release()

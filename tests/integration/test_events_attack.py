@@ -1,0 +1,26 @@
+"""Attacks on GET /api/events and stream tokens that once got through: each test is a finding."""
+from __future__ import annotations
+
+import pytest
+
+from src.app import create_app
+from tests.support.fixtures_app import AUTH, make_settings
+from tests.support.test_kinds import make_kinds
+
+
+@pytest.fixture
+def app(tmp_path, sqlite_url):  # type: ignore[no-untyped-def]
+    application = create_app(make_settings(tmp_path, sqlite_url, events_poll_s=0.05, events_max_streams=2,
+                                           events_heartbeat_s=0.3), job_kinds=make_kinds(), configure_logs=False)
+    yield application
+    application.extensions["gpusnap"].engine.dispose()
+
+
+def test_head_requests_do_not_use_up_the_stream_slots(app):
+    client = app.test_client()
+    for _ in range(5):
+        r = client.head("/api/events", headers=AUTH)
+        r.close()
+    r = client.get("/api/events", headers=AUTH, buffered=False)
+    assert r.status_code == 200, r.get_data(as_text=True)
+    r.close()

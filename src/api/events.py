@@ -44,8 +44,8 @@ def _slots() -> threading.BoundedSemaphore:
 @route(bp, "/api/stream-tokens", "POST", tag=TAG, summary="A short-lived token that may only open the event stream",
        body=m.EmptyRequest, body_optional=True, responses={201: m.StreamTokenResponse},
        description="For a browser's EventSource, which cannot send `Authorization`: open "
-                   "`/api/events?token=<token>` within `expires_in` seconds (STREAM_TOKEN_TTL_S). The token is "
-                   "refused by every other endpoint.")
+                   "`/api/events?token=<token>` within `expires_in` seconds (STREAM_TOKEN_TTL_S); it opens one "
+                   "stream. The token is refused by every other endpoint.")
 def create_token(body: m.EmptyRequest) -> Response:
     return ok(create_stream_token(container().session_factory, ttl_s=container().settings.stream_token_ttl_s), 201)
 

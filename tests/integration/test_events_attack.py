@@ -24,3 +24,15 @@ def test_head_requests_do_not_use_up_the_stream_slots(app):
     r = client.get("/api/events", headers=AUTH, buffered=False)
     assert r.status_code == 200, r.get_data(as_text=True)
     r.close()
+
+
+def test_a_stream_token_opens_one_stream_only(app):
+    """The token travels in the URL, so access logs (gunicorn's `%(r)s`), proxies and history keep it: a
+    copy read from there within its minute must not open another stream (or take the stream slots)."""
+    client = app.test_client()
+    token = client.post("/api/stream-tokens", headers=AUTH).get_json()["token"]
+    first = client.get(f"/api/events?token={token}", buffered=False)
+    assert first.status_code == 200
+    first.close()
+    replay = client.get(f"/api/events?token={token}")
+    assert replay.status_code == 401 and replay.get_json()["error"]["code"] == "invalid_stream_token"

@@ -56,8 +56,9 @@ def create_token(body: m.EmptyRequest) -> Response:
        description="`text/event-stream`. Each event has `id:` (a number that only grows), `event:` (its kind: "
                    "`job.status`, `job.phase`, `job.progress` (at most 2 a second per job), `machine.status`, "
                    "`machine.event`) and one `data:` line of JSON (the StreamEvent schema). Send `Last-Event-ID` "
-                   "(or `last_event_id`) to resume after an event; without it the stream starts with the next "
-                   "event. A comment line every EVENTS_HEARTBEAT_S keeps proxies from closing a quiet stream; "
+                   "(or `last_event_id`) to resume after an event (an id past the newest resumes after the "
+                   "newest); without it the stream starts with the next event. A comment line every "
+                   "EVENTS_HEARTBEAT_S keeps proxies from closing a quiet stream; "
                    "the stream ends after EVENTS_MAX_STREAM_S and EventSource reconnects by itself. Bearer "
                    "token, or `token` from POST /api/stream-tokens. 503 `too_many_streams` when this process "
                    "already serves EVENTS_MAX_STREAMS streams.")
@@ -69,7 +70,10 @@ def stream_events(query: m.EventsQuery) -> Response:
         raise TooManyStreams(f"this server process already serves {c.settings.events_max_streams} event streams; "
                              "try again shortly")
     try:
-        start = service.latest_id(c.session_factory) if after is None else after
+        latest = service.latest_id(c.session_factory)
+        # A resume point past every committed id was not sent by this log (a database restored or
+        # replaced behind the same URL): following it would hide every event until ids caught up.
+        start = latest if after is None else min(after, latest)
         follower = service.Follower(c.session_factory, start, service.EventFilter(
             machine_id=query.machine_id, job_id=query.job_id,
             kinds=tuple(k for k in (query.kind or "").split(",") if k)))

@@ -1,9 +1,13 @@
 """Attacks on GET /api/events and stream tokens that once got through: each test is a finding."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from src.app import create_app
+from src.db import transaction
+from src.models import Event
 from tests.support.fixtures_app import AUTH, make_settings
 from tests.support.test_kinds import make_kinds
 
@@ -36,3 +40,35 @@ def test_a_stream_token_opens_one_stream_only(app):
     first.close()
     replay = client.get(f"/api/events?token={token}")
     assert replay.status_code == 401 and replay.get_json()["error"]["code"] == "invalid_stream_token"
+
+
+def _add_event(app, machine_id: str = "m-1") -> int:  # type: ignore[no-untyped-def]
+    with transaction(app.extensions["gpusnap"].session_factory) as s:
+        e = Event(kind="machine.event", machine_id=machine_id, data={"event": {"kind": "note", "message": "x"}})
+        s.add(e)
+        s.flush()
+        return int(e.id)
+
+
+def _first_event(resp, timeout: float = 30) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    buffer, deadline = "", time.monotonic() + timeout
+    for chunk in resp.response:
+        buffer += chunk.decode() if isinstance(chunk, bytes) else chunk
+        while "\n\n" in buffer:
+            block, buffer = buffer.split("\n\n", 1)
+            fields = dict(line.split(": ", 1) for line in block.split("\n") if ": " in line and line[0] != ":")
+            if "data" in fields:
+                return fields
+        assert time.monotonic() < deadline, "no event"
+    raise AssertionError("the stream ended")
+
+
+def test_a_resume_point_beyond_the_log_does_not_silence_the_stream(app):
+    """A tab kept its last id across a database restore or a move to another deployment behind the same
+    URL: ids it never could have been sent must not hide every event to come."""
+    _add_event(app)
+    resp = app.test_client().get("/api/events", headers={**AUTH, "Last-Event-ID": "900000"}, buffered=False)
+    assert resp.status_code == 200
+    new_id = _add_event(app)
+    assert _first_event(resp)["id"] == str(new_id)
+    resp.close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -55,8 +56,15 @@ def job_payload(job: Job) -> dict[str, Any]:
 
 def hourly_price(machine: Machine) -> float | None:
     """USD per hour of the instance the machine runs (or ran) on: the rented offer's `dph_total`."""
-    value = (machine.offer or {}).get("dph_total")
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 else None
+    return price_or_none((machine.offer or {}).get("dph_total"))
+
+
+def price_or_none(value: Any) -> float | None:
+    """A price from vast.ai's JSON, or None: not a number, negative, NaN or infinite (which `requests`
+    parses, and which would make our answers invalid JSON)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        return None
+    return float(value)
 
 
 def _before_flush(session: Session, _context: Any, _instances: Any) -> None:
@@ -179,8 +187,8 @@ class Follower:
     took 11, and a reader that already passed 11 would never see 10. So a hole in the ids is waited for
     (`gap_grace_s`) before it is skipped as an insert that was rolled back; everything after the hole
     waits with it (not when the event after the hole is minutes old: pruned progress leaves such holes,
-    and no transaction stays open that long). SQLite writes one transaction at a time, so it has no such holes. (A stream opened
-    without a resume point starts after the highest id committed then: an event of a transaction still
+    and no transaction stays open that long). SQLite writes one transaction at a time, so it has no
+    such holes. (A stream opened without a resume point starts after the highest id committed then: an event of a transaction still
     open at that moment with a lower id is not sent to it; a client that must not miss one reads the
     state it follows after opening the stream, as `gpusnap jobs wait` does.)"""
 

@@ -188,9 +188,9 @@ class Follower:
     (`gap_grace_s`) before it is skipped as an insert that was rolled back; everything after the hole
     waits with it (not when the event after the hole is minutes old: pruned progress leaves such holes,
     and no transaction stays open that long). SQLite writes one transaction at a time, so it has no
-    such holes. (A stream opened without a resume point starts after the highest id committed then: an event of a transaction still
-    open at that moment with a lower id is not sent to it; a client that must not miss one reads the
-    state it follows after opening the stream, as `gpusnap jobs wait` does.)"""
+    such holes. (A stream opened without a resume point starts after the highest id committed then: an
+    event of a transaction still open at that moment with a lower id is not sent to it; a client that
+    must not miss one reads the state it follows after opening the stream, as `gpusnap jobs wait` does.)"""
 
     session_factory: sessionmaker[Session]
     last_id: int

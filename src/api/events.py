@@ -92,7 +92,7 @@ def stream_events(query: m.EventsQuery) -> Response:
 
 def _resume_point(from_query: int | None) -> int | None:
     header = request.headers.get("Last-Event-ID")
-    if header is None:
+    if not header:  # absent, or empty: SSE clients send the id an `id:` with no value reset to ""
         return from_query
     if not (header.isascii() and header.isdigit()) or len(header) > 18:
         raise InvalidRequest("Last-Event-ID must be an event id this stream sent", code="invalid_header")

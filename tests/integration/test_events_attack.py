@@ -90,3 +90,11 @@ def test_holes_left_by_pruned_progress_events_are_not_waited_for(app):
     started = time.monotonic()
     assert [e["id"] for e in follower.poll()] == list(range(1, 40, 2))
     assert time.monotonic() - started < 5
+
+
+def test_an_empty_last_event_id_is_no_resume_point(app):
+    """The SSE format lets a stream reset the id (`id:` with no value) and clients then send it empty;
+    it means "no event seen", not a malformed id."""
+    r = app.test_client().get("/api/events", headers={**AUTH, "Last-Event-ID": ""}, buffered=False)
+    assert r.status_code == 200, r.get_data(as_text=True)
+    r.close()

@@ -25,6 +25,7 @@ from src.services.stream_tokens import create_stream_token
 logger = logging.getLogger(__name__)
 bp = Blueprint("events", __name__)
 TAG = "events"
+MIN_WRITE_TIMEOUT_S = 10.0
 
 
 class TooManyStreams(GpusnapError):
@@ -80,6 +81,13 @@ def stream_events(query: m.EventsQuery) -> Response:
     except BaseException:
         slots.release()
         raise
+    sock = request.environ.get("gunicorn.socket")
+    if sock is not None:
+        # gunicorn writes on a blocking socket with no timeout: a client that stops reading (a frozen tab,
+        # a hostile script) would hold this thread and slot as long as it keeps the connection, since
+        # EVENTS_MAX_STREAM_S is only looked at between writes. A write that cannot go out for two
+        # heartbeats now fails, and the stream ends. (gunicorn resets the socket for its next request.)
+        sock.settimeout(max(MIN_WRITE_TIMEOUT_S, 2 * c.settings.events_heartbeat_s))
     slot = _Slot(slots)
     resp = Response(_frames(follower, c.settings, slot), mimetype="text/event-stream")
     # Also on close: a body that is never read (HEAD, a client gone before the first write) never runs

@@ -22,6 +22,7 @@ timeout = 60
 graceful_timeout = 30
 keepalive = 5
 accesslog = "-"
+logger_class = "src.access_log.RedactingLogger"  # writes `?token=[redacted]`: tokens in URLs stay out of logs
 access_log_format = ('{"remote": "%(h)s", "request": "%(r)s", "status": %(s)s, "bytes": "%(b)s", "ms": %(M)s, '
                      '"pid": "%(p)s"}')
 errorlog = "-"

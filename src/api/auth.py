@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Flask, current_app, request
 
 from src.errors import Unauthorized
-from src.services.stream_tokens import verify_stream_token
+from src.services.stream_tokens import use_stream_token
 
 
 def install_auth(app: Flask) -> None:
@@ -18,8 +18,8 @@ def install_auth(app: Flask) -> None:
         if spec is not None and spec.stream_token and "token" in request.args:
             # EventSource cannot send headers: this one route takes a short-lived stream token in the URL.
             # Nowhere else is `?token=` looked at, so a stream token opens nothing but the event stream.
-            if not verify_stream_token(current_app.extensions["gpusnap"].session_factory, request.args["token"]):
-                raise Unauthorized("the stream token is not valid or has expired; get a new one from "
+            if not use_stream_token(current_app.extensions["gpusnap"].session_factory, request.args["token"]):
+                raise Unauthorized("the stream token is not valid, has expired or was used; get a new one from "
                                    "POST /api/stream-tokens", code="invalid_stream_token")
             return
         header = request.headers.get("Authorization", "")

@@ -25,6 +25,7 @@ from src.services.stream_tokens import create_stream_token
 logger = logging.getLogger(__name__)
 bp = Blueprint("events", __name__)
 TAG = "events"
+MIN_WRITE_TIMEOUT_S = 10.0
 
 
 class TooManyStreams(GpusnapError):
@@ -44,8 +45,8 @@ def _slots() -> threading.BoundedSemaphore:
 @route(bp, "/api/stream-tokens", "POST", tag=TAG, summary="A short-lived token that may only open the event stream",
        body=m.EmptyRequest, body_optional=True, responses={201: m.StreamTokenResponse},
        description="For a browser's EventSource, which cannot send `Authorization`: open "
-                   "`/api/events?token=<token>` within `expires_in` seconds (STREAM_TOKEN_TTL_S). The token is "
-                   "refused by every other endpoint.")
+                   "`/api/events?token=<token>` within `expires_in` seconds (STREAM_TOKEN_TTL_S); it opens one "
+                   "stream. The token is refused by every other endpoint.")
 def create_token(body: m.EmptyRequest) -> Response:
     return ok(create_stream_token(container().session_factory, ttl_s=container().settings.stream_token_ttl_s), 201)
 
@@ -56,8 +57,9 @@ def create_token(body: m.EmptyRequest) -> Response:
        description="`text/event-stream`. Each event has `id:` (a number that only grows), `event:` (its kind: "
                    "`job.status`, `job.phase`, `job.progress` (at most 2 a second per job), `machine.status`, "
                    "`machine.event`) and one `data:` line of JSON (the StreamEvent schema). Send `Last-Event-ID` "
-                   "(or `last_event_id`) to resume after an event; without it the stream starts with the next "
-                   "event. A comment line every EVENTS_HEARTBEAT_S keeps proxies from closing a quiet stream; "
+                   "(or `last_event_id`) to resume after an event (an id past the newest resumes after the "
+                   "newest); without it the stream starts with the next event. A comment line every "
+                   "EVENTS_HEARTBEAT_S keeps proxies from closing a quiet stream; "
                    "the stream ends after EVENTS_MAX_STREAM_S and EventSource reconnects by itself. Bearer "
                    "token, or `token` from POST /api/stream-tokens. 503 `too_many_streams` when this process "
                    "already serves EVENTS_MAX_STREAMS streams.")
@@ -69,14 +71,28 @@ def stream_events(query: m.EventsQuery) -> Response:
         raise TooManyStreams(f"this server process already serves {c.settings.events_max_streams} event streams; "
                              "try again shortly")
     try:
-        start = service.latest_id(c.session_factory) if after is None else after
+        latest = service.latest_id(c.session_factory)
+        # A resume point past every committed id was not sent by this log (a database restored or
+        # replaced behind the same URL): following it would hide every event until ids caught up.
+        start = latest if after is None else min(after, latest)
         follower = service.Follower(c.session_factory, start, service.EventFilter(
             machine_id=query.machine_id, job_id=query.job_id,
             kinds=tuple(k for k in (query.kind or "").split(",") if k)))
     except BaseException:
         slots.release()
         raise
-    resp = Response(_frames(follower, c.settings, slots), mimetype="text/event-stream")
+    sock = request.environ.get("gunicorn.socket")
+    if sock is not None:
+        # gunicorn writes on a blocking socket with no timeout: a client that stops reading (a frozen tab,
+        # a hostile script) would hold this thread and slot as long as it keeps the connection, since
+        # EVENTS_MAX_STREAM_S is only looked at between writes. A write that cannot go out for two
+        # heartbeats now fails, and the stream ends. (gunicorn resets the socket for its next request.)
+        sock.settimeout(max(MIN_WRITE_TIMEOUT_S, 2 * c.settings.events_heartbeat_s))
+    slot = _Slot(slots)
+    resp = Response(_frames(follower, c.settings, slot), mimetype="text/event-stream")
+    # Also on close: a body that is never read (HEAD, a client gone before the first write) never runs
+    # the generator's `finally`, and its slot would be lost for the life of the process.
+    resp.call_on_close(slot.release)
     resp.headers["Cache-Control"] = "no-cache"
     resp.headers["X-Accel-Buffering"] = "no"  # nginx: pass each event on at once
     return resp
@@ -84,14 +100,27 @@ def stream_events(query: m.EventsQuery) -> Response:
 
 def _resume_point(from_query: int | None) -> int | None:
     header = request.headers.get("Last-Event-ID")
-    if header is None:
+    if not header:  # absent, or empty: SSE clients send the id an `id:` with no value reset to ""
         return from_query
     if not (header.isascii() and header.isdigit()) or len(header) > 18:
         raise InvalidRequest("Last-Event-ID must be an event id this stream sent", code="invalid_header")
     return int(header)
 
 
-def _frames(follower: service.Follower, settings: Any, slots: threading.BoundedSemaphore) -> Iterator[str]:
+class _Slot:
+    """One stream's hold on a slot, given back exactly once (by the generator or the response's close)."""
+
+    def __init__(self, slots: threading.BoundedSemaphore) -> None:
+        self._slots, self._lock, self._held = slots, threading.Lock(), True
+
+    def release(self) -> None:
+        with self._lock:
+            if self._held:
+                self._held = False
+                self._slots.release()
+
+
+def _frames(follower: service.Follower, settings: Any, slot: _Slot) -> Iterator[str]:
     """The stream's text. The slot is given back when the client goes (the server closes this generator
     when a write fails: at the latest one heartbeat after the client left) or the stream's time is up."""
     try:
@@ -110,4 +139,4 @@ def _frames(follower: service.Follower, settings: Any, slots: threading.BoundedS
             if not sent:
                 time.sleep(settings.events_poll_s)
     finally:
-        slots.release()
+        slot.release()

@@ -222,7 +222,7 @@ def wait_for_job(api: Any, job_id: str, *, timeout: float | None, interval: floa
             from src.cli.stream import StreamDeadline, follow_job_stream
 
             try:
-                streamed = follow_job_stream(api, job_id, display=display, clock=clock,
+                streamed = follow_job_stream(api, job_id, display=display, clock=clock, sleep=sleep,
                                              deadline=None if timeout is None else start + timeout)
             except StreamDeadline as e:
                 raise WaitTimeout(e.job) from None

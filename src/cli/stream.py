@@ -15,6 +15,7 @@ from src.cli.http import ClientError, seg
 
 READ_TIMEOUT_S = 45.0  # the server sends a heartbeat every EVENTS_HEARTBEAT_S (15 s by default)
 FINISHED = ("succeeded", "failed", "cancelled")
+RETRY_S = 2.0  # the server's `retry: 2000`: a stream that ended at once is not reopened sooner
 
 
 class StreamDeadline(Exception):
@@ -49,13 +50,17 @@ def sse_events(resp: requests.Response) -> Iterator[tuple[str | None, dict[str, 
 
 
 def follow_job_stream(api: Any, job_id: str, *, display: Any, deadline: float | None,
-                      clock: Callable[[], float] = time.monotonic) -> dict[str, Any] | None:
+                      clock: Callable[[], float] = time.monotonic,
+                      sleep: Callable[[float], None] = time.sleep) -> dict[str, Any] | None:
     """The finished job, followed over the event stream; None when the stream is not to be had (the caller
     then polls). `display.update(job)` is called with each new state. Raises StreamDeadline at `deadline`
     (a `clock()` value), and the client's error when the job itself cannot be read (404, 401)."""
     last_id: str | None = None
     job: dict[str, Any] | None = None
+    pause = 0.0
     while True:
+        if pause:  # the last stream ended at once, with nothing in it (a proxy cutting it): do not hammer
+            sleep(pause if deadline is None else max(0.0, min(pause, deadline - clock())))
         left = None if deadline is None else deadline - clock()
         if left is not None and left <= 0:
             raise StreamDeadline(job)
@@ -64,6 +69,7 @@ def follow_job_stream(api: Any, job_id: str, *, display: Any, deadline: float | 
                                    read_timeout=READ_TIMEOUT_S if left is None else max(0.5, min(READ_TIMEOUT_S, left)))
         except ClientError:
             return None
+        opened_at, delivered = clock(), False
         try:
             if last_id is None:  # opened before this read, so no change can fall between the two
                 job = api.get(f"/api/jobs/{seg(job_id)}")
@@ -71,6 +77,7 @@ def follow_job_stream(api: Any, job_id: str, *, display: Any, deadline: float | 
                 if job["status"] in FINISHED:
                     return job
             for event_id, data in sse_events(resp):
+                delivered = True
                 last_id = event_id or last_id
                 if isinstance(data.get("job"), dict) and data["job"].get("id") == job_id:
                     job = {**(job or {}), **data["job"]}
@@ -85,3 +92,4 @@ def follow_job_stream(api: Any, job_id: str, *, display: Any, deadline: float | 
             continue  # the stream dropped or went quiet: reopen it after the last event seen
         finally:
             resp.close()
+            pause = 0.0 if delivered or clock() - opened_at >= RETRY_S else RETRY_S

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from src.db import transaction
 from src.models import Event, Job, Machine, utcnow
-from src.services.events import MACHINE_STATUS, hourly_price
+from src.services.events import MACHINE_STATUS, hourly_price, price_or_none
 from src.services.store_usage import store_bytes
 from src.services.views import iso
 
@@ -57,13 +57,16 @@ def status_intervals(created_at: dt.datetime, changes: list[tuple[dt.datetime, d
     start = _aware(created_at)
     status = changes[0][1].get("from") if changes else current_status
     price = changes[0][1].get("hourly_usd") if changes else current_price
+    now = max(_aware(now), start)
     for at, data in changes:
-        at = max(_aware(at), start)
+        # Between the last change and now: a change stamped by a clock running ahead bills no hours
+        # that have not happened yet (nor one behind, hours before the machine existed).
+        at = min(max(_aware(at), start), now)
         out.append(Interval(str(status), start, at, price))
         start, status = at, data.get("to")
         # A change recorded without a price (a machine gpusnap did not rent) keeps the last known one.
         price = data.get("hourly_usd") if data.get("hourly_usd") is not None else price
-    out.append(Interval(str(status), start, max(now, start), price))
+    out.append(Interval(str(status), start, now, price))
     return out
 
 
@@ -98,7 +101,7 @@ def machine_costs(s: Session, machine: Machine, *, storage_price_gb_month: float
                                         current_price=price, now=now))
     stored = store_bytes(s, machine.id)  # a chunk shared by several format-2 snapshots is billed once
     offer = machine.offer or {}
-    up, down = _price(offer.get("inet_up_cost")), _price(offer.get("inet_down_cost"))
+    up, down = price_or_none(offer.get("inet_up_cost")), price_or_none(offer.get("inet_down_cost"))
     return {
         "hourly_usd": price,
         **totals,
@@ -108,9 +111,6 @@ def machine_costs(s: Session, machine: Machine, *, storage_price_gb_month: float
         "as_of": iso(now),
     }
 
-
-def _price(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 else None
 
 
 def summary(session_factory: sessionmaker[Session], *, storage_price_gb_month: float) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ JOB_STATUS, JOB_PHASE, JOB_PROGRESS = "job.status", "job.phase", "job.progress"
 MACHINE_STATUS, MACHINE_EVENT = "machine.status", "machine.event"
 KINDS = (JOB_STATUS, JOB_PHASE, JOB_PROGRESS, MACHINE_STATUS, MACHINE_EVENT)
 PROGRESS_MIN_INTERVAL_S = 0.5  # at most 2 progress events a second per job
+OLD_HOLE_S = 120.0  # a hole in the ids behind an event older than this (plus the grace) is not waited for
 _COUNTERS = ("bytes_done", "bytes_total", "parts_done", "parts_total")
 
 
@@ -54,8 +56,15 @@ def job_payload(job: Job) -> dict[str, Any]:
 
 def hourly_price(machine: Machine) -> float | None:
     """USD per hour of the instance the machine runs (or ran) on: the rented offer's `dph_total`."""
-    value = (machine.offer or {}).get("dph_total")
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 else None
+    return price_or_none((machine.offer or {}).get("dph_total"))
+
+
+def price_or_none(value: Any) -> float | None:
+    """A price from vast.ai's JSON, or None: not a number, negative, NaN or infinite (which `requests`
+    parses, and which would make our answers invalid JSON)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        return None
+    return float(value)
 
 
 def _before_flush(session: Session, _context: Any, _instances: Any) -> None:
@@ -177,10 +186,11 @@ class Follower:
     Ids come from a sequence, so on PostgreSQL a transaction can take id 10, commit after the one that
     took 11, and a reader that already passed 11 would never see 10. So a hole in the ids is waited for
     (`gap_grace_s`) before it is skipped as an insert that was rolled back; everything after the hole
-    waits with it. SQLite writes one transaction at a time, so it has no such holes. (A stream opened
-    without a resume point starts after the highest id committed then: an event of a transaction still
-    open at that moment with a lower id is not sent to it; a client that must not miss one reads the
-    state it follows after opening the stream, as `gpusnap jobs wait` does.)"""
+    waits with it (not when the event after the hole is minutes old: pruned progress leaves such holes,
+    and no transaction stays open that long). SQLite writes one transaction at a time, so it has no
+    such holes. (A stream opened without a resume point starts after the highest id committed then: an
+    event of a transaction still open at that moment with a lower id is not sent to it; a client that
+    must not miss one reads the state it follows after opening the stream, as `gpusnap jobs wait` does.)"""
 
     session_factory: sessionmaker[Session]
     last_id: int
@@ -195,7 +205,7 @@ class Follower:
             rows = list(s.scalars(select(Event).where(Event.id > self.last_id).order_by(Event.id).limit(self.batch)))
             out: list[dict[str, Any]] = []
             for e in rows:
-                if e.id != self.last_id + 1 and not self._hole_expired(self.last_id + 1):
+                if e.id != self.last_id + 1 and not self._hole_expired(self.last_id + 1, e.created_at):
                     break
                 self._gap = None
                 self.last_id = e.id
@@ -203,7 +213,14 @@ class Follower:
                     out.append(event_view(e))
         return out
 
-    def _hole_expired(self, missing: int) -> bool:
+    def _hole_expired(self, missing: int, next_written: dt.datetime) -> bool:
+        # The missing ids were taken before the event after them was written: when that was long ago
+        # (more than any clock skew between hosts), no open transaction holds them. They were pruned
+        # (old job.progress) or rolled back, and waiting the grace on each would make a resume from an
+        # old id crawl, or never get through before the stream's time is up.
+        if _aware(next_written) < utcnow() - dt.timedelta(seconds=self.gap_grace_s + OLD_HOLE_S):
+            self._gap = None
+            return True
         now = time.monotonic()
         if self._gap is None or self._gap[0] != missing:
             self._gap = (missing, now)

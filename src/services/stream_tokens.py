@@ -1,7 +1,7 @@
 """Stream tokens: short-lived tokens that may only open the event stream (`GET /api/events?token=`).
 A browser's EventSource cannot send `Authorization`, and an API token in a URL ends up in access logs
-and browser history; a stream token there expires within a minute and can read events only. Only its
-SHA-256 is stored, in the database, so any API process accepts a token another one issued."""
+and browser history; a stream token there expires within a minute, opens one stream and reads events
+only. Only its SHA-256 is stored, in the database, so any API process accepts a token another one issued."""
 from __future__ import annotations
 
 import datetime as dt
@@ -31,16 +31,21 @@ def create_stream_token(session_factory: sessionmaker[Session], *, ttl_s: float)
     return {"token": token, "expires_at": iso(expires), "expires_in": int(ttl_s), "scope": "events"}
 
 
-def verify_stream_token(session_factory: sessionmaker[Session], token: str) -> bool:
-    """Whether `token` is a stream token that has not expired. It is checked when a stream opens; the
-    stream then lives on until EVENTS_MAX_STREAM_S, when the client asks for a new token."""
+def use_stream_token(session_factory: sessionmaker[Session], token: str) -> bool:
+    """Whether `token` is a stream token that has not expired nor been used; using it spends it. It rides
+    in a URL, which access logs, proxies and browser history keep: a copy read from there must open
+    nothing. It is checked when a stream opens; the stream then lives on until EVENTS_MAX_STREAM_S, when
+    the client asks for a new token."""
     if not token.startswith(PREFIX) or len(token) > 128:
         return False
     hashed = digest(token)
     with transaction(session_factory) as s:
         row = s.execute(select(StreamToken.token_sha256, StreamToken.expires_at)
                         .where(StreamToken.token_sha256 == hashed)).first()
-    if row is None or not hmac.compare_digest(row.token_sha256, hashed):
-        return False
+        if row is None or not hmac.compare_digest(row.token_sha256, hashed):
+            return False
+        # Deleted by whoever gets here first: of two requests racing with one token, one stream opens.
+        if s.execute(delete(StreamToken).where(StreamToken.token_sha256 == hashed)).rowcount != 1:
+            return False
     expires = row.expires_at if row.expires_at.tzinfo else row.expires_at.replace(tzinfo=dt.timezone.utc)
     return expires > utcnow()

@@ -392,3 +392,16 @@ def test_jobs_wait_reopens_a_stream_the_server_ended(cli, app, store):
     assert r.exit_code == 0, r.output
     assert "succeeded" in r.stdout
     assert _requests_seen(app, "/api/events") >= 2
+
+
+def test_jobs_wait_does_not_hammer_a_stream_that_keeps_ending_at_once(cli, app, store):
+    """A stream that ends as soon as it opens (a proxy that cuts it, a tiny EVENTS_MAX_STREAM_S) was
+    reopened in a tight loop, hundreds of requests a second, ignoring the stream's `retry: 2000`."""
+    c = app.extensions["gpusnap"]
+    c.settings = c.settings.replace(events_max_stream_s=0.001, events_poll_s=0.01)
+    snap = add_complete_snapshot(app, store)
+    job_id = json.loads(cli("snapshots", "verify", snap["id"], "--json").stdout)["job"]["id"]
+    r = cli("jobs", "wait", job_id, "--interval", "0.05", "--timeout", "3")  # no worker: the job stays queued
+    assert r.exit_code != 0 and "queued" in r.output, r.output
+    opened = _requests_seen(app, "/api/events")
+    assert 1 <= opened <= 6, f"{opened:g} streams opened in 3 s"

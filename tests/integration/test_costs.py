@@ -4,6 +4,7 @@ force); the test then spreads those events over a known timeline (what waiting h
 from __future__ import annotations
 
 import datetime as dt
+import json
 
 import pytest
 from sqlalchemy import select, update
@@ -119,3 +120,34 @@ def test_storage_price_setting():
     for bad in ("-1", "abc", "inf"):
         with pytest.raises(Exception, match="STORAGE_PRICE_GB_MONTH"):
             Settings.from_env({"STORAGE_PRICE_GB_MONTH": bad}, dotenv=False)
+
+
+def test_a_status_change_stamped_by_a_clock_ahead_counts_no_hours_after_now(app):
+    """A worker whose clock runs an hour ahead records `hibernating` in the future: the running interval
+    before it must end at `now`, not bill an hour that has not happened."""
+    sf = app.extensions["gpusnap"].session_factory
+    with transaction(sf) as s:
+        s.add(Machine(id="skew", status="running", created_at=T0, offer={"dph_total": 1.0}))
+    _change(app, "skew", status="hibernating")
+    with transaction(sf) as s:
+        s.execute(update(Event).where(Event.machine_id == "skew").values(created_at=T0 + 3 * H))
+    with transaction(sf) as s:
+        costs = machine_costs(s, s.get(Machine, "skew"), storage_price_gb_month=0.015, now=T0 + 2 * H)
+    assert costs["hours"]["running"] == pytest.approx(2.0)
+    assert costs["spent_usd"] == pytest.approx(2.0)
+
+
+def test_an_offer_with_an_infinite_price_is_no_price(app, database_url):
+    """vast.ai's JSON is parsed by `requests`, which reads `Infinity`: such a price made every costs answer
+    invalid JSON (`Infinity` is not JSON) and the page's `response.json()` fail."""
+    if not database_url.startswith("sqlite"):
+        pytest.skip("PostgreSQL's json type refuses such an offer when the machine is stored")
+    sf = app.extensions["gpusnap"].session_factory
+    with transaction(sf) as s:
+        s.add(Machine(id="inf", status="running", created_at=T0,
+                      offer={"dph_total": float("inf"), "inet_up_cost": float("inf")}))
+    _change(app, "inf", status="hibernating")
+    r = app.test_client().get("/api/instances/inf", headers=AUTH)
+    assert r.status_code == 200
+    costs = json.loads(r.get_data(as_text=True), parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))["costs"]
+    assert costs["hourly_usd"] is None and costs["transfer_usd_per_gb"] is None

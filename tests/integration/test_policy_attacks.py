@@ -41,3 +41,68 @@ def test_retention_counts_each_workspace_path_apart(app, client, store):  # type
     kept = app.extensions["gpusnap"]
     with transaction(kept.session_factory) as s:
         assert s.get(Snapshot, workspace[1]).status == "complete" and s.get(Snapshot, data).status == "complete"
+
+
+def test_a_hanging_probe_does_not_hold_up_other_machines_policies(tmp_path, database_url, store, sshd,
+                                                                  monkeypatch):  # type: ignore[no-untyped-def]
+    """A hostile host that lets the probe in and then never answers (the silent SSH server of issue 9)
+    held the whole tick for the probe's deadline: the machines after it got their scheduled snapshot and
+    their samples that much later, and N such hosts held it N times over. Now schedules run first and
+    the machines are probed side by side; the silent one still ends as a failed (busy) sample."""
+    import datetime as dt
+    import threading
+
+    from src.app import create_app
+    from src.jobs import idle_probe
+    from src.jobs.scheduler import tick
+    from src.models import Job, MachineEvent, utcnow
+    from tests.support.fixtures_app import make_settings
+    from tests.support.silent_ssh_server import SilentSshServer
+
+    deadline_s = 15.0
+    monkeypatch.setattr(idle_probe, "PROBE_DEADLINE_S", deadline_s)
+    app = create_app(make_settings(tmp_path, database_url, ssh_key_path=sshd.client_key_path),
+                     object_store=store, configure_logs=False)
+    c = app.extensions["gpusnap"]
+    client = app.test_client()
+    idle = {"idle": {"action": "notify", "for_s": 60, "sample_every_s": 60}}
+    with SilentSshServer(authorized_key_path=sshd.client_key_path, mode="exec") as silent:
+        with transaction(c.session_factory) as s:
+            s.add(Machine(id="a-hostile", status="running", ssh_host=silent.host, ssh_port=silent.port,
+                          workspace_path="/workspace"))
+            s.add(Machine(id="b-scheduled", status="running", ssh_host="127.0.0.1", ssh_port=22,
+                          workspace_path="/workspace"))
+            s.add(Machine(id="c-sampled", status="running", workspace_path="/workspace"))  # no endpoint: fails fast
+        for machine_id, body in (("a-hostile", idle), ("b-scheduled", {"schedule": "* * * * *"}),
+                                 ("c-sampled", idle)):
+            r = client.put(f"/api/instances/{machine_id}/policy", json=body, headers=AUTH)
+            assert r.status_code == 200, r.get_json()
+        now = utcnow() + dt.timedelta(minutes=1)
+        reports: list[dict] = []
+        ticking = threading.Thread(target=lambda: reports.append(tick(c, now=now)))
+        ticking.start()
+        try:
+            limit = time.monotonic() + 60
+            while silent.held == 0:  # the hostile probe is now stuck on a request never answered
+                assert time.monotonic() < limit and ticking.is_alive(), "the probe never reached the host"
+                time.sleep(0.05)
+            stuck_at = time.monotonic()
+
+            def others_done() -> bool:
+                with transaction(c.session_factory) as s:
+                    job = s.query(Job).filter_by(machine_id="b-scheduled", kind="create_snapshot").first()
+                    sample = s.query(MachineEvent).filter_by(machine_id="c-sampled", kind="idle_sample").first()
+                    return job is not None and sample is not None
+
+            while not others_done():
+                assert time.monotonic() - stuck_at < deadline_s / 3, \
+                    "the other machines waited for the hanging probe"
+                time.sleep(0.05)
+        finally:
+            ticking.join(timeout=deadline_s * 4)
+        assert not ticking.is_alive() and reports
+        assert sorted(reports[0]["sampled"]) == ["a-hostile", "c-sampled"]
+        with transaction(c.session_factory) as s:
+            (event,) = s.query(MachineEvent).filter_by(machine_id="a-hostile", kind="idle_sample").all()
+            assert event.data["ok"] is False  # the host that never answered is busy, never idle
+    c.engine.dispose()

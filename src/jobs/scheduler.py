@@ -192,7 +192,10 @@ def _act(c: "Container", machine_id: str, spec: dict[str, Any], decision: idle.D
                 workspace = spec.get("workspace_path") or s.get(Machine, machine_id).workspace_path  # type: ignore[union-attr]
             done["job_id"] = instances.hibernate(c, machine_id, workspace_path=workspace,
                                                  codec=spec.get("codec") or "auto",
-                                                 excludes=list(spec.get("excludes") or []))["id"]
+                                                 excludes=list(spec.get("excludes") or []),
+                                                 idle_guard={"gpu_util_below": rules["gpu_util_below"],
+                                                             "respect_ssh_sessions":
+                                                                 rules.get("respect_ssh_sessions", True)})["id"]
             text = f"hibernating (job {done['job_id']}): {decision.reason}"
     except GpusnapError as e:
         kind, text = "idle_action_skipped", f"idle, but {action} could not start: {e.code}: {e.message}"

@@ -185,9 +185,11 @@ def _act(c: "Container", machine_id: str, spec: dict[str, Any], decision: idle.D
         elif action == "notify":
             kind, text = "idle", f"idle: {decision.reason}"
         elif action == "pause":
+            _require_sampled_instance(c, machine_id)
             done["job_id"] = instances.pause(c, machine_id)["id"]
             text = f"pausing (job {done['job_id']}): {decision.reason}"
         else:
+            _require_sampled_instance(c, machine_id)
             with transaction(c.session_factory) as s:
                 workspace = spec.get("workspace_path") or s.get(Machine, machine_id).workspace_path  # type: ignore[union-attr]
             done["job_id"] = instances.hibernate(c, machine_id, workspace_path=workspace,
@@ -205,6 +207,26 @@ def _act(c: "Container", machine_id: str, spec: dict[str, Any], decision: idle.D
         s.execute(delete(IdleSample).where(IdleSample.machine_id == machine_id))
     logger.info("idle policy of %s: %s", machine_id, text)
     return done
+
+
+def _require_sampled_instance(c: "Container", machine_id: str) -> None:
+    """Raise Unprocessable(`endpoint_mismatch`) unless vast.ai reports the machine's SSH endpoint, the host
+    the samples came from, as its instance's own. A machine's instance may only be assumed from its
+    numeric id (`vast_instance_assumed`): an idle plain host must not stop or destroy a rented one."""
+    from src.errors import Unprocessable
+    from src.jobs.hibernate import endpoint_text, own_endpoints
+
+    with transaction(c.session_factory) as s:
+        m = s.get(Machine, machine_id)
+        host, port, vast_id = (m.ssh_host, m.ssh_port, m.vast_instance_id) if m else (None, None, None)
+    if vast_id is None:
+        return  # pause and hibernate refuse it themselves (`no_vast_instance`)
+    instance = c.vast().show_instance(int(vast_id))
+    own = own_endpoints(instance) if instance is not None else set()
+    if not host or not port or endpoint_text(host, port) not in own:
+        raise Unprocessable(f"the samples came from {host}:{port}, which vast.ai does not report as instance "
+                            f"{vast_id}'s ({', '.join(sorted(own)) or 'no endpoint'}); nothing was done",
+                            code="endpoint_mismatch")
 
 
 # ---- retention after a snapshot ---------------------------------------------------------------------

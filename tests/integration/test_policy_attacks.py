@@ -106,3 +106,49 @@ def test_a_hanging_probe_does_not_hold_up_other_machines_policies(tmp_path, data
             (event,) = s.query(MachineEvent).filter_by(machine_id="a-hostile", kind="idle_sample").all()
             assert event.data["ok"] is False  # the host that never answered is busy, never idle
     c.engine.dispose()
+
+
+def test_an_idle_pause_never_stops_an_instance_other_than_the_one_sampled(tmp_path, database_url, store, sshd,
+                                                                          fake_vast, vast_client):  # type: ignore[no-untyped-def]
+    """A machine registered under a number (its snapshots' instance_id) is taken for that vast.ai instance
+    by the policy (`vast_instance_assumed`). The idle rule samples the machine's own SSH endpoint, but
+    `pause` stopped vast.ai instance <number> without asking whether that is the host sampled: an idle
+    plain host could stop a busy rented one. Hibernate checks its endpoint against vast.ai; now an idle
+    pause does too (`idle_action_skipped` with `endpoint_mismatch`)."""
+    import datetime as dt
+
+    from src.app import create_app
+    from src.jobs.scheduler import tick
+    from src.models import Job, MachineEvent, utcnow
+    from tests.e2e.test_policies import Gpus, host_python
+    from tests.support.fixtures_app import make_settings
+
+    gpus = Gpus(tmp_path / "gpus")
+    gpus.read(0)
+    app = create_app(make_settings(tmp_path, database_url, ssh_key_path=sshd.client_key_path, ssh_user=sshd.user,
+                                   remote_python=host_python(tmp_path, gpus), vast_api_key=fake_vast.api_key),
+                     object_store=store, vast=vast_client, configure_logs=False)
+    c = app.extensions["gpusnap"]
+    fake_vast.set_ssh_endpoint("127.0.0.1", 2)  # vast.ai's instance is elsewhere, not the sampled sshd
+    instance_id = vast_client.create_instance(1001, image="img", disk_gb=10, label="someone-elses-run")
+    while not vast_client.show_instance(instance_id).is_running:
+        time.sleep(0.05)
+    with transaction(c.session_factory) as s:
+        s.add(Machine(id=str(instance_id), status="running", ssh_host=sshd.host, ssh_port=sshd.port,
+                      ssh_user=sshd.user, workspace_path="/workspace"))
+    r = app.test_client().put(f"/api/instances/{instance_id}/policy", headers=AUTH, json={
+        "idle": {"gpu_util_below": 5, "for_s": 2, "sample_every_s": 1, "action": "pause",
+                 "respect_ssh_sessions": False}})
+    assert r.status_code == 200, r.get_json()
+    now, actions = utcnow(), []
+    for _ in range(5):
+        now += dt.timedelta(seconds=1)
+        actions += tick(c, now=now)["actions"]
+    assert actions and all("job_id" not in a for a in actions), actions
+    assert actions[0]["error"] == "endpoint_mismatch"
+    with transaction(c.session_factory) as s:
+        assert s.query(Job).filter_by(kind="pause").count() == 0
+        assert s.get(Machine, str(instance_id)).status == "running"
+        assert s.query(MachineEvent).filter_by(machine_id=str(instance_id), kind="idle_action_skipped").count()
+    assert vast_client.show_instance(instance_id).is_running
+    c.engine.dispose()

@@ -73,6 +73,7 @@ def hibernate(ctx: JobContext) -> dict[str, Any]:
     if not ctx.state.get("destroying"):  # a re-run after the destroy was sent has nothing left to check
         _refuse_hollow(ctx, snap)
         _recheck_source(ctx, machine_id, int(instance_id), snapshot_id)
+        _recheck_idle(ctx, machine_id, snapshot_id)
     ctx.progress(phase="destroy")
     # Last chance for a cancel: it is checked in the database, in the same write that records the destroy
     # as begun; after it, a cancel is answered 409 `too_late_to_cancel`.
@@ -203,6 +204,33 @@ def _recheck_source(ctx: JobContext, machine_id: str, instance_id: int, snapshot
                        f"{source['endpoint']} where the snapshot was taken")
     if problem is not None:
         raise JobFailed(f"{problem}; nothing was destroyed", code="endpoint_mismatch")
+
+
+def _recheck_idle(ctx: JobContext, machine_id: str, snapshot_id: str) -> None:
+    """For a hibernate an idle policy started (`params.idle_guard`): ask the host once more, right before
+    the destroy, as the idle rule would. The samples were judged before the snapshot and verify, which
+    take minutes on a big workspace: someone who logged in or started a run meanwhile keeps the
+    instance. A probe that cannot read the GPUs is busy here too. Raises JobFailed(`no_longer_idle`)."""
+    guard = ctx.params.get("idle_guard")
+    if not guard:
+        return
+    from src.jobs.remote import machine_endpoint, run_script, ssh_session
+    from src.services.idle import parse_probe
+
+    ctx.progress(phase="idle_recheck")
+    with ssh_session(ctx, machine_endpoint(ctx, machine_id)) as session:
+        util, sessions, error = parse_probe(run_script(ctx, session, "probe_gpu", {}))
+    below = int(guard["gpu_util_below"])
+    why = None
+    if util is None:
+        why = f"the GPUs could not be read ({error})"
+    elif max(util) >= below:
+        why = f"a GPU reads {max(util)}% (not below {below}%)"
+    elif guard.get("respect_ssh_sessions", True) and sessions != 0:
+        why = "an interactive SSH session is open" if sessions else "SSH sessions could not be counted"
+    if why is not None:
+        raise JobFailed(f"{why} right before the destroy: the machine is no longer idle; snapshot {snapshot_id} "
+                        "is kept and nothing was destroyed", code="no_longer_idle")
 
 
 def hollow_reason(*, files: int | None, raw_bytes: int | None, scan: dict[str, Any] | None) -> str | None:

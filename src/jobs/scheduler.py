@@ -4,9 +4,10 @@ no separate service) that carries out machine policies. Each tick:
 - starts the scheduled snapshot of every machine whose schedule has a slot due (the newest slot at or
   before now, so slots missed while no worker ran are run once, not once each), claiming the slot first
   with a row whose primary key is (machine, slot): of several workers, exactly one gets it;
-- samples the machines that have idle rules (claimed the same way: a conditional UPDATE of the
-  policy's `next_sample_at`) and, when one is idle by `src.services.idle.decide`, starts its action;
-- admits queued wakes up to WAKE_CONCURRENCY (`src.services.wake_queue`).
+- admits queued wakes up to WAKE_CONCURRENCY (`src.services.wake_queue`);
+- then samples the machines that have idle rules (each sample claimed by a conditional UPDATE of the
+  policy's `next_sample_at`), side by side, PROBE_THREADS at once: a host that never answers holds only
+  its own probe, until its deadline; when one is idle by `src.services.idle.decide`, starts its action.
 
 Everything it starts is an ordinary job through the same service functions the API calls, so the
 one-operation-per-machine lock, progress, cancel and the job list apply. What it cannot start (the
@@ -16,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, or_, select, update
@@ -34,6 +37,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 SLOT_HISTORY = dt.timedelta(days=31)
+PROBE_THREADS = 8  # idle probes in flight at once within one tick
 
 
 def tick(c: "Container", *, now: dt.datetime | None = None) -> dict[str, Any]:
@@ -41,18 +45,31 @@ def tick(c: "Container", *, now: dt.datetime | None = None) -> dict[str, Any]:
     {"scheduled": [job ids], "skipped": [machine ids], "sampled": [machine ids], "actions": [...]}."""
     now = now or utcnow()
     report: dict[str, Any] = {"scheduled": [], "skipped": [], "sampled": [], "actions": [], "admitted": []}
-    for machine_id, spec, schedule_from, _ in _policies(c):
-        try:
-            if spec.get("schedule"):
-                _run_schedule(c, machine_id, spec, schedule_from, now=now, report=report)
-            if spec.get("idle"):
-                _run_idle(c, machine_id, spec, now=now, report=report)
-        except (GpusnapError, SQLAlchemyError):  # one machine's trouble must not stop the others' policies
-            logger.exception("policy of machine %s failed this tick", machine_id)
+    policies = _policies(c)
+    # Schedules and wake admissions only touch the database: they go first, so no host can delay them.
+    for machine_id, spec, schedule_from, _ in policies:
+        if spec.get("schedule"):
+            _guarded(machine_id, _run_schedule, c, machine_id, spec, schedule_from, now=now, report=report)
     from src.services.wake_queue import admit_wakes
 
     report["admitted"] = admit_wakes(c)
+    # Idle probes reach hosts, and a hostile or wedged one answers nothing until PROBE_DEADLINE_S: they run
+    # side by side, so one such host costs the tick one deadline, not one per machine behind it.
+    idle_ones = [(machine_id, spec) for machine_id, spec, _, _ in policies if spec.get("idle")]
+    if idle_ones:
+        with ThreadPoolExecutor(max_workers=min(PROBE_THREADS, len(idle_ones)),
+                                thread_name_prefix="idle-probe") as pool:
+            for future in [pool.submit(_guarded, machine_id, _run_idle, c, machine_id, spec, now=now, report=report)
+                           for machine_id, spec in idle_ones]:
+                future.result()
     return report
+
+
+def _guarded(machine_id: str, step: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+    try:
+        step(*args, **kwargs)
+    except (GpusnapError, SQLAlchemyError, ValueError):  # one machine's trouble must not stop the others'
+        logger.exception("policy of machine %s failed this tick", machine_id)
 
 
 def _policies(c: "Container") -> list[tuple[str, dict[str, Any], dt.datetime | None, dt.datetime | None]]:
@@ -168,14 +185,19 @@ def _act(c: "Container", machine_id: str, spec: dict[str, Any], decision: idle.D
         elif action == "notify":
             kind, text = "idle", f"idle: {decision.reason}"
         elif action == "pause":
+            _require_sampled_instance(c, machine_id)
             done["job_id"] = instances.pause(c, machine_id)["id"]
             text = f"pausing (job {done['job_id']}): {decision.reason}"
         else:
+            _require_sampled_instance(c, machine_id)
             with transaction(c.session_factory) as s:
                 workspace = spec.get("workspace_path") or s.get(Machine, machine_id).workspace_path  # type: ignore[union-attr]
             done["job_id"] = instances.hibernate(c, machine_id, workspace_path=workspace,
                                                  codec=spec.get("codec") or "auto",
-                                                 excludes=list(spec.get("excludes") or []))["id"]
+                                                 excludes=list(spec.get("excludes") or []),
+                                                 idle_guard={"gpu_util_below": rules["gpu_util_below"],
+                                                             "respect_ssh_sessions":
+                                                                 rules.get("respect_ssh_sessions", True)})["id"]
             text = f"hibernating (job {done['job_id']}): {decision.reason}"
     except GpusnapError as e:
         kind, text = "idle_action_skipped", f"idle, but {action} could not start: {e.code}: {e.message}"
@@ -185,6 +207,26 @@ def _act(c: "Container", machine_id: str, spec: dict[str, Any], decision: idle.D
         s.execute(delete(IdleSample).where(IdleSample.machine_id == machine_id))
     logger.info("idle policy of %s: %s", machine_id, text)
     return done
+
+
+def _require_sampled_instance(c: "Container", machine_id: str) -> None:
+    """Raise Unprocessable(`endpoint_mismatch`) unless vast.ai reports the machine's SSH endpoint, the host
+    the samples came from, as its instance's own. A machine's instance may only be assumed from its
+    numeric id (`vast_instance_assumed`): an idle plain host must not stop or destroy a rented one."""
+    from src.errors import Unprocessable
+    from src.jobs.hibernate import endpoint_text, own_endpoints
+
+    with transaction(c.session_factory) as s:
+        m = s.get(Machine, machine_id)
+        host, port, vast_id = (m.ssh_host, m.ssh_port, m.vast_instance_id) if m else (None, None, None)
+    if vast_id is None:
+        return  # pause and hibernate refuse it themselves (`no_vast_instance`)
+    instance = c.vast().show_instance(int(vast_id))
+    own = own_endpoints(instance) if instance is not None else set()
+    if not host or not port or endpoint_text(host, port) not in own:
+        raise Unprocessable(f"the samples came from {host}:{port}, which vast.ai does not report as instance "
+                            f"{vast_id}'s ({', '.join(sorted(own)) or 'no endpoint'}); nothing was done",
+                            code="endpoint_mismatch")
 
 
 # ---- retention after a snapshot ---------------------------------------------------------------------

@@ -5,7 +5,8 @@
    A machine whose samples do not go back that far (a new policy, a machine that just woke) is busy.
 2. s0 and every sample after it succeeded (a failed probe, an unreadable value, a host that did not
    answer, zero GPUs found: busy, never idle) and read every GPU below U (every GPU, every sample: one
-   busy GPU keeps the machine awake; the average is never used).
+   busy GPU keeps the machine awake; the average is never used). A sample listing a different number of
+   GPUs than s0 did (one vanished or appeared) is busy: a GPU without readings is not known to be idle.
 3. No sample is missing: no two consecutive samples from s0 on, nor the newest sample and `now`, are
    further apart than 2 x max(E, 60 s) (the scheduler runs once a minute). A gap is busy.
 4. With `respect_ssh_sessions`, none of those samples saw an interactive SSH session (a session with a
@@ -62,6 +63,11 @@ def decide(samples: Sequence[Sample], *, now: dt.datetime, rules: dict[str, Any]
             return Decision(False, f"a sample failed ({x.error or 'no reading'}): counted as busy")
         if not x.gpu_util:
             return Decision(False, "a sample read no GPU: counted as busy")
+        if len(x.gpu_util) != len(considered[0].gpu_util or []):
+            # A GPU that left the list (fell off the bus, a reset) has no reading for the rest of the
+            # window: unknown, so busy. One that appeared has no reading for its start.
+            return Decision(False, f"the GPU count changed within the window "
+                                   f"({len(considered[0].gpu_util or [])} -> {len(x.gpu_util)}): counted as busy")
         busy = [u for u in x.gpu_util if u >= threshold]
         if busy:
             return Decision(False, f"a GPU read {max(busy)}% (not below {threshold}%)")

@@ -30,14 +30,16 @@ _BUSY_STATES = {"hibernated": "is hibernated: wake it first", "paused": "is paus
 def hibernate(c: "Container", machine_id: str, *, workspace_path: str, ssh_host: str | None = None,
               ssh_port: int | None = None, ssh_user: str | None = None, destroy_after: bool = True,
               codec: str = "auto", excludes: list[str] | None = None, deep_verify: bool = False,
-              idem: Idempotency | None = None) -> dict[str, Any]:
+              idle_guard: dict[str, Any] | None = None, idem: Idempotency | None = None) -> dict[str, Any]:
     """Start a `hibernate` job: snapshot, verify, then (destroy_after) destroy the vast.ai instance.
     A machine not seen before is registered; its id is taken as its vast.ai instance id when numeric.
     Raises Conflict (busy, hibernated, paused), Unprocessable (nothing to destroy, host not allowed,
     `exclude_matches_root`, `system_path` for a workspace wake could not restore into, and
     `endpoint_mismatch` when the instance to destroy is not the one at ssh_host:ssh_port), NotFound
     (unknown machine and no SSH endpoint given), NotConfigured (no bucket; no vast.ai key when the
-    instance is to be destroyed or its endpoint asked of vast.ai) - at request time, not in the job."""
+    instance is to be destroyed or its endpoint asked of vast.ai) - at request time, not in the job.
+    `idle_guard` ({"gpu_util_below", "respect_ssh_sessions"}, from an idle policy): the job probes the
+    host again right before the destroy and fails `no_longer_idle` when it is not idle any more."""
     excludes = check_excludes(excludes)
     if destroy_after:
         check_restore_path(workspace_path, what="workspace_path (where wake will restore it)")
@@ -65,6 +67,7 @@ def hibernate(c: "Container", machine_id: str, *, workspace_path: str, ssh_host:
         _, job = start_snapshot_job(s, c, machine_id=machine.id, workspace_path=workspace_path, name="hibernate",
                                     codec=codec, excludes=excludes or [], idem=idem, kind="hibernate",
                                     params={"destroy_after": destroy_after, "deep_verify": deep_verify,
+                                            "idle_guard": idle_guard,
                                             "requested_endpoint": [ssh_host, ssh_port] if ssh_host else None})
         machine.status = "hibernating"
         machine.workspace_path = workspace_path

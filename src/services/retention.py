@@ -6,7 +6,11 @@ snapshots are walked newest first; `keep_last` keeps the first N; `keep_daily` k
 snapshot of each of the N most recent days (UTC) that have one, `keep_weekly` of ISO weeks,
 `keep_monthly` of months. A snapshot is kept when any rule keeps it. On top of the rules, never
 deleted: the snapshot a machine without a live instance would wake from, a snapshot a job is using,
-and the machine's only complete snapshot."""
+and the machine's only complete snapshot.
+
+As restic's `forget` does by default (`--group-by host,paths`), the rules apply to each workspace path
+apart: a manual snapshot of another directory is not the "last" snapshot of the workspace, and each
+path keeps at least its newest snapshot."""
 from __future__ import annotations
 
 import datetime as dt
@@ -79,13 +83,18 @@ def apply_retention(c: "Container", machine_id: str, *, job_id: str | None = Non
         rules = (policy.spec or {}).get("retention") if policy is not None else None
         if not rules:
             return []
-        rows = s.execute(select(Snapshot.id, Snapshot.created_at).where(Snapshot.machine_id == machine_id,
-                                                                       Snapshot.status == RESTORABLE)).all()
+        rows = s.execute(select(Snapshot.id, Snapshot.created_at, Snapshot.workspace_path)
+                         .where(Snapshot.machine_id == machine_id, Snapshot.status == RESTORABLE)).all()
         protected = {sid: "needed to wake" for sid in snapshots_needed_by_machines(s)}
         in_use = s.scalars(select(Job.snapshot_id).where(Job.status.in_(job_service.ACTIVE),
                                                          Job.snapshot_id.in_([r.id for r in rows])))
         protected.update({sid: "in use by a job" for sid in in_use if sid and sid not in protected})
-        result = plan([(r.id, r.created_at) for r in rows], rules, protected=protected)
+        groups: dict[str | None, list[tuple[str, dt.datetime]]] = {}
+        for r in rows:  # one group per workspace path, as restic groups by paths
+            groups.setdefault(r.workspace_path, []).append((r.id, r.created_at))
+        plans = [plan(group, rules, protected=protected) for group in groups.values()]
+        result = Plan(keep={k: v for p in plans for k, v in p.keep.items()},
+                      forget=sorted((i for p in plans for i in p.forget), reverse=True))
     started: list[str] = []
     for snap_id in result.forget:
         try:

@@ -283,3 +283,31 @@ def test_one_snapshot_restores_onto_several_hosts_at_once(pstack, sshd, sshd_fac
     starts = sorted(j["started_at"] for j in finished)
     ends = sorted(j["finished_at"] for j in finished)
     assert both or starts[1] < ends[0], "the two restores ran one after the other"
+
+
+def test_a_login_after_the_idle_decision_stops_the_destroy(pstack, sshd, fake_vast, box, gpus):  # type: ignore[no-untyped-def]
+    """Outside tester's repro: the idle samples are checked when the action starts, but hibernate then
+    snapshots and verifies (minutes on a big workspace) before it destroys. Someone who logs in
+    meanwhile lost the instance under their shell, and whatever they wrote since the snapshot. An idle
+    policy's hibernate now asks the host again right before the destroy (`no_longer_idle`)."""
+    _snapshot(pstack, box["id"], sshd, box["workspace"])
+    r = pstack.http.put(f"{pstack.url}/api/instances/{box['id']}/policy", timeout=10, json={
+        "workspace_path": str(box["workspace"]),
+        "idle": {"gpu_util_below": 5, "for_s": 2, "sample_every_s": 1, "action": "hibernate"}})
+    assert r.status_code == 200, r.text
+    gpus.read(0, 0)
+    pstack.stop_worker()  # the hibernate job waits while the person logs in
+    actions = [a for rep in Ticker(pstack).run(4) for a in rep["actions"]]
+    assert len(actions) == 1 and "job_id" in actions[0], actions
+    client, channel = _interactive_session(sshd)
+    try:
+        pstack.start_worker()
+        job = pstack.wait_job(actions[0]["job_id"], timeout=120)
+    finally:
+        channel.close()
+        client.close()
+    assert job["status"] == "failed" and job["error"]["code"] == "no_longer_idle", job
+    assert int(box["id"]) in [i["id"] for i in fake_vast.live_instances()]  # nothing destroyed
+    machine = pstack.get(f"/api/instances/{box['id']}").json()
+    assert machine["status"] == "running"
+    assert pstack.get(f"/api/gpu-snapshots/{job['snapshot_id']}").json()["status"] == "complete"  # kept

@@ -10,8 +10,8 @@ one of the last `window + 2` loads uses that load (a pack that serves a run of g
 zero block; this is the small pack cache), otherwise the object is loaded again. A load's buffer is
 recycled once every chunk planned on it has been decoded, so at most about 2 x window + 2 object
 buffers and window decoded chunks exist at once, whatever the snapshot size. Each chunk's stored
-bytes are checked against its SHA-256 before decoding; decoded bytes against raw_size and the zstd
-frame checksum (or raw_sha256 for a codec without one).
+bytes are checked against its SHA-256 before decoding; decoded bytes against raw_size and raw_sha256
+(the chunk's identity: a frame checksum only says the frame is intact, not that it is this chunk).
 """
 from __future__ import annotations
 
@@ -176,7 +176,6 @@ class ChunkFetcher:
         codec, raw_size = self.codecs[chunk["codec"]], chunk["raw_size"]
         rbuf = self._take(self._raw_free, self.raw_size)
         try:
-            self_checked = codec.checks_output(stored)
             n = codec.decompress_into(stored, memoryview(rbuf)[:raw_size + 1])
         except BaseException:
             self.release(rbuf)
@@ -191,7 +190,11 @@ class ChunkFetcher:
             raise ScriptError("part_corrupt", "chunk %d in %s decodes to %s bytes, manifest says %d"
                               % (i, key, n if n <= raw_size else "more", raw_size))
         raw = memoryview(rbuf)[:n]
-        if not self_checked and hashlib.sha256(raw).hexdigest() != chunk["raw_sha256"]:
+        # Always, even when the zstd frame checksum matched: that checksum covers what the frame holds,
+        # not which chunk it should be. A chunk's identity is its raw digest, and a store object that
+        # vouches for a digest it does not hold (planted by a previous host, reused by known_chunks or
+        # a resume) decodes cleanly to the wrong bytes; only this check tells.
+        if hashlib.sha256(raw).hexdigest() != chunk["raw_sha256"]:
             self.release(rbuf)
             raise ScriptError("part_corrupt", "chunk %d in %s decodes to bytes that do not match raw_sha256" % (i, key))
         self._add("verify_s", time.monotonic() - t2)

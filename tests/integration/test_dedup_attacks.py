@@ -142,3 +142,37 @@ def test_chunker_edge_trees_restore_identical_and_dedup_fully(
     assert again["chunks_new"] == 0 and again["bytes_uploaded"] == 0, again["manifest"]["chunks"]
     assert again["raw_bytes"] == first["raw_bytes"]
     check_restore(store, again, src, tmp_path / "r2")
+
+
+def test_peak_memory_is_bounded_on_a_1_gib_file_and_50k_small_files(
+        tmp_path: pathlib.Path, s3_server: Any, s3_prefix: str, s3_client: Any) -> None:
+    """The issue's bound (peak RSS <= 1 GiB, no local disk) with the design's sizes: a 1 GiB file (64
+    blocks) and 50,000 small files (many groups, several packs, a 50k-entry chunk list and manifest)."""
+    import resource
+    import subprocess
+    import sys
+    import json
+
+    from tests.support.fixtures_s3 import REMOTE_SCRIPTS
+
+    src = tmp_path / "src"
+    (src / "small").mkdir(parents=True)
+    block = os.urandom(1 << 20)
+    with open(src / "weights.bin", "wb") as fh:
+        for i in range(1024):
+            fh.write(hashlib.sha256(b"%d" % i).digest() + block[32:])  # every MiB differs
+    for d in range(50):
+        sub = src / "small" / ("d%02d" % d)
+        sub.mkdir()
+        for i in range(1000):
+            (sub / ("f%04d.txt" % i)).write_bytes(b"%d %d\n" % (d, i) * 20)
+    store = Store(s3_server, s3_client, s3_prefix, **DEFAULTS)
+    cfg = store.config(str(src))
+    proc = subprocess.run([sys.executable, str(REMOTE_SCRIPTS / "snapshot.py")], input=json.dumps(cfg).encode(),
+                          capture_output=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the largest reaped descendant
+    res = json.loads(proc.stdout.decode().splitlines()[-1])
+    assert res["files"] >= 50_000 and res["raw_bytes"] > (1 << 30)
+    print("peak RSS of the largest child: %.0f MiB" % (peak_kib / 1024))
+    assert peak_kib < (1 << 20), "peak RSS %d KiB" % peak_kib

@@ -2,10 +2,12 @@
 vouch for a chunk digest they do not hold. Real snapshot.py/restore.py, SeaweedFS, GNU tar, s5cmd."""
 from __future__ import annotations
 
+import copy
 import hashlib
+import json
 import os
 import pathlib
-from typing import Any
+from typing import Any, Dict
 
 import pytest
 import zstandard
@@ -176,3 +178,43 @@ def test_peak_memory_is_bounded_on_a_1_gib_file_and_50k_small_files(
     assert res["files"] >= 50_000 and res["raw_bytes"] > (1 << 30)
     print("peak RSS of the largest child: %.0f MiB" % (peak_kib / 1024))
     assert peak_kib < (1 << 20), "peak RSS %d KiB" % peak_kib
+
+
+def _rewrite_manifest(s3_server: Any, s3_client: Any, res: Dict[str, Any], change: Any) -> Dict[str, Any]:
+    """Replace the snapshot's manifest by `change(doc)` (a hostile previous host writes what it likes);
+    returns the snapshot result with the new manifest's digest, as the control plane would hold it."""
+    doc = copy.deepcopy(res["manifest"])
+    change(doc)
+    body = json.dumps(doc).encode()
+    s3_client.put_object(Bucket=s3_server.bucket, Key=res["manifest_key"], Body=body)
+    return dict(res, manifest=doc, manifest_sha256=hashlib.sha256(body).hexdigest())
+
+
+def _huge_raw(doc: Dict[str, Any]) -> None:
+    c = next(c for c in doc["chunks"] if c["codec"] == "zstd")
+    doc["totals"]["raw_bytes"] += (8 << 30) - c["raw_size"]
+    c["raw_size"] = 8 << 30  # under the disk check's bar; one decode buffer of this size per worker
+
+
+def _huge_object(doc: Dict[str, Any]) -> None:
+    o = next(o for o in doc["objects"] if o["key"].startswith("packs/"))
+    doc["totals"]["stored_bytes"] += (1 << 46) - o["size"]
+    o["size"] = 1 << 46
+
+
+@pytest.mark.parametrize("change", [_huge_raw, _huge_object])
+def test_a_manifest_claiming_huge_sizes_is_manifest_invalid_before_any_allocation(
+        tmp_path: pathlib.Path, s3_server: Any, s3_prefix: str, s3_client: Any, change: Any) -> None:
+    """Restore sizes its buffers from the manifest (the largest object and raw chunk it names). A
+    manifest from a hostile previous host that names a 64 TiB chunk or object must be refused as
+    `manifest_invalid` (no chunk or object of format 2 is ever larger than the chunking allows), not
+    crash the new host's restore with MemoryError or an OOM kill."""
+    src = tmp_path / "src"
+    (src / "pkg").mkdir(parents=True)
+    for i in range(20):
+        (src / "pkg" / ("f%02d.txt" % i)).write_text("line %d\n" % i * 300)
+    store = Store(s3_server, s3_client, s3_prefix)
+    res = _rewrite_manifest(s3_server, s3_client, store.snapshot(str(src)), change)
+    target = tmp_path / "restored"
+    run = store.restore(res, str(target))
+    assert run.returncode != 0 and run.error_code == "manifest_invalid", (run.events[-1:], run.stderr[-2000:])

@@ -87,10 +87,12 @@ class ChunkIndex:
             return False
         return len(raw) == raw_size and hashlib.sha256(raw).hexdigest() == raw_sha256
 
-    def resume_packs(self) -> int:
-        """Read the TOC of listed packs no known chunk points to (left by an earlier attempt)."""
+    def resume_packs(self, max_size: int) -> int:
+        """Read the TOC of listed packs no known chunk points to (left by an earlier attempt). A listed
+        pack over `max_size` (more than this run's packs can be) is not one of ours: never buffered."""
         referenced = {loc.key for loc in self.known.values()}
-        orphans = sorted(k for k in self.listing if k.startswith("packs/") and k not in referenced)
+        orphans = sorted(k for k in self.listing if k.startswith("packs/") and k not in referenced
+                         and self.listing[k] <= max_size)
         for key in orphans[:RESUME_PACKS]:
             size = self.listing[key]
             try:
@@ -148,8 +150,8 @@ class ChunkIndex:
         """A block an earlier attempt uploaded as chunks/<raw>, when its metadata vouches for it."""
         key = "chunks/" + raw
         size = self.listing.get(key)
-        if size is None:
-            return None
+        if size is None or size > raw_size:  # a stored block is never larger than its raw bytes
+            return None                      # (gs_codecs.encode_part): no bigger one is fetched
         try:
             info = self.s5.head(self.prefix + key)
         except NotFound:

@@ -218,3 +218,43 @@ def test_a_manifest_claiming_huge_sizes_is_manifest_invalid_before_any_allocatio
     target = tmp_path / "restored"
     run = store.restore(res, str(target))
     assert run.returncode != 0 and run.error_code == "manifest_invalid", (run.events[-1:], run.stderr[-2000:])
+
+
+def test_resume_never_buffers_a_listed_object_bigger_than_this_run_could_have_written(
+        tmp_path: pathlib.Path, s3_server: Any, s3_prefix: str, s3_client: Any) -> None:
+    """The resume check downloads whole listed packs no known chunk points to (and, since they are
+    checked by content, listed blocks). Anyone with write on the machine prefix can list a 50 GB
+    `packs/<its digest>` there: the next snapshot would buffer it in memory (MemoryError or an OOM kill
+    of the hibernate's snapshot, every time, until gc's grace passes). A pack larger than this run's
+    packs can be (pack_size + a group + TOC, with margin) is skipped unread; here a truthful 4 MiB pack
+    against the 512 KiB packs of the test chunking stands in for the 50 GB one."""
+    src = tmp_path / "src"
+    (src / "pkg").mkdir(parents=True)
+    for i in range(30):
+        (src / "pkg" / ("f%02d.txt" % i)).write_text("line %d\n" % i * 300)
+    chunks = Store(s3_server, s3_client, s3_prefix + "probe/").snapshot(str(src))["manifest"]["chunks"]
+    store = Store(s3_server, s3_client, s3_prefix)
+    filler = os.urandom(4 << 20)
+    entries = [(PackEntry(raw_sha256=hashlib.sha256(filler).hexdigest(), offset=0, stored_size=len(filler),
+                          raw_size=len(filler), codec="none", sha256=hashlib.sha256(filler).hexdigest()), filler)]
+    entries += [(PackEntry(raw_sha256=c["raw_sha256"], offset=0, stored_size=len(raw), raw_size=len(raw), codec="none",
+                           sha256=c["raw_sha256"]), raw)
+                for c, raw in ((c, _group_bytes(s3_server, s3_client, s3_prefix + "probe/m1/", c)) for c in chunks)]
+    body, _ = build_pack(entries)
+    s3_client.put_object(Bucket=s3_server.bucket, Key=store.store + "packs/" + hashlib.sha256(body).hexdigest(),
+                         Body=body)
+    res = store.snapshot(str(src))
+    assert res["resumed_packs"] == 0 and res["resumed_chunks"] == 0, res
+    check_restore(store, res, src, tmp_path / "restored")
+
+
+def _group_bytes(s3_server: Any, s3_client: Any, store: str, c: Dict[str, Any]) -> bytes:
+    """The raw bytes of a chunk of a probe snapshot (its pack fetched, its slice decoded)."""
+    manifests = [o for o in s3_client.list_objects_v2(Bucket=s3_server.bucket, Prefix=store)["Contents"]
+                 if o["Key"].endswith("manifest.json")]
+    doc = json.loads(s3_client.get_object(Bucket=s3_server.bucket, Key=manifests[0]["Key"])["Body"].read())
+    chunk = next(x for x in doc["chunks"] if x["raw_sha256"] == c["raw_sha256"])
+    obj = doc["objects"][chunk["object"]]
+    data = s3_client.get_object(Bucket=s3_server.bucket, Key=store + obj["key"])["Body"].read()
+    stored = data[chunk["offset"]:chunk["offset"] + chunk["stored_size"]]
+    return stored if chunk["codec"] == "none" else zstandard.ZstdDecompressor().decompress(stored)

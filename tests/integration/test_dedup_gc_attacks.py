@@ -66,3 +66,43 @@ def test_repack_leaves_the_manifest_of_a_snapshot_being_restored_alone(app, s3st
         row = s.scalar(select(Snapshot).where(Snapshot.id == second["id"]))
         assert row.manifest_sha256 == second["manifest"].sha256 and row.manifest_sha256_next is None
     assert_restorable(c, s3store, second["id"])
+
+
+def test_deep_verify_names_a_chunk_whose_bytes_decode_to_another_digest(app, s3store):  # type: ignore[no-untyped-def]  # noqa: F811
+    """A zstd chunk whose stored bytes are intact (stored SHA-256 matches) but decode to other bytes
+    than its raw_sha256 (a previous host's lying manifest or pack, reused through known_chunks): the
+    restore fails on it (part_corrupt); deep verify, run before a machine is destroyed, must too."""
+    import hashlib
+    import json
+
+    import zstandard
+
+    from src.db import transaction
+    from src.jobs.chunk_index import record_manifest
+    from src.manifest import parse_manifest
+    from src.models import Snapshot
+    from src.pack import PackEntry, build_pack
+
+    client = app.test_client()
+    c = app.extensions["gpusnap"]
+    real = b"real file bytes " * 200
+    snap = add_v2_snapshot(app, s3store, groups=[real])
+    doc = dict(snap["manifest"].doc)
+    evil = zstandard.ZstdCompressor(write_checksum=True).compress(os.urandom(len(real)))
+    pack, entries = build_pack([(PackEntry(hashlib.sha256(real).hexdigest(), 0, len(evil), len(real), "zstd",
+                                           hashlib.sha256(evil).hexdigest()), evil)])
+    key = "packs/" + hashlib.sha256(pack).hexdigest()
+    s3store.put_bytes(snap["store_prefix"] + key, pack)
+    doc["objects"] = [{"key": key, "size": len(pack), "sha256": hashlib.sha256(pack).hexdigest()}]
+    doc["chunks"] = [dict(doc["chunks"][0], object=0, offset=0, stored_size=len(evil), codec="zstd",
+                          sha256=entries[0].sha256)]
+    doc["totals"] = dict(doc["totals"], stored_bytes=len(pack), objects=1)
+    raw = json.dumps(doc).encode()
+    manifest = parse_manifest(raw)
+    s3store.put_bytes(snap["prefix"] + "manifest.json", raw)
+    with transaction(c.session_factory) as s:
+        s.get(Snapshot, snap["id"]).manifest_sha256 = manifest.sha256
+        record_manifest(s, snap["id"], "m1", manifest)
+    deep = _job(client, f"/api/gpu-snapshots/{snap['id']}/verify", {"deep": True})
+    assert deep["status"] == "failed" and deep["error"]["code"] == "part_corrupt", deep
+    assert key in deep["error"]["message"]

@@ -275,3 +275,38 @@ def test_known_chunks_whose_objects_gc_deleted_are_stored_again(
     second = store.snapshot(str(src))  # told every chunk of the first
     assert second["known_dropped"] > 0 and second["chunks_reused"] < second["chunks"]
     check_restore(store, second, src, tmp_path / "r")
+
+
+def test_a_reused_chunk_that_decodes_to_other_bytes_fails_the_restore(
+        tmp_path: pathlib.Path, s3_server: Any, s3_prefix: str, s3_client: Any) -> None:
+    """A hostile host of the machine replaces the block of a predictable file by zstd of other bytes of
+    the same size and rewrites its own snapshot's manifest to match (so the control plane indexes the
+    lie). The next, honest host is told that chunk (known_chunks) and reuses it. The restore of that
+    snapshot must fail with part_corrupt, never write the other bytes: the frame checksum and the stored
+    SHA-256 both match, only the raw digest tells."""
+    src = tmp_path / "src"
+    src.mkdir()
+    public = hashlib.sha256(b"public weights").digest() * (BLOCK // 32)
+    (src / "weights.bin").write_bytes(public)
+    store = Store(s3_server, s3_client, s3_prefix)
+    first = store.snapshot(str(src))
+    raw = hashlib.sha256(public).hexdigest()
+    evil = zstandard.ZstdCompressor(write_checksum=True).compress(os.urandom(BLOCK))
+    s3_client.put_object(Bucket=s3_server.bucket, Key=store.store + "chunks/" + raw, Body=evil)
+    digest = hashlib.sha256(evil).hexdigest()
+
+    def lie(doc: Dict[str, Any]) -> None:
+        for c in doc["chunks"]:
+            if c["raw_sha256"] == raw:
+                c.update(codec="zstd", stored_size=len(evil), sha256=digest)
+                o = doc["objects"][c["object"]]
+                doc["totals"]["stored_bytes"] += len(evil) - o["size"]
+                o.update(size=len(evil), sha256=digest)
+
+    store.manifests[-1] = _rewrite_manifest(s3_server, s3_client, first, lie)["manifest"]
+    second = store.snapshot(str(src))
+    reused = [c for c in second["manifest"]["chunks"] if c["raw_sha256"] == raw]
+    assert reused and not any(c["new"] for c in reused) and reused[0]["sha256"] == digest
+    target = tmp_path / "restored"
+    run = store.restore(second, str(target))
+    assert run.returncode != 0 and run.error_code == "part_corrupt", run.events[-1]

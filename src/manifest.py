@@ -22,6 +22,10 @@ CODECS = ("zstd", "nvcomp-ans", "none")  # what a manifest may name for a part o
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 # A v2 object key, relative to the machine prefix: nothing else can be named (no `..`, no other prefix).
 OBJECT_KEY = re.compile(r"^(chunks|packs)/[0-9a-f]{64}$")
+# The largest raw chunk and stored object format 2 makes (gs_manifest.MAX_CHUNK_BYTES, MAX_OBJECT_BYTES:
+# restore sizes its buffers from these claims, so a bigger one is refused).
+MAX_CHUNK_BYTES = 256 << 20
+MAX_OBJECT_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -147,6 +151,8 @@ def _parse_v2(doc: dict[str, Any], sha256: str) -> Manifest:
             raise _bad(f"object {i} has key {key!r}, not chunks/<sha256> or packs/<sha256>")
         objects.append(StoredObject(key=key, size=_count(o.get("size"), f"object {i} size"),
                                     sha256=_hex(o.get("sha256"), f"object {i} sha256")))
+        if objects[-1].size > MAX_OBJECT_BYTES:
+            raise _bad(f"object {key} claims {objects[-1].size} bytes, more than format 2 ever stores")
         if key.startswith("packs/") and key[6:] != objects[-1].sha256:
             raise _bad(f"pack {key} is not named by its SHA-256")
     if len({o.key for o in objects}) != len(objects):
@@ -168,6 +174,8 @@ def _parse_v2(doc: dict[str, Any], sha256: str) -> Manifest:
                       offset=_count(c.get("offset"), f"chunk {i} offset"),
                       stored_size=_count(c.get("stored_size"), f"chunk {i} stored_size"), codec=c["codec"],
                       sha256=_hex(c.get("sha256"), f"chunk {i} sha256"), kind=c["kind"], new=c["new"])
+        if chunk.raw_size > MAX_CHUNK_BYTES:
+            raise _bad(f"chunk {i} claims {chunk.raw_size} raw bytes, more than format 2 ever cuts")
         if chunk.codec == "none" and (chunk.stored_size != chunk.raw_size or chunk.sha256 != chunk.raw_sha256):
             raise _bad(f"raw chunk {i}: stored and raw differ")
         obj = objects[index]

@@ -9,8 +9,10 @@ Kill-safe order (a re-run of gc finishes or undoes each step; failpoints `gc.rep
    manifest is the snapshot's (restore and verify accept both: P and N both exist);
 4. drop the references that no current manifest makes (`reconcile`), after which P is unreferenced and
    the caller's sweep deletes it like any other garbage.
-A snapshot's references are replaced only while no other job uses it (a restore reading the old
-manifest keeps P alive until it ends); the machine has no snapshot in progress throughout."""
+A pack is repacked only while no other job uses a snapshot that uses it (a restore or wake was given the
+recorded manifest digest: its host would refuse a rewritten manifest), and a snapshot's references are
+replaced only while no other job uses it; the machine has no snapshot in progress throughout. A restore
+that starts after step 2 is told the digest the bucket holds when it starts (transfer_jobs.manifest_digest)."""
 from __future__ import annotations
 
 import copy
@@ -67,13 +69,20 @@ def load_manifests(ctx: JobContext, machine_id: str) -> dict[str, Manifest] | No
     return manifests
 
 
+def _in_use(s: Any, ctx: JobContext, snapshot_ids: list[str]) -> set[str]:
+    """Snapshots another job (a restore, wake, verify, delete) is using now: their manifest is not
+    rewritten under them (a host that was given the recorded digest would refuse the new one as
+    `manifest_changed`) and their references are not dropped."""
+    return set(s.scalars(select(Job.snapshot_id).where(Job.status.in_(ACTIVE), Job.id != ctx.job_id,
+                                                       Job.snapshot_id.in_(snapshot_ids))))
+
+
 def reconcile(ctx: JobContext, machine_id: str, manifests: dict[str, Manifest]) -> None:
     """Make each snapshot's references exactly the objects of its current manifest, for snapshots no other
     job is using (one still reading an older manifest keeps what that manifest needed)."""
     with ctx.owned() as s:
         lock_machine(s, machine_id)
-        busy = set(s.scalars(select(Job.snapshot_id).where(Job.status.in_(ACTIVE), Job.id != ctx.job_id,
-                                                           Job.snapshot_id.in_(list(manifests)))))
+        busy = _in_use(s, ctx, list(manifests))
         for snap_id, manifest in manifests.items():
             if snap_id in busy or s.get(Snapshot, snap_id) is None:
                 continue
@@ -125,6 +134,9 @@ def repack_machine(ctx: JobContext, machine_id: str, prefix: str,
 
 def _repack_one(ctx: JobContext, machine_id: str, prefix: str, old_key: str, chunks: list[Any],
                 affected: dict[str, Manifest]) -> bool:
+    with ctx.owned() as s:
+        if _in_use(s, ctx, list(affected)):
+            return False  # a later gc repacks it (checked again below, where it counts)
     store = ctx.container.object_store()
     old = store.get_bytes(prefix + old_key)
     if old is None or hashlib.sha256(old).hexdigest() != old_key.split("/")[1]:
@@ -149,6 +161,8 @@ def _repack_one(ctx: JobContext, machine_id: str, prefix: str, old_key: str, chu
         if s.scalar(select(Snapshot.id).where(Snapshot.machine_id == machine_id,
                                               Snapshot.status.in_(IN_PROGRESS)).limit(1)) is not None:
             return False  # a snapshot started: the new pack stays an orphan for a later gc
+        if _in_use(s, ctx, list(affected)):
+            return False  # a restore of one started: likewise
         if s.get(StoreObject, (machine_id, new_key)) is None:
             s.add(StoreObject(machine_id=machine_id, key=new_key, kind="pack", size=len(pack),
                               sha256=new_obj["sha256"], state="live"))

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+import zstandard
 from sqlalchemy import delete, update
 from sqlalchemy.orm import Session
 
@@ -132,7 +133,8 @@ def _check_v2(ctx: JobContext, store: Any, prefix: str, manifest: Manifest, deep
         if hashlib.sha256(data).hexdigest() != obj.sha256:
             return index_obj, "part_corrupt"
         for c in by_object.get(index, []):
-            if hashlib.sha256(data[c.offset:c.offset + c.stored_size]).hexdigest() != c.sha256:
+            stored = data[c.offset:c.offset + c.stored_size]
+            if hashlib.sha256(stored).hexdigest() != c.sha256 or not _decodes_to(c, stored):
                 return index_obj, "part_corrupt"
         return index_obj, None
 
@@ -150,6 +152,20 @@ def _check_v2(ctx: JobContext, store: Any, prefix: str, manifest: Manifest, deep
         raise JobFailed(f"{len(problems)} of {len(manifest.objects)} objects are bad: {listed}", code=problems[0][1])
     return {"parts": len(manifest.chunks), "objects": len(manifest.objects), "stored_bytes": manifest.stored_bytes,
             "deep": deep, "manifest_sha256": manifest.sha256, "format": 2}
+
+
+def _decodes_to(chunk: Chunk, stored: bytes) -> bool:
+    """Deep verify: a zstd chunk decodes to its raw_sha256 (the restore checks the same). Intact stored
+    bytes can still be another chunk's (a lying pack or manifest of an earlier host, reused through
+    known_chunks). `none` chunks are their raw bytes (the parser checks it); zstd-planes and nvCOMP
+    chunks decode only on a host, where the restore checks them."""
+    if chunk.codec != "zstd":
+        return True
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(stored, max_output_size=chunk.raw_size)
+    except zstandard.ZstdError:
+        return False
+    return len(raw) == chunk.raw_size and hashlib.sha256(raw).hexdigest() == chunk.raw_sha256
 
 
 def _run_checks(ctx: JobContext, check: Callable[[T], tuple[T, str | None]], items: list[T],

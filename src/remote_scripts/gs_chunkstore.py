@@ -6,8 +6,11 @@ Three sources, checked in this order for each chunk digest:
    kept only when the start-of-run listing shows their object with the recorded size;
 2. chunks stored earlier in this run (a repeated file, zero blocks of a preallocated file);
 3. what a crashed or cancelled earlier attempt left (resume): a listed block `chunks/<raw>` is reused
-   after a HEAD shows matching metadata; listed packs that no known chunk points to are fetched once
-   and their TOC read (at most RESUME_PACKS of them).
+   after a HEAD shows matching metadata and its bytes, fetched, decode to the digest; listed packs that
+   no known chunk points to are fetched once and their TOC read (at most RESUME_PACKS of them), each
+   chunk reused only when it decodes to the digest its TOC row names. Nothing an unreferenced object
+   says about itself is trusted: anyone with write on the machine prefix (a previous host of the
+   machine) can plant one, and a restore would fail on it only after hibernate destroyed the host.
 
 A digest being stored by one worker is "in flight": another worker that needs it waits for it rather
 than storing it twice.
@@ -20,7 +23,7 @@ import re
 import threading
 from typing import Any, Dict, List, Optional, Tuple
 
-from gs_codecs import PART_CODECS
+from gs_codecs import PART_CODECS, Codec, for_restore
 from gs_common import ScriptError
 from gs_packer import Loc, parse_toc
 from gs_s3 import S5, NotFound
@@ -65,11 +68,31 @@ class ChunkIndex:
         self.inflight: Dict[str, threading.Event] = {}
         self.resumed_chunks = 0
         self.failed = False
+        self._decoders: Dict[str, Optional[Codec]] = {}
 
-    def resume_packs(self) -> int:
-        """Read the TOC of listed packs no known chunk points to (left by an earlier attempt)."""
+    def decodes_to(self, codec: str, stored: Any, raw_sha256: str, raw_size: int) -> bool:
+        """Whether stored bytes left by an earlier attempt decode to the chunk they claim to be."""
+        with self.lock:
+            if codec not in self._decoders:
+                try:
+                    self._decoders[codec] = for_restore([codec], bootstrap=False)[codec]
+                except ScriptError:
+                    self._decoders[codec] = None  # cannot check here: store the chunk again
+            decoder = self._decoders[codec]
+        if decoder is None:
+            return False
+        try:
+            raw = stored if codec == "none" else decoder.decompress(stored, raw_size)
+        except ScriptError:
+            return False
+        return len(raw) == raw_size and hashlib.sha256(raw).hexdigest() == raw_sha256
+
+    def resume_packs(self, max_size: int) -> int:
+        """Read the TOC of listed packs no known chunk points to (left by an earlier attempt). A listed
+        pack over `max_size` (more than this run's packs can be) is not one of ours: never buffered."""
         referenced = {loc.key for loc in self.known.values()}
-        orphans = sorted(k for k in self.listing if k.startswith("packs/") and k not in referenced)
+        orphans = sorted(k for k in self.listing if k.startswith("packs/") and k not in referenced
+                         and self.listing[k] <= max_size)
         for key in orphans[:RESUME_PACKS]:
             size = self.listing[key]
             try:
@@ -87,7 +110,10 @@ class ChunkIndex:
                 continue
             for row in rows:
                 stored = memoryview(body)[row["offset"]:row["offset"] + row["stored_size"]]
-                if hashlib.sha256(stored).hexdigest() != row["sha256"]:
+                if (hashlib.sha256(stored).hexdigest() != row["sha256"]
+                        or not self.decodes_to(row["codec"], stored, row["raw_sha256"], row["raw_size"])):
+                    logger.warning("pack %s: chunk %s... does not hold what its TOC says; not reused",
+                                   key, row["raw_sha256"][:12])
                     continue
                 self.stored.setdefault(row["raw_sha256"], Loc(key, row["offset"], row["stored_size"], row["raw_size"],
                                                               row["codec"], row["sha256"], size, digest))
@@ -124,8 +150,8 @@ class ChunkIndex:
         """A block an earlier attempt uploaded as chunks/<raw>, when its metadata vouches for it."""
         key = "chunks/" + raw
         size = self.listing.get(key)
-        if size is None:
-            return None
+        if size is None or size > raw_size:  # a stored block is never larger than its raw bytes
+            return None                      # (gs_codecs.encode_part): no bigger one is fetched
         try:
             info = self.s5.head(self.prefix + key)
         except NotFound:
@@ -134,6 +160,14 @@ class ChunkIndex:
         sha, codec = meta.get("sha256", ""), meta.get("codec", "")
         if (info["size"] != size or meta.get("raw-sha256") != raw or meta.get("raw-size") != str(raw_size)
                 or meta.get("stored-size") != str(size) or codec not in PART_CODECS or not _HEX64.match(sha)):
+            return None
+        try:  # the metadata is the object's own word: check the bytes (resume only, so rare)
+            body = self.s5.cat(self.prefix + key, size, "upload_failed")
+        except NotFound:
+            return None
+        if (len(body) != size or hashlib.sha256(body).hexdigest() != sha
+                or not self.decodes_to(codec, body, raw, raw_size)):
+            logger.warning("block %s does not hold what its metadata says; stored again", key)
             return None
         with self.lock:
             self.resumed_chunks += 1

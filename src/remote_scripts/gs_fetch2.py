@@ -10,8 +10,9 @@ one of the last `window + 2` loads uses that load (a pack that serves a run of g
 zero block; this is the small pack cache), otherwise the object is loaded again. A load's buffer is
 recycled once every chunk planned on it has been decoded, so at most about 2 x window + 2 object
 buffers and window decoded chunks exist at once, whatever the snapshot size. Each chunk's stored
-bytes are checked against its SHA-256 before decoding; decoded bytes against raw_size and the zstd
-frame checksum (or raw_sha256 for a codec without one).
+bytes are checked against its SHA-256 before decoding; decoded bytes against raw_size and, for every
+chunk the snapshot reused (`new: false`) or whose codec has no frame checksum, raw_sha256 (the chunk's
+identity: a frame checksum only says the frame is intact, not that it is this chunk).
 """
 from __future__ import annotations
 
@@ -191,7 +192,14 @@ class ChunkFetcher:
             raise ScriptError("part_corrupt", "chunk %d in %s decodes to %s bytes, manifest says %d"
                               % (i, key, n if n <= raw_size else "more", raw_size))
         raw = memoryview(rbuf)[:n]
-        if not self_checked and hashlib.sha256(raw).hexdigest() != chunk["raw_sha256"]:
+        # Every chunk this snapshot did not store itself (`new: false`: told by known_chunks, found by a
+        # resume, a repeat), even when the zstd frame checksum matched: that checksum covers what the
+        # frame holds, not which chunk it is. An object that vouches for a digest it does not hold (a
+        # lying pack or manifest of a previous host of the machine) decodes cleanly to the wrong bytes
+        # and only this check tells. A chunk the snapshot's own run stored was hashed from these raw
+        # bytes and compressed by the same writer (its stored SHA-256 guards it since); skipping those
+        # keeps a full restore as fast as before.
+        if (not chunk["new"] or not self_checked) and hashlib.sha256(raw).hexdigest() != chunk["raw_sha256"]:
             self.release(rbuf)
             raise ScriptError("part_corrupt", "chunk %d in %s decodes to bytes that do not match raw_sha256" % (i, key))
         self._add("verify_s", time.monotonic() - t2)

@@ -110,6 +110,12 @@ def validate_v1(doc: Any) -> Dict[str, Any]:
 VERSION_2 = 2
 OBJECT_KEY = re.compile(r"^(chunks|packs)/[0-9a-f]{64}$")
 KINDS = ("block", "group")
+# No format-2 chunk or object is larger than the chunking allows: a block is at most block_size and a group
+# at most group_max (snapshot.py accepts at most 256 MiB and 64 MiB), a stored chunk never larger than its
+# raw bytes (gs_codecs.encode_part), a pack at most pack_size (<= 256 MiB) + one group + its TOC. Restore
+# sizes its buffers from the manifest, so a bigger claim is refused here, before any allocation.
+MAX_CHUNK_BYTES = 256 << 20
+MAX_OBJECT_BYTES = 1 << 30
 
 
 def build_v2(*, cfg: Dict[str, Any], codec: str, chunking: Dict[str, int], entries: List[Any], files: int,
@@ -162,7 +168,8 @@ def validate_v2(doc: Dict[str, Any]) -> Dict[str, Any]:
         if obj["key"] in seen:
             raise _bad("object %s is listed twice" % obj["key"])
         seen.add(obj["key"])
-        _int(obj.get("size"), "object %d size" % i)
+        if _int(obj.get("size"), "object %d size" % i) > MAX_OBJECT_BYTES:
+            raise _bad("object %s claims %d bytes, more than format 2 ever stores" % (obj["key"], obj["size"]))
         _hex(obj.get("sha256"), "object %d sha256" % i)
         if obj["key"].startswith("packs/") and obj["key"][6:] != obj["sha256"]:
             raise _bad("pack %s is not named by its SHA-256" % obj["key"])
@@ -175,6 +182,8 @@ def validate_v2(doc: Dict[str, Any]) -> Dict[str, Any]:
         raw_size, stored = _int(c.get("raw_size"), "chunk %d raw_size" % i), _int(c.get("stored_size"),
                                                                                   "chunk %d stored_size" % i)
         offset, index = _int(c.get("offset"), "chunk %d offset" % i), _int(c.get("object"), "chunk %d object" % i)
+        if raw_size > MAX_CHUNK_BYTES:
+            raise _bad("chunk %d claims %d raw bytes, more than format 2 ever cuts" % (i, raw_size))
         if c.get("codec") not in PART_CODECS or c.get("kind") not in KINDS or not isinstance(c.get("new"), bool):
             raise _bad("chunk %d has a bad codec, kind or new flag" % i)
         if c["codec"] == "none" and (stored != raw_size or c["sha256"] != c["raw_sha256"]):

@@ -52,7 +52,9 @@ def run(*, ctx: Context, cfg: Dict[str, Any], opts: Dict[str, Any], v2: Dict[str
         s5.remove([prefix + MANIFEST_NAME])  # an earlier attempt's: it is rewritten last, as in v1
     t_scan = time.monotonic()
     index = ChunkIndex(s5, store, v2["known"])
-    resumed_packs = index.resume_packs()
+    # A pack holds at most pack_size bytes of chunks plus one group and its TOC (rows of ~200 bytes for
+    # chunks of at least 512): twice that is a generous bound that keeps the memory bound.
+    resumed_packs = index.resume_packs(2 * (v2["pack_size"] + v2["group_max"]))
     bytes_total, entries = scan(opts["workspace"], opts["excludes"])
     events.progress(force=True, phase="upload", bytes_done=0, bytes_total=bytes_total, parts_done=0,
                     parts_total=max(1, -(-bytes_total // v2["block_size"])))

@@ -56,6 +56,19 @@ def _set(path: str, value: Any) -> Callable[[Dict[str, Any]], None]:
     return apply
 
 
+def _huge_raw(d: Dict[str, Any]) -> None:
+    """A consistent manifest but for one chunk claiming 1 TiB of raw bytes (restore sizes buffers by it)."""
+    c = next(c for c in d["chunks"] if c["kind"] == "group")
+    d["totals"]["raw_bytes"] += (1 << 40) - c["raw_size"]
+    c.update(codec="zstd", raw_size=1 << 40)
+
+
+def _huge_object(d: Dict[str, Any]) -> None:
+    o = next(o for o in d["objects"] if o["key"].startswith("packs/"))
+    d["totals"]["stored_bytes"] += (1 << 40) - o["size"]
+    o["size"] = 1 << 40
+
+
 @pytest.mark.parametrize("damage", [
     _set("objects.0.key", "../../etc/passwd"),
     _set("objects.0.key", "chunks/" + "A" * 64),
@@ -72,6 +85,8 @@ def _set(path: str, value: Any) -> Callable[[Dict[str, Any]], None]:
     _set("totals.chunks_new", 4),
     _set("chunks", []),
     _set("chunking", None),
+    _huge_raw,
+    _huge_object,
 ])
 def test_damaged_manifests_are_manifest_invalid(damage: Callable[[Dict[str, Any]], None]) -> None:
     doc = copy.deepcopy(sample())

@@ -46,6 +46,19 @@ def test_a_well_formed_v2_manifest_parses_with_its_objects_chunks_and_totals(doc
     assert m.raw_bytes == 2004 and m.stored_bytes == sum(o.size for o in m.objects)
 
 
+def _huge_raw(d: dict) -> None:
+    """A consistent manifest but for one chunk claiming 1 TiB of raw bytes (restore sizes buffers by it)."""
+    c = next(c for c in d["chunks"] if c["kind"] == "group")
+    d["totals"]["raw_bytes"] += (1 << 40) - c["raw_size"]
+    c.update(codec="zstd", raw_size=1 << 40)
+
+
+def _huge_object(d: dict) -> None:
+    o = next(o for o in d["objects"] if o["key"].startswith("packs/"))
+    d["totals"]["stored_bytes"] += (1 << 40) - o["size"]
+    o["size"] = 1 << 40
+
+
 @pytest.mark.parametrize("breaks", [
     lambda d: d["objects"][0].update(key="../other/chunks/" + "a" * 64),
     lambda d: d["objects"][0].update(key="chunks/" + "A" * 64),
@@ -63,6 +76,8 @@ def test_a_well_formed_v2_manifest_parses_with_its_objects_chunks_and_totals(doc
     lambda d: d["totals"].update(objects=9),
     lambda d: d.update(chunks=[]),
     lambda d: d.pop("chunking"),
+    _huge_raw,
+    _huge_object,
     lambda d: _drop_blocks(d),  # the block object is listed but no chunk uses it
 ])
 def test_a_manifest_that_breaks_a_rule_is_manifest_invalid(doc, breaks):

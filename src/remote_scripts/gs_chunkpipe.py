@@ -1,9 +1,9 @@
 """The format-2 snapshot data path: tar stdout -> chunks -> hash -> (new only) compress -> upload.
 
 Overlapped and bounded like gs_pipeline.PartUploader: the reader (calling thread) takes a slot before
-it fills a chunk buffer, the worker that finishes the chunk gives it back, so at most in_flight()
-chunk buffers (16 MiB blocks or 4 MiB groups: as many bytes as format 1's parts) plus their
-compressed copies and the pack buffers are alive, whatever the workspace size. Every chunk is
+it fills a chunk buffer, the worker that finishes the chunk gives it back, so at most `parallelism`
+chunk buffers (16 MiB blocks or 4 MiB groups) plus their compressed copies and the pack buffers are
+alive, whatever the workspace size. Every chunk is
 hashed (SHA-256 in worker threads: hashlib releases the GIL); only chunks the store does not hold
 are compressed and uploaded: blocks as their own object `chunks/<raw sha256>`, groups into packs
 (gs_packer).
@@ -27,16 +27,6 @@ from gs_packer import Loc, PackBuilder
 
 logger = logging.getLogger("gpusnap.remote")
 
-PART_BYTES = 32 << 20  # format 1's default part size
-
-
-def in_flight(parallelism: int, block_size: int) -> int:
-    """Chunks alive at once: as many bytes as format 1's `parallelism` parts of 32 MiB (so 2 x
-    parallelism 16 MiB blocks, the same memory bound), never fewer than `parallelism`. Counting
-    16 MiB chunks like 32 MiB parts halved the overlap of tar, compression and uploads."""
-    return max(parallelism, min(2 * parallelism, parallelism * PART_BYTES // max(1, block_size)))
-
-
 class ChunkUploader:
     """Runs tar and turns its stream into stored chunks. One instance per snapshot run."""
 
@@ -48,8 +38,7 @@ class ChunkUploader:
         self.block_size, self.group_max, self.large_min, self.modulus = block_size, group_max, large_min, modulus
         self.parallelism, self.bytes_total = parallelism, bytes_total
         self.packer = PackBuilder(pack_size, group_max)
-        self.inflight = in_flight(parallelism, block_size)
-        self.slots = threading.Semaphore(self.inflight)
+        self.slots = threading.Semaphore(parallelism)
         self.cpu = threading.Semaphore(max(1, min(parallelism, os.cpu_count() or 1)))
         self.lock = threading.Lock()
         self.entries: Dict[int, Tuple[str, int, Loc, str, bool]] = {}
@@ -104,7 +93,7 @@ class ChunkUploader:
         chunker = Chunker(tar.stdout, self._take, block_size=self.block_size, large_min=self.large_min,
                           group_max=self.group_max, modulus=self.modulus)
         count = 0
-        with ThreadPoolExecutor(self.inflight, thread_name_prefix="chunk") as pool:
+        with ThreadPoolExecutor(self.parallelism, thread_name_prefix="chunk") as pool:
             it = iter(chunker)
             while True:
                 t0 = time.monotonic()

@@ -7,12 +7,12 @@ same PartStream, member gate and `tar -x` as for format 1.
 s5cmd has no ranged GET, so an object is fetched whole. A static plan, made from the manifest before
 any download, decides which fetch ("load") serves each chunk: a chunk whose object was loaded for
 one of the last `window + 2` loads uses that load (a pack that serves a run of groups, a repeated
-zero block; this is the small pack cache), otherwise the object is loaded again. Objects are read
-ahead by `window` x 32 MiB (format 1's window of parts, in bytes: counting 16 MiB blocks instead
-would halve the overlap of downloads and extraction); `window` chunks are decoded ahead. A
-load's buffer (one pool per kind: blocks, packs) is recycled once every chunk planned on it is
-decoded, so buffers stay bounded by about twice format 1's, whatever the snapshot size. Each chunk's stored
-bytes are checked against its SHA-256 before decoding; decoded bytes against raw_size and the zstd
+zero block; this is the small pack cache), otherwise the object is loaded again. `window` objects
+are read ahead and `window` chunks decoded ahead (read-ahead by bytes, as many as format 1's window
+of 32 MiB parts, was measured: more CPU and memory, no faster, on a 2-core host). A load's buffer
+(one pool per kind: blocks, packs) is recycled once every chunk planned on it is decoded, so about
+2 x window + 2 object buffers and window decoded chunks exist at once, whatever the snapshot size.
+Each chunk's stored bytes are checked against its SHA-256 before decoding; decoded bytes against raw_size and the zstd
 frame checksum (or raw_sha256 for a codec without one).
 """
 from __future__ import annotations
@@ -28,8 +28,6 @@ from typing import Any, Deque, Dict, List, Optional, Tuple
 from gs_codecs import Codec
 from gs_common import Context, ScriptError
 from gs_s3 import S5, NotFound
-
-AHEAD_UNIT = 32 << 20  # format 1's default part size: read ahead `window` of these, in bytes
 
 
 def _kind(key: str) -> str:
@@ -79,11 +77,6 @@ class ChunkFetcher:
         self.next_chunk = 0
         self.next_load = 0
         self.fetches = 0
-        # Objects are read ahead in bytes, as format 1's `window` parts of 32 MiB.
-        self.ahead_bytes = self.window * AHEAD_UNIT
-        self.load_start = [0]
-        for load in self.loads:
-            self.load_start.append(self.load_start[-1] + self.objects[load.obj]["size"])
 
     # ---- buffers ---------------------------------------------------------------------------------
     def _take(self, free: List[bytearray], size: int) -> bytearray:
@@ -109,9 +102,8 @@ class ChunkFetcher:
     def _prime(self) -> None:
         while self.next_chunk < len(self.chunks) and len(self.queue) < self.window:
             i = self.next_chunk
-            first = self.load_start[self.plan[i]]  # objects are read ahead of the chunk being queued
-            while self.next_load < len(self.loads) and (
-                    self.next_load <= self.plan[i] or self.load_start[self.next_load] - first < self.ahead_bytes):
+            horizon = min(len(self.loads), self.plan[i] + self.window)  # objects read ahead
+            while self.next_load < max(horizon, self.plan[i] + 1):
                 load = self.loads[self.next_load]
                 load.future = self.fetch_pool.submit(self._fetch, load)
                 self.next_load += 1

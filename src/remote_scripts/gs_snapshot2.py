@@ -13,7 +13,7 @@ import time
 from typing import Any, Callable, Dict, List
 
 from gs_chunker import DEFAULT_BLOCK_SIZE, GROUP_MAX, GROUP_MODULUS, LARGE_MIN
-from gs_chunkpipe import ChunkUploader, in_flight
+from gs_chunkpipe import ChunkUploader
 from gs_chunkstore import ChunkIndex, parse_known
 from gs_codecs import Codec, fallback_warning
 from gs_common import Context, ScriptError, heartbeat, key_prefix, require
@@ -58,7 +58,7 @@ def run(*, ctx: Context, cfg: Dict[str, Any], opts: Dict[str, Any], v2: Dict[str
                     parts_total=max(1, -(-bytes_total // v2["block_size"])))
     heartbeat(events, ctx)
     t_stream = time.monotonic()
-    with BatchUploader(s5, workers=in_flight(opts["parallelism"], v2["block_size"])) as batch:
+    with BatchUploader(s5, workers=opts["parallelism"]) as batch:
         uploader = ChunkUploader(ctx=ctx, codec=codec, index=index,
                                  put=lambda key, data, meta: batch.put(store + key, data, meta),
                                  block_size=v2["block_size"], pack_size=v2["pack_size"], group_max=v2["group_max"],

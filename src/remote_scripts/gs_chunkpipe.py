@@ -2,10 +2,11 @@
 
 Overlapped and bounded like gs_pipeline.PartUploader: the reader (calling thread) takes a slot before
 it fills a chunk buffer, the worker that finishes the chunk gives it back, so at most `parallelism`
-chunk buffers (16 MiB blocks or 4 MiB groups) plus their compressed copies and two pack buffers are
-alive, whatever the workspace size. Every chunk is hashed (SHA-256 in worker threads: hashlib
-releases the GIL); only chunks the store does not hold are compressed and uploaded: blocks as their
-own object `chunks/<raw sha256>`, groups into packs (gs_packer).
+chunk buffers (16 MiB blocks or 4 MiB groups) plus their compressed copies and the pack buffers are
+alive, whatever the workspace size. Every chunk is
+hashed (SHA-256 in worker threads: hashlib releases the GIL); only chunks the store does not hold
+are compressed and uploaded: blocks as their own object `chunks/<raw sha256>`, groups into packs
+(gs_packer).
 """
 from __future__ import annotations
 
@@ -25,7 +26,6 @@ from gs_common import Context, ScriptError, tail_text, widen_pipe
 from gs_packer import Loc, PackBuilder
 
 logger = logging.getLogger("gpusnap.remote")
-
 
 class ChunkUploader:
     """Runs tar and turns its stream into stored chunks. One instance per snapshot run."""

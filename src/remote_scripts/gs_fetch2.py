@@ -7,12 +7,15 @@ same PartStream, member gate and `tar -x` as for format 1.
 s5cmd has no ranged GET, so an object is fetched whole. A static plan, made from the manifest before
 any download, decides which fetch ("load") serves each chunk: a chunk whose object was loaded for
 one of the last `window + 2` loads uses that load (a pack that serves a run of groups, a repeated
-zero block; this is the small pack cache), otherwise the object is loaded again. A load's buffer is
-recycled once every chunk planned on it has been decoded, so at most about 2 x window + 2 object
-buffers and window decoded chunks exist at once, whatever the snapshot size. Each chunk's stored
-bytes are checked against its SHA-256 before decoding; decoded bytes against raw_size and, for every
-chunk the snapshot reused (`new: false`) or whose codec has no frame checksum, raw_sha256 (the chunk's
-identity: a frame checksum only says the frame is intact, not that it is this chunk).
+zero block; this is the small pack cache), otherwise the object is loaded again. `window` objects
+are read ahead and `window` chunks decoded ahead (read-ahead by bytes, as many as format 1's window
+of 32 MiB parts, was measured: more CPU and memory, no faster, on a 2-core host). A load's buffer
+(one pool per kind: blocks, packs) is recycled once every chunk planned on it is decoded, so about
+2 x window + 2 object buffers and window decoded chunks exist at once, whatever the snapshot size.
+Each chunk's stored bytes are checked against its SHA-256 before decoding; decoded bytes against
+raw_size and, for every chunk the snapshot reused (`new: false`) or whose codec has no frame checksum,
+raw_sha256 (the chunk's identity: a frame checksum only says the frame is intact, not that it is this
+chunk).
 """
 from __future__ import annotations
 
@@ -27,6 +30,11 @@ from typing import Any, Deque, Dict, List, Optional, Tuple
 from gs_codecs import Codec
 from gs_common import Context, ScriptError
 from gs_s3 import S5, NotFound
+
+
+def _kind(key: str) -> str:
+    """The buffer pool of an object: "chunks/" (one block) or "packs/"."""
+    return "chunks/" if key.startswith("chunks/") else "packs/"
 
 
 class _Load:
@@ -58,9 +66,11 @@ class ChunkFetcher:
                 self.loads.append(_Load(chunk["object"]))
             self.loads[j].refs += 1
             self.plan.append(j)
-        self.obj_size = 1 + max(o["size"] for o in self.objects)
+        # Recycled object buffers, one pool per kind: a 16 MiB block need not hold a 36 MiB pack.
+        self.obj_size = {kind: 1 + max([o["size"] for o in self.objects if o["key"].startswith(kind)] or [0])
+                         for kind in ("chunks/", "packs/")}
         self.raw_size = 1 + max(c["raw_size"] for c in self.chunks)
-        self._obj_free: List[bytearray] = []
+        self._obj_free: Dict[str, List[bytearray]] = {"chunks/": [], "packs/": []}
         self._raw_free: List[bytearray] = []
         self.fetch_pool = ThreadPoolExecutor(self.window, thread_name_prefix="fetch")
         self.decode_pool = ThreadPoolExecutor(max(1, min(self.window, os.cpu_count() or 1)),
@@ -79,7 +89,7 @@ class ChunkFetcher:
         with self.lock:
             load.refs -= 1
             if load.refs == 0 and load.buf is not None:
-                self._obj_free.append(load.buf)
+                self._obj_free[_kind(self.objects[load.obj]["key"])].append(load.buf)
                 load.buf = None
 
     def release(self, token: Any) -> None:
@@ -92,9 +102,9 @@ class ChunkFetcher:
 
     # ---- scheduling ------------------------------------------------------------------------------
     def _prime(self) -> None:
-        while len(self.queue) < self.window and self.next_chunk < len(self.chunks):
+        while self.next_chunk < len(self.chunks) and len(self.queue) < self.window:
             i = self.next_chunk
-            horizon = min(len(self.loads), self.plan[i] + self.window)
+            horizon = min(len(self.loads), self.plan[i] + self.window)  # objects read ahead
             while self.next_load < max(horizon, self.plan[i] + 1):
                 load = self.loads[self.next_load]
                 load.future = self.fetch_pool.submit(self._fetch, load)
@@ -133,20 +143,21 @@ class ChunkFetcher:
         obj = self.objects[load.obj]
         key, size = obj["key"], obj["size"]
         t0 = time.monotonic()
-        buf = self._take(self._obj_free, self.obj_size)
+        kind = _kind(key)
+        buf = self._take(self._obj_free[kind], self.obj_size[kind])
         try:
             got = self.s5.cat_into(self.prefix + key, buf, size)
         except NotFound:
-            self._give_obj(buf)
+            self._give_obj(kind, buf)
             raise ScriptError("part_missing", "object %s is missing from the bucket" % key) from None
         except BaseException:
-            self._give_obj(buf)
+            self._give_obj(kind, buf)
             raise
         self._add("download_s", time.monotonic() - t0)
         with self.lock:
             self.fetches += 1
         if got != size:
-            self._give_obj(buf)
+            self._give_obj(kind, buf)
             if got < size:  # cat_into returns short only when the bucket's own object is that short
                 raise ScriptError("part_truncated", "object %s is %d bytes in the bucket, manifest says %d"
                                   % (key, got, size))
@@ -155,9 +166,9 @@ class ChunkFetcher:
             load.buf = buf
         return memoryview(buf)[:size]
 
-    def _give_obj(self, buf: bytearray) -> None:
+    def _give_obj(self, kind: str, buf: bytearray) -> None:
         with self.lock:
-            self._obj_free.append(buf)
+            self._obj_free[kind].append(buf)
 
     def _chunk(self, i: int) -> Tuple[Any, memoryview]:
         chunk, load = self.chunks[i], self.loads[self.plan[i]]

@@ -71,7 +71,7 @@ class Counting(ChunkFetcher):
     allocated = 0
 
     def _take(self, free: List[bytearray], size: int) -> bytearray:
-        if free is self._obj_free and not free:
+        if free in self._obj_free.values() and not free:
             Counting.allocated += 1
         return super()._take(free, size)
 
@@ -108,7 +108,8 @@ def test_a_pack_used_again_much_later_is_fetched_again_and_buffers_stay_bounded(
     store = DictStore({"m/" + k: v for k, v in objects.items()})
     assert drain(manifest, store, window=2) == stream
     assert sum(1 for k in store.gets if "/packs/" in k) == 2
-    assert Counting.allocated <= 2 * 2 + 3  # window loads ahead + the planned reuse horizon
+    # window loads ahead + the planned reuse horizon (window + 2 loads) + the one in use; 42 unbounded
+    assert Counting.allocated <= 2 * 2 + 3, Counting.allocated
 
 
 @pytest.mark.parametrize("damage,code", [("delete", "part_missing"), ("truncate", "part_truncated"),

@@ -6,8 +6,17 @@ from typing import Any
 import click
 
 from src.cli import render
-from src.cli.client import (CODECS, api_command, given, job_command, json_option, list_all, page_options,
-                            show_list, show_one)
+from src.cli.client import (
+    CODECS,
+    api_command,
+    given,
+    job_command,
+    json_option,
+    list_all,
+    page_options,
+    show_list,
+    show_one,
+)
 from src.cli.http import ApiClient, seg
 
 SNAPSHOT_STATUSES = ("pending", "running", "complete", "failed", "deleting")

@@ -7,12 +7,12 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
+from src.adapters.object_store import ObjectTooLarge
 from src.db import transaction
 from src.errors import Conflict, JobFailed
 from src.jobs.context import JobContext
 from src.jobs.kinds import JobKind
 from src.jobs.rows import find_snapshot
-from src.adapters.object_store import ObjectTooLarge
 from src.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Part, parse_manifest
 from src.models import Job, Machine, Snapshot, utcnow
 from src.services.snapshots import check_deletable

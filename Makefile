@@ -8,7 +8,7 @@ PORT ?= 5000
 # Bounds for the apt-get steps of system-deps (seconds): a stuck mirror fails the setup, it does not hang it.
 APT_TIMEOUT ?= 900
 
-.PHONY: run setup test test-deps venv system-deps migrate bench lint clean
+.PHONY: run setup test test-deps venv system-deps migrate bench lint format clean
 
 # `make setup` (alias `venv`): the app alone, what `make run` needs. The test extras (pytest, schemathesis,
 # SeaweedFS: hundreds of MB) are installed by `make test` only.
@@ -59,6 +59,17 @@ run: setup migrate
 
 test: test-deps system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Lint (ruff: pyflakes, pycodestyle, isort, bugbear, pyupgrade), the format check, and types (mypy on src/,
+# with the settings in pyproject.toml). `.ci/run` runs it before the tests; `make format` fixes what it can.
+lint: test-deps
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy src
+
+format: test-deps
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 bench: test-deps
 	$(BIN)/python bench/bench_dataplane.py

@@ -18,16 +18,16 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
+from report import gpu_codecs, tree_signature, write_docs  # noqa: E402
 from sampler import Sampler  # noqa: E402
 from workspace import build, parse_size  # noqa: E402
-from report import gpu_codecs, tree_signature, write_docs  # noqa: E402
 
 from tests.support.s3_server import SeaweedS3Server, s5cmd_binary  # noqa: E402
 
@@ -47,7 +47,7 @@ def server_cpu() -> float:
         return 0.0
 
 
-def measured(cmd: List[str], stdin: str, env: Dict[str, str], dirs: List[str]) -> Dict[str, Any]:
+def measured(cmd: list[str], stdin: str, env: dict[str, str], dirs: list[str]) -> dict[str, Any]:
     """Run one pipeline, sampling its process tree; returns wall time, peaks and its last JSON line."""
     for d in dirs:
         os.makedirs(d, exist_ok=True)
@@ -69,7 +69,7 @@ def measured(cmd: List[str], stdin: str, env: Dict[str, str], dirs: List[str]) -
             "peak_disk_bytes": sampler.peak_disk, "samples": sampler.samples, "result": lines[-1]}
 
 
-def run_round(n: int, args: argparse.Namespace, s3: Any, ws: str, work: str) -> Dict[str, Any]:
+def run_round(n: int, args: argparse.Namespace, s3: Any, ws: str, work: str) -> dict[str, Any]:
     s5 = s5cmd_binary()
     creds = dict(os.environ, AWS_ACCESS_KEY_ID=s3.access_key, AWS_SECRET_ACCESS_KEY=s3.secret_key,
                  AWS_REGION=s3.region)
@@ -79,7 +79,7 @@ def run_round(n: int, args: argparse.Namespace, s3: Any, ws: str, work: str) -> 
                 "work_dir": os.path.join(work, "spool-ours"), "s3": s3.script_s3()}
     staged_cfg = {"workspace": ws, "endpoint": s3.endpoint, "url": "s3://%s/%s/staged/" % (s3.bucket, tag),
                   "level": args.level, "threads": os.cpu_count() or 1, "s5cmd": s5}
-    out: Dict[str, Any] = {}
+    out: dict[str, Any] = {}
     py = sys.executable
     steps = [("staged", "snapshot"), ("ours", "snapshot"), ("ours", "restore"), ("staged", "restore")]
     if n % 2:
@@ -110,13 +110,13 @@ def run_round(n: int, args: argparse.Namespace, s3: Any, ws: str, work: str) -> 
     return out
 
 
-def summarize(rounds: List[Dict[str, Any]], args: argparse.Namespace) -> Dict[str, Any]:
+def summarize(rounds: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
     def med(key: str, field: str) -> float:
         return statistics.median(r[key][field] for r in rounds)
 
     last = rounds[-1]
     ours_raw = last["ours_snapshot"]["result"]["raw_bytes"]
-    summary: Dict[str, Any] = {}
+    summary: dict[str, Any] = {}
     for op in ("snapshot", "restore"):
         row = {}
         for who in ("ours", "staged"):
@@ -140,7 +140,7 @@ def summarize(rounds: List[Dict[str, Any]], args: argparse.Namespace) -> Dict[st
     return summary
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="2G", help="workspace size (e.g. 512M, 2G)")
     ap.add_argument("--rounds", type=int, default=1, help="repeat, alternating order; medians reported")
@@ -158,7 +158,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("building %s workspace in %s ..." % (args.size, ws), file=sys.stderr)
         build(ws, size)
         open(os.path.join(ws, ".complete"), "w").close()
-    report: Dict[str, Any] = {
+    report: dict[str, Any] = {
         "size": args.size, "workspace_bytes": size, "cpus": os.cpu_count(), "loadavg_start": os.getloadavg(),
         "params": {"part_size": args.part_size, "parallelism": args.parallelism, "zstd_level": args.level},
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

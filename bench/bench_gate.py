@@ -27,7 +27,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Dict, List, Tuple
+from collections.abc import Callable
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -35,11 +36,10 @@ SCRIPTS = os.path.join(ROOT, "src", "remote_scripts")
 sys.path.insert(0, SCRIPTS)
 sys.path.insert(0, HERE)
 
-from report import replace_section  # noqa: E402
-from workspace import parse_size  # noqa: E402
-
 import gs_tarsafe  # noqa: E402
+from report import replace_section  # noqa: E402
 from snapshot import tar_command  # noqa: E402
+from workspace import parse_size  # noqa: E402
 
 BEGIN, END = "<!-- gate:begin -->", "<!-- gate:end -->"
 
@@ -93,7 +93,7 @@ def write_stream(workspace: str, path: str) -> int:
     return os.path.getsize(path)
 
 
-def run_gate(module: Any, stream: str, extract_to: str = "") -> Tuple[float, float, float]:
+def run_gate(module: Any, stream: str, extract_to: str = "") -> tuple[float, float, float]:
     """(wall, gate CPU, tar CPU) seconds to push `stream` through `module`'s gate (into tar -x when
     `extract_to`). CPU seconds are what to compare on a loaded machine: wall time follows the load."""
     fh = open(stream, "rb", buffering=0)
@@ -119,9 +119,9 @@ def run_gate(module: Any, stream: str, extract_to: str = "") -> Tuple[float, flo
     return elapsed, cpu, (k1.ru_utime + k1.ru_stime) - (k0.ru_utime + k0.ru_stime)
 
 
-def measure(modules: Dict[str, Any], stream: str, scratch: str, rounds: int, extract: bool) -> Dict[str, Any]:
+def measure(modules: dict[str, Any], stream: str, scratch: str, rounds: int, extract: bool) -> dict[str, Any]:
     size = os.path.getsize(stream)
-    times: Dict[str, List[Tuple[float, float, float]]] = {name: [] for name in modules}
+    times: dict[str, list[tuple[float, float, float]]] = {name: [] for name in modules}
     for _ in range(rounds):
         for name, module in modules.items():
             target = ""
@@ -132,7 +132,7 @@ def measure(modules: Dict[str, Any], stream: str, scratch: str, rounds: int, ext
             times[name].append(run_gate(module, stream, target))
             if target:
                 shutil.rmtree(target)
-    out: Dict[str, Any] = {}
+    out: dict[str, Any] = {}
     for name, t in times.items():
         wall, cpu, tar_cpu = (statistics.median(x[i] for x in t) for i in range(3))
         out[name] = {"median_s": wall, "cpu_s": cpu, "tar_cpu_s": tar_cpu, "MBps": size / wall / 1e6,
@@ -140,7 +140,7 @@ def measure(modules: Dict[str, Any], stream: str, scratch: str, rounds: int, ext
     return out
 
 
-def report_md(res: Dict[str, Any]) -> str:
+def report_md(res: dict[str, Any]) -> str:
     rows = ["| stream | mode | gate at `%s`: wall, gate CPU | this gate: wall, gate CPU | this / old (gate CPU) |"
             % res["ref"], "|---|---|---|---|---|"]
     for label, key in (("mixed, %s in %d members" % (_mib(res["mixed_bytes"]), res["mixed_members"]), "mixed"),
@@ -182,7 +182,7 @@ def main() -> None:
     scratch = tempfile.mkdtemp(prefix="bench-gate-", dir=os.environ.get("BENCH_DIR"))
     try:
         modules = {"old": load_gate_at(args.ref, scratch), "new": gs_tarsafe}
-        res: Dict[str, Any] = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "ref": args.ref,
+        res: dict[str, Any] = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "ref": args.ref,
                                "rounds": args.rounds, "loadavg": os.getloadavg()[0], "many_files": args.many_files}
         ws = os.path.join(scratch, "ws")
         build_workspace(ws, parse_size(args.size), args.small_files)

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Any, Dict, List
+from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEGIN, END = "<!-- dataplane:begin -->", "<!-- dataplane:end -->"
@@ -36,10 +36,10 @@ def _mib(n: float) -> str:
     return "%.0f MiB" % (n / 2**20)
 
 
-def table(report: Dict[str, Any]) -> str:
+def table(report: dict[str, Any]) -> str:
     s = report["summary"]
     p = report["params"]
-    rows: List[str] = [
+    rows: list[str] = [
         "| metric | ours | staged (old design) | ours / staged |",
         "|---|---|---|---|",
     ]
@@ -103,14 +103,14 @@ def replace_section(path: Any, begin: str, end: str, section: str) -> None:
         fh.write(text)
 
 
-def write_docs(path: str, report: Dict[str, Any]) -> None:
+def write_docs(path: str, report: dict[str, Any]) -> None:
     """Replace the dataplane section of docs/benchmarks.md (other sections are left alone)."""
     section = "%s\n## Data plane: streaming snapshot/restore vs staged baseline\n\n%s\n%s" % (
         BEGIN, table(report), END)
     replace_section(path, BEGIN, END, section)
 
 
-def gpu_codecs(ws: str, part_size: int, level: int, max_parts: int = 16) -> Dict[str, Any]:
+def gpu_codecs(ws: str, part_size: int, level: int, max_parts: int = 16) -> dict[str, Any]:
     """nvCOMP ANS vs zstd on the same raw parts (the first `max_parts` of the workspace's tar stream)."""
     sys.path.insert(0, os.path.join(ROOT, "src", "remote_scripts"))
     from gs_codecs import NvcompAnsCodec, ZstdCodec, cuda_driver_version
@@ -136,7 +136,7 @@ def gpu_codecs(ws: str, part_size: int, level: int, max_parts: int = 16) -> Dict
     tar.kill()
     tar.wait()
     raw = sum(len(p) for p in parts)
-    out: Dict[str, Any] = {"parts": len(parts), "raw_bytes": raw, "codecs": {}}
+    out: dict[str, Any] = {"parts": len(parts), "raw_bytes": raw, "codecs": {}}
     for name, codec in codecs.items():
         codec.compress(parts[0])  # warm-up: CUDA context, allocations
         t0 = time.monotonic()

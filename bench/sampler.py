@@ -9,11 +9,10 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Dict, List, Optional, Set
 
 
-def _children_map() -> Dict[int, List[int]]:
-    kids: Dict[int, List[int]] = {}
+def _children_map() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -27,7 +26,7 @@ def _children_map() -> Dict[int, List[int]]:
     return kids
 
 
-def tree(root: int) -> Set[int]:
+def tree(root: int) -> set[int]:
     kids, out, stack = _children_map(), set(), [root]
     while stack:
         pid = stack.pop()
@@ -48,7 +47,7 @@ def _rss(pid: int) -> int:
     return 0
 
 
-def _memfd_bytes(pid: int, seen: Set[int]) -> int:
+def _memfd_bytes(pid: int, seen: set[int]) -> int:
     """Sizes of memfds open in `pid` not already counted (a memfd passed to s5cmd is open in both)."""
     total = 0
     try:
@@ -90,17 +89,17 @@ def du(path: str) -> int:
 class Sampler:
     """with Sampler(pid, [dirs]) as s: ... ; then s.peak_mem, s.peak_disk, s.samples."""
 
-    def __init__(self, pid: int, dirs: List[str], interval: float = 0.05) -> None:
+    def __init__(self, pid: int, dirs: list[str], interval: float = 0.05) -> None:
         self.pid, self.dirs, self.interval = pid, dirs, interval
         self.peak_mem = self.peak_rss = self.peak_disk = self.samples = 0
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
 
     def _loop(self) -> None:
         while not self._stop.is_set():
             pids = tree(self.pid)
             rss = sum(_rss(p) for p in pids)
-            seen: Set[int] = set()
+            seen: set[int] = set()
             mem = rss + sum(_memfd_bytes(p, seen) for p in pids)
             disk = sum(du(d) for d in self.dirs)
             self.peak_rss = max(self.peak_rss, rss)
@@ -109,7 +108,7 @@ class Sampler:
             self.samples += 1
             time.sleep(self.interval)
 
-    def __enter__(self) -> "Sampler":
+    def __enter__(self) -> Sampler:
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
         return self

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, List
+from typing import Any
 
 import zstandard
 
@@ -26,11 +26,11 @@ PARTS = 32
 WORKERS = 32
 
 
-def run(cmd: List[str], **kw: Any) -> None:
+def run(cmd: list[str], **kw: Any) -> None:
     subprocess.run(cmd, check=True, **kw)
 
 
-def snapshot(cfg: Dict[str, Any]) -> Dict[str, Any]:
+def snapshot(cfg: dict[str, Any]) -> dict[str, Any]:
     spool, t = cfg["spool"], {}
     os.makedirs(spool, exist_ok=True)
     tar_path = os.path.join(spool, "workspace.tar")
@@ -64,7 +64,7 @@ def snapshot(cfg: Dict[str, Any]) -> Dict[str, Any]:
     return {"raw_bytes": raw, "stored_bytes": stored, "timings": {k: round(v, 3) for k, v in t.items()}}
 
 
-def restore(cfg: Dict[str, Any]) -> Dict[str, Any]:
+def restore(cfg: dict[str, Any]) -> dict[str, Any]:
     spool, t = cfg["spool"], {}
     os.makedirs(spool, exist_ok=True)
     t0 = time.monotonic()

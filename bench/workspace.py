@@ -16,7 +16,6 @@ import math
 import os
 import random
 import statistics
-from typing import Dict
 
 CHUNK = 16 << 20
 
@@ -100,7 +99,7 @@ def write_code_tree(root: str, size: int, rng: random.Random) -> int:
     return files
 
 
-def build(root: str, size: int, seed: int = 7) -> Dict[str, int]:
+def build(root: str, size: int, seed: int = 7) -> dict[str, int]:
     """Create the workspace under `root` (must not exist). Returns the byte split per kind."""
     rng = random.Random(seed)
     os.makedirs(root)

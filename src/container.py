@@ -36,8 +36,8 @@ class Container:
     engine: Engine
     session_factory: sessionmaker[Session]
     metrics: Metrics
-    job_kinds: dict[str, "JobKind"]
-    queue: "JobQueue" = field(init=False)
+    job_kinds: dict[str, JobKind]
+    queue: JobQueue = field(init=False)
     # Overrides (tests); None means "build the real one from settings on first use".
     object_store_override: Any = None
     ssh_override: Any = None
@@ -46,7 +46,7 @@ class Container:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _built: dict[str, Any] = field(default_factory=dict, repr=False)
 
-    def object_store(self) -> "ObjectStore":
+    def object_store(self) -> ObjectStore:
         if self.object_store_override is not None:
             return self.object_store_override
         s = self.settings
@@ -99,7 +99,7 @@ class Container:
             return self._built[name]
 
 
-def _object_store(s: Settings) -> "ObjectStore":
+def _object_store(s: Settings) -> ObjectStore:
     from src.adapters.object_store import ObjectStore
 
     return ObjectStore(endpoint=s.r2_endpoint, bucket=s.r2_bucket, access_key=s.r2_access_key,  # type: ignore[arg-type]
@@ -120,4 +120,4 @@ def _ssh_client(s: Settings) -> Any:
 def _vast_client(s: Settings) -> Any:
     from src.adapters.vast import VastClient
 
-    return VastClient(s.vast_api_key, s.vast_api_url)
+    return VastClient(s.vast_api_key or "", s.vast_api_url)  # only called once the key is known set

@@ -6,7 +6,7 @@ import os
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, multiprocess, values
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -18,7 +18,7 @@ class _DatabaseCollector(Collector):
     def __init__(self, session_factory: sessionmaker[Session]) -> None:
         self._sf = session_factory
 
-    def collect(self) -> Iterator[object]:
+    def collect(self) -> Iterator[Metric]:
         jobs = GaugeMetricFamily("gpusnap_jobs", "Jobs by kind and status", labels=["kind", "status"])
         durations = SummaryMetricFamily("gpusnap_job_duration_seconds", "Run time of finished jobs",
                                         labels=["kind", "status"])
@@ -35,13 +35,14 @@ class _DatabaseCollector(Collector):
                 jobs.add_metric([kind, status], count)
             finished = select(Job.kind, Job.status, Job.started_at, Job.finished_at).where(
                 Job.finished_at.is_not(None), Job.started_at.is_not(None))
-            totals: dict[tuple[str, str], list[float]] = {}
+            totals: dict[tuple[str, str], tuple[int, float]] = {}
             for kind, status, started, ended in s.execute(finished):
-                acc = totals.setdefault((kind, status), [0, 0.0])
-                acc[0] += 1
-                acc[1] += max(0.0, (ended - started).total_seconds())
-            for (kind, status), (count, total) in totals.items():
-                durations.add_metric([kind, status], count_value=count, sum_value=total)
+                if started is None or ended is None:  # the query excludes them; the row type does not know
+                    continue
+                done, spent = totals.get((kind, status), (0, 0.0))
+                totals[(kind, status)] = (done + 1, spent + max(0.0, (ended - started).total_seconds()))
+            for (kind, status), (finished_count, seconds) in totals.items():
+                durations.add_metric([kind, status], count_value=finished_count, sum_value=seconds)
             for kind, total in s.execute(select(Job.kind, func.sum(Job.bytes_done))
                                          .where(Job.status == "succeeded").group_by(Job.kind)):
                 moved.add_metric([kind], float(total or 0))

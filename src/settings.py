@@ -6,6 +6,7 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from src.errors import GpusnapError
 
@@ -165,11 +166,11 @@ class Settings:
                 "hibernate": self.job_deadline_hibernate_s, "wake": self.job_deadline_wake_s,
                 }.get(kind, self.job_deadline_other_s)
 
-    def replace(self, **changes: object) -> "Settings":
+    def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, *, dotenv: bool = True) -> "Settings":
+    def from_env(cls, environ: Mapping[str, str] | None = None, *, dotenv: bool = True) -> Settings:
         """Build settings from `environ` (default `os.environ`, after loading `.env` when `dotenv`)."""
         if environ is None:
             if dotenv:

@@ -156,7 +156,7 @@ def scale_out(w: World, machines: int = 4) -> list[Trial]:
                     jobs[a.json()["job"]["id"]] = a.json()["snapshot"]["id"]
             out.append(Trial("scale-out", "dup-idem-key", "/".join(map(str, codes)), ok, True, 0,
                              time.monotonic() - t0, f"same_job={len(ids) == 1}"))
-        for i in range(machines):
+        for _ in range(machines):
             t0 = time.monotonic()
             req = {**body, "instance_id": f"so-new-{uuid.uuid4().hex[:6]}"}
             answers = _race([lambda a=a: c.post(a % 2, "/api/gpu-snapshots", req) for a in range(5)])

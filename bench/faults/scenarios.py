@@ -12,8 +12,9 @@ import pathlib
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from bench.faults.world import World
 from tests.support.trees import describe_tree

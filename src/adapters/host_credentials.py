@@ -121,9 +121,11 @@ class CloudflareR2Broker:
                                          retryable=r.status_code == 429 or r.status_code >= 500)
         result = payload.get("result") or {}
         creds = [result.get(k) for k in ("accessKeyId", "secretAccessKey", "sessionToken")]
-        if not all(isinstance(v, str) and v for v in creds):
+        access_key, secret_key, session_token = creds
+        if not (isinstance(access_key, str) and isinstance(secret_key, str) and isinstance(session_token, str)
+                and access_key and secret_key and session_token):
             raise CredentialsUnavailable("Cloudflare answered success without a full credential set")
-        return HostCredentials(creds[0], creds[1], creds[2], scoped=True, source=self.source)
+        return HostCredentials(access_key, secret_key, session_token, scoped=True, source=self.source)
 
 
 def _cloudflare_errors(payload: Any) -> str:

@@ -6,7 +6,7 @@ import datetime as dt
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -162,7 +162,7 @@ class ObjectStore:
             raise ValueError("delete_prefix needs a prefix ending in '/' so it cannot match a sibling")
         return self.delete_keys([o.key for o in self.list(prefix)])
 
-    def delete_keys(self, keys: list[str]) -> int:
+    def delete_keys(self, keys: Sequence[str]) -> int:
         """Delete `keys`; absent ones count as deleted. Returns len(keys)."""
         for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
             batch = [{"Key": k} for k in keys[start:start + 1000]]

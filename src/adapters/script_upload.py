@@ -181,9 +181,9 @@ class ScriptUploader:
         while not reader.finished:
             if time.monotonic() > deadline:
                 raise ScriptUploadFailed(f"sending files to {self._host} ran past its deadline")
-            o, e = reader.read(min(0.2, max(0.0, deadline - time.monotonic())))
-            out += o
-            err += e
+            got_out, got_err = reader.read(min(0.2, max(0.0, deadline - time.monotonic())))
+            out += got_out
+            err += got_err
         return reader.exit_status(), bytes(out), bytes(err)
 
 

@@ -14,7 +14,13 @@ import requests
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
 from src.adapters.vast_models import (
-    MAX_LABEL_CHARS, Instance, Offer, SshEndpoint, build_offer_query, normalize_gpu_name, region_country_codes,
+    MAX_LABEL_CHARS,
+    Instance,
+    Offer,
+    SshEndpoint,
+    build_offer_query,
+    normalize_gpu_name,
+    region_country_codes,
 )
 from src.errors import ExternalError
 

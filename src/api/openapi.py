@@ -9,7 +9,7 @@ from typing import Any
 
 from flask import Flask
 from pydantic import BaseModel
-from pydantic.json_schema import models_json_schema
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from src.api.routing import RouteSpec
 from src.api.schemas import ErrorResponse
@@ -36,7 +36,7 @@ def route_specs(app: Flask) -> list[tuple[str, RouteSpec]]:
 
 def build_openapi(app: Flask, *, version: str) -> dict[str, Any]:
     specs = route_specs(app)
-    keyed: list[tuple[type[BaseModel], str]] = [(ErrorResponse, "serialization")]
+    keyed: list[tuple[type[BaseModel], JsonSchemaMode]] = [(ErrorResponse, "serialization")]
     for _, spec in specs:
         if spec.body is not None:
             keyed.append((spec.body, "validation"))

@@ -140,7 +140,7 @@ def tokens_create(name: str, replace: bool) -> None:
             token = create_token(sessions, name, replace=replace)
     except CliFailure as e:
         if e.code == "token_exists":
-            e.message += " (pass --replace to make a new one in its place, or choose another name)"
+            e.message += " (pass --replace to make a new one in its place, or choose another name)"  # type: ignore[misc]
         raise
     click.echo(token)
 

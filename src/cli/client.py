@@ -26,7 +26,8 @@ class CliFailure(click.ClickException):
 
     def __init__(self, code: str, message: str, *, exit_code: int = EXIT_FAILED) -> None:
         super().__init__(message)
-        self.code, self.exit_code = code, exit_code
+        self.code = code
+        self.exit_code = exit_code  # type: ignore[misc]  # click reads it from the instance too
 
     def show(self, file: Any = None) -> None:
         click.echo(f"error: {self.code}: {one_line(self.message)}", err=True)

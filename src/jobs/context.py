@@ -36,7 +36,7 @@ class JobContext:
     (a snapshot emits several progress events a second); steps saved with `save_state` are written at once,
     because a re-run after a crash resumes from them."""
 
-    def __init__(self, *, container: "Container", job: "Job", min_write_interval_s: float = 1.0) -> None:
+    def __init__(self, *, container: Container, job: Job, min_write_interval_s: float = 1.0) -> None:
         self.container = container
         self.job_id = job.id
         self.kind = job.kind
@@ -94,7 +94,7 @@ class JobContext:
         if self.cancel_event.wait(max(0.0, seconds)):
             self.check_cancelled()
 
-    def result(self, future: "Future[T]", *, poll_s: float = 0.2) -> T:
+    def result(self, future: Future[T], *, poll_s: float = 0.2) -> T:
         """`future.result()`, but a cancel noticed while it runs raises at once (the work itself, a
         read-only request, is left to end by itself)."""
         while True:
@@ -189,7 +189,7 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{ctx.job_id}", daemon=True)
 
-    def __enter__(self) -> "Heartbeat":
+    def __enter__(self) -> Heartbeat:
         self._thread.start()
         return self
 

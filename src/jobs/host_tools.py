@@ -55,8 +55,7 @@ def elf_machine(head: bytes) -> str | None:
     """The `uname -m` name of the machine an ELF file is built for, from its header; None if not ELF."""
     if len(head) < 20 or head[:4] != b"\x7fELF":
         return None
-    order = "little" if head[5] == 1 else "big"
-    code = int.from_bytes(head[18:20], order)
+    code = int.from_bytes(head[18:20], "little" if head[5] == 1 else "big")
     return _ELF_MACHINES.get(code, f"elf-machine-{code:#x}")
 
 

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def make_huey(settings: "Settings") -> Huey:
+def make_huey(settings: Settings) -> Huey:
     if settings.redis_url:
         return RedisHuey("gpusnap", url=settings.redis_url)
     prepare_private_file(settings.queue_path)  # 0600: Huey pickles task payloads into this file
@@ -31,7 +31,7 @@ def make_huey(settings: "Settings") -> Huey:
 class JobQueue:
     """Binds the Huey tasks to a container: `enqueue(job_id)` on the API side, the consumer runs them."""
 
-    def __init__(self, container: "Container", huey: Huey) -> None:
+    def __init__(self, container: Container, huey: Huey) -> None:
         from src.jobs.runner import JobRunner
 
         self.huey = huey

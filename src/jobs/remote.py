@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import update
 
 from src.adapters.remote_errors import RemoteStateUnknown
-from src.db import transaction
+from src.db import rowcount, transaction
 from src.errors import JobFailed
 from src.jobs.context import JobContext
 from src.models import Machine
@@ -58,9 +58,9 @@ def ssh_session(ctx: JobContext, endpoint: Endpoint) -> Iterator[Any]:
     with ctx.container.ssh().open(target, cancel=ctx.cancel_event) as session:
         if endpoint.host_key is None:
             with ctx.owned() as s:  # fenced: only while this attempt owns the job
-                pinned = s.execute(update(Machine).where(Machine.id == endpoint.machine_id,
-                                                         Machine.host_key.is_(None))
-                                   .values(host_key=session.host_key)).rowcount
+                pinned = rowcount(s.execute(update(Machine).where(Machine.id == endpoint.machine_id,
+                                                                  Machine.host_key.is_(None))
+                                            .values(host_key=session.host_key)))
                 if pinned:
                     add_event(s, endpoint.machine_id, "host_key_pinned",
                               f"pinned {host_key_fingerprint(session.host_key)} on first use", job_id=ctx.job_id)

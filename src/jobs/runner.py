@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 
 class JobRunner:
-    def __init__(self, container: "Container") -> None:
+    def __init__(self, container: Container) -> None:
         self.container = container
         self.worker_name = f"{socket.gethostname()}:{os.getpid()}"
 

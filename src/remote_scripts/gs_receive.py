@@ -39,7 +39,7 @@ def parse_header(line):
     try:
         files = json.loads(line.decode("utf-8"))["files"]
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        raise Refused("the header is not {\"files\": [...]}")
+        raise Refused("the header is not {\"files\": [...]}") from None
     for f in files:
         if not (isinstance(f, dict) and isinstance(f.get("name"), str) and _NAME.match(f["name"])
                 and isinstance(f.get("size"), int) and f["size"] >= 0 and isinstance(f.get("mode"), int)

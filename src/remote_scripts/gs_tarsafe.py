@@ -29,8 +29,18 @@ import posixpath
 from typing import Any, Callable, Dict, List, Optional
 
 from gs_common import ScriptError
-from gs_tarheader import BLOCK, PAX_TYPE, ZERO_BLOCK, MAX_PAX_BYTES, Member, encode, make_member, parse_header, \
-    parse_pax, unsafe
+from gs_tarheader import (
+    BLOCK,
+    MAX_PAX_BYTES,
+    PAX_TYPE,
+    ZERO_BLOCK,
+    Member,
+    encode,
+    make_member,
+    parse_header,
+    parse_pax,
+    unsafe,
+)
 
 __all__ = ["MemberPolicy", "gate", "extract_command", "unsafe", "ScriptError"]
 

@@ -79,7 +79,8 @@ class BatchUploader:
                 except (BrokenPipeError, ValueError):
                     self._pending.pop(url, None)
                     self.s5.ctx.check()
-                    raise ScriptError("upload_failed", "s5cmd stopped: %s" % tail_text(b"".join(self._stderr)))
+                    raise ScriptError("upload_failed",
+                                      "s5cmd stopped: %s" % tail_text(b"".join(self._stderr))) from None
             while not waiter.done.wait(0.2):
                 self.s5.ctx.check()
         finally:

@@ -35,6 +35,19 @@ from gs_common import (MAX_PARALLELISM, Context, ScriptError, heartbeat, key_pre
 from gs_fetch import PartFetcher, PartStream  # noqa: E402
 from gs_fetch2 import ChunkFetcher  # noqa: E402
 import gs_runlock  # noqa: E402
+from gs_codecs import for_restore  # noqa: E402
+from gs_common import (  # noqa: E402
+    MAX_PARALLELISM,
+    Context,
+    ScriptError,
+    heartbeat,
+    key_prefix,
+    require,
+    run_script,
+    tail_text,
+    widen_pipe,
+)
+from gs_fetch import PartFetcher, PartStream  # noqa: E402
 from gs_manifest import MANIFEST_NAME, validate  # noqa: E402
 from gs_paths import denied_reason  # noqa: E402
 from gs_s3 import S5, NotFound  # noqa: E402

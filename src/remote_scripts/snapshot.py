@@ -27,6 +27,7 @@ from typing import Any, Dict, List
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import gs_runlock  # noqa: E402
 from gs_codecs import CODEC_NAMES, fallback_warning, for_snapshot  # noqa: E402
 from gs_common import MAX_PARALLELISM, Context, ScriptError, heartbeat, key_prefix, require, run_script  # noqa: E402
 import gs_runlock  # noqa: E402

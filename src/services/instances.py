@@ -27,7 +27,7 @@ _BUSY_STATES = {"hibernated": "is hibernated: wake it first", "paused": "is paus
 
 
 @job_service.settle_idempotency_race(lambda _s, job: job_view(job))
-def hibernate(c: "Container", machine_id: str, *, workspace_path: str, ssh_host: str | None = None,
+def hibernate(c: Container, machine_id: str, *, workspace_path: str, ssh_host: str | None = None,
               ssh_port: int | None = None, ssh_user: str | None = None, destroy_after: bool = True,
               codec: str = "auto", excludes: list[str] | None = None, deep_verify: bool = False,
               idle_guard: dict[str, Any] | None = None, idem: Idempotency | None = None) -> dict[str, Any]:
@@ -77,7 +77,7 @@ def hibernate(c: "Container", machine_id: str, *, workspace_path: str, ssh_host:
 
 
 @job_service.settle_idempotency_race(lambda _s, job: job_view(job))
-def wake(c: "Container", machine_id: str, *, snapshot_id: str | None = None, gpu_type: str | None = None,
+def wake(c: Container, machine_id: str, *, snapshot_id: str | None = None, gpu_type: str | None = None,
          num_gpus: int | None = None, region: str | None = None, max_price: float | None = None,
          disk_gb: int | None = None, image: str | None = None, workspace_path: str | None = None,
          priority: int = 5, idem: Idempotency | None = None) -> dict[str, Any]:
@@ -129,18 +129,18 @@ def wake(c: "Container", machine_id: str, *, snapshot_id: str | None = None, gpu
 
 
 @job_service.settle_idempotency_race(lambda _s, job: job_view(job))
-def pause(c: "Container", machine_id: str, *, idem: Idempotency | None = None) -> dict[str, Any]:
+def pause(c: Container, machine_id: str, *, idem: Idempotency | None = None) -> dict[str, Any]:
     """Start a `pause` job (vast.ai stop). Raises NotFound, Conflict unless the machine is running."""
     return _vast_state_job(c, machine_id, kind="pause", required="running", during="pausing", idem=idem)
 
 
 @job_service.settle_idempotency_race(lambda _s, job: job_view(job))
-def resume(c: "Container", machine_id: str, *, idem: Idempotency | None = None) -> dict[str, Any]:
+def resume(c: Container, machine_id: str, *, idem: Idempotency | None = None) -> dict[str, Any]:
     """Start a `resume` job (vast.ai start). Raises NotFound, Conflict unless the machine is paused."""
     return _vast_state_job(c, machine_id, kind="resume", required="paused", during="resuming", idem=idem)
 
 
-def _vast_state_job(c: "Container", machine_id: str, *, kind: str, required: str, during: str,
+def _vast_state_job(c: Container, machine_id: str, *, kind: str, required: str, during: str,
                     idem: Idempotency | None) -> dict[str, Any]:
     c.vast()
     with transaction(c.session_factory) as s:
@@ -161,7 +161,7 @@ def _vast_state_job(c: "Container", machine_id: str, *, kind: str, required: str
     return view
 
 
-def _check_endpoint_is_the_instance(c: "Container", machine_id: str, host: str, port: int) -> None:
+def _check_endpoint_is_the_instance(c: Container, machine_id: str, host: str, port: int) -> None:
     """Refuse a hibernate whose snapshot would come from one host while another instance is destroyed:
     the endpoint given must be one vast.ai reports for the instance (its proxy or its direct mapping).
     When vast.ai cannot say now (unreachable, instance not running) the job checks before it acts."""
@@ -184,7 +184,7 @@ def _check_endpoint_is_the_instance(c: "Container", machine_id: str, host: str, 
                             code="endpoint_mismatch")
 
 
-def _machine_for_hibernate(s: Session, c: "Container", machine_id: str, *, host: str | None, port: int | None,
+def _machine_for_hibernate(s: Session, c: Container, machine_id: str, *, host: str | None, port: int | None,
                            user: str | None) -> Machine:
     try:
         machine = find_machine(s, machine_id)

@@ -16,7 +16,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from src.db import transaction
+from src.db import rowcount, transaction
 from src.errors import Conflict, InvalidRequest, NotFound, storable
 from src.models import Job, new_id, utcnow
 from src.services import events
@@ -46,7 +46,7 @@ class Idempotency:
     request_hash: str
 
     @staticmethod
-    def of(key: str | None, *, method: str, path: str, body: Any) -> "Idempotency | None":
+    def of(key: str | None, *, method: str, path: str, body: Any) -> Idempotency | None:
         if key is None:
             return None
         if not (1 <= len(key) <= 255) or not key.isprintable():
@@ -177,7 +177,7 @@ def claim(session_factory: sessionmaker[Session], job_id: str, *, worker: str) -
             .values(status="running", attempts=Job.attempts + 1, heartbeat_at=now, worker=worker,
                     started_at=now, cancel_requested=False)
         )
-        if res.rowcount != 1:
+        if rowcount(res) != 1:
             return None
         job = s.get(Job, job_id)
         assert job is not None
@@ -198,7 +198,7 @@ def heartbeat(session_factory: sessionmaker[Session], job_id: str, *, attempt: i
         before = events.progress_before(s, job_id) if progress else None
         res = s.execute(update(Job).where(Job.id == job_id, Job.status == "running", Job.attempts == attempt)
                         .values(**values))
-        if res.rowcount != 1:
+        if rowcount(res) != 1:
             return "lost"
         if progress:
             events.progress_written(s, job_id, before)
@@ -220,11 +220,12 @@ def fence(s: Session, job_id: str, *, attempt: int, state: dict[str, Any] | None
     values: dict[str, Any] = {"heartbeat_at": utcnow()}
     if state is not None:
         values["state"] = state
-    if s.execute(update(Job).where(*conditions).values(**values)).rowcount == 1:
+    if rowcount(s.execute(update(Job).where(*conditions).values(**values))) == 1:
         return "ok"
     row = s.execute(select(Job.status, Job.attempts, Job.cancel_requested).where(Job.id == job_id)).first()
-    owned = row is not None and row.status == "running" and row.attempts == attempt
-    return "cancel" if owned and row.cancel_requested else "lost"
+    if row is None or row.status != "running" or row.attempts != attempt:
+        return "lost"
+    return "cancel" if row.cancel_requested else "lost"
 
 
 def finish(session_factory: sessionmaker[Session], job_id: str, *, attempt: int, status: str,
@@ -274,9 +275,9 @@ def requeue_stale(session_factory: sessionmaker[Session], *, stale_after: dt.tim
                           .with_for_update(skip_locked=True)).all()
         for job in stale:
             # Re-check in a write (SQLite has no row locks): a worker that heartbeated since the read keeps it.
-            still = s.execute(update(Job).where(Job.id == job.id, Job.status == "running",
-                                                Job.attempts == job.attempts, Job.heartbeat_at < cutoff)
-                              .values(worker=None).execution_options(synchronize_session=False)).rowcount
+            still = rowcount(s.execute(update(Job).where(Job.id == job.id, Job.status == "running",
+                                                         Job.attempts == job.attempts, Job.heartbeat_at < cutoff)
+                                       .values(worker=None).execution_options(synchronize_session=False)))
             if still != 1:
                 continue
             s.refresh(job)

@@ -74,7 +74,7 @@ def _insert_if_absent(s: Session, **values: Any) -> bool:
     if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as dialect_insert
     elif dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert  # type: ignore[assignment]
     else:  # pragma: no cover - the service runs on SQLite or PostgreSQL
         raise NotImplementedError(f"ensure_machine does not support {dialect}")
     stmt = (dialect_insert(Machine).values(**values).on_conflict_do_nothing(index_elements=[Machine.id])

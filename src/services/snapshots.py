@@ -28,7 +28,7 @@ NEEDS_SNAPSHOT = ("hibernated", "waking", "error")
 
 @job_service.settle_idempotency_race(lambda s, job: (snapshot_view(_snapshot(s, job.snapshot_id)),
                                                    job_view(job)))
-def create_snapshot(c: "Container", *, instance_id: str, ssh_host: str, ssh_port: int, workspace_path: str,
+def create_snapshot(c: Container, *, instance_id: str, ssh_host: str, ssh_port: int, workspace_path: str,
                     ssh_user: str | None = None, name: str | None = None, codec: str = "auto",
                     excludes: list[str] | None = None, idem: Idempotency | None = None
                     ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -60,7 +60,7 @@ def create_snapshot(c: "Container", *, instance_id: str, ssh_host: str, ssh_port
     return result
 
 
-def start_snapshot_job(s: Session, c: "Container", *, machine_id: str, workspace_path: str, name: str | None,
+def start_snapshot_job(s: Session, c: Container, *, machine_id: str, workspace_path: str, name: str | None,
                        codec: str, excludes: list[str], idem: Idempotency | None = None,
                        kind: str = "create_snapshot", params: dict[str, Any] | None = None
                        ) -> tuple[Snapshot, Job]:
@@ -77,7 +77,7 @@ def start_snapshot_job(s: Session, c: "Container", *, machine_id: str, workspace
 
 
 @job_service.settle_idempotency_race(lambda _s, job: job_view(job))
-def restore_snapshot(c: "Container", snapshot_id: str, *, ssh_host: str, ssh_port: int, workspace_path: str,
+def restore_snapshot(c: Container, snapshot_id: str, *, ssh_host: str, ssh_port: int, workspace_path: str,
                      ssh_user: str | None = None, instance_id: str | None = None, overwrite: bool = False,
                      keep_setuid: bool = False, idem: Idempotency | None = None) -> dict[str, Any]:
     """Start a `restore_snapshot` job onto `ssh_host` (`keep_setuid`: restore setuid/setgid bits,
@@ -107,7 +107,7 @@ def restore_snapshot(c: "Container", snapshot_id: str, *, ssh_host: str, ssh_por
 
 
 @job_service.settle_idempotency_race(lambda _s, job: job_view(job))
-def verify_snapshot(c: "Container", snapshot_id: str, *, deep: bool = False,
+def verify_snapshot(c: Container, snapshot_id: str, *, deep: bool = False,
                     idem: Idempotency | None = None) -> dict[str, Any]:
     """Start a `verify_snapshot` job. Raises NotFound; Conflict when the snapshot is not complete or
     is being verified or deleted; NotConfigured (no bucket)."""
@@ -126,7 +126,7 @@ def verify_snapshot(c: "Container", snapshot_id: str, *, deep: bool = False,
 
 
 @job_service.settle_idempotency_race(lambda _s, job: job_view(job))
-def delete_snapshot(c: "Container", snapshot_id: str, *, force: bool = False,
+def delete_snapshot(c: Container, snapshot_id: str, *, force: bool = False,
                     idem: Idempotency | None = None) -> dict[str, Any]:
     """Start a `delete_snapshot` job (objects first, then the record). Raises NotFound; Conflict
     (`snapshot_busy`) while a job creates, restores, wakes from or verifies this snapshot, and
@@ -148,12 +148,12 @@ def delete_snapshot(c: "Container", snapshot_id: str, *, force: bool = False,
     return view
 
 
-def get_snapshot(c: "Container", snapshot_id: str) -> dict[str, Any]:
+def get_snapshot(c: Container, snapshot_id: str) -> dict[str, Any]:
     with transaction(c.session_factory) as s:
         return snapshot_view(_snapshot(s, snapshot_id))
 
 
-def list_snapshots(c: "Container", *, instance_id: str | None = None, status: str | None = None, limit: int = 50,
+def list_snapshots(c: Container, *, instance_id: str | None = None, status: str | None = None, limit: int = 50,
                    cursor: str | None = None) -> Page:
     """Newest first; `cursor` is the previous page's `next_cursor`."""
     query = select(Snapshot)

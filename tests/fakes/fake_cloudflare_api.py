@@ -61,14 +61,14 @@ class FakeCloudflareApi:
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._lock = threading.Lock()
 
-    def start(self) -> "FakeCloudflareApi":
+    def start(self) -> FakeCloudflareApi:
         self._thread.start()
         return self
 
     def stop(self) -> None:
         self._server.shutdown()
 
-    def __enter__(self) -> "FakeCloudflareApi":
+    def __enter__(self) -> FakeCloudflareApi:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

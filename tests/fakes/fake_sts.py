@@ -41,7 +41,7 @@ class FakeSts:
         self.url = f"http://127.0.0.1:{self._server.server_port}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
-    def __enter__(self) -> "FakeSts":
+    def __enter__(self) -> FakeSts:
         self._thread.start()
         return self
 

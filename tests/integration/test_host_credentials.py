@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from src.adapters.host_credentials import (CloudflareR2Broker, CredentialsUnavailable, ParentKeyBroker, StsBroker,
-                                           broker_from_settings, describe, session_policy)
+from src.adapters.host_credentials import (
+    CloudflareR2Broker,
+    CredentialsUnavailable,
+    ParentKeyBroker,
+    StsBroker,
+    broker_from_settings,
+    describe,
+    session_policy,
+)
 from src.app import create_app
 from src.container import NotConfigured
 from src.settings import Settings

@@ -15,7 +15,8 @@ import shutil
 import subprocess
 import tarfile
 import uuid
-from typing import Any, Dict, Iterator, List
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -70,7 +71,7 @@ def make_tricky_tree(root: str) -> None:
     os.utime(root, ns=(OLD_MTIME_NS, OLD_MTIME_NS))
 
 
-def restored_state(src: str, keep_setuid: bool = False) -> Dict[bytes, Any]:
+def restored_state(src: str, keep_setuid: bool = False) -> dict[bytes, Any]:
     """What a restore of `src` must produce: the same tree less its FIFO (the gate leaves FIFOs out)
     and, unless kept, without setuid/setgid bits."""
     state = {k: v for k, v in tree_state(src).items() if k != b"a-fifo"}
@@ -79,19 +80,19 @@ def restored_state(src: str, keep_setuid: bool = False) -> Dict[bytes, Any]:
     return state
 
 
-def staging_dirs(target: str) -> List[str]:
+def staging_dirs(target: str) -> list[str]:
     return (glob.glob(glob.escape(target) + ".gpusnap-staging-*")
             + glob.glob(os.path.join(glob.escape(target), ".gpusnap-staging-*")))
 
 
-def kept_old(target: str) -> List[str]:
+def kept_old(target: str) -> list[str]:
     """Workspaces a restore replaced and kept (beside the target, or inside it for a mount point)."""
     return (glob.glob(glob.escape(target) + ".gpusnap-old-*")
             + glob.glob(os.path.join(glob.escape(target), ".gpusnap-old-*")))
 
 
 @pytest.fixture
-def snapshot_of_tree(tmp_path: Any, s3_server: Any, s3_prefix: str) -> Iterator[Dict[str, Any]]:
+def snapshot_of_tree(tmp_path: Any, s3_server: Any, s3_prefix: str) -> Iterator[dict[str, Any]]:
     src = str(tmp_path / "src")
     make_tricky_tree(src)
     run = run_script("snapshot", script_config(s3_server, s3_prefix, src))
@@ -108,7 +109,7 @@ def existing_workspace(tmp_path: Any) -> str:
     return target
 
 
-def test_round_trip_is_identical(snapshot_of_tree: Dict[str, Any], s3_server: Any, s3_prefix: str,
+def test_round_trip_is_identical(snapshot_of_tree: dict[str, Any], s3_server: Any, s3_prefix: str,
                                  tmp_path: Any, existing_workspace: str) -> None:
     snap = snapshot_of_tree["result"]
     assert snap["event"] == "result" and snap["parts"] >= 6 and snap["codec"] == "zstd"
@@ -147,7 +148,7 @@ def test_round_trip_into_missing_target_with_codec_none_keeping_setuid(tmp_path:
     ("corrupt", "part_corrupt"), ("truncate", "part_truncated"), ("delete", "part_missing"),
     ("manifest", "manifest_missing"), ("garbage-manifest", "manifest_invalid"),
 ])
-def test_damaged_snapshot_fails_and_leaves_workspace(damage: str, code: str, snapshot_of_tree: Dict[str, Any],
+def test_damaged_snapshot_fails_and_leaves_workspace(damage: str, code: str, snapshot_of_tree: dict[str, Any],
                                                      s3_server: Any, s3_prefix: str, s3_client: Any,
                                                      existing_workspace: str) -> None:
     bucket, key = s3_server.bucket, s3_prefix + "part-00002"
@@ -248,7 +249,7 @@ def test_unsafe_archive_is_refused(kind: str, tmp_path: Any, s3_server: Any, s3_
     assert staging_dirs(existing_workspace) == []
 
 
-def test_wrong_credentials(snapshot_of_tree: Dict[str, Any], s3_server: Any, s3_prefix: str,
+def test_wrong_credentials(snapshot_of_tree: dict[str, Any], s3_server: Any, s3_prefix: str,
                            existing_workspace: str) -> None:
     cfg = script_config(s3_server, s3_prefix, existing_workspace, overwrite=True)
     cfg["s3"]["secret_key"] = "not-the-secret"
@@ -264,7 +265,7 @@ def test_bad_config(s3_server: Any, s3_prefix: str) -> None:
 @pytest.fixture
 def small_fs(tmp_path: Any) -> Iterator[Any]:
     """A real small filesystem (tmpfs) to run out of space on; skipped where mount is not allowed."""
-    mounts: List[str] = []
+    mounts: list[str] = []
 
     def make(name: str, options: str) -> str:
         path = str(tmp_path / name)
@@ -280,7 +281,7 @@ def small_fs(tmp_path: Any) -> Iterator[Any]:
         subprocess.run(["umount", "-l", path], check=False)
 
 
-def test_insufficient_disk_is_refused_before_download(snapshot_of_tree: Dict[str, Any], s3_server: Any,
+def test_insufficient_disk_is_refused_before_download(snapshot_of_tree: dict[str, Any], s3_server: Any,
                                                       s3_prefix: str, small_fs: Any) -> None:
     fs = small_fs("tiny", "size=256k")
     target = os.path.join(fs, "ws")
@@ -309,7 +310,7 @@ def test_disk_full_during_extraction(tmp_path: Any, s3_server: Any, s3_prefix: s
     assert tree_state(target) == before and staging_dirs(target) == []
 
 
-def test_restore_into_a_mount_point(snapshot_of_tree: Dict[str, Any], s3_server: Any, s3_prefix: str,
+def test_restore_into_a_mount_point(snapshot_of_tree: dict[str, Any], s3_server: Any, s3_prefix: str,
                                     small_fs: Any) -> None:
     """A volume mounted at the workspace path cannot be renamed: staging goes inside it instead."""
     target = small_fs("volume", "size=64m")
@@ -328,7 +329,7 @@ def test_restore_into_a_mount_point(snapshot_of_tree: Dict[str, Any], s3_server:
     assert os.path.ismount(target) and staging_dirs(target) == []
 
 
-def test_a_manifest_other_than_the_recorded_one_is_refused(snapshot_of_tree: Dict[str, Any], s3_server: Any,
+def test_a_manifest_other_than_the_recorded_one_is_refused(snapshot_of_tree: dict[str, Any], s3_server: Any,
                                                             s3_prefix: str, existing_workspace: str) -> None:
     before = tree_state(existing_workspace)
     run = run_script("restore", script_config(s3_server, s3_prefix, existing_workspace, overwrite=True, manifest_sha256="0" * 64))

@@ -11,7 +11,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Dict, List, Set
+from typing import Any
 
 import pytest
 
@@ -20,8 +20,8 @@ from tests.support.fixtures_s3 import finish_script, run_script, script_config, 
 pytestmark = pytest.mark.slow
 
 
-def keys(s3_client: Any, bucket: str, prefix: str) -> Dict[str, int]:
-    out: Dict[str, int] = {}
+def keys(s3_client: Any, bucket: str, prefix: str) -> dict[str, int]:
+    out: dict[str, int] = {}
     for page in s3_client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for item in page.get("Contents", []):
             out[item["Key"][len(prefix):]] = item["Size"]
@@ -98,7 +98,7 @@ def test_resume_after_sigkill_uploads_only_missing_parts(tmp_path: Any, s3_serve
     assert again.last["skipped_parts"] == again.last["parts"] and again.last["uploaded_parts"] == 0
 
 
-def _cmdlines() -> List[bytes]:
+def _cmdlines() -> list[bytes]:
     out = []
     for pid in os.listdir("/proc"):
         if pid.isdigit():
@@ -115,7 +115,7 @@ def test_credentials_never_appear_in_argv(tmp_path: Any, s3_server: Any, s3_pref
     random_tree(src, files=30)
     cfg = script_config(s3_server, s3_prefix, src, part_size=16 * 1024, parallelism=4)
     secrets = [s3_server.secret_key.encode(), s3_server.access_key.encode()]
-    seen: Set[bytes] = set()
+    seen: set[bytes] = set()
     stop = threading.Event()
     s5cmd_seen = [0]
 
@@ -199,7 +199,7 @@ def test_excludes(tmp_path: Any, s3_server: Any, s3_prefix: str) -> None:
     ({"prefix": "/abs/"}, "bad_config"),
     ({"workspace_path": "/nonexistent/gpusnap-ws"}, "workspace_not_found"),
 ])
-def test_bad_config(change: Dict[str, Any], code: str, tmp_path: Any, s3_server: Any, s3_prefix: str) -> None:
+def test_bad_config(change: dict[str, Any], code: str, tmp_path: Any, s3_server: Any, s3_prefix: str) -> None:
     cfg = script_config(s3_server, s3_prefix, str(tmp_path))
     cfg.update(change)
     cfg = {k: v for k, v in cfg.items() if v is not None}

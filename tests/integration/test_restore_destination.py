@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Any, Dict
+from typing import Any
 
 import pytest
 
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def snapshot(tmp_path: Any, s3_server: Any, s3_prefix: str) -> Dict[str, Any]:
+def snapshot(tmp_path: Any, s3_server: Any, s3_prefix: str) -> dict[str, Any]:
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)
     (src / "a.txt").write_text("from the snapshot")
@@ -30,7 +30,7 @@ def _old(target: str) -> list:
     return sorted(glob.glob(glob.escape(target) + ".gpusnap-old-*"))
 
 
-def test_a_non_empty_workspace_needs_overwrite(snapshot: Dict[str, Any], s3_server: Any, s3_prefix: str,
+def test_a_non_empty_workspace_needs_overwrite(snapshot: dict[str, Any], s3_server: Any, s3_prefix: str,
                                                tmp_path: Any) -> None:
     target = tmp_path / "ws"
     target.mkdir()
@@ -45,7 +45,7 @@ def test_a_non_empty_workspace_needs_overwrite(snapshot: Dict[str, Any], s3_serv
     assert run.last["code"] == "workspace_exists"
 
 
-def test_overwrite_keeps_the_old_tree_until_the_next_restore(snapshot: Dict[str, Any], s3_server: Any,
+def test_overwrite_keeps_the_old_tree_until_the_next_restore(snapshot: dict[str, Any], s3_server: Any,
                                                              s3_prefix: str, tmp_path: Any) -> None:
     target = str(tmp_path / "ws")
     os.makedirs(target)
@@ -64,7 +64,7 @@ def test_overwrite_keeps_the_old_tree_until_the_next_restore(snapshot: Dict[str,
     assert tree_state(second.last["previous_workspace"]) == tree_state(snapshot["src"])
 
 
-def test_an_empty_or_missing_workspace_needs_no_overwrite(snapshot: Dict[str, Any], s3_server: Any,
+def test_an_empty_or_missing_workspace_needs_no_overwrite(snapshot: dict[str, Any], s3_server: Any,
                                                           s3_prefix: str, tmp_path: Any) -> None:
     empty = tmp_path / "empty"
     (empty / "lost+found").mkdir(parents=True)  # what a freshly made filesystem holds
@@ -100,7 +100,7 @@ def test_a_path_that_resolves_to_a_system_directory_is_refused(s3_server: Any, t
         assert sorted(os.listdir("/etc")) == etc_before
 
 
-def test_snapshot_reports_its_scan(snapshot: Dict[str, Any]) -> None:
+def test_snapshot_reports_its_scan(snapshot: dict[str, Any]) -> None:
     result = snapshot["result"]
     assert result["scan"]["entries"] == result["files"] == 3  # a.txt, sub, sub/b.bin
     assert 100_000 <= result["scan"]["bytes"] <= result["raw_bytes"]

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Any, Dict, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -24,7 +25,7 @@ def proxy(s3_server: Any) -> Iterator[S3FaultProxy]:
         yield p
 
 
-def take_snapshot(tmp_path: Any, s3_server: Any, s3_prefix: str, *, part_size: int, size: int) -> Dict[str, Any]:
+def take_snapshot(tmp_path: Any, s3_server: Any, s3_prefix: str, *, part_size: int, size: int) -> dict[str, Any]:
     """A real snapshot (uploaded straight to the server, codec none so sizes are predictable)."""
     src = str(tmp_path / "src")
     os.makedirs(os.path.join(src, "sub"))
@@ -38,7 +39,7 @@ def take_snapshot(tmp_path: Any, s3_server: Any, s3_prefix: str, *, part_size: i
 
 
 @pytest.fixture
-def snapshot(tmp_path: Any, s3_server: Any, s3_prefix: str) -> Dict[str, Any]:
+def snapshot(tmp_path: Any, s3_server: Any, s3_prefix: str) -> dict[str, Any]:
     # Parts of 256 KiB: s5cmd 2.3.0 writes a body to stdout in 64 KiB pieces, and only once a piece
     # is out can it no longer retry cleanly; a reset later in the body gives exit 0 and a short body.
     return take_snapshot(tmp_path, s3_server, s3_prefix, part_size=256 * 1024, size=1200 * 1024)
@@ -60,7 +61,7 @@ def restore_via(proxy: S3FaultProxy, s3_server: Any, prefix: str, target: str, *
     return run_script("restore", cfg, timeout=180)
 
 
-def test_a_part_cut_short_by_a_reset_is_fetched_again(proxy: S3FaultProxy, snapshot: Dict[str, Any],
+def test_a_part_cut_short_by_a_reset_is_fetched_again(proxy: S3FaultProxy, snapshot: dict[str, Any],
                                                        s3_server: Any, s3_prefix: str, workspace: str) -> None:
     proxy.plan(Fault("reset", method="GET", key_contains="part-00001", keep_fraction=0.5),
                Fault("reset", method="GET", key_contains="part-00003", keep_fraction=0.8, count=2))
@@ -81,7 +82,7 @@ def test_a_manifest_cut_short_is_not_reported_as_changed(proxy: S3FaultProxy, tm
     assert tree_state(workspace) == tree_state(snapshot["src"])
 
 
-def test_a_part_that_never_arrives_whole_is_a_download_failure(proxy: S3FaultProxy, snapshot: Dict[str, Any],
+def test_a_part_that_never_arrives_whole_is_a_download_failure(proxy: S3FaultProxy, snapshot: dict[str, Any],
                                                                s3_server: Any, s3_prefix: str,
                                                                workspace: str) -> None:
     proxy.plan(Fault("reset", method="GET", key_contains="part-00002", keep_fraction=0.8, count=100))
@@ -93,7 +94,7 @@ def test_a_part_that_never_arrives_whole_is_a_download_failure(proxy: S3FaultPro
     assert tree_state(workspace) == before
 
 
-def test_5xx_answers_are_retried(proxy: S3FaultProxy, snapshot: Dict[str, Any], s3_server: Any, s3_prefix: str,
+def test_5xx_answers_are_retried(proxy: S3FaultProxy, snapshot: dict[str, Any], s3_server: Any, s3_prefix: str,
                                  workspace: str) -> None:
     proxy.plan(Fault("503", method="GET", key_contains="part-", count=3),
                Fault("500", method="GET", key_contains="manifest.json", count=1))
@@ -102,7 +103,7 @@ def test_5xx_answers_are_retried(proxy: S3FaultProxy, snapshot: Dict[str, Any], 
     assert tree_state(workspace) == tree_state(snapshot["src"])
 
 
-def test_a_really_truncated_part_is_still_part_truncated(proxy: S3FaultProxy, snapshot: Dict[str, Any],
+def test_a_really_truncated_part_is_still_part_truncated(proxy: S3FaultProxy, snapshot: dict[str, Any],
                                                          s3_server: Any, s3_prefix: str, s3_client: Any,
                                                          workspace: str) -> None:
     """Retries must not hide damage: the bucket's own size of the object decides."""
@@ -113,7 +114,7 @@ def test_a_really_truncated_part_is_still_part_truncated(proxy: S3FaultProxy, sn
     assert run.error_code == "part_truncated", run.last
 
 
-def test_control_plane_reads_are_retried_after_a_reset(proxy: S3FaultProxy, snapshot: Dict[str, Any],
+def test_control_plane_reads_are_retried_after_a_reset(proxy: S3FaultProxy, snapshot: dict[str, Any],
                                                        s3_server: Any, s3_prefix: str, s3_client: Any) -> None:
     store = ObjectStore(endpoint=proxy.endpoint, bucket=s3_server.bucket, access_key=s3_server.access_key,
                         secret_key=s3_server.secret_key, region=s3_server.region)
@@ -143,7 +144,7 @@ def mounted_workspace(tmp_path: Any) -> Iterator[str]:
 
 
 def test_failed_restore_into_a_mount_point_leaves_the_root_as_it_was(proxy: S3FaultProxy,
-                                                                    snapshot: Dict[str, Any], s3_server: Any,
+                                                                    snapshot: dict[str, Any], s3_server: Any,
                                                                     s3_prefix: str, s3_client: Any,
                                                                     mounted_workspace: str) -> None:
     target = mounted_workspace

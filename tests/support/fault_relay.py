@@ -16,7 +16,6 @@ import select
 import socket
 import struct
 import threading
-from typing import List, Optional, Tuple
 
 logger = logging.getLogger(__name__)
 
@@ -43,16 +42,16 @@ class _Pair:
 
 
 class FaultRelay:
-    def __init__(self, upstream: Tuple[str, int]) -> None:
+    def __init__(self, upstream: tuple[str, int]) -> None:
         self.upstream = upstream
         self.blackhole = False
         self.refuse = False
-        self.reset_after_bytes: Optional[int] = None
+        self.reset_after_bytes: int | None = None
         self.resets = 0
         self.connections = 0
-        self._pairs: List[_Pair] = []
+        self._pairs: list[_Pair] = []
         self._lock = threading.Lock()
-        self._listener: Optional[socket.socket] = None
+        self._listener: socket.socket | None = None
         self._stop = threading.Event()
 
     @property
@@ -60,7 +59,7 @@ class FaultRelay:
         assert self._listener is not None, "start() first"
         return self._listener.getsockname()[1]
 
-    def start(self) -> "FaultRelay":
+    def start(self) -> FaultRelay:
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._listener.bind(("127.0.0.1", 0))
@@ -74,7 +73,7 @@ class FaultRelay:
             self._listener.close()
         self.reset_all(count=False)
 
-    def __enter__(self) -> "FaultRelay":
+    def __enter__(self) -> FaultRelay:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

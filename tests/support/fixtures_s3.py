@@ -15,9 +15,10 @@ import stat
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any
 
 import pytest
 
@@ -62,21 +63,21 @@ class ScriptRun:
     """Outcome of one remote script run: parsed stdout events, exit status, stderr text."""
 
     returncode: int
-    events: List[Dict[str, Any]]
+    events: list[dict[str, Any]]
     stderr: str
 
     @property
-    def last(self) -> Dict[str, Any]:
+    def last(self) -> dict[str, Any]:
         return self.events[-1] if self.events else {}
 
     @property
-    def error_code(self) -> Optional[str]:
+    def error_code(self) -> str | None:
         return self.last.get("code") if self.last.get("event") == "error" else None
 
 
-def script_config(s3: S3Endpoint, prefix: str, workspace: str, **extra: Any) -> Dict[str, Any]:
+def script_config(s3: S3Endpoint, prefix: str, workspace: str, **extra: Any) -> dict[str, Any]:
     """A snapshot.py/restore.py stdin config against the test server (small parts by default)."""
-    cfg: Dict[str, Any] = {
+    cfg: dict[str, Any] = {
         "workspace_path": workspace, "prefix": prefix, "snapshot_id": "snap-test", "instance_id": "inst-test",
         "codec": "zstd", "zstd_level": 3, "part_size": 64 * 1024, "parallelism": 4, "excludes": [],
         "s5cmd": s5cmd_binary(), "bootstrap": False, "s3": s3.script_s3(),
@@ -106,11 +107,11 @@ def run_script(name: str, config: Any, timeout: float = 120) -> ScriptRun:
     return finish_script(start_script(name, config), timeout)
 
 
-def tree_state(root: str) -> Dict[bytes, Tuple[Any, ...]]:
+def tree_state(root: str) -> dict[bytes, tuple[Any, ...]]:
     """Everything a restore must preserve, per entry (bytes paths, so non-UTF-8 names compare):
     type+mode, uid/gid, size, mtime_ns, link target, content digest, hard-link group."""
-    state: Dict[bytes, Tuple[Any, ...]] = {}
-    inodes: Dict[int, bytes] = {}
+    state: dict[bytes, tuple[Any, ...]] = {}
+    inodes: dict[int, bytes] = {}
     base = os.fsencode(root)
     for dirpath, dirnames, filenames in os.walk(base):
         for name in dirnames + filenames:

@@ -26,7 +26,6 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Dict, List, Optional, Tuple
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +42,7 @@ class Fault:
     """A fault for the next `count` requests that match (method, and a substring of the path)."""
 
     kind: str
-    method: Optional[str] = None
+    method: str | None = None
     key_contains: str = ""
     count: int = 1
     keep_fraction: float = 0.1  # `reset`: share of the body sent before the reset
@@ -55,13 +54,13 @@ class Fault:
 @dataclass
 class ProxyStats:
     requests: int = 0
-    faults: Dict[str, int] = field(default_factory=dict)
-    log: List[Tuple[str, str, str]] = field(default_factory=list)  # (method, path, fault) of each fault
+    faults: dict[str, int] = field(default_factory=dict)
+    log: list[tuple[str, str, str]] = field(default_factory=list)  # (method, path, fault) of each fault
 
 
 class S3FaultProxy:
-    def __init__(self, upstream: str, *, rate: float = 0.0, kinds: Tuple[str, ...] = KINDS,
-                 stall_s: float = 3.0, seed: Optional[int] = None) -> None:
+    def __init__(self, upstream: str, *, rate: float = 0.0, kinds: tuple[str, ...] = KINDS,
+                 stall_s: float = 3.0, seed: int | None = None) -> None:
         parsed = urllib.parse.urlsplit(upstream)
         self.upstream = (parsed.hostname or "127.0.0.1", parsed.port or 80)
         self.rate = rate
@@ -69,10 +68,10 @@ class S3FaultProxy:
         self.stall_s = stall_s
         self.random = random.Random(seed)
         self.stats = ProxyStats()
-        self._planned: List[Fault] = []
+        self._planned: list[Fault] = []
         self._lock = threading.Lock()
-        self._server: Optional[ThreadingHTTPServer] = None
-        self._thread: Optional[threading.Thread] = None
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
 
     @property
     def endpoint(self) -> str:
@@ -84,11 +83,11 @@ class S3FaultProxy:
         with self._lock:
             self._planned.extend(faults)
 
-    def choose(self, method: str, path: str) -> Optional[Fault]:
+    def choose(self, method: str, path: str) -> Fault | None:
         """The fault for this request, if any; counts it."""
         with self._lock:
             self.stats.requests += 1
-            fault: Optional[Fault] = None
+            fault: Fault | None = None
             for planned in self._planned:
                 if planned.count > 0 and planned.matches(method, path):
                     planned.count -= 1
@@ -104,7 +103,7 @@ class S3FaultProxy:
                 self.stats.log.append((method, path, fault.kind))
             return fault
 
-    def start(self) -> "S3FaultProxy":
+    def start(self) -> S3FaultProxy:
         proxy = self
 
         class Handler(_ProxyHandler):
@@ -122,7 +121,7 @@ class S3FaultProxy:
             self._server.server_close()
             self._server = None
 
-    def __enter__(self) -> "S3FaultProxy":
+    def __enter__(self) -> S3FaultProxy:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -182,7 +181,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length else b""
 
-    def _forward(self, body: bytes) -> Tuple[int, str, List[Tuple[str, str]], http.client.HTTPResponse,
+    def _forward(self, body: bytes) -> tuple[int, str, list[tuple[str, str]], http.client.HTTPResponse,
                                               http.client.HTTPConnection]:
         conn = http.client.HTTPConnection(*self.owner.upstream, timeout=120)
         conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)

@@ -19,7 +19,6 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from typing import Dict, List, Optional
 
 GRPC_OFFSET = 10000
 _PORT_NAMES = ("s3", "master", "filer", "volume", "webdav", "admin")
@@ -63,10 +62,10 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def pick_ports(count: int, taken: Optional[set] = None) -> List[int]:
+def pick_ports(count: int, taken: set | None = None) -> list[int]:
     """`count` distinct ports p with p and p + GRPC_OFFSET both free on 127.0.0.1."""
     taken = set(taken or ())
-    ports: List[int] = []
+    ports: list[int] = []
     for _ in range(2000):
         port = random.randint(20000, 55000 - GRPC_OFFSET)
         if {port, port + GRPC_OFFSET} & taken:
@@ -91,13 +90,13 @@ class S3Endpoint:
     master: str = ""  # host:port of weed's master and filer, for `add_identity`
     filer: str = ""
 
-    def script_s3(self, **changes: str) -> Dict[str, str]:
+    def script_s3(self, **changes: str) -> dict[str, str]:
         """The `s3` object of a snapshot.py/restore.py config for this server (with `changes`)."""
         return dict({"endpoint": self.endpoint, "bucket": self.bucket, "access_key": self.access_key,
                      "secret_key": self.secret_key, "region": self.region}, **changes)
 
 
-def add_identity(server: S3Endpoint, *, name: str, access_key: str, secret_key: str, actions: List[str],
+def add_identity(server: S3Endpoint, *, name: str, access_key: str, secret_key: str, actions: list[str],
                  timeout: float = 30.0) -> None:
     """Add an S3 identity to a running server (`weed shell s3.configure -apply`), e.g. one limited to a
     prefix: SeaweedFS scopes actions as `Read:<bucket>/<prefix>*`, `Write:<bucket>/<prefix>*`. Waits until
@@ -131,15 +130,15 @@ def add_identity(server: S3Endpoint, *, name: str, access_key: str, secret_key: 
 class SeaweedS3Server:
     """start() → S3Endpoint; stop() kills the server and removes its data directory."""
 
-    def __init__(self, bucket: str = "gpusnap-test", access_key: Optional[str] = None,
-                 secret_key: Optional[str] = None, data_dir: Optional[str] = None) -> None:
+    def __init__(self, bucket: str = "gpusnap-test", access_key: str | None = None,
+                 secret_key: str | None = None, data_dir: str | None = None) -> None:
         self.bucket = bucket
         self.access_key = access_key or "AK" + os.urandom(8).hex().upper()
         self.secret_key = secret_key or os.urandom(20).hex()
         self._own_dir = data_dir is None
         self.root = data_dir or tempfile.mkdtemp(prefix="gpusnap-weed-")
-        self.proc: Optional[subprocess.Popen] = None
-        self.info: Optional[S3Endpoint] = None
+        self.proc: subprocess.Popen | None = None
+        self.info: S3Endpoint | None = None
 
     def start(self, timeout: float = 60.0) -> S3Endpoint:
         weed = venv_binary("weed")

@@ -78,7 +78,7 @@ class SlowS3Proxy:
         self.endpoint = f"http://127.0.0.1:{self._server.server_port}"
         self._thread = threading.Thread(target=self._server.serve_forever, name="slow-s3-proxy", daemon=True)
 
-    def __enter__(self) -> "SlowS3Proxy":
+    def __enter__(self) -> SlowS3Proxy:
         self._thread.start()
         return self
 

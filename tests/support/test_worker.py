@@ -62,7 +62,7 @@ class WorkerProcess:
         assert self.proc is not None
         return self.proc.pid
 
-    def start(self) -> "WorkerProcess":
+    def start(self) -> WorkerProcess:
         self.ready_path.unlink(missing_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "tests.support.test_worker"], cwd=ROOT,

@@ -6,8 +6,19 @@ import io
 import pytest
 
 from src.cli.http import ApiError, Unreachable
-from src.cli.progress import (ProgressDisplay, RateMeter, WaitTimeout, bar_line, bytes_pair, eta_seconds,
-                              human_bytes, human_duration, plain_line, render_bar, wait_for_job)
+from src.cli.progress import (
+    ProgressDisplay,
+    RateMeter,
+    WaitTimeout,
+    bar_line,
+    bytes_pair,
+    eta_seconds,
+    human_bytes,
+    human_duration,
+    plain_line,
+    render_bar,
+    wait_for_job,
+)
 
 
 @pytest.mark.parametrize("n, text", [

@@ -12,7 +12,6 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "src", "remote_scripts"))
 
 import zstandard  # noqa: E402
-
 from gs_bootstrap import PINNED, ensure, pip_command  # noqa: E402
 from gs_codecs import ZstdCodec, encode_part, fallback_warning, for_restore, for_snapshot  # noqa: E402
 from gs_common import ScriptError  # noqa: E402

@@ -15,7 +15,7 @@ SOURCE = (Path(__file__).resolve().parents[2] / "src" / "remote_scripts" / "gs_r
 
 def _run(directory: Path, mode: str, stdin: bytes) -> tuple[int, dict]:
     res = subprocess.run([sys.executable, "-c", SOURCE, str(directory), mode], input=stdin,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+                         capture_output=True, timeout=60)
     return res.returncode, json.loads(res.stdout.decode().strip().splitlines()[-1])
 
 

@@ -7,7 +7,7 @@ import io
 import os
 import sys
 import tarfile
-from typing import Callable, List
+from collections.abc import Callable
 
 import pytest
 
@@ -38,12 +38,12 @@ def member(tar: tarfile.TarFile, name: str, data: bytes = b"", **kw: object) -> 
 def run_gate(stream: bytes, root: str = "/workspace", allow_external: bool = False, step: int = 700) -> bytes:
     """Feed `stream` in odd-sized chunks; return what reached the sink."""
     src = io.BytesIO(stream)
-    out: List[bytes] = []
+    out: list[bytes] = []
     gate(lambda n: src.read(min(n, step)), lambda v: out.append(bytes(v)), MemberPolicy(root, allow_external))
     return b"".join(out)
 
 
-def _members(stream: bytes) -> List[tuple]:
+def _members(stream: bytes) -> list[tuple]:
     out = []
     with tarfile.open(fileobj=io.BytesIO(stream), mode="r:") as tar:
         for m in tar:
@@ -78,7 +78,7 @@ def test_fifo_is_left_out_and_setuid_cleared_unless_kept() -> None:
                               member(t, "./after", b"y")))
     src = io.BytesIO(stream)
     policy = MemberPolicy("/workspace")
-    sunk: List[bytes] = []
+    sunk: list[bytes] = []
     assert gate(src.read, lambda v: sunk.append(bytes(v)), policy) == 3
     got = {m[0]: m for m in _members(b"".join(sunk))}
     assert sorted(got) == [".", "./after", "./s"]
@@ -115,7 +115,7 @@ def test_unsafe_members_are_refused_before_reaching_the_sink(add: Callable[[tarf
 
     stream = build(full)
     src = io.BytesIO(stream)
-    sunk: List[bytes] = []
+    sunk: list[bytes] = []
     with pytest.raises(ScriptError) as err:
         gate(lambda n: src.read(n), lambda v: sunk.append(bytes(v)), MemberPolicy("/workspace"))
     assert err.value.code == "unsafe_archive"
@@ -193,7 +193,7 @@ def test_gate_over_recycled_part_buffers_with_tiny_parts() -> None:
 
     fetcher = FakeFetcher()
     reader = PartStream(fetcher, lambda n: None)  # type: ignore[arg-type]
-    out: List[bytes] = []
+    out: list[bytes] = []
     gate(reader.read, lambda v: out.append(bytes(v)), MemberPolicy("/workspace"))
     assert _members(b"".join(out)) == _members(stream) and fetcher.released > 10
 

@@ -12,7 +12,8 @@ import shutil
 import stat
 import subprocess
 import sys
-from typing import Any, Callable, List, NamedTuple, Optional, Tuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -20,8 +21,23 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "src", "r
 
 from gs_common import ScriptError  # noqa: E402
 from gs_tarsafe import MemberPolicy, extract_command, gate  # noqa: E402
-from tests.unit.hostile_tars import (BLOCK, END, GNU_MAGIC, archive, base256, directory, entry,  # noqa: E402
-                                     hardlink, header, octal, padded, pax, record, symlink)
+
+from tests.unit.hostile_tars import (  # noqa: E402
+    BLOCK,
+    END,
+    GNU_MAGIC,
+    archive,
+    base256,
+    directory,
+    entry,
+    hardlink,
+    header,
+    octal,
+    padded,
+    pax,
+    record,
+    symlink,
+)
 
 pytestmark = pytest.mark.skipif(shutil.which("tar") is None, reason="GNU tar is needed for the pipeline")
 
@@ -37,14 +53,14 @@ class Case(NamedTuple):
     refused: bool = True
     allow_external: bool = False
     keep_setuid: bool = False
-    check: Optional[Callable[[str], None]] = None  # on the extracted tree of a neutralised case
+    check: Callable[[str], None] | None = None  # on the extracted tree of a neutralised case
 
 
 def _out(o: str, name: str = "pwned") -> str:
     return os.path.join(o, name)
 
 
-CASES: List[Case] = [
+CASES: list[Case] = [
     # --- the reading disagreements of issue 9 ---------------------------------------------------
     Case("global-pax-size", lambda o: archive(pax([("size", "0")], type_=b"g"),
                                               entry("./a", DEVICE + SETUID))),
@@ -301,7 +317,7 @@ def _inert_link(ws: str) -> None:
     assert os.readlink(os.path.join(ws, "python")).startswith("/")
 
 
-NEUTRALISED: List[Case] = [
+NEUTRALISED: list[Case] = [
     Case("setuid-root-file", lambda o: archive(SETUID), refused=False, check=_no_setuid),
     Case("setgid-dir-and-sticky-dir", lambda o: archive(directory("./shared/", mode=0o1777),
                                                         directory("./group/", mode=0o2775)),
@@ -354,7 +370,7 @@ NEUTRALISED.append(Case(
     refused=False, check=_owner_by_number))
 
 
-def run_pipeline(stream: bytes, ws: str, case: Case, step: int = 700) -> Tuple[Optional[ScriptError], bytes]:
+def run_pipeline(stream: bytes, ws: str, case: Case, step: int = 700) -> tuple[ScriptError | None, bytes]:
     """gate | tar -x, as restore wires them; returns the gate's refusal (or None) and tar's stderr."""
     proc = subprocess.Popen(extract_command(ws), stdin=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
                             env=dict(os.environ, LC_ALL="C"))
@@ -370,7 +386,7 @@ def run_pipeline(stream: bytes, ws: str, case: Case, step: int = 700) -> Tuple[O
         while view:
             view = view[proc.stdin.write(view):]  # type: ignore[union-attr]
 
-    error: Optional[ScriptError] = None
+    error: ScriptError | None = None
     try:
         gate(source, sink, MemberPolicy(ws, case.allow_external, case.keep_setuid))
     except ScriptError as exc:

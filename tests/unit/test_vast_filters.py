@@ -4,7 +4,13 @@ from __future__ import annotations
 import pytest
 
 from src.adapters.vast_models import (
-    EUROPE, Instance, Offer, build_offer_query, country_code, normalize_gpu_name, region_country_codes,
+    EUROPE,
+    Instance,
+    Offer,
+    build_offer_query,
+    country_code,
+    normalize_gpu_name,
+    region_country_codes,
 )
 from src.errors import InvalidRequest
 

@@ -1,5 +1,6 @@
 """Production settings for `gunicorn app:app`. Workers are processes (the API is I/O- and
 database-bound); threads let one slow client not hold a whole worker."""
+
 import multiprocessing
 import os
 import shutil
@@ -16,15 +17,18 @@ threads = int(os.environ.get("GUNICORN_THREADS", 16))
 worker_class = "gthread"
 _event_streams = int(os.environ.get("EVENTS_MAX_STREAMS", 8))
 if _event_streams >= threads:
-    sys.stderr.write(f"warning: EVENTS_MAX_STREAMS ({_event_streams}) >= GUNICORN_THREADS ({threads}): open "
-                     "event streams can take every thread of a worker; raise GUNICORN_THREADS\n")
+    sys.stderr.write(
+        f"warning: EVENTS_MAX_STREAMS ({_event_streams}) >= GUNICORN_THREADS ({threads}): open "
+        "event streams can take every thread of a worker; raise GUNICORN_THREADS\n"
+    )
 timeout = 60
 graceful_timeout = 30
 keepalive = 5
 accesslog = "-"
 logger_class = "src.access_log.RedactingLogger"  # writes `?token=[redacted]`: tokens in URLs stay out of logs
-access_log_format = ('{"remote": "%(h)s", "request": "%(r)s", "status": %(s)s, "bytes": "%(b)s", "ms": %(M)s, '
-                     '"pid": "%(p)s"}')
+access_log_format = (
+    '{"remote": "%(h)s", "request": "%(r)s", "status": %(s)s, "bytes": "%(b)s", "ms": %(M)s, "pid": "%(p)s"}'
+)
 errorlog = "-"
 # Build the app in each worker after fork: database pools must not be shared across processes.
 preload_app = False

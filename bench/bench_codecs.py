@@ -13,6 +13,7 @@ bytes over the CPU time of that thread (time.thread_time), so a loaded machine d
 processes' time against the codec; wall time is reported too. Prints a markdown table; --json-out
 writes the numbers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,15 +23,17 @@ import os
 import random
 import sys
 import time
-from typing import Any, Callable, Dict, List, Tuple
+from collections.abc import Callable
+from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "src", "remote_scripts"))
 sys.path.insert(0, ROOT)
 
-from bench.weights import onnx_float32, to_bf16, to_fp16  # noqa: E402
 from gs_codecs import ZstdCodec, encode_part, for_restore, for_snapshot  # noqa: E402
 from gs_planes import PlanesCodec  # noqa: E402
+
+from bench.weights import onnx_float32, to_bf16, to_fp16  # noqa: E402
 
 PART = 32 << 20
 MB = 1e6
@@ -41,16 +44,20 @@ def normals(n: int, seed: int = 7) -> bytes:
     return array.array("f", (rng.gauss(0.0, 0.02) for _ in range(n))).tobytes()
 
 
-def codecs() -> Dict[str, Any]:
+def codecs() -> dict[str, Any]:
     z3 = ZstdCodec(level=3)
-    return {"zstd -3": z3, "zstd -1": ZstdCodec(level=1), "zstd-planes": PlanesCodec(z3.zstd),
-            "zstd-planes (level 1)": PlanesCodec(z3.zstd, level=1),
-            "auto (CPU)": for_snapshot("auto", 3, bootstrap=False)}
+    return {
+        "zstd -3": z3,
+        "zstd -1": ZstdCodec(level=1),
+        "zstd-planes": PlanesCodec(z3.zstd),
+        "zstd-planes (level 1)": PlanesCodec(z3.zstd, level=1),
+        "auto (CPU)": for_snapshot("auto", 3, bootstrap=False),
+    }
 
 
-def measure(codec: Any, data: bytes, rounds: int) -> Dict[str, Any]:
-    parts = [memoryview(data)[o:o + PART] for o in range(0, len(data), PART)]
-    best: Dict[str, Any] = {}
+def measure(codec: Any, data: bytes, rounds: int) -> dict[str, Any]:
+    parts = [memoryview(data)[o : o + PART] for o in range(0, len(data), PART)]
+    best: dict[str, Any] = {}
     for _ in range(rounds):
         c0, w0 = time.thread_time(), time.perf_counter()
         encoded = [encode_part(codec, p) for p in parts]
@@ -60,13 +67,17 @@ def measure(codec: Any, data: bytes, rounds: int) -> Dict[str, Any]:
         for (name, stored), p in zip(encoded, parts):
             if name == "none":
                 continue
-            n = decoders[name].decompress_into(stored, memoryview(out)[:len(p) + 1])
+            n = decoders[name].decompress_into(stored, memoryview(out)[: len(p) + 1])
             assert n == len(p) and out[:n] == p, "round trip failed"
-        c2, w2 = time.thread_time(), time.perf_counter()
+        c2 = time.thread_time()
         stored_bytes = sum(len(s) for _, s in encoded)
-        run = {"ratio": len(data) / stored_bytes, "c_cpu": len(data) / MB / max(c1 - c0, 1e-9),
-               "c_wall": len(data) / MB / max(w1 - w0, 1e-9), "d_cpu": len(data) / MB / max(c2 - c1, 1e-9),
-               "parts": sorted({name for name, _ in encoded})}
+        run = {
+            "ratio": len(data) / stored_bytes,
+            "c_cpu": len(data) / MB / max(c1 - c0, 1e-9),
+            "c_wall": len(data) / MB / max(w1 - w0, 1e-9),
+            "d_cpu": len(data) / MB / max(c2 - c1, 1e-9),
+            "parts": sorted({name for name, _ in encoded}),
+        }
         if not best or run["c_cpu"] > best["c_cpu"]:
             best = run
     return best
@@ -82,14 +93,14 @@ def main() -> None:
     ap.add_argument("--sets", help="comma-separated subset of the data column, e.g. 'real bf16'")
     args = ap.parse_args()
     f32 = b"".join(onnx_float32(p) for p in args.onnx)
-    sets: List[Tuple[str, Callable[[], bytes]]] = []
+    sets: list[tuple[str, Callable[[], bytes]]] = []
     if f32:
         names = ", ".join(os.path.basename(p) for p in args.onnx)
         print("real weights: %d float32 values from %s" % (len(f32) // 4, names), file=sys.stderr)
         sets += [("real bf16", lambda: to_bf16(f32)), ("real fp16", lambda: to_fp16(f32)), ("real fp32", lambda: f32)]
     n = args.normals_mib * (1 << 20) // 2
     sets += [("normal bf16", lambda: to_bf16(normals(n))), ("normal fp16", lambda: to_fp16(normals(n, 8)))]
-    results: Dict[str, Dict[str, Any]] = {}
+    results: dict[str, dict[str, Any]] = {}
     print("| data | MiB | codec | ratio | compress MB/s per core (wall) | decompress MB/s per core | parts stored as |")
     print("|---|---|---|---|---|---|---|")
     wanted = set(args.codecs.split(",")) if args.codecs else None
@@ -102,13 +113,32 @@ def main() -> None:
                 continue
             r = measure(codec, data, args.rounds)
             results["%s / %s" % (label, cname)] = dict(r, mib=len(data) / (1 << 20))
-            print("| %s | %.1f | %s | %.3f | %.0f (%.0f) | %.0f | %s |" % (
-                label, len(data) / (1 << 20), cname, r["ratio"], r["c_cpu"], r["c_wall"], r["d_cpu"],
-                ", ".join(r["parts"])), flush=True)
+            print(
+                "| %s | %.1f | %s | %.3f | %.0f (%.0f) | %.0f | %s |"
+                % (
+                    label,
+                    len(data) / (1 << 20),
+                    cname,
+                    r["ratio"],
+                    r["c_cpu"],
+                    r["c_wall"],
+                    r["d_cpu"],
+                    ", ".join(r["parts"]),
+                ),
+                flush=True,
+            )
     if args.json_out:
         with open(args.json_out, "w") as f:
-            json.dump({"measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                       "loadavg": os.getloadavg(), "cpus": os.cpu_count(), "results": results}, f, indent=1)
+            json.dump(
+                {
+                    "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "loadavg": os.getloadavg(),
+                    "cpus": os.cpu_count(),
+                    "results": results,
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Same tree, same SeaweedFS server, same part size, parallelism and codec. Rounds 
 (direct first, then API first) so that page-cache warmth favours neither; the median of each is
 reported. Results: JSON on stdout and in bench/out/control_plane.json, a table in docs/benchmarks.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,9 @@ PART_MB, PARALLELISM = 32, 4
 def run_direct(script: str, config: dict) -> float:
     os.sync()  # the previous step's dirty pages must not be written back on this step's clock
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(SCRIPTS / script)], input=json.dumps(config).encode(),
-                          capture_output=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPTS / script)], input=json.dumps(config).encode(), capture_output=True, check=False
+    )
     elapsed = time.perf_counter() - started
     last = proc.stdout.decode().strip().splitlines()[-1]
     if proc.returncode != 0 or json.loads(last).get("event") != "result":
@@ -83,51 +85,103 @@ def main() -> None:
         signature = tree_signature(str(workspace))
         creds = endpoint.script_s3()
         env = {
-            "DATABASE_URL": f"sqlite:///{tmp}/gpusnap.db", "QUEUE_PATH": str(tmp / "queue.db"), "API_TOKENS": TOKEN,
-            "R2_ENDPOINT": endpoint.endpoint, "R2_BUCKET": endpoint.bucket, "R2_ACCESS_KEY": endpoint.access_key,
-            "R2_SECRET_KEY": endpoint.secret_key, "R2_REGION": endpoint.region, "SNAPSHOT_PREFIX": "bench/",
-            "SSH_KEY_PATH": str(sshd.client_key_path), "SSH_USER": sshd.user, "SSH_ALLOWED_NETWORKS": "127.0.0.1/32",
-            "REMOTE_PYTHON": sys.executable, "REMOTE_S5CMD": S5CMD, "SNAPSHOT_CODEC": "zstd",
-            "SNAPSHOT_PART_SIZE_MB": str(PART_MB), "SNAPSHOT_PARALLELISM": str(PARALLELISM), "LOG_LEVEL": "WARNING",
+            "DATABASE_URL": f"sqlite:///{tmp}/gpusnap.db",
+            "QUEUE_PATH": str(tmp / "queue.db"),
+            "API_TOKENS": TOKEN,
+            "R2_ENDPOINT": endpoint.endpoint,
+            "R2_BUCKET": endpoint.bucket,
+            "R2_ACCESS_KEY": endpoint.access_key,
+            "R2_SECRET_KEY": endpoint.secret_key,
+            "R2_REGION": endpoint.region,
+            "SNAPSHOT_PREFIX": "bench/",
+            "SSH_KEY_PATH": str(sshd.client_key_path),
+            "SSH_USER": sshd.user,
+            "SSH_ALLOWED_NETWORKS": "127.0.0.1/32",
+            "REMOTE_PYTHON": sys.executable,
+            "REMOTE_S5CMD": S5CMD,
+            "SNAPSHOT_CODEC": "zstd",
+            "SNAPSHOT_PART_SIZE_MB": str(PART_MB),
+            "SNAPSHOT_PARALLELISM": str(PARALLELISM),
+            "LOG_LEVEL": "WARNING",
         }
         upgrade(env["DATABASE_URL"])
         stack = Stack(env=env, tmp=tmp)
         stack.start_worker()
-        timings: dict[str, list[float]] = {k: [] for k in ("direct_snapshot", "direct_restore", "api_snapshot",
-                                                           "api_restore")}
+        timings: dict[str, list[float]] = {
+            k: [] for k in ("direct_snapshot", "direct_restore", "api_snapshot", "api_restore")
+        }
 
         def direct() -> None:
             prefix = f"direct/{uuid.uuid4().hex}/"
-            timings["direct_snapshot"].append(run_direct("snapshot.py", {
-                "workspace_path": str(workspace), "s3": creds, "prefix": prefix, "snapshot_id": "d", "instance_id": "d",
-                "codec": "zstd", "part_size": PART_MB << 20, "parallelism": PARALLELISM, "excludes": [], "s5cmd": S5CMD}))
+            timings["direct_snapshot"].append(
+                run_direct(
+                    "snapshot.py",
+                    {
+                        "workspace_path": str(workspace),
+                        "s3": creds,
+                        "prefix": prefix,
+                        "snapshot_id": "d",
+                        "instance_id": "d",
+                        "codec": "zstd",
+                        "part_size": PART_MB << 20,
+                        "parallelism": PARALLELISM,
+                        "excludes": [],
+                        "s5cmd": S5CMD,
+                    },
+                )
+            )
             target = tmp / "restored-direct"
-            timings["direct_restore"].append(run_direct("restore.py", {
-                "workspace_path": str(target), "s3": creds, "prefix": prefix, "parallelism": PARALLELISM, "s5cmd": S5CMD}))
+            timings["direct_restore"].append(
+                run_direct(
+                    "restore.py",
+                    {
+                        "workspace_path": str(target),
+                        "s3": creds,
+                        "prefix": prefix,
+                        "parallelism": PARALLELISM,
+                        "s5cmd": S5CMD,
+                    },
+                )
+            )
             assert tree_signature(str(target)) == signature, "direct restore differs"
             shutil.rmtree(target)
 
         def via_api() -> None:
-            body = {"instance_id": "bench", "ssh_host": sshd.host, "ssh_port": sshd.port,
-                    "workspace_path": str(workspace), "codec": "zstd"}
+            body = {
+                "instance_id": "bench",
+                "ssh_host": sshd.host,
+                "ssh_port": sshd.port,
+                "workspace_path": str(workspace),
+                "codec": "zstd",
+            }
             elapsed, job = run_api(stack, "/api/gpu-snapshots", body)
             timings["api_snapshot"].append(elapsed)
             target = tmp / "restored-api"
-            elapsed, _ = run_api(stack, f"/api/gpu-snapshots/{job['snapshot_id']}/restore", {
-                "ssh_host": sshd.host, "ssh_port": sshd.port, "workspace_path": str(target)})
+            elapsed, _ = run_api(
+                stack,
+                f"/api/gpu-snapshots/{job['snapshot_id']}/restore",
+                {"ssh_host": sshd.host, "ssh_port": sshd.port, "workspace_path": str(target)},
+            )
             timings["api_restore"].append(elapsed)
             assert tree_signature(str(target)) == signature, "API restore differs"
             shutil.rmtree(target)
 
         for n in range(args.rounds):
-            for step in ((direct, via_api) if n % 2 == 0 else (via_api, direct)):
+            for step in (direct, via_api) if n % 2 == 0 else (via_api, direct):
                 step()
         med = {k: round(statistics.median(v), 2) for k, v in timings.items()}
         report = {
-            "size_bytes": parse_size(args.size), "rounds": args.rounds, "part_size_mb": PART_MB,
-            "parallelism": PARALLELISM, "codec": "zstd", "seconds": timings, "median_s": med,
-            "overhead_s": {"snapshot": round(med["api_snapshot"] - med["direct_snapshot"], 2),
-                           "restore": round(med["api_restore"] - med["direct_restore"], 2)},
+            "size_bytes": parse_size(args.size),
+            "rounds": args.rounds,
+            "part_size_mb": PART_MB,
+            "parallelism": PARALLELISM,
+            "codec": "zstd",
+            "seconds": timings,
+            "median_s": med,
+            "overhead_s": {
+                "snapshot": round(med["api_snapshot"] - med["direct_snapshot"], 2),
+                "restore": round(med["api_restore"] - med["direct_restore"], 2),
+            },
             "machine": f"{os.cpu_count()} cores",
         }
         print(json.dumps(report, indent=2))
@@ -152,21 +206,23 @@ def write_docs(path: pathlib.Path, r: dict) -> None:
         f"| restore | {m['direct_restore']} s | {m['api_restore']} s | {o['restore']:+} s "
         f"({100 * o['restore'] / m['direct_restore']:+.0f}%) |",
     ]
-    section = "\n".join([
-        "<!-- control-plane:begin -->",
-        "## Control-plane overhead (bench/bench_control_plane.py)",
-        "",
-        f"A {r['size_bytes'] / 2**30:.1f} GiB workspace (bench/workspace.py mix), zstd, {r['part_size_mb']} MiB parts, "
-        f"parallelism {r['parallelism']}, SeaweedFS and the loopback sshd on the same {r['machine']} machine; "
-        f"median of {r['rounds']} rounds, order alternated. *Direct* runs the remote script as a local "
-        "subprocess; *API* is POST → job → worker process → SSH → the same script → bucket check → job "
-        "succeeded, timed from the POST until a client polling every 100 ms sees `succeeded`.",
-        "",
-        "| operation | direct | through the API | overhead |",
-        "|---|---|---|---|",
-        *rows,
-        "<!-- control-plane:end -->",
-    ])
+    section = "\n".join(
+        [
+            "<!-- control-plane:begin -->",
+            "## Control-plane overhead (bench/bench_control_plane.py)",
+            "",
+            f"A {r['size_bytes'] / 2**30:.1f} GiB workspace (bench/workspace.py mix), zstd, {r['part_size_mb']} MiB parts, "
+            f"parallelism {r['parallelism']}, SeaweedFS and the loopback sshd on the same {r['machine']} machine; "
+            f"median of {r['rounds']} rounds, order alternated. *Direct* runs the remote script as a local "
+            "subprocess; *API* is POST → job → worker process → SSH → the same script → bucket check → job "
+            "succeeded, timed from the POST until a client polling every 100 ms sees `succeeded`.",
+            "",
+            "| operation | direct | through the API | overhead |",
+            "|---|---|---|---|",
+            *rows,
+            "<!-- control-plane:end -->",
+        ]
+    )
     replace_section(path, "<!-- control-plane:begin -->", "<!-- control-plane:end -->", section)
 
 

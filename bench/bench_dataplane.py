@@ -7,6 +7,7 @@ count. Measures wall time, peak extra local disk (spool directories, sampled eve
 memory of the whole process tree (RSS + memfds), compression ratio; writes JSON to stdout and
 bench/out/, and a markdown table into docs/benchmarks.md between the dataplane markers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,8 +55,9 @@ def measured(cmd: list[str], stdin: str, env: dict[str, str], dirs: list[str]) -
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     server_before = server_cpu()
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=env, text=True)
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True
+    )
     with Sampler(proc.pid, dirs) as sampler:
         out, err = proc.communicate(stdin)
     wall = time.monotonic() - t0
@@ -64,21 +66,41 @@ def measured(cmd: list[str], stdin: str, env: dict[str, str], dirs: list[str]) -
     lines = [json.loads(line) for line in out.splitlines() if line.strip()]
     if proc.returncode != 0 or not lines:
         raise RuntimeError("%s failed (%s): %s %s" % (cmd[-1], proc.returncode, out[-2000:], err[-2000:]))
-    return {"wall_s": round(wall, 3), "cpu_s": round(cpu, 2), "server_cpu_s": round(server_cpu() - server_before, 2),
-            "peak_mem_bytes": sampler.peak_mem, "peak_rss_bytes": sampler.peak_rss,
-            "peak_disk_bytes": sampler.peak_disk, "samples": sampler.samples, "result": lines[-1]}
+    return {
+        "wall_s": round(wall, 3),
+        "cpu_s": round(cpu, 2),
+        "server_cpu_s": round(server_cpu() - server_before, 2),
+        "peak_mem_bytes": sampler.peak_mem,
+        "peak_rss_bytes": sampler.peak_rss,
+        "peak_disk_bytes": sampler.peak_disk,
+        "samples": sampler.samples,
+        "result": lines[-1],
+    }
 
 
 def run_round(n: int, args: argparse.Namespace, s3: Any, ws: str, work: str) -> dict[str, Any]:
     s5 = s5cmd_binary()
-    creds = dict(os.environ, AWS_ACCESS_KEY_ID=s3.access_key, AWS_SECRET_ACCESS_KEY=s3.secret_key,
-                 AWS_REGION=s3.region)
+    creds = dict(os.environ, AWS_ACCESS_KEY_ID=s3.access_key, AWS_SECRET_ACCESS_KEY=s3.secret_key, AWS_REGION=s3.region)
     tag = "bench/%d-r%d" % (int(time.time()), n)
-    ours_cfg = {"workspace_path": ws, "prefix": tag + "/ours/", "codec": "zstd", "zstd_level": args.level,
-                "part_size": args.part_size, "parallelism": args.parallelism, "s5cmd": s5,
-                "work_dir": os.path.join(work, "spool-ours"), "s3": s3.script_s3()}
-    staged_cfg = {"workspace": ws, "endpoint": s3.endpoint, "url": "s3://%s/%s/staged/" % (s3.bucket, tag),
-                  "level": args.level, "threads": os.cpu_count() or 1, "s5cmd": s5}
+    ours_cfg = {
+        "workspace_path": ws,
+        "prefix": tag + "/ours/",
+        "codec": "zstd",
+        "zstd_level": args.level,
+        "part_size": args.part_size,
+        "parallelism": args.parallelism,
+        "s5cmd": s5,
+        "work_dir": os.path.join(work, "spool-ours"),
+        "s3": s3.script_s3(),
+    }
+    staged_cfg = {
+        "workspace": ws,
+        "endpoint": s3.endpoint,
+        "url": "s3://%s/%s/staged/" % (s3.bucket, tag),
+        "level": args.level,
+        "threads": os.cpu_count() or 1,
+        "s5cmd": s5,
+    }
     out: dict[str, Any] = {}
     py = sys.executable
     steps = [("staged", "snapshot"), ("ours", "snapshot"), ("ours", "restore"), ("staged", "restore")]
@@ -102,11 +124,20 @@ def run_round(n: int, args: argparse.Namespace, s3: Any, ws: str, work: str) -> 
         res = measured(cmd, json.dumps(cfg), env, [spool])
         if op == "restore":
             res["identical"] = tree_signature(target, 1 if who == "ours" else 10**9) == tree_signature(
-                ws, 1 if who == "ours" else 10**9)
+                ws, 1 if who == "ours" else 10**9
+            )
         out["%s_%s" % (who, op)] = res
-        print("  %.1f s (cpu %.1f s + server %.1f s), peak mem %.0f MiB, peak disk %.0f MiB" % (
-            res["wall_s"], res["cpu_s"], res["server_cpu_s"], res["peak_mem_bytes"] / 2**20,
-            res["peak_disk_bytes"] / 2**20), file=sys.stderr)
+        print(
+            "  %.1f s (cpu %.1f s + server %.1f s), peak mem %.0f MiB, peak disk %.0f MiB"
+            % (
+                res["wall_s"],
+                res["cpu_s"],
+                res["server_cpu_s"],
+                res["peak_mem_bytes"] / 2**20,
+                res["peak_disk_bytes"] / 2**20,
+            ),
+            file=sys.stderr,
+        )
     return out
 
 
@@ -121,19 +152,28 @@ def summarize(rounds: list[dict[str, Any]], args: argparse.Namespace) -> dict[st
         row = {}
         for who in ("ours", "staged"):
             key = "%s_%s" % (who, op)
-            row[who] = {"wall_s": med(key, "wall_s"), "cpu_s": med(key, "cpu_s"),
-                        "server_cpu_s": med(key, "server_cpu_s"), "peak_mem_bytes": max(r[key]["peak_mem_bytes"] for r in rounds),
-                        "peak_disk_bytes": max(r[key]["peak_disk_bytes"] for r in rounds)}
+            row[who] = {
+                "wall_s": med(key, "wall_s"),
+                "cpu_s": med(key, "cpu_s"),
+                "server_cpu_s": med(key, "server_cpu_s"),
+                "peak_mem_bytes": max(r[key]["peak_mem_bytes"] for r in rounds),
+                "peak_disk_bytes": max(r[key]["peak_disk_bytes"] for r in rounds),
+            }
         row["wall_ratio"] = round(row["ours"]["wall_s"] / row["staged"]["wall_s"], 3)
         summary[op] = row
     staged = last["staged_snapshot"]["result"]
-    summary["ratio"] = {"ours": round(ours_raw / last["ours_snapshot"]["result"]["stored_bytes"], 3),
-                        "staged": round(staged["raw_bytes"] / staged["stored_bytes"], 3)}
+    summary["ratio"] = {
+        "ours": round(ours_raw / last["ours_snapshot"]["result"]["stored_bytes"], 3),
+        "staged": round(staged["raw_bytes"] / staged["stored_bytes"], 3),
+    }
     bound = args.parallelism * args.part_size
     summary["goals"] = {
         "snapshot_wall_ratio<=0.75": summary["snapshot"]["wall_ratio"] <= 0.75,
         "restore_wall_ratio<=0.75": summary["restore"]["wall_ratio"] <= 0.75,
-        "extra_disk<=parts_in_flight*part_size": max(summary[o]["ours"]["peak_disk_bytes"] for o in ("snapshot", "restore")) <= bound,
+        "extra_disk<=parts_in_flight*part_size": max(
+            summary[o]["ours"]["peak_disk_bytes"] for o in ("snapshot", "restore")
+        )
+        <= bound,
         "peak_mem<=1GiB": max(summary[o]["ours"]["peak_mem_bytes"] for o in ("snapshot", "restore")) <= 1 << 30,
         "restores_identical": all(r[k]["identical"] for r in rounds for k in ("ours_restore", "staged_restore")),
     }
@@ -159,7 +199,10 @@ def main(argv: list[str] | None = None) -> int:
         build(ws, size)
         open(os.path.join(ws, ".complete"), "w").close()
     report: dict[str, Any] = {
-        "size": args.size, "workspace_bytes": size, "cpus": os.cpu_count(), "loadavg_start": os.getloadavg(),
+        "size": args.size,
+        "workspace_bytes": size,
+        "cpus": os.cpu_count(),
+        "loadavg_start": os.getloadavg(),
         "params": {"part_size": args.part_size, "parallelism": args.parallelism, "zstd_level": args.level},
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

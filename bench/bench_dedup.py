@@ -11,6 +11,7 @@ this host, as bench_dataplane.py does, and computes known_chunks from the previo
 (what the control plane sends from its database). Writes JSON to bench/out/ and a section of
 docs/benchmarks.md between the dedup markers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -49,8 +50,11 @@ def content_signature(root: str) -> str:
             path = os.path.join(dirpath, name)
             st = os.lstat(path)
             link = os.readlink(path) if os.path.islink(path) else ""
-            digest.update(("%s|%o|%d|%s\n" % (os.path.relpath(path, root), st.st_mode, st.st_mtime_ns, link))
-                          .encode("utf-8", "surrogateescape"))
+            digest.update(
+                ("%s|%o|%d|%s\n" % (os.path.relpath(path, root), st.st_mode, st.st_mtime_ns, link)).encode(
+                    "utf-8", "surrogateescape"
+                )
+            )
             if os.path.isfile(path) and not os.path.islink(path):
                 with open(path, "rb") as fh:
                     for block in iter(lambda: fh.read(1 << 24), b""):
@@ -58,7 +62,7 @@ def content_signature(root: str) -> str:
     return digest.hexdigest()
 
 
-def change_one_percent(ws: str, step: int, size: int) -> Dict[str, int]:
+def change_one_percent(ws: str, step: int, size: int) -> dict[str, int]:
     """About 1% of `size` changed: edit, append, new checkpoint, package upgrade."""
     rng = random.Random(1000 + step)
     shards = sorted(os.listdir(os.path.join(ws, "models", "llama-mini")))
@@ -90,13 +94,22 @@ def change_one_percent(ws: str, step: int, size: int) -> Dict[str, int]:
     return {"edit": edit, "append": append, "checkpoint": ckpt, "package_bytes": upgraded}
 
 
-def known_from(manifests: List[Dict[str, Any]]) -> List[List[Any]]:
-    rows: Dict[str, List[Any]] = {}
+def known_from(manifests: list[dict[str, Any]]) -> list[list[Any]]:
+    rows: dict[str, list[Any]] = {}
     for m in manifests:
         for c in m["chunks"]:
             o = m["objects"][c["object"]]
-            rows[c["raw_sha256"]] = [c["raw_sha256"], o["key"], c["offset"], c["stored_size"], c["raw_size"],
-                                     c["codec"], c["sha256"], o["size"], o["sha256"]]
+            rows[c["raw_sha256"]] = [
+                c["raw_sha256"],
+                o["key"],
+                c["offset"],
+                c["stored_size"],
+                c["raw_size"],
+                c["codec"],
+                c["sha256"],
+                o["size"],
+                o["sha256"],
+            ]
     return list(rows.values())
 
 
@@ -105,50 +118,79 @@ class Bench:
         self.s3, self.args = s3, args
         self.tag = "bench/dedup-%d/" % int(time.time())
         self.store = self.tag + "m1/"
-        self.manifests: List[Dict[str, Any]] = []
+        self.manifests: list[dict[str, Any]] = []
 
-    def cfg(self, ws: str, prefix: str, **extra: Any) -> Dict[str, Any]:
-        cfg = {"workspace_path": ws, "prefix": prefix, "codec": "zstd", "zstd_level": 3,
-               "parallelism": self.args.parallelism, "s5cmd": s5cmd_binary(), "s3": self.s3.script_s3(),
-               "bootstrap": False, "allow_external_symlinks": True}
+    def cfg(self, ws: str, prefix: str, **extra: Any) -> dict[str, Any]:
+        cfg = {
+            "workspace_path": ws,
+            "prefix": prefix,
+            "codec": "zstd",
+            "zstd_level": 3,
+            "parallelism": self.args.parallelism,
+            "s5cmd": s5cmd_binary(),
+            "s3": self.s3.script_s3(),
+            "bootstrap": False,
+            "allow_external_symlinks": True,
+        }
         cfg.update(extra)
         return cfg
 
-    def run(self, op: str, cfg: Dict[str, Any]) -> Dict[str, Any]:
+    def run(self, op: str, cfg: dict[str, Any]) -> dict[str, Any]:
         os.sync()
         print("  %s %s ..." % (op, cfg["prefix"]), file=sys.stderr, flush=True)
-        res = bench_dataplane.measured([sys.executable, os.path.join(SCRIPTS, op + ".py")], json.dumps(cfg),
-                                       dict(os.environ), [])
+        res = bench_dataplane.measured(
+            [sys.executable, os.path.join(SCRIPTS, op + ".py")], json.dumps(cfg), dict(os.environ), []
+        )
         print("    %.1f s, peak mem %.0f MiB" % (res["wall_s"], res["peak_mem_bytes"] / 2**20), file=sys.stderr)
         return res
 
-    def snapshot_v2(self, ws: str, n: int) -> Dict[str, Any]:
-        cfg = self.cfg(ws, "%ss%d/" % (self.store, n), format=2, store_prefix=self.store,
-                       known_chunks=known_from(self.manifests))
+    def snapshot_v2(self, ws: str, n: int) -> dict[str, Any]:
+        cfg = self.cfg(
+            ws, "%ss%d/" % (self.store, n), format=2, store_prefix=self.store, known_chunks=known_from(self.manifests)
+        )
         res = self.run("snapshot", cfg)
-        out = subprocess.run([s5cmd_binary(), "--endpoint-url", self.s3.endpoint, "cat",
-                              "s3://%s/%s" % (self.s3.bucket, res["result"]["manifest_key"])],
-                             stdout=subprocess.PIPE, check=True,
-                             env=dict(os.environ, AWS_ACCESS_KEY_ID=self.s3.access_key,
-                                      AWS_SECRET_ACCESS_KEY=self.s3.secret_key, AWS_REGION=self.s3.region))
+        out = subprocess.run(
+            [
+                s5cmd_binary(),
+                "--endpoint-url",
+                self.s3.endpoint,
+                "cat",
+                "s3://%s/%s" % (self.s3.bucket, res["result"]["manifest_key"]),
+            ],
+            stdout=subprocess.PIPE,
+            check=True,
+            env=dict(
+                os.environ,
+                AWS_ACCESS_KEY_ID=self.s3.access_key,
+                AWS_SECRET_ACCESS_KEY=self.s3.secret_key,
+                AWS_REGION=self.s3.region,
+            ),
+        )
         self.manifests.append(json.loads(out.stdout))
         res["prefix"] = cfg["prefix"]
         return res
 
 
-def summary_row(res: Dict[str, Any]) -> Dict[str, Any]:
+def summary_row(res: dict[str, Any]) -> dict[str, Any]:
     r = res["result"]
-    return {"wall_s": res["wall_s"], "cpu_s": res["cpu_s"], "server_cpu_s": res["server_cpu_s"],
-            "peak_mem_bytes": res["peak_mem_bytes"],
-            "raw_bytes": r["raw_bytes"], "stored_bytes": r["stored_bytes"],
-            "bytes_uploaded": r.get("bytes_uploaded"), "chunks": r.get("chunks"), "chunks_new": r.get("chunks_new")}
+    return {
+        "wall_s": res["wall_s"],
+        "cpu_s": res["cpu_s"],
+        "server_cpu_s": res["server_cpu_s"],
+        "peak_mem_bytes": res["peak_mem_bytes"],
+        "raw_bytes": r["raw_bytes"],
+        "stored_bytes": r["stored_bytes"],
+        "bytes_uploaded": r.get("bytes_uploaded"),
+        "chunks": r.get("chunks"),
+        "chunks_new": r.get("chunks_new"),
+    }
 
 
-def restore_pair(b: Bench, work: str, v2_prefix: str, signature: str, rounds: int) -> Dict[str, Any]:
+def restore_pair(b: Bench, work: str, v2_prefix: str, signature: str, rounds: int) -> dict[str, Any]:
     """v2 restore of the 2nd snapshot vs a full v1 restore, interleaved ABBA (the box is shared: a
     single pair measures the neighbours' load as much as ours); medians."""
-    times: Dict[str, List[float]] = {"v2": [], "v1": []}
-    cpu: Dict[str, List[float]] = {"v2": [], "v1": []}
+    times: dict[str, list[float]] = {"v2": [], "v1": []}
+    cpu: dict[str, list[float]] = {"v2": [], "v1": []}
     identical = True
     peak = 0
     order = []
@@ -167,15 +209,22 @@ def restore_pair(b: Bench, work: str, v2_prefix: str, signature: str, rounds: in
         times[who].append(res["wall_s"])
         cpu[who].append(res["cpu_s"] + res["server_cpu_s"])
         peak = max(peak, res["peak_mem_bytes"]) if who == "v2" else peak
-    return {"v2_wall_s": statistics.median(times["v2"]), "v1_wall_s": statistics.median(times["v1"]),
-            "v2_runs": times["v2"], "v1_runs": times["v1"], "identical": identical, "peak_mem_bytes": peak,
-            "v2_cpu_s": statistics.median(cpu["v2"]), "v1_cpu_s": statistics.median(cpu["v1"])}
+    return {
+        "v2_wall_s": statistics.median(times["v2"]),
+        "v1_wall_s": statistics.median(times["v1"]),
+        "v2_runs": times["v2"],
+        "v1_runs": times["v1"],
+        "identical": identical,
+        "peak_mem_bytes": peak,
+        "v2_cpu_s": statistics.median(cpu["v2"]),
+        "v1_cpu_s": statistics.median(cpu["v1"]),
+    }
 
 
-def measure(args: argparse.Namespace, s3: Any, ws: str, work: str) -> Dict[str, Any]:
+def measure(args: argparse.Namespace, s3: Any, ws: str, work: str) -> dict[str, Any]:
     b = Bench(s3, args)
     size = parse_size(args.size)
-    out: Dict[str, Any] = {}
+    out: dict[str, Any] = {}
     print("v1 snapshot (full, today's format) ...", file=sys.stderr)
     v1_runs = [b.run("snapshot", b.cfg(ws, b.tag + "v1/", part_size=32 << 20))]
     print("v2 snapshot 1 (nothing known) ...", file=sys.stderr)
@@ -203,7 +252,7 @@ def measure(args: argparse.Namespace, s3: Any, ws: str, work: str) -> Dict[str, 
     out["v2_first_runs"] = first_runs
     out["v2_first_cpu_runs"] = first_cpu
     out["changes"] = changes
-    held: Dict[str, int] = {}
+    held: dict[str, int] = {}
     for m in b.manifests:  # what gc leaves: every object some snapshot references, once
         for o in m["objects"]:
             held[o["key"]] = o["size"]
@@ -213,7 +262,9 @@ def measure(args: argparse.Namespace, s3: Any, ws: str, work: str) -> Dict[str, 
         "second_vs_first_wall": round(second["wall_s"] / statistics.median(first_runs), 3),
         "second_vs_first_cpu": round((second["cpu_s"] + second["server_cpu_s"]) / statistics.median(first_cpu), 3),
         "restore_cpu_v2_vs_v1": round(out["restore"]["v2_cpu_s"] / out["restore"]["v1_cpu_s"], 3),
-        "first_v2_vs_v1_cpu": round(statistics.median(first_cpu) / statistics.median(out["v1_snapshot"]["cpu_runs"]), 3),
+        "first_v2_vs_v1_cpu": round(
+            statistics.median(first_cpu) / statistics.median(out["v1_snapshot"]["cpu_runs"]), 3
+        ),
         "restore_2nd_vs_v1_restore": round(out["restore"]["v2_wall_s"] / out["restore"]["v1_wall_s"], 3),
         "restore_identical": out["restore"]["identical"],
         "held_after_%d_vs_one_full" % args.snapshots: round(sum(held.values()) / first["stored_bytes"], 3),
@@ -224,42 +275,70 @@ def measure(args: argparse.Namespace, s3: Any, ws: str, work: str) -> Dict[str, 
     return out
 
 
-def report_md(rep: Dict[str, Any]) -> str:
+def report_md(rep: dict[str, Any]) -> str:
     s, v1, snaps = rep["summary"], rep["v1_snapshot"], rep["v2_snapshots"]
     mib = lambda n: "%.0f MiB" % (n / 2**20)  # noqa: E731
     n = len(snaps)
-    rows = ["| metric | measured | goal |", "|---|---|---|",
-            "| 2nd snapshot uploads (%% of stored size) | **%.2f%%** (%s of %s) | <= 3%% |" % (
-                s["second_uploaded_pct_of_stored"], mib(snaps[1]["bytes_uploaded"]), mib(snaps[0]["stored_bytes"])),
-            "| 2nd / 1st snapshot wall time | **%.3f** (%.1f s / median %.1f s) | <= 0.25 |" % (
-                s["second_vs_first_wall"], snaps[1]["wall_s"], statistics.median(rep["v2_first_runs"])),
-            "| 2nd / 1st snapshot CPU seconds (pipeline + S3 server) | %.3f | (load-independent view) |" % (
-                s["second_vs_first_cpu"]),
-            "| restore of the 2nd / full v1 restore | **%.3f** (median %.1f s / %.1f s; runs %s / %s), "
-            "byte-identical: %s | <= 1.1 |" % (
-                s["restore_2nd_vs_v1_restore"], rep["restore"]["v2_wall_s"], rep["restore"]["v1_wall_s"],
-                rep["restore"]["v2_runs"], rep["restore"]["v1_runs"], "yes" if s["restore_identical"] else "NO"),
-            "| restore CPU seconds, v2 / v1 (pipeline + S3 server) | %.3f (%.1f s / %.1f s) | |" % (
-                s["restore_cpu_v2_vs_v1"], rep["restore"]["v2_cpu_s"], rep["restore"]["v1_cpu_s"]),
-            "| bytes held by %d snapshots / one full | **%.3f** (%s) | <= 1.15 |" % (
-                n, s["held_after_%d_vs_one_full" % n], mib(rep["held_bytes"])),
-            "| 1st v2 / v1 snapshot wall time | **%.3f** (median %.1f s / %.1f s; runs %s / %s) | <= 1.05 |" % (
-                s["first_v2_vs_v1_wall"], statistics.median(rep["v2_first_runs"]), v1["wall_s"],
-                rep["v2_first_runs"], v1["runs"]),
-            "| 1st v2 / v1 snapshot CPU seconds (pipeline + S3 server) | %.3f | |" % s["first_v2_vs_v1_cpu"],
-            "| peak memory (process tree) | %s | <= 1 GiB |" % mib(s["peak_mem_bytes"])]
-    per = ["- snapshot %d: %.1f s, %d chunks, %d new, uploaded %s" % (
-        i + 1, r["wall_s"], r["chunks"], r["chunks_new"], mib(r["bytes_uploaded"])) for i, r in enumerate(snaps)]
-    return ("%s\n## Incremental deduplicated snapshots, format 2 (bench/bench_dedup.py)\n\n"
-            "Measured %s, %s synthetic workspace (`bench/workspace.py`), SeaweedFS on the same host, on a loaded "
-            "2-core box (load average %.1f at start, %.1f at end; other helpers' tests shared the CPUs). "
-            "Each change is ~1%%: an in-place edit of a weight shard, a log append, a new checkpoint and a package "
-            "upgrade. known_chunks is computed from the previous manifests, as the control plane does.\n\n%s\n\n"
-            "Every v2 snapshot:\n\n%s\n%s" % (BEGIN, rep["date"], rep["size"], rep["loadavg_start"][0],
-                                             rep["loadavg_end"][0], "\n".join(rows), "\n".join(per), END))
+    rows = [
+        "| metric | measured | goal |",
+        "|---|---|---|",
+        "| 2nd snapshot uploads (%% of stored size) | **%.2f%%** (%s of %s) | <= 3%% |"
+        % (s["second_uploaded_pct_of_stored"], mib(snaps[1]["bytes_uploaded"]), mib(snaps[0]["stored_bytes"])),
+        "| 2nd / 1st snapshot wall time | **%.3f** (%.1f s / median %.1f s) | <= 0.25 |"
+        % (s["second_vs_first_wall"], snaps[1]["wall_s"], statistics.median(rep["v2_first_runs"])),
+        "| 2nd / 1st snapshot CPU seconds (pipeline + S3 server) | %.3f | (load-independent view) |"
+        % (s["second_vs_first_cpu"]),
+        "| restore of the 2nd / full v1 restore | **%.3f** (median %.1f s / %.1f s; runs %s / %s), "
+        "byte-identical: %s | <= 1.1 |"
+        % (
+            s["restore_2nd_vs_v1_restore"],
+            rep["restore"]["v2_wall_s"],
+            rep["restore"]["v1_wall_s"],
+            rep["restore"]["v2_runs"],
+            rep["restore"]["v1_runs"],
+            "yes" if s["restore_identical"] else "NO",
+        ),
+        "| restore CPU seconds, v2 / v1 (pipeline + S3 server) | %.3f (%.1f s / %.1f s) | |"
+        % (s["restore_cpu_v2_vs_v1"], rep["restore"]["v2_cpu_s"], rep["restore"]["v1_cpu_s"]),
+        "| bytes held by %d snapshots / one full | **%.3f** (%s) | <= 1.15 |"
+        % (n, s["held_after_%d_vs_one_full" % n], mib(rep["held_bytes"])),
+        "| 1st v2 / v1 snapshot wall time | **%.3f** (median %.1f s / %.1f s; runs %s / %s) | <= 1.05 |"
+        % (
+            s["first_v2_vs_v1_wall"],
+            statistics.median(rep["v2_first_runs"]),
+            v1["wall_s"],
+            rep["v2_first_runs"],
+            v1["runs"],
+        ),
+        "| 1st v2 / v1 snapshot CPU seconds (pipeline + S3 server) | %.3f | |" % s["first_v2_vs_v1_cpu"],
+        "| peak memory (process tree) | %s | <= 1 GiB |" % mib(s["peak_mem_bytes"]),
+    ]
+    per = [
+        "- snapshot %d: %.1f s, %d chunks, %d new, uploaded %s"
+        % (i + 1, r["wall_s"], r["chunks"], r["chunks_new"], mib(r["bytes_uploaded"]))
+        for i, r in enumerate(snaps)
+    ]
+    return (
+        "%s\n## Incremental deduplicated snapshots, format 2 (bench/bench_dedup.py)\n\n"
+        "Measured %s, %s synthetic workspace (`bench/workspace.py`), SeaweedFS on the same host, on a loaded "
+        "2-core box (load average %.1f at start, %.1f at end; other helpers' tests shared the CPUs). "
+        "Each change is ~1%%: an in-place edit of a weight shard, a log append, a new checkpoint and a package "
+        "upgrade. known_chunks is computed from the previous manifests, as the control plane does.\n\n%s\n\n"
+        "Every v2 snapshot:\n\n%s\n%s"
+        % (
+            BEGIN,
+            rep["date"],
+            rep["size"],
+            rep["loadavg_start"][0],
+            rep["loadavg_end"][0],
+            "\n".join(rows),
+            "\n".join(per),
+            END,
+        )
+    )
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="2G")
     ap.add_argument("--snapshots", type=int, default=7)
@@ -278,8 +357,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     ws = os.path.join(args.workdir, "ws")
     shutil.rmtree(ws, ignore_errors=True)
     subprocess.run(["cp", "-a", base, ws], check=True)  # changed in place by the run
-    rep: Dict[str, Any] = {"size": args.size, "cpus": os.cpu_count(), "loadavg_start": os.getloadavg(),
-                           "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    rep: dict[str, Any] = {
+        "size": args.size,
+        "cpus": os.cpu_count(),
+        "loadavg_start": os.getloadavg(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     server = SeaweedS3Server(data_dir=os.path.join(args.workdir, "weed"))
     shutil.rmtree(server.root, ignore_errors=True)
     os.makedirs(server.root)

@@ -14,6 +14,7 @@ and times, alternating old and new gate each round:
 `--many-files` adds a stream of that many tiny files (the case of issue 13) in gate-only mode.
 Writes JSON to bench/out/gate.json and a table into docs/benchmarks.md between the gate markers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,12 +49,17 @@ def load_gate_at(ref: str, scratch: str) -> Any:
     """gs_tarsafe (and whatever gs_* it imports from the same ref) as of git `ref`."""
     folder = os.path.join(scratch, "ref-scripts")
     os.makedirs(folder, exist_ok=True)
-    listing = subprocess.run(["git", "-C", ROOT, "ls-tree", "--name-only", ref, "src/remote_scripts/"],
-                             check=True, capture_output=True, text=True).stdout.split()
+    listing = subprocess.run(
+        ["git", "-C", ROOT, "ls-tree", "--name-only", ref, "src/remote_scripts/"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
     for path in listing:
         if path.endswith(".py"):
-            body = subprocess.run(["git", "-C", ROOT, "show", "%s:%s" % (ref, path)], check=True,
-                                  capture_output=True).stdout
+            body = subprocess.run(
+                ["git", "-C", ROOT, "show", "%s:%s" % (ref, path)], check=True, capture_output=True
+            ).stdout
             with open(os.path.join(folder, os.path.basename(path)), "wb") as fh:
                 fh.write(body)
     spec = importlib.util.spec_from_file_location("gs_tarsafe_at_ref", os.path.join(folder, "gs_tarsafe.py"))
@@ -75,13 +81,13 @@ def build_workspace(root: str, size: int, small_files: int) -> None:
         with open(os.path.join(root, "weights-%02d.bin" % i), "wb") as fh:
             left = each
             while left > 0:
-                fh.write(block[:min(left, len(block))])
+                fh.write(block[: min(left, len(block))])
                 left -= len(block)
     for i in range(small_files):
         folder = os.path.join(root, "src", "pkg%03d" % (i // 200))
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, "mod_%05d.py" % i), "wb") as fh:
-            fh.write(block[i % 4096:i % 4096 + 200 + (i * 37) % 8000])
+            fh.write(block[i % 4096 : i % 4096 + 200 + (i * 37) % 8000])
     os.symlink("src/pkg000/mod_00000.py", os.path.join(root, "link"))
     os.link(os.path.join(root, "weights-00.bin"), os.path.join(root, "hard-weights"))
 
@@ -100,13 +106,15 @@ def run_gate(module: Any, stream: str, extract_to: str = "") -> tuple[float, flo
     proc = None
     sink: Callable[[Any], None] = lambda data: None  # noqa: E731
     if extract_to:
-        proc = subprocess.Popen(gs_tarsafe.extract_command(extract_to), stdin=subprocess.PIPE, bufsize=0,
-                                env=dict(os.environ, LC_ALL="C"))
+        proc = subprocess.Popen(
+            gs_tarsafe.extract_command(extract_to), stdin=subprocess.PIPE, bufsize=0, env=dict(os.environ, LC_ALL="C")
+        )
 
         def sink(data: Any) -> None:
             view = memoryview(data)
             while view:
-                view = view[proc.stdin.write(view):]  # type: ignore[union-attr]
+                view = view[proc.stdin.write(view) :]  # type: ignore[union-attr]
+
     t0, c0, k0 = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_CHILDREN)
     module.gate(lambda n: fh.read(min(n, 1 << 20)), sink, module.MemberPolicy("/workspace"))
     cpu = time.process_time() - c0
@@ -135,33 +143,63 @@ def measure(modules: dict[str, Any], stream: str, scratch: str, rounds: int, ext
     out: dict[str, Any] = {}
     for name, t in times.items():
         wall, cpu, tar_cpu = (statistics.median(x[i] for x in t) for i in range(3))
-        out[name] = {"median_s": wall, "cpu_s": cpu, "tar_cpu_s": tar_cpu, "MBps": size / wall / 1e6,
-                     "cpu_MBps": size / cpu / 1e6, "rounds": [[round(v, 3) for v in x] for x in t]}
+        out[name] = {
+            "median_s": wall,
+            "cpu_s": cpu,
+            "tar_cpu_s": tar_cpu,
+            "MBps": size / wall / 1e6,
+            "cpu_MBps": size / cpu / 1e6,
+            "rounds": [[round(v, 3) for v in x] for x in t],
+        }
     return out
 
 
 def report_md(res: dict[str, Any]) -> str:
-    rows = ["| stream | mode | gate at `%s`: wall, gate CPU | this gate: wall, gate CPU | this / old (gate CPU) |"
-            % res["ref"], "|---|---|---|---|---|"]
-    for label, key in (("mixed, %s in %d members" % (_mib(res["mixed_bytes"]), res["mixed_members"]), "mixed"),
-                       ("%d tiny files, %s" % (res["many_files"], _mib(res.get("many_bytes", 0))), "many")):
+    rows = [
+        "| stream | mode | gate at `%s`: wall, gate CPU | this gate: wall, gate CPU | this / old (gate CPU) |"
+        % res["ref"],
+        "|---|---|---|---|---|",
+    ]
+    for label, key in (
+        ("mixed, %s in %d members" % (_mib(res["mixed_bytes"]), res["mixed_members"]), "mixed"),
+        ("%d tiny files, %s" % (res["many_files"], _mib(res.get("many_bytes", 0))), "many"),
+    ):
         for mode in ("gate_only", "extract"):
             r = res.get(key, {}).get(mode)
             if not r:
                 continue
             old, new = r["old"], r["new"]
             tar = "" if mode == "gate_only" else " + tar %.2f s"
-            rows.append(("| %s | %s | %.2f s, %.2f s (%.0f MB/s)" + tar + " | %.2f s, %.2f s (%.0f MB/s)" + tar
-                         + " | **%.2f** |") % tuple(
-                [label, "gate only" if mode == "gate_only" else "gate \\| tar -x", old["median_s"], old["cpu_s"],
-                 old["cpu_MBps"]] + ([old["tar_cpu_s"]] if tar else []) + [new["median_s"], new["cpu_s"],
-                 new["cpu_MBps"]] + ([new["tar_cpu_s"]] if tar else []) + [new["cpu_s"] / old["cpu_s"]]))
-    head = ("## Restore member gate (bench/bench_gate.py)\n\nMeasured %s on a %d-CPU machine (load average "
-            "%.1f at start), streams written by the snapshot writer's own tar command, %d round(s) alternating "
-            "old and new, medians. \"gate only\" discards the output (the gate's CPU cost); \"gate | tar -x\" "
-            "is the restore's extraction step for real, onto the local disk. MB/s are per gate CPU second; "
-            "the ratio compares gate CPU seconds (wall times follow the machine's load).\n\n" % (
-                res["date"], os.cpu_count() or 1, res["loadavg"], res["rounds"]))
+            rows.append(
+                (
+                    "| %s | %s | %.2f s, %.2f s (%.0f MB/s)"
+                    + tar
+                    + " | %.2f s, %.2f s (%.0f MB/s)"
+                    + tar
+                    + " | **%.2f** |"
+                )
+                % tuple(
+                    [
+                        label,
+                        "gate only" if mode == "gate_only" else "gate \\| tar -x",
+                        old["median_s"],
+                        old["cpu_s"],
+                        old["cpu_MBps"],
+                    ]
+                    + ([old["tar_cpu_s"]] if tar else [])
+                    + [new["median_s"], new["cpu_s"], new["cpu_MBps"]]
+                    + ([new["tar_cpu_s"]] if tar else [])
+                    + [new["cpu_s"] / old["cpu_s"]]
+                )
+            )
+    head = (
+        "## Restore member gate (bench/bench_gate.py)\n\nMeasured %s on a %d-CPU machine (load average "
+        "%.1f at start), streams written by the snapshot writer's own tar command, %d round(s) alternating "
+        'old and new, medians. "gate only" discards the output (the gate\'s CPU cost); "gate | tar -x" '
+        "is the restore's extraction step for real, onto the local disk. MB/s are per gate CPU second; "
+        "the ratio compares gate CPU seconds (wall times follow the machine's load).\n\n"
+        % (res["date"], os.cpu_count() or 1, res["loadavg"], res["rounds"])
+    )
     return "%s\n%s%s\n\n%s\n" % (BEGIN, head, "\n".join(rows), END)
 
 
@@ -182,8 +220,13 @@ def main() -> None:
     scratch = tempfile.mkdtemp(prefix="bench-gate-", dir=os.environ.get("BENCH_DIR"))
     try:
         modules = {"old": load_gate_at(args.ref, scratch), "new": gs_tarsafe}
-        res: dict[str, Any] = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "ref": args.ref,
-                               "rounds": args.rounds, "loadavg": os.getloadavg()[0], "many_files": args.many_files}
+        res: dict[str, Any] = {
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "ref": args.ref,
+            "rounds": args.rounds,
+            "loadavg": os.getloadavg()[0],
+            "many_files": args.many_files,
+        }
         ws = os.path.join(scratch, "ws")
         build_workspace(ws, parse_size(args.size), args.small_files)
         stream = os.path.join(scratch, "mixed.tar")

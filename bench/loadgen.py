@@ -6,6 +6,7 @@ ones before it, and its latency is measured from that due time, not from when a 
 so a slow server cannot hide its queueing delay (no coordinated omission). It runs in the calling process
 (threads over keep-alive connections to 127.0.0.1).
 """
+
 from __future__ import annotations
 
 import http.client
@@ -30,8 +31,7 @@ def get_once(port: int, path: str, token: str) -> tuple[int, bytes]:
         conn.close()
 
 
-def open_loop(*, port: int, path: str, token: str, rate: float, duration: float, connections: int
-              ) -> dict[str, Any]:
+def open_loop(*, port: int, path: str, token: str, rate: float, duration: float, connections: int) -> dict[str, Any]:
     """Send `rate` requests a second for `duration` seconds; latency counts from each request's due time."""
     total = int(rate * duration)
     slots = itertools.count()  # next() on a count is atomic under the GIL: each slot goes to one thread
@@ -74,11 +74,16 @@ def open_loop(*, port: int, path: str, token: str, rate: float, duration: float,
     elapsed = max(done for _, done, _ in results) - start
     errors = sum(1 for *_, status in results if status != 200)
     return {
-        "requests": len(results), "errors": errors, "target_rate": rate,
-        "achieved_rate": round(len(results) / elapsed, 1), "duration_s": round(elapsed, 2),
-        "latency_ms": {name: round(percentile(latencies, q), 2) for name, q in
-                       (("p50", 50), ("p90", 90), ("p99", 99), ("p99.9", 99.9), ("max", 100))}
-                      | {"mean": round(sum(latencies) / len(latencies), 2)},
+        "requests": len(results),
+        "errors": errors,
+        "target_rate": rate,
+        "achieved_rate": round(len(results) / elapsed, 1),
+        "duration_s": round(elapsed, 2),
+        "latency_ms": {
+            name: round(percentile(latencies, q), 2)
+            for name, q in (("p50", 50), ("p90", 90), ("p99", 99), ("p99.9", 99.9), ("max", 100))
+        }
+        | {"mean": round(sum(latencies) / len(latencies), 2)},
     }
 
 
@@ -95,15 +100,31 @@ def wrk_capacity(*, port: int, path: str, token: str, seconds: int, connections:
     if wrk is None:
         print("wrk not installed (apt-get install -y wrk): no capacity figure", file=sys.stderr)
         return None
-    out = subprocess.run([wrk, "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-H",
-                          f"Authorization: Bearer {token}", f"http://127.0.0.1:{port}{path}"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [
+            wrk,
+            "-t2",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "--latency",
+            "-H",
+            f"Authorization: Bearer {token}",
+            f"http://127.0.0.1:{port}{path}",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     found = {m.group(1): _ms(m.group(2)) for m in re.finditer(r"^\s+(50|90|99)%\s+(\S+)", out, re.M)}
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
-    return {"connections": connections, "seconds": seconds, "requests_per_s": float(rps.group(1)) if rps else None,
-            "non_2xx": int(non2xx.group(1)) if non2xx else 0,
-            "latency_ms": {f"p{k}": v for k, v in found.items()}}
+    return {
+        "connections": connections,
+        "seconds": seconds,
+        "requests_per_s": float(rps.group(1)) if rps else None,
+        "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+        "latency_ms": {f"p{k}": v for k, v in found.items()},
+    }
 
 
 def _ms(text: str) -> float:

@@ -4,6 +4,7 @@ Memory = sum of VmRSS over the root process and all its descendants, plus the si
 they hold open (snapshot.py keeps compressed parts in memfds, which RSS does not show; counting
 them keeps the comparison honest). Disk = allocated bytes under the watched directories.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,7 +22,7 @@ def _children_map() -> dict[int, list[int]]:
                 stat = fh.read()
         except OSError:
             continue
-        ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
+        ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
         kids.setdefault(ppid, []).append(int(name))
     return kids
 

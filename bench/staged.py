@@ -9,6 +9,7 @@ Each phase ends before the next starts, as in the design we replace. Prints one 
 timings and sizes. Config: {"workspace", "spool", "target", "endpoint", "url", "level", "threads",
 "s5cmd"}.
 """
+
 from __future__ import annotations
 
 import glob
@@ -35,8 +36,9 @@ def snapshot(cfg: dict[str, Any]) -> dict[str, Any]:
     os.makedirs(spool, exist_ok=True)
     tar_path = os.path.join(spool, "workspace.tar")
     t0 = time.monotonic()
-    run(["tar", "--create", "--file=" + tar_path, "--directory=" + cfg["workspace"], "--sparse",
-         "--numeric-owner", "."])
+    run(
+        ["tar", "--create", "--file=" + tar_path, "--directory=" + cfg["workspace"], "--sparse", "--numeric-owner", "."]
+    )
     raw = os.path.getsize(tar_path)
     t1 = time.monotonic()
     run(["split", "-n", str(PARTS), "-d", "-a", "3", tar_path, os.path.join(spool, "part_")])
@@ -55,8 +57,19 @@ def snapshot(cfg: dict[str, Any]) -> dict[str, Any]:
     with ThreadPoolExecutor(cfg["threads"]) as pool:
         stored = sum(pool.map(compress, sorted(glob.glob(os.path.join(spool, "part_*")))))
     t3 = time.monotonic()
-    run([cfg["s5cmd"], "--endpoint-url", cfg["endpoint"], "--numworkers", str(WORKERS), "cp",
-         os.path.join(spool, "*.zst"), cfg["url"]], stdout=subprocess.DEVNULL)
+    run(
+        [
+            cfg["s5cmd"],
+            "--endpoint-url",
+            cfg["endpoint"],
+            "--numworkers",
+            str(WORKERS),
+            "cp",
+            os.path.join(spool, "*.zst"),
+            cfg["url"],
+        ],
+        stdout=subprocess.DEVNULL,
+    )
     t4 = time.monotonic()
     for path in glob.glob(os.path.join(spool, "*.zst")):
         os.remove(path)
@@ -68,8 +81,19 @@ def restore(cfg: dict[str, Any]) -> dict[str, Any]:
     spool, t = cfg["spool"], {}
     os.makedirs(spool, exist_ok=True)
     t0 = time.monotonic()
-    run([cfg["s5cmd"], "--endpoint-url", cfg["endpoint"], "--numworkers", str(WORKERS), "cp",
-         cfg["url"] + "*", spool + "/"], stdout=subprocess.DEVNULL)
+    run(
+        [
+            cfg["s5cmd"],
+            "--endpoint-url",
+            cfg["endpoint"],
+            "--numworkers",
+            str(WORKERS),
+            "cp",
+            cfg["url"] + "*",
+            spool + "/",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
     t1 = time.monotonic()
 
     def decompress(path: str) -> int:
@@ -96,8 +120,16 @@ def restore(cfg: dict[str, Any]) -> dict[str, Any]:
             os.remove(path)
     t3 = time.monotonic()
     os.makedirs(cfg["target"], exist_ok=True)
-    run(["tar", "--extract", "--file=" + tar_path, "--directory=" + cfg["target"], "--numeric-owner",
-         "--preserve-permissions"])
+    run(
+        [
+            "tar",
+            "--extract",
+            "--file=" + tar_path,
+            "--directory=" + cfg["target"],
+            "--numeric-owner",
+            "--preserve-permissions",
+        ]
+    )
     os.remove(tar_path)
     t4 = time.monotonic()
     t.update(download_s=t1 - t0, decompress_s=t2 - t1, join_s=t3 - t2, extract_s=t4 - t3, total_s=t4 - t0)

@@ -17,6 +17,7 @@ shapes per connection, which is the effect that matters (how many connections a 
 Prints `LISTEN host:port` on stdout once ready; SIGTERM stops it. Counters (bytes per direction,
 connections) go to stderr on exit.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,6 @@ import asyncio
 import signal
 import sys
 import time
-from typing import Dict, List, Tuple
 
 CHUNK = 64 * 1024
 
@@ -43,7 +43,7 @@ class Link:
 
 
 class Shaper:
-    def __init__(self, upstream: Tuple[str, int], conn_rate: float, link_rate: float, delay: float) -> None:
+    def __init__(self, upstream: tuple[str, int], conn_rate: float, link_rate: float, delay: float) -> None:
         self.upstream, self.conn_rate, self.delay = upstream, conn_rate, delay
         self.links = {"up": Link(link_rate), "down": Link(link_rate)}
         # enough in flight per direction to fill the connection's share of the path, and then some
@@ -58,14 +58,17 @@ class Shaper:
         except OSError:
             client_w.close()
             return
-        await asyncio.gather(self.pump(client_r, up_w, self.links["up"]),
-                             self.pump(up_r, client_w, self.links["down"]), return_exceptions=True)
+        await asyncio.gather(
+            self.pump(client_r, up_w, self.links["up"]),
+            self.pump(up_r, client_w, self.links["down"]),
+            return_exceptions=True,
+        )
         for w in (client_w, up_w):
             w.close()
 
     async def pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link: Link) -> None:
         loop = asyncio.get_running_loop()
-        queue: "asyncio.Queue[Tuple[float, bytes]]" = asyncio.Queue()
+        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
         queued = [0]
         room = asyncio.Event()
         room.set()
@@ -122,8 +125,9 @@ class Shaper:
 async def serve(args: argparse.Namespace) -> None:
     host, port = args.listen.rsplit(":", 1)
     up_host, up_port = args.upstream.rsplit(":", 1)
-    shaper = Shaper((up_host, int(up_port)), parse_rate(args.conn_rate), parse_rate(args.link_rate),
-                    args.delay_ms / 1000.0)
+    shaper = Shaper(
+        (up_host, int(up_port)), parse_rate(args.conn_rate), parse_rate(args.link_rate), args.delay_ms / 1000.0
+    )
     server = await asyncio.start_server(shaper.handle, host, int(port), backlog=512)
     bound = server.sockets[0].getsockname()
     print("LISTEN %s:%d" % (bound[0], bound[1]), flush=True)
@@ -134,12 +138,15 @@ async def serve(args: argparse.Namespace) -> None:
     started = time.monotonic()
     async with server:
         await stop.wait()
-    links: Dict[str, int] = {k: v.bytes for k, v in shaper.links.items()}
-    print("wanproxy: %d connections, up %d bytes, down %d bytes in %.1f s"
-          % (shaper.connections, links["up"], links["down"], time.monotonic() - started), file=sys.stderr)
+    links: dict[str, int] = {k: v.bytes for k, v in shaper.links.items()}
+    print(
+        "wanproxy: %d connections, up %d bytes, down %d bytes in %.1f s"
+        % (shaper.connections, links["up"], links["down"], time.monotonic() - started),
+        file=sys.stderr,
+    )
 
 
-def main(argv: List[str]) -> None:
+def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--listen", default="127.0.0.1:0")
     ap.add_argument("--upstream", required=True)

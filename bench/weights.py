@@ -6,15 +6,16 @@ ONNX layout used (onnx.proto3): ModelProto.graph = field 7; GraphProto.initializ
 (TensorProto); TensorProto: data_type = field 2 (1 = FLOAT), float_data = field 4 (packed),
 raw_data = field 9 (little-endian bytes).
 """
+
 from __future__ import annotations
 
 import array
 import struct
 import sys
-from typing import Iterator, List, Tuple
+from collections.abc import Iterator
 
 
-def _varint(buf: bytes, pos: int) -> Tuple[int, int]:
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
     shift = value = 0
     while True:
         b = buf[pos]
@@ -25,7 +26,7 @@ def _varint(buf: bytes, pos: int) -> Tuple[int, int]:
         shift += 7
 
 
-def _fields(buf: bytes) -> Iterator[Tuple[int, int, object]]:
+def _fields(buf: bytes) -> Iterator[tuple[int, int, object]]:
     """(field number, wire type, value) of one protobuf message; length-delimited values as memoryview."""
     view, pos = memoryview(buf), 0
     while pos < len(buf):
@@ -34,12 +35,12 @@ def _fields(buf: bytes) -> Iterator[Tuple[int, int, object]]:
         if wire == 0:
             value, pos = _varint(buf, pos)
         elif wire == 1:
-            value, pos = view[pos:pos + 8], pos + 8
+            value, pos = view[pos : pos + 8], pos + 8
         elif wire == 2:
             n, pos = _varint(buf, pos)
-            value, pos = view[pos:pos + n], pos + n
+            value, pos = view[pos : pos + n], pos + n
         elif wire == 5:
-            value, pos = view[pos:pos + 4], pos + 4
+            value, pos = view[pos : pos + 4], pos + 4
         else:
             raise ValueError("unsupported wire type %d" % wire)
         yield field, wire, value
@@ -61,7 +62,7 @@ def onnx_float32(path: str) -> bytes:
     """All FLOAT weights of an ONNX model, concatenated (little-endian float32): the initializers
     (GraphProto field 5) and the tensors of Constant nodes (GraphProto.node = field 1; NodeProto
     op_type = field 4, attribute = field 5; AttributeProto.t = field 5), where paddle2onnx puts them."""
-    out: List[bytes] = []
+    out: list[bytes] = []
     for field, _, graph in _fields(open(path, "rb").read()):
         if field != 7:
             continue
@@ -91,7 +92,7 @@ def to_fp16(f32: bytes) -> bytes:
     values = array.array("f", f32)
     out = bytearray()
     for i in range(0, len(values), 65536):
-        chunk = values[i:i + 65536]
+        chunk = values[i : i + 65536]
         clipped = [min(max(v, -65504.0), 65504.0) for v in chunk]
         out += struct.pack("<%de" % len(clipped), *clipped)
     return bytes(out)

@@ -9,6 +9,7 @@ exponent) follows the exponent distribution of such weights, so zstd finds the ~
 finds on real checkpoints rather than the 3x+ of zero-filled or repeated test data.
 No numpy needed: bytes.translate and extended-slice assignment do the work at C speed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,16 +71,44 @@ def write_logs(path: str, size: int, rng: random.Random) -> None:
         while written < size:
             step += 1
             line = "2025-01-%02d %02d:%02d:%02d,%03d %s trainer: %s=%d %s=%.5f %s=%.3e %s=%.2f\n" % (
-                1 + step // 86400 % 28, step // 3600 % 24, step // 60 % 60, step % 60, rng.randrange(1000),
-                rng.choice(levels), words[0], step, words[1], rng.uniform(1.5, 3.0), words[2],
-                rng.uniform(1e-5, 3e-4), rng.choice(words[3:]), rng.uniform(0, 5e4))
+                1 + step // 86400 % 28,
+                step // 3600 % 24,
+                step // 60 % 60,
+                step % 60,
+                rng.randrange(1000),
+                rng.choice(levels),
+                words[0],
+                step,
+                words[1],
+                rng.uniform(1.5, 3.0),
+                words[2],
+                rng.uniform(1e-5, 3e-4),
+                rng.choice(words[3:]),
+                rng.uniform(0, 5e4),
+            )
             fh.write(line)
             written += len(line)
 
 
 def write_code_tree(root: str, size: int, rng: random.Random) -> int:
-    idents = ["tensor", "config", "model", "layer", "weight", "bias", "hidden", "attention", "cache",
-              "batch", "device", "dtype", "optimizer", "scheduler", "dataset", "tokenizer"]
+    idents = [
+        "tensor",
+        "config",
+        "model",
+        "layer",
+        "weight",
+        "bias",
+        "hidden",
+        "attention",
+        "cache",
+        "batch",
+        "device",
+        "dtype",
+        "optimizer",
+        "scheduler",
+        "dataset",
+        "tokenizer",
+    ]
     written, files = 0, 0
     while written < size:
         pkg = os.path.join(root, "pkg%02d" % (files // 200), "mod%02d" % (files // 20 % 10))
@@ -87,10 +116,14 @@ def write_code_tree(root: str, size: int, rng: random.Random) -> int:
         lines = ['"""Module %d."""' % files, "import os", "import torch", ""]
         for f in range(rng.randrange(3, 40)):
             a, b = rng.choice(idents), rng.choice(idents)
-            lines += ["def %s_%s_%d(%s, %s=None):" % (a, b, f, a, b),
-                      "    \"\"\"Compute %s from %s.\"\"\"" % (a, b),
-                      "    if %s is None:" % b, "        %s = %s.new_zeros(%d)" % (b, a, rng.randrange(4096)),
-                      "    return %s * %s + %d" % (a, b, rng.randrange(100)), ""]
+            lines += [
+                "def %s_%s_%d(%s, %s=None):" % (a, b, f, a, b),
+                '    """Compute %s from %s."""' % (a, b),
+                "    if %s is None:" % b,
+                "        %s = %s.new_zeros(%d)" % (b, a, rng.randrange(4096)),
+                "    return %s * %s + %d" % (a, b, rng.randrange(100)),
+                "",
+            ]
         text = "\n".join(lines) + "\n"
         with open(os.path.join(pkg, "file_%05d.py" % files), "w") as fh:
             fh.write(text)

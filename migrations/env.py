@@ -1,5 +1,6 @@
 """Alembic environment. The URL comes from `config.attributes["engine"]` / `["database_url"]` (set by
 `src.migrate`) or, for the plain `alembic` command, from the app's settings."""
+
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 

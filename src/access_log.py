@@ -3,6 +3,7 @@
 `GET /api/events?token=` takes a stream token (an EventSource cannot send headers), and a careless
 dashboard may put its API token in a URL too; the access log writes the whole request line to stdout,
 from where log shippers take it anywhere. The value of every `token` parameter is replaced."""
+
 from __future__ import annotations
 
 import re
@@ -17,7 +18,7 @@ def redact(text: str) -> str:
     return _TOKEN.sub(r"\1[redacted]", text)
 
 
-class RedactingLogger(Logger):  # type: ignore[misc]  # gunicorn has no type hints
+class RedactingLogger(Logger):
     def atoms(self, resp: Any, req: Any, environ: Any, request_time: Any) -> dict[str, Any]:
         atoms: dict[str, Any] = super().atoms(resp, req, environ, request_time)
         for key in ("r", "q", "f"):  # request line, query string, Referer

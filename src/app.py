@@ -1,5 +1,6 @@
 """The application factory. The API process and the worker both build their world here; nothing
 connects to anything at import time."""
+
 from __future__ import annotations
 
 import logging
@@ -18,9 +19,16 @@ from src.settings import Settings
 logger = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None, *, job_kinds: dict[str, Any] | None = None,
-               object_store: Any = None, ssh: Any = None, vast: Any = None, huey: Any = None,
-               configure_logs: bool = True) -> Flask:
+def create_app(
+    settings: Settings | None = None,
+    *,
+    job_kinds: dict[str, Any] | None = None,
+    object_store: Any = None,
+    ssh: Any = None,
+    vast: Any = None,
+    huey: Any = None,
+    configure_logs: bool = True,
+) -> Flask:
     """Build the Flask app and its `Container` (at `app.extensions["gpusnap"]`).
 
     `job_kinds` replaces the registry of job kinds (tests add kinds of their own); `object_store`, `ssh`,
@@ -35,14 +43,22 @@ def create_app(settings: Settings | None = None, *, job_kinds: dict[str, Any] | 
     engine = make_engine(settings.database_url)
     session_factory = make_session_factory(engine)
     events.install(session_factory)  # job and machine changes feed GET /api/events
-    container = Container(settings=settings, engine=engine, session_factory=session_factory,
-                          metrics=Metrics(session_factory),
-                          job_kinds=job_kinds if job_kinds is not None else default_kinds(),
-                          object_store_override=object_store, ssh_override=ssh, vast_override=vast)
+    container = Container(
+        settings=settings,
+        engine=engine,
+        session_factory=session_factory,
+        metrics=Metrics(session_factory),
+        job_kinds=job_kinds if job_kinds is not None else default_kinds(),
+        object_store_override=object_store,
+        ssh_override=ssh,
+        vast_override=vast,
+    )
     container.queue = JobQueue(container, huey if huey is not None else make_huey(settings))
     if settings.ssh_allowed_networks == ("*",):
-        logger.warning("SSH_ALLOWED_NETWORKS is '*': jobs may SSH to any host a request names, "
-                       "loopback, private networks and cloud metadata addresses included")
+        logger.warning(
+            "SSH_ALLOWED_NETWORKS is '*': jobs may SSH to any host a request names, "
+            "loopback, private networks and cloud metadata addresses included"
+        )
     elif not settings.ssh_allowed_networks:
         logger.info("SSH_ALLOWED_NETWORKS is unset: jobs may SSH to public unicast addresses only")
 

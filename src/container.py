@@ -1,6 +1,7 @@
 """Everything a request handler or a job needs, built once by `create_app` (API and worker alike).
 Adapters are created on first use so that an unconfigured one (no vast.ai key, say) only fails the
 operations that need it, with a clear error; tests pass fakes in instead."""
+
 from __future__ import annotations
 
 import logging
@@ -51,8 +52,9 @@ class Container:
             return self.object_store_override
         s = self.settings
         if not s.object_store_configured:
-            raise NotConfigured("the object store is not configured: set R2_ENDPOINT, R2_BUCKET, "
-                                "R2_ACCESS_KEY and R2_SECRET_KEY")
+            raise NotConfigured(
+                "the object store is not configured: set R2_ENDPOINT, R2_BUCKET, R2_ACCESS_KEY and R2_SECRET_KEY"
+            )
         return self._once("object_store", lambda: _object_store(s))
 
     def host_credentials(self) -> Any:
@@ -66,8 +68,9 @@ class Container:
         self.object_store()  # the same clear error when the bucket itself is not configured
         broker = self._once("host_credentials", lambda: broker_from_settings(self.settings))
         if not broker.scoped and self.settings.require_scoped_credentials:
-            raise NotConfigured("REQUIRE_SCOPED_CREDENTIALS is set but no scoped credentials are configured: "
-                                + PARENT_KEY_WARNING)
+            raise NotConfigured(
+                "REQUIRE_SCOPED_CREDENTIALS is set but no scoped credentials are configured: " + PARENT_KEY_WARNING
+            )
         return broker
 
     def ssh_policy(self) -> Any:
@@ -102,19 +105,29 @@ class Container:
 def _object_store(s: Settings) -> ObjectStore:
     from src.adapters.object_store import ObjectStore
 
-    return ObjectStore(endpoint=s.r2_endpoint, bucket=s.r2_bucket, access_key=s.r2_access_key,  # type: ignore[arg-type]
-                       secret_key=s.r2_secret_key, region=s.r2_region)  # type: ignore[arg-type]
+    return ObjectStore(
+        endpoint=s.r2_endpoint,
+        bucket=s.r2_bucket,
+        access_key=s.r2_access_key,  # type: ignore[arg-type]
+        secret_key=s.r2_secret_key,
+        region=s.r2_region,
+    )  # type: ignore[arg-type]
 
 
 def _ssh_client(s: Settings) -> Any:
     from src.adapters.remote_host import SshClient
     from src.adapters.ssh_policy import SshPolicy
 
-    return SshClient(os.path.expanduser(s.ssh_key_path), policy=SshPolicy.from_setting(",".join(s.ssh_allowed_networks)),
-                     connect_timeout=s.ssh_connect_timeout_s, ready_deadline=s.ssh_ready_deadline_s,
-                     remote_python=s.remote_python, upload_timeout=s.ssh_upload_timeout_s,
-                     cleanup_timeout=s.ssh_cleanup_timeout_s,
-                     scripts_dir=pathlib.Path(__file__).resolve().parent / "remote_scripts")
+    return SshClient(
+        os.path.expanduser(s.ssh_key_path),
+        policy=SshPolicy.from_setting(",".join(s.ssh_allowed_networks)),
+        connect_timeout=s.ssh_connect_timeout_s,
+        ready_deadline=s.ssh_ready_deadline_s,
+        remote_python=s.remote_python,
+        upload_timeout=s.ssh_upload_timeout_s,
+        cleanup_timeout=s.ssh_cleanup_timeout_s,
+        scripts_dir=pathlib.Path(__file__).resolve().parent / "remote_scripts",
+    )
 
 
 def _vast_client(s: Settings) -> Any:

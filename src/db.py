@@ -1,4 +1,5 @@
 """Engine and transaction helpers. Nothing connects at import: `create_app` calls `make_engine`."""
+
 from __future__ import annotations
 
 import os

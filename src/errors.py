@@ -1,5 +1,6 @@
 """Domain errors. Services and adapters raise these; `src/api/errors.py` maps them to HTTP in one place,
 and the job runner records `code` and `message` on a failed job."""
+
 from __future__ import annotations
 
 

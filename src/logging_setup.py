@@ -1,4 +1,5 @@
 """Structured logs: one JSON object a line, carrying the job id of the job being run (if any)."""
+
 from __future__ import annotations
 
 import contextvars

@@ -3,6 +3,7 @@ reads it. Version 1: fixed parts under the snapshot's own prefix. Version 2: chu
 machine's chunk store (`chunks/<raw sha256>` blocks and `packs/<sha256>` packs, keys relative to the
 machine prefix) and shared by its snapshots. The formats are in docs/architecture.md and
 docs/data-plane.md; `src/remote_scripts/gs_manifest.py` writes them and validates them the same way."""
+
 from __future__ import annotations
 
 import hashlib
@@ -41,6 +42,7 @@ class Part:
 @dataclass(frozen=True)
 class StoredObject:
     """An object of the chunk store that a v2 manifest references."""
+
     key: str  # relative to the machine prefix
     size: int
     sha256: str
@@ -113,18 +115,37 @@ def _parse_v1(doc: dict[str, Any], raw: bytes) -> Manifest:
     try:
         if int(doc.get("version", 0)) != 1:
             raise ValueError(f"not a {FORMAT} version 1 or 2 document")
-        parts = [Part(index=int(p["index"]), key=str(p["key"]), codec=str(p["codec"]), raw_size=int(p["raw_size"]),
-                      stored_size=int(p["stored_size"]), sha256=str(p["sha256"])) for p in doc["parts"]]
+        parts = [
+            Part(
+                index=int(p["index"]),
+                key=str(p["key"]),
+                codec=str(p["codec"]),
+                raw_size=int(p["raw_size"]),
+                stored_size=int(p["stored_size"]),
+                sha256=str(p["sha256"]),
+            )
+            for p in doc["parts"]
+        ]
         totals = doc["totals"]
-        manifest = Manifest(snapshot_id=str(doc["snapshot_id"]), codec=str(doc.get("codec", "")),
-                            part_size=int(doc.get("part_size", 0)), parts=parts,
-                            raw_bytes=int(totals["raw_bytes"]), stored_bytes=int(totals["stored_bytes"]),
-                            files=int(totals.get("files", 0)), sha256=hashlib.sha256(raw).hexdigest(), doc=doc)
+        manifest = Manifest(
+            snapshot_id=str(doc["snapshot_id"]),
+            codec=str(doc.get("codec", "")),
+            part_size=int(doc.get("part_size", 0)),
+            parts=parts,
+            raw_bytes=int(totals["raw_bytes"]),
+            stored_bytes=int(totals["stored_bytes"]),
+            files=int(totals.get("files", 0)),
+            sha256=hashlib.sha256(raw).hexdigest(),
+            doc=doc,
+        )
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise JobFailed(f"the manifest cannot be read: {e}", code="manifest_invalid") from None
     if [p.index for p in parts] != list(range(len(parts))):
         raise JobFailed("the manifest's parts are not numbered 0..n-1", code="manifest_invalid")
-    if sum(p.raw_size for p in parts) != manifest.raw_bytes or sum(p.stored_size for p in parts) != manifest.stored_bytes:
+    if (
+        sum(p.raw_size for p in parts) != manifest.raw_bytes
+        or sum(p.stored_size for p in parts) != manifest.stored_bytes
+    ):
         raise JobFailed("the manifest's totals do not add up", code="manifest_invalid")
     if any("/" in p.key or ".." in p.key for p in parts):
         raise JobFailed("the manifest names a part outside its snapshot", code="manifest_invalid")
@@ -149,8 +170,13 @@ def _parse_v2(doc: dict[str, Any], sha256: str) -> Manifest:
         key = o.get("key")
         if not isinstance(key, str) or not OBJECT_KEY.match(key):
             raise _bad(f"object {i} has key {key!r}, not chunks/<sha256> or packs/<sha256>")
-        objects.append(StoredObject(key=key, size=_count(o.get("size"), f"object {i} size"),
-                                    sha256=_hex(o.get("sha256"), f"object {i} sha256")))
+        objects.append(
+            StoredObject(
+                key=key,
+                size=_count(o.get("size"), f"object {i} size"),
+                sha256=_hex(o.get("sha256"), f"object {i} sha256"),
+            )
+        )
         if objects[-1].size > MAX_OBJECT_BYTES:
             raise _bad(f"object {key} claims {objects[-1].size} bytes, more than format 2 ever stores")
         if key.startswith("packs/") and key[6:] != objects[-1].sha256:
@@ -169,11 +195,17 @@ def _parse_v2(doc: dict[str, Any], sha256: str) -> Manifest:
             raise _bad(f"chunk {i} has unknown codec {c.get('codec')!r}")
         if c.get("kind") not in ("block", "group") or not isinstance(c.get("new"), bool):
             raise _bad(f"chunk {i} needs kind block|group and new true|false")
-        chunk = Chunk(raw_sha256=_hex(c.get("raw_sha256"), f"chunk {i} raw_sha256"),
-                      raw_size=_count(c.get("raw_size"), f"chunk {i} raw_size"), object=index,
-                      offset=_count(c.get("offset"), f"chunk {i} offset"),
-                      stored_size=_count(c.get("stored_size"), f"chunk {i} stored_size"), codec=c["codec"],
-                      sha256=_hex(c.get("sha256"), f"chunk {i} sha256"), kind=c["kind"], new=c["new"])
+        chunk = Chunk(
+            raw_sha256=_hex(c.get("raw_sha256"), f"chunk {i} raw_sha256"),
+            raw_size=_count(c.get("raw_size"), f"chunk {i} raw_size"),
+            object=index,
+            offset=_count(c.get("offset"), f"chunk {i} offset"),
+            stored_size=_count(c.get("stored_size"), f"chunk {i} stored_size"),
+            codec=c["codec"],
+            sha256=_hex(c.get("sha256"), f"chunk {i} sha256"),
+            kind=c["kind"],
+            new=c["new"],
+        )
         if chunk.raw_size > MAX_CHUNK_BYTES:
             raise _bad(f"chunk {i} claims {chunk.raw_size} raw bytes, more than format 2 ever cuts")
         if chunk.codec == "none" and (chunk.stored_size != chunk.raw_size or chunk.sha256 != chunk.raw_sha256):
@@ -181,29 +213,54 @@ def _parse_v2(doc: dict[str, Any], sha256: str) -> Manifest:
         obj = objects[index]
         if chunk.offset + chunk.stored_size > obj.size:
             raise _bad(f"chunk {i} lies outside {obj.key}")
-        if obj.kind == "block" and (chunk.offset != 0 or chunk.stored_size != obj.size
-                                    or obj.key != f"chunks/{chunk.raw_sha256}" or obj.sha256 != chunk.sha256):
+        if obj.kind == "block" and (
+            chunk.offset != 0
+            or chunk.stored_size != obj.size
+            or obj.key != f"chunks/{chunk.raw_sha256}"
+            or obj.sha256 != chunk.sha256
+        ):
             raise _bad(f"chunk {i} is not the whole of its block object {obj.key}")
         used.add(index)
         chunks.append(chunk)
     if len(used) != len(objects):
         raise _bad("an object is listed that no chunk uses")
-    t = {k: _count(totals.get(k), f"totals.{k}") for k in ("raw_bytes", "stored_bytes", "chunks", "chunks_new",
-                                                            "chunks_reused", "objects")}
+    t = {
+        k: _count(totals.get(k), f"totals.{k}")
+        for k in ("raw_bytes", "stored_bytes", "chunks", "chunks_new", "chunks_reused", "objects")
+    }
     t["bytes_uploaded"] = _count(totals.get("bytes_uploaded", 0), "totals.bytes_uploaded")
     t["files"] = _count(totals.get("files", 0), "totals.files")
-    if (t["raw_bytes"] != sum(c.raw_size for c in chunks) or t["stored_bytes"] != sum(o.size for o in objects)
-            or t["chunks"] != len(chunks) or t["chunks_new"] + t["chunks_reused"] != len(chunks)
-            or t["chunks_new"] != sum(1 for c in chunks if c.new) or t["objects"] != len(objects)):
+    if (
+        t["raw_bytes"] != sum(c.raw_size for c in chunks)
+        or t["stored_bytes"] != sum(o.size for o in objects)
+        or t["chunks"] != len(chunks)
+        or t["chunks_new"] + t["chunks_reused"] != len(chunks)
+        or t["chunks_new"] != sum(1 for c in chunks if c.new)
+        or t["objects"] != len(objects)
+    ):
         raise _bad("the totals do not add up")
-    return Manifest(snapshot_id=doc["snapshot_id"], codec=str(doc.get("codec", "")), part_size=0, parts=[],
-                    raw_bytes=t["raw_bytes"], stored_bytes=t["stored_bytes"], files=t["files"], sha256=sha256,
-                    version=2, objects=objects, chunks=chunks, totals=t, doc=doc)
+    return Manifest(
+        snapshot_id=doc["snapshot_id"],
+        codec=str(doc.get("codec", "")),
+        part_size=0,
+        parts=[],
+        raw_bytes=t["raw_bytes"],
+        stored_bytes=t["stored_bytes"],
+        files=t["files"],
+        sha256=sha256,
+        version=2,
+        objects=objects,
+        chunks=chunks,
+        totals=t,
+        doc=doc,
+    )
 
 
 def dump_manifest(doc: dict[str, Any]) -> bytes:
     """The bytes of a manifest the control plane writes (gc's repack rewrites manifests)."""
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
 # nvCOMP 6's wheels exist for CUDA 12 and 13 (src/remote_scripts/gs_bootstrap.py _NVCOMP); ANS has no CPU
 # decoder, so a snapshot whose codec is nvcomp-ans restores only where such a GPU and driver are.
 GPU_ONLY_CODECS = ("nvcomp-ans",)

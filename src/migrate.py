@@ -1,4 +1,5 @@
 """Apply Alembic migrations from code (`gpusnap db upgrade`, `make run`, the tests)."""
+
 from __future__ import annotations
 
 import pathlib

@@ -1,4 +1,5 @@
 """Tables. Every change here comes with an Alembic migration in `migrations/versions/`."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -6,8 +7,19 @@ import os
 import time
 from typing import Any
 
-from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, PrimaryKeyConstraint,
-                        String, Text)
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    PrimaryKeyConstraint,
+    String,
+    Text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -128,8 +140,10 @@ class StoreChunk(Base):
     control plane tells the host it need not upload again (`known_chunks`)."""
 
     __tablename__ = "store_chunks"
-    __table_args__ = (PrimaryKeyConstraint("machine_id", "raw_sha256", "object_key"),
-                      Index("ix_store_chunks_object", "machine_id", "object_key"))
+    __table_args__ = (
+        PrimaryKeyConstraint("machine_id", "raw_sha256", "object_key"),
+        Index("ix_store_chunks_object", "machine_id", "object_key"),
+    )
 
     machine_id: Mapped[str] = mapped_column(String(128))
     raw_sha256: Mapped[str] = mapped_column(String(64))
@@ -146,8 +160,10 @@ class SnapshotObject(Base):
     that any snapshot row references (whatever its status): the rows go with the snapshot record."""
 
     __tablename__ = "snapshot_objects"
-    __table_args__ = (PrimaryKeyConstraint("snapshot_id", "object_key"),
-                      Index("ix_snapshot_objects_machine_key", "machine_id", "object_key"))
+    __table_args__ = (
+        PrimaryKeyConstraint("snapshot_id", "object_key"),
+        Index("ix_snapshot_objects_machine_key", "machine_id", "object_key"),
+    )
 
     snapshot_id: Mapped[str] = mapped_column(String(64))
     machine_id: Mapped[str] = mapped_column(String(128))
@@ -228,6 +244,8 @@ class StreamToken(Base):
     token_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
     expires_at: Mapped[dt.datetime] = mapped_column(index=True)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
 class MachinePolicy(Base):
     """What the worker does to a machine by itself (`PUT /api/instances/<id>/policy`): scheduled
     snapshots, retention, idle auto-hibernate. `spec` is the validated request body."""

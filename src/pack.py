@@ -2,6 +2,7 @@
 `<stored chunk bytes>... <TOC JSON utf-8> <8-byte big-endian TOC length> b"GSPACK01"`, TOC
 {"format": "gpusnap-pack", "version": 1, "chunks": [[raw_sha256, offset, stored_size, raw_size, codec,
 sha256_of_stored], ...]}. The host writes the same layout (src/remote_scripts); docs/data-plane.md."""
+
 from __future__ import annotations
 
 import hashlib
@@ -30,13 +31,19 @@ def build_pack(chunks: list[tuple[PackEntry, bytes]]) -> tuple[bytes, list[PackE
     for entry, data in chunks:
         if hashlib.sha256(data).hexdigest() != entry.sha256 or len(data) != entry.stored_size:
             raise ValueError(f"chunk {entry.raw_sha256} does not match its entry")
-        entries.append(PackEntry(entry.raw_sha256, offset, entry.stored_size, entry.raw_size, entry.codec,
-                                 entry.sha256))
+        entries.append(
+            PackEntry(entry.raw_sha256, offset, entry.stored_size, entry.raw_size, entry.codec, entry.sha256)
+        )
         body.append(data)
         offset += len(data)
-    toc = json.dumps({"format": "gpusnap-pack", "version": 1,
-                      "chunks": [[e.raw_sha256, e.offset, e.stored_size, e.raw_size, e.codec, e.sha256]
-                                 for e in entries]}, separators=(",", ":")).encode()
+    toc = json.dumps(
+        {
+            "format": "gpusnap-pack",
+            "version": 1,
+            "chunks": [[e.raw_sha256, e.offset, e.stored_size, e.raw_size, e.codec, e.sha256] for e in entries],
+        },
+        separators=(",", ":"),
+    ).encode()
     return b"".join(body) + toc + struct.pack(">Q", len(toc)) + MAGIC, entries
 
 
@@ -47,7 +54,7 @@ def read_toc(pack: bytes) -> list[PackEntry]:
     (toc_len,) = struct.unpack(">Q", pack[-FOOTER:-8])
     if toc_len > len(pack) - FOOTER:
         raise ValueError("the pack's TOC length is out of range")
-    doc = json.loads(pack[len(pack) - FOOTER - toc_len:-FOOTER])
+    doc = json.loads(pack[len(pack) - FOOTER - toc_len : -FOOTER])
     if doc.get("format") != "gpusnap-pack" or doc.get("version") != 1:
         raise ValueError("not a gpusnap-pack version 1 TOC")
     return [PackEntry(str(r[0]), int(r[1]), int(r[2]), int(r[3]), str(r[4]), str(r[5])) for r in doc["chunks"]]

@@ -1,5 +1,6 @@
 """Settings, read once from the environment (and `.env`, through python-dotenv) when the app or worker
 starts. Every name here is in `.env.example`; tests build a `Settings` directly or pass overrides."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,6 +38,8 @@ def _price(env: Mapping[str, str], name: str, default: float) -> float:
     if not 0 <= value < float("inf"):
         raise SettingsError(f"{name} must be a price of 0 or more, got {raw!r}")
     return value
+
+
 def _non_negative(env: Mapping[str, str], name: str, default: int) -> int:
     raw = env.get(name)
     if raw is None:
@@ -162,9 +165,12 @@ class Settings:
 
     def job_deadline_s(self, kind: str) -> float:
         """The overall deadline (seconds, per attempt) of a job of `kind`."""
-        return {"create_snapshot": self.job_deadline_snapshot_s, "restore_snapshot": self.job_deadline_restore_s,
-                "hibernate": self.job_deadline_hibernate_s, "wake": self.job_deadline_wake_s,
-                }.get(kind, self.job_deadline_other_s)
+        return {
+            "create_snapshot": self.job_deadline_snapshot_s,
+            "restore_snapshot": self.job_deadline_restore_s,
+            "hibernate": self.job_deadline_hibernate_s,
+            "wake": self.job_deadline_wake_s,
+        }.get(kind, self.job_deadline_other_s)
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)

@@ -10,6 +10,7 @@ processes, three workers, one stalled and one killed) every raced request answer
 every job ending consistent. Needs root for the disk-full scenario (tmpfs mounts) and PostgreSQL + Redis
 for scale-out; without them those trials are reported as skipped. docs/reliability.md records the figures of a run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,19 +52,35 @@ def main(argv: list[str] | None = None) -> int:
                 got = _run(name, world, args, rng)
             except Exception as exc:  # noqa: BLE001 - a broken scenario is reported as such, the rest still runs
                 traceback.print_exc()
-                got = [scenarios.Trial(name, "scenario", f"error:{type(exc).__name__}", False, True, 0,
-                                       time.monotonic() - t0, str(exc)[:200])]
+                got = [
+                    scenarios.Trial(
+                        name,
+                        "scenario",
+                        f"error:{type(exc).__name__}",
+                        False,
+                        True,
+                        0,
+                        time.monotonic() - t0,
+                        str(exc)[:200],
+                    )
+                ]
             for t in got:
                 print(_row(t), flush=True)
-            faults = {k: v - before[1].get(k, 0) for k, v in world.proxy.stats.faults.items()
-                      if v - before[1].get(k, 0)}
-            print(f"# {name}: {len(got)} trials in {time.monotonic() - t0:.0f}s; S3 requests "
-                  f"{world.proxy.stats.requests - before[0]}, faults injected {faults or 'none'}", flush=True)
+            faults = {
+                k: v - before[1].get(k, 0) for k, v in world.proxy.stats.faults.items() if v - before[1].get(k, 0)
+            }
+            print(
+                f"# {name}: {len(got)} trials in {time.monotonic() - t0:.0f}s; S3 requests "
+                f"{world.proxy.stats.requests - before[0]}, faults injected {faults or 'none'}",
+                flush=True,
+            )
             trials += got
         leaked = world.leaked_instances()
         stats = world.proxy.stats
-        print(f"# S3 proxy: {stats.requests} requests, faults injected: {dict(stats.faults)}; "
-              f"SSH relay: {world.relay.connections} connections, {world.relay.resets} reset")
+        print(
+            f"# S3 proxy: {stats.requests} requests, faults injected: {dict(stats.faults)}; "
+            f"SSH relay: {world.relay.connections} connections, {world.relay.resets} reset"
+        )
     finally:
         world.close()
     return _summary(trials, leaked, time.monotonic() - started)
@@ -87,8 +104,10 @@ def _run(name: str, world: World, args: argparse.Namespace, rng: random.Random) 
 
 def _row(t: scenarios.Trial) -> str:
     data = "ok" if t.data_ok else (t.damage or "lost").upper()
-    return (f"{t.scenario:<14} {t.op:<17} {t.outcome:<32} {'ok' if t.expected else 'UNEXPECTED':<10} "
-            f"{data:<9} orphans={t.orphans:<2} {t.seconds:6.1f}s  {t.note}")
+    return (
+        f"{t.scenario:<14} {t.op:<17} {t.outcome:<32} {'ok' if t.expected else 'UNEXPECTED':<10} "
+        f"{data:<9} orphans={t.orphans:<2} {t.seconds:6.1f}s  {t.note}"
+    )
 
 
 def _summary(trials: list[scenarios.Trial], leaked: int, seconds: float) -> int:
@@ -112,11 +131,16 @@ def _summary(trials: list[scenarios.Trial], leaked: int, seconds: float) -> int:
     unexpected = [t for t in trials if not t.expected and t.scenario not in GOALS and t.outcome != "skipped"]
     print()
     changed = sum(1 for t in lost if t.damage == "changed")
-    print(f"trials {len(trials)} in {seconds:.0f}s | data loss {len(lost) - changed} | failed but workspace "
-          f"changed {changed} | stuck jobs {len(stuck)} | orphan "
-          f"processes {orphans} | leaked instances {leaked} | unexpected outcomes {len(unexpected)}")
-    missed += [f"{'failed restore changed the live workspace' if t.damage == 'changed' else 'data loss'} in "
-               f"{t.scenario}/{t.op} ({t.outcome})" for t in lost]
+    print(
+        f"trials {len(trials)} in {seconds:.0f}s | data loss {len(lost) - changed} | failed but workspace "
+        f"changed {changed} | stuck jobs {len(stuck)} | orphan "
+        f"processes {orphans} | leaked instances {leaked} | unexpected outcomes {len(unexpected)}"
+    )
+    missed += [
+        f"{'failed restore changed the live workspace' if t.damage == 'changed' else 'data loss'} in "
+        f"{t.scenario}/{t.op} ({t.outcome})"
+        for t in lost
+    ]
     missed += [f"stuck job in {t.scenario}/{t.op}" for t in stuck]
     missed += [f"{orphans} orphan remote processes"] if orphans else []
     missed += [f"{leaked} leaked instances"] if leaked else []

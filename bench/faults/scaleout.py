@@ -9,6 +9,7 @@ Each accepted snapshot job must end (no stuck job) and, when it says `succeeded`
 `complete` with its manifest in the bucket. Uses the World's bucket (through the fault proxy, faults
 off) and sshd (through the relay).
 """
+
 from __future__ import annotations
 
 import os
@@ -51,9 +52,16 @@ class _Cluster:
         self.redis = redis.Redis.from_url(self.redis_url)
         self.redis.flushdb()  # our own database index only
         stack.callback(self.redis.flushdb)
-        self.env = {**os.environ, **w.env, "DATABASE_URL": PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{self.db_name}",
-                    "REDIS_URL": self.redis_url, "JOB_STALE_AFTER_S": str(STALE_S), "GUNICORN_WORKERS": "1",
-                    "GUNICORN_THREADS": "8", "PYTHONPATH": str(ROOT)}
+        self.env = {
+            **os.environ,
+            **w.env,
+            "DATABASE_URL": PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{self.db_name}",
+            "REDIS_URL": self.redis_url,
+            "JOB_STALE_AFTER_S": str(STALE_S),
+            "GUNICORN_WORKERS": "1",
+            "GUNICORN_THREADS": "8",
+            "PYTHONPATH": str(ROOT),
+        }
         self.env.pop("QUEUE_PATH", None)
         upgrade(self.env["DATABASE_URL"])
         self.apis: list[str] = []
@@ -61,11 +69,25 @@ class _Cluster:
         stack.callback(self._stop_all)
         for _ in range(2):
             port = free_port()
-            self._spawn([sys.executable, "-m", "gunicorn", "--config", str(ROOT / "gunicorn.conf.py"), "--chdir",
-                         str(ROOT), "--bind", f"127.0.0.1:{port}", "app:app"], "api")
+            self._spawn(
+                [
+                    sys.executable,
+                    "-m",
+                    "gunicorn",
+                    "--config",
+                    str(ROOT / "gunicorn.conf.py"),
+                    "--chdir",
+                    str(ROOT),
+                    "--bind",
+                    f"127.0.0.1:{port}",
+                    "app:app",
+                ],
+                "api",
+            )
             self.apis.append(f"http://127.0.0.1:{port}")
-        self.workers = [self._spawn([sys.executable, "-m", "src.cli", "worker", "--threads", "2"], "worker")
-                        for _ in range(3)]
+        self.workers = [
+            self._spawn([sys.executable, "-m", "src.cli", "worker", "--threads", "2"], "worker") for _ in range(3)
+        ]
         self.http = requests.Session()
         self.http.headers["Authorization"] = f"Bearer {TOKEN}"
         for url in self.apis:
@@ -82,8 +104,9 @@ class _Cluster:
 
     def _spawn(self, argv: list[str], name: str) -> subprocess.Popen:
         log = open(self.tmp / f"{name}-{len(self.procs)}.log", "ab")
-        proc = subprocess.Popen(argv, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            argv, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         log.close()
         self.procs.append(proc)
         return proc
@@ -154,8 +177,18 @@ def scale_out(w: World, machines: int = 4) -> list[Trial]:
             for a in answers:
                 if getattr(a, "status_code", 0) == 202:
                     jobs[a.json()["job"]["id"]] = a.json()["snapshot"]["id"]
-            out.append(Trial("scale-out", "dup-idem-key", "/".join(map(str, codes)), ok, True, 0,
-                             time.monotonic() - t0, f"same_job={len(ids) == 1}"))
+            out.append(
+                Trial(
+                    "scale-out",
+                    "dup-idem-key",
+                    "/".join(map(str, codes)),
+                    ok,
+                    True,
+                    0,
+                    time.monotonic() - t0,
+                    f"same_job={len(ids) == 1}",
+                )
+            )
         for _ in range(machines):
             t0 = time.monotonic()
             req = {**body, "instance_id": f"so-new-{uuid.uuid4().hex[:6]}"}
@@ -165,8 +198,9 @@ def scale_out(w: World, machines: int = 4) -> list[Trial]:
             for a in answers:
                 if getattr(a, "status_code", 0) == 202:
                     jobs[a.json()["job"]["id"]] = a.json()["snapshot"]["id"]
-            out.append(Trial("scale-out", "first-requests", "/".join(map(str, codes)), ok, True, 0,
-                             time.monotonic() - t0))
+            out.append(
+                Trial("scale-out", "first-requests", "/".join(map(str, codes)), ok, True, 0, time.monotonic() - t0)
+            )
 
         # faults while the jobs run: one worker frozen past the stale limit, one killed and replaced
         time.sleep(2)
@@ -187,10 +221,21 @@ def scale_out(w: World, machines: int = 4) -> list[Trial]:
                 job = c.get(f"/api/jobs/{job_id}")
             status = job.get("status") if job.get("status") in TERMINAL else "stuck"
             snap = c.get(f"/api/gpu-snapshots/{snap_id}")
-            consistent = (status != "succeeded" or (snap.get("status") == "complete"
-                                                    and bool(w.keys(snap["storage_prefix"] + "manifest.json"))))
+            consistent = status != "succeeded" or (
+                snap.get("status") == "complete" and bool(w.keys(snap["storage_prefix"] + "manifest.json"))
+            )
             outcome = status if status != "failed" else "failed:" + (job.get("error") or {}).get("code", "?")
-            out.append(Trial("scale-out", "snapshot-job", outcome, status == "succeeded", consistent, 0,
-                             time.monotonic() - t0, f"attempts={job.get('attempts')} snapshot={snap.get('status')}"))
+            out.append(
+                Trial(
+                    "scale-out",
+                    "snapshot-job",
+                    outcome,
+                    status == "succeeded",
+                    consistent,
+                    0,
+                    time.monotonic() - t0,
+                    f"attempts={job.get('attempts')} snapshot={snap.get('status')}",
+                )
+            )
         out[-1].orphans = w.orphans()
     return out

@@ -5,6 +5,7 @@ source tree, a restore that did not finish left the live workspace exactly as it
 attributes too, on a mount point), a snapshot never changes its source, and a snapshot that did not
 finish left nothing in the bucket (checked after the processes settle).
 """
+
 from __future__ import annotations
 
 import os
@@ -44,8 +45,9 @@ def _root(path: pathlib.Path) -> tuple[int, int, int, int]:
     return st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns
 
 
-def _snapshot(w: World, scenario: str, ws: pathlib.Path, *, during: Callable[[str], str] | None = None
-              ) -> tuple[Trial, dict[str, Any] | None]:
+def _snapshot(
+    w: World, scenario: str, ws: pathlib.Path, *, during: Callable[[str], str] | None = None
+) -> tuple[Trial, dict[str, Any] | None]:
     """Create a snapshot of `ws` (optionally doing `during(job_id)` while it runs); the trial and, when
     it succeeded, the snapshot."""
     source = describe_tree(ws)
@@ -64,13 +66,28 @@ def _snapshot(w: World, scenario: str, ws: pathlib.Path, *, during: Callable[[st
             time.sleep(0.5)
         left = len(w.keys(prefix))
         note += f" objects_left={left}"
-    trial = Trial(scenario, "snapshot", outcome, job["status"] == "succeeded", data_ok, w.orphans(),
-                  time.monotonic() - started, note)
+    trial = Trial(
+        scenario,
+        "snapshot",
+        outcome,
+        job["status"] == "succeeded",
+        data_ok,
+        w.orphans(),
+        time.monotonic() - started,
+        note,
+    )
     return trial, (created["snapshot"] if job["status"] == "succeeded" else None)
 
 
-def _restore(w: World, scenario: str, snap: dict[str, Any], source: pathlib.Path,
-             target: pathlib.Path | None = None, *, during: Callable[[str], str] | None = None) -> Trial:
+def _restore(
+    w: World,
+    scenario: str,
+    snap: dict[str, Any],
+    source: pathlib.Path,
+    target: pathlib.Path | None = None,
+    *,
+    during: Callable[[str], str] | None = None,
+) -> Trial:
     target = target or w.old_workspace(w.name("target"))
     before, root_before = describe_tree(target), _root(target)
     started = time.monotonic()
@@ -90,8 +107,17 @@ def _restore(w: World, scenario: str, snap: dict[str, Any], source: pathlib.Path
             damage = "" if outcome == "failed:remote_state_unknown" else "changed"
         else:
             damage = "lost"
-    return Trial(scenario, "restore", outcome, job["status"] == "succeeded", not damage, w.orphans(),
-                 time.monotonic() - started, f"tries={job.get('remote_tries') or 1} {injected}".rstrip(), damage)
+    return Trial(
+        scenario,
+        "restore",
+        outcome,
+        job["status"] == "succeeded",
+        not damage,
+        w.orphans(),
+        time.monotonic() - started,
+        f"tries={job.get('remote_tries') or 1} {injected}".rstrip(),
+        damage,
+    )
 
 
 def s3_faults(w: World, trials: int, rate: float) -> list[Trial]:
@@ -128,6 +154,7 @@ def kill9(w: World) -> list[Trial]:
             where = _mid_transfer(w, job_id, phase)
             w.restart_worker_after_kill()
             return where
+
         return act
 
     trial, snap = _snapshot(w, "kill-9", ws, during=kill_mid("upload"))
@@ -139,17 +166,27 @@ def kill9(w: World) -> list[Trial]:
     trial.op = "restore_snapshot"
     out.append(trial)
 
-    for op, call in (("verify_snapshot", lambda: w.stack.post(f"/api/gpu-snapshots/{snap['id']}/verify",
-                                                               json={"deep": True})),
-                     ("delete_snapshot", lambda: w.stack.delete(f"/api/gpu-snapshots/{snap['id']}"))):
+    for op, call in (
+        ("verify_snapshot", lambda: w.stack.post(f"/api/gpu-snapshots/{snap['id']}/verify", json={"deep": True})),
+        ("delete_snapshot", lambda: w.stack.delete(f"/api/gpu-snapshots/{snap['id']}")),
+    ):
         started = time.monotonic()
         job_id = call().json()["job"]["id"]
         w.wait_for(job_id, lambda j: j["status"] == "running")
         w.restart_worker_after_kill()
         job = w.wait(job_id)
         data_ok = op != "delete_snapshot" or w.keys(snap["storage_prefix"]) == []
-        out.append(Trial("kill-9", op, _outcome(job), job["status"] == "succeeded", data_ok, w.orphans(),
-                         time.monotonic() - started))
+        out.append(
+            Trial(
+                "kill-9",
+                op,
+                _outcome(job),
+                job["status"] == "succeeded",
+                data_ok,
+                w.orphans(),
+                time.monotonic() - started,
+            )
+        )
 
     # hibernate and wake of a vast.ai instance whose SSH endpoint is the (relayed) loopback sshd
     box = w.vast_client.create_instance(1001, image="pytorch/pytorch:latest", disk_gb=50, label="faults-box")
@@ -165,8 +202,18 @@ def kill9(w: World) -> list[Trial]:
     job = w.wait(job_id)
     destroyed = box not in [i["id"] for i in w.vast.live_instances()]
     ok = job["status"] == "succeeded" and destroyed
-    out.append(Trial("kill-9", "hibernate", _outcome(job), ok, describe_tree(hws) == source, w.orphans(),
-                     time.monotonic() - started, f"destroyed={destroyed} {where}"))
+    out.append(
+        Trial(
+            "kill-9",
+            "hibernate",
+            _outcome(job),
+            ok,
+            describe_tree(hws) == source,
+            w.orphans(),
+            time.monotonic() - started,
+            f"destroyed={destroyed} {where}",
+        )
+    )
     if not ok:
         return out
     shutil.rmtree(hws)  # the instance's disk went with it
@@ -177,8 +224,18 @@ def kill9(w: World) -> list[Trial]:
     w.restart_worker_after_kill()
     job = w.wait(job_id)
     data_ok = job["status"] != "succeeded" or (hws.exists() and describe_tree(hws) == source)
-    out.append(Trial("kill-9", "wake", _outcome(job), job["status"] == "succeeded", data_ok, w.orphans(),
-                     time.monotonic() - started, f"leaked_instances={w.leaked_instances()} {where}"))
+    out.append(
+        Trial(
+            "kill-9",
+            "wake",
+            _outcome(job),
+            job["status"] == "succeeded",
+            data_ok,
+            w.orphans(),
+            time.monotonic() - started,
+            f"leaked_instances={w.leaked_instances()} {where}",
+        )
+    )
     return out
 
 
@@ -190,6 +247,7 @@ def ssh_resets(w: World) -> list[Trial]:
         def act(job_id: str) -> str:
             where = _mid_transfer(w, job_id, phase)
             return f"{where} reset={w.relay.reset_all()}"
+
         return act
 
     trial, snap = _snapshot(w, "ssh-reset", ws, during=reset("upload"))
@@ -212,6 +270,7 @@ def ssh_blackholes(w: World) -> list[Trial]:
             w.relay.blackhole = False
             w.relay.reset_all()
             return where
+
         return act
 
     trial, _ = _snapshot(w, "ssh-blackhole", ws, during=hole("upload"))
@@ -233,8 +292,10 @@ def disk_full(w: World) -> list[Trial]:
     if snap is None:
         return [trial]
     out = []
-    for label, options, codes in (("bytes", "size=512k", ("failed:insufficient_disk",)),
-                                  ("inodes", "size=64m,nr_inodes=12", ("failed:disk_full", "failed:tar_failed"))):
+    for label, options, codes in (
+        ("bytes", "size=512k", ("failed:insufficient_disk",)),
+        ("inodes", "size=64m,nr_inodes=12", ("failed:disk_full", "failed:tar_failed")),
+    ):
         mount = w.mount_tmpfs(w.name("vol"), options)
         if mount is None:
             out.append(Trial("disk-full", "restore", "skipped", True, True, 0, 0.0, "cannot mount tmpfs here"))

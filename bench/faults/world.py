@@ -7,6 +7,7 @@
 Both the worker (remote scripts' s5cmd) and the API process (verify through boto3) reach the bucket
 through the proxy, so every object-store call of a trial can meet a fault.
 """
+
 from __future__ import annotations
 
 import os
@@ -47,17 +48,35 @@ class World:
         self.vast_client = VastClient(self.vast.api_key, self.vast.base_url, backoff_base=0.001)
         db = self.tmp / "gpusnap.db"
         self.env = {
-            "DATABASE_URL": f"sqlite:///{db}", "QUEUE_PATH": str(self.tmp / "queue.db"), "API_TOKENS": TOKEN,
-            "R2_ENDPOINT": self.proxy.endpoint, "R2_BUCKET": self.s3.bucket, "R2_ACCESS_KEY": self.s3.access_key,
-            "R2_SECRET_KEY": self.s3.secret_key, "R2_REGION": self.s3.region, "SNAPSHOT_PREFIX": "faults/",
-            "SSH_KEY_PATH": str(self.sshd.client_key_path), "SSH_USER": self.sshd.user,
-            "SSH_ALLOWED_NETWORKS": "127.0.0.1/32", "SSH_READY_DEADLINE_S": "20",
-            "REMOTE_PYTHON": sys.executable, "REMOTE_S5CMD": str(pathlib.Path(sys.executable).with_name("s5cmd")),
-            "REMOTE_IDLE_TIMEOUT_S": "20", "REMOTE_RETRY_BACKOFF_S": "1",
-            "SNAPSHOT_PART_SIZE_MB": "1", "SNAPSHOT_PARALLELISM": "4", "SNAPSHOT_CODEC": "zstd",
-            "VAST_API_KEY": self.vast.api_key, "VAST_API_URL": self.vast.base_url, "VAST_POLL_INTERVAL_S": "0.05",
-            "VAST_READY_DEADLINE_S": "10", "VAST_DESTROY_DEADLINE_S": "10",
-            "JOB_HEARTBEAT_S": "0.5", "JOB_STALE_AFTER_S": "10", "LOG_FORMAT": "json", "LOG_LEVEL": "INFO",
+            "DATABASE_URL": f"sqlite:///{db}",
+            "QUEUE_PATH": str(self.tmp / "queue.db"),
+            "API_TOKENS": TOKEN,
+            "R2_ENDPOINT": self.proxy.endpoint,
+            "R2_BUCKET": self.s3.bucket,
+            "R2_ACCESS_KEY": self.s3.access_key,
+            "R2_SECRET_KEY": self.s3.secret_key,
+            "R2_REGION": self.s3.region,
+            "SNAPSHOT_PREFIX": "faults/",
+            "SSH_KEY_PATH": str(self.sshd.client_key_path),
+            "SSH_USER": self.sshd.user,
+            "SSH_ALLOWED_NETWORKS": "127.0.0.1/32",
+            "SSH_READY_DEADLINE_S": "20",
+            "REMOTE_PYTHON": sys.executable,
+            "REMOTE_S5CMD": str(pathlib.Path(sys.executable).with_name("s5cmd")),
+            "REMOTE_IDLE_TIMEOUT_S": "20",
+            "REMOTE_RETRY_BACKOFF_S": "1",
+            "SNAPSHOT_PART_SIZE_MB": "1",
+            "SNAPSHOT_PARALLELISM": "4",
+            "SNAPSHOT_CODEC": "zstd",
+            "VAST_API_KEY": self.vast.api_key,
+            "VAST_API_URL": self.vast.base_url,
+            "VAST_POLL_INTERVAL_S": "0.05",
+            "VAST_READY_DEADLINE_S": "10",
+            "VAST_DESTROY_DEADLINE_S": "10",
+            "JOB_HEARTBEAT_S": "0.5",
+            "JOB_STALE_AFTER_S": "10",
+            "LOG_FORMAT": "json",
+            "LOG_LEVEL": "INFO",
         }
         upgrade(self.env["DATABASE_URL"])
         self.stack = Stack(env=self.env, tmp=self.tmp)
@@ -87,16 +106,30 @@ class World:
 
     # --- API ------------------------------------------------------------------------------------
     def create_snapshot(self, machine: str, workspace: pathlib.Path) -> dict[str, Any]:
-        r = self.stack.post("/api/gpu-snapshots", json={"instance_id": machine, "ssh_host": "127.0.0.1",
-                                                        "ssh_port": self.relay.port, "workspace_path": str(workspace)})
+        r = self.stack.post(
+            "/api/gpu-snapshots",
+            json={
+                "instance_id": machine,
+                "ssh_host": "127.0.0.1",
+                "ssh_port": self.relay.port,
+                "workspace_path": str(workspace),
+            },
+        )
         assert r.status_code == 202, r.text
         return r.json()
 
     def restore(self, snapshot_id: str, machine: str, target: pathlib.Path) -> dict[str, Any]:
-        r = self.stack.post(f"/api/gpu-snapshots/{snapshot_id}/restore",
-                            json={"ssh_host": "127.0.0.1", "ssh_port": self.relay.port, "workspace_path": str(target),
-                                  # the trials restore over an existing workspace on purpose
-                                  "instance_id": machine, "overwrite": True})
+        r = self.stack.post(
+            f"/api/gpu-snapshots/{snapshot_id}/restore",
+            json={
+                "ssh_host": "127.0.0.1",
+                "ssh_port": self.relay.port,
+                "workspace_path": str(target),
+                # the trials restore over an existing workspace on purpose
+                "instance_id": machine,
+                "overwrite": True,
+            },
+        )
         assert r.status_code == 202, r.text
         return r.json()["job"]
 
@@ -136,8 +169,9 @@ class World:
         found = []
         for _pid, argv in processes():
             line = " ".join(argv)
-            if ("/gpusnap." in line and (line.endswith("snapshot.py") or line.endswith("restore.py"))) or \
-                    ("s5cmd" in line and self.proxy.endpoint in line):
+            if ("/gpusnap." in line and (line.endswith("snapshot.py") or line.endswith("restore.py"))) or (
+                "s5cmd" in line and self.proxy.endpoint in line
+            ):
                 found.append(line)
         return found
 
@@ -159,8 +193,13 @@ class World:
     def keys(self, prefix: str) -> list[str]:
         import boto3
 
-        s3 = boto3.client("s3", endpoint_url=self.s3.endpoint, aws_access_key_id=self.s3.access_key,
-                          aws_secret_access_key=self.s3.secret_key, region_name=self.s3.region)
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=self.s3.endpoint,
+            aws_access_key_id=self.s3.access_key,
+            aws_secret_access_key=self.s3.secret_key,
+            region_name=self.s3.region,
+        )
         return [o["Key"] for o in s3.list_objects_v2(Bucket=self.s3.bucket, Prefix=prefix).get("Contents", [])]
 
     def mount_tmpfs(self, name: str, options: str) -> pathlib.Path | None:
@@ -172,8 +211,7 @@ class World:
     def close(self) -> None:
         self.proxy.rate = 0
         self.relay.blackhole = False
-        for step in (self.stack.close, self.vast.stop, self.relay.stop, self.proxy.stop, self.sshd.stop,
-                     self._s3.stop):
+        for step in (self.stack.close, self.vast.stop, self.relay.stop, self.proxy.stop, self.sshd.stop, self._s3.stop):
             try:
                 step()
             except Exception as exc:  # noqa: BLE001 - teardown goes on; the figures are already taken

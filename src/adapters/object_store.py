@@ -1,5 +1,6 @@
 """The object store (Cloudflare R2 or any S3 endpoint) as the control plane sees it, through boto3: read
 manifests, check parts, delete snapshots. Moving workspace bytes is the remote scripts' job (s5cmd)."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -27,8 +28,19 @@ READ_BACKOFF_S = 0.5
 
 # What R2 / S3 answer for a key or signature they refuse. R2 says `Unauthorized` with HTTP 401 for a bad key
 # (its S3 error-code reference; seen in the field as `An error occurred (401) ... Unauthorized`), S3 says 403.
-AUTH_ERROR_CODES = frozenset({"Unauthorized", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
-                              "InvalidToken", "ExpiredToken", "Forbidden", "401", "403"})
+AUTH_ERROR_CODES = frozenset(
+    {
+        "Unauthorized",
+        "AccessDenied",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "InvalidToken",
+        "ExpiredToken",
+        "Forbidden",
+        "401",
+        "403",
+    }
+)
 
 
 class StorageError(ExternalError):
@@ -53,15 +65,31 @@ class ObjectStore:
     """Operations on one bucket. Methods raise `StorageError` (code `storage_error`, or
     `storage_auth_failed` for rejected credentials); a missing object is a None/False answer, not an error."""
 
-    def __init__(self, *, endpoint: str, bucket: str, access_key: str, secret_key: str, region: str = "auto",
-                 connect_timeout_s: float = 10, read_timeout_s: float = 60) -> None:
+    def __init__(
+        self,
+        *,
+        endpoint: str,
+        bucket: str,
+        access_key: str,
+        secret_key: str,
+        region: str = "auto",
+        connect_timeout_s: float = 10,
+        read_timeout_s: float = 60,
+    ) -> None:
         self.bucket = bucket
         self._s3 = boto3.client(
-            "s3", endpoint_url=endpoint, aws_access_key_id=access_key, aws_secret_access_key=secret_key,
+            "s3",
+            endpoint_url=endpoint,
+            aws_access_key_id=access_key,
+            aws_secret_access_key=secret_key,
             region_name=region,
-            config=Config(connect_timeout=connect_timeout_s, read_timeout=read_timeout_s,
-                          retries={"max_attempts": 5, "mode": "standard"}, s3={"addressing_style": "path"},
-                          **_checksum_options()),
+            config=Config(
+                connect_timeout=connect_timeout_s,
+                read_timeout=read_timeout_s,
+                retries={"max_attempts": 5, "mode": "standard"},
+                s3={"addressing_style": "path"},
+                **_checksum_options(),
+            ),
         )
 
     def head(self, key: str) -> ObjectInfo | None:
@@ -125,8 +153,9 @@ class ObjectStore:
             except StorageError as e:
                 if not e.retryable or attempt == READ_TRIES:
                     raise
-                logger.warning("GET %s failed (try %d of %d), reading it again: %s", key, attempt, READ_TRIES,
-                               e.message)
+                logger.warning(
+                    "GET %s failed (try %d of %d), reading it again: %s", key, attempt, READ_TRIES, e.message
+                )
                 time.sleep(READ_BACKOFF_S * 2 ** (attempt - 1))
         raise AssertionError("unreachable")
 
@@ -165,7 +194,7 @@ class ObjectStore:
     def delete_keys(self, keys: Sequence[str]) -> int:
         """Delete `keys`; absent ones count as deleted. Returns len(keys)."""
         for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
-            batch = [{"Key": k} for k in keys[start:start + 1000]]
+            batch = [{"Key": k} for k in keys[start : start + 1000]]
             try:
                 r = self._s3.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
             except (ClientError, BotoCoreError) as e:
@@ -201,8 +230,11 @@ def _wrap(e: Exception, what: str) -> StorageError:
         status = _status(e)
         code = e.response.get("Error", {}).get("Code", "")
         if status in (401, 403) or code in AUTH_ERROR_CODES:
-            return StorageError(f"{what}: the object store refused our credentials ({code})",
-                                code="storage_auth_failed")
-        return StorageError(f"{what}: the object store answered HTTP {status} ({code or 'no error code'})",
-                            retryable=status >= 500 or status == 429)
+            return StorageError(
+                f"{what}: the object store refused our credentials ({code})", code="storage_auth_failed"
+            )
+        return StorageError(
+            f"{what}: the object store answered HTTP {status} ({code or 'no error code'})",
+            retryable=status >= 500 or status == 429,
+        )
     return StorageError(f"{what}: {type(e).__name__}: {e}", retryable=True)

@@ -5,6 +5,7 @@ quiet, so we poll: wait on the channel's pipe for at most a short interval, then
 streams hold. Stdout and stderr must both be drained, or a chatty stderr fills the window and the
 remote process blocks forever.
 """
+
 from __future__ import annotations
 
 import json

@@ -1,5 +1,6 @@
 """Errors of the SSH adapter. Every paramiko or socket exception leaves the adapter as one of these,
 chained with `raise ... from e`, so job handlers see stable codes and never import paramiko."""
+
 from __future__ import annotations
 
 from src.adapters.remote_types import host_key_fingerprint
@@ -20,8 +21,10 @@ class HostKeyMismatch(RemoteError):
     code = "host_key_mismatch"
 
     def __init__(self, *, host: str, port: int, expected: str, presented: str) -> None:
-        super().__init__(f"host key of {host}:{port} changed: pinned {host_key_fingerprint(expected)}, "
-                         f"presented {host_key_fingerprint(presented)}")
+        super().__init__(
+            f"host key of {host}:{port} changed: pinned {host_key_fingerprint(expected)}, "
+            f"presented {host_key_fingerprint(presented)}"
+        )
         self.expected = expected
         self.presented = presented
 

@@ -5,6 +5,7 @@ yet), compares the host key with the pin *before* authenticating, authenticates 
 returns a `RemoteSession` (see `remote_session.py`). This module is the import point for the whole
 adapter: targets, results and errors are re-exported here. Design notes: `docs/ssh.md`.
 """
+
 from __future__ import annotations
 
 import base64
@@ -36,9 +37,22 @@ from src.adapters.remote_watchdog import Watchdog
 from src.adapters.ssh_policy import SshPolicy, TargetNotAllowed
 
 __all__ = [
-    "CommandResult", "HostKeyMismatch", "RemoteCancelled", "RemoteError", "RemoteSession",
-    "RemoteStateUnknown", "RemoteTimeout", "ScriptUploadFailed", "SshAuthFailed", "SshClient", "SshConnectionLost",
-    "SshPolicy", "SshTarget", "SshUnreachable", "TargetNotAllowed", "DEFAULT_SCRIPTS_DIR",
+    "CommandResult",
+    "HostKeyMismatch",
+    "RemoteCancelled",
+    "RemoteError",
+    "RemoteSession",
+    "RemoteStateUnknown",
+    "RemoteTimeout",
+    "ScriptUploadFailed",
+    "SshAuthFailed",
+    "SshClient",
+    "SshConnectionLost",
+    "SshPolicy",
+    "SshTarget",
+    "SshUnreachable",
+    "TargetNotAllowed",
+    "DEFAULT_SCRIPTS_DIR",
 ]
 
 logger = logging.getLogger(__name__)
@@ -124,8 +138,9 @@ class SshClient:
             watchdog.stop()
             transport.close()
             raise
-        logger.info("ssh session open to %s@%s:%d (%s)", target.user, target.host, target.port,
-                    host_key_fingerprint(host_key))
+        logger.info(
+            "ssh session open to %s@%s:%d (%s)", target.user, target.host, target.port, host_key_fingerprint(host_key)
+        )
         return RemoteSession(
             transport=transport,
             target=target,
@@ -136,7 +151,8 @@ class SshClient:
             watchdog=watchdog,
             cancel=cancel,
             reconnect=lambda: self._for_cleanup().open(
-                SshTarget(host=target.host, port=target.port, user=target.user, pinned_host_key=host_key)),
+                SshTarget(host=target.host, port=target.port, user=target.user, pinned_host_key=host_key)
+            ),
             upload_timeout=self._upload_timeout,
         )
 
@@ -157,11 +173,14 @@ class SshClient:
             return paramiko.PKey.from_path(str(self._key_path))
         except (OSError, paramiko.SSHException, ValueError) as e:
             # Deliberately not retryable: a missing or encrypted key will not fix itself.
-            raise SshAuthFailed(f"cannot load the SSH private key at {self._key_path}: {e} (set SSH_KEY_PATH to "
-                                "an unencrypted private key whose public half the GPU hosts accept)") from e
+            raise SshAuthFailed(
+                f"cannot load the SSH private key at {self._key_path}: {e} (set SSH_KEY_PATH to "
+                "an unencrypted private key whose public half the GPU hosts accept)"
+            ) from e
 
-    def _connect_with_retries(self, target: SshTarget, cancel: threading.Event | None
-                              ) -> tuple[paramiko.Transport, Watchdog]:
+    def _connect_with_retries(
+        self, target: SshTarget, cancel: threading.Event | None
+    ) -> tuple[paramiko.Transport, Watchdog]:
         deadline = time.monotonic() + self._ready_deadline
         where = f"{target.host}:{target.port}"
         attempt = 0
@@ -247,8 +266,12 @@ class SshClient:
         # a silent network cut surfaces as SshConnectionLost within about a minute.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         interval = max(1, int(self._keepalive_s))
-        for name, value in (("TCP_KEEPIDLE", interval), ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", 4),
-                            ("TCP_USER_TIMEOUT", interval * 4 * 1000)):
+        for name, value in (
+            ("TCP_KEEPIDLE", interval),
+            ("TCP_KEEPINTVL", interval),
+            ("TCP_KEEPCNT", 4),
+            ("TCP_USER_TIMEOUT", interval * 4 * 1000),
+        ):
             if hasattr(socket, name):
                 sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
@@ -257,8 +280,12 @@ class SshClient:
         line = normalize_host_key(_key_line(presented))
         pinned = target.pinned_host_key
         if pinned is None:
-            logger.info("no pinned host key for %s:%d; trusting %s on first use",
-                        target.host, target.port, host_key_fingerprint(line))
+            logger.info(
+                "no pinned host key for %s:%d; trusting %s on first use",
+                target.host,
+                target.port,
+                host_key_fingerprint(line),
+            )
             return line
         if not _same_key(presented, pinned):
             raise HostKeyMismatch(host=target.host, port=target.port, expected=pinned, presented=line)

@@ -3,6 +3,7 @@
 A job may end only once its remote script is known dead ("failed" must mean the host is no longer
 being changed), so the kill reports whether it could confirm that. See `docs/ssh.md`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -64,16 +65,24 @@ exit 0
 """
 
 
-def kill_script(session: RemoteSession, *, remote_dir: str, name: str, pgid: int | None, grace_s: float,
-                where: str) -> bool:
+def kill_script(
+    session: RemoteSession, *, remote_dir: str, name: str, pgid: int | None, grace_s: float, where: str
+) -> bool:
     """TERM the process group of script `name` run from `remote_dir` (found by path when `pgid` is
     None), KILL it after `grace_s`, and return True once nothing of it is left alive. False when the
     host says it is still alive or cannot tell. Raises what `session.run` raises (bounded in time)."""
-    result = session.run(["sh", "-c", KILL_GROUP_SH, "sh", remote_dir, name, str(pgid) if pgid else "-",
-                          str(int(grace_s / 0.1))], timeout=grace_s + 10)
+    result = session.run(
+        ["sh", "-c", KILL_GROUP_SH, "sh", remote_dir, name, str(pgid) if pgid else "-", str(int(grace_s / 0.1))],
+        timeout=grace_s + 10,
+    )
     if result.ok:
         logger.info("remote script %s on %s stopped (process group %s)", name, where, pgid or "found by path")
         return True
-    logger.warning("could not confirm remote script %s on %s stopped: exit %d: %s", name, where,
-                   result.exit_status, result.stderr.strip()[-300:])
+    logger.warning(
+        "could not confirm remote script %s on %s stopped: exit %d: %s",
+        name,
+        where,
+        result.exit_status,
+        result.stderr.strip()[-300:],
+    )
     return False

@@ -4,6 +4,7 @@ Scripts receive their parameters (which hold object-store credentials) as JSON o
 argv, the environment or a file, and they are never logged here. Output is read by polling both
 streams so deadlines hold even when the host goes silent; see `docs/ssh.md`.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,7 +43,6 @@ _EXEC_ANSWER_S = 30.0
 _STDERR_TAIL_BYTES = 4096
 
 
-
 class RemoteSession:
     """One authenticated connection (from `SshClient.open`). Not thread-safe: use it from one thread;
     other threads may only set a `cancel` event (the session's own, or the one handed to a call).
@@ -77,15 +77,18 @@ class RemoteSession:
         self._scripts_uploaded = False
         self._closed = False
         # SFTP, or an exec channel where the host has no SFTP subsystem; what arrives is hash-checked.
-        self._uploader = ScriptUploader(transport=transport, host=target.host, python_argv=self._python_argv,
-                                        channel_timeout=channel_timeout)
+        self._uploader = ScriptUploader(
+            transport=transport, host=target.host, python_argv=self._python_argv, channel_timeout=channel_timeout
+        )
 
     def _interpreter_hint(self, status: int, stderr_tail: str) -> str:
         """When the interpreter itself could not run the script (not found: the shell's 126/127; too old
         to parse it), say which setting names it."""
         if status in (126, 127) or "SyntaxError" in stderr_tail:
-            return (f" (the host could not run REMOTE_PYTHON={shlex.join(self._python_argv)!r}: set REMOTE_PYTHON "
-                    "to a Python 3.8+ interpreter that exists on the GPU host)")
+            return (
+                f" (the host could not run REMOTE_PYTHON={shlex.join(self._python_argv)!r}: set REMOTE_PYTHON "
+                "to a Python 3.8+ interpreter that exists on the GPU host)"
+            )
         return ""
 
     @property
@@ -169,8 +172,9 @@ class RemoteSession:
         if not _SCRIPT_NAME.match(name) or name == "__init__" or not (self._scripts_dir / f"{name}.py").is_file():
             raise ValueError(f"no remote script named {name!r} in {self._scripts_dir}")
         payload = json.dumps(params).encode() + b"\n"
-        return self._stream(name, payload, cancel=cancel or self._cancel, deadline_s=deadline_s,
-                            idle_timeout_s=idle_timeout_s)
+        return self._stream(
+            name, payload, cancel=cancel or self._cancel, deadline_s=deadline_s, idle_timeout_s=idle_timeout_s
+        )
 
     def put_file(self, name: str, data: bytes, *, mode: int = 0o600) -> str:
         """Place `data` as `name` in the private directory (created and filled with the scripts first if
@@ -190,8 +194,12 @@ class RemoteSession:
             if self._remote_dir is not None and self._transport.is_active() and self._watchdog.fired is None:
                 result = self.run(["rm", "-rf", "--", self._remote_dir], timeout=15)
                 if not result.ok:
-                    logger.warning("could not remove %s on %s: %s", self._remote_dir, self._target.host,
-                                   result.stderr.strip()[-200:])
+                    logger.warning(
+                        "could not remove %s on %s: %s",
+                        self._remote_dir,
+                        self._target.host,
+                        result.stderr.strip()[-200:],
+                    )
         except RemoteError as e:
             # Cleanup is best effort: the directory holds only our scripts (never parameters), and
             # failing the caller's job over it would hide the error that actually matters.
@@ -249,14 +257,19 @@ class RemoteSession:
         remote_dir = self._ensure_scripts(cancel)
         with self._watchdog.guard(f"starting {name}", timeout=self._channel_timeout, cancel=cancel):
             channel = self._open_channel()
-        run = _ScriptRun(name=name, remote_dir=remote_dir, reader=ChannelReader(channel, transport=self._transport),
-                         output=ScriptOutput(stderr_tail=_STDERR_TAIL_BYTES, log_prefix=f"{self._target.host}:{name}"))
+        run = _ScriptRun(
+            name=name,
+            remote_dir=remote_dir,
+            reader=ChannelReader(channel, transport=self._transport),
+            output=ScriptOutput(stderr_tail=_STDERR_TAIL_BYTES, log_prefix=f"{self._target.host}:{name}"),
+        )
         started = last_output = time.monotonic()
         saw_error = False
         try:
             try:
-                with self._watchdog.guard(f"starting {name}", timeout=max(self._channel_timeout, _EXEC_ANSWER_S),
-                                          cancel=cancel):
+                with self._watchdog.guard(
+                    f"starting {name}", timeout=max(self._channel_timeout, _EXEC_ANSWER_S), cancel=cancel
+                ):
                     run.launched = True  # from here the script may run, whatever the answer says
                     self._start(channel, [*self._python_argv, f"{remote_dir}/{name}.py"])
                 try:
@@ -296,8 +309,11 @@ class RemoteSession:
             if status != 0 and not saw_error:
                 what = f"exit status {status}" if status >= 0 else "no exit status (killed by a signal?)"
                 tail = run.output.stderr_tail()
-                yield {"event": "error", "code": "remote_exit",
-                       "message": f"{what}: {tail}{self._interpreter_hint(status, tail)}"}
+                yield {
+                    "event": "error",
+                    "code": "remote_exit",
+                    "message": f"{what}: {tail}{self._interpreter_hint(status, tail)}",
+                }
         finally:
             channel.close()
 
@@ -330,13 +346,21 @@ class RemoteSession:
         raise RemoteStateUnknown(
             f"remote script {run.name} on {where} was stopped ({cause.code}: {cause.message}) but {group} "
             "could not be confirmed dead; it may still be running and changing the host",
-            cause=cause, pgid=run.pgid, script=run.name,
+            cause=cause,
+            pgid=run.pgid,
+            script=run.name,
         ) from cause
 
     def _kill(self, session: RemoteSession, run: _ScriptRun) -> bool:
         """TERM then KILL the script's process group through `session`; True once confirmed gone."""
-        return kill_script(session, remote_dir=run.remote_dir, name=run.name, pgid=run.pgid,
-                           grace_s=_KILL_GRACE_S, where=self._target.host)
+        return kill_script(
+            session,
+            remote_dir=run.remote_dir,
+            name=run.name,
+            pgid=run.pgid,
+            grace_s=_KILL_GRACE_S,
+            where=self._target.host,
+        )
 
 
 class _ScriptRun:

@@ -1,4 +1,5 @@
 """Values the SSH adapter takes and returns: the target, a command's result, host key strings."""
+
 from __future__ import annotations
 
 import base64

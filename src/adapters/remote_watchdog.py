@@ -8,6 +8,7 @@ transport: paramiko then wakes every waiting channel with an error. So each bloc
 transport when the call overruns or the caller cancels, and the guard turns the resulting paramiko
 error into `RemoteTimeout` or `RemoteCancelled`. One watchdog per connection; guards do not nest.
 """
+
 from __future__ import annotations
 
 import logging
@@ -87,7 +88,11 @@ class Watchdog:
             if reason is None:
                 continue
             self.fired, self.fired_during = reason, f"{what} ({timeout:g}s limit)" if reason == "timeout" else what
-            logger.warning("closing the SSH connection to %s: %s during %s", self._where,
-                           "cancel" if reason == "cancel" else f"no answer within {timeout:g}s", what)
+            logger.warning(
+                "closing the SSH connection to %s: %s during %s",
+                self._where,
+                "cancel" if reason == "cancel" else f"no answer within {timeout:g}s",
+                what,
+            )
             self._transport.close()
             return

@@ -6,6 +6,7 @@ refuses the channel, and then every file goes over an exec channel instead: `<re
 `gs_receive.py` checks the directory is ours and 0700 and recomputes each file's SHA-256 (the exec
 path checks while writing; the SFTP path with a separate `check` run). See docs/ssh.md.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -63,8 +64,9 @@ class UploadFile:
 class ScriptUploader:
     """Uploads for one connection; remembers that a host has no SFTP so it is asked only once."""
 
-    def __init__(self, *, transport: paramiko.Transport, host: str, python_argv: Sequence[str],
-                 channel_timeout: float = 10.0) -> None:
+    def __init__(
+        self, *, transport: paramiko.Transport, host: str, python_argv: Sequence[str], channel_timeout: float = 10.0
+    ) -> None:
         self._transport = transport
         self._host = host
         self._python_argv = list(python_argv)
@@ -144,16 +146,21 @@ class ScriptUploader:
         except (paramiko.SSHException, OSError, EOFError) as e:
             raise SshConnectionLost(f"connection to {self._host} failed: {e}") from e
         try:
-            status, out, err = self._talk(channel, [header] + ([f.data for f in files] if mode == "receive" else []),
-                                          deadline=time.monotonic() + timeout)
+            status, out, err = self._talk(
+                channel,
+                [header] + ([f.data for f in files] if mode == "receive" else []),
+                deadline=time.monotonic() + timeout,
+            )
         finally:
             channel.close()
         answer = _last_json_line(out)
         if status == 0 and answer.get("ok") is True:
             return
         if status == 127 and not answer:
-            raise ScriptUploadFailed(f"REMOTE_PYTHON ({shlex.join(self._python_argv)}) was not found on "
-                                     f"{self._host}: set REMOTE_PYTHON to the host's python3 (3.8+)")
+            raise ScriptUploadFailed(
+                f"REMOTE_PYTHON ({shlex.join(self._python_argv)}) was not found on "
+                f"{self._host}: set REMOTE_PYTHON to the host's python3 (3.8+)"
+            )
         why = answer.get("error") or err.decode("utf-8", "replace").strip()[-500:] or f"exit status {status}"
         raise ScriptUploadFailed(f"files in {self._host}:{remote_dir} failed the {mode} step: {why}")
 

@@ -8,6 +8,7 @@ service), multicast, unspecified or reserved ones; `*` allows every host, on pur
 to answer 422), and `check_address(host=, address=)` on every address the SSH adapter is about to
 connect to, so a name that resolves into a forbidden range is refused even if DNS changed in between.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -24,7 +25,9 @@ IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str], list[str]]
 
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*$")
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*$"
+)
 # An entry made only of digits and dots (or holding ':' or '/') was meant as an address, so a typo
 # there ("10.0.0.0/33", "300.1.1.1") must fail loudly rather than become a host name nobody has.
 _LOOKS_NUMERIC = re.compile(r"^[0-9.]+$|[:/]")
@@ -60,8 +63,9 @@ def is_public_unicast(ip: IpAddress) -> bool:
             return is_public_unicast(ip.sixtofour)
         if ip.teredo is not None or ip.is_site_local:
             return False
-    return ip.is_global and not (ip.is_multicast or ip.is_private or ip.is_loopback or ip.is_link_local
-                                 or ip.is_unspecified or ip.is_reserved)
+    return ip.is_global and not (
+        ip.is_multicast or ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_reserved
+    )
 
 
 def _parse_ip(text: str) -> IpAddress | None:
@@ -193,8 +197,10 @@ class SshPolicy:
         if self._public_only:
             if is_public_unicast(ip):
                 return
-            raise TargetNotAllowed(f"SSH host {shown} is not a public unicast address; set SSH_ALLOWED_NETWORKS "
-                                   "to allow private, loopback or other special addresses")
+            raise TargetNotAllowed(
+                f"SSH host {shown} is not a public unicast address; set SSH_ALLOWED_NETWORKS "
+                "to allow private, loopback or other special addresses"
+            )
         if any(ip in net for net in self._networks):  # an address is never in a network of the other version
             return
         raise TargetNotAllowed(f"SSH host {shown} is not in SSH_ALLOWED_NETWORKS")

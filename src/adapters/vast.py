@@ -2,6 +2,7 @@
 One `VastClient` over `requests` with timeouts on every call, retries with backoff for what may pass
 (429, 5xx, connection errors), and vast.ai's answers turned into our records and errors. Request and
 answer shapes live in `vast_models.py`; what was checked against vast.ai's documentation is in docs/vast.md."""
+
 from __future__ import annotations
 
 import logging
@@ -27,12 +28,20 @@ from src.errors import ExternalError
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "Instance", "Offer", "SshEndpoint", "VastAuthError", "VastClient", "VastError", "VastUnavailable",
-    "build_offer_query", "normalize_gpu_name", "region_country_codes",
+    "Instance",
+    "Offer",
+    "SshEndpoint",
+    "VastAuthError",
+    "VastClient",
+    "VastError",
+    "VastUnavailable",
+    "build_offer_query",
+    "normalize_gpu_name",
+    "region_country_codes",
 ]
 
-V1_PAGE_LIMIT = 25   # the most /api/v1/instances/ gives per page
-MAX_PAGES = 400      # 10,000 instances: far past any account of ours; stops a server that loops its token
+V1_PAGE_LIMIT = 25  # the most /api/v1/instances/ gives per page
+MAX_PAGES = 400  # 10,000 instances: far past any account of ours; stops a server that loops its token
 MAX_BACKOFF_S = 30.0
 MAX_RETRY_AFTER_S = 60.0
 
@@ -45,9 +54,16 @@ class VastError(ExternalError):
 
     code = "vast_error"
 
-    def __init__(self, message: str, *, code: str | None = None, retryable: bool = False,
-                 status: int | None = None, vast_error: str | None = None,
-                 instance_id: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        retryable: bool = False,
+        status: int | None = None,
+        vast_error: str | None = None,
+        instance_id: int | None = None,
+    ) -> None:
         super().__init__(message, code=code, retryable=retryable)
         self.status = status
         self.vast_error = vast_error
@@ -115,9 +131,16 @@ class VastClient:
     `VastUnavailable` when vast.ai cannot be reached or keeps failing, and `VastError` for other refusals.
     Thread-safe as far as the `requests.Session` given is (the default one is private to this client)."""
 
-    def __init__(self, api_key: str, base_url: str = "https://console.vast.ai", *,
-                 timeout: tuple[float, float] = (5, 30), max_retries: int = 5, backoff_base: float = 0.5,
-                 session: requests.Session | None = None) -> None:
+    def __init__(
+        self,
+        api_key: str,
+        base_url: str = "https://console.vast.ai",
+        *,
+        timeout: tuple[float, float] = (5, 30),
+        max_retries: int = 5,
+        backoff_base: float = 0.5,
+        session: requests.Session | None = None,
+    ) -> None:
         self._api_key = api_key
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
@@ -130,19 +153,38 @@ class VastClient:
 
     # -- offers ---------------------------------------------------------------------------------
 
-    def search_offers(self, *, gpu_name: str | None = None, num_gpus: int = 1, region: str | None = None,
-                      max_price_per_hour: float | None = None, min_disk_gb: float | None = None,
-                      min_reliability: float | None = 0.95, min_inet_down_mbps: float | None = None,
-                      verified: bool = True, limit: int = 20, min_direct_ports: int | None = None,
-                      min_cuda: float | None = None) -> list[Offer]:
+    def search_offers(
+        self,
+        *,
+        gpu_name: str | None = None,
+        num_gpus: int = 1,
+        region: str | None = None,
+        max_price_per_hour: float | None = None,
+        min_disk_gb: float | None = None,
+        min_reliability: float | None = 0.95,
+        min_inet_down_mbps: float | None = None,
+        verified: bool = True,
+        limit: int = 20,
+        min_direct_ports: int | None = None,
+        min_cuda: float | None = None,
+    ) -> list[Offer]:
         """Rentable on-demand offers matching the filters, cheapest (`dph_total`) first. Read-only, so
         retried freely. Raises `InvalidRequest` for bad filters (an unknown region...) before any call.
         Pass `min_direct_ports=1` when renting with a `*_direct` runtype: hosts without direct ports only
         offer vast.ai's proxy."""
         query = build_offer_query(
-            gpu_name=gpu_name, num_gpus=num_gpus, region=region, max_price_per_hour=max_price_per_hour,
-            min_disk_gb=min_disk_gb, min_reliability=min_reliability, min_inet_down_mbps=min_inet_down_mbps,
-            verified=verified, limit=limit, min_direct_ports=min_direct_ports, min_cuda=min_cuda)
+            gpu_name=gpu_name,
+            num_gpus=num_gpus,
+            region=region,
+            max_price_per_hour=max_price_per_hour,
+            min_disk_gb=min_disk_gb,
+            min_reliability=min_reliability,
+            min_inet_down_mbps=min_inet_down_mbps,
+            verified=verified,
+            limit=limit,
+            min_direct_ports=min_direct_ports,
+            min_cuda=min_cuda,
+        )
         response = self._call("POST", "/api/v0/bundles/", json=query)
         self._raise_for_refusal(response, what="search offers")
         offers = [Offer.from_api(o) for o in _body(response).get("offers") or []]
@@ -151,9 +193,17 @@ class VastClient:
 
     # -- instances ------------------------------------------------------------------------------
 
-    def create_instance(self, offer_id: int, *, image: str, disk_gb: float, label: str,
-                        onstart: str | None = None, env: dict[str, str] | None = None,
-                        runtype: str = "ssh") -> int:
+    def create_instance(
+        self,
+        offer_id: int,
+        *,
+        image: str,
+        disk_gb: float,
+        label: str,
+        onstart: str | None = None,
+        env: dict[str, str] | None = None,
+        runtype: str = "ssh",
+    ) -> int:
         """Rent offer `offer_id` and return the new instance id. NOT idempotent: every success is a new
         paid contract. So it is retried only when vast.ai cannot have acted on it (429, or no connection
         made); a timeout or 5xx after sending raises `VastUnavailable` at once, because a contract may
@@ -163,10 +213,16 @@ class VastClient:
         A label longer than vast.ai takes raises `VastError` (code `label_too_long`) before any call; an
         offer taken meanwhile raises `VastError` with status 404/410 and vast_error `no_such_ask`."""
         if len(label) > MAX_LABEL_CHARS:
-            raise VastError(f"rental label is {len(label)} characters; vast.ai takes at most {MAX_LABEL_CHARS}",
-                            code="label_too_long")
+            raise VastError(
+                f"rental label is {len(label)} characters; vast.ai takes at most {MAX_LABEL_CHARS}",
+                code="label_too_long",
+            )
         body: dict[str, Any] = {
-            "client_id": "me", "image": image, "disk": disk_gb, "label": label, "runtype": runtype,
+            "client_id": "me",
+            "image": image,
+            "disk": disk_gb,
+            "label": label,
+            "runtype": runtype,
             "env": dict(env or {}),
         }
         if onstart is not None:
@@ -178,8 +234,12 @@ class VastClient:
         contract_id = int(contract) if isinstance(contract, (int, str)) and str(contract).isdigit() else None
         if data.get("success") is not True or contract_id is None:
             error, message = _vast_message(response)
-            raise VastError(f"vast.ai did not rent offer {offer_id}: {message}", status=response.status_code,
-                            vast_error=error, instance_id=contract_id)
+            raise VastError(
+                f"vast.ai did not rent offer {offer_id}: {message}",
+                status=response.status_code,
+                vast_error=error,
+                instance_id=contract_id,
+            )
         logger.info("vast.ai rented offer %s as instance %s (label %r)", offer_id, contract_id, label)
         return contract_id
 
@@ -250,9 +310,12 @@ class VastClient:
         data = _body(response)
         if data.get("success") is False:
             error, message = _vast_message(response)
-            raise VastError(f"vast.ai did not set instance {instance_id} {state}: {message}",
-                            status=response.status_code, vast_error=error,
-                            retryable=error == "resources_unavailable")
+            raise VastError(
+                f"vast.ai did not set instance {instance_id} {state}: {message}",
+                status=response.status_code,
+                vast_error=error,
+                retryable=error == "resources_unavailable",
+            )
 
     # -- HTTP -----------------------------------------------------------------------------------
 
@@ -262,15 +325,26 @@ class VastClient:
         error, message = _vast_message(response)
         # vast.ai names an over-long label only in `msg` (OpenAPI `auto_put_api_v0_instances_id_4ff617.yaml`).
         code = "label_too_long" if message == "label_too_long" else None
-        raise VastError(f"vast.ai refused to {what} (HTTP {response.status_code}): {message}",
-                        code=code, status=response.status_code, vast_error=error)
+        raise VastError(
+            f"vast.ai refused to {what} (HTTP {response.status_code}): {message}",
+            code=code,
+            status=response.status_code,
+            vast_error=error,
+        )
 
     def _backoff_s(self, attempt: int) -> float:
         # Exponential with jitter, so many workers retrying at once do not hit vast.ai in step.
-        return min(MAX_BACKOFF_S, self.backoff_base * 2 ** attempt) * random.uniform(0.5, 1.0)
+        return min(MAX_BACKOFF_S, self.backoff_base * 2**attempt) * random.uniform(0.5, 1.0)
 
-    def _call(self, method: str, path: str, *, json: dict[str, Any] | None = None,
-              params: dict[str, Any] | None = None, idempotent: bool = True) -> requests.Response:
+    def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: dict[str, Any] | None = None,
+        params: dict[str, Any] | None = None,
+        idempotent: bool = True,
+    ) -> requests.Response:
         """One API call with retries. Returns any answer that is not retryable and not an auth failure
         (callers read 2xx and 4xx bodies); raises `VastAuthError` or `VastUnavailable`."""
         url = self.base_url + path
@@ -282,14 +356,15 @@ class VastClient:
                 logger.warning("vast.ai %s %s: %s; retry %d of %d", method, path, last, attempt, self.max_retries)
             delay: float | None = None
             try:
-                response = self._session.request(method, url, json=json, params=params, headers=headers,
-                                                 timeout=self.timeout)
+                response = self._session.request(
+                    method, url, json=json, params=params, headers=headers, timeout=self.timeout
+                )
             except requests.RequestException as exc:
                 last, status = f"{type(exc).__name__}: {exc}", None
                 if not (idempotent or _never_sent(exc)):
                     raise VastUnavailable(
-                        f"vast.ai {method} {path} failed after sending ({last}); it may have acted on it",
-                        status=None) from exc
+                        f"vast.ai {method} {path} failed after sending ({last}); it may have acted on it", status=None
+                    ) from exc
             else:
                 status = response.status_code
                 logger.debug("vast.ai %s %s -> %d", method, path, status)
@@ -301,12 +376,13 @@ class VastClient:
                 elif status >= 500:
                     last = f"HTTP {status}"
                     if not idempotent:
-                        raise VastUnavailable(f"vast.ai {method} {path} answered HTTP {status}; it may have "
-                                              "acted on it", status=status)
+                        raise VastUnavailable(
+                            f"vast.ai {method} {path} answered HTTP {status}; it may have acted on it", status=status
+                        )
                 else:
                     return response
             if attempt < self.max_retries:
                 time.sleep(self._backoff_s(attempt) if delay is None else delay)
-        raise VastUnavailable(f"vast.ai {method} {path} failed {self.max_retries + 1} times; last: {last}",
-                              status=status)
-
+        raise VastUnavailable(
+            f"vast.ai {method} {path} failed {self.max_retries + 1} times; last: {last}", status=status
+        )

@@ -2,6 +2,7 @@
 we send to `POST /api/v0/bundles/`, friendly region names, and the offer and instance records we read
 back. Pure functions and dataclasses only, so they are unit-tested without a server. Where each field
 was checked against vast.ai's published documentation is recorded in docs/vast.md."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -11,14 +12,49 @@ from src.errors import InvalidRequest
 
 # EU/EEA members plus the UK and Switzerland: where "eu" customers usually mean their data may live.
 # vast.ai's own SDK "Europe" list is wider (it includes RU, BY, UA...); we deliberately keep to this set.
-EUROPE = ("AT", "BE", "BG", "HR", "CY", "CZ", "DK", "EE", "FI", "FR", "DE", "GR", "HU", "IE", "IT", "LV",
-          "LT", "LU", "MT", "NL", "PL", "PT", "RO", "SK", "SI", "ES", "SE", "GB", "CH", "NO", "IS")
+EUROPE = (
+    "AT",
+    "BE",
+    "BG",
+    "HR",
+    "CY",
+    "CZ",
+    "DK",
+    "EE",
+    "FI",
+    "FR",
+    "DE",
+    "GR",
+    "HU",
+    "IE",
+    "IT",
+    "LV",
+    "LT",
+    "LU",
+    "MT",
+    "NL",
+    "PL",
+    "PT",
+    "RO",
+    "SK",
+    "SI",
+    "ES",
+    "SE",
+    "GB",
+    "CH",
+    "NO",
+    "IS",
+)
 NORTH_AMERICA = ("US", "CA")
 
 REGIONS: dict[str, tuple[str, ...]] = {
-    "eu": EUROPE, "europe": EUROPE,
+    "eu": EUROPE,
+    "europe": EUROPE,
     # "us" includes Canada on purpose: same latency zone for us, and far more supply to choose from.
-    "us": NORTH_AMERICA, "na": NORTH_AMERICA, "north_america": NORTH_AMERICA, "north-america": NORTH_AMERICA,
+    "us": NORTH_AMERICA,
+    "na": NORTH_AMERICA,
+    "north_america": NORTH_AMERICA,
+    "north-america": NORTH_AMERICA,
 }
 
 # What vast.ai's own CLI/SDK sends as the search `type` for on-demand rentals (vast-cli
@@ -40,8 +76,9 @@ def region_country_codes(region: str) -> list[str]:
     codes = [part.strip().upper() for part in key.split(",") if part.strip()]
     if not codes or any(len(c) != 2 or not c.isalpha() for c in codes):
         known = ", ".join(sorted(REGIONS))
-        raise InvalidRequest(f"unknown region {region!r}: use one of {known} or two-letter country codes",
-                             code="invalid_region")
+        raise InvalidRequest(
+            f"unknown region {region!r}: use one of {known} or two-letter country codes", code="invalid_region"
+        )
     return codes
 
 
@@ -50,11 +87,20 @@ def normalize_gpu_name(gpu_name: str) -> str:
     return " ".join(gpu_name.replace("_", " ").split())
 
 
-def build_offer_query(*, gpu_name: str | None = None, num_gpus: int = 1, region: str | None = None,
-                      max_price_per_hour: float | None = None, min_disk_gb: float | None = None,
-                      min_reliability: float | None = 0.95, min_inet_down_mbps: float | None = None,
-                      verified: bool = True, limit: int = 20, min_direct_ports: int | None = None,
-                      min_cuda: float | None = None) -> dict[str, Any]:
+def build_offer_query(
+    *,
+    gpu_name: str | None = None,
+    num_gpus: int = 1,
+    region: str | None = None,
+    max_price_per_hour: float | None = None,
+    min_disk_gb: float | None = None,
+    min_reliability: float | None = 0.95,
+    min_inet_down_mbps: float | None = None,
+    verified: bool = True,
+    limit: int = 20,
+    min_direct_ports: int | None = None,
+    min_cuda: float | None = None,
+) -> dict[str, Any]:
     """The JSON body for `POST /api/v0/bundles/`: each filter is `{field: {operator: value}}`, plus the
     special keys `order`, `type`, `limit` and `allocated_storage`. Cheapest first. `min_direct_ports`
     keeps hosts that can map that many ports straight to the instance (`direct_port_count`, needed for
@@ -141,11 +187,11 @@ class Offer:
     machine_id: int | None
     gpu_name: str | None
     num_gpus: int | None
-    gpu_ram: float | None          # MB per card
-    dph_total: float | None        # USD per hour, storage included when the search gave a disk size
-    disk_space: float | None       # GB available
-    reliability: float | None      # 0..1
-    inet_down: float | None        # Mbit/s
+    gpu_ram: float | None  # MB per card
+    dph_total: float | None  # USD per hour, storage included when the search gave a disk size
+    disk_space: float | None  # GB available
+    reliability: float | None  # 0..1
+    inet_down: float | None  # Mbit/s
     inet_up: float | None
     geolocation: str | None
     verification: str | None
@@ -158,13 +204,19 @@ class Offer:
     @classmethod
     def from_api(cls, data: dict[str, Any]) -> Offer:
         return cls(
-            id=int(data["id"]), machine_id=_int_or_none(data.get("machine_id")),
-            gpu_name=data.get("gpu_name"), num_gpus=_int_or_none(data.get("num_gpus")),
-            gpu_ram=_float_or_none(data.get("gpu_ram")), dph_total=_float_or_none(data.get("dph_total")),
+            id=int(data["id"]),
+            machine_id=_int_or_none(data.get("machine_id")),
+            gpu_name=data.get("gpu_name"),
+            num_gpus=_int_or_none(data.get("num_gpus")),
+            gpu_ram=_float_or_none(data.get("gpu_ram")),
+            dph_total=_float_or_none(data.get("dph_total")),
             disk_space=_float_or_none(data.get("disk_space")),
             reliability=_float_or_none(data.get("reliability", data.get("reliability2"))),
-            inet_down=_float_or_none(data.get("inet_down")), inet_up=_float_or_none(data.get("inet_up")),
-            geolocation=data.get("geolocation"), verification=data.get("verification"), raw=dict(data),
+            inet_down=_float_or_none(data.get("inet_down")),
+            inet_up=_float_or_none(data.get("inet_up")),
+            geolocation=data.get("geolocation"),
+            verification=data.get("verification"),
+            raw=dict(data),
         )
 
 
@@ -191,7 +243,7 @@ class Instance:
     ports: dict[str, list[dict[str, str]]]
     status_msg: str | None
     label: str | None
-    image_runtype: str | None      # "ssh", "ssh_direct", "jupyter_proxy"...: how SSH reaches the container
+    image_runtype: str | None  # "ssh", "ssh_direct", "jupyter_proxy"...: how SSH reaches the container
     gpu_name: str | None
     num_gpus: int | None
     dph_total: float | None
@@ -244,13 +296,21 @@ class Instance:
     def from_api(cls, data: dict[str, Any]) -> Instance:
         ports = data.get("ports")
         return cls(
-            id=int(data["id"]), actual_status=data.get("actual_status"),
-            intended_status=data.get("intended_status"), cur_state=data.get("cur_state"),
-            ssh_host=data.get("ssh_host") or None, ssh_port=_int_or_none(data.get("ssh_port")),
+            id=int(data["id"]),
+            actual_status=data.get("actual_status"),
+            intended_status=data.get("intended_status"),
+            cur_state=data.get("cur_state"),
+            ssh_host=data.get("ssh_host") or None,
+            ssh_port=_int_or_none(data.get("ssh_port")),
             public_ipaddr=(data.get("public_ipaddr") or "").strip() or None,
-            ports=ports if isinstance(ports, dict) else {}, status_msg=data.get("status_msg"),
-            label=data.get("label"), image_runtype=_str_or_none(data.get("image_runtype")),
-            gpu_name=data.get("gpu_name"), num_gpus=_int_or_none(data.get("num_gpus")),
-            dph_total=_float_or_none(data.get("dph_total")), disk_space=_float_or_none(data.get("disk_space")),
-            geolocation=data.get("geolocation"), raw=dict(data),
+            ports=ports if isinstance(ports, dict) else {},
+            status_msg=data.get("status_msg"),
+            label=data.get("label"),
+            image_runtype=_str_or_none(data.get("image_runtype")),
+            gpu_name=data.get("gpu_name"),
+            num_gpus=_int_or_none(data.get("num_gpus")),
+            dph_total=_float_or_none(data.get("dph_total")),
+            disk_space=_float_or_none(data.get("disk_space")),
+            geolocation=data.get("geolocation"),
+            raw=dict(data),
         )

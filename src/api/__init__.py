@@ -1,4 +1,5 @@
 """The HTTP API: blueprints per resource, auth, error rendering, request metrics."""
+
 from __future__ import annotations
 
 import time

@@ -1,5 +1,6 @@
 """Bearer-token auth, deny by default: every endpoint needs a token unless its route says `public=True`.
 Unknown paths need one too, so that probing without a token learns nothing."""
+
 from __future__ import annotations
 
 from flask import Flask, current_app, request
@@ -19,8 +20,11 @@ def install_auth(app: Flask) -> None:
             # EventSource cannot send headers: this one route takes a short-lived stream token in the URL.
             # Nowhere else is `?token=` looked at, so a stream token opens nothing but the event stream.
             if not use_stream_token(current_app.extensions["gpusnap"].session_factory, request.args["token"]):
-                raise Unauthorized("the stream token is not valid, has expired or was used; get a new one from "
-                                   "POST /api/stream-tokens", code="invalid_stream_token")
+                raise Unauthorized(
+                    "the stream token is not valid, has expired or was used; get a new one from "
+                    "POST /api/stream-tokens",
+                    code="invalid_stream_token",
+                )
             return
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")

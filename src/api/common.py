@@ -1,4 +1,5 @@
 """Small helpers the blueprints share."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -20,8 +21,12 @@ def container() -> Container:
 
 
 def idempotency(key: str | None, body: Any) -> Idempotency | None:
-    return Idempotency.of(key, method=request.method, path=request.path,
-                          body=body.model_dump(mode="json") if hasattr(body, "model_dump") else body)
+    return Idempotency.of(
+        key,
+        method=request.method,
+        path=request.path,
+        body=body.model_dump(mode="json") if hasattr(body, "model_dump") else body,
+    )
 
 
 def accepted(payload: dict[str, Any], job: dict[str, Any]) -> Response:

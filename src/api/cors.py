@@ -2,6 +2,7 @@
 allowed origin may call the API with its bearer token and read the headers it needs: `Location` of a
 202, `Idempotency-Key`, and the rate-limit headers. Any other origin gets no CORS headers (the browser
 then hides the answer from the page), and its preflights are refused outright."""
+
 from __future__ import annotations
 
 from flask import Flask, Response, current_app, request
@@ -10,8 +11,10 @@ from src.api.errors import error_response
 
 ALLOW_METHODS = "GET, POST, PUT, DELETE, OPTIONS"
 ALLOW_HEADERS = "Authorization, Content-Type, Idempotency-Key, Last-Event-ID"
-EXPOSE_HEADERS = ("Location, Idempotency-Key, Retry-After, RateLimit, RateLimit-Policy, RateLimit-Limit, "
-                  "RateLimit-Remaining, RateLimit-Reset, X-RateLimit-Limit, X-RateLimit-Remaining, X-RateLimit-Reset")
+EXPOSE_HEADERS = (
+    "Location, Idempotency-Key, Retry-After, RateLimit, RateLimit-Policy, RateLimit-Limit, "
+    "RateLimit-Remaining, RateLimit-Reset, X-RateLimit-Limit, X-RateLimit-Remaining, X-RateLimit-Reset"
+)
 PREFLIGHT_MAX_AGE_S = 600
 
 
@@ -29,8 +32,11 @@ def install_cors(app: Flask) -> None:
             return None
         origin = request.headers.get("Origin")
         if not _allowed(origin):
-            return error_response(403, "cors_origin_not_allowed",
-                                  f"origin {origin!r} is not in CORS_ORIGINS; no cross-origin calls from it")
+            return error_response(
+                403,
+                "cors_origin_not_allowed",
+                f"origin {origin!r} is not in CORS_ORIGINS; no cross-origin calls from it",
+            )
         resp = Response(status=204)
         resp.headers["Access-Control-Allow-Methods"] = ALLOW_METHODS
         resp.headers["Access-Control-Allow-Headers"] = ALLOW_HEADERS

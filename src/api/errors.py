@@ -1,4 +1,5 @@
 """The one place errors become HTTP answers: `{"error": {"code", "message"}}`, never a stack trace."""
+
 from __future__ import annotations
 
 import logging
@@ -10,8 +11,15 @@ from src.errors import GpusnapError
 
 logger = logging.getLogger(__name__)
 
-_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-               413: "payload_too_large", 415: "unsupported_media_type", 429: "too_many_requests"}
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    429: "too_many_requests",
+}
 
 
 def error_response(status: int, code: str, message: str, details: list | None = None) -> Response:
@@ -36,8 +44,11 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def _http(e: HTTPException) -> Response:
         status = e.code or 500
-        message = {413: f"the request body is larger than {app.config.get('MAX_CONTENT_LENGTH')} bytes",
-                   404: "no such resource", 405: f"{request.method} is not allowed here"}.get(status, e.description or "")
+        message = {
+            413: f"the request body is larger than {app.config.get('MAX_CONTENT_LENGTH')} bytes",
+            404: "no such resource",
+            405: f"{request.method} is not allowed here",
+        }.get(status, e.description or "")
         return error_response(status, _HTTP_CODES.get(status, "http_error"), message)
 
     @app.errorhandler(Exception)

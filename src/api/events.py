@@ -4,6 +4,7 @@ A stream reads the `events` table (`src.services.events.Follower`), so any API p
 client and a reconnect resumes after its `Last-Event-ID`. Each open stream holds one server thread for
 its whole life: at most EVENTS_MAX_STREAMS are open per process (more get 503 `too_many_streams`), and
 each ends after EVENTS_MAX_STREAM_S, when EventSource reconnects by itself."""
+
 from __future__ import annotations
 
 import json
@@ -38,46 +39,70 @@ def _slots() -> threading.BoundedSemaphore:
     slots = current_app.extensions.get("gpusnap.stream_slots")
     if slots is None:
         slots = current_app.extensions.setdefault(
-            "gpusnap.stream_slots", threading.BoundedSemaphore(container().settings.events_max_streams))
+            "gpusnap.stream_slots", threading.BoundedSemaphore(container().settings.events_max_streams)
+        )
     return slots
 
 
-@route(bp, "/api/stream-tokens", "POST", tag=TAG, summary="A short-lived token that may only open the event stream",
-       body=m.EmptyRequest, body_optional=True, responses={201: m.StreamTokenResponse},
-       description="For a browser's EventSource, which cannot send `Authorization`: open "
-                   "`/api/events?token=<token>` within `expires_in` seconds (STREAM_TOKEN_TTL_S); it opens one "
-                   "stream. The token is refused by every other endpoint.")
+@route(
+    bp,
+    "/api/stream-tokens",
+    "POST",
+    tag=TAG,
+    summary="A short-lived token that may only open the event stream",
+    body=m.EmptyRequest,
+    body_optional=True,
+    responses={201: m.StreamTokenResponse},
+    description="For a browser's EventSource, which cannot send `Authorization`: open "
+    "`/api/events?token=<token>` within `expires_in` seconds (STREAM_TOKEN_TTL_S); it opens one "
+    "stream. The token is refused by every other endpoint.",
+)
 def create_token(body: m.EmptyRequest) -> Response:
     return ok(create_stream_token(container().session_factory, ttl_s=container().settings.stream_token_ttl_s), 201)
 
 
-@route(bp, "/api/events", "GET", tag=TAG, summary="Live job and machine events (Server-Sent Events)",
-       query=m.EventsQuery, responses={200: m.StreamEvent, 503: m.ErrorResponse}, content_type="text/event-stream",
-       stream_token=True,
-       description="`text/event-stream`. Each event has `id:` (a number that only grows), `event:` (its kind: "
-                   "`job.status`, `job.phase`, `job.progress` (at most 2 a second per job), `machine.status`, "
-                   "`machine.event`) and one `data:` line of JSON (the StreamEvent schema). Send `Last-Event-ID` "
-                   "(or `last_event_id`) to resume after an event (an id past the newest resumes after the "
-                   "newest); without it the stream starts with the next event. A comment line every "
-                   "EVENTS_HEARTBEAT_S keeps proxies from closing a quiet stream; "
-                   "the stream ends after EVENTS_MAX_STREAM_S and EventSource reconnects by itself. Bearer "
-                   "token, or `token` from POST /api/stream-tokens. 503 `too_many_streams` when this process "
-                   "already serves EVENTS_MAX_STREAMS streams.")
+@route(
+    bp,
+    "/api/events",
+    "GET",
+    tag=TAG,
+    summary="Live job and machine events (Server-Sent Events)",
+    query=m.EventsQuery,
+    responses={200: m.StreamEvent, 503: m.ErrorResponse},
+    content_type="text/event-stream",
+    stream_token=True,
+    description="`text/event-stream`. Each event has `id:` (a number that only grows), `event:` (its kind: "
+    "`job.status`, `job.phase`, `job.progress` (at most 2 a second per job), `machine.status`, "
+    "`machine.event`) and one `data:` line of JSON (the StreamEvent schema). Send `Last-Event-ID` "
+    "(or `last_event_id`) to resume after an event (an id past the newest resumes after the "
+    "newest); without it the stream starts with the next event. A comment line every "
+    "EVENTS_HEARTBEAT_S keeps proxies from closing a quiet stream; "
+    "the stream ends after EVENTS_MAX_STREAM_S and EventSource reconnects by itself. Bearer "
+    "token, or `token` from POST /api/stream-tokens. 503 `too_many_streams` when this process "
+    "already serves EVENTS_MAX_STREAMS streams.",
+)
 def stream_events(query: m.EventsQuery) -> Response:
     c = container()
     after = _resume_point(query.last_event_id)
     slots = _slots()
     if not slots.acquire(blocking=False):
-        raise TooManyStreams(f"this server process already serves {c.settings.events_max_streams} event streams; "
-                             "try again shortly")
+        raise TooManyStreams(
+            f"this server process already serves {c.settings.events_max_streams} event streams; try again shortly"
+        )
     try:
         latest = service.latest_id(c.session_factory)
         # A resume point past every committed id was not sent by this log (a database restored or
         # replaced behind the same URL): following it would hide every event until ids caught up.
         start = latest if after is None else min(after, latest)
-        follower = service.Follower(c.session_factory, start, service.EventFilter(
-            machine_id=query.machine_id, job_id=query.job_id,
-            kinds=tuple(k for k in (query.kind or "").split(",") if k)))
+        follower = service.Follower(
+            c.session_factory,
+            start,
+            service.EventFilter(
+                machine_id=query.machine_id,
+                job_id=query.job_id,
+                kinds=tuple(k for k in (query.kind or "").split(",") if k),
+            ),
+        )
     except BaseException:
         slots.release()
         raise

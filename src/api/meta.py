@@ -1,4 +1,5 @@
 """Liveness, readiness, metrics (public) and the API's own description."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -29,14 +30,20 @@ def app_version() -> str:
         return "0.0.0"
 
 
-@route(bp, "/healthz", "GET", tag=TAG, summary="Liveness: the process answers", responses={200: m.Health},
-       public=True)
+@route(bp, "/healthz", "GET", tag=TAG, summary="Liveness: the process answers", responses={200: m.Health}, public=True)
 def healthz() -> Response:
     return ok({"status": "ok"})
 
 
-@route(bp, "/readyz", "GET", tag=TAG, summary="Readiness: the database and the job queue answer",
-       responses={200: m.Health, 503: m.Health}, public=True)
+@route(
+    bp,
+    "/readyz",
+    "GET",
+    tag=TAG,
+    summary="Readiness: the database and the job queue answer",
+    responses={200: m.Health, 503: m.Health},
+    public=True,
+)
 def readyz() -> Response:
     c = container()
     checks: dict[str, str] = {}
@@ -70,14 +77,14 @@ def metrics() -> Response:
 
 # The description of the API is not secret (the API is): a browser opens /api/docs without a token and
 # uses Swagger UI's "Authorize" button for the calls it tries.
-@route(bp, "/api/openapi.json", "GET", tag=TAG, summary="This API's OpenAPI 3 document", responses={200: None},
-       public=True)
+@route(
+    bp, "/api/openapi.json", "GET", tag=TAG, summary="This API's OpenAPI 3 document", responses={200: None}, public=True
+)
 def openapi() -> Response:
     return ok(_document())
 
 
-@route(bp, "/api/docs", "GET", tag=TAG, summary="Swagger UI: read and try this API", responses={200: None},
-       public=True)
+@route(bp, "/api/docs", "GET", tag=TAG, summary="Swagger UI: read and try this API", responses={200: None}, public=True)
 def docs() -> Response:
     resp = Response(render_docs(_document()), mimetype="text/html")
     # The page may load and call this server only: a browser refuses anything else (a CDN, the validator).
@@ -85,19 +92,34 @@ def docs() -> Response:
     return resp
 
 
-DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
-            "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+DOCS_CSP = (
+    "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+)
 
 
 # Swagger UI's own files, from the flask-swagger-ui package (no CDN). Only these names are served.
-_DOCS_ASSETS = {"swagger-ui.css": "text/css", "index.css": "text/css", "swagger-ui-bundle.js": "text/javascript",
-                "swagger-ui-standalone-preset.js": "text/javascript", "favicon-32x32.png": "image/png",
-                "favicon-16x16.png": "image/png"}
+_DOCS_ASSETS = {
+    "swagger-ui.css": "text/css",
+    "index.css": "text/css",
+    "swagger-ui-bundle.js": "text/javascript",
+    "swagger-ui-standalone-preset.js": "text/javascript",
+    "favicon-32x32.png": "image/png",
+    "favicon-16x16.png": "image/png",
+}
 _ASSET_NAME = {"type": "string", "enum": sorted(_DOCS_ASSETS)}
 
 
-@route(bp, "/api/docs/assets/<name>", "GET", tag=TAG, summary="A file of the Swagger UI page",
-       responses={200: None}, public=True, path_params={"name": _ASSET_NAME})
+@route(
+    bp,
+    "/api/docs/assets/<name>",
+    "GET",
+    tag=TAG,
+    summary="A file of the Swagger UI page",
+    responses={200: None},
+    public=True,
+    path_params={"name": _ASSET_NAME},
+)
 def docs_asset(name: str) -> Response:
     if name not in _DOCS_ASSETS:
         raise NotFound(f"no docs asset called {name!r}")

@@ -1,5 +1,6 @@
 """The OpenAPI 3 document, generated from the `@route` registry and the pydantic models, and the
 Swagger UI page that renders it (its assets are served by this app: nothing is fetched from elsewhere)."""
+
 from __future__ import annotations
 
 import html
@@ -47,8 +48,11 @@ def build_openapi(app: Flask, *, version: str) -> dict[str, Any]:
         paths.setdefault(path, {})[spec.method.lower()] = _operation(path, spec, refs)
     return {
         "openapi": "3.1.0",
-        "info": {"title": "gpusnap", "version": version,
-                 "description": "Hibernate and wake vast.ai GPU machines; snapshot workspaces to S3/R2."},
+        "info": {
+            "title": "gpusnap",
+            "version": version,
+            "description": "Hibernate and wake vast.ai GPU machines; snapshot workspaces to S3/R2.",
+        },
         "paths": paths,
         "components": {
             "schemas": defs.get("$defs", {}),
@@ -59,8 +63,11 @@ def build_openapi(app: Flask, *, version: str) -> dict[str, Any]:
 
 
 def _operation(path: str, spec: RouteSpec, refs: dict[Any, Any]) -> dict[str, Any]:
-    op: dict[str, Any] = {"summary": spec.summary, "tags": [spec.tag],
-                          "operationId": f"{spec.method.lower()}_{re.sub(r'[^a-z0-9]+', '_', path.lower()).strip('_') or 'root'}"}
+    op: dict[str, Any] = {
+        "summary": spec.summary,
+        "tags": [spec.tag],
+        "operationId": f"{spec.method.lower()}_{re.sub(r'[^a-z0-9]+', '_', path.lower()).strip('_') or 'root'}",
+    }
     if spec.description:
         op["description"] = spec.description
     params: list[dict[str, Any]] = []
@@ -73,14 +80,22 @@ def _operation(path: str, spec: RouteSpec, refs: dict[Any, Any]) -> dict[str, An
         for name, schema in qs.get("properties", {}).items():
             params.append({"name": name, "in": "query", "required": name in required, "schema": _not_null(schema)})
     if spec.idempotent_key:
-        params.append({"name": "Idempotency-Key", "in": "header", "required": False,
-                       "description": "Same key and body: the same job is returned instead of a new one",
-                       "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[\\x20-\\x7e]+$"}})
+        params.append(
+            {
+                "name": "Idempotency-Key",
+                "in": "header",
+                "required": False,
+                "description": "Same key and body: the same job is returned instead of a new one",
+                "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[\\x20-\\x7e]+$"},
+            }
+        )
     if params:
         op["parameters"] = params
     if spec.body is not None:
-        op["requestBody"] = {"required": not spec.body_optional,
-                             "content": {"application/json": {"schema": refs[(spec.body, "validation")]}}}
+        op["requestBody"] = {
+            "required": not spec.body_optional,
+            "content": {"application/json": {"schema": refs[(spec.body, "validation")]}},
+        }
     responses: dict[str, Any] = {}
     for status, model in spec.responses.items():
         entry: dict[str, Any] = {"description": "OK" if status < 300 else _ERRORS.get(status, "")}
@@ -115,9 +130,16 @@ def _operation(path: str, spec: RouteSpec, refs: dict[Any, Any]) -> dict[str, An
 def _sse_event(data_schema: dict[str, Any]) -> dict[str, Any]:
     """One event of a `text/event-stream` answer, as its fields: `id`, `event` and `data`, the last a line of
     JSON whose schema is `data_schema`."""
-    return {"type": "object", "required": ["data"], "properties": {
-        "id": {"type": "string", "pattern": "^[0-9]+$"}, "event": {"type": "string"}, "retry": {"type": "integer"},
-        "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": data_schema}}}
+    return {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "id": {"type": "string", "pattern": "^[0-9]+$"},
+            "event": {"type": "string"},
+            "retry": {"type": "integer"},
+            "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": data_schema},
+        },
+    }
 
 
 def _not_null(schema: dict[str, Any]) -> dict[str, Any]:
@@ -141,24 +163,35 @@ def render_docs(doc: dict[str, Any], *, assets: str = "/api/docs/assets") -> str
     for path, ops in doc["paths"].items():
         for method, op in ops.items():
             codes = ", ".join(sorted(op["responses"]))
-            rows.append(f"<tr><td><code>{method.upper()}</code></td><td><code>{html.escape(path)}</code></td>"
-                        f"<td>{html.escape(op['summary'])}</td><td>{codes}</td></tr>")
+            rows.append(
+                f"<tr><td><code>{method.upper()}</code></td><td><code>{html.escape(path)}</code></td>"
+                f"<td>{html.escape(op['summary'])}</td><td>{codes}</td></tr>"
+            )
     # validatorUrl null: Swagger UI would otherwise send the document to validator.swagger.io.
-    config = {"url": "/api/openapi.json", "dom_id": "#swagger-ui", "deepLinking": True, "validatorUrl": None,
-              "persistAuthorization": False, "tryItOutEnabled": False, "displayRequestDuration": True}
+    config = {
+        "url": "/api/openapi.json",
+        "dom_id": "#swagger-ui",
+        "deepLinking": True,
+        "validatorUrl": None,
+        "persistAuthorization": False,
+        "tryItOutEnabled": False,
+        "displayRequestDuration": True,
+    }
     title = f"gpusnap API {html.escape(doc['info']['version'])}"
-    return ("<!doctype html><html lang='en'><head><meta charset='utf-8'>"
-            f"<title>{title}</title>"
-            f"<link rel='stylesheet' href='{assets}/swagger-ui.css'>"
-            f"<link rel='stylesheet' href='{assets}/index.css'>"
-            f"<link rel='icon' type='image/png' href='{assets}/favicon-32x32.png' sizes='32x32'>"
-            "</head><body><div id='swagger-ui'></div>"
-            f"<noscript><h1>{title}</h1><p>Machine-readable: <a href='/api/openapi.json'>/api/openapi.json</a>. "
-            "Send <code>Authorization: Bearer &lt;token&gt;</code> on every call but the public ones.</p>"
-            f"<table><tr><th>method</th><th>path</th><th>what</th><th>answers</th></tr>{''.join(rows)}</table>"
-            "</noscript>"
-            f"<script src='{assets}/swagger-ui-bundle.js'></script>"
-            f"<script src='{assets}/swagger-ui-standalone-preset.js'></script>"
-            f"<script>window.ui = SwaggerUIBundle(Object.assign({json.dumps(config)}, "
-            "{presets: [SwaggerUIBundle.presets.apis, SwaggerUIStandalonePreset], layout: 'StandaloneLayout'}));"
-            "</script></body></html>")
+    return (
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+        f"<title>{title}</title>"
+        f"<link rel='stylesheet' href='{assets}/swagger-ui.css'>"
+        f"<link rel='stylesheet' href='{assets}/index.css'>"
+        f"<link rel='icon' type='image/png' href='{assets}/favicon-32x32.png' sizes='32x32'>"
+        "</head><body><div id='swagger-ui'></div>"
+        f"<noscript><h1>{title}</h1><p>Machine-readable: <a href='/api/openapi.json'>/api/openapi.json</a>. "
+        "Send <code>Authorization: Bearer &lt;token&gt;</code> on every call but the public ones.</p>"
+        f"<table><tr><th>method</th><th>path</th><th>what</th><th>answers</th></tr>{''.join(rows)}</table>"
+        "</noscript>"
+        f"<script src='{assets}/swagger-ui-bundle.js'></script>"
+        f"<script src='{assets}/swagger-ui-standalone-preset.js'></script>"
+        f"<script>window.ui = SwaggerUIBundle(Object.assign({json.dumps(config)}, "
+        "{presets: [SwaggerUIBundle.presets.apis, SwaggerUIStandalonePreset], layout: 'StandaloneLayout'}));"
+        "</script></body></html>"
+    )

@@ -1,5 +1,6 @@
 """`@route`: registers a Flask view with its request/response models. It parses and validates the body
 and query string before the view runs, and records what the OpenAPI document needs."""
+
 from __future__ import annotations
 
 import functools
@@ -44,18 +45,43 @@ class RouteSpec:
     stream_token: bool = False  # also accepts a stream token as `?token=` (GET /api/events only)
 
 
-def route(bp: Blueprint, rule: str, method: str, *, summary: str, tag: str,
-          body: type[BaseModel] | None = None, body_optional: bool = False, query: type[BaseModel] | None = None,
-          responses: dict[int, type[BaseModel] | None], public: bool = False, idempotency: bool = False,
-          path_params: dict[str, dict[str, Any]] | None = None, description: str = "",
-          content_type: str = "application/json", stream_token: bool = False) -> Callable:
+def route(
+    bp: Blueprint,
+    rule: str,
+    method: str,
+    *,
+    summary: str,
+    tag: str,
+    body: type[BaseModel] | None = None,
+    body_optional: bool = False,
+    query: type[BaseModel] | None = None,
+    responses: dict[int, type[BaseModel] | None],
+    public: bool = False,
+    idempotency: bool = False,
+    path_params: dict[str, dict[str, Any]] | None = None,
+    description: str = "",
+    content_type: str = "application/json",
+    stream_token: bool = False,
+) -> Callable:
     """Register `view` on `bp`. The view receives path parameters plus `body=` / `query=` (validated
     models) and `idempotency_key=` when declared. Deny by default: only `public=True` skips auth."""
 
-    spec = RouteSpec(method=method, rule=rule, summary=summary, tag=tag, body=body, body_optional=body_optional,
-                     query=query, responses=responses, public=public, idempotent_key=idempotency,
-                     path_params=path_params or {}, description=description, content_type=content_type,
-                     stream_token=stream_token)
+    spec = RouteSpec(
+        method=method,
+        rule=rule,
+        summary=summary,
+        tag=tag,
+        body=body,
+        body_optional=body_optional,
+        query=query,
+        responses=responses,
+        public=public,
+        idempotent_key=idempotency,
+        path_params=path_params or {},
+        description=description,
+        content_type=content_type,
+        stream_token=stream_token,
+    )
 
     def decorate(view: Callable) -> Callable:
         @functools.wraps(view)
@@ -98,8 +124,9 @@ def request_json() -> Any:
     except (ValueError, UnicodeDecodeError):
         raise InvalidRequest("the request body is not valid JSON", code="invalid_json") from None
     except RecursionError:  # `[[[[...` a few thousand deep: the parser runs out of stack
-        raise InvalidRequest(f"the request body is nested deeper than {MAX_JSON_DEPTH} levels",
-                             code="malformed_json") from None
+        raise InvalidRequest(
+            f"the request body is nested deeper than {MAX_JSON_DEPTH} levels", code="malformed_json"
+        ) from None
     if _depth_exceeds(data, MAX_JSON_DEPTH):  # no body we accept nests deeper; models must not recurse on it
         raise InvalidRequest(f"the request body is nested deeper than {MAX_JSON_DEPTH} levels", code="malformed_json")
     return data

@@ -1,5 +1,6 @@
 """Request and response models. They validate requests (unknown fields rejected) and generate the
 OpenAPI document, so the two cannot drift apart."""
+
 from __future__ import annotations
 
 import ipaddress
@@ -41,17 +42,32 @@ def _check_workspace_path(value: str) -> str:
 
 _PRINTABLE = r"^[^\x00-\x1f\x7f]+$"
 
-MachineId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$",
-                                 description="Machine id: the vast.ai instance id it was first known by, or any name")]
-SshHost = Annotated[str, Field(min_length=1, max_length=253, description="Host name or IP address",
-                               pattern=_HOST_PATTERN),
-                    AfterValidator(_check_host)]
+MachineId = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$",
+        description="Machine id: the vast.ai instance id it was first known by, or any name",
+    ),
+]
+SshHost = Annotated[
+    str,
+    Field(min_length=1, max_length=253, description="Host name or IP address", pattern=_HOST_PATTERN),
+    AfterValidator(_check_host),
+]
 SshPort = Annotated[int, Field(ge=1, le=65535)]
 SshUser = Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$")]
-WorkspacePath = Annotated[str, Field(min_length=2, max_length=1024,
-                                     pattern=r"^(/(?!\.{1,2}(/|$))[^/\x00-\x1f\x7f]+)+/?$",
-                                     description="Absolute path, no '..' components, not '/'"),
-                          AfterValidator(_check_workspace_path)]
+WorkspacePath = Annotated[
+    str,
+    Field(
+        min_length=2,
+        max_length=1024,
+        pattern=r"^(/(?!\.{1,2}(/|$))[^/\x00-\x1f\x7f]+)+/?$",
+        description="Absolute path, no '..' components, not '/'",
+    ),
+    AfterValidator(_check_workspace_path),
+]
 SnapshotName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._:-]*$")]
 Codec = Literal["auto", "zstd", "zstd-planes", "nvcomp-ans", "none"]
 ExcludePattern = Annotated[str, Field(min_length=1, max_length=1024, pattern=_PRINTABLE)]
@@ -80,15 +96,23 @@ class CreateSnapshotRequest(_Strict):
 class RestoreSnapshotRequest(_Strict):
     ssh_host: SshHost
     ssh_port: SshPort
-    workspace_path: WorkspacePath = Field(description="Directory to replace. System directories are refused "
-                                                      "with 422 `system_path` (deny list in the README)")
+    workspace_path: WorkspacePath = Field(
+        description="Directory to replace. System directories are refused "
+        "with 422 `system_path` (deny list in the README)"
+    )
     ssh_user: SshUser | None = None
     instance_id: MachineId | None = None
-    overwrite: bool = Field(False, description="Replace a non-empty workspace_path (kept beside it as "
-                                               "`<path>.gpusnap-old-<UTC timestamp>` until the next successful "
-                                               "restore there). Without it the job fails with `workspace_exists`")
-    keep_setuid: StrictBool = Field(False, description="Restore setuid/setgid bits as archived; by default they are "
-                                                  "cleared (FIFOs and device nodes are never restored)")
+    overwrite: bool = Field(
+        False,
+        description="Replace a non-empty workspace_path (kept beside it as "
+        "`<path>.gpusnap-old-<UTC timestamp>` until the next successful "
+        "restore there). Without it the job fails with `workspace_exists`",
+    )
+    keep_setuid: StrictBool = Field(
+        False,
+        description="Restore setuid/setgid bits as archived; by default they are "
+        "cleared (FIFOs and device nodes are never restored)",
+    )
 
 
 class VerifySnapshotRequest(_Strict):
@@ -101,8 +125,11 @@ class HibernateRequest(_Strict):
     ssh_port: SshPort | None = None
     ssh_user: SshUser | None = None
     destroy_after: bool = True
-    deep_verify: bool = Field(False, description="Before destroying, re-download every part and check its "
-                                                 "SHA-256 (the default checks every part's size and the manifest)")
+    deep_verify: bool = Field(
+        False,
+        description="Before destroying, re-download every part and check its "
+        "SHA-256 (the default checks every part's size and the manifest)",
+    )
     codec: Codec = "auto"
     excludes: list[ExcludePattern] = Field(default_factory=list, max_length=256)
 
@@ -110,15 +137,31 @@ class HibernateRequest(_Strict):
 class WakeRequest(_Strict):
     snapshot_id: SnapshotId | None = None
     gpu_type: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9 _.-]+$")] | None = None
-    num_gpus: Annotated[int, Field(ge=1, le=16, description="Default: the machine's own GPU count, as recorded "
-                                                          "when it was rented or hibernated (else 1)")] | None = None
+    num_gpus: (
+        Annotated[
+            int,
+            Field(
+                ge=1,
+                le=16,
+                description="Default: the machine's own GPU count, as recorded "
+                "when it was rented or hibernated (else 1)",
+            ),
+        ]
+        | None
+    ) = None
     region: Annotated[str, Field(min_length=2, max_length=32, pattern=r"^[A-Za-z-]+$")] | None = None
     max_price: Annotated[float, Field(gt=0, le=1000, description="USD per hour")] | None = None
     disk_gb: Annotated[int, Field(ge=1, le=100_000)] | None = None
     image: Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*$")] | None = None
     workspace_path: WorkspacePath | None = None
-    priority: Annotated[StrictInt, Field(ge=0, le=9, description="place in the wake queue while WAKE_CONCURRENCY "
-                                                           "wakes run: 9 first, then older first")] = 5
+    priority: Annotated[
+        StrictInt,
+        Field(
+            ge=0,
+            le=9,
+            description="place in the wake queue while WAKE_CONCURRENCY wakes run: 9 first, then older first",
+        ),
+    ] = 5
 
 
 class EmptyRequest(_Strict):
@@ -135,60 +178,83 @@ def _check_cron(value: str) -> str:
     return " ".join(value.split())
 
 
-CronExpression = Annotated[str, Field(min_length=9, max_length=128, pattern=r"^[A-Za-z0-9*/,\- ]+$",
-                                      description="5-field cron expression in UTC: minute hour day-of-month "
-                                                  "month day-of-week"),
-                           AfterValidator(_check_cron)]
+CronExpression = Annotated[
+    str,
+    Field(
+        min_length=9,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9*/,\- ]+$",
+        description="5-field cron expression in UTC: minute hour day-of-month month day-of-week",
+    ),
+    AfterValidator(_check_cron),
+]
 _KEEP = Annotated[StrictInt, Field(ge=0, le=10_000)]
 
 
 class RetentionPolicy(_Strict):
     """restic `forget` rules, ORed: a complete snapshot is kept when any rule keeps it."""
+
     keep_last: _KEEP = Field(0, description="the newest N complete snapshots")
     keep_daily: _KEEP = Field(0, description="the newest snapshot of each of the last N days (UTC) that have one")
     keep_weekly: _KEEP = Field(0, description="the newest snapshot of each of the last N ISO weeks that have one")
     keep_monthly: _KEEP = Field(0, description="the newest snapshot of each of the last N months that have one")
 
     @model_validator(mode="after")
-    def _keeps_something(self) -> "RetentionPolicy":
+    def _keeps_something(self) -> RetentionPolicy:
         if not (self.keep_last or self.keep_daily or self.keep_weekly or self.keep_monthly):
             raise ValueError("retention keeps nothing: set at least one keep_* above 0 (or leave retention out)")
         return self
 
 
 class IdlePolicy(_Strict):
-    gpu_util_below: Annotated[StrictInt, Field(ge=1, le=100)] = Field(5, description="percent; every GPU's every "
-                                                                               "sample must be below it")
+    gpu_util_below: Annotated[StrictInt, Field(ge=1, le=100)] = Field(
+        5, description="percent; every GPU's every sample must be below it"
+    )
     for_s: Annotated[StrictInt, Field(ge=1, le=30 * 86400)] = Field(1800, description="the window, in seconds")
-    sample_every_s: Annotated[StrictInt, Field(ge=1, le=86400)] = Field(60, description="seconds between samples (the "
-                                                                   "worker's scheduler ticks once a minute)")
+    sample_every_s: Annotated[StrictInt, Field(ge=1, le=86400)] = Field(
+        60, description="seconds between samples (the worker's scheduler ticks once a minute)"
+    )
     action: Literal["hibernate", "pause", "notify"] = "hibernate"
     respect_ssh_sessions: StrictBool = Field(True, description="an interactive SSH session keeps the machine awake")
     dry_run: StrictBool = Field(False, description="record what the action would do (an event), do nothing")
 
     @model_validator(mode="after")
-    def _window_holds_a_sample(self) -> "IdlePolicy":
+    def _window_holds_a_sample(self) -> IdlePolicy:
         if self.for_s < self.sample_every_s:
             raise ValueError("for_s must be at least sample_every_s")
         return self
 
 
 class PolicyRequest(_Strict):
-    workspace_path: WorkspacePath | None = Field(None, description="what scheduled snapshots and hibernate take "
-                                                 "(default: the machine's own workspace_path)")
+    workspace_path: WorkspacePath | None = Field(
+        None, description="what scheduled snapshots and hibernate take (default: the machine's own workspace_path)"
+    )
     excludes: list[ExcludePattern] = Field(default_factory=list, max_length=256)
     codec: Codec = "auto"
     schedule: CronExpression | None = None
     retention: RetentionPolicy | None = None
     idle: IdlePolicy | None = None
+
+
 class GcRequest(_Strict):
-    grace_s: Annotated[float, Field(ge=0, le=365 * 86400, description="Delete only unreferenced objects at "
-                                    "least this old (default GC_GRACE_S)")] | None = None
+    grace_s: (
+        Annotated[
+            float,
+            Field(
+                ge=0,
+                le=365 * 86400,
+                description="Delete only unreferenced objects at least this old (default GC_GRACE_S)",
+            ),
+        ]
+        | None
+    ) = None
 
 
 class DeleteSnapshotQuery(_Strict):
-    force: bool = Field(False, description="Delete even the snapshot a hibernated machine would wake from "
-                                           "(otherwise 409 `snapshot_needed`)")
+    force: bool = Field(
+        False,
+        description="Delete even the snapshot a hibernated machine would wake from (otherwise 409 `snapshot_needed`)",
+    )
 
 
 class SnapshotListQuery(_Strict):
@@ -206,8 +272,9 @@ class JobListQuery(_Strict):
     cursor: Annotated[str, Field(min_length=1, max_length=128)] | None = None
 
 
-MachineStatus = Literal["unknown", "running", "hibernating", "hibernated", "waking", "pausing", "paused", "resuming",
-                        "error"]
+MachineStatus = Literal[
+    "unknown", "running", "hibernating", "hibernated", "waking", "pausing", "paused", "resuming", "error"
+]
 
 
 class InstanceListQuery(_Strict):
@@ -216,19 +283,43 @@ class InstanceListQuery(_Strict):
     cursor: Annotated[str, Field(min_length=1, max_length=256)] | None = None  # base64 of a 128-char machine id
 
 
-EventKind = Annotated[str, Field(pattern=r"^(job|machine)(\.[a-z_]+)?(,(job|machine)(\.[a-z_]+)?)*$", max_length=256,
-                                 description="Comma-separated event kinds (`job.progress`) or families (`job`, "
-                                             "`machine`)")]
+EventKind = Annotated[
+    str,
+    Field(
+        pattern=r"^(job|machine)(\.[a-z_]+)?(,(job|machine)(\.[a-z_]+)?)*$",
+        max_length=256,
+        description="Comma-separated event kinds (`job.progress`) or families (`job`, `machine`)",
+    ),
+]
 
 
 class EventsQuery(_Strict):
     machine_id: Annotated[str, Field(min_length=1, max_length=128, pattern=_PRINTABLE)] | None = None
     job_id: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_]+$")] | None = None
     kind: EventKind | None = None
-    last_event_id: Annotated[int, Field(ge=0, le=2**62, description="Resume after this event id (for clients that "
-                                        "cannot send the Last-Event-ID header; the header wins)")] | None = None
-    token: Annotated[str, Field(min_length=1, max_length=128, description="A stream token from "
-                                "POST /api/stream-tokens, instead of the Authorization header")] | None = None
+    last_event_id: (
+        Annotated[
+            int,
+            Field(
+                ge=0,
+                le=2**62,
+                description="Resume after this event id (for clients that "
+                "cannot send the Last-Event-ID header; the header wins)",
+            ),
+        ]
+        | None
+    ) = None
+    token: (
+        Annotated[
+            str,
+            Field(
+                min_length=1,
+                max_length=128,
+                description="A stream token from POST /api/stream-tokens, instead of the Authorization header",
+            ),
+        ]
+        | None
+    ) = None
 
 
 # ---- responses ---------------------------------------------------------------------------------
@@ -268,8 +359,11 @@ class Job(BaseModel):
     snapshot_id: str | None
     attempts: int
     cancel_requested: bool
-    remote_tries: int | None = Field(None, description="which try of the remote step the job is on, once a "
-                                     "dropped SSH link or a failing bucket made it try again (REMOTE_TRIES)")
+    remote_tries: int | None = Field(
+        None,
+        description="which try of the remote step the job is on, once a "
+        "dropped SSH link or a failing bucket made it try again (REMOTE_TRIES)",
+    )
     created_at: str
     started_at: str | None
     finished_at: str | None
@@ -284,9 +378,12 @@ class Snapshot(BaseModel):
     source_host: str | None
     storage_prefix: str
     codec: str | None
-    requires_gpu: bool = Field(False, description="Its parts need an NVIDIA GPU with CUDA 12+ to be decoded "
-                               "(codec nvcomp-ans: ANS has no CPU decoder). A wake rents only such hosts; a "
-                               "restore onto a host without one fails `gpu_required` before any download.")
+    requires_gpu: bool = Field(
+        False,
+        description="Its parts need an NVIDIA GPU with CUDA 12+ to be decoded "
+        "(codec nvcomp-ans: ANS has no CPU decoder). A wake rents only such hosts; a "
+        "restore onto a host without one fails `gpu_required` before any download.",
+    )
     parts: int | None
     part_size: int | None
     raw_bytes: int | None
@@ -294,12 +391,17 @@ class Snapshot(BaseModel):
     ratio: float | None = Field(description="raw_bytes / stored_bytes")
     file_count: int | None
     manifest_sha256: str | None
-    format: Literal[1, 2] = Field(description="1: fixed parts of its own; 2: chunks shared with the machine's "
-                                  "other snapshots (SNAPSHOT_FORMAT when it was taken)")
+    format: Literal[1, 2] = Field(
+        description="1: fixed parts of its own; 2: chunks shared with the machine's "
+        "other snapshots (SNAPSHOT_FORMAT when it was taken)"
+    )
     chunks_new: int | None = Field(None, description="format 2: chunks this snapshot uploaded")
     chunks_reused: int | None = Field(None, description="format 2: chunks the machine's store held already")
-    bytes_uploaded: int | None = Field(None, description="format 2: stored bytes this snapshot uploaded "
-                                       "(stored_bytes counts every object it references, shared ones included)")
+    bytes_uploaded: int | None = Field(
+        None,
+        description="format 2: stored bytes this snapshot uploaded "
+        "(stored_bytes counts every object it references, shared ones included)",
+    )
     parent_id: str | None
     excludes: list[str]
     durations: dict[str, Any]
@@ -319,8 +421,10 @@ class MachineEvent(BaseModel):
 
 
 class Hours(BaseModel):
-    running: float = Field(description="Hours billed at the full hourly price: running, and hibernating, "
-                                       "waking, pausing, resuming or in error")
+    running: float = Field(
+        description="Hours billed at the full hourly price: running, and hibernating, "
+        "waking, pausing, resuming or in error"
+    )
     paused: float = Field(description="Hours stopped (vast.ai bills only the disk)")
     hibernated: float = Field(description="Hours with no instance at all")
 
@@ -331,16 +435,21 @@ class TransferPrices(BaseModel):
 
 
 class MachineCosts(BaseModel):
-    hourly_usd: float | None = Field(description="Price of the instance rented last (vast.ai `dph_total`); null "
-                                                 "when unknown (a host gpusnap did not rent)")
+    hourly_usd: float | None = Field(
+        description="Price of the instance rented last (vast.ai `dph_total`); null "
+        "when unknown (a host gpusnap did not rent)"
+    )
     hours: Hours
     spent_usd: float | None = Field(description="Billed hours at the price in force in each of them")
-    saved_usd: float | None = Field(description="What the hibernated hours would have cost at the price of the "
-                                                "instance hibernating destroyed")
+    saved_usd: float | None = Field(
+        description="What the hibernated hours would have cost at the price of the instance hibernating destroyed"
+    )
     stored_bytes: int = Field(description="Stored bytes of the machine's complete snapshots")
     storage_usd_month: float = Field(description="stored_bytes at STORAGE_PRICE_GB_MONTH (GB = 10^9 bytes)")
     transfer_usd_per_gb: TransferPrices | None
     as_of: str
+
+
 class Policy(BaseModel):
     machine_id: str
     workspace_path: str | None
@@ -367,8 +476,11 @@ class Machine(BaseModel):
     last_snapshot_id: str | None
     gpu_name: str | None
     active_job_id: str | None
-    store_bytes: int | None = Field(None, description="bytes the machine's snapshots occupy in the bucket: its "
-                                    "chunk store (format 2, shared chunks counted once) plus its format-1 snapshots")
+    store_bytes: int | None = Field(
+        None,
+        description="bytes the machine's snapshots occupy in the bucket: its "
+        "chunk store (format 2, shared chunks counted once) plus its format-1 snapshots",
+    )
     created_at: str
     updated_at: str
     events: list[MachineEvent] | None = None
@@ -403,8 +515,11 @@ class JobResponse(BaseModel):
 class Health(BaseModel):
     status: str
     checks: dict[str, str] | None = None
-    details: dict[str, str] | None = Field(default=None, description="Warnings that do not make the service "
-                                           "unready, e.g. `host_credentials`: which credentials GPU hosts get")
+    details: dict[str, str] | None = Field(
+        default=None,
+        description="Warnings that do not make the service "
+        "unready, e.g. `host_credentials`: which credentials GPU hosts get",
+    )
 
 
 class StreamTokenResponse(BaseModel):
@@ -433,6 +548,7 @@ class StreamEventEntry(BaseModel):
 
 class StreamEvent(BaseModel):
     """The JSON of one `data:` line of GET /api/events."""
+
     id: int = Field(description="The same as the event's `id:` line; resume after it with Last-Event-ID")
     kind: Literal["job.status", "job.phase", "job.progress", "machine.status", "machine.event"]
     at: str

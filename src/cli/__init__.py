@@ -1,5 +1,6 @@
 """The `gpusnap` command: server administration (`db`, `tokens`, `worker`, `serve`) and a runbook client
 of the REST API (`snapshots`, `instances`, `jobs`)."""
+
 from __future__ import annotations
 
 import logging
@@ -34,8 +35,9 @@ class _OneLineErrors(click.Group):
             if os.environ.get("GPUSNAP_DEBUG"):
                 raise
             first = (str(e).strip().splitlines() or [""])[0][:300]
-            click.echo(f"error: internal: {type(e).__name__}: {first} (set GPUSNAP_DEBUG=1 for the traceback)",
-                       err=True)
+            click.echo(
+                f"error: internal: {type(e).__name__}: {first} (set GPUSNAP_DEBUG=1 for the traceback)", err=True
+            )
             ctx.exit(1)
 
 

@@ -1,4 +1,5 @@
 """Server-side commands: migrations, tokens, the job worker, and `serve` (API and worker together)."""
+
 from __future__ import annotations
 
 import os
@@ -55,10 +56,14 @@ def _absolute_local_paths(url: str) -> dict[str, str]:
     """DATABASE_URL and QUEUE_PATH with relative SQLite file paths made absolute against this directory."""
     paths: dict[str, str] = {}
     parsed = make_url(url)
-    if parsed.drivername.startswith("sqlite") and parsed.database not in (None, "", ":memory:") \
-            and not os.path.isabs(parsed.database):
+    if (
+        parsed.drivername.startswith("sqlite")
+        and parsed.database not in (None, "", ":memory:")
+        and not os.path.isabs(parsed.database)
+    ):
         paths["DATABASE_URL"] = parsed.set(database=os.path.abspath(parsed.database)).render_as_string(
-            hide_password=False)
+            hide_password=False
+        )
     settings = Settings.from_env()
     if not settings.redis_url and not os.path.isabs(settings.queue_path):
         paths["QUEUE_PATH"] = os.path.abspath(settings.queue_path)
@@ -83,14 +88,17 @@ def _database_errors(url: str) -> Iterator[None]:
     except (OperationalError, ProgrammingError) as e:
         text = str(e.orig if getattr(e, "orig", None) is not None else e).strip().splitlines()[0]
         if "no such table" in text or ("relation" in text and "does not exist" in text):
-            raise CliFailure("not_migrated", f"the database {redacted(url)} has no schema yet: "
-                             "run `gpusnap db upgrade` first") from None
-        raise CliFailure("database_unavailable", f"the database {redacted(url)} failed: {text} "
-                         "(check DATABASE_URL)") from None
+            raise CliFailure(
+                "not_migrated", f"the database {redacted(url)} has no schema yet: run `gpusnap db upgrade` first"
+            ) from None
+        raise CliFailure(
+            "database_unavailable", f"the database {redacted(url)} failed: {text} (check DATABASE_URL)"
+        ) from None
     except (SQLAlchemyError, ArgumentError, AlembicError) as e:
         text = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CliFailure("database_unavailable", f"the database {redacted(url)} failed: {text} "
-                         "(check DATABASE_URL)") from None
+        raise CliFailure(
+            "database_unavailable", f"the database {redacted(url)} failed: {text} (check DATABASE_URL)"
+        ) from None
 
 
 def _require_migrated(url: str) -> None:
@@ -103,11 +111,15 @@ def _require_migrated(url: str) -> None:
     heads = set(ScriptDirectory.from_config(alembic_config(url)).get_heads())
     current = current_revision(url)
     if current is None:
-        raise CliFailure("not_migrated", f"the database {redacted(url)} has no schema yet: "
-                         "run `gpusnap db upgrade` first")
+        raise CliFailure(
+            "not_migrated", f"the database {redacted(url)} has no schema yet: run `gpusnap db upgrade` first"
+        )
     if current not in heads:
-        raise CliFailure("not_migrated", f"the database {redacted(url)} is at revision {current}, this "
-                         f"version needs {', '.join(sorted(heads))}: run `gpusnap db upgrade` first")
+        raise CliFailure(
+            "not_migrated",
+            f"the database {redacted(url)} is at revision {current}, this "
+            f"version needs {', '.join(sorted(heads))}: run `gpusnap db upgrade` first",
+        )
 
 
 @contextmanager
@@ -129,8 +141,9 @@ def _sessions() -> Iterator[Any]:
 
 @tokens.command("create")
 @click.argument("name")
-@click.option("--replace", is_flag=True,
-              help="If a token called NAME exists, delete it (it stops working) and make a new one")
+@click.option(
+    "--replace", is_flag=True, help="If a token called NAME exists, delete it (it stops working) and make a new one"
+)
 def tokens_create(name: str, replace: bool) -> None:
     """Create a token called NAME and print it (the only time it is shown)."""
     from src.services.tokens import create_token
@@ -153,7 +166,9 @@ def tokens_ls() -> None:
     with _sessions() as sessions:
         rows = list_tokens(sessions)
     for t in rows:
-        click.echo(f"{t['name']}\tcreated {t['created_at']}" + (f"\trevoked {t['revoked_at']}" if t["revoked_at"] else ""))
+        click.echo(
+            f"{t['name']}\tcreated {t['created_at']}" + (f"\trevoked {t['revoked_at']}" if t["revoked_at"] else "")
+        )
 
 
 @tokens.command("revoke")
@@ -168,8 +183,7 @@ def tokens_revoke(name: str) -> None:
 
 
 @click.command()
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="Jobs run at once (default WORKER_THREADS)")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Jobs run at once (default WORKER_THREADS)")
 def worker(threads: int | None) -> None:
     """Run the job worker (Huey consumer) until interrupted."""
     from src.app import create_app
@@ -183,9 +197,11 @@ def worker(threads: int | None) -> None:
         container.queue.ping()  # else the consumer logs a traceback for every poll of an unreachable queue
     except Exception as e:  # noqa: BLE001 - Redis and SQLite raise their own types: any means "not there"
         where = "REDIS_URL" if settings.redis_url else f"QUEUE_PATH={settings.queue_path}"
-        raise CliFailure("queue_unavailable", f"the job queue cannot be reached ({where}): "
-                                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                         ) from None
+        raise CliFailure(
+            "queue_unavailable",
+            f"the job queue cannot be reached ({where}): "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+        ) from None
     run_worker(container, threads=threads or settings.worker_threads)
 
 
@@ -194,8 +210,9 @@ def run_worker(container, *, threads: int) -> None:  # type: ignore[no-untyped-d
     recovered = container.queue.recover_stale_jobs(local_dead_workers=True)
     if recovered:
         click.echo(f"re-queued {len(recovered)} job(s) left by a stopped worker", err=True)
-    consumer = container.queue.huey.create_consumer(workers=threads, worker_type="thread", periodic=True,
-                                                    initial_delay=0.05, backoff=1.5, max_delay=0.5)
+    consumer = container.queue.huey.create_consumer(
+        workers=threads, worker_type="thread", periodic=True, initial_delay=0.05, backoff=1.5, max_delay=0.5
+    )
     consumer.run()
 
 
@@ -214,8 +231,22 @@ def serve(host: str, port: int) -> None:
     env = {**os.environ, **_absolute_local_paths(url)}
     children = [
         subprocess.Popen([sys.executable, "-m", "src.cli", "worker"], cwd=ROOT, env=env),
-        subprocess.Popen([sys.executable, "-m", "gunicorn", "--config", str(ROOT / "gunicorn.conf.py"),
-                          "--chdir", str(ROOT), "--bind", f"{host}:{port}", "app:app"], cwd=ROOT, env=env),
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "--config",
+                str(ROOT / "gunicorn.conf.py"),
+                "--chdir",
+                str(ROOT),
+                "--bind",
+                f"{host}:{port}",
+                "app:app",
+            ],
+            cwd=ROOT,
+            env=env,
+        ),
     ]
     click.echo(f"gpusnap API on http://{host}:{port} (worker pid {children[0].pid})", err=True)
 

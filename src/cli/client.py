@@ -3,6 +3,7 @@
 Every command takes `--url` (GPUSNAP_URL) and `--token` (GPUSNAP_TOKEN). Errors print as
 `error: <code>: <message>` on stderr with exit status 1; waiting for a job exits 0 when it succeeded,
 1 when it failed or was cancelled, 2 when `--timeout` ran out first."""
+
 from __future__ import annotations
 
 import functools
@@ -50,22 +51,37 @@ def api_command(f: Callable[..., None]) -> Callable[..., None]:
         except ClientError as e:
             raise CliFailure(e.code, e.message) from None
 
-    wrapper = click.option("--token", envvar="GPUSNAP_TOKEN", show_envvar=True, show_default=False,
-                           help="Bearer token.")(wrapper)
-    return click.option("--url", envvar="GPUSNAP_URL", default=DEFAULT_URL, show_default=True, show_envvar=True,
-                        help="Base URL of the gpusnap API.")(wrapper)
+    wrapper = click.option(
+        "--token", envvar="GPUSNAP_TOKEN", show_envvar=True, show_default=False, help="Bearer token."
+    )(wrapper)
+    return click.option(
+        "--url",
+        envvar="GPUSNAP_URL",
+        default=DEFAULT_URL,
+        show_default=True,
+        show_envvar=True,
+        help="Base URL of the gpusnap API.",
+    )(wrapper)
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the API's JSON answer (for scripts).")
-idempotency_option = click.option("--idempotency-key", default=None,
-                                  help="Send Idempotency-Key: a retry with the same key and body gets the same job.")
+idempotency_option = click.option(
+    "--idempotency-key",
+    default=None,
+    help="Send Idempotency-Key: a retry with the same key and body gets the same job.",
+)
 
 
 def wait_options(f: Callable[..., None]) -> Callable[..., None]:
-    f = click.option("--interval", type=click.FloatRange(min=0.05), default=1.0, show_default=True,
-                     help="Seconds between polls.")(f)
-    f = click.option("--timeout", type=click.FloatRange(min=0), default=None,
-                     help="With --wait: give up (exit 2) after this many seconds; the job goes on.")(f)
+    f = click.option(
+        "--interval", type=click.FloatRange(min=0.05), default=1.0, show_default=True, help="Seconds between polls."
+    )(f)
+    f = click.option(
+        "--timeout",
+        type=click.FloatRange(min=0),
+        default=None,
+        help="With --wait: give up (exit 2) after this many seconds; the job goes on.",
+    )(f)
     return click.option("--wait", is_flag=True, help="Follow the job to its end (as `gpusnap jobs wait`).")(f)
 
 
@@ -81,8 +97,16 @@ def given(**fields: Any) -> dict[str, Any]:
 # ---- jobs: submit, wait, report ------------------------------------------------------------------
 
 
-def submitted(api: ApiClient, answer: dict[str, Any], *, as_json: bool, wait: bool, timeout: float | None,
-              interval: float, lead: str | None = None) -> None:
+def submitted(
+    api: ApiClient,
+    answer: dict[str, Any],
+    *,
+    as_json: bool,
+    wait: bool,
+    timeout: float | None,
+    interval: float,
+    lead: str | None = None,
+) -> None:
     """What every mutating command does with its `202 {"job": ...}`: print it, or follow it with `--wait`."""
     job = answer["job"]
     if not as_json:
@@ -98,19 +122,28 @@ def submitted(api: ApiClient, answer: dict[str, Any], *, as_json: bool, wait: bo
     follow(api, job["id"], timeout=timeout, interval=interval, as_json=as_json)
 
 
-def job_command(lead: Callable[[dict[str, Any]], str] | None = None,
-                ) -> Callable[[Callable[..., dict[str, Any]]], Callable[..., None]]:
+def job_command(
+    lead: Callable[[dict[str, Any]], str] | None = None,
+) -> Callable[[Callable[..., dict[str, Any]]], Callable[..., None]]:
     """For a command that starts a job: adds `--idempotency-key`, `--wait`/`--timeout`/`--interval`, `--json`
     and the API options. The command gets the `ApiClient` and `idempotency_key`, sends its request and returns
     the `202 {"job": ...}` answer; `submitted` prints it or follows the job. `lead` makes a line shown first."""
 
     def decorate(f: Callable[..., dict[str, Any]]) -> Callable[..., None]:
         @functools.wraps(f)
-        def command(api: ApiClient, *args: Any, wait: bool, timeout: float | None, interval: float, as_json: bool,
-                    **kwargs: Any) -> None:
+        def command(
+            api: ApiClient, *args: Any, wait: bool, timeout: float | None, interval: float, as_json: bool, **kwargs: Any
+        ) -> None:
             answer = f(api, *args, **kwargs)
-            submitted(api, answer, as_json=as_json, wait=wait, timeout=timeout, interval=interval,
-                      lead=lead(answer) if lead else None)
+            submitted(
+                api,
+                answer,
+                as_json=as_json,
+                wait=wait,
+                timeout=timeout,
+                interval=interval,
+                lead=lead(answer) if lead else None,
+            )
 
         return idempotency_option(wait_options(json_option(api_command(command))))
 
@@ -124,12 +157,18 @@ def follow(api: ApiClient, job_id: str, *, timeout: float | None, interval: floa
     except WaitTimeout as e:
         if as_json and e.job is not None:
             echo_json(e.job)
-        raise CliFailure("timeout", f"job {job_id} is {_state(e.job)} after {timeout:g}s; it goes on without us "
-                                    f"(`gpusnap jobs wait {job_id}` to follow it again)", exit_code=EXIT_TIMEOUT) from None
+        raise CliFailure(
+            "timeout",
+            f"job {job_id} is {_state(e.job)} after {timeout:g}s; it goes on without us "
+            f"(`gpusnap jobs wait {job_id}` to follow it again)",
+            exit_code=EXIT_TIMEOUT,
+        ) from None
     except KeyboardInterrupt:
-        raise CliFailure("interrupted", f"stopped waiting; job {job_id} goes on "
-                                        f"(`gpusnap jobs cancel {job_id}` to stop it)",
-                         exit_code=EXIT_INTERRUPTED) from None
+        raise CliFailure(
+            "interrupted",
+            f"stopped waiting; job {job_id} goes on (`gpusnap jobs cancel {job_id}` to stop it)",
+            exit_code=EXIT_INTERRUPTED,
+        ) from None
     if as_json:
         echo_json(job)
     else:
@@ -164,8 +203,7 @@ def show_one(item: dict[str, Any], detail: Callable[[dict[str, Any]], str], *, a
         click.echo(detail(item))
 
 
-def show_list(page: dict[str, Any], rows: Callable[[list[dict[str, Any]]], str], *, noun: str,
-              as_json: bool) -> None:
+def show_list(page: dict[str, Any], rows: Callable[[list[dict[str, Any]]], str], *, noun: str, as_json: bool) -> None:
     if as_json:
         echo_json(page)
         return
@@ -177,8 +215,9 @@ def show_list(page: dict[str, Any], rows: Callable[[list[dict[str, Any]]], str],
 def page_options(f: Callable[..., None]) -> Callable[..., None]:
     f = click.option("--all", "all_pages", is_flag=True, help="Follow next_cursor to the end.")(f)
     f = click.option("--cursor", default=None, help="Start at this page (from an earlier listing).")(f)
-    return click.option("--limit", type=click.IntRange(1, 200), default=50, show_default=True,
-                        help="Items per page.")(f)
+    return click.option("--limit", type=click.IntRange(1, 200), default=50, show_default=True, help="Items per page.")(
+        f
+    )
 
 
 # ---- jobs ----------------------------------------------------------------------------------------
@@ -198,12 +237,21 @@ def jobs() -> None:
 @page_options
 @json_option
 @api_command
-def jobs_ls(api: ApiClient, kind: str | None, status: str | None, instance_id: str | None, limit: int,
-            cursor: str | None, all_pages: bool, as_json: bool) -> None:
+def jobs_ls(
+    api: ApiClient,
+    kind: str | None,
+    status: str | None,
+    instance_id: str | None,
+    limit: int,
+    cursor: str | None,
+    all_pages: bool,
+    as_json: bool,
+) -> None:
     """List jobs, newest first."""
     params = {"kind": kind, "status": status, "instance_id": instance_id, "limit": limit, "cursor": cursor}
-    show_list(list_all(api, "/api/jobs", params, follow_cursor=all_pages), render.job_rows, noun="jobs",
-              as_json=as_json)
+    show_list(
+        list_all(api, "/api/jobs", params, follow_cursor=all_pages), render.job_rows, noun="jobs", as_json=as_json
+    )
 
 
 @jobs.command("show")
@@ -217,10 +265,15 @@ def jobs_show(api: ApiClient, job_id: str, as_json: bool) -> None:
 
 @jobs.command("wait")
 @click.argument("job_id")
-@click.option("--timeout", type=click.FloatRange(min=0), default=None,
-              help="Give up (exit 2) after this many seconds; the job goes on.")
-@click.option("--interval", type=click.FloatRange(min=0.05), default=1.0, show_default=True,
-              help="Seconds between polls.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Give up (exit 2) after this many seconds; the job goes on.",
+)
+@click.option(
+    "--interval", type=click.FloatRange(min=0.05), default=1.0, show_default=True, help="Seconds between polls."
+)
 @json_option
 @api_command
 def jobs_wait(api: ApiClient, job_id: str, timeout: float | None, interval: float, as_json: bool) -> None:
@@ -249,9 +302,13 @@ def jobs_cancel(api: ApiClient, job_id: str, as_json: bool) -> None:
 
 
 @click.command("gc")
-@click.option("--grace", "grace_s", type=click.FloatRange(min=0), default=None,
-              help="Delete only unreferenced objects at least this many seconds old (default: the server's "
-                   "GC_GRACE_S).")
+@click.option(
+    "--grace",
+    "grace_s",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Delete only unreferenced objects at least this many seconds old (default: the server's GC_GRACE_S).",
+)
 @job_command()
 def gc(api: ApiClient, grace_s: float | None, idempotency_key: str | None) -> dict[str, Any]:
     """Garbage-collect the chunk stores: delete chunks and packs no snapshot references (format 2), and

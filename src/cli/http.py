@@ -1,5 +1,6 @@
 """A small client of the gpusnap REST API for the CLI: bearer auth, timeouts, and the API's error body
 turned into one exception type. It knows paths and JSON, nothing about commands or output."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -55,8 +56,7 @@ def seg(value: str) -> str:
 class ApiClient:
     """`get`/`post`/`delete` return the decoded JSON body of a 2xx answer or raise `ClientError`."""
 
-    def __init__(self, base_url: str, token: str | None, *,
-                 timeout: tuple[float, float] = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, base_url: str, token: str | None, *, timeout: tuple[float, float] = DEFAULT_TIMEOUT) -> None:
         self.base_url = normalise_url(base_url)
         self.timeout = timeout
         self._session = requests.Session()
@@ -80,15 +80,23 @@ class ApiClient:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return self._request("DELETE", path, headers=headers)
 
-    def open_events(self, params: dict[str, Any], *, last_event_id: str | None = None,
-                    read_timeout: float = 45.0) -> requests.Response:
+    def open_events(
+        self, params: dict[str, Any], *, last_event_id: str | None = None, read_timeout: float = 45.0
+    ) -> requests.Response:
         """`GET /api/events` as an open streaming response (the caller reads and closes it); resumes after
         `last_event_id`. Raises ClientError when the server refuses or lacks the stream."""
         headers = {"Accept": "text/event-stream"}
         if last_event_id is not None:
             headers["Last-Event-ID"] = last_event_id
-        return self._request("GET", "/api/events", params=params, headers=headers, stream=True,
-                             timeout=(self.timeout[0], read_timeout), raw=True)
+        return self._request(
+            "GET",
+            "/api/events",
+            params=params,
+            headers=headers,
+            stream=True,
+            timeout=(self.timeout[0], read_timeout),
+            raw=True,
+        )
 
     def close(self) -> None:
         self._session.close()
@@ -99,11 +107,16 @@ class ApiClient:
         try:
             resp = self._session.request(method, url, **kwargs)
         except requests.ConnectionError as e:
-            raise Unreachable("unreachable", f"cannot connect to the gpusnap API at {self.base_url} "
-                                             f"({_reason(e)}); is it running? set --url or GPUSNAP_URL") from None
+            raise Unreachable(
+                "unreachable",
+                f"cannot connect to the gpusnap API at {self.base_url} "
+                f"({_reason(e)}); is it running? set --url or GPUSNAP_URL",
+            ) from None
         except requests.Timeout:
-            raise Unreachable("timeout", f"the gpusnap API at {self.base_url} did not answer {method} {path} "
-                                         f"within {kwargs['timeout'][1]:g}s") from None
+            raise Unreachable(
+                "timeout",
+                f"the gpusnap API at {self.base_url} did not answer {method} {path} within {kwargs['timeout'][1]:g}s",
+            ) from None
         except requests.RequestException as e:
             raise Unreachable("request_failed", f"{method} {url}: {e}") from None
         if resp.status_code >= 400:
@@ -115,8 +128,11 @@ class ApiClient:
         try:
             return resp.json()
         except ValueError:
-            raise ApiError("bad_response", f"{method} {path} answered {resp.status_code} with a body that is "
-                                           f"not JSON: {resp.text[:200]!r}", status=resp.status_code) from None
+            raise ApiError(
+                "bad_response",
+                f"{method} {path} answered {resp.status_code} with a body that is not JSON: {resp.text[:200]!r}",
+                status=resp.status_code,
+            ) from None
 
 
 def _api_error(resp: requests.Response) -> ApiError:
@@ -134,8 +150,14 @@ def _api_error(resp: requests.Response) -> ApiError:
 def _reason(error: requests.ConnectionError) -> str:
     # requests nests the socket error several levels deep; the innermost text is the useful one.
     text = str(error)
-    for marker in ("Connection refused", "Name or service not known", "No route to host",
-                   "Temporary failure in name resolution", "Network is unreachable", "timed out"):
+    for marker in (
+        "Connection refused",
+        "Name or service not known",
+        "No route to host",
+        "Temporary failure in name resolution",
+        "Network is unreachable",
+        "timed out",
+    ):
         if marker in text:
             return marker.lower()
     return "connection failed"

@@ -2,6 +2,7 @@
 
 The formatting functions are pure (numbers in, text out) so that they are tested without a terminal;
 `ProgressDisplay` only decides when to write what, and where."""
+
 from __future__ import annotations
 
 import os
@@ -149,8 +150,15 @@ class ProgressDisplay:
     """Shows successive snapshots of one job. On a TTY the line is redrawn in place at every update;
     otherwise a line is written when the status or phase changes, and at most every `plain_every` s."""
 
-    def __init__(self, stream: TextIO, *, tty: bool, width: int = 80, plain_every: float = 10.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        stream: TextIO,
+        *,
+        tty: bool,
+        width: int = 80,
+        plain_every: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.stream, self.tty, self.width, self.plain_every = stream, tty, width, plain_every
         self._clock = clock
         self._start = clock()
@@ -206,9 +214,16 @@ class WaitTimeout(Exception):
         self.job = job
 
 
-def wait_for_job(api: Any, job_id: str, *, timeout: float | None, interval: float,
-                 display: ProgressDisplay | None = None, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
+def wait_for_job(
+    api: Any,
+    job_id: str,
+    *,
+    timeout: float | None,
+    interval: float,
+    display: ProgressDisplay | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict[str, Any]:
     """Follow the job until it has finished and return it: over the event stream (`GET /api/events`) when
     the client and server have it, else by polling `GET /api/jobs/<id>` every `interval`. Raises
     WaitTimeout, or the client's error when it is not transient (404, 401) or the API stays away longer
@@ -222,8 +237,14 @@ def wait_for_job(api: Any, job_id: str, *, timeout: float | None, interval: floa
             from src.cli.stream import StreamDeadline, follow_job_stream
 
             try:
-                streamed = follow_job_stream(api, job_id, display=display, clock=clock, sleep=sleep,
-                                             deadline=None if timeout is None else start + timeout)
+                streamed = follow_job_stream(
+                    api,
+                    job_id,
+                    display=display,
+                    clock=clock,
+                    sleep=sleep,
+                    deadline=None if timeout is None else start + timeout,
+                )
             except StreamDeadline as e:
                 raise WaitTimeout(e.job) from None
             if streamed is not None:

@@ -1,5 +1,6 @@
 """Human-readable views of the API's objects for the CLI: tables for lists, `key: value` blocks for one
 object. Scripts use `--json` instead; nothing here is meant to be parsed."""
+
 from __future__ import annotations
 
 import json
@@ -30,34 +31,83 @@ def ratio(value: float | None) -> str:
 
 
 def snapshot_rows(items: list[dict[str, Any]]) -> str:
-    return table(["id", "instance", "status", "raw size", "stored size", "ratio", "parts", "created"],
-                 [[s["id"], s["instance_id"], s["status"], _bytes(s.get("raw_bytes")), _bytes(s.get("stored_bytes")),
-                   ratio(s.get("ratio")), s.get("parts"), when(s.get("created_at"))] for s in items])
+    return table(
+        ["id", "instance", "status", "raw size", "stored size", "ratio", "parts", "created"],
+        [
+            [
+                s["id"],
+                s["instance_id"],
+                s["status"],
+                _bytes(s.get("raw_bytes")),
+                _bytes(s.get("stored_bytes")),
+                ratio(s.get("ratio")),
+                s.get("parts"),
+                when(s.get("created_at")),
+            ]
+            for s in items
+        ],
+    )
 
 
 def job_rows(items: list[dict[str, Any]]) -> str:
-    return table(["id", "kind", "status", "phase", "done", "instance", "snapshot", "created"],
-                 [[j["id"], j["kind"], j["status"], j.get("phase"), _percent(j), j.get("machine_id"),
-                   j.get("snapshot_id"), when(j.get("created_at"))] for j in items])
+    return table(
+        ["id", "kind", "status", "phase", "done", "instance", "snapshot", "created"],
+        [
+            [
+                j["id"],
+                j["kind"],
+                j["status"],
+                j.get("phase"),
+                _percent(j),
+                j.get("machine_id"),
+                j.get("snapshot_id"),
+                when(j.get("created_at")),
+            ]
+            for j in items
+        ],
+    )
 
 
 def machine_rows(items: list[dict[str, Any]]) -> str:
-    return table(["id", "status", "vast id", "ssh", "gpu", "last snapshot", "active job", "updated"],
-                 [[m["id"], m["status"], m.get("vast_instance_id"), _ssh(m), m.get("gpu_name"),
-                   m.get("last_snapshot_id"), m.get("active_job_id"), when(m.get("updated_at"))] for m in items])
+    return table(
+        ["id", "status", "vast id", "ssh", "gpu", "last snapshot", "active job", "updated"],
+        [
+            [
+                m["id"],
+                m["status"],
+                m.get("vast_instance_id"),
+                _ssh(m),
+                m.get("gpu_name"),
+                m.get("last_snapshot_id"),
+                m.get("active_job_id"),
+                when(m.get("updated_at")),
+            ]
+            for m in items
+        ],
+    )
 
 
 def snapshot_detail(s: dict[str, Any]) -> str:
     fields: list[tuple[str, Any]] = [
-        ("id", s["id"]), ("name", s.get("name")), ("instance", s["instance_id"]), ("status", s["status"]),
-        ("workspace", s.get("workspace_path")), ("source host", s.get("source_host")),
-        ("storage prefix", s.get("storage_prefix")), ("codec", s.get("codec")),
-        ("parts", _parts(s)), ("raw size", _bytes(s.get("raw_bytes"))),
-        ("stored size", _bytes(s.get("stored_bytes"))), ("ratio", ratio(s.get("ratio"))),
-        ("files", s.get("file_count")), ("excludes", ", ".join(s.get("excludes") or []) or None),
+        ("id", s["id"]),
+        ("name", s.get("name")),
+        ("instance", s["instance_id"]),
+        ("status", s["status"]),
+        ("workspace", s.get("workspace_path")),
+        ("source host", s.get("source_host")),
+        ("storage prefix", s.get("storage_prefix")),
+        ("codec", s.get("codec")),
+        ("parts", _parts(s)),
+        ("raw size", _bytes(s.get("raw_bytes"))),
+        ("stored size", _bytes(s.get("stored_bytes"))),
+        ("ratio", ratio(s.get("ratio"))),
+        ("files", s.get("file_count")),
+        ("excludes", ", ".join(s.get("excludes") or []) or None),
         ("duration", human_duration(s["duration_s"]) if s.get("duration_s") is not None else None),
-        ("created", when(s.get("created_at"))), ("completed", when(s.get("completed_at"))),
-        ("verified", when(s.get("verified_at"))), ("manifest sha256", s.get("manifest_sha256")),
+        ("created", when(s.get("created_at"))),
+        ("completed", when(s.get("completed_at"))),
+        ("verified", when(s.get("verified_at"))),
+        ("manifest sha256", s.get("manifest_sha256")),
     ]
     if s.get("error"):
         fields.append(("error", f"{s['error']['code']}: {s['error']['message']}"))
@@ -69,12 +119,19 @@ def snapshot_detail(s: dict[str, Any]) -> str:
 def job_detail(j: dict[str, Any]) -> str:
     p = j.get("progress") or {}
     fields: list[tuple[str, Any]] = [
-        ("id", j["id"]), ("kind", j["kind"]), ("status", j["status"]), ("phase", j.get("phase")),
-        ("progress", _percent(j)), ("bytes", _pair(p.get("bytes_done"), p.get("bytes_total"), human_bytes)),
-        ("parts", _pair(p.get("parts_done"), p.get("parts_total"), str)), ("instance", j.get("machine_id")),
-        ("snapshot", j.get("snapshot_id")), ("attempts", j.get("attempts")),
+        ("id", j["id"]),
+        ("kind", j["kind"]),
+        ("status", j["status"]),
+        ("phase", j.get("phase")),
+        ("progress", _percent(j)),
+        ("bytes", _pair(p.get("bytes_done"), p.get("bytes_total"), human_bytes)),
+        ("parts", _pair(p.get("parts_done"), p.get("parts_total"), str)),
+        ("instance", j.get("machine_id")),
+        ("snapshot", j.get("snapshot_id")),
+        ("attempts", j.get("attempts")),
         ("cancel requested", "yes" if j.get("cancel_requested") else None),
-        ("created", when(j.get("created_at"))), ("started", when(j.get("started_at"))),
+        ("created", when(j.get("created_at"))),
+        ("started", when(j.get("started_at"))),
         ("finished", when(j.get("finished_at"))),
     ]
     if j.get("error"):
@@ -85,13 +142,22 @@ def job_detail(j: dict[str, Any]) -> str:
 
 
 def machine_detail(m: dict[str, Any]) -> str:
-    text = block([
-        ("id", m["id"]), ("status", m["status"]), ("vast instance", m.get("vast_instance_id")), ("ssh", _ssh(m)),
-        ("host key pinned", "yes" if m.get("host_key_pinned") else "no"), ("workspace", m.get("workspace_path")),
-        ("gpu", m.get("gpu_name")), ("last snapshot", m.get("last_snapshot_id")),
-        ("active job", m.get("active_job_id")), ("policy", _policy_line(m.get("policy"))),
-        ("created", when(m.get("created_at"))), ("updated", when(m.get("updated_at"))),
-    ])
+    text = block(
+        [
+            ("id", m["id"]),
+            ("status", m["status"]),
+            ("vast instance", m.get("vast_instance_id")),
+            ("ssh", _ssh(m)),
+            ("host key pinned", "yes" if m.get("host_key_pinned") else "no"),
+            ("workspace", m.get("workspace_path")),
+            ("gpu", m.get("gpu_name")),
+            ("last snapshot", m.get("last_snapshot_id")),
+            ("active job", m.get("active_job_id")),
+            ("policy", _policy_line(m.get("policy"))),
+            ("created", when(m.get("created_at"))),
+            ("updated", when(m.get("updated_at"))),
+        ]
+    )
     events = m.get("events") or []
     if not events:
         return text + "\n\nno events"
@@ -103,10 +169,13 @@ def _policy_line(p: dict[str, Any] | None) -> str | None:
     """One line for `instances show`; `instances policy show` has the whole policy."""
     if not p:
         return None
-    parts = [f"snapshots {p['schedule']} UTC" if p.get("schedule") else "",
-             "retention " + ",".join(f"{k.removeprefix('keep_')}={v}" for k, v in (p.get("retention") or {}).items()
-                                     if v) if p.get("retention") else "",
-             f"idle {p['idle'].get('action')}{' (dry run)' if p['idle'].get('dry_run') else ''}" if p.get("idle") else ""]
+    parts = [
+        f"snapshots {p['schedule']} UTC" if p.get("schedule") else "",
+        "retention " + ",".join(f"{k.removeprefix('keep_')}={v}" for k, v in (p.get("retention") or {}).items() if v)
+        if p.get("retention")
+        else "",
+        f"idle {p['idle'].get('action')}{' (dry run)' if p['idle'].get('dry_run') else ''}" if p.get("idle") else "",
+    ]
     return "; ".join(x for x in parts if x) or "set (empty)"
 
 
@@ -115,15 +184,23 @@ def policy_detail(p: dict[str, Any]) -> str:
     idle = p.get("idle")
     idle_text = None
     if idle:
-        idle_text = (f"{'dry run: ' if idle.get('dry_run') else ''}{idle.get('action')} when every GPU < "
-                     f"{idle.get('gpu_util_below')}% for {idle.get('for_s')}s (sample every {idle.get('sample_every_s')}s"
-                     f"{', SSH sessions ignored' if not idle.get('respect_ssh_sessions', True) else ''})")
-    return block([
-        ("machine", p.get("machine_id")), ("workspace", p.get("workspace_path") or "(the machine's)"),
-        ("excludes", ", ".join(p.get("excludes") or [])), ("schedule", p.get("schedule") and f"{p['schedule']} (UTC)"),
-        ("next run", when(p.get("next_run_at"))), ("last slot", when(p.get("last_slot_at"))),
-        ("retention", ", ".join(f"{k}={v}" for k, v in retention.items() if v)), ("idle", idle_text),
-    ])
+        idle_text = (
+            f"{'dry run: ' if idle.get('dry_run') else ''}{idle.get('action')} when every GPU < "
+            f"{idle.get('gpu_util_below')}% for {idle.get('for_s')}s (sample every {idle.get('sample_every_s')}s"
+            f"{', SSH sessions ignored' if not idle.get('respect_ssh_sessions', True) else ''})"
+        )
+    return block(
+        [
+            ("machine", p.get("machine_id")),
+            ("workspace", p.get("workspace_path") or "(the machine's)"),
+            ("excludes", ", ".join(p.get("excludes") or [])),
+            ("schedule", p.get("schedule") and f"{p['schedule']} (UTC)"),
+            ("next run", when(p.get("next_run_at"))),
+            ("last slot", when(p.get("last_slot_at"))),
+            ("retention", ", ".join(f"{k}={v}" for k, v in retention.items() if v)),
+            ("idle", idle_text),
+        ]
+    )
 
 
 def job_summary(j: dict[str, Any]) -> str:

@@ -2,6 +2,7 @@
 at the next poll. Used when the server has the stream; when it has not (an older server, 404), refuses
 it (503 `too_many_streams`) or the stream breaks and cannot be reopened, the caller falls back to polling.
 A stream that ends (servers close them every EVENTS_MAX_STREAM_S) is reopened after its last event id."""
+
 from __future__ import annotations
 
 import json
@@ -30,7 +31,8 @@ def sse_events(resp: requests.Response) -> Iterator[tuple[str | None, dict[str, 
     """(id, data) of each event of an SSE body, as it arrives. Comments (heartbeats) are skipped."""
     event_id: str | None = None
     data: list[str] = []
-    for line in resp.iter_lines(decode_unicode=True):
+    for raw in resp.iter_lines(decode_unicode=True):
+        line = raw if isinstance(raw, str) else raw.decode("utf-8", "replace")  # typed bytes | str
         if line == "":
             if data:
                 try:
@@ -49,9 +51,15 @@ def sse_events(resp: requests.Response) -> Iterator[tuple[str | None, dict[str, 
                 data.append(value)
 
 
-def follow_job_stream(api: Any, job_id: str, *, display: Any, deadline: float | None,
-                      clock: Callable[[], float] = time.monotonic,
-                      sleep: Callable[[float], None] = time.sleep) -> dict[str, Any] | None:
+def follow_job_stream(
+    api: Any,
+    job_id: str,
+    *,
+    display: Any,
+    deadline: float | None,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict[str, Any] | None:
     """The finished job, followed over the event stream; None when the stream is not to be had (the caller
     then polls). `display.update(job)` is called with each new state. Raises StreamDeadline at `deadline`
     (a `clock()` value), and the client's error when the job itself cannot be read (404, 401)."""
@@ -65,8 +73,11 @@ def follow_job_stream(api: Any, job_id: str, *, display: Any, deadline: float | 
         if left is not None and left <= 0:
             raise StreamDeadline(job)
         try:
-            resp = api.open_events({"job_id": job_id}, last_event_id=last_id,
-                                   read_timeout=READ_TIMEOUT_S if left is None else max(0.5, min(READ_TIMEOUT_S, left)))
+            resp = api.open_events(
+                {"job_id": job_id},
+                last_event_id=last_id,
+                read_timeout=READ_TIMEOUT_S if left is None else max(0.5, min(READ_TIMEOUT_S, left)),
+            )
         except ClientError:
             return None
         opened_at, delivered = clock(), False

@@ -8,6 +8,7 @@ by writing the machine row. gc marks objects `deleting` only while no snapshot o
 pending or running; a snapshot computes `known_chunks` (live objects only) and, while objects are
 still `deleting`, waits for gc to have removed them before its host lists or uploads anything, so a
 key it writes (a block's key is its digest) can never be deleted under it afterwards."""
+
 from __future__ import annotations
 
 import logging
@@ -49,18 +50,28 @@ def known_chunks(ctx: JobContext, machine_id: str, store_prefix: str) -> list[li
     while True:
         with transaction(ctx.container.session_factory) as s:
             lock_machine(s, machine_id)
-            doomed = s.execute(select(StoreObject.key, StoreObject.gc_job_id).where(
-                StoreObject.machine_id == machine_id, StoreObject.state == "deleting")).all()
+            doomed = s.execute(
+                select(StoreObject.key, StoreObject.gc_job_id).where(
+                    StoreObject.machine_id == machine_id, StoreObject.state == "deleting"
+                )
+            ).all()
             if not doomed:
                 return _known(s, machine_id)
             gc_jobs = {job_id for _, job_id in doomed if job_id}
-            gc_running = gc_jobs and s.scalar(select(func.count()).select_from(Job).where(
-                Job.id.in_(gc_jobs), Job.status.in_(ACTIVE)))
+            gc_running = gc_jobs and s.scalar(
+                select(func.count()).select_from(Job).where(Job.id.in_(gc_jobs), Job.status.in_(ACTIVE))
+            )
         if gc_running:
             if not told:
-                logger.info("job %s: waiting for gc job %s to remove %d objects of machine %s before the host "
-                            "lists its chunk store", ctx.job_id, ", ".join(sorted(gc_jobs)), len(doomed), machine_id,
-                            extra={"job_id": ctx.job_id})
+                logger.info(
+                    "job %s: waiting for gc job %s to remove %d objects of machine %s before the host "
+                    "lists its chunk store",
+                    ctx.job_id,
+                    ", ".join(sorted(gc_jobs)),
+                    len(doomed),
+                    machine_id,
+                    extra={"job_id": ctx.job_id},
+                )
                 told = True
             ctx.progress(phase="wait_gc")
             ctx.sleep(GC_WAIT_POLL_S)
@@ -74,18 +85,35 @@ def known_chunks(ctx: JobContext, machine_id: str, store_prefix: str) -> list[li
 
 
 def _known(s: Session, machine_id: str) -> list[list[Any]]:
-    referenced = (select(SnapshotObject.object_key).join(Snapshot, Snapshot.id == SnapshotObject.snapshot_id)
-                  .where(SnapshotObject.machine_id == machine_id, Snapshot.status == "complete"))
+    referenced = (
+        select(SnapshotObject.object_key)
+        .join(Snapshot, Snapshot.id == SnapshotObject.snapshot_id)
+        .where(SnapshotObject.machine_id == machine_id, Snapshot.status == "complete")
+    )
     rows = s.execute(
         select(StoreChunk, StoreObject.size, StoreObject.sha256)
-        .join(StoreObject, (StoreObject.machine_id == StoreChunk.machine_id) & (StoreObject.key == StoreChunk.object_key))
-        .where(StoreChunk.machine_id == machine_id, StoreObject.state == "live",
-               StoreChunk.object_key.in_(referenced))
-        .order_by(StoreChunk.raw_sha256, StoreChunk.object_key))
+        .join(
+            StoreObject, (StoreObject.machine_id == StoreChunk.machine_id) & (StoreObject.key == StoreChunk.object_key)
+        )
+        .where(StoreChunk.machine_id == machine_id, StoreObject.state == "live", StoreChunk.object_key.in_(referenced))
+        .order_by(StoreChunk.raw_sha256, StoreChunk.object_key)
+    )
     known: dict[str, list[Any]] = {}
     for chunk, size, sha in rows:
-        known.setdefault(chunk.raw_sha256, [chunk.raw_sha256, chunk.object_key, chunk.offset, chunk.stored_size,
-                                            chunk.raw_size, chunk.codec, chunk.sha256, size, sha])
+        known.setdefault(
+            chunk.raw_sha256,
+            [
+                chunk.raw_sha256,
+                chunk.object_key,
+                chunk.offset,
+                chunk.stored_size,
+                chunk.raw_size,
+                chunk.codec,
+                chunk.sha256,
+                size,
+                sha,
+            ],
+        )
     return list(known.values())
 
 
@@ -93,29 +121,52 @@ def record_manifest(s: Session, snapshot_id: str, machine_id: str, manifest: Man
     """Index a checked v2 manifest in the caller's (fenced) transaction: its objects (live), where its
     chunks are, and that this snapshot references those objects."""
     lock_machine(s, machine_id)
-    existing = {o.key: o for o in s.scalars(select(StoreObject).where(
-        StoreObject.machine_id == machine_id, StoreObject.key.in_([o.key for o in manifest.objects])))}
+    existing = {
+        o.key: o
+        for o in s.scalars(
+            select(StoreObject).where(
+                StoreObject.machine_id == machine_id, StoreObject.key.in_([o.key for o in manifest.objects])
+            )
+        )
+    }
     for obj in manifest.objects:
         row = existing.get(obj.key)
         if row is None:
-            s.add(StoreObject(machine_id=machine_id, key=obj.key, kind=obj.kind, size=obj.size, sha256=obj.sha256,
-                              state="live"))
+            s.add(
+                StoreObject(
+                    machine_id=machine_id, key=obj.key, kind=obj.kind, size=obj.size, sha256=obj.sha256, state="live"
+                )
+            )
         elif row.state != "live":
             # Cannot happen while the wait in known_chunks holds; never index onto an object being deleted.
             raise JobFailed(f"{obj.key} is being removed by gc; take the snapshot again", code="gc_conflict")
         else:
             row.size, row.sha256 = obj.size, obj.sha256
-    seen: set[tuple[str, str]] = {(r, k) for r, k in s.execute(select(StoreChunk.raw_sha256, StoreChunk.object_key)
-                                                                .where(StoreChunk.machine_id == machine_id,
-                                                                       StoreChunk.object_key.in_(
-                                                                           [o.key for o in manifest.objects])))}
+    seen: set[tuple[str, str]] = {
+        (r, k)
+        for r, k in s.execute(
+            select(StoreChunk.raw_sha256, StoreChunk.object_key).where(
+                StoreChunk.machine_id == machine_id, StoreChunk.object_key.in_([o.key for o in manifest.objects])
+            )
+        )
+    }
     for c in manifest.chunks:
         key = manifest.objects[c.object].key
         if (c.raw_sha256, key) in seen:
             continue
         seen.add((c.raw_sha256, key))
-        s.add(StoreChunk(machine_id=machine_id, raw_sha256=c.raw_sha256, object_key=key, offset=c.offset,
-                         stored_size=c.stored_size, raw_size=c.raw_size, codec=c.codec, sha256=c.sha256))
+        s.add(
+            StoreChunk(
+                machine_id=machine_id,
+                raw_sha256=c.raw_sha256,
+                object_key=key,
+                offset=c.offset,
+                stored_size=c.stored_size,
+                raw_size=c.raw_size,
+                codec=c.codec,
+                sha256=c.sha256,
+            )
+        )
     s.execute(delete(SnapshotObject).where(SnapshotObject.snapshot_id == snapshot_id))
     for obj in manifest.objects:
         s.add(SnapshotObject(snapshot_id=snapshot_id, machine_id=machine_id, object_key=obj.key))
@@ -124,7 +175,6 @@ def record_manifest(s: Session, snapshot_id: str, machine_id: str, manifest: Man
 def drop_objects(s: Session, machine_id: str, keys: list[str]) -> None:
     """Forget objects that are gone from the bucket, with the chunks they held."""
     for start in range(0, len(keys), 500):
-        batch = keys[start:start + 500]
+        batch = keys[start : start + 500]
         s.execute(delete(StoreChunk).where(StoreChunk.machine_id == machine_id, StoreChunk.object_key.in_(batch)))
         s.execute(delete(StoreObject).where(StoreObject.machine_id == machine_id, StoreObject.key.in_(batch)))
-

@@ -1,4 +1,5 @@
 """What a job handler gets: its parameters, a place to record steps done, progress reporting, cancel."""
+
 from __future__ import annotations
 
 import logging
@@ -120,8 +121,9 @@ class JobContext:
             state[job_service.NO_RETURN] = {"step": no_return, "attempt": self.attempt, "at": utcnow().isoformat()}
         write_state = state if (state_updates or first) else None
         with transaction(self.container.session_factory) as s:
-            verdict = job_service.fence(s, self.job_id, attempt=self.attempt, state=write_state,
-                                        refuse_if_cancelled=first)
+            verdict = job_service.fence(
+                s, self.job_id, attempt=self.attempt, state=write_state, refuse_if_cancelled=first
+            )
             if verdict == "cancel":
                 self.cancel_event.set()
                 raise JobCancelled("the job was cancelled")
@@ -154,8 +156,13 @@ class JobContext:
     def check_deadline(self) -> None:
         """Called by the heartbeat: past the deadline, stop the job like a cancel would."""
         if not self.timed_out and time.monotonic() >= self.deadline_at:
-            logger.warning("job %s (%s) ran past its deadline of %gs; stopping it", self.job_id, self.kind,
-                           self.deadline_s, extra={"job_id": self.job_id})
+            logger.warning(
+                "job %s (%s) ran past its deadline of %gs; stopping it",
+                self.job_id,
+                self.kind,
+                self.deadline_s,
+                extra={"job_id": self.job_id},
+            )
             self.timed_out = True
             self.cancel_event.set()
 
@@ -168,8 +175,9 @@ class JobContext:
         with self._lock:
             progress = dict(self._pending)
             state = dict(self.state) if with_state else None
-            verdict = job_service.heartbeat(self.container.session_factory, self.job_id, attempt=self.attempt,
-                                            progress=progress, state=state)
+            verdict = job_service.heartbeat(
+                self.container.session_factory, self.job_id, attempt=self.attempt, progress=progress, state=state
+            )
             self._last_write = time.monotonic()
         if verdict == "cancel":
             self.cancel_event.set()
@@ -203,5 +211,9 @@ class Heartbeat:
             try:
                 self._ctx.flush()
             except Exception:  # a DB hiccup must not kill the heartbeat; the next beat tries again
-                logger.warning("heartbeat write failed for job %s", self._ctx.job_id, exc_info=True,
-                               extra={"job_id": self._ctx.job_id})
+                logger.warning(
+                    "heartbeat write failed for job %s",
+                    self._ctx.job_id,
+                    exc_info=True,
+                    extra={"job_id": self._ctx.job_id},
+                )

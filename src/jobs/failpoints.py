@@ -3,6 +3,7 @@
 `GPUSNAP_FAILPOINTS="hibernate.after_verify"` (comma-separated names) makes `failpoint(name)` end the
 process there, with no cleanup, exit status 137. Unset (always, in production) it does nothing. This is
 how the tests prove that a job re-run after a crash at the worst moment does the right thing."""
+
 from __future__ import annotations
 
 import logging

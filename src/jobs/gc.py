@@ -8,6 +8,7 @@ Then they are deleted from the bucket, then forgotten. Each step is safe to stop
 to run again: a re-run marks again what is still listed, deletes again what it marked (deleting what is
 gone succeeds) and forgets it. A snapshot that starts meanwhile waits until the marked objects are gone,
 so its host can never reuse, or upload again under the same key, an object about to be deleted."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -32,8 +33,15 @@ def gc(ctx: JobContext) -> dict[str, Any]:
     grace_s = float(ctx.params["grace_s"] if ctx.params.get("grace_s") is not None else ctx.settings.gc_grace_s)
     with ctx.owned() as s:
         machines = sorted(set(s.scalars(select(Machine.id))) | set(s.scalars(select(StoreObject.machine_id))))
-    report: dict[str, Any] = {"grace_s": grace_s, "machines": len(machines), "deleted_objects": 0,
-                              "deleted_bytes": 0, "skipped_busy": [], "repacked_packs": 0, "repack_freed_bytes": 0}
+    report: dict[str, Any] = {
+        "grace_s": grace_s,
+        "machines": len(machines),
+        "deleted_objects": 0,
+        "deleted_bytes": 0,
+        "skipped_busy": [],
+        "repacked_packs": 0,
+        "repack_freed_bytes": 0,
+    }
     for machine_id in machines:
         ctx.check_cancelled()
         ctx.progress(phase=f"gc:{machine_id}"[:64])
@@ -65,29 +73,36 @@ def sweep(ctx: JobContext, machine_id: str, prefix: str, grace_s: float, report:
     listed = {}
     for sub in ("chunks/", "packs/"):
         for info in store.list(prefix + sub):
-            rel = info.key[len(prefix):]
+            rel = info.key[len(prefix) :]
             if OBJECT_KEY.match(rel):  # anything else there is not ours to judge
                 listed[rel] = info
     now = utcnow()
     with ctx.owned() as s:  # fenced, and the machine row first: see the module doc
         lock_machine(s, machine_id)
-        busy = s.scalar(select(Snapshot.id).where(Snapshot.machine_id == machine_id,
-                                                  Snapshot.status.in_(IN_PROGRESS)).limit(1))
+        busy = s.scalar(
+            select(Snapshot.id).where(Snapshot.machine_id == machine_id, Snapshot.status.in_(IN_PROGRESS)).limit(1)
+        )
         rows = {r.key: r for r in s.scalars(select(StoreObject).where(StoreObject.machine_id == machine_id))}
         if busy is not None:
             # Finish only what this job marked before (the snapshot waits for it); mark nothing new.
             doomed = [k for k, r in rows.items() if r.state == "deleting" and r.gc_job_id == ctx.job_id]
         else:
-            referenced = set(s.scalars(select(SnapshotObject.object_key).where(
-                SnapshotObject.machine_id == machine_id)))
+            referenced = set(
+                s.scalars(select(SnapshotObject.object_key).where(SnapshotObject.machine_id == machine_id))
+            )
             doomed = []
             for rel, info in listed.items():
                 if rel in referenced or not _old(info.last_modified, now, grace_s):
                     continue
                 row = rows.get(rel)
                 if row is None:  # an orphan: uploaded by a snapshot that never completed
-                    row = StoreObject(machine_id=machine_id, key=rel, size=info.size, sha256=None,
-                                      kind="block" if rel.startswith("chunks/") else "pack")
+                    row = StoreObject(
+                        machine_id=machine_id,
+                        key=rel,
+                        size=info.size,
+                        sha256=None,
+                        kind="block" if rel.startswith("chunks/") else "pack",
+                    )
                     s.add(row)
                 row.state, row.gc_job_id = "deleting", ctx.job_id
                 doomed.append(rel)

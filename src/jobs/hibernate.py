@@ -8,6 +8,7 @@ right before the snapshot; which instance and endpoint is recorded in `state.sna
 right before the destroy the record, the snapshot row and vast.ai are checked again
 (`endpoint_mismatch`). A snapshot that holds nothing, or far less than the host's pre-scan of the
 workspace found, is kept but destroys nothing (`hollow_snapshot`)."""
+
 from __future__ import annotations
 
 import ipaddress
@@ -54,17 +55,30 @@ def hibernate(ctx: JobContext) -> dict[str, Any]:
         snap = snapshot_fields(ctx, snapshot_id)
         deep = bool(ctx.params.get("deep_verify"))
         ctx.progress(phase="verify")
-        check_objects(ctx, prefix=snap["storage_prefix"], manifest_sha256=snap["manifest_sha256"], deep=deep,
-                      snapshot_id=snapshot_id)
+        check_objects(
+            ctx,
+            prefix=snap["storage_prefix"],
+            manifest_sha256=snap["manifest_sha256"],
+            deep=deep,
+            snapshot_id=snapshot_id,
+        )
         ctx.save_state(verified=True)
     failpoint("hibernate.after_verify")
 
     snap = snapshot_fields(ctx, snapshot_id)
-    result = {"snapshot_id": snapshot_id, "raw_bytes": snap["raw_bytes"], "stored_bytes": snap["stored_bytes"],
-              "destroyed_instance_id": None}
+    result = {
+        "snapshot_id": snapshot_id,
+        "raw_bytes": snap["raw_bytes"],
+        "stored_bytes": snap["stored_bytes"],
+        "destroyed_instance_id": None,
+    }
     if not destroy_after:
-        set_machine(ctx, machine_id, status="running", event=("snapshot_only", f"snapshot {snapshot_id} taken; "
-                                                               "instance kept (destroy_after false)"))
+        set_machine(
+            ctx,
+            machine_id,
+            status="running",
+            event=("snapshot_only", f"snapshot {snapshot_id} taken; instance kept (destroy_after false)"),
+        )
         return result
 
     instance_id = ctx.state.get("destroying") or machine_fields(ctx, machine_id).get("vast_instance_id")
@@ -80,9 +94,16 @@ def hibernate(ctx: JobContext) -> dict[str, Any]:
     ctx.point_of_no_return("destroy", destroying=instance_id)
     failpoint("hibernate.before_destroy")
     destroy_confirmed(ctx, ctx.container.vast(), int(instance_id))
-    set_machine(ctx, machine_id, status="hibernated", vast_instance_id=None, ssh_host=None, ssh_port=None,
-                host_key=None, event=("hibernated", f"instance {instance_id} destroyed after snapshot {snapshot_id} "
-                                      "was verified"))
+    set_machine(
+        ctx,
+        machine_id,
+        status="hibernated",
+        vast_instance_id=None,
+        ssh_host=None,
+        ssh_port=None,
+        host_key=None,
+        event=("hibernated", f"instance {instance_id} destroyed after snapshot {snapshot_id} was verified"),
+    )
     ctx.save_state(destroyed=True)
     result["destroyed_instance_id"] = instance_id
     return result
@@ -96,8 +117,13 @@ def _remember_shape(ctx: JobContext, machine_id: str, instance: Any) -> None:
         if machine is None:
             return
         # Its price too: what the hibernated hours save (GET /api/instances `costs`) is counted at it.
-        shape = {"num_gpus": instance.num_gpus, "image": instance.raw.get("image_uuid"), "dph_total": instance.dph_total,
-                 "inet_up_cost": instance.raw.get("inet_up_cost"), "inet_down_cost": instance.raw.get("inet_down_cost")}
+        shape = {
+            "num_gpus": instance.num_gpus,
+            "image": instance.raw.get("image_uuid"),
+            "dph_total": instance.dph_total,
+            "inet_up_cost": instance.raw.get("inet_up_cost"),
+            "inet_down_cost": instance.raw.get("inet_down_cost"),
+        }
         machine.offer = {**(machine.offer or {}), **{k: v for k, v in shape.items() if v}}
         machine.gpu_name = instance.gpu_name or machine.gpu_name
 
@@ -106,8 +132,13 @@ def _endpoint(ctx: JobContext, machine_id: str) -> Endpoint:
     """The machine's SSH endpoint; asked of vast.ai when the request gave none."""
     m = machine_fields(ctx, machine_id)
     if m.get("ssh_host") and m.get("ssh_port"):
-        return Endpoint(machine_id=machine_id, host=m["ssh_host"], port=m["ssh_port"],
-                        user=m.get("ssh_user") or ctx.settings.ssh_user, host_key=m.get("host_key"))
+        return Endpoint(
+            machine_id=machine_id,
+            host=m["ssh_host"],
+            port=m["ssh_port"],
+            user=m.get("ssh_user") or ctx.settings.ssh_user,
+            host_key=m.get("host_key"),
+        )
     if m.get("vast_instance_id") is None:
         raise JobFailed(f"machine {machine_id} has no SSH endpoint and no vast.ai instance", code="no_ssh_endpoint")
     instance = ctx.container.vast().show_instance(int(m["vast_instance_id"]))
@@ -116,10 +147,20 @@ def _endpoint(ctx: JobContext, machine_id: str) -> Endpoint:
     ep = instance.ssh_endpoint
     ctx.container.ssh_policy().check(ep.host)
     # The same instance under the address vast.ai reports: its pinned host key still applies.
-    set_machine(ctx, machine_id, ssh_host=ep.host, ssh_port=ep.port,
-                event=("endpoint_discovered", f"SSH endpoint {ep.host}:{ep.port} from vast.ai"))
-    return Endpoint(machine_id=machine_id, host=ep.host, port=ep.port,
-                    user=m.get("ssh_user") or ctx.settings.ssh_user, host_key=m.get("host_key"))
+    set_machine(
+        ctx,
+        machine_id,
+        ssh_host=ep.host,
+        ssh_port=ep.port,
+        event=("endpoint_discovered", f"SSH endpoint {ep.host}:{ep.port} from vast.ai"),
+    )
+    return Endpoint(
+        machine_id=machine_id,
+        host=ep.host,
+        port=ep.port,
+        user=m.get("ssh_user") or ctx.settings.ssh_user,
+        host_key=m.get("host_key"),
+    )
 
 
 def endpoint_text(host: str, port: int | str) -> str:
@@ -152,30 +193,45 @@ def _instance_endpoint(ctx: JobContext, machine_id: str) -> Endpoint:
     if instance is not None:
         _remember_shape(ctx, machine_id, instance)
     if not own:
-        raise JobFailed(f"vast.ai reports no SSH endpoint for instance {vast_id} (not running?); nothing was "
-                        "snapshotted or destroyed", code="no_ssh_endpoint")
+        raise JobFailed(
+            f"vast.ai reports no SSH endpoint for instance {vast_id} (not running?); nothing was "
+            "snapshotted or destroyed",
+            code="no_ssh_endpoint",
+        )
     requested = ctx.params.get("requested_endpoint")
     if requested and endpoint_text(*requested) not in own:
-        raise JobFailed(f"{requested[0]}:{requested[1]} is not vast.ai instance {vast_id} (it answers at "
-                        f"{', '.join(sorted(own))}); nothing was snapshotted or destroyed", code="endpoint_mismatch")
+        raise JobFailed(
+            f"{requested[0]}:{requested[1]} is not vast.ai instance {vast_id} (it answers at "
+            f"{', '.join(sorted(own))}); nothing was snapshotted or destroyed",
+            code="endpoint_mismatch",
+        )
     user = m.get("ssh_user") or ctx.settings.ssh_user
     remembered = endpoint_text(m["ssh_host"], m["ssh_port"]) if m.get("ssh_host") and m.get("ssh_port") else None
     if remembered in own:
-        endpoint = Endpoint(machine_id=machine_id, host=m["ssh_host"], port=m["ssh_port"], user=user,
-                            host_key=m.get("host_key"))
+        endpoint = Endpoint(
+            machine_id=machine_id, host=m["ssh_host"], port=m["ssh_port"], user=user, host_key=m.get("host_key")
+        )
     else:
         ep = instance.ssh_endpoint
         ctx.container.ssh_policy().check(ep.host)
-        why = (f"remembered endpoint {remembered} is not vast.ai instance {vast_id}'s; using {ep.host}:{ep.port}"
-               if remembered else f"SSH endpoint {ep.host}:{ep.port} from vast.ai")
+        why = (
+            f"remembered endpoint {remembered} is not vast.ai instance {vast_id}'s; using {ep.host}:{ep.port}"
+            if remembered
+            else f"SSH endpoint {ep.host}:{ep.port} from vast.ai"
+        )
         # The pin stays: whichever way vast.ai routes SSH (direct or proxy), it reaches this instance's own
         # sshd, and a pin is reset only by a wake onto a new instance or by forget-host-key.
-        set_machine(ctx, machine_id, ssh_host=ep.host, ssh_port=ep.port,
-                    event=("endpoint_replaced" if remembered else "endpoint_discovered", why))
-        endpoint = Endpoint(machine_id=machine_id, host=ep.host, port=ep.port, user=user,
-                            host_key=m.get("host_key"))
-    ctx.save_state(snapshot_source={"vast_instance_id": vast_id,
-                                    "endpoint": endpoint_text(endpoint.host, endpoint.port)})
+        set_machine(
+            ctx,
+            machine_id,
+            ssh_host=ep.host,
+            ssh_port=ep.port,
+            event=("endpoint_replaced" if remembered else "endpoint_discovered", why),
+        )
+        endpoint = Endpoint(machine_id=machine_id, host=ep.host, port=ep.port, user=user, host_key=m.get("host_key"))
+    ctx.save_state(
+        snapshot_source={"vast_instance_id": vast_id, "endpoint": endpoint_text(endpoint.host, endpoint.port)}
+    )
     return endpoint
 
 
@@ -200,8 +256,10 @@ def _recheck_source(ctx: JobContext, machine_id: str, instance_id: int, snapshot
         instance = ctx.container.vast().show_instance(instance_id)
         own = own_endpoints(instance) if instance is not None else set()
         if own and source["endpoint"] not in own:  # none: stopped or gone, so not someone else's now
-            problem = (f"vast.ai instance {instance_id} now answers at {', '.join(sorted(own))}, not at "
-                       f"{source['endpoint']} where the snapshot was taken")
+            problem = (
+                f"vast.ai instance {instance_id} now answers at {', '.join(sorted(own))}, not at "
+                f"{source['endpoint']} where the snapshot was taken"
+            )
     if problem is not None:
         raise JobFailed(f"{problem}; nothing was destroyed", code="endpoint_mismatch")
 
@@ -229,8 +287,11 @@ def _recheck_idle(ctx: JobContext, machine_id: str, snapshot_id: str) -> None:
     elif guard.get("respect_ssh_sessions", True) and sessions != 0:
         why = "an interactive SSH session is open" if sessions else "SSH sessions could not be counted"
     if why is not None:
-        raise JobFailed(f"{why} right before the destroy: the machine is no longer idle; snapshot {snapshot_id} "
-                        "is kept and nothing was destroyed", code="no_longer_idle")
+        raise JobFailed(
+            f"{why} right before the destroy: the machine is no longer idle; snapshot {snapshot_id} "
+            "is kept and nothing was destroyed",
+            code="no_longer_idle",
+        )
 
 
 def hollow_reason(*, files: int | None, raw_bytes: int | None, scan: dict[str, Any] | None) -> str | None:
@@ -249,8 +310,11 @@ def hollow_reason(*, files: int | None, raw_bytes: int | None, scan: dict[str, A
 def _refuse_hollow(ctx: JobContext, snap: dict[str, Any]) -> None:
     reason = hollow_reason(files=snap["files"], raw_bytes=snap["raw_bytes"], scan=ctx.state.get("scan"))
     if reason is not None:
-        raise JobFailed(f"{reason}; snapshot {snap['id']} is kept and nothing was destroyed (destroy_after: "
-                        "false takes such a snapshot without destroying)", code="hollow_snapshot")
+        raise JobFailed(
+            f"{reason}; snapshot {snap['id']} is kept and nothing was destroyed (destroy_after: "
+            "false takes such a snapshot without destroying)",
+            code="hollow_snapshot",
+        )
 
 
 def _hibernate_ended(s: Session, job: Job) -> None:
@@ -266,12 +330,22 @@ def _hibernate_ended(s: Session, job: Job) -> None:
         # The destroy was sent but never confirmed: the instance may or may not be alive. The snapshot
         # is complete and verified, so nothing is lost; a person (or a new hibernate) must look.
         machine.status = "error"
-        add_event(s, machine.id, "hibernate_failed", f"destroy of instance {state['destroying']} not confirmed: "
-                  f"{job.error_code}: {job.error_message}", job_id=job.id)
+        add_event(
+            s,
+            machine.id,
+            "hibernate_failed",
+            f"destroy of instance {state['destroying']} not confirmed: {job.error_code}: {job.error_message}",
+            job_id=job.id,
+        )
     else:
         machine.status = "running"
-        add_event(s, machine.id, "hibernate_failed", f"{job.error_code}: {job.error_message}; instance left "
-                  "running", job_id=job.id)
+        add_event(
+            s,
+            machine.id,
+            "hibernate_failed",
+            f"{job.error_code}: {job.error_message}; instance left running",
+            job_id=job.id,
+        )
 
 
 KIND = JobKind("hibernate", hibernate, rerunnable=True, on_end=_hibernate_ended)

@@ -1,5 +1,6 @@
 """The registry of job kinds: what runs, whether a kind is safe to re-run after a crash, and the hook
 that updates domain rows when a job ends."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -27,7 +28,6 @@ class JobKind:
 def default_kinds() -> dict[str, JobKind]:
     """Every production job kind, by name."""
     from src.jobs import gc, hibernate, pause, storage_jobs, transfer_jobs, wake
-
     from src.jobs.scheduler import with_retention, with_wake_queue
 
     kinds = [*storage_jobs.KINDS, *transfer_jobs.KINDS, hibernate.KIND, wake.KIND, *pause.KINDS, gc.KIND]

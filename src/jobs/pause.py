@@ -1,6 +1,7 @@
 """`pause` and `resume`: vast.ai's own stop/start. Cheaper than hibernate for short breaks (the disk
 stays, and is billed), and no data moves. A resume can fail when the host's GPUs were rented meanwhile;
 the machine then stays paused and the error says so."""
+
 from __future__ import annotations
 
 import time
@@ -49,8 +50,11 @@ def resume(ctx: JobContext) -> dict[str, Any]:
             # vast.ai queued the start ("state change queued", OpenAPI auto_put_api_v0_instances_id_4ff617.yaml):
             # left alone, it starts (and bills) whenever the GPUs free up, behind our back. Take it back.
             _cancel_queued_start(ctx, vast, instance_id)
-            raise JobFailed(f"the GPUs of instance {instance_id}'s host are rented by someone else; wake from a "
-                            "snapshot instead, or try again later", code="gpu_unavailable") from e
+            raise JobFailed(
+                f"the GPUs of instance {instance_id}'s host are rented by someone else; wake from a "
+                "snapshot instead, or try again later",
+                code="gpu_unavailable",
+            ) from e
         raise
     ctx.progress(phase="wait_running")
     try:
@@ -63,8 +67,14 @@ def resume(ctx: JobContext) -> dict[str, Any]:
         raise
     ep = instance.ssh_endpoint
     # Same container, same host keys: the pin stays even if vast.ai maps SSH to another port.
-    set_machine(ctx, machine_id, status="running", ssh_host=ep.host, ssh_port=ep.port,
-                event=("resumed", f"instance {instance_id} running at {ep.host}:{ep.port}"))
+    set_machine(
+        ctx,
+        machine_id,
+        status="running",
+        ssh_host=ep.host,
+        ssh_port=ep.port,
+        event=("resumed", f"instance {instance_id} running at {ep.host}:{ep.port}"),
+    )
     return {"instance_id": instance_id, "ssh_host": ep.host, "ssh_port": ep.port}
 
 
@@ -82,13 +92,18 @@ def _cancel_queued_start(ctx: JobContext, vast: Any, instance_id: int) -> None:
             last = f"intended {instance.intended_status}"
         except ExternalError as e:
             if not e.retryable:
-                raise JobFailed(f"could not cancel the queued start of vast.ai instance {instance_id} ({e.message}); "
-                                "it may start and bill when its GPUs free up: stop it by hand",
-                                code="queued_start_not_cancelled") from e
+                raise JobFailed(
+                    f"could not cancel the queued start of vast.ai instance {instance_id} ({e.message}); "
+                    "it may start and bill when its GPUs free up: stop it by hand",
+                    code="queued_start_not_cancelled",
+                ) from e
             last = e.message
         if time.monotonic() >= deadline:
-            raise JobFailed(f"vast.ai instance {instance_id} still has a queued start ({last}); it may start and "
-                            "bill when its GPUs free up: stop it by hand", code="queued_start_not_cancelled")
+            raise JobFailed(
+                f"vast.ai instance {instance_id} still has a queued start ({last}); it may start and "
+                "bill when its GPUs free up: stop it by hand",
+                code="queued_start_not_cancelled",
+            )
         time.sleep(ctx.settings.vast_poll_interval_s)
 
 
@@ -108,6 +123,7 @@ def _ended(previous: str):  # type: ignore[no-untyped-def]
         if machine is not None:
             machine.status = previous
             add_event(s, machine.id, f"{job.kind}_failed", f"{job.error_code}: {job.error_message}", job_id=job.id)
+
     return on_end
 
 

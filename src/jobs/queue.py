@@ -1,5 +1,6 @@
 """The task queue: Huey over a SQLite file by default, Redis when REDIS_URL is set. The queue carries only
 job ids; everything else is in the jobs table."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -53,9 +54,14 @@ class JobQueue:
             self._execute(job_id)
             return True
         except Exception as e:  # noqa: BLE001 - whatever the backend raises, the job runs later through recovery
-            logger.warning("could not enqueue job %s (%s: %s); it starts when recovery re-sends queued jobs "
-                           "(within JOB_STALE_AFTER_S once the queue answers)", job_id, type(e).__name__, e,
-                           extra={"job_id": job_id})
+            logger.warning(
+                "could not enqueue job %s (%s: %s); it starts when recovery re-sends queued jobs "
+                "(within JOB_STALE_AFTER_S once the queue answers)",
+                job_id,
+                type(e).__name__,
+                e,
+                extra={"job_id": job_id},
+            )
             try:
                 job_service.note_enqueue_failed(self._container.session_factory, job_id)
             except SQLAlchemyError:  # the phase is only a hint; the queued row alone gets the job run
@@ -69,8 +75,7 @@ class JobQueue:
         c = self._container
         kinds = c.job_kinds
         if local_dead_workers:
-            job_service.expire_dead_local_workers(c.session_factory, hostname=socket.gethostname(),
-                                                  is_alive=_pid_alive)
+            job_service.expire_dead_local_workers(c.session_factory, hostname=socket.gethostname(), is_alive=_pid_alive)
         ids = job_service.requeue_stale(
             c.session_factory,
             stale_after=dt.timedelta(seconds=c.settings.job_stale_after_s),
@@ -87,8 +92,9 @@ class JobQueue:
         """Hourly in each worker: drop progress events older than EVENTS_PROGRESS_RETENTION_S."""
         from src.services.events import prune_progress
 
-        return prune_progress(self._container.session_factory,
-                              older_than_s=self._container.settings.events_progress_retention_s)
+        return prune_progress(
+            self._container.session_factory, older_than_s=self._container.settings.events_progress_retention_s
+        )
 
     def policy_tick(self) -> None:
         """Carry out machine policies (src/jobs/scheduler.py): every minute in each worker, unless

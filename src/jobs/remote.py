@@ -1,5 +1,6 @@
 """What job kinds share when they work on a GPU host: open an SSH session to a machine (pinning its host
 key on first use), run a remote script and turn its events into job progress or a job error."""
+
 from __future__ import annotations
 
 import logging
@@ -38,8 +39,13 @@ def machine_endpoint(ctx: JobContext, machine_id: str) -> Endpoint:
         m = s.get(Machine, machine_id)
         if m is None or not m.ssh_host or not m.ssh_port:
             raise JobFailed(f"machine {machine_id} has no SSH endpoint", code="no_ssh_endpoint")
-        return Endpoint(machine_id=m.id, host=m.ssh_host, port=m.ssh_port,
-                        user=m.ssh_user or ctx.settings.ssh_user, host_key=m.host_key)
+        return Endpoint(
+            machine_id=m.id,
+            host=m.ssh_host,
+            port=m.ssh_port,
+            user=m.ssh_user or ctx.settings.ssh_user,
+            host_key=m.host_key,
+        )
 
 
 @contextmanager
@@ -53,17 +59,25 @@ def ssh_session(ctx: JobContext, endpoint: Endpoint) -> Iterator[Any]:
     from src.adapters.remote_types import SshTarget, host_key_fingerprint
 
     ctx.progress(phase="connect")
-    target = SshTarget(host=endpoint.host, port=endpoint.port, user=endpoint.user,
-                       pinned_host_key=endpoint.host_key)
+    target = SshTarget(host=endpoint.host, port=endpoint.port, user=endpoint.user, pinned_host_key=endpoint.host_key)
     with ctx.container.ssh().open(target, cancel=ctx.cancel_event) as session:
         if endpoint.host_key is None:
             with ctx.owned() as s:  # fenced: only while this attempt owns the job
-                pinned = rowcount(s.execute(update(Machine).where(Machine.id == endpoint.machine_id,
-                                                                  Machine.host_key.is_(None))
-                                            .values(host_key=session.host_key)))
+                pinned = rowcount(
+                    s.execute(
+                        update(Machine)
+                        .where(Machine.id == endpoint.machine_id, Machine.host_key.is_(None))
+                        .values(host_key=session.host_key)
+                    )
+                )
                 if pinned:
-                    add_event(s, endpoint.machine_id, "host_key_pinned",
-                              f"pinned {host_key_fingerprint(session.host_key)} on first use", job_id=ctx.job_id)
+                    add_event(
+                        s,
+                        endpoint.machine_id,
+                        "host_key_pinned",
+                        f"pinned {host_key_fingerprint(session.host_key)} on first use",
+                        job_id=ctx.job_id,
+                    )
         try:
             yield session
         except RemoteStateUnknown as e:
@@ -72,21 +86,39 @@ def ssh_session(ctx: JobContext, endpoint: Endpoint) -> Iterator[Any]:
 
 
 def _record_state_unknown(ctx: JobContext, endpoint: Endpoint, error: RemoteStateUnknown) -> None:
-    logger.error("job %s: remote script %s on %s:%d may still be running: %s", ctx.job_id, error.script,
-                 endpoint.host, endpoint.port, error.message, extra={"job_id": ctx.job_id})
+    logger.error(
+        "job %s: remote script %s on %s:%d may still be running: %s",
+        ctx.job_id,
+        error.script,
+        endpoint.host,
+        endpoint.port,
+        error.message,
+        extra={"job_id": ctx.job_id},
+    )
     with transaction(ctx.container.session_factory) as s:
-        add_event(s, endpoint.machine_id, "remote_state_unknown",
-                  f"the {error.script} script was stopped ({error.cause.code}) but could not be confirmed dead; "
-                  "it may still be running, and the workspace may have changed", job_id=ctx.job_id,
-                  data={"script": error.script, "pgid": error.pgid, "cause": error.cause.code,
-                        "host": endpoint.host, "port": endpoint.port})
+        add_event(
+            s,
+            endpoint.machine_id,
+            "remote_state_unknown",
+            f"the {error.script} script was stopped ({error.cause.code}) but could not be confirmed dead; "
+            "it may still be running, and the workspace may have changed",
+            job_id=ctx.job_id,
+            data={
+                "script": error.script,
+                "pgid": error.pgid,
+                "cause": error.cause.code,
+                "host": endpoint.host,
+                "port": endpoint.port,
+            },
+        )
 
 
 def run_script(ctx: JobContext, session: Any, name: str, params: dict[str, Any]) -> dict[str, Any]:
     """Run remote script `name` and return its `result` event. Progress events become job progress; an
     `error` event becomes JobFailed with the script's code. Cancel kills the remote process group."""
-    events = session.run_script(name, params, cancel=ctx.cancel_event,
-                                idle_timeout_s=ctx.settings.remote_idle_timeout_s)
+    events = session.run_script(
+        name, params, cancel=ctx.cancel_event, idle_timeout_s=ctx.settings.remote_idle_timeout_s
+    )
     result: dict[str, Any] | None = None
     # closing(): the stream is ended here, while the session is open, not whenever it is collected;
     # ending it early stops the script and confirms it gone (or raises `remote_state_unknown`).
@@ -101,8 +133,9 @@ def run_script(ctx: JobContext, session: Any, name: str, params: dict[str, Any])
             elif kind == "error" and failure is None:
                 failure = event  # the last line: read on to the script's exit rather than kill it
     if failure is not None:
-        raise JobFailed(str(failure.get("message") or "the remote script failed"),
-                        code=str(failure.get("code") or "remote_error"))
+        raise JobFailed(
+            str(failure.get("message") or "the remote script failed"), code=str(failure.get("code") or "remote_error")
+        )
     if result is None:
         raise JobFailed(f"the {name} script ended without a result", code="remote_error")
     return result
@@ -116,8 +149,13 @@ def storage_params(ctx: JobContext, *, prefix: str, write: bool) -> dict[str, An
     broker = ctx.container.host_credentials()  # NotConfigured before any SSH work when there is no bucket
     creds = broker.for_prefix(prefix, write=write, ttl_s=credentials_ttl_s(ctx))
     if creds.scoped:
-        logger.info("job %s: %s credentials minted for %s (%s)", ctx.job_id, "read-write" if write else "read-only",
-                    prefix, creds.source)
+        logger.info(
+            "job %s: %s credentials minted for %s (%s)",
+            ctx.job_id,
+            "read-write" if write else "read-only",
+            prefix,
+            creds.source,
+        )
     return {"endpoint": s.r2_endpoint, "bucket": s.r2_bucket, "region": s.r2_region, **creds.s3_fields()}
 
 

@@ -13,6 +13,7 @@ A pack is repacked only while no other job uses a snapshot that uses it (a resto
 recorded manifest digest: its host would refuse a rewritten manifest), and a snapshot's references are
 replaced only while no other job uses it; the machine has no snapshot in progress throughout. A restore
 that starts after step 2 is told the digest the bucket holds when it starts (transfer_jobs.manifest_digest)."""
+
 from __future__ import annotations
 
 import copy
@@ -42,9 +43,14 @@ def load_manifests(ctx: JobContext, machine_id: str) -> dict[str, Manifest] | No
     recorded: gc only ever acts on what it is sure of."""
     store = ctx.container.object_store()
     with ctx.owned() as s:
-        rows = [(r.id, r.storage_prefix, r.manifest_sha256, r.manifest_sha256_next) for r in s.scalars(
-            select(Snapshot).where(Snapshot.machine_id == machine_id, Snapshot.format == 2,
-                                   Snapshot.manifest_sha256.is_not(None)))]
+        rows = [
+            (r.id, r.storage_prefix, r.manifest_sha256, r.manifest_sha256_next)
+            for r in s.scalars(
+                select(Snapshot).where(
+                    Snapshot.machine_id == machine_id, Snapshot.format == 2, Snapshot.manifest_sha256.is_not(None)
+                )
+            )
+        ]
     manifests: dict[str, Manifest] = {}
     settled: dict[str, str] = {}
     for snap_id, prefix, sha, sha_next in rows:
@@ -73,8 +79,13 @@ def _in_use(s: Any, ctx: JobContext, snapshot_ids: list[str]) -> set[str]:
     """Snapshots another job (a restore, wake, verify, delete) is using now: their manifest is not
     rewritten under them (a host that was given the recorded digest would refuse the new one as
     `manifest_changed`) and their references are not dropped."""
-    return set(s.scalars(select(Job.snapshot_id).where(Job.status.in_(ACTIVE), Job.id != ctx.job_id,
-                                                       Job.snapshot_id.in_(snapshot_ids))))
+    return set(
+        s.scalars(
+            select(Job.snapshot_id).where(
+                Job.status.in_(ACTIVE), Job.id != ctx.job_id, Job.snapshot_id.in_(snapshot_ids)
+            )
+        )
+    )
 
 
 def reconcile(ctx: JobContext, machine_id: str, manifests: dict[str, Manifest]) -> None:
@@ -89,21 +100,23 @@ def reconcile(ctx: JobContext, machine_id: str, manifests: dict[str, Manifest]) 
             wanted = {o.key for o in manifest.objects}
             have = set(s.scalars(select(SnapshotObject.object_key).where(SnapshotObject.snapshot_id == snap_id)))
             if have - wanted:
-                s.execute(delete(SnapshotObject).where(SnapshotObject.snapshot_id == snap_id,
-                                                       SnapshotObject.object_key.in_(list(have - wanted))))
+                s.execute(
+                    delete(SnapshotObject).where(
+                        SnapshotObject.snapshot_id == snap_id, SnapshotObject.object_key.in_(list(have - wanted))
+                    )
+                )
             for key in wanted - have:
                 s.add(SnapshotObject(snapshot_id=snap_id, machine_id=machine_id, object_key=key))
 
 
-def repack_machine(ctx: JobContext, machine_id: str, prefix: str,
-                   manifests: dict[str, Manifest]) -> tuple[int, int]:
+def repack_machine(ctx: JobContext, machine_id: str, prefix: str, manifests: dict[str, Manifest]) -> tuple[int, int]:
     """Repack the machine's mostly-garbage packs (`manifests`: from `load_manifests`, references already
     reconciled). Returns (packs repacked, bytes the old packs held); their references are dropped."""
     users: dict[str, list[str]] = {}
     live: dict[str, dict[int, Any]] = {}  # pack key -> {old offset: chunk}
     sizes: dict[str, int] = {}
     for snap_id, manifest in manifests.items():
-        for index, obj in enumerate(manifest.objects):
+        for obj in manifest.objects:
             if obj.kind == "pack":
                 users.setdefault(obj.key, []).append(snap_id)
                 sizes[obj.key] = obj.size
@@ -114,17 +127,27 @@ def repack_machine(ctx: JobContext, machine_id: str, prefix: str,
     # A pack's chunk bytes as indexed (every chunk any snapshot ever used from it), not its size: the
     # TOC of a small pack must not make it look mostly garbage (it would be repacked again every time).
     with ctx.owned() as s:
-        held = dict(s.execute(select(StoreChunk.object_key, func.sum(StoreChunk.stored_size))
-                              .where(StoreChunk.machine_id == machine_id, StoreChunk.object_key.in_(list(users)))
-                              .group_by(StoreChunk.object_key)).all())
+        held = dict(
+            s.execute(
+                select(StoreChunk.object_key, func.sum(StoreChunk.stored_size))
+                .where(StoreChunk.machine_id == machine_id, StoreChunk.object_key.in_(list(users)))
+                .group_by(StoreChunk.object_key)
+            ).all()
+        )
     repacked = freed = 0
     for key in sorted(users):
         live_bytes = sum(c.stored_size for c in live[key].values())
         if live_bytes >= int(held.get(key) or 0) * REPACK_BELOW:
             continue
         ctx.check_cancelled()
-        if _repack_one(ctx, machine_id, prefix, key, sorted(live[key].values(), key=lambda c: c.offset),
-                       {sid: manifests[sid] for sid in users[key]}):
+        if _repack_one(
+            ctx,
+            machine_id,
+            prefix,
+            key,
+            sorted(live[key].values(), key=lambda c: c.offset),
+            {sid: manifests[sid] for sid in users[key]},
+        ):
             repacked += 1
             freed += sizes[key]
     if repacked:
@@ -132,8 +155,9 @@ def repack_machine(ctx: JobContext, machine_id: str, prefix: str,
     return repacked, freed
 
 
-def _repack_one(ctx: JobContext, machine_id: str, prefix: str, old_key: str, chunks: list[Any],
-                affected: dict[str, Manifest]) -> bool:
+def _repack_one(
+    ctx: JobContext, machine_id: str, prefix: str, old_key: str, chunks: list[Any], affected: dict[str, Manifest]
+) -> bool:
     with ctx.owned() as s:
         if _in_use(s, ctx, list(affected)):
             return False  # a later gc repacks it (checked again below, where it counts)
@@ -144,7 +168,7 @@ def _repack_one(ctx: JobContext, machine_id: str, prefix: str, old_key: str, chu
         return False
     parts = []
     for c in chunks:
-        data = old[c.offset:c.offset + c.stored_size]
+        data = old[c.offset : c.offset + c.stored_size]
         if hashlib.sha256(data).hexdigest() != c.sha256:
             logger.warning("gc: a chunk of %s%s is damaged; not repacking it", prefix, old_key)
             return False
@@ -158,17 +182,39 @@ def _repack_one(ctx: JobContext, machine_id: str, prefix: str, old_key: str, chu
     failpoint("gc.repack_after_upload")
     with ctx.owned() as s:
         lock_machine(s, machine_id)
-        if s.scalar(select(Snapshot.id).where(Snapshot.machine_id == machine_id,
-                                              Snapshot.status.in_(IN_PROGRESS)).limit(1)) is not None:
+        if (
+            s.scalar(
+                select(Snapshot.id).where(Snapshot.machine_id == machine_id, Snapshot.status.in_(IN_PROGRESS)).limit(1)
+            )
+            is not None
+        ):
             return False  # a snapshot started: the new pack stays an orphan for a later gc
         if _in_use(s, ctx, list(affected)):
             return False  # a restore of one started: likewise
         if s.get(StoreObject, (machine_id, new_key)) is None:
-            s.add(StoreObject(machine_id=machine_id, key=new_key, kind="pack", size=len(pack),
-                              sha256=new_obj["sha256"], state="live"))
+            s.add(
+                StoreObject(
+                    machine_id=machine_id,
+                    key=new_key,
+                    kind="pack",
+                    size=len(pack),
+                    sha256=new_obj["sha256"],
+                    state="live",
+                )
+            )
             for e in entries:
-                s.add(StoreChunk(machine_id=machine_id, raw_sha256=e.raw_sha256, object_key=new_key, offset=e.offset,
-                                 stored_size=e.stored_size, raw_size=e.raw_size, codec=e.codec, sha256=e.sha256))
+                s.add(
+                    StoreChunk(
+                        machine_id=machine_id,
+                        raw_sha256=e.raw_sha256,
+                        object_key=new_key,
+                        offset=e.offset,
+                        stored_size=e.stored_size,
+                        raw_size=e.raw_size,
+                        codec=e.codec,
+                        sha256=e.sha256,
+                    )
+                )
         for sid, raw in rewritten.items():
             row = s.get(Snapshot, sid)
             if row is None:
@@ -186,8 +232,15 @@ def _repack_one(ctx: JobContext, machine_id: str, prefix: str, old_key: str, chu
             if row is not None and row.manifest_sha256_next:
                 row.manifest_sha256, row.manifest_sha256_next = row.manifest_sha256_next, None
     failpoint("gc.repack_after_switch")
-    logger.info("gc %s: repacked %s (%d bytes) into %s (%d bytes)", machine_id, old_key,
-                sum(1 for _ in chunks), new_key, len(pack), extra={"job_id": ctx.job_id})
+    logger.info(
+        "gc %s: repacked %s (%d bytes) into %s (%d bytes)",
+        machine_id,
+        old_key,
+        sum(1 for _ in chunks),
+        new_key,
+        len(pack),
+        extra={"job_id": ctx.job_id},
+    )
     return True
 
 

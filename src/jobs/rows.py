@@ -1,6 +1,7 @@
 """The rows jobs work on, read as plain dicts and updated in short transactions: machines (with their
 event history) and snapshots. Every write is fenced (`ctx.owned()`): it happens only while this attempt
 owns the job, in the same transaction as that check, else JobLost."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -12,9 +13,16 @@ from src.models import Machine, Snapshot
 from src.services.machines import add_event
 
 
-def set_machine(ctx: JobContext, machine_id: str, *, event: tuple[str, str] | None = None,
-                data: dict[str, Any] | None = None, no_return: str | None = None,
-                save: dict[str, Any] | None = None, **values: Any) -> None:
+def set_machine(
+    ctx: JobContext,
+    machine_id: str,
+    *,
+    event: tuple[str, str] | None = None,
+    data: dict[str, Any] | None = None,
+    no_return: str | None = None,
+    save: dict[str, Any] | None = None,
+    **values: Any,
+) -> None:
     """Update the machine's columns (`values`) and append `event` (kind, message). Raises JobLost when
     this attempt no longer owns the job (nothing is written). `no_return` and `save` go to `ctx.owned`:
     the job's point of no return and steps recorded in the same transaction as the machine's change."""
@@ -33,9 +41,17 @@ def machine_fields(ctx: JobContext, machine_id: str) -> dict[str, Any]:
         m = s.get(Machine, machine_id)
         if m is None:
             return {}
-        return {"id": m.id, "status": m.status, "vast_instance_id": m.vast_instance_id, "ssh_host": m.ssh_host,
-                "ssh_port": m.ssh_port, "ssh_user": m.ssh_user, "host_key": m.host_key, "gpu_name": m.gpu_name,
-                "workspace_path": m.workspace_path}
+        return {
+            "id": m.id,
+            "status": m.status,
+            "vast_instance_id": m.vast_instance_id,
+            "ssh_host": m.ssh_host,
+            "ssh_port": m.ssh_port,
+            "ssh_user": m.ssh_user,
+            "host_key": m.host_key,
+            "gpu_name": m.gpu_name,
+            "workspace_path": m.workspace_path,
+        }
 
 
 def find_snapshot(ctx: JobContext, snapshot_id: str) -> dict[str, Any] | None:
@@ -54,13 +70,27 @@ def snapshot_fields(ctx: JobContext, snapshot_id: str) -> dict[str, Any]:
 
 
 def snapshot_row(row: Snapshot) -> dict[str, Any]:
-    return {"id": row.id, "status": row.status, "machine_id": row.machine_id, "workspace_path": row.workspace_path,
-            "storage_prefix": row.storage_prefix, "requested_codec": row.requested_codec,
-            "excludes": list(row.excludes or []), "codec": row.codec, "parts": row.part_count,
-            "part_size": row.part_size, "raw_bytes": row.raw_bytes, "stored_bytes": row.stored_bytes,
-            "files": row.file_count, "manifest_sha256": row.manifest_sha256, "duration_s": row.duration_s,
-            "format": row.format or 1, "chunks_new": row.chunks_new, "chunks_reused": row.chunks_reused,
-            "bytes_uploaded": row.bytes_uploaded}
+    return {
+        "id": row.id,
+        "status": row.status,
+        "machine_id": row.machine_id,
+        "workspace_path": row.workspace_path,
+        "storage_prefix": row.storage_prefix,
+        "requested_codec": row.requested_codec,
+        "excludes": list(row.excludes or []),
+        "codec": row.codec,
+        "parts": row.part_count,
+        "part_size": row.part_size,
+        "raw_bytes": row.raw_bytes,
+        "stored_bytes": row.stored_bytes,
+        "files": row.file_count,
+        "manifest_sha256": row.manifest_sha256,
+        "duration_s": row.duration_s,
+        "format": row.format or 1,
+        "chunks_new": row.chunks_new,
+        "chunks_reused": row.chunks_reused,
+        "bytes_uploaded": row.bytes_uploaded,
+    }
 
 
 def set_snapshot(ctx: JobContext, snapshot_id: str, **values: Any) -> None:

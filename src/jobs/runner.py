@@ -1,4 +1,5 @@
 """Runs one job: claim it, keep its lease alive, call its kind, record how it ended."""
+
 from __future__ import annotations
 
 import logging
@@ -34,8 +35,13 @@ class JobRunner:
                 return
             kind = c.job_kinds.get(job.kind)
             if kind is None:  # a row written by a newer version of the service
-                job_service.finish(c.session_factory, job_id, attempt=job.attempts, status="failed",
-                                   error=("unknown_kind", f"this worker cannot run jobs of kind {job.kind!r}"))
+                job_service.finish(
+                    c.session_factory,
+                    job_id,
+                    attempt=job.attempts,
+                    status="failed",
+                    error=("unknown_kind", f"this worker cannot run jobs of kind {job.kind!r}"),
+                )
                 return
             started = time.monotonic()
             ctx = JobContext(container=c, job=job)
@@ -52,13 +58,29 @@ class JobRunner:
                 status, error = "cancelled", ("cancelled", "the job was cancelled")
             ctx.flush()  # last progress numbers
             # Fenced by the attempt; a success after an accepted cancel is recorded as `cancelled` (see finish).
-            if not job_service.finish(c.session_factory, job_id, attempt=ctx.attempt, status=status, result=result,
-                                      error=error, on_end=kind.on_end):
-                logger.warning("job %s was taken over by another worker before it could finish; its end "
-                               "(%s) is not recorded", job_id, status)
+            if not job_service.finish(
+                c.session_factory,
+                job_id,
+                attempt=ctx.attempt,
+                status=status,
+                result=result,
+                error=error,
+                on_end=kind.on_end,
+            ):
+                logger.warning(
+                    "job %s was taken over by another worker before it could finish; its end (%s) is not recorded",
+                    job_id,
+                    status,
+                )
                 return
-            logger.info("job %s (%s) %s in %.1fs%s", job_id, job.kind, status, time.monotonic() - started,
-                        f": {error[0]}: {error[1]}" if error else "")
+            logger.info(
+                "job %s (%s) %s in %.1fs%s",
+                job_id,
+                job.kind,
+                status,
+                time.monotonic() - started,
+                f": {error[0]}: {error[1]}" if error else "",
+            )
         finally:
             job_id_var.reset(token)
 

@@ -12,6 +12,7 @@ no separate service) that carries out machine policies. Each tick:
 Everything it starts is an ordinary job through the same service functions the API calls, so the
 one-operation-per-machine lock, progress, cancel and the job list apply. What it cannot start (the
 machine is hibernated, busy: 409) is skipped with an event on the machine."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import delete, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from src.db import transaction
+from src.db import rowcount, transaction
 from src.errors import GpusnapError
 from src.jobs.context import JobContext
 from src.models import IdleSample, Machine, MachinePolicy, ScheduleSlot, utcnow
@@ -40,7 +41,7 @@ SLOT_HISTORY = dt.timedelta(days=31)
 PROBE_THREADS = 8  # idle probes in flight at once within one tick
 
 
-def tick(c: "Container", *, now: dt.datetime | None = None) -> dict[str, Any]:
+def tick(c: Container, *, now: dt.datetime | None = None) -> dict[str, Any]:
     """One pass of the scheduler (what the periodic task runs). `now` is for tests. Returns what it did:
     {"scheduled": [job ids], "skipped": [machine ids], "sampled": [machine ids], "actions": [...]}."""
     now = now or utcnow()
@@ -57,10 +58,13 @@ def tick(c: "Container", *, now: dt.datetime | None = None) -> dict[str, Any]:
     # side by side, so one such host costs the tick one deadline, not one per machine behind it.
     idle_ones = [(machine_id, spec) for machine_id, spec, _, _ in policies if spec.get("idle")]
     if idle_ones:
-        with ThreadPoolExecutor(max_workers=min(PROBE_THREADS, len(idle_ones)),
-                                thread_name_prefix="idle-probe") as pool:
-            for future in [pool.submit(_guarded, machine_id, _run_idle, c, machine_id, spec, now=now, report=report)
-                           for machine_id, spec in idle_ones]:
+        with ThreadPoolExecutor(
+            max_workers=min(PROBE_THREADS, len(idle_ones)), thread_name_prefix="idle-probe"
+        ) as pool:
+            for future in [
+                pool.submit(_guarded, machine_id, _run_idle, c, machine_id, spec, now=now, report=report)
+                for machine_id, spec in idle_ones
+            ]:
                 future.result()
     return report
 
@@ -72,17 +76,26 @@ def _guarded(machine_id: str, step: Callable[..., None], *args: Any, **kwargs: A
         logger.exception("policy of machine %s failed this tick", machine_id)
 
 
-def _policies(c: "Container") -> list[tuple[str, dict[str, Any], dt.datetime | None, dt.datetime | None]]:
+def _policies(c: Container) -> list[tuple[str, dict[str, Any], dt.datetime | None, dt.datetime | None]]:
     with transaction(c.session_factory) as s:
-        return [(p.machine_id, dict(p.spec or {}), p.schedule_from, p.next_sample_at)
-                for p in s.scalars(select(MachinePolicy).order_by(MachinePolicy.machine_id))]
+        return [
+            (p.machine_id, dict(p.spec or {}), p.schedule_from, p.next_sample_at)
+            for p in s.scalars(select(MachinePolicy).order_by(MachinePolicy.machine_id))
+        ]
 
 
 # ---- schedules ------------------------------------------------------------------------------------
 
 
-def _run_schedule(c: "Container", machine_id: str, spec: dict[str, Any], schedule_from: dt.datetime | None, *,
-                  now: dt.datetime, report: dict[str, Any]) -> None:
+def _run_schedule(
+    c: Container,
+    machine_id: str,
+    spec: dict[str, Any],
+    schedule_from: dt.datetime | None,
+    *,
+    now: dt.datetime,
+    report: dict[str, Any],
+) -> None:
     slot = cron.parse(spec["schedule"]).latest_at_or_before(now)
     if slot is None or (schedule_from is not None and slot <= _utc(schedule_from)):
         return
@@ -103,44 +116,65 @@ def _run_schedule(c: "Container", machine_id: str, spec: dict[str, Any], schedul
         why = "no_ssh_endpoint: the machine has no SSH endpoint"
     else:
         try:
-            _snap, job = create_snapshot(c, instance_id=machine_id, ssh_host=host, ssh_port=port, ssh_user=user,
-                                         workspace_path=spec.get("workspace_path") or machine_workspace,
-                                         name=f"scheduled {slot:%Y-%m-%dT%H:%MZ}", codec=spec.get("codec") or "auto",
-                                         excludes=list(spec.get("excludes") or []))
+            _snap, job = create_snapshot(
+                c,
+                instance_id=machine_id,
+                ssh_host=host,
+                ssh_port=port,
+                ssh_user=user,
+                workspace_path=spec.get("workspace_path") or machine_workspace,
+                name=f"scheduled {slot:%Y-%m-%dT%H:%MZ}",
+                codec=spec.get("codec") or "auto",
+                excludes=list(spec.get("excludes") or []),
+            )
             outcome, job_id = "started", job["id"]
         except GpusnapError as e:  # busy (409), hibernated meanwhile, host no longer allowed, no bucket
             why = f"{e.code}: {e.message}"
     with transaction(c.session_factory) as s:
-        s.execute(update(ScheduleSlot).where(ScheduleSlot.machine_id == machine_id, ScheduleSlot.slot_at == slot)
-                  .values(outcome=outcome, job_id=job_id))
+        s.execute(
+            update(ScheduleSlot)
+            .where(ScheduleSlot.machine_id == machine_id, ScheduleSlot.slot_at == slot)
+            .values(outcome=outcome, job_id=job_id)
+        )
         # Only the newest slot is ever claimed, so older rows are history: a month of it is kept.
-        s.execute(delete(ScheduleSlot).where(ScheduleSlot.machine_id == machine_id,
-                                             ScheduleSlot.slot_at < slot - SLOT_HISTORY))
+        s.execute(
+            delete(ScheduleSlot).where(
+                ScheduleSlot.machine_id == machine_id, ScheduleSlot.slot_at < slot - SLOT_HISTORY
+            )
+        )
         if outcome == "skipped":
-            add_event(s, machine_id, "schedule_skipped", f"slot {slot:%Y-%m-%dT%H:%MZ} skipped: {why}"[:2000],
-                      data={"slot": f"{slot:%Y-%m-%dT%H:%MZ}"})
+            add_event(
+                s,
+                machine_id,
+                "schedule_skipped",
+                f"slot {slot:%Y-%m-%dT%H:%MZ} skipped: {why}"[:2000],
+                data={"slot": f"{slot:%Y-%m-%dT%H:%MZ}"},
+            )
     report["scheduled" if outcome == "started" else "skipped"].append(job_id or machine_id)
     logger.info("schedule slot %s of %s: %s %s", f"{slot:%Y-%m-%dT%H:%MZ}", machine_id, outcome, job_id or why)
 
 
-def _claim_slot(c: "Container", machine_id: str, slot: dt.datetime) -> bool:
+def _claim_slot(c: Container, machine_id: str, slot: dt.datetime) -> bool:
     """Insert the (machine, slot) row; False when it exists (claimed by another worker or tick)."""
     with transaction(c.session_factory) as s:
         dialect = s.get_bind().dialect.name
         if dialect == "postgresql":
             from sqlalchemy.dialects.postgresql import insert
         else:
-            from sqlalchemy.dialects.sqlite import insert
-        stmt = (insert(ScheduleSlot).values(machine_id=machine_id, slot_at=slot, outcome="claimed", claimed_at=utcnow())
-                .on_conflict_do_nothing().returning(ScheduleSlot.machine_id))
+            from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
+        stmt = (
+            insert(ScheduleSlot)
+            .values(machine_id=machine_id, slot_at=slot, outcome="claimed", claimed_at=utcnow())
+            .on_conflict_do_nothing()
+            .returning(ScheduleSlot.machine_id)
+        )
         return s.execute(stmt).scalar_one_or_none() is not None
 
 
 # ---- idle -------------------------------------------------------------------------------------------
 
 
-def _run_idle(c: "Container", machine_id: str, spec: dict[str, Any], *, now: dt.datetime,
-              report: dict[str, Any]) -> None:
+def _run_idle(c: Container, machine_id: str, spec: dict[str, Any], *, now: dt.datetime, report: dict[str, Any]) -> None:
     rules = spec["idle"]
     every = dt.timedelta(seconds=float(rules["sample_every_s"]))
     with transaction(c.session_factory) as s:
@@ -149,10 +183,16 @@ def _run_idle(c: "Container", machine_id: str, spec: dict[str, Any], *, now: dt.
             return  # not up, or a job holds it (busy by definition): no sample, and the gap counts as busy
         # Claim this interval's sample: of several workers, the one whose UPDATE matches takes it. 10% slack
         # so a tick a little early (the minute ticks drift) does not skip a whole interval.
-        claimed = s.execute(update(MachinePolicy).where(
-            MachinePolicy.machine_id == machine_id,
-            or_(MachinePolicy.next_sample_at.is_(None), MachinePolicy.next_sample_at <= now))
-            .values(next_sample_at=now + every * 0.9)).rowcount
+        claimed = rowcount(
+            s.execute(
+                update(MachinePolicy)
+                .where(
+                    MachinePolicy.machine_id == machine_id,
+                    or_(MachinePolicy.next_sample_at.is_(None), MachinePolicy.next_sample_at <= now),
+                )
+                .values(next_sample_at=now + every * 0.9)
+            )
+        )
     if claimed != 1:
         return
     from src.jobs.idle_probe import take_sample
@@ -163,14 +203,16 @@ def _run_idle(c: "Container", machine_id: str, spec: dict[str, Any], *, now: dt.
     with transaction(c.session_factory) as s:
         s.execute(delete(IdleSample).where(IdleSample.machine_id == machine_id, IdleSample.taken_at < horizon))
         rows = s.scalars(select(IdleSample).where(IdleSample.machine_id == machine_id)).all()
-        samples = [idle.Sample(taken_at=r.taken_at, ok=r.ok, gpu_util=r.gpu_util, ssh_sessions=r.ssh_sessions,
-                               error=r.error) for r in rows]
+        samples = [
+            idle.Sample(taken_at=r.taken_at, ok=r.ok, gpu_util=r.gpu_util, ssh_sessions=r.ssh_sessions, error=r.error)
+            for r in rows
+        ]
     decision = idle.decide(samples, now=now, rules=rules)
     if decision.idle:
         report["actions"].append(_act(c, machine_id, spec, decision))
 
 
-def _act(c: "Container", machine_id: str, spec: dict[str, Any], decision: idle.Decision) -> dict[str, Any]:
+def _act(c: Container, machine_id: str, spec: dict[str, Any], decision: idle.Decision) -> dict[str, Any]:
     """Run the idle action, then start a new window (so an action that could not start is tried again
     only after another full idle window, not every minute)."""
     from src.services import instances
@@ -192,12 +234,17 @@ def _act(c: "Container", machine_id: str, spec: dict[str, Any], decision: idle.D
             _require_sampled_instance(c, machine_id)
             with transaction(c.session_factory) as s:
                 workspace = spec.get("workspace_path") or s.get(Machine, machine_id).workspace_path  # type: ignore[union-attr]
-            done["job_id"] = instances.hibernate(c, machine_id, workspace_path=workspace,
-                                                 codec=spec.get("codec") or "auto",
-                                                 excludes=list(spec.get("excludes") or []),
-                                                 idle_guard={"gpu_util_below": rules["gpu_util_below"],
-                                                             "respect_ssh_sessions":
-                                                                 rules.get("respect_ssh_sessions", True)})["id"]
+            done["job_id"] = instances.hibernate(
+                c,
+                machine_id,
+                workspace_path=workspace,
+                codec=spec.get("codec") or "auto",
+                excludes=list(spec.get("excludes") or []),
+                idle_guard={
+                    "gpu_util_below": rules["gpu_util_below"],
+                    "respect_ssh_sessions": rules.get("respect_ssh_sessions", True),
+                },
+            )["id"]
             text = f"hibernating (job {done['job_id']}): {decision.reason}"
     except GpusnapError as e:
         kind, text = "idle_action_skipped", f"idle, but {action} could not start: {e.code}: {e.message}"
@@ -209,7 +256,7 @@ def _act(c: "Container", machine_id: str, spec: dict[str, Any], decision: idle.D
     return done
 
 
-def _require_sampled_instance(c: "Container", machine_id: str) -> None:
+def _require_sampled_instance(c: Container, machine_id: str) -> None:
     """Raise Unprocessable(`endpoint_mismatch`) unless vast.ai reports the machine's SSH endpoint, the host
     the samples came from, as its instance's own. A machine's instance may only be assumed from its
     numeric id (`vast_instance_assumed`): an idle plain host must not stop or destroy a rented one."""
@@ -224,15 +271,17 @@ def _require_sampled_instance(c: "Container", machine_id: str) -> None:
     instance = c.vast().show_instance(int(vast_id))
     own = own_endpoints(instance) if instance is not None else set()
     if not host or not port or endpoint_text(host, port) not in own:
-        raise Unprocessable(f"the samples came from {host}:{port}, which vast.ai does not report as instance "
-                            f"{vast_id}'s ({', '.join(sorted(own)) or 'no endpoint'}); nothing was done",
-                            code="endpoint_mismatch")
+        raise Unprocessable(
+            f"the samples came from {host}:{port}, which vast.ai does not report as instance "
+            f"{vast_id}'s ({', '.join(sorted(own)) or 'no endpoint'}); nothing was done",
+            code="endpoint_mismatch",
+        )
 
 
 # ---- retention after a snapshot ---------------------------------------------------------------------
 
 
-def with_retention(kind: "JobKind") -> "JobKind":
+def with_retention(kind: JobKind) -> JobKind:
     """`kind` whose successful run then applies the machine's retention rules (deletes run as their own
     jobs). A retention that cannot run is logged and recorded; the snapshot job still succeeds."""
     run = kind.run
@@ -254,7 +303,7 @@ def with_retention(kind: "JobKind") -> "JobKind":
     return dataclasses.replace(kind, run=run_then_retain)
 
 
-def with_wake_queue(kind: "JobKind") -> "JobKind":
+def with_wake_queue(kind: JobKind) -> JobKind:
     """The `wake` kind under the wake queue: a waiting wake that reached a worker is put back unclaimed
     (it runs once admitted); a wake that ends, however, admits the next one."""
     run = kind.run

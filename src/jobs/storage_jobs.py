@@ -1,4 +1,5 @@
 """Job kinds that need only the object store: verify a snapshot, delete a snapshot."""
+
 from __future__ import annotations
 
 import hashlib
@@ -22,8 +23,15 @@ from src.services.snapshots import check_deletable
 
 # Verdicts that prove the snapshot cannot be restored (as opposed to the store being unreachable).
 T = TypeVar("T")
-INTEGRITY_CODES = ("manifest_missing", "manifest_invalid", "manifest_too_large", "manifest_changed", "part_missing",
-                   "part_truncated", "part_corrupt")
+INTEGRITY_CODES = (
+    "manifest_missing",
+    "manifest_invalid",
+    "manifest_too_large",
+    "manifest_changed",
+    "part_missing",
+    "part_truncated",
+    "part_corrupt",
+)
 
 
 def verify_snapshot(ctx: JobContext) -> dict[str, Any]:
@@ -32,22 +40,28 @@ def verify_snapshot(ctx: JobContext) -> dict[str, Any]:
     snap = find_snapshot(ctx, ctx.params["snapshot_id"])
     if snap is None:
         raise JobFailed(f"snapshot {ctx.params['snapshot_id']} no longer exists", code="not_found")
-    result = check_objects(ctx, prefix=snap["storage_prefix"], manifest_sha256=snap["manifest_sha256"],
-                           deep=bool(ctx.params.get("deep")), snapshot_id=snap["id"])
+    result = check_objects(
+        ctx,
+        prefix=snap["storage_prefix"],
+        manifest_sha256=snap["manifest_sha256"],
+        deep=bool(ctx.params.get("deep")),
+        snapshot_id=snap["id"],
+    )
     with ctx.owned() as s:  # fenced: only while this attempt owns the job
         s.execute(update(Snapshot).where(Snapshot.id == snap["id"]).values(verified_at=utcnow()))
     return result
 
 
-def check_objects(ctx: JobContext, *, prefix: str, manifest_sha256: str | None, deep: bool,
-                  snapshot_id: str | None = None) -> dict[str, Any]:
+def check_objects(
+    ctx: JobContext, *, prefix: str, manifest_sha256: str | None, deep: bool, snapshot_id: str | None = None
+) -> dict[str, Any]:
     """The verification itself (also a step of hibernate). Raises JobFailed with an integrity code."""
-    return check_manifest(ctx, prefix=prefix, manifest_sha256=manifest_sha256, deep=deep,
-                          snapshot_id=snapshot_id)[0]
+    return check_manifest(ctx, prefix=prefix, manifest_sha256=manifest_sha256, deep=deep, snapshot_id=snapshot_id)[0]
 
 
-def check_manifest(ctx: JobContext, *, prefix: str, manifest_sha256: str | None, deep: bool,
-                   snapshot_id: str | None = None) -> tuple[dict[str, Any], Manifest]:
+def check_manifest(
+    ctx: JobContext, *, prefix: str, manifest_sha256: str | None, deep: bool, snapshot_id: str | None = None
+) -> tuple[dict[str, Any], Manifest]:
     """`check_objects`, also returning the manifest it checked. A format-2 manifest's objects are in the
     machine's chunk store, the parent of `prefix`. `snapshot_id`: the row to ask again when the manifest
     differs from `manifest_sha256` (gc's repack may have just switched it to a rewritten one)."""
@@ -64,8 +78,13 @@ def check_manifest(ctx: JobContext, *, prefix: str, manifest_sha256: str | None,
         raise JobFailed("the manifest in the bucket is not the one this snapshot recorded", code="manifest_changed")
     if manifest.version == 2:
         return _check_v2(ctx, store, prefix, manifest, deep), manifest
-    ctx.progress(phase="deep_verify" if deep else "verify", parts_total=len(manifest.parts), parts_done=0,
-                 bytes_total=manifest.stored_bytes, bytes_done=0)
+    ctx.progress(
+        phase="deep_verify" if deep else "verify",
+        parts_total=len(manifest.parts),
+        parts_done=0,
+        bytes_total=manifest.stored_bytes,
+        bytes_done=0,
+    )
 
     def check(part: Part) -> tuple[Part, str | None]:
         ctx.check_cancelled()
@@ -90,8 +109,13 @@ def check_manifest(ctx: JobContext, *, prefix: str, manifest_sha256: str | None,
     if problems:
         listed = ", ".join(f"{p.key} ({code})" for p, code in problems[:10])
         raise JobFailed(f"{len(problems)} of {len(manifest.parts)} parts are bad: {listed}", code=problems[0][1])
-    return {"parts": len(manifest.parts), "stored_bytes": manifest.stored_bytes, "deep": deep,
-            "manifest_sha256": manifest.sha256, "format": 1}, manifest
+    return {
+        "parts": len(manifest.parts),
+        "stored_bytes": manifest.stored_bytes,
+        "deep": deep,
+        "manifest_sha256": manifest.sha256,
+        "format": 1,
+    }, manifest
 
 
 def _accepted_digests(ctx: JobContext, recorded: str, snapshot_id: str | None) -> set[str]:
@@ -113,8 +137,13 @@ def _check_v2(ctx: JobContext, store: Any, prefix: str, manifest: Manifest, deep
     by_object: dict[int, list[Chunk]] = {}
     for c in manifest.chunks:
         by_object.setdefault(c.object, []).append(c)
-    ctx.progress(phase="deep_verify" if deep else "verify", parts_total=len(manifest.objects), parts_done=0,
-                 bytes_total=manifest.stored_bytes, bytes_done=0)
+    ctx.progress(
+        phase="deep_verify" if deep else "verify",
+        parts_total=len(manifest.objects),
+        parts_done=0,
+        bytes_total=manifest.stored_bytes,
+        bytes_done=0,
+    )
 
     def check(index_obj: tuple[int, StoredObject]) -> tuple[tuple[int, StoredObject], str | None]:
         ctx.check_cancelled()
@@ -133,7 +162,7 @@ def _check_v2(ctx: JobContext, store: Any, prefix: str, manifest: Manifest, deep
         if hashlib.sha256(data).hexdigest() != obj.sha256:
             return index_obj, "part_corrupt"
         for c in by_object.get(index, []):
-            stored = data[c.offset:c.offset + c.stored_size]
+            stored = data[c.offset : c.offset + c.stored_size]
             if hashlib.sha256(stored).hexdigest() != c.sha256 or not _decodes_to(c, stored):
                 return index_obj, "part_corrupt"
         return index_obj, None
@@ -145,13 +174,20 @@ def _check_v2(ctx: JobContext, store: Any, prefix: str, manifest: Manifest, deep
             return index_obj, "part_truncated"
 
     # Deep reads hold whole objects (a pack is ~32 MiB): fewer at once than the HEADs of a light verify.
-    problems = _run_checks(ctx, guarded, list(enumerate(manifest.objects)), lambda io: io[1].size,
-                           workers=4 if deep else 8)
+    problems = _run_checks(
+        ctx, guarded, list(enumerate(manifest.objects)), lambda io: io[1].size, workers=4 if deep else 8
+    )
     if problems:
         listed = ", ".join(f"{io[1].key} ({code})" for io, code in problems[:10])
         raise JobFailed(f"{len(problems)} of {len(manifest.objects)} objects are bad: {listed}", code=problems[0][1])
-    return {"parts": len(manifest.chunks), "objects": len(manifest.objects), "stored_bytes": manifest.stored_bytes,
-            "deep": deep, "manifest_sha256": manifest.sha256, "format": 2}
+    return {
+        "parts": len(manifest.chunks),
+        "objects": len(manifest.objects),
+        "stored_bytes": manifest.stored_bytes,
+        "deep": deep,
+        "manifest_sha256": manifest.sha256,
+        "format": 2,
+    }
 
 
 def _decodes_to(chunk: Chunk, stored: bytes) -> bool:
@@ -168,8 +204,14 @@ def _decodes_to(chunk: Chunk, stored: bytes) -> bool:
     return len(raw) == chunk.raw_size and hashlib.sha256(raw).hexdigest() == chunk.raw_sha256
 
 
-def _run_checks(ctx: JobContext, check: Callable[[T], tuple[T, str | None]], items: list[T],
-                size: Callable[[T], int], *, workers: int) -> list[tuple[T, str]]:
+def _run_checks(
+    ctx: JobContext,
+    check: Callable[[T], tuple[T, str | None]],
+    items: list[T],
+    size: Callable[[T], int],
+    *,
+    workers: int,
+) -> list[tuple[T, str]]:
     problems: list[tuple[T, str]] = []
     done_parts = done_bytes = 0
     pool = ThreadPoolExecutor(max_workers=workers)
@@ -190,8 +232,11 @@ def _run_checks(ctx: JobContext, check: Callable[[T], tuple[T, str | None]], ite
 
 def _verify_ended(s: Session, job: Job) -> None:
     if job.status == "failed" and job.error_code in INTEGRITY_CODES and job.snapshot_id:
-        s.execute(update(Snapshot).where(Snapshot.id == job.snapshot_id)
-                  .values(status="failed", error_code=job.error_code, error_message=job.error_message))
+        s.execute(
+            update(Snapshot)
+            .where(Snapshot.id == job.snapshot_id)
+            .values(status="failed", error_code=job.error_code, error_message=job.error_message)
+        )
 
 
 def delete_snapshot(ctx: JobContext) -> dict[str, Any]:
@@ -227,8 +272,13 @@ def _recheck_deletable(ctx: JobContext, snapshot_id: str) -> None:
     hibernated onto this snapshot, or a restore may have started, since the DELETE was accepted."""
     with transaction(ctx.container.session_factory) as s:
         try:
-            check_deletable(s, snapshot_id, force=bool(ctx.params.get("force")), job_id=ctx.job_id,
-                            was_restorable=ctx.params.get("previous_status") == "complete")
+            check_deletable(
+                s,
+                snapshot_id,
+                force=bool(ctx.params.get("force")),
+                job_id=ctx.job_id,
+                was_restorable=ctx.params.get("previous_status") == "complete",
+            )
         except Conflict as e:
             raise JobFailed(e.message, code=e.code) from None
 

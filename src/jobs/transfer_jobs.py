@@ -1,4 +1,5 @@
 """Job kinds that move a workspace over SSH: create a snapshot from a host, restore one onto a host."""
+
 from __future__ import annotations
 
 import hashlib
@@ -46,13 +47,19 @@ def take_snapshot(ctx: JobContext, snapshot_id: str, endpoint: Endpoint) -> dict
     if snap["status"] == "complete":
         return _summary(snap)
     if snap["status"] == "deleting":  # an earlier attempt failed and is removing what it uploaded
-        raise JobFailed(f"snapshot {snap['id']} failed and its parts are being removed; take a new snapshot",
-                        code="snapshot_discarded")
+        raise JobFailed(
+            f"snapshot {snap['id']} failed and its parts are being removed; take a new snapshot",
+            code="snapshot_discarded",
+        )
     set_snapshot(ctx, snap["id"], status="running", error_code=None, error_message=None)
     params = {
-        "workspace_path": snap["workspace_path"], "prefix": snap["storage_prefix"],
-        "snapshot_id": snap["id"], "instance_id": snap["machine_id"], "codec": snap["requested_codec"],
-        "part_size": ctx.settings.snapshot_part_size_mb << 20, "parallelism": ctx.settings.snapshot_parallelism,
+        "workspace_path": snap["workspace_path"],
+        "prefix": snap["storage_prefix"],
+        "snapshot_id": snap["id"],
+        "instance_id": snap["machine_id"],
+        "codec": snap["requested_codec"],
+        "part_size": ctx.settings.snapshot_part_size_mb << 20,
+        "parallelism": ctx.settings.snapshot_parallelism,
         "excludes": snap["excludes"],
     }
     scope = snap["storage_prefix"]
@@ -91,22 +98,37 @@ def take_snapshot(ctx: JobContext, snapshot_id: str, endpoint: Endpoint) -> dict
         machine = s.get(Machine, snap["machine_id"])
         if machine is not None:
             machine.last_snapshot_id = snap["id"]
-        add_event(s, snap["machine_id"], "snapshot_complete",
-                  f"snapshot {snap['id']}: {row.raw_bytes} bytes in {row.part_count} "
-                  + (f"chunks ({row.chunks_new} new, {row.bytes_uploaded} bytes uploaded)" if manifest.version == 2
-                     else "parts"), job_id=ctx.job_id)
+        add_event(
+            s,
+            snap["machine_id"],
+            "snapshot_complete",
+            f"snapshot {snap['id']}: {row.raw_bytes} bytes in {row.part_count} "
+            + (
+                f"chunks ({row.chunks_new} new, {row.bytes_uploaded} bytes uploaded)"
+                if manifest.version == 2
+                else "parts"
+            ),
+            job_id=ctx.job_id,
+        )
         warnings = [str(w) for w in result.get("warnings") or []]
         for warning in warnings:  # e.g. no compressor on the host: parts stored uncompressed
             add_event(s, snap["machine_id"], "snapshot_warning", warning, job_id=ctx.job_id)
         summary = _summary(snapshot_row(row))
-    summary.update(uploaded_parts=result.get("uploaded_parts"), skipped_parts=result.get("skipped_parts"),
-                   scan=result.get("scan"), remote_tries=ctx.state.get("remote_tries", 1),
-                   warnings=warnings, codec_fallback=result.get("codec_fallback"), s5cmd=s5cmd_used)
+    summary.update(
+        uploaded_parts=result.get("uploaded_parts"),
+        skipped_parts=result.get("skipped_parts"),
+        scan=result.get("scan"),
+        remote_tries=ctx.state.get("remote_tries", 1),
+        warnings=warnings,
+        codec_fallback=result.get("codec_fallback"),
+        s5cmd=s5cmd_used,
+    )
     return summary
 
 
-def run_remote(ctx: JobContext, endpoint: Endpoint, name: str,
-               params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def run_remote(
+    ctx: JobContext, endpoint: Endpoint, name: str, params: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run remote script `name` on a fresh SSH session with the host's s5cmd, or ours shipped to it
     (`host_tools.host_s5cmd`); returns (the script's result, which s5cmd it used). Up to `REMOTE_TRIES`
     times when the link drops or the bucket keeps failing (backoff `REMOTE_RETRY_BACKOFF_S`, doubled each
@@ -124,25 +146,41 @@ def run_remote(ctx: JobContext, endpoint: Endpoint, name: str,
                 # The newest (attempt, try) wins on the host: an older run of this step still going there
                 # (a frozen worker's, a hung link's) is stopped before this one touches the prefix or the
                 # workspace (gs_runlock).
-                run_lock = {"name": f"{name}-{params.get('snapshot_id') or params.get('restore_id')}",
-                            "rank": [ctx.attempt, attempt]}
-                return run_script(ctx, session, name, {**params, "s5cmd": s5cmd_path, "run_lock": run_lock}), \
-                    s5cmd_used
+                run_lock = {
+                    "name": f"{name}-{params.get('snapshot_id') or params.get('restore_id')}",
+                    "rank": [ctx.attempt, attempt],
+                }
+                return run_script(ctx, session, name, {**params, "s5cmd": s5cmd_path, "run_lock": run_lock}), s5cmd_used
         except (ExternalError, JobFailed) as e:
-            transient = (e.code in _RETRYABLE_REMOTE and getattr(e, "retryable", False)) or \
-                (isinstance(e, JobFailed) and e.code in _RETRYABLE_SCRIPT)
+            transient = (e.code in _RETRYABLE_REMOTE and getattr(e, "retryable", False)) or (
+                isinstance(e, JobFailed) and e.code in _RETRYABLE_SCRIPT
+            )
             if not transient or attempt >= tries or ctx.cancel_event.is_set():
                 if attempt > 1:
                     e.message = f"{e.message} (after {attempt} tries)"
                     e.args = (e.message,)
                 raise
             delay = float(ctx.settings.remote_retry_backoff_s) * 2 ** (attempt - 1)
-            logger.warning("job %s: %s try %d of %d failed (%s: %s); trying again in %.0fs", ctx.job_id, name,
-                           attempt, tries, e.code, e.message, delay, extra={"job_id": ctx.job_id})
+            logger.warning(
+                "job %s: %s try %d of %d failed (%s: %s); trying again in %.0fs",
+                ctx.job_id,
+                name,
+                attempt,
+                tries,
+                e.code,
+                e.message,
+                delay,
+                extra={"job_id": ctx.job_id},
+            )
             attempt += 1
             with transaction(ctx.container.session_factory) as s:
-                add_event(s, endpoint.machine_id, "remote_retry", f"{name}: try {attempt} of {tries} in {delay:.0f}s "
-                          f"after {e.code}: {e.message[:300]}", job_id=ctx.job_id)
+                add_event(
+                    s,
+                    endpoint.machine_id,
+                    "remote_retry",
+                    f"{name}: try {attempt} of {tries} in {delay:.0f}s after {e.code}: {e.message[:300]}",
+                    job_id=ctx.job_id,
+                )
             ctx.save_state(remote_tries=attempt)
             ctx.progress(phase="retry_wait")
             ctx.cancel_event.wait(delay)
@@ -156,17 +194,27 @@ def _verify_uploaded(ctx: JobContext, snap: dict[str, Any], manifest_sha256: str
     for attempt in range(1, tries + 1):
         ctx.progress(phase="verify")
         try:
-            _, manifest = check_manifest(ctx, prefix=snap["storage_prefix"], manifest_sha256=manifest_sha256,
-                                         deep=False)
+            _, manifest = check_manifest(
+                ctx, prefix=snap["storage_prefix"], manifest_sha256=manifest_sha256, deep=False
+            )
             if manifest.snapshot_id != snap["id"] or manifest.version != snap["format"]:
-                raise JobFailed(f"the manifest is of snapshot {manifest.snapshot_id!r} format {manifest.version}, "
-                                f"not {snap['id']} format {snap['format']}", code="manifest_invalid")
+                raise JobFailed(
+                    f"the manifest is of snapshot {manifest.snapshot_id!r} format {manifest.version}, "
+                    f"not {snap['id']} format {snap['format']}",
+                    code="manifest_invalid",
+                )
             return manifest
         except ExternalError as e:
             if not e.retryable or attempt == tries:
                 raise
-            logger.warning("job %s: verify try %d of %d failed (%s); trying again", ctx.job_id, attempt, tries,
-                           e.message, extra={"job_id": ctx.job_id})
+            logger.warning(
+                "job %s: verify try %d of %d failed (%s); trying again",
+                ctx.job_id,
+                attempt,
+                tries,
+                e.message,
+                extra={"job_id": ctx.job_id},
+            )
             ctx.cancel_event.wait(float(ctx.settings.remote_retry_backoff_s) * 2 ** (attempt - 1))
             ctx.check_cancelled()
     raise AssertionError("unreachable")
@@ -198,14 +246,19 @@ def discard_parts(ctx: JobContext, snap: dict[str, Any], *, reason: str) -> None
     try:
         removed = ctx.container.object_store().delete_prefix(prefix)
     except GpusnapError as e:  # store down or not configured: the job's own error is what gets reported
-        logger.warning("could not remove the parts of failed snapshot %s: %s", snap["id"], e.message,
-                       extra={"job_id": ctx.job_id})
+        logger.warning(
+            "could not remove the parts of failed snapshot %s: %s", snap["id"], e.message, extra={"job_id": ctx.job_id}
+        )
         return
     if removed:
         with transaction(ctx.container.session_factory) as s:
-            add_event(s, snap["machine_id"], "snapshot_parts_removed",
-                      f"snapshot {snap['id']} ended with {reason}: removed its {removed} stored objects",
-                      job_id=ctx.job_id)
+            add_event(
+                s,
+                snap["machine_id"],
+                "snapshot_parts_removed",
+                f"snapshot {snap['id']} ended with {reason}: removed its {removed} stored objects",
+                job_id=ctx.job_id,
+            )
 
 
 def _create_ended(s: Session, job: Job) -> None:
@@ -227,13 +280,25 @@ def restore_snapshot(ctx: JobContext) -> dict[str, Any]:
     """The `restore_snapshot` job: restore onto the job's machine over SSH."""
     snap = snapshot_fields(ctx, ctx.params["snapshot_id"])
     assert ctx.machine_id is not None
-    return restore_onto(ctx, snap, machine_endpoint(ctx, ctx.machine_id), ctx.params["workspace_path"],
-                        overwrite=bool(ctx.params.get("overwrite", False)),
-                        keep_setuid=bool(ctx.params.get("keep_setuid", False)))
+    return restore_onto(
+        ctx,
+        snap,
+        machine_endpoint(ctx, ctx.machine_id),
+        ctx.params["workspace_path"],
+        overwrite=bool(ctx.params.get("overwrite", False)),
+        keep_setuid=bool(ctx.params.get("keep_setuid", False)),
+    )
 
 
-def restore_onto(ctx: JobContext, snap: dict[str, Any], endpoint: Endpoint, workspace: str, *,
-                 overwrite: bool = False, keep_setuid: bool = False) -> dict[str, Any]:
+def restore_onto(
+    ctx: JobContext,
+    snap: dict[str, Any],
+    endpoint: Endpoint,
+    workspace: str,
+    *,
+    overwrite: bool = False,
+    keep_setuid: bool = False,
+) -> dict[str, Any]:
     """Restore `snap` into `workspace` at `endpoint`. The remote script verifies every part before it
     decompresses it and swaps the workspace in only when all of it is extracted, so a failed or re-run
     restore never leaves a half-written workspace. It refuses a system directory (`system_path`, after
@@ -246,20 +311,25 @@ def restore_onto(ctx: JobContext, snap: dict[str, Any], endpoint: Endpoint, work
     if snap["format"] == 2:  # its objects are in the machine's chunk store: read access there
         scope = machine_prefix(snap["storage_prefix"], snap["id"])
         extra["store_prefix"] = scope
-    params = {"workspace_path": workspace, "prefix": snap["storage_prefix"], **extra,
-              "s3": storage_params(ctx, prefix=scope, write=False),
-              "parallelism": ctx.settings.snapshot_parallelism,
-              # The script refuses a manifest other than the one recorded at completion; with that chain
-              # (manifest digest -> part digests) the archive is exactly what our snapshot read, so
-              # the workspace's own symlinks to outside it (a venv's bin/python -> /usr/bin/python3)
-              # are restored as they were. Nothing is ever extracted through such a link.
-              "manifest_sha256": snap["manifest_sha256"], "allow_external_symlinks": bool(snap["manifest_sha256"]),
-              "overwrite": overwrite,
-              # One id for every try and re-run of this job: a try that finds the restore committed already
-              # (its result lost with a dropped link or a dead worker) reports it instead of swapping again.
-              "restore_id": ctx.job_id,
-              # setuid/setgid bits come back only when the restore asked for them
-              "keep_setuid": keep_setuid}
+    params = {
+        "workspace_path": workspace,
+        "prefix": snap["storage_prefix"],
+        **extra,
+        "s3": storage_params(ctx, prefix=scope, write=False),
+        "parallelism": ctx.settings.snapshot_parallelism,
+        # The script refuses a manifest other than the one recorded at completion; with that chain
+        # (manifest digest -> part digests) the archive is exactly what our snapshot read, so
+        # the workspace's own symlinks to outside it (a venv's bin/python -> /usr/bin/python3)
+        # are restored as they were. Nothing is ever extracted through such a link.
+        "manifest_sha256": snap["manifest_sha256"],
+        "allow_external_symlinks": bool(snap["manifest_sha256"]),
+        "overwrite": overwrite,
+        # One id for every try and re-run of this job: a try that finds the restore committed already
+        # (its result lost with a dropped link or a dead worker) reports it instead of swapping again.
+        "restore_id": ctx.job_id,
+        # setuid/setgid bits come back only when the restore asked for them
+        "keep_setuid": keep_setuid,
+    }
     for attempt in (1, 2):
         params["manifest_sha256"] = digest = manifest_digest(ctx, snap)
         try:
@@ -273,13 +343,22 @@ def restore_onto(ctx: JobContext, snap: dict[str, Any], endpoint: Endpoint, work
         machine = s.get(Machine, endpoint.machine_id)
         if machine is not None:
             machine.workspace_path = workspace
-        add_event(s, endpoint.machine_id, "restored", f"snapshot {snap['id']} restored into {workspace}",
-                  job_id=ctx.job_id)
-    return {"snapshot_id": snap["id"], "workspace_path": workspace, "raw_bytes": result.get("raw_bytes"),
-            "files": result.get("files"), "parts": result.get("parts"), "duration_s": result.get("duration_s"),
-            "previous_workspace": result.get("previous_workspace"), "remote_tries": ctx.state.get("remote_tries", 1),
-            "skipped_members": result.get("skipped_members"), "setuid_cleared": result.get("setuid_cleared"),
-            "s5cmd": s5cmd_used}
+        add_event(
+            s, endpoint.machine_id, "restored", f"snapshot {snap['id']} restored into {workspace}", job_id=ctx.job_id
+        )
+    return {
+        "snapshot_id": snap["id"],
+        "workspace_path": workspace,
+        "raw_bytes": result.get("raw_bytes"),
+        "files": result.get("files"),
+        "parts": result.get("parts"),
+        "duration_s": result.get("duration_s"),
+        "previous_workspace": result.get("previous_workspace"),
+        "remote_tries": ctx.state.get("remote_tries", 1),
+        "skipped_members": result.get("skipped_members"),
+        "setuid_cleared": result.get("setuid_cleared"),
+        "s5cmd": s5cmd_used,
+    }
 
 
 def manifest_digest(ctx: JobContext, snap: dict[str, Any]) -> str | None:
@@ -298,8 +377,20 @@ def manifest_digest(ctx: JobContext, snap: dict[str, Any]) -> str | None:
 
 
 def _summary(snap: dict[str, Any]) -> dict[str, Any]:
-    keys = ("codec", "parts", "part_size", "raw_bytes", "stored_bytes", "files", "manifest_sha256", "duration_s",
-            "format", "chunks_new", "chunks_reused", "bytes_uploaded")
+    keys = (
+        "codec",
+        "parts",
+        "part_size",
+        "raw_bytes",
+        "stored_bytes",
+        "files",
+        "manifest_sha256",
+        "duration_s",
+        "format",
+        "chunks_new",
+        "chunks_reused",
+        "bytes_uploaded",
+    )
     return {"snapshot_id": snap["id"], **{k: snap[k] for k in keys}}
 
 

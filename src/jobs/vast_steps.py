@@ -1,4 +1,5 @@
 """vast.ai steps that jobs share: wait for an instance to run, destroy one and see it gone."""
+
 from __future__ import annotations
 
 import time
@@ -26,17 +27,22 @@ def wait_running(ctx: JobContext, vast: Any, instance_id: int, *, deadline_s: fl
         if instance.is_running and instance.ssh_endpoint is not None:
             return instance
         if instance.actual_status in DEAD_STATES and instance.intended_status != "stopped":
-            raise JobFailed(f"vast.ai instance {instance_id} is {instance.actual_status}: "
-                            f"{instance.status_msg or 'no message'}", code="instance_not_ready")
+            raise JobFailed(
+                f"vast.ai instance {instance_id} is {instance.actual_status}: {instance.status_msg or 'no message'}",
+                code="instance_not_ready",
+            )
         if time.monotonic() >= deadline:
-            raise JobFailed(f"vast.ai instance {instance_id} not running after {deadline_s:.0f}s "
-                            f"(status {last.actual_status}: {last.status_msg or 'no message'})",
-                            code="instance_not_ready")
+            raise JobFailed(
+                f"vast.ai instance {instance_id} not running after {deadline_s:.0f}s "
+                f"(status {last.actual_status}: {last.status_msg or 'no message'})",
+                code="instance_not_ready",
+            )
         ctx.sleep(interval)  # a cancel during a long boot is acted on now, not after the deadline
 
 
-def destroy_confirmed(ctx: JobContext, vast: Any, instance_id: int, *, deadline_s: float | None = None,
-                      fenced: bool = True) -> None:
+def destroy_confirmed(
+    ctx: JobContext, vast: Any, instance_id: int, *, deadline_s: float | None = None, fenced: bool = True
+) -> None:
     """Destroy the instance and poll until vast.ai no longer shows it, or shows it released (`cur_state`
     `unloaded`). Retries failed destroys with
     backoff; never assumes success. Raises JobFailed(`destroy_unconfirmed`) past the deadline, and
@@ -63,12 +69,15 @@ def destroy_confirmed(ctx: JobContext, vast: Any, instance_id: int, *, deadline_
             last_error = "still listed after destroy"
         except ExternalError as e:
             if not e.retryable:
-                raise JobFailed(f"vast.ai refused to destroy instance {instance_id}: {e.message}",
-                                code="destroy_failed") from e
+                raise JobFailed(
+                    f"vast.ai refused to destroy instance {instance_id}: {e.message}", code="destroy_failed"
+                ) from e
             last_error = e.message
         if time.monotonic() >= deadline:
-            raise JobFailed(f"could not confirm vast.ai instance {instance_id} is destroyed after {attempt} "
-                            f"tries: {last_error}", code="destroy_unconfirmed")
+            raise JobFailed(
+                f"could not confirm vast.ai instance {instance_id} is destroyed after {attempt} tries: {last_error}",
+                code="destroy_unconfirmed",
+            )
         time.sleep(min(interval * 2 ** min(attempt, 6), 30.0))
 
 

@@ -9,6 +9,7 @@ rented, and sweeps again before it hands the machine over. Every vast.ai action 
 that this attempt still owns the job, so a worker frozen past its lease that wakes up does nothing.
 The hand-over (the machine row pointing at the new instance) is the point of no return: a cancel
 accepted before it destroys the new instance; after it, a cancel is refused (`too_late_to_cancel`)."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -78,8 +79,9 @@ def wake(ctx: JobContext) -> dict[str, Any]:
         _destroy_labelled(ctx, vast, job_prefix)
         if ctx.state["abandoned"] == "cancelled":
             raise JobCancelled("the job was cancelled; the instances its attempts rented were destroyed")
-        raise JobFailed("the worker running this job stopped; the instances its attempts rented were destroyed",
-                        code="interrupted")
+        raise JobFailed(
+            "the worker running this job stopped; the instances its attempts rented were destroyed", code="interrupted"
+        )
     snap = snapshot_fields(ctx, p["snapshot_id"])
     _destroy_other_attempts(ctx, vast, job_prefix)  # a re-run after a crash starts clean
     own_prefix = f"{job_prefix}{ctx.attempt}:"
@@ -89,8 +91,14 @@ def wake(ctx: JobContext) -> dict[str, Any]:
         running = time.monotonic()
         ep = instance.ssh_endpoint
         ctx.container.ssh_policy().check(ep.host)
-        set_machine(ctx, machine_id, ssh_host=ep.host, ssh_port=ep.port, host_key=None,
-                    event=("instance_ready", f"instance {instance.id} running at {ep.host}:{ep.port}"))
+        set_machine(
+            ctx,
+            machine_id,
+            ssh_host=ep.host,
+            ssh_port=ep.port,
+            host_key=None,
+            event=("instance_ready", f"instance {instance.id} running at {ep.host}:{ep.port}"),
+        )
         failpoint("wake.before_restore")
         user = p.get("ssh_user") or ctx.settings.ssh_user
         endpoint = Endpoint(machine_id=machine_id, host=ep.host, port=ep.port, user=user, host_key=None)
@@ -98,21 +106,44 @@ def wake(ctx: JobContext) -> dict[str, Any]:
         # from the image, not from a user (and it is kept beside the workspace all the same).
         restored = restore_onto(ctx, snap, endpoint, p["workspace_path"], overwrite=True)
         # Per phase, for the /metrics wake-time histograms (src/services/policy_metrics.py).
-        timings = {"queue_s": _queue_s(ctx.state), "rent_s": round(running - started, 3),
-                   "restore_s": round(time.monotonic() - running, 3)}
+        timings = {
+            "queue_s": _queue_s(ctx.state),
+            "rent_s": round(running - started, 3),
+            "restore_s": round(time.monotonic() - running, 3),
+        }
         ctx.check_cancelled()
         # An attempt frozen between its ownership check and its rent may have rented after our first sweep.
         _destroy_other_attempts(ctx, vast, job_prefix)
-        result = {"instance_id": instance.id, "offer_id": offer.id, "dph_total": offer.dph_total,
-                  "ssh_host": ep.host, "ssh_port": ep.port, **restored, "timings": timings}
-        set_machine(ctx, machine_id, no_return="hand_over", save={"woke": result}, status="running",
-                    vast_instance_id=instance.id, gpu_name=instance.gpu_name,
-                    offer={"offer_id": offer.id, "dph_total": offer.dph_total, "disk_gb": p["disk_gb"],
-                           "image": p["image"], "num_gpus": p.get("num_gpus"), "geolocation": offer.geolocation,
-                           # vast.ai's per-GB transfer prices, shown with the machine's costs when the offer has them
-                           "inet_up_cost": offer.raw.get("inet_up_cost"),
-                           "inet_down_cost": offer.raw.get("inet_down_cost")},
-                    event=("woke", f"restored {snap['id']} onto vast.ai instance {instance.id}"))
+        result = {
+            "instance_id": instance.id,
+            "offer_id": offer.id,
+            "dph_total": offer.dph_total,
+            "ssh_host": ep.host,
+            "ssh_port": ep.port,
+            **restored,
+            "timings": timings,
+        }
+        set_machine(
+            ctx,
+            machine_id,
+            no_return="hand_over",
+            save={"woke": result},
+            status="running",
+            vast_instance_id=instance.id,
+            gpu_name=instance.gpu_name,
+            offer={
+                "offer_id": offer.id,
+                "dph_total": offer.dph_total,
+                "disk_gb": p["disk_gb"],
+                "image": p["image"],
+                "num_gpus": p.get("num_gpus"),
+                "geolocation": offer.geolocation,
+                # vast.ai's per-GB transfer prices, shown with the machine's costs when the offer has them
+                "inet_up_cost": offer.raw.get("inet_up_cost"),
+                "inet_down_cost": offer.raw.get("inet_down_cost"),
+            },
+            event=("woke", f"restored {snap['id']} onto vast.ai instance {instance.id}"),
+        )
     except JobLost:
         # Another attempt owns the job now and may have finished already, so nobody else will sweep what
         # this one rented while it was frozen. Rentals with this attempt's own label are this attempt's
@@ -144,14 +175,22 @@ def _rent_until_running(ctx: JobContext, vast: Any, machine_id: str, *, disk_gb:
     p = ctx.params
     ctx.progress(phase="search_offers")
     # min_direct_ports: we rent `ssh_direct`, which maps port 22 only on hosts that have direct ports.
-    offers = vast.search_offers(gpu_name=p.get("gpu_type"), num_gpus=p.get("num_gpus", 1), region=p.get("region"),
-                                max_price_per_hour=p.get("max_price"), min_disk_gb=disk_gb, min_direct_ports=1,
-                                min_cuda=p.get("min_cuda"))
+    offers = vast.search_offers(
+        gpu_name=p.get("gpu_type"),
+        num_gpus=p.get("num_gpus", 1),
+        region=p.get("region"),
+        max_price_per_hour=p.get("max_price"),
+        min_disk_gb=disk_gb,
+        min_direct_ports=1,
+        min_cuda=p.get("min_cuda"),
+    )
     if not offers:
-        wanted = ", ".join(f"{k}={p[k]}" for k in ("gpu_type", "num_gpus", "region", "max_price", "min_cuda")
-                           if p.get(k))
-        raise JobFailed(f"no vast.ai offer fits ({wanted or 'any GPU'}, disk >= {disk_gb} GB); nothing was rented",
-                        code="no_offer")
+        wanted = ", ".join(
+            f"{k}={p[k]}" for k in ("gpu_type", "num_gpus", "region", "max_price", "min_cuda") if p.get(k)
+        )
+        raise JobFailed(
+            f"no vast.ai offer fits ({wanted or 'any GPU'}, disk >= {disk_gb} GB); nothing was rented", code="no_offer"
+        )
     failures: list[str] = []
     for n, offer in enumerate(offers[: ctx.settings.vast_max_offers]):
         ctx.check_cancelled()
@@ -161,8 +200,9 @@ def _rent_until_running(ctx: JobContext, vast: Any, machine_id: str, *, disk_gb:
         ctx.check_cancelled()  # and its answer says whether a cancel came meanwhile: then rent nothing
         try:
             # ssh_direct: SSH straight to the host (no shared relay in the way of a long restore).
-            instance_id = vast.create_instance(offer.id, image=p["image"], disk_gb=disk_gb, label=label,
-                                               runtype="ssh_direct")
+            instance_id = vast.create_instance(
+                offer.id, image=p["image"], disk_gb=disk_gb, label=label, runtype="ssh_direct"
+            )
         except ExternalError as e:
             # The contract may exist anyway (vast.ai answered badly after acting): remove what carries the label.
             _destroy_labelled(ctx, vast, label)
@@ -171,8 +211,11 @@ def _rent_until_running(ctx: JobContext, vast: Any, machine_id: str, *, disk_gb:
                 raise
             continue
         ctx.save_state(instance_id=instance_id)
-        set_machine(ctx, ctx.machine_id or "", event=("instance_rented", f"offer {offer.id} rented as instance "
-                                                      f"{instance_id} at ${offer.dph_total}/h"))
+        set_machine(
+            ctx,
+            ctx.machine_id or "",
+            event=("instance_rented", f"offer {offer.id} rented as instance {instance_id} at ${offer.dph_total}/h"),
+        )
         ctx.progress(phase="wait_running")
         try:
             return wait_running(ctx, vast, instance_id, deadline_s=ctx.settings.vast_ready_deadline_s), offer
@@ -198,8 +241,12 @@ def _destroy_other_attempts(ctx: JobContext, vast: Any, job_prefix: str) -> None
     """Destroy (confirmed) what earlier attempts of this job rented; never this attempt's own rentals."""
     for instance in vast.list_instances(label_prefix=job_prefix):
         if _label_attempt(instance.label, job_prefix) != ctx.attempt and not instance.is_released:
-            logger.warning("destroying instance %s (%s) left by an earlier attempt of job %s", instance.id,
-                           instance.label, ctx.job_id)
+            logger.warning(
+                "destroying instance %s (%s) left by an earlier attempt of job %s",
+                instance.id,
+                instance.label,
+                ctx.job_id,
+            )
             destroy_confirmed(ctx, vast, instance.id)
 
 

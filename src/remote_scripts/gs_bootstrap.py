@@ -11,6 +11,7 @@ resolution, because every file that may be installed is listed below. A host who
 listed wheel gets `missing_dependency`, and the caller falls back (gs_codecs: the `zstd` binary, then
 no compression). Hashes were read from PyPI's simple index (JSON form) for these exact versions.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -93,15 +94,34 @@ def _try_import(module: str) -> Optional[ModuleType]:
 def pip_command(requirements_file: str, target: str, pip: Optional[List[str]] = None) -> List[str]:
     """The pip invocation: hash-checked, wheels only, nothing resolved beyond the pinned files."""
     return (pip or [sys.executable, "-m", "pip"]) + [
-        "install", "--quiet", "--disable-pip-version-check", "--no-input", "--require-hashes",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        "--no-input",
+        "--require-hashes",
         # bounded: a host whose index is black-holed must fall back in seconds, not stall each job
-        "--timeout", "20", "--retries", "1",
-        "--only-binary=:all:", "--no-deps", "--target", target, "-r", requirements_file]
+        "--timeout",
+        "20",
+        "--retries",
+        "1",
+        "--only-binary=:all:",
+        "--no-deps",
+        "--target",
+        target,
+        "-r",
+        requirements_file,
+    ]
 
 
-def ensure(module: str, requirement: str, *, install: bool = True,
-           pip: Optional[List[str]] = None, target: Optional[str] = None,
-           pins: Optional[Dict[str, List[str]]] = None) -> ModuleType:
+def ensure(
+    module: str,
+    requirement: str,
+    *,
+    install: bool = True,
+    pip: Optional[List[str]] = None,
+    target: Optional[str] = None,
+    pins: Optional[Dict[str, List[str]]] = None,
+) -> ModuleType:
     """Return `module`, importing it from the environment, then from the private dir, then after
     installing the pinned files of `requirement` (a key of PINNED) into the private dir.
 
@@ -122,8 +142,10 @@ def ensure(module: str, requirement: str, *, install: bool = True,
         raise ScriptError("missing_dependency", "python module %r is not installed" % module)
     lines = (pins if pins is not None else PINNED).get(requirement)
     if not lines:
-        raise ScriptError("missing_dependency", "python module %r is missing and %r has no pinned, "
-                          "hash-checked release to install" % (module, requirement))
+        raise ScriptError(
+            "missing_dependency",
+            "python module %r is missing and %r has no pinned, hash-checked release to install" % (module, requirement),
+        )
     os.makedirs(target, mode=0o700, exist_ok=True)
     # The requirements file sits in a private temporary directory (mkdtemp: 0700), removed after.
     scratch = tempfile.mkdtemp(prefix="gpusnap-pip-")
@@ -134,8 +156,9 @@ def ensure(module: str, requirement: str, *, install: bool = True,
         cmd = pip_command(req_file, target, pip)
         logger.info("installing pinned %s into %s", requirement, target)
         try:
-            res = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 timeout=PIP_TIMEOUT_S)
+            res = subprocess.run(
+                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=PIP_TIMEOUT_S
+            )
             detail = tail_text(res.stderr, 500) if res.returncode else ""
         except (OSError, subprocess.TimeoutExpired) as exc:
             detail = str(exc)
@@ -144,7 +167,9 @@ def ensure(module: str, requirement: str, *, install: bool = True,
     importlib.invalidate_caches()
     found = _try_import(module)
     if found is None:
-        raise ScriptError("missing_dependency",
-                          "python module %r is missing and the pinned, hash-checked install of %s failed: %s"
-                          % (module, requirement, detail or "module still not importable"))
+        raise ScriptError(
+            "missing_dependency",
+            "python module %r is missing and the pinned, hash-checked install of %s failed: %s"
+            % (module, requirement, detail or "module still not importable"),
+        )
     return found

@@ -15,6 +15,7 @@ INVARIANT: the concatenation of the chunks, in order, is exactly the stream read
 chooses cut points; every byte read goes into exactly one chunk, whatever the stream holds, so a
 stream this parser does not understand still round-trips (only the cut points get worse).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -57,7 +58,7 @@ def _pax_fields(data: bytes) -> Tuple[Optional[int], Optional[bytes]]:
             break
         if end <= space or end > n:
             break
-        record = data[space + 1:end - 1]
+        record = data[space + 1 : end - 1]
         key, _, value = record.partition(b"=")
         if key == b"size":
             try:
@@ -83,8 +84,16 @@ class Chunker:
     are read straight from the source into their buffer (no copy); group bytes are copied once from
     the read buffer."""
 
-    def __init__(self, source: Any, take: Callable[[str], bytearray], *, block_size: int = DEFAULT_BLOCK_SIZE,
-                 large_min: int = LARGE_MIN, group_max: int = GROUP_MAX, modulus: int = GROUP_MODULUS) -> None:
+    def __init__(
+        self,
+        source: Any,
+        take: Callable[[str], bytearray],
+        *,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        large_min: int = LARGE_MIN,
+        group_max: int = GROUP_MAX,
+        modulus: int = GROUP_MODULUS,
+    ) -> None:
         self.source, self.take = source, take
         self.block_size, self.large_min, self.group_max, self.modulus = block_size, large_min, group_max, modulus
         self.rbuf = bytearray(READ_SIZE)
@@ -103,10 +112,10 @@ class Chunker:
         if avail >= need or self.eof:
             return avail
         if self.pos:
-            self.rbuf[:avail] = self.rview[self.pos:self.end]
+            self.rbuf[:avail] = self.rview[self.pos : self.end]
             self.pos, self.end = 0, avail
         while self.end - self.pos < need and self.end < len(self.rbuf):
-            n = self.source.readinto(self.rview[self.end:])
+            n = self.source.readinto(self.rview[self.end :])
             if not n:
                 self.eof = True
                 break
@@ -126,7 +135,7 @@ class Chunker:
             if step == 0:
                 yield from self._cut()
                 continue
-            self.group[self.glen:self.glen + step] = self.rview[self.pos:self.pos + step]
+            self.group[self.glen : self.glen + step] = self.rview[self.pos : self.pos + step]
             self.glen += step
             self.pos += step
             n -= step
@@ -146,7 +155,7 @@ class Chunker:
             buf = self.take("block")
             view = memoryview(buf)
             got = min(want, self.end - self.pos)
-            view[:got] = self.rview[self.pos:self.pos + got]
+            view[:got] = self.rview[self.pos : self.pos + got]
             self.pos += got
             while got < want:
                 r = self.source.readinto(view[got:want])
@@ -169,7 +178,7 @@ class Chunker:
         while True:
             if self._fill(BLOCK) < BLOCK:
                 break  # a truncated stream: whatever is left goes to the group below
-            header = bytes(self.rview[self.pos:self.pos + BLOCK])
+            header = bytes(self.rview[self.pos : self.pos + BLOCK])
             if header == bytes(BLOCK):
                 break  # end of archive: the zero blocks and the record padding follow
             kind = header[156]
@@ -177,11 +186,11 @@ class Chunker:
             if kind in _PAX_TYPES:
                 data_len = -(-size // BLOCK) * BLOCK
                 if self._fill(BLOCK + size) >= BLOCK + size and kind in b"xX":
-                    pax_size, pax_path = _pax_fields(bytes(self.rview[self.pos + BLOCK:self.pos + BLOCK + size]))
+                    pax_size, pax_path = _pax_fields(bytes(self.rview[self.pos + BLOCK : self.pos + BLOCK + size]))
                     size_override = pax_size if pax_size is not None else size_override
                     path = pax_path if pax_path is not None else path
                 elif kind == ord("L") and self._fill(BLOCK + size) >= BLOCK + size:
-                    path = bytes(self.rview[self.pos + BLOCK:self.pos + BLOCK + size]).split(b"\0", 1)[0]
+                    path = bytes(self.rview[self.pos + BLOCK : self.pos + BLOCK + size]).split(b"\0", 1)[0]
                 yield from self._group_copy(BLOCK + data_len)
                 continue
             self.members += 1
@@ -213,8 +222,11 @@ def chunk_bytes(data: bytes, **kwargs: Any) -> List[bytes]:
     out: List[bytes] = []
 
     def take(kind: str) -> bytearray:
-        return bytearray(kwargs.get("block_size", DEFAULT_BLOCK_SIZE) if kind == "block"
-                         else kwargs.get("group_max", GROUP_MAX) + READ_SIZE)
+        return bytearray(
+            kwargs.get("block_size", DEFAULT_BLOCK_SIZE)
+            if kind == "block"
+            else kwargs.get("group_max", GROUP_MAX) + READ_SIZE
+        )
 
     for _kind, buf, n in Chunker(io.BytesIO(data), take, **kwargs):
         out.append(bytes(buf[:n]))

@@ -8,6 +8,7 @@ hashed (SHA-256 in worker threads: hashlib releases the GIL); only chunks the st
 are compressed and uploaded: blocks as their own object `chunks/<raw sha256>`, groups into packs
 (gs_packer).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -27,13 +28,25 @@ from gs_packer import Loc, PackBuilder
 
 logger = logging.getLogger("gpusnap.remote")
 
+
 class ChunkUploader:
     """Runs tar and turns its stream into stored chunks. One instance per snapshot run."""
 
-    def __init__(self, *, ctx: Context, codec: Codec, index: ChunkIndex,
-                 put: Callable[[str, Any, Dict[str, str]], None], block_size: int, pack_size: int,
-                 group_max: int, large_min: int, modulus: int,
-                 parallelism: int, bytes_total: int) -> None:
+    def __init__(
+        self,
+        *,
+        ctx: Context,
+        codec: Codec,
+        index: ChunkIndex,
+        put: Callable[[str, Any, Dict[str, str]], None],
+        block_size: int,
+        pack_size: int,
+        group_max: int,
+        large_min: int,
+        modulus: int,
+        parallelism: int,
+        bytes_total: int,
+    ) -> None:
         self.ctx, self.codec, self.index, self.put = ctx, codec, index, put
         self.block_size, self.group_max, self.large_min, self.modulus = block_size, group_max, large_min, modulus
         self.parallelism, self.bytes_total = parallelism, bytes_total
@@ -77,9 +90,15 @@ class ChunkUploader:
         """Stream the whole archive; returns (chunk entries in stream order, file count)."""
         index_r, index_w = os.pipe()
         try:
-            self._tar = tar = self.ctx.spawn(make_tar(index_w), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                             stdin=subprocess.DEVNULL, pass_fds=(index_w,), bufsize=0,
-                                             env=dict(os.environ, LC_ALL="C"))
+            self._tar = tar = self.ctx.spawn(
+                make_tar(index_w),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                stdin=subprocess.DEVNULL,
+                pass_fds=(index_w,),
+                bufsize=0,
+                env=dict(os.environ, LC_ALL="C"),
+            )
         except FileNotFoundError:
             raise ScriptError("missing_dependency", "GNU tar is not installed") from None
         finally:
@@ -90,8 +109,14 @@ class ChunkUploader:
         drain = threading.Thread(target=lambda: errors.append(tar.stderr.read()), daemon=True)
         counter.start()
         drain.start()
-        chunker = Chunker(tar.stdout, self._take, block_size=self.block_size, large_min=self.large_min,
-                          group_max=self.group_max, modulus=self.modulus)
+        chunker = Chunker(
+            tar.stdout,
+            self._take,
+            block_size=self.block_size,
+            large_min=self.large_min,
+            group_max=self.group_max,
+            modulus=self.modulus,
+        )
         count = 0
         with ThreadPoolExecutor(self.parallelism, thread_name_prefix="chunk") as pool:
             it = iter(chunker)
@@ -148,9 +173,13 @@ class ChunkUploader:
                 self.entries[i] = (digest, n, loc, kind, mine)
                 self.bytes_done += n
                 done, read, bytes_done = len(self.entries), self.read, self.bytes_done
-            self.ctx.events.progress(phase="upload", bytes_done=bytes_done,
-                                     bytes_total=max(self.bytes_total, bytes_done), parts_done=done,
-                                     parts_total=max(read, -(-self.bytes_total // self.block_size)))
+            self.ctx.events.progress(
+                phase="upload",
+                bytes_done=bytes_done,
+                bytes_total=max(self.bytes_total, bytes_done),
+                parts_done=done,
+                parts_total=max(read, -(-self.bytes_total // self.block_size)),
+            )
         except ScriptError as exc:
             self._fail(exc)
         except Exception as exc:  # noqa: BLE001 - any worker failure must stop the run, not vanish
@@ -183,8 +212,13 @@ class ChunkUploader:
                 self._upload_pack(sealed)
             return loc, True
         key = "chunks/" + digest
-        meta = {"sha256": sha, "raw-sha256": digest, "raw-size": str(len(raw)), "stored-size": str(len(stored)),
-                "codec": codec_name}
+        meta = {
+            "sha256": sha,
+            "raw-sha256": digest,
+            "raw-size": str(len(raw)),
+            "stored-size": str(len(stored)),
+            "codec": codec_name,
+        }
         self.put(key, stored, meta)
         self._add("upload_s", time.monotonic() - t2)
         with self.lock:
@@ -196,7 +230,7 @@ class ChunkUploader:
         key, view, buf, locs, size = sealed
         t0 = time.monotonic()
         try:
-            self.put(key, view, {"sha256": key[len("packs/"):], "chunks": str(len(locs))})
+            self.put(key, view, {"sha256": key[len("packs/") :], "chunks": str(len(locs))})
         finally:
             self.packer.done(buf, view)
         self._add("upload_s", time.monotonic() - t0)

@@ -15,6 +15,7 @@ Three sources, checked in this order for each chunk digest:
 A digest being stored by one worker is "in flight": another worker that needs it waits for it rather
 than storing it twice.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -41,11 +42,21 @@ def parse_known(rows: Any) -> Dict[str, Loc]:
         raise ScriptError("bad_config", "known_chunks must be a list")
     out: Dict[str, Loc] = {}
     for row in rows:
-        ok = (isinstance(row, list) and len(row) == 9 and isinstance(row[0], str) and _HEX64.match(row[0])
-              and isinstance(row[1], str) and KEY_RE.match(row[1]) and row[5] in PART_CODECS
-              and all(isinstance(row[i], int) and not isinstance(row[i], bool) and row[i] >= 0 for i in (2, 3, 4, 7))
-              and isinstance(row[6], str) and _HEX64.match(row[6]) and isinstance(row[8], str)
-              and _HEX64.match(row[8]) and row[2] + row[3] <= row[7])
+        ok = (
+            isinstance(row, list)
+            and len(row) == 9
+            and isinstance(row[0], str)
+            and _HEX64.match(row[0])
+            and isinstance(row[1], str)
+            and KEY_RE.match(row[1])
+            and row[5] in PART_CODECS
+            and all(isinstance(row[i], int) and not isinstance(row[i], bool) and row[i] >= 0 for i in (2, 3, 4, 7))
+            and isinstance(row[6], str)
+            and _HEX64.match(row[6])
+            and isinstance(row[8], str)
+            and _HEX64.match(row[8])
+            and row[2] + row[3] <= row[7]
+        )
         if not ok:
             raise ScriptError("bad_config", "known_chunks row %r is malformed" % (row,))
         out[row[0]] = Loc(row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8])
@@ -61,7 +72,7 @@ class ChunkIndex:
         self.listing: Dict[str, int] = {}
         for folder in ("chunks/", "packs/"):
             for key, size in s5.list(store_prefix + folder).items():
-                self.listing[key[len(store_prefix):]] = size
+                self.listing[key[len(store_prefix) :]] = size
         self.known = {raw: loc for raw, loc in known.items() if self.listing.get(loc.key) == loc.object_size}
         self.dropped = len(known) - len(self.known)  # told, but not (or not so) in the bucket
         self.stored: Dict[str, Loc] = {}  # stored by this run, or found from an earlier attempt
@@ -91,8 +102,9 @@ class ChunkIndex:
         """Read the TOC of listed packs no known chunk points to (left by an earlier attempt). A listed
         pack over `max_size` (more than this run's packs can be) is not one of ours: never buffered."""
         referenced = {loc.key for loc in self.known.values()}
-        orphans = sorted(k for k in self.listing if k.startswith("packs/") and k not in referenced
-                         and self.listing[k] <= max_size)
+        orphans = sorted(
+            k for k in self.listing if k.startswith("packs/") and k not in referenced and self.listing[k] <= max_size
+        )
         for key in orphans[:RESUME_PACKS]:
             size = self.listing[key]
             try:
@@ -109,14 +121,27 @@ class ChunkIndex:
                 logger.warning("pack %s: %s; not reused", key, exc.message)
                 continue
             for row in rows:
-                stored = memoryview(body)[row["offset"]:row["offset"] + row["stored_size"]]
-                if (hashlib.sha256(stored).hexdigest() != row["sha256"]
-                        or not self.decodes_to(row["codec"], stored, row["raw_sha256"], row["raw_size"])):
-                    logger.warning("pack %s: chunk %s... does not hold what its TOC says; not reused",
-                                   key, row["raw_sha256"][:12])
+                stored = memoryview(body)[row["offset"] : row["offset"] + row["stored_size"]]
+                if hashlib.sha256(stored).hexdigest() != row["sha256"] or not self.decodes_to(
+                    row["codec"], stored, row["raw_sha256"], row["raw_size"]
+                ):
+                    logger.warning(
+                        "pack %s: chunk %s... does not hold what its TOC says; not reused", key, row["raw_sha256"][:12]
+                    )
                     continue
-                self.stored.setdefault(row["raw_sha256"], Loc(key, row["offset"], row["stored_size"], row["raw_size"],
-                                                              row["codec"], row["sha256"], size, digest))
+                self.stored.setdefault(
+                    row["raw_sha256"],
+                    Loc(
+                        key,
+                        row["offset"],
+                        row["stored_size"],
+                        row["raw_size"],
+                        row["codec"],
+                        row["sha256"],
+                        size,
+                        digest,
+                    ),
+                )
                 self.resumed_chunks += 1
         return len(orphans[:RESUME_PACKS])
 
@@ -151,22 +176,31 @@ class ChunkIndex:
         key = "chunks/" + raw
         size = self.listing.get(key)
         if size is None or size > raw_size:  # a stored block is never larger than its raw bytes
-            return None                      # (gs_codecs.encode_part): no bigger one is fetched
+            return None  # (gs_codecs.encode_part): no bigger one is fetched
         try:
             info = self.s5.head(self.prefix + key)
         except NotFound:
             return None
         meta = info["metadata"]
         sha, codec = meta.get("sha256", ""), meta.get("codec", "")
-        if (info["size"] != size or meta.get("raw-sha256") != raw or meta.get("raw-size") != str(raw_size)
-                or meta.get("stored-size") != str(size) or codec not in PART_CODECS or not _HEX64.match(sha)):
+        if (
+            info["size"] != size
+            or meta.get("raw-sha256") != raw
+            or meta.get("raw-size") != str(raw_size)
+            or meta.get("stored-size") != str(size)
+            or codec not in PART_CODECS
+            or not _HEX64.match(sha)
+        ):
             return None
         try:  # the metadata is the object's own word: check the bytes (resume only, so rare)
             body = self.s5.cat(self.prefix + key, size, "upload_failed")
         except NotFound:
             return None
-        if (len(body) != size or hashlib.sha256(body).hexdigest() != sha
-                or not self.decodes_to(codec, body, raw, raw_size)):
+        if (
+            len(body) != size
+            or hashlib.sha256(body).hexdigest() != sha
+            or not self.decodes_to(codec, body, raw, raw_size)
+        ):
             logger.warning("block %s does not hold what its metadata says; stored again", key)
             return None
         with self.lock:
@@ -178,9 +212,12 @@ class ChunkIndex:
         listing: Dict[str, int] = {}
         for folder in ("chunks/", "packs/"):
             for key, size in self.s5.list(self.prefix + folder).items():
-                listing[key[len(self.prefix):]] = size
+                listing[key[len(self.prefix) :]] = size
         for loc in locs:
             if listing.get(loc.key or "") != loc.object_size:
                 got = listing.get(loc.key or "")
-                raise ScriptError("upload_failed", "object %s is %s in the bucket, expected %d bytes"
-                                  % (loc.key, "missing" if got is None else "%d bytes" % got, loc.object_size))
+                raise ScriptError(
+                    "upload_failed",
+                    "object %s is %s in the bucket, expected %d bytes"
+                    % (loc.key, "missing" if got is None else "%d bytes" % got, loc.object_size),
+                )

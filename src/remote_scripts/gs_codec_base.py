@@ -1,5 +1,6 @@
 """The part codec interface, shared by gs_codecs (CPU codecs, selection), gs_planes (byte planes) and
 gs_nvcomp (GPU), so those modules need not import each other."""
+
 from __future__ import annotations
 
 from typing import Any, Dict, Optional, Tuple

@@ -15,6 +15,7 @@ one part after selection stores that part with the CPU codec (gs_nvcomp).
 (`decode.requires_gpu`, `decode.nvcomp_major`), and `for_restore` refuses up front with `gpu_required`
 on a host that cannot decode them, before anything is downloaded.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -55,8 +56,10 @@ class ZstdCodec(Codec):
         if ctx is None:
             # write_checksum: each frame carries XXH64 of its content, checked by zstd on decode, so
             # restore need not re-hash decoded parts with SHA-256 (stored bytes are SHA-256-checked).
-            ctx = (self.zstd.ZstdCompressor(level=self.level, threads=self.threads, write_checksum=True),
-                   self.zstd.ZstdDecompressor())
+            ctx = (
+                self.zstd.ZstdCompressor(level=self.level, threads=self.threads, write_checksum=True),
+                self.zstd.ZstdDecompressor(),
+            )
             self._local.ctx = ctx
         return ctx
 
@@ -75,7 +78,9 @@ class ZstdCodec(Codec):
             # (a damaged header: MemoryError, not part_corrupt). Refuse a claim past what we expect.
             claimed = self.zstd.get_frame_parameters(stored).content_size
             if claimed not in (self.zstd.CONTENTSIZE_UNKNOWN, self.zstd.CONTENTSIZE_ERROR) and claimed > raw_size:
-                raise ScriptError("part_corrupt", "zstd frame claims %d bytes, expected at most %d" % (claimed, raw_size))
+                raise ScriptError(
+                    "part_corrupt", "zstd frame claims %d bytes, expected at most %d" % (claimed, raw_size)
+                )
             return self._ctx()[1].decompress(stored, max_output_size=raw_size)
         except self.zstd.ZstdError as exc:
             raise ScriptError("part_corrupt", "zstd frame does not decode: %s" % exc) from None
@@ -103,8 +108,12 @@ def _zstd(level: int, bootstrap: bool) -> Codec:
         if binary is None:
             raise ScriptError(exc.code, "%s; and no `zstd` binary is on PATH" % exc.message) from None
         codec = ZstdCliCodec(binary, level=level)
-        codec.fallback = {"requested": "zstd", "used": "zstd", "implementation": codec.version(),
-                          "reasons": [exc.message]}
+        codec.fallback = {
+            "requested": "zstd",
+            "used": "zstd",
+            "implementation": codec.version(),
+            "reasons": [exc.message],
+        }
         return codec
 
 
@@ -118,16 +127,26 @@ def _cpu(name: str, level: int, bootstrap: bool) -> Codec:
     codec = _zstd(level, bootstrap)
     if name == "zstd" or not isinstance(codec, ZstdCodec):  # no zstandard package: plain zstd frames only
         if name == "zstd-planes":
-            codec.fallback = {"requested": name, "used": "zstd", "implementation": codec.version(),
-                              "reasons": ["zstd-planes needs the zstandard package"] + (codec.fallback or {}).get(
-                                  "reasons", [])}
+            codec.fallback = {
+                "requested": name,
+                "used": "zstd",
+                "implementation": codec.version(),
+                "reasons": ["zstd-planes needs the zstandard package"] + (codec.fallback or {}).get("reasons", []),
+            }
         return codec
     planes = PlanesCodec(codec.zstd)  # its own fast settings (gs_planes), whatever zstd's level
     return planes if name == "zstd-planes" else AutoCpuCodec(codec, planes)
 
 
-def for_snapshot(name: str, level: int, bootstrap: bool = True, *, part_size: int = 32 << 20,
-                 parallelism: int = 4, gpu_probe: Any = None) -> Codec:
+def for_snapshot(
+    name: str,
+    level: int,
+    bootstrap: bool = True,
+    *,
+    part_size: int = 32 << 20,
+    parallelism: int = 4,
+    gpu_probe: Any = None,
+) -> Codec:
     """The codec that compresses new parts. `auto` = nvCOMP ANS when a usable GPU (gs_gpu: free memory
     for `parallelism` parts of `part_size`, compute mode) and an importable nvCOMP 6 are present (no
     install attempted) and a round trip on it works; otherwise zstd or zstd-planes, per part.
@@ -143,9 +162,13 @@ def for_snapshot(name: str, level: int, bootstrap: bool = True, *, part_size: in
     cpu_name = "auto" if name in ("auto", "nvcomp-ans") else name
     if name in ("nvcomp-ans", "auto"):
         try:
-            return NvcompAnsCodec(bootstrap=bootstrap and name == "nvcomp-ans", part_size=part_size,
-                                  parallelism=parallelism, probe=gpu_probe,
-                                  cpu_fallback=lambda: _cpu(cpu_name, level, bootstrap))
+            return NvcompAnsCodec(
+                bootstrap=bootstrap and name == "nvcomp-ans",
+                part_size=part_size,
+                parallelism=parallelism,
+                probe=gpu_probe,
+                cpu_fallback=lambda: _cpu(cpu_name, level, bootstrap),
+            )
         except ScriptError as exc:
             if exc.code not in _FALLBACK_CODES:
                 raise
@@ -160,8 +183,7 @@ def for_snapshot(name: str, level: int, bootstrap: bool = True, *, part_size: in
         reasons.append(exc.message)
     if reasons or codec.fallback:
         reasons += (codec.fallback or {}).get("reasons", [])
-        codec.fallback = {"requested": name, "used": codec.name, "implementation": codec.version(),
-                          "reasons": reasons}
+        codec.fallback = {"requested": name, "used": codec.name, "implementation": codec.version(), "reasons": reasons}
     return codec
 
 
@@ -197,9 +219,12 @@ def for_restore(names: Any, bootstrap: bool = True, *, gpu_probe: Any = None) ->
             except ScriptError as exc:
                 if exc.code not in _FALLBACK_CODES:
                     raise
-                raise ScriptError("gpu_required", "the snapshot has parts compressed with nvCOMP %d ANS, which "
-                                  "only a CUDA GPU can decode, and this host cannot: %s. Restore it on a host "
-                                  "with an NVIDIA GPU (CUDA 12+, Python 3.9+)" % (NVCOMP_MAJOR, exc.message)) from None
+                raise ScriptError(
+                    "gpu_required",
+                    "the snapshot has parts compressed with nvCOMP %d ANS, which "
+                    "only a CUDA GPU can decode, and this host cannot: %s. Restore it on a host "
+                    "with an NVIDIA GPU (CUDA 12+, Python 3.9+)" % (NVCOMP_MAJOR, exc.message),
+                ) from None
     return out
 
 

@@ -4,6 +4,7 @@ Runs on the GPU host with python3 >= 3.8 and the standard library only. Contract
 one JSON object on stdin, JSON lines on stdout (`started`, `progress`…, then exactly one `result` or
 `error`), logs on stderr, exit status 0 only with a `result`.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -76,7 +77,7 @@ class Events:
             self.final = event in ("result", "error")
             try:
                 while data:
-                    data = data[os.write(self._fd, data):]
+                    data = data[os.write(self._fd, data) :]
             except OSError as exc:  # EPIPE above all
                 self.gone = True
                 if self.on_gone is not None:
@@ -175,8 +176,9 @@ def run_script(main: Callable[[Dict[str, Any], Context], Dict[str, Any]]) -> Non
         events.emit("started", pid=os.getpid(), pgid=os.getpgrp())
         cfg = read_config()
         s3 = cfg.get("s3") if isinstance(cfg.get("s3"), dict) else {}
-        events.redact(str(s3.get("secret_key") or ""), str(s3.get("access_key") or ""),
-                      str(s3.get("session_token") or ""))
+        events.redact(
+            str(s3.get("secret_key") or ""), str(s3.get("access_key") or ""), str(s3.get("session_token") or "")
+        )
         # No ctx.check() here: once main returns, its work is done (a swapped workspace, an uploaded
         # manifest) and reporting `cancelled` for a signal that came too late would be a lie.
         result = main(cfg, ctx)
@@ -198,8 +200,13 @@ def run_script(main: Callable[[Dict[str, Any], Context], Dict[str, Any]]) -> Non
     finally:
         ctx.kill_children()
         own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-        logger.info("cpu: script %.2fs user %.2fs sys; children %.2fs user %.2fs sys",
-                    own.ru_utime, own.ru_stime, kids.ru_utime, kids.ru_stime)
+        logger.info(
+            "cpu: script %.2fs user %.2fs sys; children %.2fs user %.2fs sys",
+            own.ru_utime,
+            own.ru_stime,
+            kids.ru_utime,
+            kids.ru_stime,
+        )
     sys.stdout.flush()
     os._exit(code)  # worker threads may still be blocked on dead children; do not wait for them
 
@@ -228,8 +235,14 @@ def heartbeat(events: Events, ctx: Context, every: float = 2.0) -> threading.Thr
     return thread
 
 
-def require(cfg: Dict[str, Any], key: str, kind: type, default: Any = None, required: bool = True,
-            within: Optional[Tuple[int, int]] = None) -> Any:
+def require(
+    cfg: Dict[str, Any],
+    key: str,
+    kind: type,
+    default: Any = None,
+    required: bool = True,
+    within: Optional[Tuple[int, int]] = None,
+) -> Any:
     """Fetch and type-check one config value (an int also against the inclusive bounds `within`);
     `bad_config` on a wrong type, a value out of bounds or a missing key."""
     value = cfg.get(key, default)

@@ -7,6 +7,7 @@ carry XXH64) or, for codecs without one, against raw_sha256, before they are han
 `window` parts are downloaded or decoded ahead of the consumer, so memory stays near
 (window + 1) x (part_size + stored part) whatever the snapshot size; nothing touches local disk.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,8 +26,9 @@ from gs_s3 import S5, NotFound
 class PartFetcher:
     """Ordered iterator over verified, decoded parts. Call close() when done (also on failure)."""
 
-    def __init__(self, *, ctx: Context, s5: S5, prefix: str, parts: List[Dict[str, Any]],
-                 codecs: Dict[str, Codec], window: int) -> None:
+    def __init__(
+        self, *, ctx: Context, s5: S5, prefix: str, parts: List[Dict[str, Any]], codecs: Dict[str, Codec], window: int
+    ) -> None:
         self.ctx, self.s5, self.prefix, self.parts, self.codecs = ctx, s5, prefix, parts, codecs
         self.window = max(1, window)
         self.cpu = threading.Semaphore(max(1, min(self.window, os.cpu_count() or 1)))
@@ -87,8 +89,9 @@ class PartFetcher:
             raise ScriptError("part_missing", "part %s is missing from the bucket" % key) from None
         t1 = time.monotonic()
         if got < size:  # cat_into returns short only when the bucket's own object is that short
-            raise ScriptError("part_truncated", "part %s is %d bytes in the bucket, manifest says %d"
-                              % (key, got, size))
+            raise ScriptError(
+                "part_truncated", "part %s is %d bytes in the bucket, manifest says %d" % (key, got, size)
+            )
         if got > size:
             raise ScriptError("part_corrupt", "part %s is longer than the %d bytes of the manifest" % (key, size))
         stored = memoryview(sbuf)[:size]
@@ -105,16 +108,19 @@ class PartFetcher:
         self_checked = codec.checks_output(stored)
         rbuf = self._take()
         with self.cpu:
-            n = codec.decompress_into(stored, memoryview(rbuf)[:raw_size + 1])
+            n = codec.decompress_into(stored, memoryview(rbuf)[: raw_size + 1])
         del stored
         self.release(sbuf)
         t3 = time.monotonic()
         if n != raw_size:
-            raise ScriptError("part_corrupt", "part %s decodes to %s bytes, manifest says %d"
-                              % (key, n if n <= raw_size else "more", raw_size))
+            raise ScriptError(
+                "part_corrupt",
+                "part %s decodes to %s bytes, manifest says %d" % (key, n if n <= raw_size else "more", raw_size),
+            )
         raw = memoryview(rbuf)[:n]
-        if not self_checked and (part.get("raw_sha256") is None
-                                 or hashlib.sha256(raw).hexdigest() != part["raw_sha256"]):
+        if not self_checked and (
+            part.get("raw_sha256") is None or hashlib.sha256(raw).hexdigest() != part["raw_sha256"]
+        ):
             raise ScriptError("part_corrupt", "part %s decodes to bytes that do not match raw_sha256" % key)
         self._add("download_s", t1 - t0)
         self._add("decode_s", t3 - t2)
@@ -160,6 +166,6 @@ class PartStream:
             self.offset = 0
             self.total += len(self.view)
             self.on_part(len(self.view))
-        chunk = self.view[self.offset:self.offset + size]
+        chunk = self.view[self.offset : self.offset + size]
         self.offset += len(chunk)
         return chunk

@@ -17,6 +17,7 @@ raw_size and, for every chunk the snapshot reused (`new: false`) or whose codec 
 raw_sha256 (the chunk's identity: a frame checksum only says the frame is intact, not that it is this
 chunk).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -49,8 +50,16 @@ class _Load:
 class ChunkFetcher:
     """Ordered iterator over verified, decoded chunks of a v2 manifest. close() when done."""
 
-    def __init__(self, *, ctx: Context, s5: S5, store_prefix: str, manifest: Dict[str, Any],
-                 codecs: Dict[str, Codec], window: int) -> None:
+    def __init__(
+        self,
+        *,
+        ctx: Context,
+        s5: S5,
+        store_prefix: str,
+        manifest: Dict[str, Any],
+        codecs: Dict[str, Codec],
+        window: int,
+    ) -> None:
         self.ctx, self.s5, self.prefix, self.codecs = ctx, s5, store_prefix, codecs
         self.objects, self.chunks = manifest["objects"], manifest["chunks"]
         self.window = max(1, window)
@@ -67,14 +76,17 @@ class ChunkFetcher:
             self.loads[j].refs += 1
             self.plan.append(j)
         # Recycled object buffers, one pool per kind: a 16 MiB block need not hold a 36 MiB pack.
-        self.obj_size = {kind: 1 + max([o["size"] for o in self.objects if o["key"].startswith(kind)] or [0])
-                         for kind in ("chunks/", "packs/")}
+        self.obj_size = {
+            kind: 1 + max([o["size"] for o in self.objects if o["key"].startswith(kind)] or [0])
+            for kind in ("chunks/", "packs/")
+        }
         self.raw_size = 1 + max(c["raw_size"] for c in self.chunks)
         self._obj_free: Dict[str, List[bytearray]] = {"chunks/": [], "packs/": []}
         self._raw_free: List[bytearray] = []
         self.fetch_pool = ThreadPoolExecutor(self.window, thread_name_prefix="fetch")
-        self.decode_pool = ThreadPoolExecutor(max(1, min(self.window, os.cpu_count() or 1)),
-                                              thread_name_prefix="decode")
+        self.decode_pool = ThreadPoolExecutor(
+            max(1, min(self.window, os.cpu_count() or 1)), thread_name_prefix="decode"
+        )
         self.queue: Deque[Future] = deque()
         self.next_chunk = 0
         self.next_load = 0
@@ -128,7 +140,7 @@ class ChunkFetcher:
     def close(self) -> None:
         for fut in self.queue:
             fut.cancel()
-        for load in self.loads[:self.next_load]:
+        for load in self.loads[: self.next_load]:
             if load.future is not None and not load.future.done():
                 load.future.cancel()  # not started yet: never downloaded
         self.decode_pool.shutdown(wait=False)
@@ -159,8 +171,9 @@ class ChunkFetcher:
         if got != size:
             self._give_obj(kind, buf)
             if got < size:  # cat_into returns short only when the bucket's own object is that short
-                raise ScriptError("part_truncated", "object %s is %d bytes in the bucket, manifest says %d"
-                                  % (key, got, size))
+                raise ScriptError(
+                    "part_truncated", "object %s is %d bytes in the bucket, manifest says %d" % (key, got, size)
+                )
             raise ScriptError("part_corrupt", "object %s is longer than the %d bytes of the manifest" % (key, size))
         with self.lock:
             load.buf = buf
@@ -176,11 +189,12 @@ class ChunkFetcher:
         view = load.future.result()
         key = self.objects[load.obj]["key"]
         t0 = time.monotonic()
-        stored = view[chunk["offset"]:chunk["offset"] + chunk["stored_size"]]
+        stored = view[chunk["offset"] : chunk["offset"] + chunk["stored_size"]]
         if hashlib.sha256(stored).hexdigest() != chunk["sha256"]:
             self._unref(load)
-            raise ScriptError("part_corrupt", "chunk %d (%s...) in %s does not match its SHA-256"
-                              % (i, chunk["raw_sha256"][:12], key))
+            raise ScriptError(
+                "part_corrupt", "chunk %d (%s...) in %s does not match its SHA-256" % (i, chunk["raw_sha256"][:12], key)
+            )
         t1 = time.monotonic()
         self._add("verify_s", t1 - t0)
         if chunk["codec"] == "none":
@@ -189,7 +203,7 @@ class ChunkFetcher:
         rbuf = self._take(self._raw_free, self.raw_size)
         try:
             self_checked = codec.checks_output(stored)
-            n = codec.decompress_into(stored, memoryview(rbuf)[:raw_size + 1])
+            n = codec.decompress_into(stored, memoryview(rbuf)[: raw_size + 1])
         except BaseException:
             self.release(rbuf)
             raise
@@ -200,8 +214,11 @@ class ChunkFetcher:
         self._add("decode_s", t2 - t1)
         if n != raw_size:
             self.release(rbuf)
-            raise ScriptError("part_corrupt", "chunk %d in %s decodes to %s bytes, manifest says %d"
-                              % (i, key, n if n <= raw_size else "more", raw_size))
+            raise ScriptError(
+                "part_corrupt",
+                "chunk %d in %s decodes to %s bytes, manifest says %d"
+                % (i, key, n if n <= raw_size else "more", raw_size),
+            )
         raw = memoryview(rbuf)[:n]
         # Every chunk this snapshot did not store itself (`new: false`: told by known_chunks, found by a
         # resume, a repeat), even when the zstd frame checksum matched: that checksum covers what the

@@ -8,6 +8,7 @@ about 1 GiB for the CUDA context and nvCOMP's scratch, plus, per part in flight,
 device, the output and nvCOMP's temporary buffer (3 x part size). Among usable devices the one with
 the most free memory wins: a training job on device 0 is the common case on a rented box.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -30,9 +31,15 @@ class _Memory(ctypes.Structure):  # nvmlMemory_t
 
 
 class _PciInfo(ctypes.Structure):  # nvmlPciInfo_t (v3)
-    _fields_ = [("busIdLegacy", ctypes.c_char * 16), ("domain", ctypes.c_uint), ("bus", ctypes.c_uint),
-                ("device", ctypes.c_uint), ("pciDeviceId", ctypes.c_uint), ("pciSubSystemId", ctypes.c_uint),
-                ("busId", ctypes.c_char * 32)]
+    _fields_ = [
+        ("busIdLegacy", ctypes.c_char * 16),
+        ("domain", ctypes.c_uint),
+        ("bus", ctypes.c_uint),
+        ("device", ctypes.c_uint),
+        ("pciDeviceId", ctypes.c_uint),
+        ("pciSubSystemId", ctypes.c_uint),
+        ("busId", ctypes.c_char * 32),
+    ]
 
 
 class GpuProbe:
@@ -84,9 +91,11 @@ class GpuProbe:
             return False
         device, ctx = ctypes.c_int(0), ctypes.c_void_p()
         try:
-            return (cuda.cuDeviceGet(ctypes.byref(device), index) == 0
-                    and cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), device) == 0
-                    and cuda.cuCtxSetCurrent(ctx) == 0)
+            return (
+                cuda.cuDeviceGet(ctypes.byref(device), index) == 0
+                and cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), device) == 0
+                and cuda.cuCtxSetCurrent(ctx) == 0
+            )
         except AttributeError:
             return False
 
@@ -108,8 +117,10 @@ class GpuProbe:
         ordinal = ctypes.c_int(-1)
         # NVML counts every GPU in PCI order; CUDA counts those CUDA_VISIBLE_DEVICES leaves, fastest
         # first. The PCI bus id maps one to the other (an invisible GPU has no CUDA ordinal: skipped).
-        if (nvml.nvmlDeviceGetPciInfo_v3(handle, ctypes.byref(pci)) != _NVML_SUCCESS
-                or cuda.cuDeviceGetByPCIBusId(ctypes.byref(ordinal), pci.busId) != 0):
+        if (
+            nvml.nvmlDeviceGetPciInfo_v3(handle, ctypes.byref(pci)) != _NVML_SUCCESS
+            or cuda.cuDeviceGetByPCIBusId(ctypes.byref(ordinal), pci.busId) != 0
+        ):
             return None
         mem, mode, procs = _Memory(), ctypes.c_int(0), ctypes.c_uint(0)
         if nvml.nvmlDeviceGetMemoryInfo(handle, ctypes.byref(mem)) != _NVML_SUCCESS:
@@ -120,8 +131,13 @@ class GpuProbe:
         rc = nvml.nvmlDeviceGetComputeRunningProcesses_v3(handle, ctypes.byref(procs), None)
         if rc not in (_NVML_SUCCESS, _NVML_ERROR_INSUFFICIENT_SIZE):
             return None
-        return {"index": ordinal.value, "free": mem.free, "total": mem.total,
-                "compute_mode": COMPUTE_MODES.get(mode.value, str(mode.value)), "processes": procs.value}
+        return {
+            "index": ordinal.value,
+            "free": mem.free,
+            "total": mem.total,
+            "compute_mode": COMPUTE_MODES.get(mode.value, str(mode.value)),
+            "processes": procs.value,
+        }
 
 
 def choose(devices: List[Dict[str, Any]], need: int) -> Tuple[Optional[int], List[str]]:
@@ -133,11 +149,12 @@ def choose(devices: List[Dict[str, Any]], need: int) -> Tuple[Optional[int], Lis
         if d["compute_mode"] == "prohibited":
             why.append("%s: compute mode is Prohibited" % label)
         elif d["compute_mode"] in ("exclusive_process", "exclusive_thread") and d["processes"] > 0:
-            why.append("%s: compute mode is %s and %d process(es) hold it"
-                       % (label, d["compute_mode"], d["processes"]))
+            why.append("%s: compute mode is %s and %d process(es) hold it" % (label, d["compute_mode"], d["processes"]))
         elif d["free"] < need:
-            why.append("%s: %d MiB free, %d MiB needed (1 GiB + 3 x part size x parallelism)"
-                       % (label, d["free"] >> 20, need >> 20))
+            why.append(
+                "%s: %d MiB free, %d MiB needed (1 GiB + 3 x part size x parallelism)"
+                % (label, d["free"] >> 20, need >> 20)
+            )
         else:
             usable.append(d)
     if not devices:

@@ -8,6 +8,7 @@ created_at, finished_at, codec, part_size, parts: [{index, key, codec, raw_size,
 raw_sha256}], totals: {raw_bytes, stored_bytes, parts, files}, decode: {requires_gpu, nvcomp_major?},
 source: {...}, timings: {...}}.
 """
+
 from __future__ import annotations
 
 import re
@@ -31,17 +32,33 @@ def utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def build(*, cfg: Dict[str, Any], codec: str, part_size: int, parts: List[Dict[str, Any]], files: int,
-          source: Dict[str, Any], created_at: str, timings: Dict[str, float]) -> Dict[str, Any]:
+def build(
+    *,
+    cfg: Dict[str, Any],
+    codec: str,
+    part_size: int,
+    parts: List[Dict[str, Any]],
+    files: int,
+    source: Dict[str, Any],
+    created_at: str,
+    timings: Dict[str, float],
+) -> Dict[str, Any]:
     return {
-        "format": FORMAT, "version": VERSION,
-        "snapshot_id": str(cfg.get("snapshot_id") or ""), "instance_id": str(cfg.get("instance_id") or ""),
-        "created_at": created_at, "finished_at": utc_now(),
-        "codec": codec, "part_size": part_size,
+        "format": FORMAT,
+        "version": VERSION,
+        "snapshot_id": str(cfg.get("snapshot_id") or ""),
+        "instance_id": str(cfg.get("instance_id") or ""),
+        "created_at": created_at,
+        "finished_at": utc_now(),
+        "codec": codec,
+        "part_size": part_size,
         "parts": parts,
-        "totals": {"raw_bytes": sum(p["raw_size"] for p in parts),
-                   "stored_bytes": sum(p["stored_size"] for p in parts),
-                   "parts": len(parts), "files": files},
+        "totals": {
+            "raw_bytes": sum(p["raw_size"] for p in parts),
+            "stored_bytes": sum(p["stored_size"] for p in parts),
+            "parts": len(parts),
+            "files": files,
+        },
         # What a restore host needs: nvcomp-ans parts have no CPU decoder (gs_codecs).
         "decode": decode_requirements(p["codec"] for p in parts),
         "source": source,
@@ -118,9 +135,18 @@ MAX_CHUNK_BYTES = 256 << 20
 MAX_OBJECT_BYTES = 1 << 30
 
 
-def build_v2(*, cfg: Dict[str, Any], codec: str, chunking: Dict[str, int], entries: List[Any], files: int,
-             bytes_uploaded: int, source: Dict[str, Any], created_at: str,
-             timings: Dict[str, float]) -> Dict[str, Any]:
+def build_v2(
+    *,
+    cfg: Dict[str, Any],
+    codec: str,
+    chunking: Dict[str, int],
+    entries: List[Any],
+    files: int,
+    bytes_uploaded: int,
+    source: Dict[str, Any],
+    created_at: str,
+    timings: Dict[str, float],
+) -> Dict[str, Any]:
     """entries: (raw_sha256, raw_size, Loc, kind, new) in stream order (gs_chunkpipe)."""
     objects: List[Dict[str, Any]] = []
     where: Dict[str, int] = {}
@@ -129,19 +155,43 @@ def build_v2(*, cfg: Dict[str, Any], codec: str, chunking: Dict[str, int], entri
         if loc.key not in where:
             where[loc.key] = len(objects)
             objects.append({"key": loc.key, "size": loc.object_size, "sha256": loc.object_sha256})
-        chunks.append({"raw_sha256": raw, "raw_size": raw_size, "object": where[loc.key], "offset": loc.offset,
-                       "stored_size": loc.stored_size, "codec": loc.codec, "sha256": loc.sha256, "kind": kind,
-                       "new": bool(new)})
+        chunks.append(
+            {
+                "raw_sha256": raw,
+                "raw_size": raw_size,
+                "object": where[loc.key],
+                "offset": loc.offset,
+                "stored_size": loc.stored_size,
+                "codec": loc.codec,
+                "sha256": loc.sha256,
+                "kind": kind,
+                "new": bool(new),
+            }
+        )
     new_count = sum(1 for c in chunks if c["new"])
     return {
-        "format": FORMAT, "version": VERSION_2,
-        "snapshot_id": str(cfg.get("snapshot_id") or ""), "instance_id": str(cfg.get("instance_id") or ""),
-        "created_at": created_at, "finished_at": utc_now(), "codec": codec, "chunking": chunking,
-        "objects": objects, "chunks": chunks,
-        "totals": {"raw_bytes": sum(c["raw_size"] for c in chunks), "stored_bytes": sum(o["size"] for o in objects),
-                   "chunks": len(chunks), "chunks_new": new_count, "chunks_reused": len(chunks) - new_count,
-                   "bytes_uploaded": bytes_uploaded, "objects": len(objects), "files": files},
-        "source": source, "timings": timings,
+        "format": FORMAT,
+        "version": VERSION_2,
+        "snapshot_id": str(cfg.get("snapshot_id") or ""),
+        "instance_id": str(cfg.get("instance_id") or ""),
+        "created_at": created_at,
+        "finished_at": utc_now(),
+        "codec": codec,
+        "chunking": chunking,
+        "objects": objects,
+        "chunks": chunks,
+        "totals": {
+            "raw_bytes": sum(c["raw_size"] for c in chunks),
+            "stored_bytes": sum(o["size"] for o in objects),
+            "chunks": len(chunks),
+            "chunks_new": new_count,
+            "chunks_reused": len(chunks) - new_count,
+            "bytes_uploaded": bytes_uploaded,
+            "objects": len(objects),
+            "files": files,
+        },
+        "source": source,
+        "timings": timings,
     }
 
 
@@ -179,8 +229,10 @@ def validate_v2(doc: Dict[str, Any]) -> Dict[str, Any]:
             raise _bad("chunk %d is not an object" % i)
         _hex(c.get("raw_sha256"), "chunk %d raw_sha256" % i)
         _hex(c.get("sha256"), "chunk %d sha256" % i)
-        raw_size, stored = _int(c.get("raw_size"), "chunk %d raw_size" % i), _int(c.get("stored_size"),
-                                                                                  "chunk %d stored_size" % i)
+        raw_size, stored = (
+            _int(c.get("raw_size"), "chunk %d raw_size" % i),
+            _int(c.get("stored_size"), "chunk %d stored_size" % i),
+        )
         offset, index = _int(c.get("offset"), "chunk %d offset" % i), _int(c.get("object"), "chunk %d object" % i)
         if raw_size > MAX_CHUNK_BYTES:
             raise _bad("chunk %d claims %d raw bytes, more than format 2 ever cuts" % (i, raw_size))
@@ -193,8 +245,9 @@ def validate_v2(doc: Dict[str, Any]) -> Dict[str, Any]:
         obj = objects[index]
         if offset + stored > obj["size"]:
             raise _bad("chunk %d lies beyond the end of %s" % (i, obj["key"]))
-        if obj["key"].startswith("chunks/") and (offset != 0 or stored != obj["size"]
-                                                  or obj["key"][7:] != c["raw_sha256"] or obj["sha256"] != c["sha256"]):
+        if obj["key"].startswith("chunks/") and (
+            offset != 0 or stored != obj["size"] or obj["key"][7:] != c["raw_sha256"] or obj["sha256"] != c["sha256"]
+        ):
             raise _bad("chunk %d does not fill its block object %s" % (i, obj["key"]))
         used.add(index)
     if len(used) != len(objects):
@@ -203,8 +256,14 @@ def validate_v2(doc: Dict[str, Any]) -> Dict[str, Any]:
     if not isinstance(totals, dict):
         raise _bad("totals must be an object")
     new = sum(1 for c in chunks if c["new"])
-    expect = {"raw_bytes": sum(c["raw_size"] for c in chunks), "stored_bytes": sum(o["size"] for o in objects),
-              "chunks": len(chunks), "chunks_new": new, "chunks_reused": len(chunks) - new, "objects": len(objects)}
+    expect = {
+        "raw_bytes": sum(c["raw_size"] for c in chunks),
+        "stored_bytes": sum(o["size"] for o in objects),
+        "chunks": len(chunks),
+        "chunks_new": new,
+        "chunks_reused": len(chunks) - new,
+        "objects": len(objects),
+    }
     for name, value in expect.items():
         if _int(totals.get(name), "totals.%s" % name) != value:
             raise _bad("totals.%s is %r, the chunks say %d" % (name, totals.get(name), value))

@@ -20,6 +20,7 @@ What can go wrong on a real rented box, and what this module does about it:
 Not built: a weights-aware GPU variant. nvCOMP's ANS has a (b)float16 mode (`data_type="<f2"`), the
 GPU counterpart of zstd-planes; it changes the stream format, so it needs a GPU run to be added.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -52,8 +53,12 @@ class _HostBytes:
     def __init__(self, data: Any) -> None:
         self._data = data if isinstance(data, bytearray) else bytearray(data)
         self._cbuf = (ctypes.c_ubyte * len(self._data)).from_buffer(self._data)
-        self.__array_interface__ = {"shape": (len(self._data),), "typestr": "|u1",
-                                    "data": (ctypes.addressof(self._cbuf), False), "version": 3}
+        self.__array_interface__ = {
+            "shape": (len(self._data),),
+            "typestr": "|u1",
+            "data": (ctypes.addressof(self._cbuf), False),
+            "version": 3,
+        }
 
 
 def is_cuda_error(exc: BaseException) -> bool:
@@ -82,8 +87,10 @@ def import_nvcomp(driver: int, bootstrap: bool) -> Any:
     """nvidia.nvcomp, major NVCOMP_MAJOR, imported or installed (pinned) for this driver's CUDA major.
     Raises ScriptError(codec_unavailable | missing_dependency)."""
     if sys.version_info < (3, 9):
-        raise ScriptError("codec_unavailable", "nvCOMP %d needs Python >= 3.9; this host runs %d.%d"
-                          % ((NVCOMP_MAJOR,) + tuple(sys.version_info[:2])))
+        raise ScriptError(
+            "codec_unavailable",
+            "nvCOMP %d needs Python >= 3.9; this host runs %d.%d" % ((NVCOMP_MAJOR,) + tuple(sys.version_info[:2])),
+        )
     requirement = "nvidia-nvcomp-cu%d" % (13 if driver >= 13000 else 12)
     _extend_nvidia_path()
     try:
@@ -100,8 +107,11 @@ def import_nvcomp(driver: int, bootstrap: bool) -> Any:
             raise ScriptError("missing_dependency", "nvCOMP's library does not load: %s" % load) from None
     version = str(getattr(module, "__version__", ""))
     if version.split(".")[0] != str(NVCOMP_MAJOR):
-        raise ScriptError("codec_unavailable", "nvCOMP %s is installed; gpusnap reads and writes nvCOMP %d "
-                          "ANS streams only (5.x and 6.x cannot read each other's)" % (version or "?", NVCOMP_MAJOR))
+        raise ScriptError(
+            "codec_unavailable",
+            "nvCOMP %s is installed; gpusnap reads and writes nvCOMP %d "
+            "ANS streams only (5.x and 6.x cannot read each other's)" % (version or "?", NVCOMP_MAJOR),
+        )
     return module
 
 
@@ -113,9 +123,17 @@ class NvcompAnsCodec(Codec):
     name = "nvcomp-ans"
     requires_gpu = True
 
-    def __init__(self, bootstrap: bool = True, device_id: Optional[int] = None, *, part_size: int = 32 << 20,
-                 parallelism: int = 4, probe: Any = None, cpu_fallback: Optional[Callable[[], Codec]] = None,
-                 decode_only: bool = False) -> None:
+    def __init__(
+        self,
+        bootstrap: bool = True,
+        device_id: Optional[int] = None,
+        *,
+        part_size: int = 32 << 20,
+        parallelism: int = 4,
+        probe: Any = None,
+        cpu_fallback: Optional[Callable[[], Codec]] = None,
+        decode_only: bool = False,
+    ) -> None:
         probe = probe or GpuProbe()
         driver = probe.driver_version()
         if driver is None:
@@ -139,8 +157,10 @@ class NvcompAnsCodec(Codec):
         try:
             out = self.decompress(self.compress(_PROBE), len(_PROBE))
         except _NVCOMP_ERRORS + (ScriptError,) as exc:
-            raise ScriptError("codec_unavailable", "nvCOMP ANS round trip on GPU %d failed: %s"
-                              % (self.device_id, getattr(exc, "message", None) or exc)) from None
+            raise ScriptError(
+                "codec_unavailable",
+                "nvCOMP ANS round trip on GPU %d failed: %s" % (self.device_id, getattr(exc, "message", None) or exc),
+            ) from None
         if bytes(out) != _PROBE:
             raise ScriptError("codec_unavailable", "nvCOMP ANS round trip on GPU %d gave other bytes" % self.device_id)
 
@@ -175,8 +195,12 @@ class NvcompAnsCodec(Codec):
                 except ScriptError:  # no CPU compressor either: the part is stored raw
                     self._cpu = Codec()
             cpu = self._cpu
-            fb = self.fallback or {"requested": self.name, "used": "%s and %s" % (self.name, cpu.name),
-                                   "implementation": self.version(), "reasons": []}
+            fb = self.fallback or {
+                "requested": self.name,
+                "used": "%s and %s" % (self.name, cpu.name),
+                "implementation": self.version(),
+                "reasons": [],
+            }
             if len(fb["reasons"]) < 3:
                 fb["reasons"].append(reason)
             fb["parts_on_cpu"] = self.parts_on_cpu
@@ -192,8 +216,9 @@ class NvcompAnsCodec(Codec):
             return codec.decode(self.nvcomp.as_array(_HostBytes(stored)).cuda(), data_type="|u1").cpu()
         except _NVCOMP_ERRORS as exc:
             if is_cuda_error(exc):
-                raise ScriptError("gpu_error", "GPU %d failed decoding an nvCOMP ANS part: %s"
-                                  % (self.device_id, exc)) from None
+                raise ScriptError(
+                    "gpu_error", "GPU %d failed decoding an nvCOMP ANS part: %s" % (self.device_id, exc)
+                ) from None
             raise ScriptError("part_corrupt", "nvCOMP ANS decode failed: %s" % exc) from None
 
     def decompress_into(self, stored: Any, out: memoryview) -> int:

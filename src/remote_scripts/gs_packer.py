@@ -9,6 +9,7 @@ codec, sha256_of_stored], ...]}. The object is named by the SHA-256 of all its b
 Packs exist so that a workspace of 100,000 small files is a few hundred objects, not 100,000: every
 object costs a request to write, list, verify and delete.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,8 +33,8 @@ def seal(data: bytearray, length: int, toc: List[List[Any]]) -> Tuple[memoryview
     """Append TOC and footer to the `length` stored bytes in `data`; (object view, SHA-256 hex)."""
     body = json.dumps({"format": PACK_FORMAT, "version": 1, "chunks": toc}, separators=(",", ":")).encode()
     tail = body + struct.pack(">Q", len(body)) + MAGIC
-    data[length:length + len(tail)] = tail  # grows the buffer only when the TOC does not fit
-    view = memoryview(data)[:length + len(tail)]
+    data[length : length + len(tail)] = tail  # grows the buffer only when the TOC does not fit
+    view = memoryview(data)[: length + len(tail)]
     return view, hashlib.sha256(view).hexdigest()
 
 
@@ -47,7 +48,7 @@ def parse_toc(obj: Any) -> List[Dict[str, Any]]:
     if toc_len > len(view) - FOOTER:
         raise ScriptError("part_corrupt", "pack TOC length %d exceeds the object" % toc_len)
     try:
-        toc = json.loads(bytes(view[data_end:len(view) - FOOTER]).decode("utf-8"))
+        toc = json.loads(bytes(view[data_end : len(view) - FOOTER]).decode("utf-8"))
         rows = toc["chunks"] if toc.get("format") == PACK_FORMAT and toc.get("version") == 1 else None
     except (ValueError, AttributeError, KeyError, TypeError):
         rows = None
@@ -55,14 +56,29 @@ def parse_toc(obj: Any) -> List[Dict[str, Any]]:
         raise ScriptError("part_corrupt", "pack TOC is not a gpusnap-pack v1 table")
     out = []
     for row in rows:
-        ok = (isinstance(row, list) and len(row) == 6 and isinstance(row[0], str) and _HEX64.match(row[0])
-              and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in row[1:4])
-              and row[4] in PART_CODECS and isinstance(row[5], str) and _HEX64.match(row[5])
-              and row[1] + row[2] <= data_end)
+        ok = (
+            isinstance(row, list)
+            and len(row) == 6
+            and isinstance(row[0], str)
+            and _HEX64.match(row[0])
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in row[1:4])
+            and row[4] in PART_CODECS
+            and isinstance(row[5], str)
+            and _HEX64.match(row[5])
+            and row[1] + row[2] <= data_end
+        )
         if not ok:
             raise ScriptError("part_corrupt", "pack TOC row %r is malformed" % (row,))
-        out.append({"raw_sha256": row[0], "offset": row[1], "stored_size": row[2], "raw_size": row[3],
-                    "codec": row[4], "sha256": row[5]})
+        out.append(
+            {
+                "raw_sha256": row[0],
+                "offset": row[1],
+                "stored_size": row[2],
+                "raw_size": row[3],
+                "codec": row[4],
+                "sha256": row[5],
+            }
+        )
     return out
 
 
@@ -72,8 +88,17 @@ class Loc:
 
     __slots__ = ("key", "offset", "stored_size", "raw_size", "codec", "sha256", "object_size", "object_sha256")
 
-    def __init__(self, key: Optional[str], offset: int, stored_size: int, raw_size: int, codec: str, sha256: str,
-                 object_size: int = 0, object_sha256: str = "") -> None:
+    def __init__(
+        self,
+        key: Optional[str],
+        offset: int,
+        stored_size: int,
+        raw_size: int,
+        codec: str,
+        sha256: str,
+        object_size: int = 0,
+        object_sha256: str = "",
+    ) -> None:
         self.key, self.offset, self.stored_size, self.raw_size = key, offset, stored_size, raw_size
         self.codec, self.sha256, self.object_size, self.object_sha256 = codec, sha256, object_size, object_sha256
 
@@ -94,15 +119,16 @@ class PackBuilder:
         self._toc: List[List[Any]] = []
         self._locs: List[Loc] = []
 
-    def add(self, raw_sha: str, stored: Any, raw_size: int, codec: str,
-            sha: str) -> Tuple[Loc, Optional[Tuple[str, memoryview, bytearray, List[Loc], int]]]:
+    def add(
+        self, raw_sha: str, stored: Any, raw_size: int, codec: str, sha: str
+    ) -> Tuple[Loc, Optional[Tuple[str, memoryview, bytearray, List[Loc], int]]]:
         n = len(stored)
         with self.lock:
             if self._buf is None:
                 self._buf = self._free.pop() if self._free else bytearray(self.pack_size + self.chunk_max)
                 self._len, self._toc, self._locs = 0, [], []
             off = self._len
-            self._buf[off:off + n] = stored
+            self._buf[off : off + n] = stored
             self._len += n
             loc = Loc(None, off, n, raw_size, codec, sha)
             self._toc.append([raw_sha, off, n, raw_size, codec, sha])

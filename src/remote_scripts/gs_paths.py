@@ -13,13 +13,29 @@ Deny list (a restore replaces the whole directory, so each entry says what would
 - only the path itself (a subdirectory is a fine workspace): `/`, `/root`, `/home`, `/home/<user>`,
   `/opt`, `/srv`, `/tmp`, `/mnt`, `/media` (each holds other people's data, logins or mounts).
 """
+
 from __future__ import annotations
 
 import fnmatch
 from typing import List, Optional
 
-DENY_TREES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/run", "/sbin",
-              "/snap", "/sys", "/usr", "/var")
+DENY_TREES = (
+    "/bin",
+    "/boot",
+    "/dev",
+    "/etc",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/proc",
+    "/run",
+    "/sbin",
+    "/snap",
+    "/sys",
+    "/usr",
+    "/var",
+)
 DENY_EXACT = ("/", "/root", "/home", "/opt", "/srv", "/tmp", "/mnt", "/media")
 
 # Names only tar's exclude matching can tell apart from "every entry": a pattern that matches both
@@ -61,7 +77,7 @@ def denied_reason(path: str) -> Optional[str]:
 def _tar_match(name: str, pattern: str) -> bool:
     # GNU tar's default for --exclude: unanchored (the pattern may match any trailing run of path
     # components) and wildcards match '/'. fnmatch's '*' also matches '/'.
-    candidates = [name] + [name[i + 1:] for i, ch in enumerate(name) if ch == "/"]
+    candidates = [name] + [name[i + 1 :] for i, ch in enumerate(name) if ch == "/"]
     return any(fnmatch.fnmatchcase(c, pattern) for c in candidates if c)
 
 

@@ -4,6 +4,7 @@ The reader (calling thread) takes a slot before it reads a part, and the worker 
 part gives the slot back, so at most `parallelism` parts (raw + compressed copy) exist at any time
 whatever the workspace size. Compression is further capped at one part per CPU.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,9 +27,19 @@ logger = logging.getLogger("gpusnap.remote")
 class PartUploader:
     """Runs tar and turns its stream into uploaded parts. One instance per snapshot run."""
 
-    def __init__(self, *, ctx: Context, s5: S5, codec: Codec, prefix: str, part_size: int,
-                 parallelism: int, existing: Dict[str, int], bytes_total: int,
-                 put: Optional[Callable[[str, Any, Dict[str, str]], None]] = None) -> None:
+    def __init__(
+        self,
+        *,
+        ctx: Context,
+        s5: S5,
+        codec: Codec,
+        prefix: str,
+        part_size: int,
+        parallelism: int,
+        existing: Dict[str, int],
+        bytes_total: int,
+        put: Optional[Callable[[str, Any, Dict[str, str]], None]] = None,
+    ) -> None:
         self.ctx, self.s5, self.codec, self.prefix = ctx, s5, codec, prefix
         self.put = put or s5.put  # a BatchUploader's put in production: one s5cmd for all parts
         self.part_size, self.parallelism = part_size, parallelism
@@ -65,9 +76,15 @@ class PartUploader:
         """Stream the whole archive; returns (manifest part entries in order, file count)."""
         index_r, index_w = os.pipe()
         try:
-            self._tar = tar = self.ctx.spawn(make_tar(index_w), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                             stdin=subprocess.DEVNULL, pass_fds=(index_w,), bufsize=0,
-                                             env=dict(os.environ, LC_ALL="C"))
+            self._tar = tar = self.ctx.spawn(
+                make_tar(index_w),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                stdin=subprocess.DEVNULL,
+                pass_fds=(index_w,),
+                bufsize=0,
+                env=dict(os.environ, LC_ALL="C"),
+            )
         except FileNotFoundError:
             raise ScriptError("missing_dependency", "GNU tar is not installed") from None
         finally:
@@ -129,9 +146,13 @@ class PartUploader:
                 self.bytes_done += len(raw)
                 done, read = len(self.parts), self.parts_read
                 bytes_done = self.bytes_done
-            self.ctx.events.progress(phase="upload", bytes_done=bytes_done,
-                                     bytes_total=max(self.bytes_total, bytes_done), parts_done=done,
-                                     parts_total=max(read, -(-self.bytes_total // self.part_size)))
+            self.ctx.events.progress(
+                phase="upload",
+                bytes_done=bytes_done,
+                bytes_total=max(self.bytes_total, bytes_done),
+                parts_done=done,
+                parts_total=max(read, -(-self.bytes_total // self.part_size)),
+            )
         except ScriptError as exc:
             self._fail(exc)
         except Exception as exc:  # noqa: BLE001 - any worker failure must stop the run, not vanish
@@ -162,8 +183,15 @@ class PartUploader:
         t2 = time.monotonic()
         self._add("compress_s", t1 - t0)
         self._add("hash_s", t2 - t1)
-        entry = {"index": index, "key": key, "codec": codec_name, "raw_size": len(raw),
-                 "stored_size": len(stored), "sha256": sha, "raw_sha256": raw_sha}
+        entry = {
+            "index": index,
+            "key": key,
+            "codec": codec_name,
+            "raw_size": len(raw),
+            "stored_size": len(stored),
+            "sha256": sha,
+            "raw_sha256": raw_sha,
+        }
         if self._already_there(key, entry):
             with self.lock:
                 self.skipped += 1
@@ -186,5 +214,9 @@ class PartUploader:
         except NotFound:
             return False
         meta = info["metadata"]
-        return (meta.get("sha256") == entry["sha256"] and info["size"] == entry["stored_size"]
-                and meta.get("raw-size") == str(entry["raw_size"]) and meta.get("codec") == entry["codec"])
+        return (
+            meta.get("sha256") == entry["sha256"]
+            and info["size"] == entry["stored_size"]
+            and meta.get("raw-size") == str(entry["raw_size"])
+            and meta.get("codec") == entry["codec"]
+        )

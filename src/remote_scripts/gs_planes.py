@@ -17,6 +17,7 @@ rather than returning the planes concatenated.
 smaller on a sample of the part: a few slices, about 3% of a 32 MiB part compressed twice. A part
 whose sample zstd cannot shrink by 1% is stored raw without compressing the rest of it.
 """
+
 from __future__ import annotations
 
 import struct
@@ -56,15 +57,28 @@ class PlanesCodec(Codec):
     def _params(self) -> Dict[str, Any]:
         if self.level is not None:
             return {"level": self.level, "write_checksum": True}
-        return {"compression_params": self.zstd.ZstdCompressionParameters(
-            window_log=17, hash_log=6, chain_log=6, search_log=1, min_match=7, target_length=0,
-            strategy=self.zstd.STRATEGY_FAST, write_checksum=1)}
+        return {
+            "compression_params": self.zstd.ZstdCompressionParameters(
+                window_log=17,
+                hash_log=6,
+                chain_log=6,
+                search_log=1,
+                min_match=7,
+                target_length=0,
+                strategy=self.zstd.STRATEGY_FAST,
+                write_checksum=1,
+            )
+        }
 
     def _ctx(self) -> Tuple[Any, Any, Any, Any]:
         ctx = getattr(self._local, "ctx", None)
         if ctx is None:  # one context per plane: both streams are open at once
-            ctx = (self.zstd.ZstdCompressor(**self._params()), self.zstd.ZstdCompressor(**self._params()),
-                   self.zstd.ZstdDecompressor(), self.zstd.ZstdDecompressor())
+            ctx = (
+                self.zstd.ZstdCompressor(**self._params()),
+                self.zstd.ZstdCompressor(**self._params()),
+                self.zstd.ZstdDecompressor(),
+                self.zstd.ZstdDecompressor(),
+            )
             self._local.ctx = ctx
         return ctx
 
@@ -78,7 +92,7 @@ class PlanesCodec(Codec):
         objs = [c.compressobj(size=(n - k + WIDTH - 1) // WIDTH) for k, c in enumerate((c0, c1))]
         out: List[List[bytes]] = [[], []]
         for offset in range(0, n, CHUNK):  # CHUNK is even: plane k stays at bytes k, k+2, ...
-            chunk = view[offset:offset + CHUNK].tobytes()
+            chunk = view[offset : offset + CHUNK].tobytes()
             for k in range(WIDTH):
                 out[k].append(objs[k].compress(chunk[k::WIDTH]))
         frames = [b"".join(out[k] + [objs[k].flush()]) for k in range(WIDTH)]
@@ -88,15 +102,17 @@ class PlanesCodec(Codec):
         view = memoryview(stored).cast("B")
         if len(view) < _HEAD.size:
             raise ScriptError("part_corrupt", "zstd-planes part is shorter than its header")
-        magic, width, raw_len, first = _HEAD.unpack(view[:_HEAD.size])
+        magic, width, raw_len, first = _HEAD.unpack(view[: _HEAD.size])
         if magic != MAGIC or width != WIDTH or _HEAD.size + first > len(view):
             raise ScriptError("part_corrupt", "zstd-planes part has a bad header")
         if raw_len >= len(out):  # longer than the caller expects: say so without decoding
             return raw_len
         d0, d1 = self._ctx()[2:]
         try:
-            readers = [d0.stream_reader(view[_HEAD.size:_HEAD.size + first]),
-                       d1.stream_reader(view[_HEAD.size + first:])]
+            readers = [
+                d0.stream_reader(view[_HEAD.size : _HEAD.size + first]),
+                d1.stream_reader(view[_HEAD.size + first :]),
+            ]
             scratch = bytearray(CHUNK)
             planes = [bytearray(CHUNK // WIDTH) for _ in range(WIDTH)]
             for offset in range(0, raw_len, CHUNK):
@@ -107,7 +123,7 @@ class PlanesCodec(Codec):
                     if read_full(readers[k], plane) != want:
                         raise ScriptError("part_corrupt", "zstd-planes plane %d ends early" % k)
                     scratch[k:size:WIDTH] = plane
-                out[offset:offset + size] = memoryview(scratch)[:size]
+                out[offset : offset + size] = memoryview(scratch)[:size]
             for k in range(WIDTH):  # reading to the end makes zstd check the frame's checksum
                 if readers[k].read(1):
                     raise ScriptError("part_corrupt", "zstd-planes plane %d is longer than the part" % k)
@@ -132,7 +148,7 @@ def sample(raw: Any) -> bytes:
     if len(view) <= SAMPLE_SLICES * SAMPLE_BYTES:
         return view.tobytes()
     step = (len(view) - SAMPLE_BYTES) // (SAMPLE_SLICES - 1)
-    return b"".join(view[o:o + SAMPLE_BYTES].tobytes() for o in (i * step & ~1 for i in range(SAMPLE_SLICES)))
+    return b"".join(view[o : o + SAMPLE_BYTES].tobytes() for o in (i * step & ~1 for i in range(SAMPLE_SLICES)))
 
 
 class AutoCpuCodec(Codec):

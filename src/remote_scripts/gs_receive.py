@@ -10,6 +10,7 @@ Refused: a directory that is a symlink, not ours, or open to group/others (mktem
 names with a slash or a leading dot. Each file is written beside its final name with O_EXCL and
 O_NOFOLLOW, checked (size and SHA-256), given its mode and only then renamed into place.
 """
+
 import hashlib
 import json
 import os
@@ -39,11 +40,18 @@ def parse_header(line):
     try:
         files = json.loads(line.decode("utf-8"))["files"]
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        raise Refused("the header is not {\"files\": [...]}") from None
+        raise Refused('the header is not {"files": [...]}') from None
     for f in files:
-        if not (isinstance(f, dict) and isinstance(f.get("name"), str) and _NAME.match(f["name"])
-                and isinstance(f.get("size"), int) and f["size"] >= 0 and isinstance(f.get("mode"), int)
-                and isinstance(f.get("sha256"), str) and re.match(r"^[0-9a-f]{64}$", f["sha256"])):
+        if not (
+            isinstance(f, dict)
+            and isinstance(f.get("name"), str)
+            and _NAME.match(f["name"])
+            and isinstance(f.get("size"), int)
+            and f["size"] >= 0
+            and isinstance(f.get("mode"), int)
+            and isinstance(f.get("sha256"), str)
+            and re.match(r"^[0-9a-f]{64}$", f["sha256"])
+        ):
             raise Refused("bad file entry %r" % (f,))
     return files
 
@@ -63,11 +71,12 @@ def receive_one(directory, entry, stream):
             digest.update(chunk)
             view = memoryview(chunk)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             left -= len(chunk)
         if digest.hexdigest() != entry["sha256"]:
-            raise Refused("%s arrived with SHA-256 %s, expected %s" % (entry["name"], digest.hexdigest(),
-                                                                        entry["sha256"]))
+            raise Refused(
+                "%s arrived with SHA-256 %s, expected %s" % (entry["name"], digest.hexdigest(), entry["sha256"])
+            )
         os.fchmod(fd, entry["mode"] & 0o700)
     except BaseException:
         os.close(fd)
@@ -87,8 +96,9 @@ def check_one(directory, entry):
         for chunk in iter(lambda: f.read(_CHUNK), b""):
             digest.update(chunk)
     if digest.hexdigest() != entry["sha256"]:
-        raise Refused("%s on the host has SHA-256 %s, expected %s" % (entry["name"], digest.hexdigest(),
-                                                                       entry["sha256"]))
+        raise Refused(
+            "%s on the host has SHA-256 %s, expected %s" % (entry["name"], digest.hexdigest(), entry["sha256"])
+        )
 
 
 def main(argv):

@@ -12,6 +12,7 @@ held by an older rank stops that process group (TERM, then KILL) and takes the l
 newer rank stops itself (`superseded`). A held lock means its holder is alive, so the recorded process
 group is current (never a reused id). Stdlib only, Python 3.8+.
 """
+
 from __future__ import annotations
 
 import errno
@@ -34,8 +35,12 @@ def take(spec: Optional[Any]) -> Optional[int]:
     None when there is none. Returns the lock's fd: keep it open for the life of the process."""
     if spec is None:
         return None
-    if (not isinstance(spec, dict) or not isinstance(spec.get("name"), str)
-            or not re.match(r"^[A-Za-z0-9_-]{1,80}$", spec["name"]) or not _is_rank(spec.get("rank"))):
+    if (
+        not isinstance(spec, dict)
+        or not isinstance(spec.get("name"), str)
+        or not re.match(r"^[A-Za-z0-9_-]{1,80}$", spec["name"])
+        or not _is_rank(spec.get("rank"))
+    ):
         raise ScriptError("bad_config", "run_lock must be {name: a plain name, rank: [attempt, try]}")
     directory = os.path.join(private_dir(), "locks")
     os.makedirs(directory, mode=0o700, exist_ok=True)
@@ -52,8 +57,10 @@ def take(spec: Optional[Any]) -> Optional[int]:
         holder = _read(fd)
         if holder is not None and holder["rank"] > rank:
             os.close(fd)
-            raise ScriptError("superseded", "a newer attempt of this job runs on this host (rank %s, ours %s)"
-                              % (holder["rank"], rank))
+            raise ScriptError(
+                "superseded",
+                "a newer attempt of this job runs on this host (rank %s, ours %s)" % (holder["rank"], rank),
+            )
         if holder is not None and holder["pgid"] > 1 and holder["pgid"] != os.getpgrp():
             _stop_group(holder["pgid"])
         if time.monotonic() > deadline:
@@ -66,8 +73,11 @@ def take(spec: Optional[Any]) -> Optional[int]:
 
 
 def _is_rank(value: Any) -> bool:
-    return (isinstance(value, list) and len(value) == 2
-            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value))
+    return (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+    )
 
 
 def _read(fd: int) -> Optional[dict]:

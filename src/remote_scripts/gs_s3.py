@@ -5,6 +5,7 @@ AWS_SESSION_TOKEN for per-job credentials, AWS_REGION), never in argv, never on 
 in-memory file (memfd) whose content is complete before s5cmd starts, so a killed script can never leave a half-written object behind under
 a finished-looking name: S3 PUTs are all-or-nothing.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,9 +20,18 @@ from gs_common import Context, ScriptError, read_full, tail_text, widen_pipe
 # --json error line). R2 answers a bad key with code `Unauthorized` and HTTP 401 (a HEAD has no body, so
 # only the status text: "Unauthorized: Unauthorized"); S3 with 403 AccessDenied / InvalidAccessKeyId /
 # SignatureDoesNotMatch. All of them mean the credentials, not the upload, are wrong.
-_AUTH_MARKERS = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden",
-                 "status code: 403", "status code: 401", "Unauthorized:", "InvalidToken", "ExpiredToken",
-                 "NoCredentialProviders")
+_AUTH_MARKERS = (
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "Forbidden",
+    "status code: 403",
+    "status code: 401",
+    "Unauthorized:",
+    "InvalidToken",
+    "ExpiredToken",
+    "NoCredentialProviders",
+)
 _NOT_FOUND_MARKERS = ("not found", "NoSuchKey", "no object found", "status code: 404")
 # A download is tried this many times. s5cmd's own --retry-count covers failed requests, but s5cmd
 # 2.3.0 `cat` can retry after a connection reset mid-body and still exit 0 with a SHORT body (issue
@@ -52,8 +62,7 @@ def _is_not_found(stderr: str, markers: Tuple[str, ...] = _NOT_FOUND_MARKERS) ->
 class S5:
     """One object store (endpoint + bucket + credentials) reached through the s5cmd binary."""
 
-    def __init__(self, ctx: Context, s3: Dict[str, Any], s5cmd: str = "s5cmd",
-                 work_dir: Optional[str] = None) -> None:
+    def __init__(self, ctx: Context, s3: Dict[str, Any], s5cmd: str = "s5cmd", work_dir: Optional[str] = None) -> None:
         for key in ("endpoint", "bucket", "access_key", "secret_key"):
             if not isinstance(s3.get(key), str) or not s3.get(key):
                 raise ScriptError("bad_config", "s3.%s must be a non-empty string" % key)
@@ -64,8 +73,11 @@ class S5:
         env = dict(os.environ)
         for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
             env.pop(name, None)
-        env.update(AWS_ACCESS_KEY_ID=s3["access_key"], AWS_SECRET_ACCESS_KEY=s3["secret_key"],
-                   AWS_REGION=str(s3.get("region") or "auto"))
+        env.update(
+            AWS_ACCESS_KEY_ID=s3["access_key"],
+            AWS_SECRET_ACCESS_KEY=s3["secret_key"],
+            AWS_REGION=str(s3.get("region") or "auto"),
+        )
         # Per-job credentials (R2 temporary credentials, STS) come with a session token; s5cmd reads it
         # from AWS_SESSION_TOKEN like every AWS SDK client.
         token = s3.get("session_token")
@@ -80,8 +92,14 @@ class S5:
 
     def _spawn(self, args: List[str], **kwargs: Any) -> subprocess.Popen:
         try:
-            return self.ctx.spawn(self.base + args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, env=self.env, **kwargs)
+            return self.ctx.spawn(
+                self.base + args,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=self.env,
+                **kwargs,
+            )
         except FileNotFoundError:
             raise ScriptError("missing_dependency", "s5cmd binary not found: %s" % self.base[0]) from None
 
@@ -104,8 +122,9 @@ class S5:
         """Upload `data` (bytes-like) as `key` with user metadata; raises ScriptError(upload_failed…)."""
         fd = memfile(data, self.work_dir)
         try:
-            res = self._run(["cp", "--raw"] + metadata_args(metadata) + ["/dev/fd/%d" % fd, self.url(key)],
-                            pass_fds=(fd,))
+            res = self._run(
+                ["cp", "--raw"] + metadata_args(metadata) + ["/dev/fd/%d" % fd, self.url(key)], pass_fds=(fd,)
+            )
         finally:
             os.close(fd)
         if res.returncode != 0:
@@ -133,7 +152,7 @@ class S5:
             if line.strip():
                 item = json.loads(line)
                 if item.get("type") == "file":
-                    name = item["key"][len("s3://%s/" % self.bucket):]
+                    name = item["key"][len("s3://%s/" % self.bucket) :]
                     found[name] = int(item.get("size", -1))
         return found
 
@@ -187,7 +206,7 @@ class S5:
     def _cat_once(self, key: str, buf: bytearray, expected: int, fallback: str) -> int:
         proc = self._spawn(["cat", "--raw", self.url(key)], bufsize=0)
         widen_pipe(proc.stdout.fileno())
-        view, got = memoryview(buf)[:expected + 1], 0
+        view, got = memoryview(buf)[: expected + 1], 0
         try:
             got = read_full(proc.stdout, view)
         finally:
@@ -241,7 +260,7 @@ def memfile(data: Any, work_dir: Optional[str]) -> int:
     try:
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view[:1 << 24]):]
+            view = view[os.write(fd, view[: 1 << 24]) :]
         os.lseek(fd, 0, os.SEEK_SET)
     except BaseException:
         os.close(fd)

@@ -5,6 +5,7 @@ manifest at our prefix (an earlier attempt's) -> read the TOC of packs an earlie
 stream tar through the chunker, storing only chunks the store does not hold -> a listing confirms
 every referenced object is present at its size -> manifest v2 last (the commit point).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,7 +27,7 @@ from gs_workspace import scan
 
 def parse_config(cfg: Dict[str, Any], opts: Dict[str, Any]) -> Dict[str, Any]:
     store = key_prefix(require(cfg, "store_prefix", str))
-    rest = opts["prefix"][len(store):] if opts["prefix"].startswith(store) else ""
+    rest = opts["prefix"][len(store) :] if opts["prefix"].startswith(store) else ""
     if not rest or "/" in rest[:-1] or rest in ("chunks/", "packs/"):
         raise ScriptError("bad_config", "prefix must be <store_prefix><snapshot_id>/ for format 2")
     v2 = {
@@ -44,9 +45,19 @@ def parse_config(cfg: Dict[str, Any], opts: Dict[str, Any]) -> Dict[str, Any]:
     return v2
 
 
-def run(*, ctx: Context, cfg: Dict[str, Any], opts: Dict[str, Any], v2: Dict[str, Any], codec: Codec, s5: S5,
-        started: float, created_at: str, make_tar: Callable[[int], List[str]],
-        source: Callable[[], Dict[str, Any]]) -> Dict[str, Any]:
+def run(
+    *,
+    ctx: Context,
+    cfg: Dict[str, Any],
+    opts: Dict[str, Any],
+    v2: Dict[str, Any],
+    codec: Codec,
+    s5: S5,
+    started: float,
+    created_at: str,
+    make_tar: Callable[[int], List[str]],
+    source: Callable[[], Dict[str, Any]],
+) -> Dict[str, Any]:
     prefix, store, events = opts["prefix"], v2["store_prefix"], ctx.events
     if prefix + MANIFEST_NAME in s5.list(prefix):
         s5.remove([prefix + MANIFEST_NAME])  # an earlier attempt's: it is rewritten last, as in v1
@@ -56,16 +67,30 @@ def run(*, ctx: Context, cfg: Dict[str, Any], opts: Dict[str, Any], v2: Dict[str
     # chunks of at least 512): twice that is a generous bound that keeps the memory bound.
     resumed_packs = index.resume_packs(2 * (v2["pack_size"] + v2["group_max"]))
     bytes_total, entries = scan(opts["workspace"], opts["excludes"])
-    events.progress(force=True, phase="upload", bytes_done=0, bytes_total=bytes_total, parts_done=0,
-                    parts_total=max(1, -(-bytes_total // v2["block_size"])))
+    events.progress(
+        force=True,
+        phase="upload",
+        bytes_done=0,
+        bytes_total=bytes_total,
+        parts_done=0,
+        parts_total=max(1, -(-bytes_total // v2["block_size"])),
+    )
     heartbeat(events, ctx)
     t_stream = time.monotonic()
     with BatchUploader(s5, workers=opts["parallelism"]) as batch:
-        uploader = ChunkUploader(ctx=ctx, codec=codec, index=index,
-                                 put=lambda key, data, meta: batch.put(store + key, data, meta),
-                                 block_size=v2["block_size"], pack_size=v2["pack_size"], group_max=v2["group_max"],
-                                 large_min=v2["large_min"], modulus=v2["group_modulus"],
-                                 parallelism=opts["parallelism"], bytes_total=bytes_total)
+        uploader = ChunkUploader(
+            ctx=ctx,
+            codec=codec,
+            index=index,
+            put=lambda key, data, meta: batch.put(store + key, data, meta),
+            block_size=v2["block_size"],
+            pack_size=v2["pack_size"],
+            group_max=v2["group_max"],
+            large_min=v2["large_min"],
+            modulus=v2["group_modulus"],
+            parallelism=opts["parallelism"],
+            bytes_total=bytes_total,
+        )
         chunks, files = uploader.run(make_tar)
 
     t_verify = time.monotonic()
@@ -73,19 +98,34 @@ def run(*, ctx: Context, cfg: Dict[str, Any], opts: Dict[str, Any], v2: Dict[str
     index.check_present([loc for _, _, loc, _, _ in chunks])
     t_manifest = time.monotonic()
     events.progress(force=True, phase="manifest")
-    timings = {"scan_s": round(t_stream - t_scan, 3), "stream_s": round(t_verify - t_stream, 3),
-               "verify_s": round(t_manifest - t_verify, 3)}
+    timings = {
+        "scan_s": round(t_stream - t_scan, 3),
+        "stream_s": round(t_verify - t_stream, 3),
+        "verify_s": round(t_manifest - t_verify, 3),
+    }
     timings.update(uploader.timings())
     src = source()
     warning = fallback_warning(codec)
     warnings = [warning] if warning else []
     if codec.fallback:
         src["codec_fallback"] = codec.fallback
-    chunking = {"block_size": v2["block_size"], "large_min": v2["large_min"], "group_max": v2["group_max"],
-                "group_modulus": v2["group_modulus"]}
-    manifest = build_v2(cfg=cfg, codec=codec.name, chunking=chunking, entries=chunks, files=files,
-                        bytes_uploaded=uploader.bytes_uploaded, source=src, created_at=created_at,
-                        timings=dict(timings, total_s=round(time.monotonic() - started, 3)))
+    chunking = {
+        "block_size": v2["block_size"],
+        "large_min": v2["large_min"],
+        "group_max": v2["group_max"],
+        "group_modulus": v2["group_modulus"],
+    }
+    manifest = build_v2(
+        cfg=cfg,
+        codec=codec.name,
+        chunking=chunking,
+        entries=chunks,
+        files=files,
+        bytes_uploaded=uploader.bytes_uploaded,
+        source=src,
+        created_at=created_at,
+        timings=dict(timings, total_s=round(time.monotonic() - started, 3)),
+    )
     if warnings:
         manifest["warnings"] = warnings
     body = json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8")
@@ -95,18 +135,38 @@ def run(*, ctx: Context, cfg: Dict[str, Any], opts: Dict[str, Any], v2: Dict[str
         raise ScriptError("upload_failed", "manifest size mismatch after upload")
     timings["manifest_s"] = round(time.monotonic() - t_manifest, 3)
     totals = manifest["totals"]
-    events.progress(force=True, phase="done", bytes_done=totals["raw_bytes"], bytes_total=totals["raw_bytes"],
-                    parts_done=len(chunks), parts_total=len(chunks))
+    events.progress(
+        force=True,
+        phase="done",
+        bytes_done=totals["raw_bytes"],
+        bytes_total=totals["raw_bytes"],
+        parts_done=len(chunks),
+        parts_total=len(chunks),
+    )
     return {
-        "format": 2, "manifest_key": prefix + MANIFEST_NAME, "manifest_sha256": digest,
-        "raw_bytes": totals["raw_bytes"], "stored_bytes": totals["stored_bytes"], "parts": len(chunks),
-        "files": files, "codec": codec.name, "part_size": v2["block_size"],
-        "chunks": totals["chunks"], "chunks_new": totals["chunks_new"], "chunks_reused": totals["chunks_reused"],
-        "bytes_uploaded": totals["bytes_uploaded"], "objects": totals["objects"],
-        "uploaded_parts": totals["chunks_new"], "skipped_parts": totals["chunks_reused"],
-        "objects_uploaded": uploader.objects_uploaded, "resumed_chunks": index.resumed_chunks,
-        "resumed_packs": resumed_packs, "known_dropped": index.dropped,
+        "format": 2,
+        "manifest_key": prefix + MANIFEST_NAME,
+        "manifest_sha256": digest,
+        "raw_bytes": totals["raw_bytes"],
+        "stored_bytes": totals["stored_bytes"],
+        "parts": len(chunks),
+        "files": files,
+        "codec": codec.name,
+        "part_size": v2["block_size"],
+        "chunks": totals["chunks"],
+        "chunks_new": totals["chunks_new"],
+        "chunks_reused": totals["chunks_reused"],
+        "bytes_uploaded": totals["bytes_uploaded"],
+        "objects": totals["objects"],
+        "uploaded_parts": totals["chunks_new"],
+        "skipped_parts": totals["chunks_reused"],
+        "objects_uploaded": uploader.objects_uploaded,
+        "resumed_chunks": index.resumed_chunks,
+        "resumed_packs": resumed_packs,
+        "known_dropped": index.dropped,
         "scan": {"entries": max(0, entries - 1), "bytes": bytes_total},
-        "duration_s": round(time.monotonic() - started, 3), "timings": timings,
-        "warnings": warnings, "codec_fallback": codec.fallback,
+        "duration_s": round(time.monotonic() - started, 3),
+        "timings": timings,
+        "warnings": warnings,
+        "codec_fallback": codec.fallback,
     }

@@ -22,6 +22,7 @@ Writing (encode) produces the few forms GNU tar reads one way only: a ustar head
 link fit its fields, preceded by a pax header only for what does not fit. So whatever quirks a
 hostile stream relies on, tar only ever sees headers the gate wrote from values it checked.
 """
+
 from __future__ import annotations
 
 import re
@@ -31,7 +32,7 @@ from gs_common import ScriptError
 
 BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
-MAX_PAX_BYTES = 64 << 20       # a sparse-0.0 map of a very fragmented file fits; a hostile size does not
+MAX_PAX_BYTES = 64 << 20  # a sparse-0.0 map of a very fragmented file fits; a hostile size does not
 MEMBER_TYPES = (b"0", b"5", b"2", b"1", b"6")
 DEVICE_TYPES = (b"3", b"4")
 PAX_TYPE = b"x"
@@ -40,8 +41,21 @@ _DECIMAL = re.compile(rb"(?:0|[1-9][0-9]{0,18})\Z")
 _MTIME = re.compile(rb"-?(?:0|[1-9][0-9]{0,17})(?:\.[0-9]{1,9})?\Z")
 _MAX_ID = (1 << 32) - 1
 _MAX_SIZE = (1 << 63) - 1
-_PAX_SINGLE = (b"path", b"linkpath", b"mtime", b"size", b"uid", b"gid", b"GNU.sparse.size", b"GNU.sparse.numblocks",
-               b"uname", b"gname", b"atime", b"ctime", b"hdrcharset")  # the last five: never passed on
+_PAX_SINGLE = (
+    b"path",
+    b"linkpath",
+    b"mtime",
+    b"size",
+    b"uid",
+    b"gid",
+    b"GNU.sparse.size",
+    b"GNU.sparse.numblocks",
+    b"uname",
+    b"gname",
+    b"atime",
+    b"ctime",
+    b"hdrcharset",
+)  # the last five: never passed on
 _SPARSE_PAIR = (b"GNU.sparse.offset", b"GNU.sparse.numbytes")
 
 
@@ -54,8 +68,18 @@ class Member:
 
     __slots__ = ("name", "type", "mode", "uid", "gid", "size", "mtime", "linkname", "sparse")
 
-    def __init__(self, name: bytes, type_: bytes, mode: int, uid: int, gid: int, size: int, mtime: bytes,
-                 linkname: bytes, sparse: Optional[Tuple[int, List[Tuple[int, int]]]] = None) -> None:
+    def __init__(
+        self,
+        name: bytes,
+        type_: bytes,
+        mode: int,
+        uid: int,
+        gid: int,
+        size: int,
+        mtime: bytes,
+        linkname: bytes,
+        sparse: Optional[Tuple[int, List[Tuple[int, int]]]] = None,
+    ) -> None:
         self.name, self.type, self.mode, self.uid, self.gid = name, type_, mode, uid, gid
         self.size, self.mtime, self.linkname, self.sparse = size, mtime, linkname, sparse
 
@@ -99,8 +123,15 @@ def parse_header(block: bytes) -> Tuple[bytes, Dict[str, object]]:
         raise unsafe("mode %o has bits beyond 07777" % mode)
     _cstr(block[265:297], "uname")  # owner names are never used (--numeric-owner) nor passed on
     _cstr(block[297:329], "gname")
-    return kind, {"name": _cstr(block[0:100], "name"), "linkname": _cstr(block[157:257], "linkname"),
-                  "mode": mode, "uid": uid, "gid": gid, "size": size, "mtime": mtime}
+    return kind, {
+        "name": _cstr(block[0:100], "name"),
+        "linkname": _cstr(block[157:257], "linkname"),
+        "mode": mode,
+        "uid": uid,
+        "gid": gid,
+        "size": size,
+        "mtime": mtime,
+    }
 
 
 def parse_pax(data: bytes) -> Dict[bytes, object]:
@@ -115,9 +146,9 @@ def parse_pax(data: bytes) -> Dict[bytes, object]:
             raise unsafe("malformed pax record length at byte %d" % pos)
         end = pos + int(length_s)
         eq = data.find(b"=", space + 1, end)
-        if end > n or end <= space + 1 or data[end - 1:end] != b"\n" or eq < 0:
+        if end > n or end <= space + 1 or data[end - 1 : end] != b"\n" or eq < 0:
             raise unsafe("malformed pax record at byte %d" % pos)
-        key, value = data[space + 1:eq], data[eq + 1:end - 1]
+        key, value = data[space + 1 : eq], data[eq + 1 : end - 1]
         if b"\0" in value:
             raise unsafe("pax record %r holds a NUL byte" % key)
         if key in _PAX_SINGLE:
@@ -183,9 +214,17 @@ def make_member(kind: bytes, fields: Dict[str, object], pax: Dict[bytes, object]
     sparse = _sparse(pax, size)
     if sparse is not None and kind != b"0":
         raise unsafe("sparse map on a member that is not a regular file")
-    return Member(name, kind, fields["mode"], _pax_int(pax, b"uid", fields["uid"], _MAX_ID),  # type: ignore
-                  _pax_int(pax, b"gid", fields["gid"], _MAX_ID),  # type: ignore[arg-type]
-                  size, mtime, linkname, sparse)  # type: ignore[arg-type]
+    return Member(
+        name,
+        kind,
+        fields["mode"],
+        _pax_int(pax, b"uid", fields["uid"], _MAX_ID),  # type: ignore
+        _pax_int(pax, b"gid", fields["gid"], _MAX_ID),  # type: ignore[arg-type]
+        size,
+        mtime,
+        linkname,
+        sparse,
+    )  # type: ignore[arg-type]
 
 
 # ---- writing -----------------------------------------------------------------------------------
@@ -198,8 +237,9 @@ _TAIL_SUM = sum(_TAIL) + 256  # and the checksum field counted as 8 blanks
 def _ustar(name: bytes, mode: int, uid: int, gid: int, size: int, mtime: int, kind: bytes, link: bytes) -> bytes:
     numbers = b"%07o\0%07o\0%07o\0%011o\0%011o\0" % (mode, uid, gid, size, mtime)
     checksum = sum(name) + sum(numbers) + kind[0] + sum(link) + _TAIL_SUM  # the NUL padding adds nothing
-    return b"".join((name, bytes(100 - len(name)), numbers, b"%06o\0 " % checksum, kind, link,
-                     bytes(100 - len(link)), _TAIL))
+    return b"".join(
+        (name, bytes(100 - len(name)), numbers, b"%06o\0 " % checksum, kind, link, bytes(100 - len(link)), _TAIL)
+    )
 
 
 def _record(key: bytes, value: bytes) -> bytes:

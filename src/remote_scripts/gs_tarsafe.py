@@ -22,6 +22,7 @@ Refused (ScriptError "unsafe_archive"):
 Neutralised rather than refused: FIFOs (and hard links to them) are not extracted, only listed in
 `skipped`; setuid/setgid bits are cleared unless `keep_setuid`.
 """
+
 from __future__ import annotations
 
 import os
@@ -51,8 +52,15 @@ def extract_command(directory: str) -> List[str]:
     """The `tar -x` that reads the gate's output (restore and the tests run exactly this). The
     stream it reads holds only gate-written headers, so no option here is a safety measure except
     the absence of `--absolute-names`; run it with LC_ALL=C so pax names stay raw bytes."""
-    cmd = ["tar", "--extract", "--file=-", "--directory=" + directory, "--numeric-owner",
-           "--preserve-permissions", "--blocking-factor=128"]
+    cmd = [
+        "tar",
+        "--extract",
+        "--file=-",
+        "--directory=" + directory,
+        "--numeric-owner",
+        "--preserve-permissions",
+        "--blocking-factor=128",
+    ]
     if os.geteuid() == 0:
         cmd.append("--same-owner")
     return cmd
@@ -77,8 +85,8 @@ class MemberPolicy:
         self.allow_external = allow_external_symlinks
         self.keep_setuid = keep_setuid
         self.symlinks: Dict[bytes, bytes] = {}  # path -> target, of symlinks and of hard links to them
-        self.seen: Dict[bytes, bytes] = {}      # path -> type of every member extracted
-        self.dropped: Dict[bytes, bool] = {}    # paths of members not extracted (FIFOs)
+        self.seen: Dict[bytes, bytes] = {}  # path -> type of every member extracted
+        self.dropped: Dict[bytes, bool] = {}  # paths of members not extracted (FIFOs)
         self.members = 0
         self.skipped: List[str] = []
         self.skipped_count = 0
@@ -143,8 +151,9 @@ class MemberPolicy:
             if target in self.dropped:  # a link to a FIFO left out is left out too
                 return self._skip(path, m.name)
             if self._through_symlink(target.split(b"/")) or self.seen.get(target, b"5") == b"5":
-                raise unsafe("hard link %r -> %r does not point to an earlier file of the archive"
-                             % (m.name, m.linkname))
+                raise unsafe(
+                    "hard link %r -> %r does not point to an earlier file of the archive" % (m.name, m.linkname)
+                )
             if target in self.symlinks:  # the link's target is relative to its new directory now
                 self._add_symlink(parts, self.symlinks[target], "hard link %r to a symlink" % m.name)
         if m.mode & 0o6000 and not self.keep_setuid:
@@ -173,7 +182,7 @@ class _Input:
         """Exactly n bytes, or None at a clean end of stream; raises when it ends midway."""
         if len(self.view) - self.pos >= n:
             self.pos += n
-            return bytes(self.view[self.pos - n:self.pos])
+            return bytes(self.view[self.pos - n : self.pos])
         parts: List[bytes] = []
         need = n
         while need:
@@ -181,7 +190,7 @@ class _Input:
                 if need == n:
                     return None
                 raise unsafe("the archive ends in the middle of a header")
-            chunk = self.view[self.pos:self.pos + need]
+            chunk = self.view[self.pos : self.pos + need]
             parts.append(bytes(chunk))
             self.pos += len(chunk)
             need -= len(chunk)
@@ -191,14 +200,14 @@ class _Input:
         while n:
             if self.pos >= len(self.view) and not self._refill():
                 raise unsafe("the archive ends inside a member's data")
-            chunk = self.view[self.pos:self.pos + n]
+            chunk = self.view[self.pos : self.pos + n]
             out.data(chunk)
             self.pos += len(chunk)
             n -= len(chunk)
 
     def rest_is_zero(self) -> bool:
         while True:
-            chunk = self.view[self.pos:]
+            chunk = self.view[self.pos :]
             if chunk.nbytes and bytes(chunk).count(0) != chunk.nbytes:
                 return False
             if not self._refill():

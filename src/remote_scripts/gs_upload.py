@@ -9,6 +9,7 @@ Each part is written whole into an in-memory file first, and the command names i
 complete content: if this script dies, a part s5cmd had opened is still complete and one it had not
 opened fails to open. Either way no truncated object appears under a part's name.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,12 +44,19 @@ class BatchUploader:
         self._dead: Optional[str] = None
         self._stderr_done = threading.Event()
         try:
-            self._proc = s5.ctx.spawn(s5.base + ["--numworkers", str(workers), "run"], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=s5.env)
+            self._proc = s5.ctx.spawn(
+                s5.base + ["--numworkers", str(workers), "run"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=s5.env,
+            )
         except FileNotFoundError:
             raise ScriptError("missing_dependency", "s5cmd binary not found: %s" % s5.base[0]) from None
-        self._readers = [threading.Thread(target=self._read_results, daemon=True),
-                         threading.Thread(target=self._read_errors, daemon=True)]
+        self._readers = [
+            threading.Thread(target=self._read_results, daemon=True),
+            threading.Thread(target=self._read_errors, daemon=True),
+        ]
         for thread in self._readers:
             thread.start()
 
@@ -79,8 +87,9 @@ class BatchUploader:
                 except (BrokenPipeError, ValueError):
                     self._pending.pop(url, None)
                     self.s5.ctx.check()
-                    raise ScriptError("upload_failed",
-                                      "s5cmd stopped: %s" % tail_text(b"".join(self._stderr))) from None
+                    raise ScriptError(
+                        "upload_failed", "s5cmd stopped: %s" % tail_text(b"".join(self._stderr))
+                    ) from None
             while not waiter.done.wait(0.2):
                 self.s5.ctx.check()
         finally:

@@ -10,6 +10,7 @@ The workspace a commit replaces is kept, not deleted: as `<target>.gpusnap-old-<
 beside it (inside it, as `.gpusnap-old-<UTC timestamp>`, for a mount point; snapshots exclude that
 name), until the next successful restore of the same path removes it. An empty one is not kept.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -41,8 +42,13 @@ OWN_EXCLUDES = ["./" + STAGING_PREFIX + "*", "./" + OLD_PREFIX + "*", "./" + DON
 def _excluded(rel: str, name: str, patterns: List[str]) -> bool:
     # Approximates GNU tar's unanchored --exclude: a pattern may match the name or a path suffix,
     # and tar sees members as "./<rel>" (so "./cache" matches).
-    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(rel, p) or
-               fnmatch.fnmatchcase(rel, "*/" + p) or fnmatch.fnmatchcase("./" + rel, p) for p in patterns)
+    return any(
+        fnmatch.fnmatchcase(name, p)
+        or fnmatch.fnmatchcase(rel, p)
+        or fnmatch.fnmatchcase(rel, "*/" + p)
+        or fnmatch.fnmatchcase("./" + rel, p)
+        for p in patterns
+    )
 
 
 def scan(root: str, excludes: List[str]) -> Tuple[int, int]:
@@ -159,8 +165,11 @@ class Staging:
 
     def remove_stale(self) -> None:
         """Remove staging dirs left by restores that were killed (never the live data, never old-*)."""
-        pattern = (os.path.join(glob.escape(self.target), STAGING_PREFIX + "*") if self.inside
-                   else glob.escape(self.target) + STAGING_PREFIX + "*")
+        pattern = (
+            os.path.join(glob.escape(self.target), STAGING_PREFIX + "*")
+            if self.inside
+            else glob.escape(self.target) + STAGING_PREFIX + "*"
+        )
         removed = False
         for stale in glob.glob(pattern):
             if stale != self.path:

@@ -5,6 +5,7 @@ It writes and reads the same thing as the package: one standard zstd frame per p
 checksum (the CLI writes one by default; `--check` says so explicitly). So a part compressed here
 restores with the package and the other way round, and the manifest names both `zstd`.
 """
+
 from __future__ import annotations
 
 import re
@@ -36,8 +37,13 @@ class ZstdCliCodec:
         self.binary = binary
         self.level = level
         try:
-            res = subprocess.run([binary, "--version"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, timeout=_VERSION_TIMEOUT_S)
+            res = subprocess.run(
+                [binary, "--version"],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                timeout=_VERSION_TIMEOUT_S,
+            )
         except (OSError, subprocess.SubprocessError) as exc:
             raise ScriptError("missing_dependency", "the zstd binary %s does not run: %s" % (binary, exc)) from None
         found = re.search(r"v(\d+\.\d+\.\d+)", res.stdout.decode("utf-8", "replace"))
@@ -57,8 +63,9 @@ class ZstdCliCodec:
 
     def compress(self, raw: Any) -> Any:
         try:
-            res = subprocess.run(self._compress_args(), input=memoryview(raw), stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE)
+            res = subprocess.run(
+                self._compress_args(), input=memoryview(raw), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
         except OSError as exc:
             raise ScriptError("missing_dependency", "cannot run %s: %s" % (self.binary, exc)) from None
         if res.returncode != 0:
@@ -69,15 +76,18 @@ class ZstdCliCodec:
         out = bytearray(raw_size + 1)
         n = self.decompress_into(stored, memoryview(out))
         if n != raw_size:
-            raise ScriptError("part_corrupt", "zstd frame decodes to %s bytes, expected %d"
-                              % (n if n <= raw_size else "more", raw_size))
+            raise ScriptError(
+                "part_corrupt",
+                "zstd frame decodes to %s bytes, expected %d" % (n if n <= raw_size else "more", raw_size),
+            )
         return bytes(out[:n])
 
     def decompress_into(self, stored: Any, out: memoryview) -> int:
         """Decode into `out`; len(out) means "maybe more" (the caller leaves one spare byte)."""
         try:
-            proc = subprocess.Popen([self.binary, "-d", "-q", "-c"], stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            proc = subprocess.Popen(
+                [self.binary, "-d", "-q", "-c"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
         except OSError as exc:
             raise ScriptError("missing_dependency", "cannot run %s: %s" % (self.binary, exc)) from None
         errors: List[bytes] = []

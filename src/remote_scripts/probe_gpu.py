@@ -16,6 +16,7 @@ tmux attached). Not counted: commands run without a terminal (`ssh host cmd`, sc
 own sessions, which never ask for one), and a detached tmux or screen (its server is no child of sshd).
 Only looks: changes nothing on the host.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,8 +36,9 @@ _SSHD_NAMES = ("sshd", "sshd-session")
 
 def gpu_util() -> Tuple[Optional[List[int]], Optional[str]]:
     try:
-        res = subprocess.run(QUERY, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             timeout=_TIMEOUT_S)
+        res = subprocess.run(
+            QUERY, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=_TIMEOUT_S
+        )
     except FileNotFoundError:
         return None, "nvidia_smi_missing: nvidia-smi is not on the PATH"
     except (OSError, subprocess.SubprocessError) as exc:
@@ -63,8 +65,8 @@ def _stat(pid: str) -> Optional[Tuple[str, int, int]]:
             raw = f.read().decode("utf-8", "replace")
     except OSError:
         return None
-    name = raw[raw.find("(") + 1:raw.rfind(")")]
-    fields = raw[raw.rfind(")") + 2:].split()
+    name = raw[raw.find("(") + 1 : raw.rfind(")")]
+    fields = raw[raw.rfind(")") + 2 :].split()
     return name, int(fields[1]), int(fields[4])
 
 

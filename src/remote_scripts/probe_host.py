@@ -7,6 +7,7 @@ Result: {"machine": uname -m, "s5cmd_path": resolved path or null, "s5cmd_versio
 Run under the same REMOTE_PYTHON and environment as snapshot.py and restore.py, so the s5cmd it
 finds is the one they would start. It only looks: installs nothing, changes nothing.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,8 +26,13 @@ _VERSION_TIMEOUT_S = 20
 
 def s5cmd_version(path: str) -> str:
     try:
-        res = subprocess.run([path, "version"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, timeout=_VERSION_TIMEOUT_S)
+        res = subprocess.run(
+            [path, "version"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            timeout=_VERSION_TIMEOUT_S,
+        )
     except (OSError, subprocess.SubprocessError):
         return ""  # does not run here (wrong architecture, not executable, hangs)
     if res.returncode != 0:

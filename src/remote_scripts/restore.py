@@ -15,6 +15,7 @@ is removed.
 A version-2 manifest (format 2) names chunks in the machine's chunk store (config `store_prefix`):
 gs_fetch2.ChunkFetcher fetches and verifies them and feeds the same stream, gate and `tar -x`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,11 +30,6 @@ from typing import Any, Dict, List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from gs_codecs import for_restore  # noqa: E402
-from gs_common import (MAX_PARALLELISM, Context, ScriptError, heartbeat, key_prefix, require,  # noqa: E402
-                       run_script, tail_text, widen_pipe)
-from gs_fetch import PartFetcher, PartStream  # noqa: E402
-from gs_fetch2 import ChunkFetcher  # noqa: E402
 import gs_runlock  # noqa: E402
 from gs_codecs import for_restore  # noqa: E402
 from gs_common import (  # noqa: E402
@@ -48,6 +44,7 @@ from gs_common import (  # noqa: E402
     widen_pipe,
 )
 from gs_fetch import PartFetcher, PartStream  # noqa: E402
+from gs_fetch2 import ChunkFetcher  # noqa: E402
 from gs_manifest import MANIFEST_NAME, validate  # noqa: E402
 from gs_paths import denied_reason  # noqa: E402
 from gs_s3 import S5, NotFound  # noqa: E402
@@ -97,8 +94,11 @@ def check_destination(workspace: str, overwrite: bool) -> None:
     if not overwrite:
         found = occupied(workspace)
         if found:
-            raise ScriptError("workspace_exists", "%s is not empty (%s...): restore with overwrite to replace it "
-                              "(the old tree is kept beside it)" % (workspace, ", ".join(found)))
+            raise ScriptError(
+                "workspace_exists",
+                "%s is not empty (%s...): restore with overwrite to replace it "
+                "(the old tree is kept beside it)" % (workspace, ", ".join(found)),
+            )
 
 
 def load_manifest(s5: S5, prefix: str, expected_sha256: Optional[str] = None) -> Dict[str, Any]:
@@ -111,8 +111,9 @@ def load_manifest(s5: S5, prefix: str, expected_sha256: Optional[str] = None) ->
             raise ScriptError("manifest_invalid", "manifest is %d bytes, over the limit" % size)
         body = s5.cat(key, size)
     except NotFound:
-        raise ScriptError("manifest_missing", "no manifest at %s: the snapshot does not exist or is unfinished"
-                          % key) from None
+        raise ScriptError(
+            "manifest_missing", "no manifest at %s: the snapshot does not exist or is unfinished" % key
+        ) from None
     if expected_sha256 is not None and hashlib.sha256(body).hexdigest() != expected_sha256.lower():
         raise ScriptError("manifest_changed", "the manifest at %s is not the one recorded for this snapshot" % key)
     try:
@@ -126,8 +127,14 @@ class TarExtract:
 
     def __init__(self, ctx: Context, staging: str) -> None:
         try:
-            self.proc = ctx.spawn(extract_command(staging), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, bufsize=0, env=dict(os.environ, LC_ALL="C"))
+            self.proc = ctx.spawn(
+                extract_command(staging),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                bufsize=0,
+                env=dict(os.environ, LC_ALL="C"),
+            )
         except FileNotFoundError:
             raise ScriptError("missing_dependency", "GNU tar is not installed") from None
         widen_pipe(self.proc.stdin.fileno())
@@ -147,7 +154,7 @@ class TarExtract:
         view = memoryview(data)
         try:
             while view:
-                view = view[self.proc.stdin.write(view):]
+                view = view[self.proc.stdin.write(view) :]
         except OSError:  # EPIPE: tar has exited
             self.proc.wait()
             self.thread.join(5)
@@ -189,16 +196,30 @@ def main(cfg: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
     staging.remove_stale()
     free = free_bytes(staging.fs_path)
     if free < totals["raw_bytes"]:
-        raise ScriptError("insufficient_disk", "%d bytes free at %s, the snapshot needs %d"
-                          % (free, staging.fs_path, totals["raw_bytes"]))
+        raise ScriptError(
+            "insufficient_disk",
+            "%d bytes free at %s, the snapshot needs %d" % (free, staging.fs_path, totals["raw_bytes"]),
+        )
     t_download = time.monotonic()
-    events.progress(force=True, phase="download", bytes_done=0, bytes_total=totals["raw_bytes"],
-                    parts_done=0, parts_total=len(parts))
+    events.progress(
+        force=True,
+        phase="download",
+        bytes_done=0,
+        bytes_total=totals["raw_bytes"],
+        parts_done=0,
+        parts_total=len(parts),
+    )
     heartbeat(events, ctx)
     fetcher: Any
     if version == 2:
-        fetcher = ChunkFetcher(ctx=ctx, s5=s5, store_prefix=opts["store_prefix"], manifest=manifest, codecs=codecs,
-                               window=opts["parallelism"])
+        fetcher = ChunkFetcher(
+            ctx=ctx,
+            s5=s5,
+            store_prefix=opts["store_prefix"],
+            manifest=manifest,
+            codecs=codecs,
+            window=opts["parallelism"],
+        )
     else:
         fetcher = PartFetcher(ctx=ctx, s5=s5, prefix=prefix, parts=parts, codecs=codecs, window=opts["parallelism"])
     progress = {"bytes": 0, "parts": 0}
@@ -206,8 +227,13 @@ def main(cfg: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
     def on_part(size: int) -> None:
         progress["bytes"] += size
         progress["parts"] += 1
-        events.progress(phase="download", bytes_done=progress["bytes"], bytes_total=totals["raw_bytes"],
-                        parts_done=progress["parts"], parts_total=len(parts))
+        events.progress(
+            phase="download",
+            bytes_done=progress["bytes"],
+            bytes_total=totals["raw_bytes"],
+            parts_done=progress["parts"],
+            parts_total=len(parts),
+        )
 
     staging.create()
     try:
@@ -217,8 +243,9 @@ def main(cfg: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
             policy = MemberPolicy(staging.target, opts["allow_external_symlinks"], opts["keep_setuid"])
             members = gate(stream.read, tar.write, policy)
             if stream.total != totals["raw_bytes"]:
-                raise ScriptError("part_corrupt", "stream has %d bytes, manifest says %d"
-                                  % (stream.total, totals["raw_bytes"]))
+                raise ScriptError(
+                    "part_corrupt", "stream has %d bytes, manifest says %d" % (stream.total, totals["raw_bytes"])
+                )
             tar.finish()
         finally:
             fetcher.close()
@@ -228,12 +255,20 @@ def main(cfg: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
         t_swap = time.monotonic()
         events.progress(force=True, phase="swap")
         check_destination(opts["workspace"], opts["overwrite"])  # again: it may have filled meanwhile
-        summary = {"workspace_path": staging.target, "snapshot_id": manifest.get("snapshot_id", ""),
-                   "raw_bytes": totals["raw_bytes"], "stored_bytes": totals["stored_bytes"], "parts": len(parts),
-                   "files": max(0, members - 1), "codec": manifest.get("codec", ""),
-                   # what the gate neutralised: FIFOs left out (names: the first 100), setuid/setgid cleared
-                   "skipped_members": policy.skipped_count, "skipped_names": policy.skipped,
-                   "setuid_cleared": policy.cleared_setuid, "format": version}
+        summary = {
+            "workspace_path": staging.target,
+            "snapshot_id": manifest.get("snapshot_id", ""),
+            "raw_bytes": totals["raw_bytes"],
+            "stored_bytes": totals["stored_bytes"],
+            "parts": len(parts),
+            "files": max(0, members - 1),
+            "codec": manifest.get("codec", ""),
+            # what the gate neutralised: FIFOs left out (names: the first 100), setuid/setgid cleared
+            "skipped_members": policy.skipped_count,
+            "skipped_names": policy.skipped,
+            "setuid_cleared": policy.cleared_setuid,
+            "format": version,
+        }
         if version == 2:
             summary.update(objects=len(manifest["objects"]), object_fetches=fetcher.fetches)
         staging.commit((opts["restore_id"], summary) if opts["restore_id"] is not None else None)
@@ -242,10 +277,17 @@ def main(cfg: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
         raise
     timings = {k: round(v, 3) for k, v in fetcher.spent.items()}
     timings.update(stream_s=round(t_swap - t_download, 3), swap_s=round(time.monotonic() - t_swap, 3))
-    events.progress(force=True, phase="done", bytes_done=totals["raw_bytes"], bytes_total=totals["raw_bytes"],
-                    parts_done=len(parts), parts_total=len(parts))
-    return dict(summary, previous_workspace=staging.kept_old, duration_s=round(time.monotonic() - started, 3),
-                timings=timings)
+    events.progress(
+        force=True,
+        phase="done",
+        bytes_done=totals["raw_bytes"],
+        bytes_total=totals["raw_bytes"],
+        parts_done=len(parts),
+        parts_total=len(parts),
+    )
+    return dict(
+        summary, previous_workspace=staging.kept_old, duration_s=round(time.monotonic() - started, 3), timings=timings
+    )
 
 
 if __name__ == "__main__":

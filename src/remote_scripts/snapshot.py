@@ -13,6 +13,7 @@ whose object already carries the same SHA-256 (object metadata) is compressed bu
 With `"format": 2` the run is gs_snapshot2's instead: the same tar stream cut into chunks shared by
 all snapshots of a machine, only new ones uploaded (docs/data-plane.md, "Format 2").
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,10 +29,9 @@ from typing import Any, Dict, List
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import gs_runlock  # noqa: E402
+import gs_snapshot2  # noqa: E402
 from gs_codecs import CODEC_NAMES, fallback_warning, for_snapshot  # noqa: E402
 from gs_common import MAX_PARALLELISM, Context, ScriptError, heartbeat, key_prefix, require, run_script  # noqa: E402
-import gs_runlock  # noqa: E402
-import gs_snapshot2  # noqa: E402
 from gs_manifest import MANIFEST_NAME, build, part_key, utc_now  # noqa: E402
 from gs_pipeline import PartUploader  # noqa: E402
 from gs_s3 import S5  # noqa: E402
@@ -48,10 +48,21 @@ MAX_PART_SIZE = 1 << 30
 def tar_command(workspace: str, excludes: List[str], index_fd: int) -> List[str]:
     """GNU tar that writes a byte-identical stream for an unchanged tree (what resume relies on):
     sorted names, no atime/ctime, pid-free PAX header names, sparse format 0.0 (1.0 embeds the pid)."""
-    cmd = ["tar", "--create", "--file=-", "--directory=" + workspace, "--format=posix",
-           "--pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime",
-           "--sort=name", "--numeric-owner", "--sparse", "--sparse-version=0.0",
-           "--blocking-factor=128", "--verbose", "--index-file=/dev/fd/%d" % index_fd]
+    cmd = [
+        "tar",
+        "--create",
+        "--file=-",
+        "--directory=" + workspace,
+        "--format=posix",
+        "--pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime",
+        "--sort=name",
+        "--numeric-owner",
+        "--sparse",
+        "--sparse-version=0.0",
+        "--blocking-factor=128",
+        "--verbose",
+        "--index-file=/dev/fd/%d" % index_fd,
+    ]
     cmd += ["--exclude=" + pattern for pattern in excludes]
     return cmd + ["."]
 
@@ -90,9 +101,14 @@ def _tool_version(cmd: List[str]) -> str:
 
 
 def _source(opts: Dict[str, Any], workspace: str, codec: Any) -> Dict[str, Any]:
-    return {"hostname": socket.gethostname(), "workspace_path": workspace,
-            "python": platform.python_version(), "tar": _tool_version(["tar", "--version"]),
-            "s5cmd": _tool_version([opts["s5cmd"], "version"]), "codecs": {codec.name: codec.version()}}
+    return {
+        "hostname": socket.gethostname(),
+        "workspace_path": workspace,
+        "python": platform.python_version(),
+        "tar": _tool_version(["tar", "--version"]),
+        "s5cmd": _tool_version([opts["s5cmd"], "version"]),
+        "codecs": {codec.name: codec.version()},
+    }
 
 
 def main(cfg: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
@@ -107,9 +123,18 @@ def main(cfg: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
     codec = for_snapshot(opts["codec"], opts["zstd_level"], opts["bootstrap"])
     s5 = S5(ctx, opts["s3"], opts["s5cmd"], opts["work_dir"])
     if opts["format"] == 2:
-        return gs_snapshot2.run(ctx=ctx, cfg=cfg, opts=opts, v2=v2, codec=codec, s5=s5, started=started,
-                                created_at=created_at, make_tar=lambda fd: tar_command(workspace, opts["excludes"], fd),
-                                source=lambda: _source(opts, workspace, codec))
+        return gs_snapshot2.run(
+            ctx=ctx,
+            cfg=cfg,
+            opts=opts,
+            v2=v2,
+            codec=codec,
+            s5=s5,
+            started=started,
+            created_at=created_at,
+            make_tar=lambda fd: tar_command(workspace, opts["excludes"], fd),
+            source=lambda: _source(opts, workspace, codec),
+        )
     existing = s5.list(prefix)  # also the credentials check, before any real work
     if prefix + MANIFEST_NAME in existing:
         # Parts are about to be rewritten: the old manifest would describe objects that change
@@ -117,14 +142,28 @@ def main(cfg: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
         s5.remove([prefix + MANIFEST_NAME])
     t_scan = time.monotonic()
     bytes_total, entries = scan(workspace, opts["excludes"])
-    events.progress(force=True, phase="upload", bytes_done=0, bytes_total=bytes_total, parts_done=0,
-                    parts_total=max(1, -(-bytes_total // opts["part_size"])))
+    events.progress(
+        force=True,
+        phase="upload",
+        bytes_done=0,
+        bytes_total=bytes_total,
+        parts_done=0,
+        parts_total=max(1, -(-bytes_total // opts["part_size"])),
+    )
     heartbeat(events, ctx)
     t_stream = time.monotonic()
     with BatchUploader(s5, workers=opts["parallelism"]) as batch:
-        uploader = PartUploader(ctx=ctx, s5=s5, codec=codec, prefix=prefix, part_size=opts["part_size"],
-                                parallelism=opts["parallelism"], existing=existing, bytes_total=bytes_total,
-                                put=batch.put)
+        uploader = PartUploader(
+            ctx=ctx,
+            s5=s5,
+            codec=codec,
+            prefix=prefix,
+            part_size=opts["part_size"],
+            parallelism=opts["parallelism"],
+            existing=existing,
+            bytes_total=bytes_total,
+            put=batch.put,
+        )
         parts, files = uploader.run(lambda fd: tar_command(workspace, opts["excludes"], fd))
 
     t_verify = time.monotonic()
@@ -133,25 +172,38 @@ def main(cfg: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
     for part in parts:
         size = listing.get(prefix + part["key"])
         if size != part["stored_size"]:
-            raise ScriptError("upload_failed", "part %s is %s in the bucket, expected %d bytes"
-                              % (part["key"], "missing" if size is None else "%d bytes" % size, part["stored_size"]))
+            raise ScriptError(
+                "upload_failed",
+                "part %s is %s in the bucket, expected %d bytes"
+                % (part["key"], "missing" if size is None else "%d bytes" % size, part["stored_size"]),
+            )
     known = {prefix + part_key(i) for i in range(len(parts))}
-    stale = [k for k in listing if k[len(prefix):].startswith("part-") and k not in known]
+    stale = [k for k in listing if k[len(prefix) :].startswith("part-") and k not in known]
     s5.remove(stale)  # left by an earlier, longer attempt at this prefix; not in the manifest
 
     t_manifest = time.monotonic()
     events.progress(force=True, phase="manifest")
-    timings = {"scan_s": round(t_stream - t_scan, 3), "stream_s": round(t_verify - t_stream, 3),
-               "verify_s": round(t_manifest - t_verify, 3)}
+    timings = {
+        "scan_s": round(t_stream - t_scan, 3),
+        "stream_s": round(t_verify - t_stream, 3),
+        "verify_s": round(t_manifest - t_verify, 3),
+    }
     timings.update(uploader.timings())
     source = _source(opts, workspace, codec)
     warning = fallback_warning(codec)  # a missing compressor is said, never an error
     warnings = [warning] if warning else []
     if codec.fallback:
         source["codec_fallback"] = codec.fallback
-    manifest = build(cfg=cfg, codec=codec.name, part_size=opts["part_size"], parts=parts, files=files,
-                     source=source, created_at=created_at,
-                     timings=dict(timings, total_s=round(time.monotonic() - started, 3)))
+    manifest = build(
+        cfg=cfg,
+        codec=codec.name,
+        part_size=opts["part_size"],
+        parts=parts,
+        files=files,
+        source=source,
+        created_at=created_at,
+        timings=dict(timings, total_s=round(time.monotonic() - started, 3)),
+    )
     if warnings:
         manifest["warnings"] = warnings
     body = json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8")
@@ -161,18 +213,32 @@ def main(cfg: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
         raise ScriptError("upload_failed", "manifest size mismatch after upload")
     timings["manifest_s"] = round(time.monotonic() - t_manifest, 3)
     totals = manifest["totals"]
-    events.progress(force=True, phase="done", bytes_done=totals["raw_bytes"], bytes_total=totals["raw_bytes"],
-                    parts_done=len(parts), parts_total=len(parts))
+    events.progress(
+        force=True,
+        phase="done",
+        bytes_done=totals["raw_bytes"],
+        bytes_total=totals["raw_bytes"],
+        parts_done=len(parts),
+        parts_total=len(parts),
+    )
     return {
-        "manifest_key": prefix + MANIFEST_NAME, "manifest_sha256": digest,
-        "raw_bytes": totals["raw_bytes"], "stored_bytes": totals["stored_bytes"], "parts": len(parts),
-        "files": files, "codec": codec.name, "part_size": opts["part_size"],
-        "uploaded_parts": uploader.uploaded, "skipped_parts": uploader.skipped,
+        "manifest_key": prefix + MANIFEST_NAME,
+        "manifest_sha256": digest,
+        "raw_bytes": totals["raw_bytes"],
+        "stored_bytes": totals["stored_bytes"],
+        "parts": len(parts),
+        "files": files,
+        "codec": codec.name,
+        "part_size": opts["part_size"],
+        "uploaded_parts": uploader.uploaded,
+        "skipped_parts": uploader.skipped,
         # What the pre-scan found (entries below the root, estimated tar bytes): hibernate compares
         # `files` and `raw_bytes` with it before destroying anything (hollow_snapshot).
         "scan": {"entries": max(0, entries - 1), "bytes": bytes_total},
-        "duration_s": round(time.monotonic() - started, 3), "timings": timings,
-        "warnings": warnings, "codec_fallback": codec.fallback,
+        "duration_s": round(time.monotonic() - started, 3),
+        "timings": timings,
+        "warnings": warnings,
+        "codec_fallback": codec.fallback,
     }
 
 

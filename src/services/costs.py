@@ -13,6 +13,7 @@ the event log keeps (`machine.status` events, each with the hourly price in forc
 
 History starts when the machine row was created; a machine older than the `events` table counts its
 time before the first recorded change in the status that change started from."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -49,8 +50,14 @@ def _aware(value: dt.datetime) -> dt.datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=dt.timezone.utc)
 
 
-def status_intervals(created_at: dt.datetime, changes: list[tuple[dt.datetime, dict[str, Any]]], *,
-                     current_status: str, current_price: float | None, now: dt.datetime) -> list[Interval]:
+def status_intervals(
+    created_at: dt.datetime,
+    changes: list[tuple[dt.datetime, dict[str, Any]]],
+    *,
+    current_status: str,
+    current_price: float | None,
+    now: dt.datetime,
+) -> list[Interval]:
     """The machine's history as (status, start, end, price) intervals, from `changes`: (when, data of a
     `machine.status` event: from, to, hourly_usd), oldest first."""
     out: list[Interval] = []
@@ -85,20 +92,28 @@ def summarize(intervals: list[Interval]) -> dict[str, Any]:
             hours["hibernated"] += iv.hours
             if iv.hourly_usd is not None:
                 saved, saved_known = saved + iv.hours * iv.hourly_usd, True
-    return {"hours": {k: round(v, 4) for k, v in hours.items()},
-            "spent_usd": round(spent, 4) if spent_known or not hours["running"] else None,
-            "saved_usd": round(saved, 4) if saved_known or not hours["hibernated"] else None}
+    return {
+        "hours": {k: round(v, 4) for k, v in hours.items()},
+        "spent_usd": round(spent, 4) if spent_known or not hours["running"] else None,
+        "saved_usd": round(saved, 4) if saved_known or not hours["hibernated"] else None,
+    }
 
 
-def machine_costs(s: Session, machine: Machine, *, storage_price_gb_month: float,
-                  now: dt.datetime | None = None) -> dict[str, Any]:
+def machine_costs(
+    s: Session, machine: Machine, *, storage_price_gb_month: float, now: dt.datetime | None = None
+) -> dict[str, Any]:
     """The machine's costs and savings (the `costs` object of GET /api/instances/<id>)."""
     now = now or utcnow()
-    changes = [(e.created_at, e.data or {}) for e in s.scalars(
-        select(Event).where(Event.machine_id == machine.id, Event.kind == MACHINE_STATUS).order_by(Event.id))]
+    changes = [
+        (e.created_at, e.data or {})
+        for e in s.scalars(
+            select(Event).where(Event.machine_id == machine.id, Event.kind == MACHINE_STATUS).order_by(Event.id)
+        )
+    ]
     price = hourly_price(machine)
-    totals = summarize(status_intervals(machine.created_at, changes, current_status=machine.status,
-                                        current_price=price, now=now))
+    totals = summarize(
+        status_intervals(machine.created_at, changes, current_status=machine.status, current_price=price, now=now)
+    )
     stored = store_bytes(s, machine.id)  # a chunk shared by several format-2 snapshots is billed once
     offer = machine.offer or {}
     up, down = price_or_none(offer.get("inet_up_cost")), price_or_none(offer.get("inet_down_cost"))
@@ -110,7 +125,6 @@ def machine_costs(s: Session, machine: Machine, *, storage_price_gb_month: float
         "transfer_usd_per_gb": {"upload": up, "download": down} if up is not None or down is not None else None,
         "as_of": iso(now),
     }
-
 
 
 def summary(session_factory: sessionmaker[Session], *, storage_price_gb_month: float) -> dict[str, Any]:
@@ -131,14 +145,24 @@ def summary(session_factory: sessionmaker[Session], *, storage_price_gb_month: f
                 live_hourly += c["hourly_usd"]
         jobs = dict(s.execute(select(Job.status, func.count()).group_by(Job.status)).all())
         return {
-            "machines": {"total": len(machines), "live": sum(n for st, n in by_status.items() if st in BILLED),
-                         "paused": by_status.get("paused", 0), "hibernated": by_status.get("hibernated", 0),
-                         "by_status": dict(sorted(by_status.items()))},
-            "costs": {"live_hourly_usd": round(live_hourly, 4), "spent_usd": round(spent, 4),
-                      "saved_usd": round(saved, 4), "stored_bytes": stored,
-                      "storage_usd_month": round(stored / GB * storage_price_gb_month, 4),
-                      "storage_price_gb_month": storage_price_gb_month},
-            "jobs": {"by_status": {k: int(v) for k, v in sorted(jobs.items())},
-                     "active": int(jobs.get("queued", 0)) + int(jobs.get("running", 0))},
+            "machines": {
+                "total": len(machines),
+                "live": sum(n for st, n in by_status.items() if st in BILLED),
+                "paused": by_status.get("paused", 0),
+                "hibernated": by_status.get("hibernated", 0),
+                "by_status": dict(sorted(by_status.items())),
+            },
+            "costs": {
+                "live_hourly_usd": round(live_hourly, 4),
+                "spent_usd": round(spent, 4),
+                "saved_usd": round(saved, 4),
+                "stored_bytes": stored,
+                "storage_usd_month": round(stored / GB * storage_price_gb_month, 4),
+                "storage_price_gb_month": storage_price_gb_month,
+            },
+            "jobs": {
+                "by_status": {k: int(v) for k, v in sorted(jobs.items())},
+                "active": int(jobs.get("queued", 0)) + int(jobs.get("running", 0)),
+            },
             "as_of": iso(now),
         }

@@ -5,17 +5,25 @@ shorthands, no seconds, no `L`/`W`/`#` (Quartz extensions): they are refused, no
 
 Written here rather than taken from a dependency: the scheduler needs one question answered ("the last
 slot at or before now"), which is a few dozen lines."""
+
 from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
 
-_MONTHS = {n: i for i, n in enumerate(("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct",
-                                       "nov", "dec"), start=1)}
+_MONTHS = {
+    n: i
+    for i, n in enumerate(("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"), start=1)
+}
 _DAYS = {n: i for i, n in enumerate(("sun", "mon", "tue", "wed", "thu", "fri", "sat"))}
 # (name, lowest, highest, names)
-_FIELDS = (("minute", 0, 59, {}), ("hour", 0, 23, {}), ("day of month", 1, 31, {}), ("month", 1, 12, _MONTHS),
-           ("day of week", 0, 7, _DAYS))
+_FIELDS: tuple[tuple[str, int, int, dict[str, int]], ...] = (
+    ("minute", 0, 59, {}),
+    ("hour", 0, 23, {}),
+    ("day of month", 1, 31, {}),
+    ("month", 1, 12, _MONTHS),
+    ("day of week", 0, 7, _DAYS),
+)
 # The furthest back a slot is looked for: "0 0 29 2 *" fires once in four years, at most eight apart
 # (1900 and 2100 are not leap years).
 _MAX_DAYS_BACK = 8 * 366 + 1
@@ -80,12 +88,20 @@ def parse(expression: str) -> Cron:
     """Parse `expression`. Raises CronError with a message that names the bad field."""
     parts = expression.split()
     if len(parts) != 5:
-        raise CronError(f"a cron expression has 5 fields (minute hour day-of-month month day-of-week), "
-                        f"got {len(parts)}")
+        raise CronError(
+            f"a cron expression has 5 fields (minute hour day-of-month month day-of-week), got {len(parts)}"
+        )
     sets = [_field(text, *spec) for text, spec in zip(parts, _FIELDS)]
     weekdays = frozenset(d % 7 for d in sets[4])
-    return Cron(minutes=sets[0], hours=sets[1], days=sets[2], months=sets[3], weekdays=weekdays,
-                days_restricted=not parts[2].startswith("*"), weekdays_restricted=not parts[4].startswith("*"))
+    return Cron(
+        minutes=sets[0],
+        hours=sets[1],
+        days=sets[2],
+        months=sets[3],
+        weekdays=weekdays,
+        days_restricted=not parts[2].startswith("*"),
+        weekdays_restricted=not parts[4].startswith("*"),
+    )
 
 
 def _field(text: str, name: str, low: int, high: int, names: dict[str, int]) -> frozenset[int]:

@@ -9,6 +9,7 @@ that bypass the ORM (a worker claiming a job, and its progress heartbeats) call 
 
 Reading: `Follower` hands out events in id order without losing one that a slower transaction commits
 late (see its docstring)."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -23,7 +24,7 @@ from sqlalchemy import delete, func, inspect, select
 from sqlalchemy import event as sa_event
 from sqlalchemy.orm import Session, sessionmaker
 
-from src.db import transaction
+from src.db import rowcount, transaction
 from src.models import Event, Job, Machine, MachineEvent, utcnow
 from src.services.views import iso
 
@@ -48,10 +49,18 @@ def install(session_factory: sessionmaker[Session]) -> None:
 
 def job_payload(job: Job) -> dict[str, Any]:
     """What a job event says about the job: enough for a progress bar and a status badge."""
-    return {"job": {"id": job.id, "kind": job.kind, "status": job.status, "phase": job.phase,
-                    "progress": {k: getattr(job, k) for k in _COUNTERS},
-                    "error": {"code": job.error_code, "message": job.error_message or ""} if job.error_code else None,
-                    "machine_id": job.machine_id, "snapshot_id": job.snapshot_id}}
+    return {
+        "job": {
+            "id": job.id,
+            "kind": job.kind,
+            "status": job.status,
+            "phase": job.phase,
+            "progress": {k: getattr(job, k) for k in _COUNTERS},
+            "error": {"code": job.error_code, "message": job.error_message or ""} if job.error_code else None,
+            "machine_id": job.machine_id,
+            "snapshot_id": job.snapshot_id,
+        }
+    }
 
 
 def hourly_price(machine: Machine) -> float | None:
@@ -72,20 +81,35 @@ def _before_flush(session: Session, _context: Any, _instances: Any) -> None:
         if isinstance(obj, Job):
             _add(session, JOB_STATUS, obj.machine_id, obj.id, job_payload(obj))
         elif isinstance(obj, MachineEvent):
-            _add(session, MACHINE_EVENT, obj.machine_id, obj.job_id,
-                 {"event": {"kind": obj.kind, "message": obj.message, "data": obj.data}})
+            _add(
+                session,
+                MACHINE_EVENT,
+                obj.machine_id,
+                obj.job_id,
+                {"event": {"kind": obj.kind, "message": obj.message, "data": obj.data}},
+            )
     for obj in list(session.dirty):
         if isinstance(obj, Job):
             changed = _changed(obj, ("status", "phase") + _COUNTERS)
-            kind = JOB_STATUS if "status" in changed else JOB_PHASE if "phase" in changed else (
-                JOB_PROGRESS if changed else None)
+            kind = (
+                JOB_STATUS
+                if "status" in changed
+                else JOB_PHASE
+                if "phase" in changed
+                else (JOB_PROGRESS if changed else None)
+            )
             if kind is not None:
                 _add(session, kind, obj.machine_id, obj.id, job_payload(obj))
         elif isinstance(obj, Machine):
             history = inspect(obj).attrs.status.history
             if history.added and history.deleted and history.deleted[0] != history.added[0]:
-                _add(session, MACHINE_STATUS, obj.id, None,
-                     {"from": history.deleted[0], "to": obj.status, "hourly_usd": hourly_price(obj)})
+                _add(
+                    session,
+                    MACHINE_STATUS,
+                    obj.id,
+                    None,
+                    {"from": history.deleted[0], "to": obj.status, "hourly_usd": hourly_price(obj)},
+                )
 
 
 def _changed(obj: Any, names: Iterable[str]) -> set[str]:
@@ -149,15 +173,21 @@ def prune_progress(session_factory: sessionmaker[Session], *, older_than_s: floa
     computed from `machine.status`. Returns how many were deleted. Safe to run from several workers."""
     cutoff = utcnow() - dt.timedelta(seconds=older_than_s)
     with transaction(session_factory) as s:
-        return int(s.execute(delete(Event).where(Event.kind == JOB_PROGRESS, Event.created_at < cutoff)).rowcount or 0)
+        return rowcount(s.execute(delete(Event).where(Event.kind == JOB_PROGRESS, Event.created_at < cutoff)))
 
 
 # ---- reading -----------------------------------------------------------------------------------
 
 
 def event_view(e: Event) -> dict[str, Any]:
-    return {"id": e.id, "kind": e.kind, "at": iso(e.created_at), "machine_id": e.machine_id, "job_id": e.job_id,
-            **(e.data or {})}
+    return {
+        "id": e.id,
+        "kind": e.kind,
+        "at": iso(e.created_at),
+        "machine_id": e.machine_id,
+        "job_id": e.job_id,
+        **(e.data or {}),
+    }
 
 
 def latest_id(session_factory: sessionmaker[Session]) -> int:

@@ -13,6 +13,7 @@
    terminal, other than gpusnap's own, which never asks for one).
 
 Pure functions over the samples; the scheduler records samples and calls `decide`."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -52,7 +53,7 @@ def decide(samples: Sequence[Sample], *, now: dt.datetime, rules: dict[str, Any]
     start = [i for i, x in enumerate(ordered) if _utc(x.taken_at) <= now - window]
     if not start:
         return Decision(False, f"window not full: no sample from {int(window.total_seconds())}s ago yet")
-    considered = ordered[start[-1]:]
+    considered = ordered[start[-1] :]
     previous = None
     for x in considered:
         at = _utc(x.taken_at)
@@ -66,14 +67,18 @@ def decide(samples: Sequence[Sample], *, now: dt.datetime, rules: dict[str, Any]
         if len(x.gpu_util) != len(considered[0].gpu_util or []):
             # A GPU that left the list (fell off the bus, a reset) has no reading for the rest of the
             # window: unknown, so busy. One that appeared has no reading for its start.
-            return Decision(False, f"the GPU count changed within the window "
-                                   f"({len(considered[0].gpu_util or [])} -> {len(x.gpu_util)}): counted as busy")
+            return Decision(
+                False,
+                f"the GPU count changed within the window "
+                f"({len(considered[0].gpu_util or [])} -> {len(x.gpu_util)}): counted as busy",
+            )
         busy = [u for u in x.gpu_util if u >= threshold]
         if busy:
             return Decision(False, f"a GPU read {max(busy)}% (not below {threshold}%)")
         if rules.get("respect_ssh_sessions", True) and (x.ssh_sessions is None or x.ssh_sessions > 0):
-            return Decision(False, "an interactive SSH session is open" if x.ssh_sessions
-                            else "SSH sessions could not be counted")
+            return Decision(
+                False, "an interactive SSH session is open" if x.ssh_sessions else "SSH sessions could not be counted"
+            )
     assert previous is not None
     if now - previous > gap:
         return Decision(False, f"no sample for {int((now - previous).total_seconds())}s")
@@ -87,8 +92,12 @@ def parse_probe(result: dict[str, Any]) -> tuple[list[int] | None, int | None, s
     raw = result.get("gpu_util")
     util = None
     if error is None:
-        if isinstance(raw, list) and raw and len(raw) <= 64 and all(
-                isinstance(u, int) and not isinstance(u, bool) and 0 <= u <= 100 for u in raw):
+        if (
+            isinstance(raw, list)
+            and raw
+            and len(raw) <= 64
+            and all(isinstance(u, int) and not isinstance(u, bool) and 0 <= u <= 100 for u in raw)
+        ):
             util = list(raw)
         else:
             error = "gpu_util_unreadable: the probe's GPU values are not 0-100 integers"

@@ -1,4 +1,5 @@
 """Hibernate, wake, pause and resume a machine: each checks the machine can do it now and starts a job."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
@@ -22,15 +23,30 @@ from src.services.wake_queue import admit_wakes, mark_waiting
 if TYPE_CHECKING:
     from src.container import Container
 
-_BUSY_STATES = {"hibernated": "is hibernated: wake it first", "paused": "is paused: resume it first",
-                "waking": "is waking", "hibernating": "is hibernating"}
+_BUSY_STATES = {
+    "hibernated": "is hibernated: wake it first",
+    "paused": "is paused: resume it first",
+    "waking": "is waking",
+    "hibernating": "is hibernating",
+}
 
 
 @job_service.settle_idempotency_race(lambda _s, job: job_view(job))
-def hibernate(c: Container, machine_id: str, *, workspace_path: str, ssh_host: str | None = None,
-              ssh_port: int | None = None, ssh_user: str | None = None, destroy_after: bool = True,
-              codec: str = "auto", excludes: list[str] | None = None, deep_verify: bool = False,
-              idle_guard: dict[str, Any] | None = None, idem: Idempotency | None = None) -> dict[str, Any]:
+def hibernate(
+    c: Container,
+    machine_id: str,
+    *,
+    workspace_path: str,
+    ssh_host: str | None = None,
+    ssh_port: int | None = None,
+    ssh_user: str | None = None,
+    destroy_after: bool = True,
+    codec: str = "auto",
+    excludes: list[str] | None = None,
+    deep_verify: bool = False,
+    idle_guard: dict[str, Any] | None = None,
+    idem: Idempotency | None = None,
+) -> dict[str, Any]:
     """Start a `hibernate` job: snapshot, verify, then (destroy_after) destroy the vast.ai instance.
     A machine not seen before is registered; its id is taken as its vast.ai instance id when numeric.
     Raises Conflict (busy, hibernated, paused), Unprocessable (nothing to destroy, host not allowed,
@@ -59,16 +75,31 @@ def hibernate(c: Container, machine_id: str, *, workspace_path: str, ssh_host: s
         machine = _machine_for_hibernate(s, c, machine_id, host=ssh_host, port=ssh_port, user=ssh_user)
         _require_not(machine, _BUSY_STATES)
         if destroy_after and machine.vast_instance_id is None:
-            raise Unprocessable(f"machine {machine.id} has no vast.ai instance to destroy; "
-                                "use destroy_after: false to snapshot only", code="no_vast_instance")
+            raise Unprocessable(
+                f"machine {machine.id} has no vast.ai instance to destroy; use destroy_after: false to snapshot only",
+                code="no_vast_instance",
+            )
         if machine.ssh_host is None and machine.vast_instance_id is None:
-            raise Unprocessable("give ssh_host and ssh_port: the machine's SSH endpoint is unknown",
-                                code="no_ssh_endpoint")
-        _, job = start_snapshot_job(s, c, machine_id=machine.id, workspace_path=workspace_path, name="hibernate",
-                                    codec=codec, excludes=excludes or [], idem=idem, kind="hibernate",
-                                    params={"destroy_after": destroy_after, "deep_verify": deep_verify,
-                                            "idle_guard": idle_guard,
-                                            "requested_endpoint": [ssh_host, ssh_port] if ssh_host else None})
+            raise Unprocessable(
+                "give ssh_host and ssh_port: the machine's SSH endpoint is unknown", code="no_ssh_endpoint"
+            )
+        _, job = start_snapshot_job(
+            s,
+            c,
+            machine_id=machine.id,
+            workspace_path=workspace_path,
+            name="hibernate",
+            codec=codec,
+            excludes=excludes or [],
+            idem=idem,
+            kind="hibernate",
+            params={
+                "destroy_after": destroy_after,
+                "deep_verify": deep_verify,
+                "idle_guard": idle_guard,
+                "requested_endpoint": [ssh_host, ssh_port] if ssh_host else None,
+            },
+        )
         machine.status = "hibernating"
         machine.workspace_path = workspace_path
         view = job_view(job)
@@ -77,10 +108,21 @@ def hibernate(c: Container, machine_id: str, *, workspace_path: str, ssh_host: s
 
 
 @job_service.settle_idempotency_race(lambda _s, job: job_view(job))
-def wake(c: Container, machine_id: str, *, snapshot_id: str | None = None, gpu_type: str | None = None,
-         num_gpus: int | None = None, region: str | None = None, max_price: float | None = None,
-         disk_gb: int | None = None, image: str | None = None, workspace_path: str | None = None,
-         priority: int = 5, idem: Idempotency | None = None) -> dict[str, Any]:
+def wake(
+    c: Container,
+    machine_id: str,
+    *,
+    snapshot_id: str | None = None,
+    gpu_type: str | None = None,
+    num_gpus: int | None = None,
+    region: str | None = None,
+    max_price: float | None = None,
+    disk_gb: int | None = None,
+    image: str | None = None,
+    workspace_path: str | None = None,
+    priority: int = 5,
+    idem: Idempotency | None = None,
+) -> dict[str, Any]:
     """Start a `wake` job: rent an instance that fits and restore `snapshot_id` (default: the machine's
     latest complete snapshot) onto it. The job waits in the wake queue (phase `wake_queued`) while
     WAKE_CONCURRENCY wakes run, `priority` (0-9) highest first. GPU type, GPU count and image default to the
@@ -95,31 +137,54 @@ def wake(c: Container, machine_id: str, *, snapshot_id: str | None = None, gpu_t
             return job_view(replay)
         machine = find_machine(s, machine_id)
         if machine.status != "hibernated":
-            raise Conflict(f"machine {machine.id} is {machine.status}; only a hibernated machine can be woken",
-                           code="machine_not_hibernated")
+            raise Conflict(
+                f"machine {machine.id} is {machine.status}; only a hibernated machine can be woken",
+                code="machine_not_hibernated",
+            )
         snap = s.get(Snapshot, snapshot_id) if snapshot_id else latest_complete(s, machine.id)
         if snap is None:
-            raise (NotFound(f"snapshot {snapshot_id} not found") if snapshot_id else
-                   Conflict(f"machine {machine.id} has no complete snapshot to wake from", code="no_snapshot"))
+            raise (
+                NotFound(f"snapshot {snapshot_id} not found")
+                if snapshot_id
+                else Conflict(f"machine {machine.id} has no complete snapshot to wake from", code="no_snapshot")
+            )
         if snap.status != "complete":
             raise Conflict(f"snapshot {snap.id} is {snap.status}, not complete", code="snapshot_not_complete")
-        check_restore_path(workspace_path or snap.workspace_path,
-                           what="workspace_path" if workspace_path else f"snapshot {snap.id}'s workspace_path "
-                                                                           "(give another workspace_path)")
-        needed = required_disk_gb(snap.raw_bytes or 0, headroom=c.settings.wake_disk_headroom,
-                                  image_gb=c.settings.vast_image_disk_gb)
+        check_restore_path(
+            workspace_path or snap.workspace_path,
+            what="workspace_path"
+            if workspace_path
+            else f"snapshot {snap.id}'s workspace_path (give another workspace_path)",
+        )
+        needed = required_disk_gb(
+            snap.raw_bytes or 0, headroom=c.settings.wake_disk_headroom, image_gb=c.settings.vast_image_disk_gb
+        )
         if disk_gb is not None and disk_gb < needed:
-            raise Unprocessable(f"disk_gb {disk_gb} is too small: snapshot {snap.id} needs at least {needed} GB",
-                                code="disk_too_small")
+            raise Unprocessable(
+                f"disk_gb {disk_gb} is too small: snapshot {snap.id} needs at least {needed} GB", code="disk_too_small"
+            )
         shape = machine.offer or {}
-        params = {"snapshot_id": snap.id, "gpu_type": gpu_type or machine.gpu_name,
-                  "num_gpus": num_gpus or shape.get("num_gpus") or 1,
-                  "region": region, "max_price": max_price, "disk_gb": disk_gb or needed,
-                  "image": image or shape.get("image") or c.settings.vast_default_image,
-                  "workspace_path": workspace_path or snap.workspace_path, "ssh_user": machine.ssh_user,
-                  "min_cuda": decode_needs(snap.codec or snap.requested_codec)["min_cuda"]}
-        job = job_service.add_job(s, kind="wake", params=params, lock_key=f"machine:{machine.id}",
-                                  machine_id=machine.id, snapshot_id=snap.id, idem=idem)
+        params = {
+            "snapshot_id": snap.id,
+            "gpu_type": gpu_type or machine.gpu_name,
+            "num_gpus": num_gpus or shape.get("num_gpus") or 1,
+            "region": region,
+            "max_price": max_price,
+            "disk_gb": disk_gb or needed,
+            "image": image or shape.get("image") or c.settings.vast_default_image,
+            "workspace_path": workspace_path or snap.workspace_path,
+            "ssh_user": machine.ssh_user,
+            "min_cuda": decode_needs(snap.codec or snap.requested_codec)["min_cuda"],
+        }
+        job = job_service.add_job(
+            s,
+            kind="wake",
+            params=params,
+            lock_key=f"machine:{machine.id}",
+            machine_id=machine.id,
+            snapshot_id=snap.id,
+            idem=idem,
+        )
         mark_waiting(job, priority=priority)
         machine.status = "waking"
         add_event(s, machine.id, "wake_requested", f"wake from {snap.id} (priority {priority})", job_id=job.id)
@@ -140,8 +205,9 @@ def resume(c: Container, machine_id: str, *, idem: Idempotency | None = None) ->
     return _vast_state_job(c, machine_id, kind="resume", required="paused", during="resuming", idem=idem)
 
 
-def _vast_state_job(c: Container, machine_id: str, *, kind: str, required: str, during: str,
-                    idem: Idempotency | None) -> dict[str, Any]:
+def _vast_state_job(
+    c: Container, machine_id: str, *, kind: str, required: str, during: str, idem: Idempotency | None
+) -> dict[str, Any]:
     c.vast()
     with transaction(c.session_factory) as s:
         replay = job_service.find_replay(s, idem)
@@ -152,8 +218,9 @@ def _vast_state_job(c: Container, machine_id: str, *, kind: str, required: str, 
             raise Conflict(f"machine {machine.id} has no vast.ai instance", code="no_vast_instance")
         if machine.status != required:
             raise Conflict(f"machine {machine.id} is {machine.status}, not {required}", code=f"machine_not_{required}")
-        job = job_service.add_job(s, kind=kind, params={}, lock_key=f"machine:{machine.id}", machine_id=machine.id,
-                                  idem=idem)
+        job = job_service.add_job(
+            s, kind=kind, params={}, lock_key=f"machine:{machine.id}", machine_id=machine.id, idem=idem
+        )
         machine.status = during
         add_event(s, machine.id, f"{kind}_requested", kind, job_id=job.id)
         view = job_view(job)
@@ -179,13 +246,16 @@ def _check_endpoint_is_the_instance(c: Container, machine_id: str, host: str, po
         return
     own = own_endpoints(instance) if instance is not None else set()
     if own and endpoint_text(host, port) not in own:
-        raise Unprocessable(f"{host}:{port} is not vast.ai instance {vast_id} (it answers at "
-                            f"{', '.join(sorted(own))}); hibernate would snapshot one machine and destroy another",
-                            code="endpoint_mismatch")
+        raise Unprocessable(
+            f"{host}:{port} is not vast.ai instance {vast_id} (it answers at "
+            f"{', '.join(sorted(own))}); hibernate would snapshot one machine and destroy another",
+            code="endpoint_mismatch",
+        )
 
 
-def _machine_for_hibernate(s: Session, c: Container, machine_id: str, *, host: str | None, port: int | None,
-                           user: str | None) -> Machine:
+def _machine_for_hibernate(
+    s: Session, c: Container, machine_id: str, *, host: str | None, port: int | None, user: str | None
+) -> Machine:
     try:
         machine = find_machine(s, machine_id)
     except NotFound:

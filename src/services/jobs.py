@@ -1,6 +1,7 @@
 """Jobs: creating them (with the per-machine lock and idempotency), the worker's claim / heartbeat /
 finish steps, cancel, and reads. The runner in `src/jobs` calls the worker-side functions; the API calls
 the rest."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -62,8 +63,7 @@ def find_replay(session: Session, idem: Idempotency | None) -> Job | None:
         return None
     job = session.scalar(select(Job).where(Job.idempotency_key == idem.key))
     if job is not None and job.request_hash != idem.request_hash:
-        raise Conflict("this Idempotency-Key was already used for a different request",
-                       code="idempotency_key_reused")
+        raise Conflict("this Idempotency-Key was already used for a different request", code="idempotency_key_reused")
     return job
 
 
@@ -74,6 +74,7 @@ def settle_idempotency_race(replay: Callable[[Session, Job], T]) -> Callable[[Ca
     finds the machine busy. It answers with the winner's job (`replay(session, job)`), as a replay one
     second later would. Without a key, or when no job carries it, the Conflict stands; a bare
     IntegrityError (a concurrent request won a unique index) becomes Conflict `concurrent_request`."""
+
     def decorate(fn: Callable[..., T]) -> Callable[..., T]:
         @functools.wraps(fn)
         def wrapper(c: Any, *args: Any, idem: Idempotency | None = None, **kwargs: Any) -> T:
@@ -87,25 +88,44 @@ def settle_idempotency_race(replay: Callable[[Session, Job], T]) -> Callable[[Ca
                             logger.info("Idempotency-Key race: answering with the winner's job %s", winner.id)
                             return replay(s, winner)
                 if isinstance(e, IntegrityError):
-                    raise Conflict("a concurrent request changed the same records; try again",
-                                   code="concurrent_request") from e
+                    raise Conflict(
+                        "a concurrent request changed the same records; try again", code="concurrent_request"
+                    ) from e
                 raise
+
         return wrapper
+
     return decorate
 
 
-def add_job(session: Session, *, kind: str, params: dict[str, Any], lock_key: str | None,
-            machine_id: str | None = None, snapshot_id: str | None = None,
-            idem: Idempotency | None = None) -> Job:
+def add_job(
+    session: Session,
+    *,
+    kind: str,
+    params: dict[str, Any],
+    lock_key: str | None,
+    machine_id: str | None = None,
+    snapshot_id: str | None = None,
+    idem: Idempotency | None = None,
+) -> Job:
     """Insert a queued job in the caller's transaction. Raises Conflict when another active job holds
     `lock_key`; the unique index on `jobs.lock_key` settles races between concurrent requests."""
     if lock_key is not None:
         holder = session.scalar(select(Job.id).where(Job.lock_key == lock_key))
         if holder is not None:
             raise Conflict(f"another operation ({holder}) is in progress on {lock_key}", code="machine_busy")
-    job = Job(id=new_id("job"), kind=kind, status="queued", params=params, state={}, lock_key=lock_key,
-              machine_id=machine_id, snapshot_id=snapshot_id,
-              idempotency_key=idem.key if idem else None, request_hash=idem.request_hash if idem else None)
+    job = Job(
+        id=new_id("job"),
+        kind=kind,
+        status="queued",
+        params=params,
+        state={},
+        lock_key=lock_key,
+        machine_id=machine_id,
+        snapshot_id=snapshot_id,
+        idempotency_key=idem.key if idem else None,
+        request_hash=idem.request_hash if idem else None,
+    )
     session.add(job)
     try:
         session.flush()
@@ -122,8 +142,15 @@ def get_job(session_factory: sessionmaker[Session], job_id: str) -> dict[str, An
         return job_view(job)
 
 
-def list_jobs(session_factory: sessionmaker[Session], *, kind: str | None = None, status: str | None = None,
-              machine_id: str | None = None, limit: int = 50, cursor: str | None = None) -> Page:
+def list_jobs(
+    session_factory: sessionmaker[Session],
+    *,
+    kind: str | None = None,
+    status: str | None = None,
+    machine_id: str | None = None,
+    limit: int = 50,
+    cursor: str | None = None,
+) -> Page:
     """Newest first. `cursor` is the `next_cursor` of the previous page."""
     query = select(Job)
     if kind:
@@ -132,12 +159,14 @@ def list_jobs(session_factory: sessionmaker[Session], *, kind: str | None = None
         query = query.where(Job.status == status)
     if machine_id:
         query = query.where(Job.machine_id == machine_id)
-    return fetch_page(session_factory, query, id_column=Job.id, limit=limit, cursor=cursor,
-                      view=lambda _s, job: job_view(job))
+    return fetch_page(
+        session_factory, query, id_column=Job.id, limit=limit, cursor=cursor, view=lambda _s, job: job_view(job)
+    )
 
 
-def cancel_job(session_factory: sessionmaker[Session], job_id: str, *, on_end: Callable[[str], OnEnd | None]
-               ) -> dict[str, Any]:
+def cancel_job(
+    session_factory: sessionmaker[Session], job_id: str, *, on_end: Callable[[str], OnEnd | None]
+) -> dict[str, Any]:
     """Cancel a job. A queued job is cancelled at once; a running one is flagged and its runner stops it
     (remote processes included) at its next check, and an accepted cancel is final: the job ends
     `cancelled`. An active job past its point of no return (`NO_RETURN`: hibernate's destroy is being
@@ -154,12 +183,15 @@ def cancel_job(session_factory: sessionmaker[Session], job_id: str, *, on_end: C
             raise Conflict(f"job {job_id} already {job.status}", code="job_finished")
         if job.status in ACTIVE and NO_RETURN in (job.state or {}):  # queued too: a re-queued job past it
             step = (job.state or {})[NO_RETURN].get("step", "its last step")
-            raise Conflict(f"too late to cancel job {job_id}: it is past its point of no return (step {step!r}: an "
-                           "action that cannot be undone was sent); it will finish",
-                           code="too_late_to_cancel")  # rolls the flag back
+            raise Conflict(
+                f"too late to cancel job {job_id}: it is past its point of no return (step {step!r}: an "
+                "action that cannot be undone was sent); it will finish",
+                code="too_late_to_cancel",
+            )  # rolls the flag back
         if job.status == "queued":
-            finish_in_session(s, job, status="cancelled", error=("cancelled", "cancelled before it started"),
-                              on_end=on_end(job.kind))
+            finish_in_session(
+                s, job, status="cancelled", error=("cancelled", "cancelled before it started"), on_end=on_end(job.kind)
+            )
         return job_view(job)
 
 
@@ -174,8 +206,14 @@ def claim(session_factory: sessionmaker[Session], job_id: str, *, worker: str) -
         res = s.execute(
             update(Job)
             .where(Job.id == job_id, Job.status == "queued")
-            .values(status="running", attempts=Job.attempts + 1, heartbeat_at=now, worker=worker,
-                    started_at=now, cancel_requested=False)
+            .values(
+                status="running",
+                attempts=Job.attempts + 1,
+                heartbeat_at=now,
+                worker=worker,
+                started_at=now,
+                cancel_requested=False,
+            )
         )
         if rowcount(res) != 1:
             return None
@@ -185,8 +223,14 @@ def claim(session_factory: sessionmaker[Session], job_id: str, *, worker: str) -
         return job
 
 
-def heartbeat(session_factory: sessionmaker[Session], job_id: str, *, attempt: int,
-              progress: dict[str, Any] | None = None, state: dict[str, Any] | None = None) -> str:
+def heartbeat(
+    session_factory: sessionmaker[Session],
+    job_id: str,
+    *,
+    attempt: int,
+    progress: dict[str, Any] | None = None,
+    state: dict[str, Any] | None = None,
+) -> str:
     """Refresh the lease (and write progress/state). Returns "ok", "cancel" when a cancel was requested,
     or "lost" when this attempt no longer owns the job (it was recovered and re-run elsewhere): `attempt`
     is a fencing token, so a stalled worker that wakes up cannot overwrite its successor."""
@@ -196,8 +240,9 @@ def heartbeat(session_factory: sessionmaker[Session], job_id: str, *, attempt: i
         values["state"] = state
     with transaction(session_factory) as s:
         before = events.progress_before(s, job_id) if progress else None
-        res = s.execute(update(Job).where(Job.id == job_id, Job.status == "running", Job.attempts == attempt)
-                        .values(**values))
+        res = s.execute(
+            update(Job).where(Job.id == job_id, Job.status == "running", Job.attempts == attempt).values(**values)
+        )
         if rowcount(res) != 1:
             return "lost"
         if progress:
@@ -206,8 +251,9 @@ def heartbeat(session_factory: sessionmaker[Session], job_id: str, *, attempt: i
     return "cancel" if cancel else "ok"
 
 
-def fence(s: Session, job_id: str, *, attempt: int, state: dict[str, Any] | None = None,
-          refuse_if_cancelled: bool = False) -> str:
+def fence(
+    s: Session, job_id: str, *, attempt: int, state: dict[str, Any] | None = None, refuse_if_cancelled: bool = False
+) -> str:
     """The first statement of every worker-side write: touch the job row only if `attempt` still owns it
     (status running, `jobs.attempts == attempt`). It holds the row (PostgreSQL) or the database (SQLite)
     until the caller's transaction ends, so what the caller writes next is fenced by the same check.
@@ -228,9 +274,16 @@ def fence(s: Session, job_id: str, *, attempt: int, state: dict[str, Any] | None
     return "cancel" if row.cancel_requested else "lost"
 
 
-def finish(session_factory: sessionmaker[Session], job_id: str, *, attempt: int, status: str,
-           result: dict[str, Any] | None = None, error: tuple[str, str] | None = None,
-           on_end: OnEnd | None = None) -> bool:
+def finish(
+    session_factory: sessionmaker[Session],
+    job_id: str,
+    *,
+    attempt: int,
+    status: str,
+    result: dict[str, Any] | None = None,
+    error: tuple[str, str] | None = None,
+    on_end: OnEnd | None = None,
+) -> bool:
     """End a running job owned by `attempt`. Returns False when this attempt lost the job meanwhile.
     A job whose cancel was accepted ends `cancelled` even when its handler returned success (the cancel
     came after its last check; what it did is kept in `result`), unless it had passed its point of no
@@ -241,14 +294,23 @@ def finish(session_factory: sessionmaker[Session], job_id: str, *, attempt: int,
         job = s.get(Job, job_id, with_for_update=True, populate_existing=True)
         assert job is not None
         if status == "succeeded" and job.cancel_requested and NO_RETURN not in (job.state or {}):
-            status, error = "cancelled", ("cancelled", "the job was cancelled after its last step had run; "
-                                          "what it did is in `result`")
+            status, error = (
+                "cancelled",
+                ("cancelled", "the job was cancelled after its last step had run; what it did is in `result`"),
+            )
         finish_in_session(s, job, status=status, result=result, error=error, on_end=on_end)
         return True
 
 
-def finish_in_session(s: Session, job: Job, *, status: str, result: dict[str, Any] | None = None,
-                      error: tuple[str, str] | None = None, on_end: OnEnd | None = None) -> None:
+def finish_in_session(
+    s: Session,
+    job: Job,
+    *,
+    status: str,
+    result: dict[str, Any] | None = None,
+    error: tuple[str, str] | None = None,
+    on_end: OnEnd | None = None,
+) -> None:
     assert status in FINISHED, status
     job.status = status
     job.finished_at = utcnow()
@@ -261,9 +323,15 @@ def finish_in_session(s: Session, job: Job, *, status: str, result: dict[str, An
         on_end(s, job)
 
 
-def requeue_stale(session_factory: sessionmaker[Session], *, stale_after: dt.timedelta, max_attempts: int,
-                  rerunnable: Callable[[str], bool], on_end: Callable[[str], OnEnd | None],
-                  cleans_up: Callable[[str], bool] = lambda _kind: False) -> list[str]:
+def requeue_stale(
+    session_factory: sessionmaker[Session],
+    *,
+    stale_after: dt.timedelta,
+    max_attempts: int,
+    rerunnable: Callable[[str], bool],
+    on_end: Callable[[str], OnEnd | None],
+    cleans_up: Callable[[str], bool] = lambda _kind: False,
+) -> list[str]:
     """Recover from dead workers: a running job whose heartbeat is older than `stale_after` is put back
     in the queue when its kind is safe to re-run and attempts remain, else failed with `interrupted`.
     Also returns queued jobs that were never picked up for that long (their enqueue may have been lost).
@@ -271,44 +339,72 @@ def requeue_stale(session_factory: sessionmaker[Session], *, stale_after: dt.tim
     cutoff = utcnow() - stale_after
     to_enqueue: list[str] = []
     with transaction(session_factory) as s:
-        stale = s.scalars(select(Job).where(Job.status == "running", Job.heartbeat_at < cutoff)
-                          .with_for_update(skip_locked=True)).all()
+        stale = s.scalars(
+            select(Job).where(Job.status == "running", Job.heartbeat_at < cutoff).with_for_update(skip_locked=True)
+        ).all()
         for job in stale:
             # Re-check in a write (SQLite has no row locks): a worker that heartbeated since the read keeps it.
-            still = rowcount(s.execute(update(Job).where(Job.id == job.id, Job.status == "running",
-                                                         Job.attempts == job.attempts, Job.heartbeat_at < cutoff)
-                                       .values(worker=None).execution_options(synchronize_session=False)))
+            still = rowcount(
+                s.execute(
+                    update(Job)
+                    .where(
+                        Job.id == job.id,
+                        Job.status == "running",
+                        Job.attempts == job.attempts,
+                        Job.heartbeat_at < cutoff,
+                    )
+                    .values(worker=None)
+                    .execution_options(synchronize_session=False)
+                )
+            )
             if still != 1:
                 continue
             s.refresh(job)
             ending = (job.cancel_requested and NO_RETURN not in (job.state or {})) or not (
-                rerunnable(job.kind) and job.attempts < max_attempts)
+                rerunnable(job.kind) and job.attempts < max_attempts
+            )
             if ending and cleans_up(job.kind) and not (job.state or {}).get("abandoned"):
                 # It would end here, but its dead attempts may have left things behind (a wake's rentals):
                 # one more run undoes them, then ends the job as it would have ended now.
                 why = "cancelled" if job.cancel_requested else "interrupted"
-                logger.warning("job %s (%s) lost its worker; one more run to clean up, then %s", job.id, job.kind,
-                               why, extra={"job_id": job.id})
+                logger.warning(
+                    "job %s (%s) lost its worker; one more run to clean up, then %s",
+                    job.id,
+                    job.kind,
+                    why,
+                    extra={"job_id": job.id},
+                )
                 job.state = {**(job.state or {}), "abandoned": why}
                 job.status, job.phase = "queued", "cleanup"
                 to_enqueue.append(job.id)
             elif job.cancel_requested and NO_RETURN not in (job.state or {}):
                 # The cancel was accepted while its worker was gone: it is final, the job does not run again.
-                logger.warning("job %s (%s) lost its worker after a cancel; cancelled", job.id, job.kind,
-                               extra={"job_id": job.id})
-                finish_in_session(s, job, status="cancelled", error=("cancelled", "the job was cancelled"),
-                                  on_end=on_end(job.kind))
+                logger.warning(
+                    "job %s (%s) lost its worker after a cancel; cancelled", job.id, job.kind, extra={"job_id": job.id}
+                )
+                finish_in_session(
+                    s, job, status="cancelled", error=("cancelled", "the job was cancelled"), on_end=on_end(job.kind)
+                )
             elif rerunnable(job.kind) and job.attempts < max_attempts:
-                logger.warning("job %s (%s) lost its worker; re-queued (attempt %d of %d)",
-                               job.id, job.kind, job.attempts + 1, max_attempts, extra={"job_id": job.id})
+                logger.warning(
+                    "job %s (%s) lost its worker; re-queued (attempt %d of %d)",
+                    job.id,
+                    job.kind,
+                    job.attempts + 1,
+                    max_attempts,
+                    extra={"job_id": job.id},
+                )
                 job.status, job.phase = "queued", "requeued"
                 to_enqueue.append(job.id)
             else:
-                logger.warning("job %s (%s) lost its worker; marked failed", job.id, job.kind,
-                               extra={"job_id": job.id})
-                finish_in_session(s, job, status="failed",
-                                  error=("interrupted", "the worker running this job stopped"),
-                                  on_end=on_end(job.kind))
+                logger.warning("job %s (%s) lost its worker; marked failed", job.id, job.kind, extra={"job_id": job.id})
+                finish_in_session(
+                    s,
+                    job,
+                    status="failed",
+                    error=("interrupted", "the worker running this job stopped"),
+                    on_end=on_end(job.kind),
+                )
         forgotten = s.scalars(select(Job.id).where(Job.status == "queued", Job.created_at < cutoff)).all()
         to_enqueue.extend(j for j in forgotten if j not in to_enqueue)
     return to_enqueue
@@ -321,8 +417,9 @@ def note_enqueue_failed(session_factory: sessionmaker[Session], job_id: str) -> 
         s.execute(update(Job).where(Job.id == job_id, Job.status == "queued").values(phase="enqueue_failed"))
 
 
-def expire_dead_local_workers(session_factory: sessionmaker[Session], *, hostname: str,
-                              is_alive: Callable[[int], bool]) -> int:
+def expire_dead_local_workers(
+    session_factory: sessionmaker[Session], *, hostname: str, is_alive: Callable[[int], bool]
+) -> int:
     """Mark the leases of running jobs whose worker process on `hostname` no longer exists as expired,
     so that `requeue_stale` takes them now. Returns how many."""
     expired = 0

@@ -1,5 +1,6 @@
 """Machines: the logical identity of a GPU host across hibernate and wake, its SSH endpoint and pinned
 host key, and the history of what was done to it."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -35,8 +36,15 @@ def resolve_alias(s: Session, machine_id: str) -> str:
     return machine_id
 
 
-def ensure_machine(s: Session, *, machine_id: str, host: str | None, port: int | None, user: str | None,
-                   workspace_path: str | None = None) -> Machine:
+def ensure_machine(
+    s: Session,
+    *,
+    machine_id: str,
+    host: str | None,
+    port: int | None,
+    user: str | None,
+    workspace_path: str | None = None,
+) -> Machine:
     """The machine row, created on first mention. A new SSH endpoint for a known machine replaces the old
     one and is recorded, but the host-key pin stays: the pin belongs to the machine, not to the name it
     was reached by (`localhost` and `127.0.0.1` are one host), so a request cannot reset it by naming
@@ -47,8 +55,15 @@ def ensure_machine(s: Session, *, machine_id: str, host: str | None, port: int |
         # Two first requests for one new id race here: both see no row. An insert that does nothing on a
         # conflict lets the second wait for the first to commit and then go on with the row the first
         # made (and usually a 409: the machine is busy), instead of failing on the primary key (a 500).
-        created = _insert_if_absent(s, id=machine_id, status="running" if host else "unknown", ssh_host=host,
-                                    ssh_port=port, ssh_user=user, workspace_path=workspace_path)
+        created = _insert_if_absent(
+            s,
+            id=machine_id,
+            status="running" if host else "unknown",
+            ssh_host=host,
+            ssh_port=port,
+            ssh_user=user,
+            workspace_path=workspace_path,
+        )
         machine = s.get(Machine, machine_id, with_for_update=True, populate_existing=True)
         assert machine is not None
         if created:
@@ -57,8 +72,12 @@ def ensure_machine(s: Session, *, machine_id: str, host: str | None, port: int |
     if host is not None and (machine.ssh_host, machine.ssh_port) != (host, port):
         if machine.ssh_host is not None:
             kept = "; host key pin kept" if machine.host_key else ""
-            add_event(s, machine_id, "endpoint_changed",
-                      f"SSH endpoint {machine.ssh_host}:{machine.ssh_port} -> {host}:{port}{kept}")
+            add_event(
+                s,
+                machine_id,
+                "endpoint_changed",
+                f"SSH endpoint {machine.ssh_host}:{machine.ssh_port} -> {host}:{port}{kept}",
+            )
         machine.ssh_host, machine.ssh_port = host, port
     if user is not None:
         machine.ssh_user = user
@@ -77,8 +96,12 @@ def _insert_if_absent(s: Session, **values: Any) -> bool:
         from sqlalchemy.dialects.sqlite import insert as dialect_insert  # type: ignore[assignment]
     else:  # pragma: no cover - the service runs on SQLite or PostgreSQL
         raise NotImplementedError(f"ensure_machine does not support {dialect}")
-    stmt = (dialect_insert(Machine).values(**values).on_conflict_do_nothing(index_elements=[Machine.id])
-            .returning(Machine.id))  # RETURNING, not rowcount: psycopg reports -1 for this statement
+    stmt = (
+        dialect_insert(Machine)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=[Machine.id])
+        .returning(Machine.id)
+    )  # RETURNING, not rowcount: psycopg reports -1 for this statement
     return s.execute(stmt).scalar_one_or_none() is not None
 
 
@@ -94,17 +117,29 @@ def forget_host_key(session_factory: sessionmaker[Session], machine_id: str) -> 
         old = machine.host_key
         if old is not None:
             machine.host_key = None
-            add_event(s, machine.id, "host_key_forgotten",
-                      f"host key pin {host_key_fingerprint(old)} cleared on request; the next connection pins "
-                      "the key the host presents", data={"fingerprint": host_key_fingerprint(old)})
+            add_event(
+                s,
+                machine.id,
+                "host_key_forgotten",
+                f"host key pin {host_key_fingerprint(old)} cleared on request; the next connection pins "
+                "the key the host presents",
+                data={"fingerprint": host_key_fingerprint(old)},
+            )
         else:
             add_event(s, machine.id, "host_key_forgotten", "no host key was pinned; nothing changed")
         s.flush()
         return get_machine_in(s, machine)
 
 
-def add_event(s: Session, machine_id: str, kind: str, message: str, *, job_id: str | None = None,
-              data: dict[str, Any] | None = None) -> None:
+def add_event(
+    s: Session,
+    machine_id: str,
+    kind: str,
+    message: str,
+    *,
+    job_id: str | None = None,
+    data: dict[str, Any] | None = None,
+) -> None:
     s.add(MachineEvent(machine_id=machine_id, kind=kind, message=storable(message), job_id=job_id, data=data))
 
 
@@ -112,23 +147,40 @@ def active_job_id(s: Session, machine_id: str) -> str | None:
     return s.scalar(select(Job.id).where(Job.lock_key == f"machine:{machine_id}"))
 
 
-def get_machine(session_factory: sessionmaker[Session], machine_id: str, *, events: int = 100,
-                storage_price_gb_month: float | None = None) -> dict[str, Any]:
+def get_machine(
+    session_factory: sessionmaker[Session],
+    machine_id: str,
+    *,
+    events: int = 100,
+    storage_price_gb_month: float | None = None,
+) -> dict[str, Any]:
     """The machine, its active job and its latest `events` history entries (oldest first); with
     `storage_price_gb_month`, its `costs` too."""
     with transaction(session_factory) as s:
-        return get_machine_in(s, find_machine(s, machine_id), events=events,
-                              storage_price_gb_month=storage_price_gb_month)
+        return get_machine_in(
+            s, find_machine(s, machine_id), events=events, storage_price_gb_month=storage_price_gb_month
+        )
 
 
-def get_machine_in(s: Session, machine: Machine, *, events: int = 100,
-                   storage_price_gb_month: float | None = None) -> dict[str, Any]:
+def get_machine_in(
+    s: Session, machine: Machine, *, events: int = 100, storage_price_gb_month: float | None = None
+) -> dict[str, Any]:
     from src.services.policies import policy_view
 
-    history = list(s.scalars(select(MachineEvent).where(MachineEvent.machine_id == machine.id)
-                             .order_by(MachineEvent.id.desc()).limit(events)))
-    view = machine_view(machine, events=list(reversed(history)), active_job_id=active_job_id(s, machine.id),
-                        store_bytes=store_bytes(s, machine.id))
+    history = list(
+        s.scalars(
+            select(MachineEvent)
+            .where(MachineEvent.machine_id == machine.id)
+            .order_by(MachineEvent.id.desc())
+            .limit(events)
+        )
+    )
+    view = machine_view(
+        machine,
+        events=list(reversed(history)),
+        active_job_id=active_job_id(s, machine.id),
+        store_bytes=store_bytes(s, machine.id),
+    )
     if storage_price_gb_month is not None:
         view["costs"] = machine_costs(s, machine, storage_price_gb_month=storage_price_gb_month)
     policy = s.get(MachinePolicy, machine.id)
@@ -155,8 +207,14 @@ def find_machine(s: Session, machine_id: str) -> Machine:
     return machine
 
 
-def list_machines(session_factory: sessionmaker[Session], *, status: str | None = None, limit: int = 50,
-                  cursor: str | None = None, storage_price_gb_month: float | None = None) -> Page:
+def list_machines(
+    session_factory: sessionmaker[Session],
+    *,
+    status: str | None = None,
+    limit: int = 50,
+    cursor: str | None = None,
+    storage_price_gb_month: float | None = None,
+) -> Page:
     """A page of machines; with `storage_price_gb_month`, each with its `costs`."""
     query = select(Machine)
     if status:
@@ -168,6 +226,6 @@ def list_machines(session_factory: sessionmaker[Session], *, status: str | None 
             out["costs"] = machine_costs(s, m, storage_price_gb_month=storage_price_gb_month)
         return out
 
-    return fetch_page(session_factory, query, id_column=Machine.id, limit=limit, cursor=cursor, newest_first=False,
-                      view=view)
-
+    return fetch_page(
+        session_factory, query, id_column=Machine.id, limit=limit, cursor=cursor, newest_first=False, view=view
+    )

@@ -1,4 +1,5 @@
 """Maintenance operations: garbage collection of the machines' chunk stores (the `gc` job)."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
@@ -16,7 +17,7 @@ GC_LOCK = "maintenance:gc"  # one gc at a time: two would mark and delete the sa
 
 
 @job_service.settle_idempotency_race(lambda _s, job: job_view(job))
-def start_gc(c: "Container", *, grace_s: float | None = None, idem: Idempotency | None = None) -> dict[str, Any]:
+def start_gc(c: Container, *, grace_s: float | None = None, idem: Idempotency | None = None) -> dict[str, Any]:
     """Start a `gc` job (src/jobs/gc.py). Raises Conflict(`gc_running`) while one is queued or running,
     NotConfigured (no bucket)."""
     c.object_store()

@@ -1,5 +1,6 @@
 """Cursor pagination: a cursor is the opaque (base64) id of the last row of the previous page; ids are
 time-ordered, so "rows with a smaller id" is the next page, stable under concurrent inserts."""
+
 from __future__ import annotations
 
 import base64
@@ -40,9 +41,16 @@ def decode_cursor(cursor: str) -> str:
     return raw
 
 
-def fetch_page(session_factory: sessionmaker[Session], query: Select[Any], *, id_column: InstrumentedAttribute[str],
-               limit: int, cursor: str | None, view: Callable[[Session, Any], dict[str, Any]],
-               newest_first: bool = True) -> Page:
+def fetch_page(
+    session_factory: sessionmaker[Session],
+    query: Select[Any],
+    *,
+    id_column: InstrumentedAttribute[str],
+    limit: int,
+    cursor: str | None,
+    view: Callable[[Session, Any], dict[str, Any]],
+    newest_first: bool = True,
+) -> Page:
     """Run `query` (already filtered) for one page ordered by `id_column`, after `cursor`, and build
     each item with `view(session, row)` inside the same transaction."""
     query = query.order_by(id_column.desc() if newest_first else id_column).limit(limit + 1)

@@ -1,6 +1,7 @@
 """What a request may name as a restore destination or a snapshot exclude, refused before any job is
 created. The rules themselves live in `src/remote_scripts/gs_paths.py`, shared with the restore script,
 which checks the destination again on the host after resolving symlinks (a request is only text)."""
+
 from __future__ import annotations
 
 from src.errors import Unprocessable
@@ -25,6 +26,9 @@ def check_excludes(excludes: list[str] | None) -> list[str]:
     for pattern in excludes or []:
         if excludes_everything(pattern):
             hint = " (for dot files use './.*')" if pattern.strip() == ".*" else ""
-            raise Unprocessable(f"exclude {pattern!r} matches the workspace root or every entry in it: the "
-                                f"snapshot would hold nothing{hint}", code="exclude_matches_root")
+            raise Unprocessable(
+                f"exclude {pattern!r} matches the workspace root or every entry in it: the "
+                f"snapshot would hold nothing{hint}",
+                code="exclude_matches_root",
+            )
     return list(excludes or [])

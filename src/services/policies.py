@@ -1,6 +1,7 @@
 """Machine policies: what the worker's scheduler does to a machine by itself (scheduled snapshots,
 retention, idle auto-hibernate). This module stores and reads them; `src/jobs/scheduler.py` carries
 them out."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
     from src.container import Container
 
 
-def put_policy(c: "Container", machine_id: str, spec: dict[str, Any]) -> dict[str, Any]:
+def put_policy(c: Container, machine_id: str, spec: dict[str, Any]) -> dict[str, Any]:
     """Set (replace) the machine's policy; `spec` is a validated `PolicyRequest` as plain data. A new or
     changed schedule counts its slots from now (none in the past runs); new or changed idle rules start
     a new sampling window. Raises NotFound; Unprocessable when a part cannot be carried out
@@ -39,16 +40,19 @@ def put_policy(c: "Container", machine_id: str, spec: dict[str, Any]) -> dict[st
         machine = find_machine(s, machine_id)
         workspace: str | None = spec.get("workspace_path") or machine.workspace_path
         if (spec.get("schedule") or action == "hibernate") and not workspace:
-            raise Unprocessable(f"machine {machine.id} has no known workspace_path; give one in the policy",
-                                code="no_workspace_path")
+            raise Unprocessable(
+                f"machine {machine.id} has no known workspace_path; give one in the policy", code="no_workspace_path"
+            )
         if acts and action == "hibernate" and workspace:
             check_restore_path(workspace, what="workspace_path (where wake will restore it)")
         if acts and machine.vast_instance_id is None:
             # A numeric machine id is taken as its vast.ai instance id, as hibernate does for a new machine.
             vast_id = vast_instance_id_of(machine.id)
             if vast_id is None:
-                raise Unprocessable(f"machine {machine.id} has no vast.ai instance to {action}; use action "
-                                    "notify or dry_run", code="no_vast_instance")
+                raise Unprocessable(
+                    f"machine {machine.id} has no vast.ai instance to {action}; use action notify or dry_run",
+                    code="no_vast_instance",
+                )
             machine.vast_instance_id = vast_id
             add_event(s, machine.id, "vast_instance_assumed", f"taken to be vast.ai instance {vast_id} (its id)")
         row = s.get(MachinePolicy, machine.id, with_for_update=True)
@@ -69,7 +73,7 @@ def put_policy(c: "Container", machine_id: str, spec: dict[str, Any]) -> dict[st
         return policy_view(s, row)
 
 
-def get_policy(c: "Container", machine_id: str) -> dict[str, Any] | None:
+def get_policy(c: Container, machine_id: str) -> dict[str, Any] | None:
     """The machine's policy, or None when it has none. Raises NotFound for an unknown machine."""
     with transaction(c.session_factory) as s:
         machine = find_machine(s, machine_id)
@@ -77,7 +81,7 @@ def get_policy(c: "Container", machine_id: str) -> dict[str, Any] | None:
         return None if row is None else policy_view(s, row)
 
 
-def delete_policy(c: "Container", machine_id: str) -> bool:
+def delete_policy(c: Container, machine_id: str) -> bool:
     """Remove the machine's policy (idempotent: False when it had none). Jobs the policy started go on."""
     with transaction(c.session_factory) as s:
         machine = find_machine(s, machine_id)
@@ -93,14 +97,26 @@ def delete_policy(c: "Container", machine_id: str) -> bool:
 def policy_view(s: Session, row: MachinePolicy) -> dict[str, Any]:
     spec = row.spec or {}
     schedule = spec.get("schedule")
-    last_slot = s.scalar(select(ScheduleSlot.slot_at).where(ScheduleSlot.machine_id == row.machine_id)
-                         .order_by(ScheduleSlot.slot_at.desc()).limit(1))
+    last_slot = s.scalar(
+        select(ScheduleSlot.slot_at)
+        .where(ScheduleSlot.machine_id == row.machine_id)
+        .order_by(ScheduleSlot.slot_at.desc())
+        .limit(1)
+    )
     next_run = cron.parse(schedule).next_after(utcnow()) if schedule else None
-    return {"machine_id": row.machine_id, "workspace_path": spec.get("workspace_path"),
-            "excludes": list(spec.get("excludes") or []), "codec": spec.get("codec") or "auto",
-            "schedule": schedule, "retention": spec.get("retention"), "idle": spec.get("idle"),
-            "next_run_at": iso(next_run), "last_slot_at": iso(last_slot),
-            "created_at": iso(row.created_at), "updated_at": iso(row.updated_at)}
+    return {
+        "machine_id": row.machine_id,
+        "workspace_path": spec.get("workspace_path"),
+        "excludes": list(spec.get("excludes") or []),
+        "codec": spec.get("codec") or "auto",
+        "schedule": schedule,
+        "retention": spec.get("retention"),
+        "idle": spec.get("idle"),
+        "next_run_at": iso(next_run),
+        "last_slot_at": iso(last_slot),
+        "created_at": iso(row.created_at),
+        "updated_at": iso(row.updated_at),
+    }
 
 
 def _summary(spec: dict[str, Any]) -> str:
@@ -111,6 +127,8 @@ def _summary(spec: dict[str, Any]) -> str:
         parts.append("retention " + ", ".join(f"{k}={v}" for k, v in spec["retention"].items() if v))
     if spec.get("idle"):
         i = spec["idle"]
-        parts.append(f"{'dry-run ' if i.get('dry_run') else ''}{i.get('action')} after {i.get('for_s')}s below "
-                     f"{i.get('gpu_util_below')}% GPU")
+        parts.append(
+            f"{'dry-run ' if i.get('dry_run') else ''}{i.get('action')} after {i.get('for_s')}s below "
+            f"{i.get('gpu_util_below')}% GPU"
+        )
     return "policy set: " + ("; ".join(parts) or "nothing scheduled")

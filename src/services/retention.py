@@ -11,6 +11,7 @@ and the machine's only complete snapshot.
 As restic's `forget` does by default (`--group-by host,paths`), the rules apply to each workspace path
 apart: a manual snapshot of another directory is not the "last" snapshot of the workspace, and each
 path keeps at least its newest snapshot."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -46,8 +47,9 @@ class Plan:
     forget: list[str]  # newest first
 
 
-def plan(snapshots: Sequence[tuple[str, dt.datetime]], rules: dict[str, int], *,
-         protected: dict[str, str] | None = None) -> Plan:
+def plan(
+    snapshots: Sequence[tuple[str, dt.datetime]], rules: dict[str, int], *, protected: dict[str, str] | None = None
+) -> Plan:
     """Which of `snapshots` ((id, taken at), complete ones of one machine) the rules keep. `protected`
     (id -> why) are kept whatever the rules say. Pure: no database, no clock."""
     ordered = sorted(snapshots, key=lambda item: (_utc(item[1]), item[0]), reverse=True)
@@ -74,7 +76,7 @@ def plan(snapshots: Sequence[tuple[str, dt.datetime]], rules: dict[str, int], *,
     return Plan(keep=keep, forget=[snap_id for snap_id, _ in ordered if snap_id not in keep])
 
 
-def apply_retention(c: "Container", machine_id: str, *, job_id: str | None = None) -> list[str]:
+def apply_retention(c: Container, machine_id: str, *, job_id: str | None = None) -> list[str]:
     """Apply the machine's retention rules now: start a `delete_snapshot` job for each complete snapshot
     they do not keep. Returns the ids whose delete started. A machine without retention rules is left
     alone. A delete the normal path refuses (busy, needed) is skipped with a `retention_skipped` event."""
@@ -83,18 +85,24 @@ def apply_retention(c: "Container", machine_id: str, *, job_id: str | None = Non
         rules = (policy.spec or {}).get("retention") if policy is not None else None
         if not rules:
             return []
-        rows = s.execute(select(Snapshot.id, Snapshot.created_at, Snapshot.workspace_path)
-                         .where(Snapshot.machine_id == machine_id, Snapshot.status == RESTORABLE)).all()
+        rows = s.execute(
+            select(Snapshot.id, Snapshot.created_at, Snapshot.workspace_path).where(
+                Snapshot.machine_id == machine_id, Snapshot.status == RESTORABLE
+            )
+        ).all()
         protected = {sid: "needed to wake" for sid in snapshots_needed_by_machines(s)}
-        in_use = s.scalars(select(Job.snapshot_id).where(Job.status.in_(job_service.ACTIVE),
-                                                         Job.snapshot_id.in_([r.id for r in rows])))
+        in_use = s.scalars(
+            select(Job.snapshot_id).where(Job.status.in_(job_service.ACTIVE), Job.snapshot_id.in_([r.id for r in rows]))
+        )
         protected.update({sid: "in use by a job" for sid in in_use if sid and sid not in protected})
         groups: dict[str | None, list[tuple[str, dt.datetime]]] = {}
         for r in rows:  # one group per workspace path, as restic groups by paths
             groups.setdefault(r.workspace_path, []).append((r.id, r.created_at))
         plans = [plan(group, rules, protected=protected) for group in groups.values()]
-        result = Plan(keep={k: v for p in plans for k, v in p.keep.items()},
-                      forget=sorted((i for p in plans for i in p.forget), reverse=True))
+        result = Plan(
+            keep={k: v for p in plans for k, v in p.keep.items()},
+            forget=sorted((i for p in plans for i in p.forget), reverse=True),
+        )
     started: list[str] = []
     for snap_id in result.forget:
         try:
@@ -103,12 +111,16 @@ def apply_retention(c: "Container", machine_id: str, *, job_id: str | None = Non
         except GpusnapError as e:
             logger.info("retention of %s: not deleting %s: %s", machine_id, snap_id, e.message)
             with transaction(c.session_factory) as s:
-                add_event(s, machine_id, "retention_skipped", f"kept {snap_id}: {e.code}: {e.message}",
-                          job_id=job_id)
+                add_event(s, machine_id, "retention_skipped", f"kept {snap_id}: {e.code}: {e.message}", job_id=job_id)
     with transaction(c.session_factory) as s:
-        add_event(s, machine_id, "retention",
-                  f"kept {len(result.keep)} complete snapshot(s), deleting {len(started)}",
-                  job_id=job_id, data={"kept": result.keep, "deleting": started})
+        add_event(
+            s,
+            machine_id,
+            "retention",
+            f"kept {len(result.keep)} complete snapshot(s), deleting {len(started)}",
+            job_id=job_id,
+            data={"kept": result.keep, "deleting": started},
+        )
     return started
 
 

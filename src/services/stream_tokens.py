@@ -2,6 +2,7 @@
 A browser's EventSource cannot send `Authorization`, and an API token in a URL ends up in access logs
 and browser history; a stream token there expires within a minute, opens one stream and reads events
 only. Only its SHA-256 is stored, in the database, so any API process accepts a token another one issued."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -12,7 +13,7 @@ from typing import Any
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from src.db import transaction
+from src.db import rowcount, transaction
 from src.models import StreamToken, utcnow
 from src.services.tokens import digest
 from src.services.views import iso
@@ -40,12 +41,13 @@ def use_stream_token(session_factory: sessionmaker[Session], token: str) -> bool
         return False
     hashed = digest(token)
     with transaction(session_factory) as s:
-        row = s.execute(select(StreamToken.token_sha256, StreamToken.expires_at)
-                        .where(StreamToken.token_sha256 == hashed)).first()
+        row = s.execute(
+            select(StreamToken.token_sha256, StreamToken.expires_at).where(StreamToken.token_sha256 == hashed)
+        ).first()
         if row is None or not hmac.compare_digest(row.token_sha256, hashed):
             return False
         # Deleted by whoever gets here first: of two requests racing with one token, one stream opens.
-        if s.execute(delete(StreamToken).where(StreamToken.token_sha256 == hashed)).rowcount != 1:
+        if rowcount(s.execute(delete(StreamToken).where(StreamToken.token_sha256 == hashed))) != 1:
             return False
     expires = row.expires_at if row.expires_at.tzinfo else row.expires_at.replace(tzinfo=dt.timezone.utc)
     return expires > utcnow()

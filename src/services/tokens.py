@@ -1,5 +1,6 @@
 """API tokens. A token is shown once when created; only its SHA-256 is stored. Tokens from API_TOKENS
 are hashed at start-up and compared in constant time."""
+
 from __future__ import annotations
 
 import hashlib
@@ -45,9 +46,14 @@ def revoke_token(session_factory: sessionmaker[Session], name: str) -> None:
 
 def list_tokens(session_factory: sessionmaker[Session]) -> list[dict[str, str | None]]:
     with transaction(session_factory) as s:
-        return [{"name": t.name, "created_at": t.created_at.isoformat(),
-                 "revoked_at": t.revoked_at.isoformat() if t.revoked_at else None}
-                for t in s.scalars(select(ApiToken).order_by(ApiToken.name))]
+        return [
+            {
+                "name": t.name,
+                "created_at": t.created_at.isoformat(),
+                "revoked_at": t.revoked_at.isoformat() if t.revoked_at else None,
+            }
+            for t in s.scalars(select(ApiToken).order_by(ApiToken.name))
+        ]
 
 
 class TokenVerifier:
@@ -70,6 +76,7 @@ class TokenVerifier:
         # The lookup is by digest: an attacker cannot steer the digest's prefix, so an index lookup
         # leaks nothing useful about stored tokens.
         with self._sf() as s:
-            row = s.scalar(select(ApiToken.token_sha256).where(ApiToken.token_sha256 == hashed,
-                                                               ApiToken.revoked_at.is_(None)))
+            row = s.scalar(
+                select(ApiToken.token_sha256).where(ApiToken.token_sha256 == hashed, ApiToken.revoked_at.is_(None))
+            )
         return row is not None and hmac.compare_digest(row, hashed)

@@ -1,4 +1,5 @@
 """Plain-data views of rows: what services return and the API serialises."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -81,8 +82,13 @@ def snapshot_view(snap: Snapshot) -> dict[str, Any]:
     }
 
 
-def machine_view(machine: Machine, *, events: list[MachineEvent] | None = None,
-                 active_job_id: str | None = None, store_bytes: int | None = None) -> dict[str, Any]:
+def machine_view(
+    machine: Machine,
+    *,
+    events: list[MachineEvent] | None = None,
+    active_job_id: str | None = None,
+    store_bytes: int | None = None,
+) -> dict[str, Any]:
     view: dict[str, Any] = {
         "id": machine.id,
         "status": machine.status,

@@ -7,6 +7,7 @@ next), and on every scheduler tick (a catch-up after a crash or a cancel). Admis
 (PostgreSQL: an advisory lock; SQLite: the write that starts the transaction), so two admitters cannot
 both take the last free place. A waiting wake that reaches a worker anyway (recovery re-sends queued
 jobs that waited long) is put back, unclaimed (`hold_unless_admitted`)."""
+
 from __future__ import annotations
 
 import logging
@@ -38,7 +39,7 @@ def is_waiting(state: dict[str, Any]) -> bool:
     return state.get("admitted_at") is None and "wake_queued_at" in state
 
 
-def admit_wakes(c: "Container", *, finishing: str | None = None) -> list[str]:
+def admit_wakes(c: Container, *, finishing: str | None = None) -> list[str]:
     """Admit waiting wakes into the free places and enqueue them. `finishing`: a wake job that is ending
     (still running in the database) and so no longer holds its place. Returns the admitted ids."""
     cap = int(c.settings.wake_concurrency)
@@ -61,15 +62,24 @@ def admit_wakes(c: "Container", *, finishing: str | None = None) -> list[str]:
     return admitted
 
 
-def hold_unless_admitted(c: "Container", job_id: str, *, attempt: int, state: dict[str, Any]) -> bool:
+def hold_unless_admitted(c: Container, job_id: str, *, attempt: int, state: dict[str, Any]) -> bool:
     """For a wake job a worker just claimed: True when it may run. A waiting one is put back as it was
     (queued, its attempt undone) and False is returned: it runs once admitted."""
     if not is_waiting(state):
         return True
     with transaction(c.session_factory) as s:
-        s.execute(update(Job).where(Job.id == job_id, Job.status == "running", Job.attempts == attempt)
-                  .values(status="queued", attempts=Job.attempts - 1, worker=None, started_at=None,
-                          heartbeat_at=None, phase=WAITING_PHASE))
+        s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == "running", Job.attempts == attempt)
+            .values(
+                status="queued",
+                attempts=Job.attempts - 1,
+                worker=None,
+                started_at=None,
+                heartbeat_at=None,
+                phase=WAITING_PHASE,
+            )
+        )
     return False
 
 

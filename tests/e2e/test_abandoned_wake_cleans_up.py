@@ -3,6 +3,7 @@ cancelled it meanwhile, or no attempts are left), still destroys what it rented:
 cleanup run (`JobKind.cleans_up`) before it ends `cancelled` / `failed interrupted`. Found by an outside
 tester: before, the rental stayed alive and billing. README: "a wake cancelled before the hand-over
 destroys the instance it rented"."""
+
 from __future__ import annotations
 
 import shutil
@@ -21,8 +22,13 @@ def test_an_abandoned_wake_destroys_its_rental(stack, fake_vast, box, tmp_path, 
     assert stack.wait_job(_hibernate(stack, box)["id"])["status"] == "succeeded"
     shutil.rmtree(box["workspace"])
     stack.stop_worker()
-    env = {**stack.env, "JOB_STALE_AFTER_S": "5", "VAST_READY_DEADLINE_S": "120", "TEST_WORKER_KINDS": "all",
-           "JOB_MAX_ATTEMPTS": "1" if variant == "max_attempts" else "3"}
+    env = {
+        **stack.env,
+        "JOB_STALE_AFTER_S": "5",
+        "VAST_READY_DEADLINE_S": "120",
+        "TEST_WORKER_KINDS": "all",
+        "JOB_MAX_ATTEMPTS": "1" if variant == "max_attempts" else "3",
+    }
     first = WorkerProcess(env, tmp_path, "first").start()
     second = WorkerProcess(env, tmp_path, "second")
     try:

@@ -1,6 +1,7 @@
 """gunicorn's access log (`gunicorn.conf.py`, as `make run` and the Docker image serve the API) must not
 keep tokens that travel in URLs: the stream token of `GET /api/events?token=`, or an API token that a
 careless dashboard put there. The log goes to stdout, and from there to whoever reads the logs."""
+
 from __future__ import annotations
 
 import time

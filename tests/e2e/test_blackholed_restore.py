@@ -6,6 +6,7 @@ job says so (`remote_state_unknown`, with a machine event) instead of a plain `f
 
 The restore is held mid-way by a second relay in front of the S3 server that black-holes every
 connection, so the script is alive (stalled downloading) when its SSH link dies."""
+
 from __future__ import annotations
 
 import os
@@ -53,25 +54,39 @@ def relays(s3_server, sshd) -> Iterator[tuple[TcpRelay, TcpRelay]]:  # type: ign
 def _stalled_restore(stack, sshd, tmp_path, relays) -> tuple[dict, Path, dict[int, int]]:  # type: ignore[no-untyped-def]
     s3_relay, ssh_relay = relays
     workspace = make_tricky_tree(tmp_path / "workspace")
-    r = stack.post("/api/gpu-snapshots", json={"instance_id": "bh-src", "ssh_host": sshd.host, "ssh_port": sshd.port,
-                                               "workspace_path": str(workspace)})
+    r = stack.post(
+        "/api/gpu-snapshots",
+        json={"instance_id": "bh-src", "ssh_host": sshd.host, "ssh_port": sshd.port, "workspace_path": str(workspace)},
+    )
     assert stack.wait_job(r.json()["job"]["id"])["status"] == "succeeded"
     snapshot_id = r.json()["snapshot"]["id"]
 
     stack.stop_worker()
-    stack.start_worker(R2_ENDPOINT=f"http://{s3_relay.host}:{s3_relay.port}", REMOTE_IDLE_TIMEOUT_S="5",
-                       SSH_CONNECT_TIMEOUT_S="2", SSH_CLEANUP_TIMEOUT_S="6")
+    stack.start_worker(
+        R2_ENDPOINT=f"http://{s3_relay.host}:{s3_relay.port}",
+        REMOTE_IDLE_TIMEOUT_S="5",
+        SSH_CONNECT_TIMEOUT_S="2",
+        SSH_CLEANUP_TIMEOUT_S="6",
+    )
     s3_relay.blackhole(new_connections=True)  # the restore's downloads hang: it stays alive mid-way
     assert restore_processes(sshd.port) == {}
     target = tmp_path / "restored"
-    r = stack.post(f"/api/gpu-snapshots/{snapshot_id}/restore",
-                   json={"ssh_host": ssh_relay.host, "ssh_port": ssh_relay.port, "workspace_path": str(target),
-                         "instance_id": "bh-target"})
+    r = stack.post(
+        f"/api/gpu-snapshots/{snapshot_id}/restore",
+        json={
+            "ssh_host": ssh_relay.host,
+            "ssh_port": ssh_relay.port,
+            "workspace_path": str(target),
+            "instance_id": "bh-target",
+        },
+    )
     assert r.status_code == 202, r.text
     job = r.json()["job"]
     deadline = time.monotonic() + 60
     while not (running := restore_processes(sshd.port)):
-        assert time.monotonic() < deadline, f"the restore script never started: {stack.get('/api/jobs/' + job['id']).json()}"
+        assert time.monotonic() < deadline, (
+            f"the restore script never started: {stack.get('/api/jobs/' + job['id']).json()}"
+        )
         time.sleep(0.05)
     return job, target, running
 

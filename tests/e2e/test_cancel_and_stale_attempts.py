@@ -6,6 +6,7 @@ host, the fake vast.ai API):
 - a cancel after the destroy was sent answers 409 `too_late_to_cancel`, and the job finishes;
 - a worker frozen (SIGSTOP) in the middle of a wake past its lease, whose job another worker then
   finishes, does nothing when it thaws: the new instance lives, the machine row stays right."""
+
 from __future__ import annotations
 
 import shutil

@@ -2,6 +2,7 @@
 behind a proxy that makes each part's upload take a while) followed over `GET /api/events` by an HTTP
 client that reconnects half-way with Last-Event-ID, and the status page at `/` in a real headless
 Chromium, whose progress bar moves with the stream until the job ends `succeeded`."""
+
 from __future__ import annotations
 
 import json
@@ -36,8 +37,15 @@ def _slow_worker(stack, proxy: SlowS3Proxy) -> None:  # type: ignore[no-untyped-
 
 
 def _snapshot(stack, sshd, workspace: pathlib.Path, machine_id: str) -> dict[str, Any]:  # type: ignore[no-untyped-def]
-    r = stack.post("/api/gpu-snapshots", json={"instance_id": machine_id, "ssh_host": sshd.host,
-                                               "ssh_port": sshd.port, "workspace_path": str(workspace)})
+    r = stack.post(
+        "/api/gpu-snapshots",
+        json={
+            "instance_id": machine_id,
+            "ssh_host": sshd.host,
+            "ssh_port": sshd.port,
+            "workspace_path": str(workspace),
+        },
+    )
     assert r.status_code == 202, r.text
     return r.json()
 
@@ -75,8 +83,9 @@ def test_an_sse_client_follows_a_snapshot_in_order_and_resumes_after_a_reconnect
     with SlowS3Proxy(s3_server.endpoint, put_delay_s=PUT_DELAY_S) as proxy:
         _slow_worker(stack, proxy)
         token = stack.post("/api/stream-tokens").json()["token"]  # as a browser would: no Authorization header
-        first = requests.get(f"{stack.url}/api/events", params={"token": token, "machine_id": "sse-1"},
-                             stream=True, timeout=30)
+        first = requests.get(
+            f"{stack.url}/api/events", params={"token": token, "machine_id": "sse-1"}, stream=True, timeout=30
+        )
         assert first.status_code == 200 and first.headers["Content-Type"].startswith("text/event-stream")
         created = _snapshot(stack, sshd, workspace, "sse-1")
         # Part one: up to the first progress report of the upload; then the connection drops.
@@ -84,13 +93,23 @@ def test_an_sse_client_follows_a_snapshot_in_order_and_resumes_after_a_reconnect
         first.close()
         still = stack.get(f"/api/jobs/{created['job']['id']}").json()
         assert still["status"] == "running", "the job ended before the reconnect: the upload is not slow enough"
-        second = requests.get(f"{stack.url}/api/events", params={"machine_id": "sse-1"}, stream=True, timeout=30,
-                              headers={"Authorization": f"Bearer {TOKEN}", "Last-Event-ID": part1[-1]["id"]})
+        second = requests.get(
+            f"{stack.url}/api/events",
+            params={"machine_id": "sse-1"},
+            stream=True,
+            timeout=30,
+            headers={"Authorization": f"Bearer {TOKEN}", "Last-Event-ID": part1[-1]["id"]},
+        )
         part2 = _read(second, _ended)
         second.close()
     # The whole story, read again from the start of the log: the two parts are exactly it.
-    replay = requests.get(f"{stack.url}/api/events", params={"machine_id": "sse-1", "last_event_id": 0},
-                          stream=True, timeout=30, headers={"Authorization": f"Bearer {TOKEN}"})
+    replay = requests.get(
+        f"{stack.url}/api/events",
+        params={"machine_id": "sse-1", "last_event_id": 0},
+        stream=True,
+        timeout=30,
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    )
     whole = _read(replay, _ended)
     replay.close()
     assert [e["id"] for e in part1 + part2] == [e["id"] for e in whole]
@@ -101,11 +120,17 @@ def test_an_sse_client_follows_a_snapshot_in_order_and_resumes_after_a_reconnect
     jobs = [e["data"]["job"] for e in whole if e["event"].startswith("job.")]
     assert {j["id"] for j in jobs} == {created["job"]["id"]}
     assert [j["status"] for j in jobs if j["status"] != "running"] == ["queued", "succeeded"]
-    phases = [j["phase"] for e, j in zip([e for e in whole if e["event"].startswith("job.")], jobs)
-              if e["event"] == "job.phase"]
+    phases = [
+        j["phase"]
+        for e, j in zip([e for e in whole if e["event"].startswith("job.")], jobs)
+        if e["event"] == "job.phase"
+    ]
     assert phases[0] == "connect" and phases.index("upload") < phases.index("manifest"), phases
-    upload = [j["progress"]["bytes_done"] for e, j in zip([e for e in whole if e["event"].startswith("job.")], jobs)
-              if e["event"] == "job.progress" and j["phase"] == "upload"]
+    upload = [
+        j["progress"]["bytes_done"]
+        for e, j in zip([e for e in whole if e["event"].startswith("job.")], jobs)
+        if e["event"] == "job.progress" and j["phase"] == "upload"
+    ]
     assert len(set(upload)) >= 2 and upload == sorted(upload), upload  # it moved, and only forwards
     assert jobs[-1]["progress"]["parts_done"] == jobs[-1]["progress"]["parts_total"] >= PARTS
     machine_kinds = [e["data"]["event"]["kind"] for e in whole if e["event"] == "machine.event"]
@@ -123,8 +148,10 @@ def test_the_status_page_shows_a_jobs_progress_moving_until_it_succeeds(stack, s
         browser.navigate(stack.url + "/")
         browser.wait_for("document.readyState === 'complete' && document.getElementById('message').textContent")
         assert browser.evaluate("document.getElementById('message').textContent") == "enter an API token"
-        browser.evaluate(f"document.getElementById('token-input').value = {json.dumps(TOKEN)};"
-                         "document.getElementById('token-form').requestSubmit(); true")
+        browser.evaluate(
+            f"document.getElementById('token-input').value = {json.dumps(TOKEN)};"
+            "document.getElementById('token-form').requestSubmit(); true"
+        )
         browser.wait_for("document.getElementById('live').textContent === '(live)'")
         assert browser.evaluate("sessionStorage.getItem('gpusnap.token')") == TOKEN
         assert browser.evaluate("localStorage.length") == 0 and TOKEN not in browser.evaluate("location.href")
@@ -136,8 +163,10 @@ def test_the_status_page_shows_a_jobs_progress_moving_until_it_succeeds(stack, s
             seen: list[tuple[str, str, int, int]] = []
             deadline = time.monotonic() + 180
             while True:
-                state = browser.evaluate(f"(() => {{ const r = {row}; return r ? [r.dataset.status, r.dataset.phase, "
-                                         f"+r.dataset.done, +r.dataset.total] : null; }})()")
+                state = browser.evaluate(
+                    f"(() => {{ const r = {row}; return r ? [r.dataset.status, r.dataset.phase, "
+                    f"+r.dataset.done, +r.dataset.total] : null; }})()"
+                )
                 if state and (not seen or tuple(state) != seen[-1]):
                     seen.append(tuple(state))
                 if state and state[0] in ("succeeded", "failed", "cancelled"):
@@ -147,12 +176,17 @@ def test_the_status_page_shows_a_jobs_progress_moving_until_it_succeeds(stack, s
         assert seen[-1][0] == "succeeded", seen
         uploading = [done for status, phase, done, total in seen if status == "running" and phase == "upload"]
         assert len(set(uploading)) >= 2 and uploading == sorted(uploading), seen  # the bar moved, forwards
-        assert browser.evaluate(f"{row}.querySelector('progress').value") == \
-            browser.evaluate(f"{row}.querySelector('progress').max") > 0
+        assert (
+            browser.evaluate(f"{row}.querySelector('progress').value")
+            == browser.evaluate(f"{row}.querySelector('progress').max")
+            > 0
+        )
         # The rest of the page: the machine with its costs and latest snapshot, the totals.
-        browser.wait_for("document.querySelector('#machines tr[data-machine-id=\"page-1\"]') && "
-                         "document.querySelector('#machines tr[data-machine-id=\"page-1\"]').textContent"
-                         ".includes('complete')")
+        browser.wait_for(
+            "document.querySelector('#machines tr[data-machine-id=\"page-1\"]') && "
+            "document.querySelector('#machines tr[data-machine-id=\"page-1\"]').textContent"
+            ".includes('complete')"
+        )
         assert "saved by hibernating" in browser.evaluate("document.getElementById('summary').textContent")
         assert browser.evaluate("document.getElementById('message').textContent") == ""
     finally:

@@ -1,6 +1,7 @@
 """Format-2 (deduplicated) snapshots end to end through the HTTP API: a real worker SSHes into the loopback
 sshd, snapshot.py/restore.py move the workspace through SeaweedFS, the control plane tells the host what
 the machine's chunk store holds, indexes each manifest, verifies, deletes and collects garbage."""
+
 from __future__ import annotations
 
 import shutil
@@ -15,8 +16,15 @@ pytestmark = pytest.mark.slow
 
 
 def _snapshot(stack, sshd, workspace, instance_id: str = "dedup-1") -> dict:  # type: ignore[no-untyped-def]
-    r = stack.post("/api/gpu-snapshots", json={"instance_id": instance_id, "ssh_host": sshd.host,
-                                                "ssh_port": sshd.port, "workspace_path": str(workspace)})
+    r = stack.post(
+        "/api/gpu-snapshots",
+        json={
+            "instance_id": instance_id,
+            "ssh_host": sshd.host,
+            "ssh_port": sshd.port,
+            "workspace_path": str(workspace),
+        },
+    )
     assert r.status_code == 202, r.text
     job = stack.wait_job(r.json()["job"]["id"])
     assert job["status"] == "succeeded", job
@@ -24,9 +32,16 @@ def _snapshot(stack, sshd, workspace, instance_id: str = "dedup-1") -> dict:  # 
 
 
 def _restore(stack, sshd, snap: dict, target) -> dict:  # type: ignore[no-untyped-def]
-    r = stack.post(f"/api/gpu-snapshots/{snap['id']}/restore",
-                   json={"ssh_host": sshd.host, "ssh_port": sshd.port, "workspace_path": str(target),
-                         "instance_id": "dedup-target", "overwrite": True})
+    r = stack.post(
+        f"/api/gpu-snapshots/{snap['id']}/restore",
+        json={
+            "ssh_host": sshd.host,
+            "ssh_port": sshd.port,
+            "workspace_path": str(target),
+            "instance_id": "dedup-target",
+            "overwrite": True,
+        },
+    )
     assert r.status_code == 202, r.text
     return stack.wait_job(r.json()["job"]["id"])
 
@@ -37,8 +52,7 @@ def _run(stack, path: str, body: dict) -> dict:  # type: ignore[no-untyped-def]
     return stack.wait_job(r.json()["job"]["id"])
 
 
-def test_second_snapshot_uploads_little_both_restore_and_gc_keeps_what_is_referenced(stack, sshd, s3_server,
-                                                                                    tmp_path):
+def test_second_snapshot_uploads_little_both_restore_and_gc_keeps_what_is_referenced(stack, sshd, s3_server, tmp_path):
     workspace = make_tricky_tree(tmp_path / "workspace")
     first_tree = describe_tree(workspace)
     first = _snapshot(stack, sshd, workspace)
@@ -79,8 +93,13 @@ def test_second_snapshot_uploads_little_both_restore_and_gc_keeps_what_is_refere
     assert after < machine["store_bytes"]
 
     # A damaged shared block: deep verify and restore both catch it; the target is left as it was.
-    s3 = boto3.client("s3", endpoint_url=s3_server.endpoint, aws_access_key_id=s3_server.access_key,
-                      aws_secret_access_key=s3_server.secret_key, region_name=s3_server.region)
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=s3_server.endpoint,
+        aws_access_key_id=s3_server.access_key,
+        aws_secret_access_key=s3_server.secret_key,
+        region_name=s3_server.region,
+    )
     store_prefix = second["storage_prefix"][: -len(second["id"]) - 1]
     blocks = s3.list_objects_v2(Bucket=s3_server.bucket, Prefix=store_prefix + "chunks/")["Contents"]
     key = max(blocks, key=lambda o: o["Size"])["Key"]
@@ -134,8 +153,10 @@ def test_a_snapshot_that_starts_while_gc_is_deleting_its_chunks_waits_completes_
     assert doomed.wait(timeout=60) == 137  # killed right after marking A's chunks `deleting`
     assert stack.get(f"/api/jobs/{gc_id}").json()["status"] == "running"  # nobody finished it
 
-    r = stack.post("/api/gpu-snapshots", json={"instance_id": "race-1", "ssh_host": sshd.host,
-                                                "ssh_port": sshd.port, "workspace_path": str(workspace)})
+    r = stack.post(
+        "/api/gpu-snapshots",
+        json={"instance_id": "race-1", "ssh_host": sshd.host, "ssh_port": sshd.port, "workspace_path": str(workspace)},
+    )
     assert r.status_code == 202, r.text
     second_id, second_job = r.json()["snapshot"]["id"], r.json()["job"]["id"]
     stack.start_worker()  # recovers the gc job and runs both

@@ -3,6 +3,7 @@ system-deps): Swagger UI renders every operation and the bearer "Authorize" butt
 no request leaves the machine (every non-loopback request goes to a dead proxy port, and no host name
 resolves; Chromium's NetLog shows what the page itself asked for). Without Chromium this test fails:
 it must not pass by not running."""
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,10 @@ def chromium() -> str:
     real = "/usr/lib/chromium/chromium"
     found = real if os.access(real, os.X_OK) else shutil.which("chromium") or shutil.which("chromium-browser")
     if not found:
-        pytest.fail("chromium is not installed: `make system-deps` (run by `make test`) installs Debian's "
-                    "chromium package; /api/docs cannot be checked in a browser without it")
+        pytest.fail(
+            "chromium is not installed: `make system-deps` (run by `make test`) installs Debian's "
+            "chromium package; /api/docs cannot be checked in a browser without it"
+        )
     return found
 
 
@@ -49,8 +52,11 @@ def page_requests(netlog: pathlib.Path, origin: str) -> list[str]:
     to the dead proxy and fail there."""
     log = json.loads(netlog.read_text())
     start_job = log["constants"]["logEventTypes"]["URL_REQUEST_START_JOB"]
-    return [e["params"]["url"] for e in log["events"]
-            if e["type"] == start_job and e.get("params", {}).get("initiator") == origin]
+    return [
+        e["params"]["url"]
+        for e in log["events"]
+        if e["type"] == start_job and e.get("params", {}).get("initiator") == origin
+    ]
 
 
 @pytest.fixture
@@ -58,13 +64,34 @@ def served(tmp_path):  # type: ignore[no-untyped-def]
     db = f"sqlite:///{tmp_path / 'gpusnap.db'}"
     upgrade(db)
     port = free_port()
-    env = {**{k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "PROMETHEUS_MULTIPROC_DIR")},
-           "DATABASE_URL": db, "QUEUE_PATH": str(tmp_path / "queue.db"), "GUNICORN_WORKERS": "1",
-           "GUNICORN_THREADS": "4", "PYTHONPATH": str(ROOT), "API_TOKENS": ""}
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "PROMETHEUS_MULTIPROC_DIR")},
+        "DATABASE_URL": db,
+        "QUEUE_PATH": str(tmp_path / "queue.db"),
+        "GUNICORN_WORKERS": "1",
+        "GUNICORN_THREADS": "4",
+        "PYTHONPATH": str(ROOT),
+        "API_TOKENS": "",
+    }
     log = open(tmp_path / "gunicorn.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "--config", str(ROOT / "gunicorn.conf.py"),
-                             "--chdir", str(ROOT), "--bind", f"127.0.0.1:{port}", "app:app"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "--config",
+            str(ROOT / "gunicorn.conf.py"),
+            "--chdir",
+            str(ROOT),
+            "--bind",
+            f"127.0.0.1:{port}",
+            "app:app",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -88,14 +115,27 @@ def served(tmp_path):  # type: ignore[no-untyped-def]
 
 
 def _browse(binary: str, url: str, profile: pathlib.Path, *extra: str) -> str:
-    command = [binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-               "--no-first-run", "--no-default-browser-check", "--disable-background-networking",
-               "--disable-component-update", "--disable-sync", "--disable-default-apps", "--disable-extensions",
-               f"--user-data-dir={profile}",
-               # Loopback is never proxied; anything else goes to a dead port, and resolves nowhere.
-               f"--proxy-server=http://127.0.0.1:{dead_port()}",
-               "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-               "--virtual-time-budget=20000", *extra, url]
+    command = [
+        binary,
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--no-default-browser-check",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-default-apps",
+        "--disable-extensions",
+        f"--user-data-dir={profile}",
+        # Loopback is never proxied; anything else goes to a dead port, and resolves nowhere.
+        f"--proxy-server=http://127.0.0.1:{dead_port()}",
+        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+        "--virtual-time-budget=20000",
+        *extra,
+        url,
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout

@@ -2,6 +2,7 @@
 over HTTP, a real worker, the loopback sshd as the vast.ai instance, a second sshd as "some other machine"
 (it accepts our key too), SeaweedFS and the fake vast.ai API. Asserted on what vast.ai was asked to
 destroy and on what is left on disk."""
+
 from __future__ import annotations
 
 import glob
@@ -42,16 +43,24 @@ def test_hibernate_naming_another_host_is_refused(stack, fake_vast, box, other):
     for path in ("/root", "/etc/app", "/home/ubuntu"):  # wake would have to restore there
         r = stack.post(f"/api/instances/{box['id']}/hibernate", json={"workspace_path": path})
         assert r.status_code == 422 and r.json()["error"]["code"] == "system_path", r.text
-    r = stack.post(f"/api/instances/{box['id']}/hibernate",
-                   json={"workspace_path": str(box["workspace"]), "ssh_host": "127.0.0.1", "ssh_port": other.port})
+    r = stack.post(
+        f"/api/instances/{box['id']}/hibernate",
+        json={"workspace_path": str(box["workspace"]), "ssh_host": "127.0.0.1", "ssh_port": other.port},
+    )
     assert r.status_code == 422 and r.json()["error"]["code"] == "endpoint_mismatch", r.text
     assert str(box["id"]) in r.json()["error"]["message"]
     assert _destroys(fake_vast) == [] and fake_vast.instance(box["id"])["actual_status"] == "running"
     assert stack.get("/api/jobs?kind=hibernate").json()["items"] == []
     # destroy_after false destroys nothing: any reachable endpoint may be snapshotted.
-    r = stack.post(f"/api/instances/{box['id']}/hibernate", json={
-        "workspace_path": str(box["workspace"]), "ssh_host": "127.0.0.1", "ssh_port": other.port,
-        "destroy_after": False})
+    r = stack.post(
+        f"/api/instances/{box['id']}/hibernate",
+        json={
+            "workspace_path": str(box["workspace"]),
+            "ssh_host": "127.0.0.1",
+            "ssh_port": other.port,
+            "destroy_after": False,
+        },
+    )
     assert r.status_code == 202, r.text
     assert stack.wait_job(r.json()["job"]["id"])["status"] == "succeeded"
     assert _destroys(fake_vast) == []
@@ -60,9 +69,15 @@ def test_hibernate_naming_another_host_is_refused(stack, fake_vast, box, other):
 def test_a_remembered_endpoint_of_another_host_is_not_what_hibernate_snapshots(stack, fake_vast, box, other, sshd):
     # An earlier snapshot-only hibernate named the machine with another host's endpoint; it is remembered,
     # and so is that host's key, pinned on first use.
-    r = stack.post(f"/api/instances/{box['id']}/hibernate", json={
-        "workspace_path": str(box["workspace"]), "ssh_host": "127.0.0.1", "ssh_port": other.port,
-        "destroy_after": False})
+    r = stack.post(
+        f"/api/instances/{box['id']}/hibernate",
+        json={
+            "workspace_path": str(box["workspace"]),
+            "ssh_host": "127.0.0.1",
+            "ssh_port": other.port,
+            "destroy_after": False,
+        },
+    )
     assert stack.wait_job(r.json()["job"]["id"])["status"] == "succeeded"
     assert stack.get(f"/api/instances/{box['id']}").json()["ssh_port"] == other.port
     r = stack.post(f"/api/instances/{box['id']}/hibernate", json={"workspace_path": str(box["workspace"])})
@@ -111,19 +126,24 @@ def test_an_empty_workspace_is_snapshotted_but_not_destroyed(stack, fake_vast, b
     assert _destroys(fake_vast) == [] and fake_vast.instance(box["id"])["actual_status"] == "running"
     assert stack.get(f"/api/gpu-snapshots/{job['snapshot_id']}").json()["status"] == "complete"  # kept
     assert stack.get(f"/api/instances/{box['id']}").json()["status"] == "running"
-    r = stack.post(f"/api/instances/{box['id']}/hibernate", json={"workspace_path": str(empty),
-                                                                   "destroy_after": False})
+    r = stack.post(f"/api/instances/{box['id']}/hibernate", json={"workspace_path": str(empty), "destroy_after": False})
     assert stack.wait_job(r.json()["job"]["id"])["status"] == "succeeded"
 
 
 @pytest.mark.parametrize("pattern", [".", "*", "./", "/", "**", ".*", "./*"])
 def test_excludes_that_match_the_root_are_refused(stack, fake_vast, box, pattern):
-    for path, body in ((f"/api/instances/{box['id']}/hibernate", {}),
-                       ("/api/gpu-snapshots", {"instance_id": "x1", "ssh_host": "127.0.0.1", "ssh_port": 22})):
+    for path, body in (
+        (f"/api/instances/{box['id']}/hibernate", {}),
+        ("/api/gpu-snapshots", {"instance_id": "x1", "ssh_host": "127.0.0.1", "ssh_port": 22}),
+    ):
         r = stack.post(path, json={"workspace_path": str(box["workspace"]), "excludes": ["*.tmp", pattern], **body})
         assert r.status_code == 422 and r.json()["error"]["code"] == "exclude_matches_root", r.text
-    assert stack.post(f"/api/instances/{box['id']}/hibernate",
-                      json={"workspace_path": str(box["workspace"]), "excludes": [""]}).status_code == 422
+    assert (
+        stack.post(
+            f"/api/instances/{box['id']}/hibernate", json={"workspace_path": str(box["workspace"]), "excludes": [""]}
+        ).status_code
+        == 422
+    )
     assert _destroys(fake_vast) == []
 
 
@@ -150,8 +170,15 @@ def test_the_snapshot_a_hibernated_machine_needs_is_not_deleted(stack, fake_vast
 
 
 def test_restore_refuses_system_paths_and_keeps_what_it_replaces(stack, box, sshd, tmp_path):
-    r = stack.post("/api/gpu-snapshots", json={"instance_id": "src-box", "ssh_host": "127.0.0.1",
-                                               "ssh_port": sshd.port, "workspace_path": str(box["workspace"])})
+    r = stack.post(
+        "/api/gpu-snapshots",
+        json={
+            "instance_id": "src-box",
+            "ssh_host": "127.0.0.1",
+            "ssh_port": sshd.port,
+            "workspace_path": str(box["workspace"]),
+        },
+    )
     snap_id = stack.wait_job(r.json()["job"]["id"])["result"]["snapshot_id"]
     target = {"ssh_host": "127.0.0.1", "ssh_port": sshd.port, "instance_id": "dst-box"}
     # These name this machine's real system directories: with the worker stopped, a restore the API
@@ -173,8 +200,9 @@ def test_restore_refuses_system_paths_and_keeps_what_it_replaces(stack, box, ssh
     job = stack.wait_job(r.json()["job"]["id"])
     assert job["status"] == "failed" and job["error"]["code"] == "workspace_exists", job
     assert sorted(os.listdir(dest)) == ["precious.txt"]
-    r = stack.post(f"/api/gpu-snapshots/{snap_id}/restore", json={**target, "workspace_path": str(dest),
-                                                                  "overwrite": True})
+    r = stack.post(
+        f"/api/gpu-snapshots/{snap_id}/restore", json={**target, "workspace_path": str(dest), "overwrite": True}
+    )
     job = stack.wait_job(r.json()["job"]["id"])
     assert job["status"] == "succeeded", job
     assert describe_tree(dest) == box["tree"]

@@ -1,6 +1,7 @@
 """Hibernate and wake end to end: the fake vast.ai API rents "instances" that are the loopback sshd,
 SeaweedFS holds the snapshots, a real worker process runs the jobs. Asserted on the fake's state: what
 was destroyed, what is left running."""
+
 from __future__ import annotations
 
 import os
@@ -152,8 +153,9 @@ def test_wake_failing_after_rent_destroys_the_new_instance(stack, fake_vast, box
 
 
 def test_pause_and_resume(stack, fake_vast, box):
-    r = stack.post(f"/api/instances/{box['id']}/hibernate", json={"workspace_path": str(box["workspace"]),
-                                                                   "destroy_after": False})
+    r = stack.post(
+        f"/api/instances/{box['id']}/hibernate", json={"workspace_path": str(box["workspace"]), "destroy_after": False}
+    )
     assert stack.wait_job(r.json()["job"]["id"])["status"] == "succeeded"
     assert fake_vast.instance(box["id"])["actual_status"] == "running"
     r = stack.post(f"/api/instances/{box['id']}/pause")
@@ -171,8 +173,9 @@ def test_jupyter_box_hibernates_through_the_proxy_and_wakes_on_direct_ssh(stack,
     (the fake's `ssh_port` itself is dead); the wake rents `ssh_direct` on a host with direct ports and
     reaches the new instance on its direct mapping (its proxy endpoint is dead)."""
     client = VastClient(fake_vast.api_key, fake_vast.base_url, backoff_base=0.01)
-    instance_id = client.create_instance(1001, image="pytorch/pytorch:latest", disk_gb=50, label="my-notebook",
-                                         runtype="jupyter")
+    instance_id = client.create_instance(
+        1001, image="pytorch/pytorch:latest", disk_gb=50, label="my-notebook", runtype="jupyter"
+    )
     while not client.show_instance(instance_id).is_running:
         pass
     workspace = make_tricky_tree(tmp_path / "workspace")

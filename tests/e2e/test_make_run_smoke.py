@@ -1,6 +1,7 @@
 """What `make run` starts: `gpusnap serve` (migrations, then gunicorn and a worker as real processes) on
 a free port with a temporary SQLite database and queue. It answers, enforces tokens, and stops cleanly
 on SIGTERM, taking its children with it."""
+
 from __future__ import annotations
 
 import os
@@ -37,15 +38,26 @@ def _alive(pid: int) -> bool:
 @pytest.fixture
 def served(tmp_path):  # type: ignore[no-untyped-def]
     port = free_port()
-    env = {**{k: v for k, v in os.environ.items() if k not in ("REDIS_URL",)},
-           "DATABASE_URL": f"sqlite:///{tmp_path / 'instance' / 'gpusnap.db'}",
-           "QUEUE_PATH": str(tmp_path / "instance" / "queue.db"), "API_TOKENS": TOKEN,
-           "GUNICORN_WORKERS": "1", "GUNICORN_THREADS": "2", "LOG_FORMAT": "json"}
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("REDIS_URL",)},
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'instance' / 'gpusnap.db'}",
+        "QUEUE_PATH": str(tmp_path / "instance" / "queue.db"),
+        "API_TOKENS": TOKEN,
+        "GUNICORN_WORKERS": "1",
+        "GUNICORN_THREADS": "2",
+        "LOG_FORMAT": "json",
+    }
     gpusnap = pathlib.Path(sys.executable).with_name("gpusnap")
     command = [str(gpusnap)] if gpusnap.exists() else [sys.executable, "-m", "src.cli"]
     log = open(tmp_path / "serve.log", "wb")
-    proc = subprocess.Popen([*command, "serve", "--host", "127.0.0.1", "--port", str(port)], cwd=tmp_path, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [*command, "serve", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60

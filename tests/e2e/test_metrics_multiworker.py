@@ -1,6 +1,7 @@
 """`/metrics` under gunicorn with several worker processes (as `make run` and the Docker image serve it):
 each scrape lands on some worker, and every scrape must show every worker's requests, so the HTTP
 counters only grow and equal the requests sent. One Content-Type, with one charset."""
+
 from __future__ import annotations
 
 import json
@@ -28,13 +29,34 @@ def gunicorn(tmp_path):  # type: ignore[no-untyped-def]
     db = f"sqlite:///{tmp_path / 'gpusnap.db'}"
     upgrade(db)
     port = free_port()
-    env = {**{k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "PROMETHEUS_MULTIPROC_DIR")},
-           "DATABASE_URL": db, "QUEUE_PATH": str(tmp_path / "queue.db"), "GUNICORN_WORKERS": "3",
-           "GUNICORN_THREADS": "2", "LOG_FORMAT": "json", "PYTHONPATH": str(ROOT)}
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "PROMETHEUS_MULTIPROC_DIR")},
+        "DATABASE_URL": db,
+        "QUEUE_PATH": str(tmp_path / "queue.db"),
+        "GUNICORN_WORKERS": "3",
+        "GUNICORN_THREADS": "2",
+        "LOG_FORMAT": "json",
+        "PYTHONPATH": str(ROOT),
+    }
     log = open(tmp_path / "gunicorn.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "--config", str(ROOT / "gunicorn.conf.py"),
-                             "--chdir", str(ROOT), "--bind", f"127.0.0.1:{port}", "app:app"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "--config",
+            str(ROOT / "gunicorn.conf.py"),
+            "--chdir",
+            str(ROOT),
+            "--bind",
+            f"127.0.0.1:{port}",
+            "app:app",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -69,8 +91,12 @@ def test_http_counters_are_summed_over_workers_and_never_go_back(gunicorn):
     seen: list[float] = []
     with ThreadPoolExecutor(6) as pool:
         for _ in range(8):
-            codes = list(pool.map(lambda _: requests.get(f"{url}/healthz", timeout=60,
-                                                         headers={"Connection": "close"}).status_code, range(12)))
+            codes = list(
+                pool.map(
+                    lambda _: requests.get(f"{url}/healthz", timeout=60, headers={"Connection": "close"}).status_code,
+                    range(12),
+                )
+            )
             assert codes == [200] * 12
             sent += 12
             for _ in range(3):  # several scrapes, each on whichever worker takes it
@@ -80,6 +106,9 @@ def test_http_counters_are_summed_over_workers_and_never_go_back(gunicorn):
                 assert content_type.count("charset") == 1 and content_type.startswith("text/plain"), content_type
     assert seen == sorted(seen)
     # The requests did spread over several workers (or the check above would prove nothing).
-    pids = {json.loads(line)["pid"].strip("<>") for line in log_path.read_text().splitlines()
-            if line.startswith('{"remote"') and "GET /healthz " in line}
+    pids = {
+        json.loads(line)["pid"].strip("<>")
+        for line in log_path.read_text().splitlines()
+        if line.startswith('{"remote"') and "GET /healthz " in line
+    }
     assert len(pids) >= 2, pids

@@ -2,6 +2,7 @@
 GPU host with a fake `nvidia-smi` first on its PATH, SeaweedFS as the bucket and the fake vast.ai API.
 The scheduler's `tick` (what the worker's periodic task runs every minute) is called by the test with
 an explicit clock, so minutes pass at once; the worker's own ticks are off (SCHEDULER_ENABLED=false)."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -69,8 +70,11 @@ def gpus(tmp_path) -> Gpus:  # type: ignore[no-untyped-def]
 
 @pytest.fixture
 def pstack(tmp_path, sshd, s3_server, s3_prefix, fake_vast, gpus):  # type: ignore[no-untyped-def]
-    env = {**stack_env(tmp_path, sshd, s3_server, s3_prefix, fake_vast), "SCHEDULER_ENABLED": "false",
-           "REMOTE_PYTHON": host_python(tmp_path, gpus)}
+    env = {
+        **stack_env(tmp_path, sshd, s3_server, s3_prefix, fake_vast),
+        "SCHEDULER_ENABLED": "false",
+        "REMOTE_PYTHON": host_python(tmp_path, gpus),
+    }
     upgrade(env["DATABASE_URL"])
     s = Stack(env=env, tmp=tmp_path)
     s.start_worker()
@@ -79,8 +83,15 @@ def pstack(tmp_path, sshd, s3_server, s3_prefix, fake_vast, gpus):  # type: igno
 
 
 def _snapshot(stack, machine_id: str, sshd, workspace: pathlib.Path) -> dict:  # type: ignore[no-untyped-def]
-    r = stack.post("/api/gpu-snapshots", json={"instance_id": machine_id, "ssh_host": sshd.host,
-                                               "ssh_port": sshd.port, "workspace_path": str(workspace)})
+    r = stack.post(
+        "/api/gpu-snapshots",
+        json={
+            "instance_id": machine_id,
+            "ssh_host": sshd.host,
+            "ssh_port": sshd.port,
+            "workspace_path": str(workspace),
+        },
+    )
     assert r.status_code == 202, r.text
     job = stack.wait_job(r.json()["job"]["id"])
     assert job["status"] == "succeeded", job
@@ -94,8 +105,10 @@ def _complete(stack, machine_id: str) -> list[str]:  # type: ignore[no-untyped-d
 
 def _wait_no_active(stack, kind: str, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
-    while any(j["status"] in ("queued", "running")
-              for j in stack.get("/api/jobs", params={"kind": kind, "limit": 200}).json()["items"]):
+    while any(
+        j["status"] in ("queued", "running")
+        for j in stack.get("/api/jobs", params={"kind": kind, "limit": 200}).json()["items"]
+    ):
         assert time.monotonic() < deadline, f"{kind} jobs still active after {timeout}s"
         time.sleep(0.1)
 
@@ -106,8 +119,11 @@ def test_a_schedule_every_minute_with_keep_last_2_leaves_two(pstack, sshd, s3_se
     workspace.mkdir()
     (workspace / "model.bin").write_bytes(b"weights" * 1000)
     _snapshot(pstack, "box", sshd, workspace)  # the machine is known from a manual snapshot
-    r = pstack.http.put(f"{pstack.url}/api/instances/box/policy",
-                        json={"schedule": "* * * * *", "retention": {"keep_last": 2}}, timeout=10)
+    r = pstack.http.put(
+        f"{pstack.url}/api/instances/box/policy",
+        json={"schedule": "* * * * *", "retention": {"keep_last": 2}},
+        timeout=10,
+    )
     assert r.status_code == 200, r.text
     set_at = utcnow()
     scheduled = []
@@ -125,8 +141,13 @@ def test_a_schedule_every_minute_with_keep_last_2_leaves_two(pstack, sshd, s3_se
     assert len(deleted) == 2 and all(j["status"] == "succeeded" for j in deleted)
     import boto3
 
-    s3 = boto3.client("s3", endpoint_url=s3_server.endpoint, aws_access_key_id=s3_server.access_key,
-                      aws_secret_access_key=s3_server.secret_key, region_name=s3_server.region)
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=s3_server.endpoint,
+        aws_access_key_id=s3_server.access_key,
+        aws_secret_access_key=s3_server.secret_key,
+        region_name=s3_server.region,
+    )
     for job in deleted:
         prefix = pstack.env["SNAPSHOT_PREFIX"] + f"box/{job['snapshot_id']}/"
         assert s3.list_objects_v2(Bucket=s3_server.bucket, Prefix=prefix).get("KeyCount", 0) == 0
@@ -170,8 +191,15 @@ def _interactive_session(sshd) -> tuple[paramiko.SSHClient, paramiko.Channel]:  
     """Log in as a person would: a terminal and a shell. Returns once the shell runs."""
     client = paramiko.SSHClient()
     client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
-    client.connect(sshd.host, port=sshd.port, username=sshd.user, key_filename=str(sshd.client_key_path),
-                   look_for_keys=False, allow_agent=False, timeout=10)
+    client.connect(
+        sshd.host,
+        port=sshd.port,
+        username=sshd.user,
+        key_filename=str(sshd.client_key_path),
+        look_for_keys=False,
+        allow_agent=False,
+        timeout=10,
+    )
     channel = client.invoke_shell()
     channel.send(b"echo shell-is-up\n")
     seen, deadline = b"", time.monotonic() + 20
@@ -186,9 +214,14 @@ def _interactive_session(sshd) -> tuple[paramiko.SSHClient, paramiko.Channel]:  
 
 def test_idle_gpus_hibernate_the_machine_and_nothing_else_does(pstack, sshd, fake_vast, box, gpus):  # type: ignore[no-untyped-def]
     _snapshot(pstack, box["id"], sshd, box["workspace"])
-    r = pstack.http.put(f"{pstack.url}/api/instances/{box['id']}/policy", timeout=10, json={
-        "workspace_path": str(box["workspace"]),
-        "idle": {"gpu_util_below": 5, "for_s": 3, "sample_every_s": 1, "action": "hibernate"}})
+    r = pstack.http.put(
+        f"{pstack.url}/api/instances/{box['id']}/policy",
+        timeout=10,
+        json={
+            "workspace_path": str(box["workspace"]),
+            "idle": {"gpu_util_below": 5, "for_s": 3, "sample_every_s": 1, "action": "hibernate"},
+        },
+    )
     assert r.status_code == 200, r.text
     ticker = Ticker(pstack)
 
@@ -222,7 +255,9 @@ def test_idle_gpus_hibernate_the_machine_and_nothing_else_does(pstack, sshd, fak
     # Every GPU below 5% in every sample for the whole window: hibernate, as an ordinary job.
     actions = [a for rep in ticker.run(5) for a in rep["actions"]]
     assert len(actions) == 1 and actions[0]["action"] == "hibernate" and "job_id" in actions[0], (
-        actions, [e["message"] for e in pstack.get(f"/api/instances/{box['id']}").json()["events"]][-3:])
+        actions,
+        [e["message"] for e in pstack.get(f"/api/instances/{box['id']}").json()["events"]][-3:],
+    )
     job = pstack.wait_job(actions[0]["job_id"], timeout=120)
     assert job["kind"] == "hibernate" and job["status"] == "succeeded", job
     snap = pstack.get(f"/api/gpu-snapshots/{job['result']['snapshot_id']}").json()
@@ -239,9 +274,14 @@ def test_idle_gpus_hibernate_the_machine_and_nothing_else_does(pstack, sshd, fak
 
 def test_dry_run_only_says_what_it_would_do(pstack, sshd, fake_vast, box, gpus):  # type: ignore[no-untyped-def]
     _snapshot(pstack, box["id"], sshd, box["workspace"])
-    r = pstack.http.put(f"{pstack.url}/api/instances/{box['id']}/policy", timeout=10, json={
-        "workspace_path": str(box["workspace"]),
-        "idle": {"gpu_util_below": 5, "for_s": 2, "sample_every_s": 1, "action": "hibernate", "dry_run": True}})
+    r = pstack.http.put(
+        f"{pstack.url}/api/instances/{box['id']}/policy",
+        timeout=10,
+        json={
+            "workspace_path": str(box["workspace"]),
+            "idle": {"gpu_util_below": 5, "for_s": 2, "sample_every_s": 1, "action": "hibernate", "dry_run": True},
+        },
+    )
     assert r.status_code == 200, r.text
     gpus.read(1)
     actions = [a for rep in Ticker(pstack).run(4) for a in rep["actions"]]
@@ -264,8 +304,10 @@ def test_one_snapshot_restores_onto_several_hosts_at_once(pstack, sshd, sshd_fac
     targets = [(sshd, tmp_path / "copy-a"), (second, tmp_path / "copy-b")]
     jobs = []
     for server, dest in targets:
-        r = pstack.post(f"/api/gpu-snapshots/{snap_id}/restore",
-                        json={"ssh_host": server.host, "ssh_port": server.port, "workspace_path": str(dest)})
+        r = pstack.post(
+            f"/api/gpu-snapshots/{snap_id}/restore",
+            json={"ssh_host": server.host, "ssh_port": server.port, "workspace_path": str(dest)},
+        )
         assert r.status_code == 202, r.text  # the second is not refused while the first runs
         jobs.append(r.json()["job"]["id"])
     # Both were running at once at some point (the worker has two threads).
@@ -291,9 +333,14 @@ def test_a_login_after_the_idle_decision_stops_the_destroy(pstack, sshd, fake_va
     meanwhile lost the instance under their shell, and whatever they wrote since the snapshot. An idle
     policy's hibernate now asks the host again right before the destroy (`no_longer_idle`)."""
     _snapshot(pstack, box["id"], sshd, box["workspace"])
-    r = pstack.http.put(f"{pstack.url}/api/instances/{box['id']}/policy", timeout=10, json={
-        "workspace_path": str(box["workspace"]),
-        "idle": {"gpu_util_below": 5, "for_s": 2, "sample_every_s": 1, "action": "hibernate"}})
+    r = pstack.http.put(
+        f"{pstack.url}/api/instances/{box['id']}/policy",
+        timeout=10,
+        json={
+            "workspace_path": str(box["workspace"]),
+            "idle": {"gpu_util_below": 5, "for_s": 2, "sample_every_s": 1, "action": "hibernate"},
+        },
+    )
     assert r.status_code == 200, r.text
     gpus.read(0, 0)
     pstack.stop_worker()  # the hibernate job waits while the person logs in

@@ -7,6 +7,7 @@ Set-up: `make setup` (the block's first line) installs the app with pip. So that
 download every dependency again, the copy's venv is made first and sees this interpreter's packages
 through a .pth file; `make setup` itself still runs (pip installs the copy in editable mode). With
 GPUSNAP_QUICKSTART_FRESH_VENV=1 the venv is left to `make setup` entirely (minutes, with network)."""
+
 from __future__ import annotations
 
 import os
@@ -37,8 +38,8 @@ os.execvp(sys.argv[1], sys.argv[1:])
 
 def quickstart_block() -> str:
     readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("\n## Quick start\n"):]
-    section = section[:section.index("\n## ", 1)]
+    section = readme[readme.index("\n## Quick start\n") :]
+    section = section[: section.index("\n## ", 1)]
     match = re.search(r"```bash\n(.*?)```", section, re.S)
     assert match, "README.md's Quick start has no ```bash block"
     return match.group(1)
@@ -46,8 +47,12 @@ def quickstart_block() -> str:
 
 def _clone(dest: Path) -> None:
     """The files a clone would have: tracked ones, plus new ones not ignored (this branch's work)."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                            capture_output=True, check=True).stdout.split(b"\0")
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
     for name in filter(None, listed):
         source = ROOT / name.decode()
         if source.is_file():
@@ -64,8 +69,9 @@ def _seed_venv(clone: Path) -> None:
 def _netns_works() -> bool:
     if not shutil.which("unshare"):
         return False
-    probe = subprocess.run(["unshare", "--net", sys.executable, "-c", LOOPBACK_UP, "true"], capture_output=True,
-                           timeout=30)
+    probe = subprocess.run(
+        ["unshare", "--net", sys.executable, "-c", LOOPBACK_UP, "true"], capture_output=True, timeout=30
+    )
     return probe.returncode == 0
 
 
@@ -83,8 +89,15 @@ def _run_block(clone: Path, env: dict, log: Path, *, netns: bool) -> str:
     with log.open("wb") as out:
         # The block leaves `make run` running in the background: output goes to a file (a pipe would stay
         # open), and the whole process group is stopped afterwards.
-        proc = subprocess.Popen(command, cwd=clone, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            command,
+            cwd=clone,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
             proc.wait(timeout=300)
         finally:
@@ -119,9 +132,13 @@ def test_readme_quick_start_pasted_into_a_fresh_clone_works_twice(tmp_path):
     clone = tmp_path / "gpusnap"
     clone.mkdir()
     _clone(clone)
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("GUNICORN_", "PROMETHEUS_")) and k not in (
-               "DATABASE_URL", "REDIS_URL", "QUEUE_PATH", "API_TOKENS", "PYTHONPATH", "VIRTUAL_ENV", "GPUSNAP_TOKEN")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("GUNICORN_", "PROMETHEUS_"))
+        and k
+        not in ("DATABASE_URL", "REDIS_URL", "QUEUE_PATH", "API_TOKENS", "PYTHONPATH", "VIRTUAL_ENV", "GPUSNAP_TOKEN")
+    }
     env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
     if not os.environ.get("GPUSNAP_QUICKSTART_FRESH_VENV"):
         _seed_venv(clone)
@@ -140,6 +157,12 @@ def test_readme_quick_start_pasted_into_a_fresh_clone_works_twice(tmp_path):
         assert '"code":"unauthorized"' in output.replace(" ", ""), output[-4000:]  # 401 without the token
     assert (clone / "instance" / "gpusnap.db").exists()
     # The second paste replaced the token called "me": one token of that name, not an error.
-    listed = subprocess.run([str(clone / ".venv" / "bin" / "gpusnap"), "tokens", "ls"], cwd=clone, env=env,
-                            capture_output=True, text=True, timeout=60)
+    listed = subprocess.run(
+        [str(clone / ".venv" / "bin" / "gpusnap"), "tokens", "ls"],
+        cwd=clone,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert listed.returncode == 0 and listed.stdout.count("me\t") == 1, listed.stdout + listed.stderr

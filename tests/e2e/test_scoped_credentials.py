@@ -10,6 +10,7 @@ proof of what the host received), then runs the real s5cmd without AWS_SESSION_T
 session token as a JWT of its own STS and refuses the key otherwise; R2 needs the token, and the
 wrapper's record shows that the host got it.
 """
+
 from __future__ import annotations
 
 import pathlib
@@ -33,11 +34,13 @@ def _recording_s5cmd(tmp_path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path
     records = tmp_path / "s5cmd-env"
     records.mkdir()
     wrapper = tmp_path / "s5cmd-recording"
-    wrapper.write_text("#!/bin/sh\n"
-                       '[ "$*" = version ] || '  # the manifest records the tool's version: no bucket call
-                       f"env | grep '^AWS_' > '{records}/'$$\n"
-                       "unset AWS_SESSION_TOKEN\n"
-                       f"exec '{s5cmd_binary()}' \"$@\"\n")
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        '[ "$*" = version ] || '  # the manifest records the tool's version: no bucket call
+        f"env | grep '^AWS_' > '{records}/'$$\n"
+        "unset AWS_SESSION_TOKEN\n"
+        f"exec '{s5cmd_binary()}' \"$@\"\n"
+    )
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
     return wrapper, records
 
@@ -48,19 +51,34 @@ def _grant_on_seaweed(s3_server):  # type: ignore[no-untyped-def]
         actions = [f"Read:{s}" for s in scope] + [f"List:{s}" for s in scope]
         if minted.body["permission"] == "object-read-write":
             actions += [f"Write:{s}" for s in scope]
-        add_identity(s3_server, name=minted.access_key.lower(), access_key=minted.access_key,
-                     secret_key=minted.secret_key, actions=actions)
+        add_identity(
+            s3_server,
+            name=minted.access_key.lower(),
+            access_key=minted.access_key,
+            secret_key=minted.secret_key,
+            actions=actions,
+        )
+
     return grant
 
 
 @pytest.fixture
 def scoped_stack(tmp_path, sshd, s3_server, s3_prefix, fake_vast):  # type: ignore[no-untyped-def]
-    cloudflare = FakeCloudflareApi(account_id=ACCOUNT, api_token=API_TOKEN, bucket=s3_server.bucket,
-                                   parent_access_key=s3_server.access_key, on_mint=_grant_on_seaweed(s3_server))
+    cloudflare = FakeCloudflareApi(
+        account_id=ACCOUNT,
+        api_token=API_TOKEN,
+        bucket=s3_server.bucket,
+        parent_access_key=s3_server.access_key,
+        on_mint=_grant_on_seaweed(s3_server),
+    )
     wrapper, records = _recording_s5cmd(tmp_path)
-    env = {**stack_env(tmp_path, sshd, s3_server, s3_prefix, fake_vast),
-           "CLOUDFLARE_ACCOUNT_ID": ACCOUNT, "CLOUDFLARE_API_TOKEN": API_TOKEN,
-           "CLOUDFLARE_API_URL": cloudflare.base_url, "REMOTE_S5CMD": str(wrapper)}
+    env = {
+        **stack_env(tmp_path, sshd, s3_server, s3_prefix, fake_vast),
+        "CLOUDFLARE_ACCOUNT_ID": ACCOUNT,
+        "CLOUDFLARE_API_TOKEN": API_TOKEN,
+        "CLOUDFLARE_API_URL": cloudflare.base_url,
+        "REMOTE_S5CMD": str(wrapper),
+    }
     upgrade(env["DATABASE_URL"])
     with cloudflare:
         stack = Stack(env=env, tmp=tmp_path)
@@ -81,8 +99,15 @@ def _host_environments(records: pathlib.Path) -> list[dict[str, str]]:
 def test_hosts_get_minted_prefix_scoped_credentials_never_the_parent_key(scoped_stack, sshd, s3_server, tmp_path):
     stack, cloudflare, records = scoped_stack
     workspace = make_tricky_tree(tmp_path / "workspace")
-    r = stack.post("/api/gpu-snapshots", json={"instance_id": "scoped-1", "ssh_host": sshd.host,
-                                                "ssh_port": sshd.port, "workspace_path": str(workspace)})
+    r = stack.post(
+        "/api/gpu-snapshots",
+        json={
+            "instance_id": "scoped-1",
+            "ssh_host": sshd.host,
+            "ssh_port": sshd.port,
+            "workspace_path": str(workspace),
+        },
+    )
     assert r.status_code == 202, r.text
     snap_id = r.json()["snapshot"]["id"]
     job = stack.wait_job(r.json()["job"]["id"])
@@ -90,8 +115,10 @@ def test_hosts_get_minted_prefix_scoped_credentials_never_the_parent_key(scoped_
     snap = stack.get(f"/api/gpu-snapshots/{snap_id}").json()
 
     target = tmp_path / "restored"
-    r = stack.post(f"/api/gpu-snapshots/{snap_id}/restore", json={
-        "ssh_host": sshd.host, "ssh_port": sshd.port, "workspace_path": str(target)})
+    r = stack.post(
+        f"/api/gpu-snapshots/{snap_id}/restore",
+        json={"ssh_host": sshd.host, "ssh_port": sshd.port, "workspace_path": str(target)},
+    )
     assert r.status_code == 202, r.text
     assert stack.wait_job(r.json()["job"]["id"])["status"] == "succeeded"
     assert describe_tree(target) == describe_tree(workspace)
@@ -126,8 +153,15 @@ def test_a_refused_mint_fails_the_job_and_never_falls_back_to_the_parent_key(sco
     stack, cloudflare, records = scoped_stack
     cloudflare.api_token = "rotated-token"  # the configured token no longer works
     workspace = make_tricky_tree(tmp_path / "workspace")
-    r = stack.post("/api/gpu-snapshots", json={"instance_id": "scoped-2", "ssh_host": sshd.host,
-                                                "ssh_port": sshd.port, "workspace_path": str(workspace)})
+    r = stack.post(
+        "/api/gpu-snapshots",
+        json={
+            "instance_id": "scoped-2",
+            "ssh_host": sshd.host,
+            "ssh_port": sshd.port,
+            "workspace_path": str(workspace),
+        },
+    )
     job = stack.wait_job(r.json()["job"]["id"])
     assert job["status"] == "failed" and job["error"]["code"] == "credentials_unavailable", job
     assert "CLOUDFLARE_API_TOKEN" in job["error"]["message"]

@@ -2,6 +2,7 @@
 SSH server that authenticates and then stays silent on `exec` (or on the SFTP subsystem), driven
 through the HTTP API and a real worker process. Cancel ends the job within seconds; the job kind's
 deadline ends it `remote_timeout`; either way the worker is free for the next job."""
+
 from __future__ import annotations
 
 import time
@@ -22,8 +23,15 @@ def silent(request, sshd) -> Iterator[SilentSshServer]:  # type: ignore[no-untyp
 
 
 def _snapshot_of(stack, server, instance_id: str = "silent-1") -> dict:  # type: ignore[no-untyped-def]
-    r = stack.post("/api/gpu-snapshots", json={"instance_id": instance_id, "ssh_host": server.host,
-                                               "ssh_port": server.port, "workspace_path": "/workspace"})
+    r = stack.post(
+        "/api/gpu-snapshots",
+        json={
+            "instance_id": instance_id,
+            "ssh_host": server.host,
+            "ssh_port": server.port,
+            "workspace_path": "/workspace",
+        },
+    )
     assert r.status_code == 202, r.text
     return r.json()["job"]
 
@@ -47,12 +55,14 @@ def test_cancel_ends_a_job_stuck_on_a_silent_host_within_seconds(stack, silent, 
     took = time.monotonic() - began
     assert done["status"] == "cancelled", done
     assert took < 10, f"cancel took {took:.1f}s"
-    assert (silent.exec_requests if silent.mode == "exec" else silent.subsystem_requests)
+    assert silent.exec_requests if silent.mode == "exec" else silent.subsystem_requests
 
     # The worker is free: a real host's snapshot goes through.
     workspace = make_tricky_tree(tmp_path / "workspace")
-    r = stack.post("/api/gpu-snapshots", json={"instance_id": "real-1", "ssh_host": sshd.host, "ssh_port": sshd.port,
-                                               "workspace_path": str(workspace)})
+    r = stack.post(
+        "/api/gpu-snapshots",
+        json={"instance_id": "real-1", "ssh_host": sshd.host, "ssh_port": sshd.port, "workspace_path": str(workspace)},
+    )
     assert stack.wait_job(r.json()["job"]["id"])["status"] == "succeeded"
 
 

@@ -1,5 +1,6 @@
 """Snapshots end to end through the HTTP API: a real worker process SSHes into the loopback sshd, the
 remote scripts move the workspace through SeaweedFS, and the restored tree must be identical."""
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,13 @@ pytestmark = pytest.mark.slow
 
 
 def _s3(s3_server):  # type: ignore[no-untyped-def]
-    return boto3.client("s3", endpoint_url=s3_server.endpoint, aws_access_key_id=s3_server.access_key,
-                        aws_secret_access_key=s3_server.secret_key, region_name=s3_server.region)
+    return boto3.client(
+        "s3",
+        endpoint_url=s3_server.endpoint,
+        aws_access_key_id=s3_server.access_key,
+        aws_secret_access_key=s3_server.secret_key,
+        region_name=s3_server.region,
+    )
 
 
 def _keys(s3_server, prefix: str) -> list[str]:  # type: ignore[no-untyped-def]
@@ -25,8 +31,13 @@ def _keys(s3_server, prefix: str) -> list[str]:  # type: ignore[no-untyped-def]
 
 
 def _create(stack, sshd, workspace: pathlib.Path, instance_id: str = "e2e-1", **extra):  # type: ignore[no-untyped-def]
-    body = {"instance_id": instance_id, "ssh_host": sshd.host, "ssh_port": sshd.port,
-            "workspace_path": str(workspace), **extra}
+    body = {
+        "instance_id": instance_id,
+        "ssh_host": sshd.host,
+        "ssh_port": sshd.port,
+        "workspace_path": str(workspace),
+        **extra,
+    }
     r = stack.post("/api/gpu-snapshots", json=body)
     assert r.status_code == 202, r.text
     return r.json()
@@ -49,9 +60,10 @@ def test_create_list_restore_verify_delete(stack, sshd, s3_server, tmp_path):
     assert machine["host_key_pinned"] and machine["last_snapshot_id"] == snap["id"]
 
     target = tmp_path / "restored"
-    r = stack.post(f"/api/gpu-snapshots/{snap['id']}/restore",
-                   json={"ssh_host": sshd.host, "ssh_port": sshd.port, "workspace_path": str(target),
-                         "instance_id": "e2e-target"})
+    r = stack.post(
+        f"/api/gpu-snapshots/{snap['id']}/restore",
+        json={"ssh_host": sshd.host, "ssh_port": sshd.port, "workspace_path": str(target), "instance_id": "e2e-target"},
+    )
     assert r.status_code == 202, r.text
     assert stack.wait_job(r.json()["job"]["id"])["status"] == "succeeded"
     assert describe_tree(target) == before
@@ -70,8 +82,10 @@ def test_create_list_restore_verify_delete(stack, sshd, s3_server, tmp_path):
 def test_second_operation_on_a_busy_machine_is_409(stack, sshd, tmp_path):
     workspace = make_tricky_tree(tmp_path / "workspace")
     first = _create(stack, sshd, workspace)
-    r = stack.post("/api/gpu-snapshots", json={"instance_id": "e2e-1", "ssh_host": sshd.host,
-                                                "ssh_port": sshd.port, "workspace_path": str(workspace)})
+    r = stack.post(
+        "/api/gpu-snapshots",
+        json={"instance_id": "e2e-1", "ssh_host": sshd.host, "ssh_port": sshd.port, "workspace_path": str(workspace)},
+    )
     assert r.status_code == 409 and r.json()["error"]["code"] == "machine_busy"
     assert stack.wait_job(first["job"]["id"])["status"] == "succeeded"
 
@@ -113,9 +127,10 @@ def test_corrupted_part_fails_restore_and_leaves_target_untouched(stack, sshd, s
     target.mkdir()
     (target / "precious.txt").write_text("do not lose me\n")
     before = describe_tree(target)
-    r = stack.post(f"/api/gpu-snapshots/{snap['id']}/restore",
-                   json={"ssh_host": sshd.host, "ssh_port": sshd.port, "workspace_path": str(target),
-                         "overwrite": True})
+    r = stack.post(
+        f"/api/gpu-snapshots/{snap['id']}/restore",
+        json={"ssh_host": sshd.host, "ssh_port": sshd.port, "workspace_path": str(target), "overwrite": True},
+    )
     job = stack.wait_job(r.json()["job"]["id"])
     assert job["status"] == "failed" and job["error"]["code"] == "part_corrupt", job
     assert describe_tree(target) == before

@@ -2,6 +2,7 @@
 slow to be acted on) rents after its successor's last sweep. When it thaws it finds the job lost, and
 destroys what carries its own attempt's label before it stops: nothing leaks. (Found by an outside
 tester: the instance used to stay alive, billing, owned by nobody.)"""
+
 from __future__ import annotations
 
 import shutil
@@ -39,8 +40,11 @@ def test_frozen_wake_attempt_rents_after_successor_finished_and_leaks(stack, fak
         new_instance = done["result"]["instance_id"]
         # wait for the stale rent to land at vast.ai (after the successor's final sweep and hand-over)
         deadline = time.monotonic() + 40
-        while not [c for c in fake_vast.calls_to("PUT", "/api/v0/asks/")
-                   if c.json["label"].startswith("gpusnap:") and _label_attempt(c.json["label"]) == 1]:
+        while not [
+            c
+            for c in fake_vast.calls_to("PUT", "/api/v0/asks/")
+            if c.json["label"].startswith("gpusnap:") and _label_attempt(c.json["label"]) == 1
+        ]:
             assert time.monotonic() < deadline
             time.sleep(0.2)
         frozen.thaw()

@@ -1,11 +1,11 @@
 """The status page in a real headless Chromium, when its event stream cannot be had for a while: a job
 that finished then must not stay `queued` on the page once the stream is back. A stream opened without a
 resume point starts with the next event, so the page must read the state again when it opens one."""
+
 from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -29,8 +29,11 @@ class _QuietHandler(WSGIRequestHandler):
 
 @pytest.fixture
 def served(tmp_path, sqlite_url) -> Iterator[tuple[object, str]]:  # type: ignore[no-untyped-def]
-    app = create_app(make_settings(tmp_path, sqlite_url, events_poll_s=0.05, events_heartbeat_s=0.3,
-                                   events_max_streams=1), job_kinds=make_kinds(), configure_logs=False)
+    app = create_app(
+        make_settings(tmp_path, sqlite_url, events_poll_s=0.05, events_heartbeat_s=0.3, events_max_streams=1),
+        job_kinds=make_kinds(),
+        configure_logs=False,
+    )
     server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=_QuietHandler)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -44,8 +47,9 @@ def test_a_job_that_finished_while_the_page_had_no_stream_shows_finished(served,
     app, url = served
     c = app.extensions["gpusnap"]  # type: ignore[attr-defined]
     with transaction(c.session_factory) as s:
-        job_id = job_service.add_job(s, kind="sleep", params={"seconds": 0.1}, lock_key="machine:pg-1",
-                                     machine_id="pg-1").id
+        job_id = job_service.add_job(
+            s, kind="sleep", params={"seconds": 0.1}, lock_key="machine:pg-1", machine_id="pg-1"
+        ).id
     c.queue.enqueue(job_id)
     # Someone else holds the only stream: the page's tries get 503 and it keeps retrying.
     held = requests.get(f"{url}/api/events", headers=AUTH, stream=True, timeout=30)
@@ -55,8 +59,10 @@ def test_a_job_that_finished_while_the_page_had_no_stream_shows_finished(served,
     try:
         browser.navigate(url + "/")
         browser.wait_for("document.readyState === 'complete'")
-        browser.evaluate(f"document.getElementById('token-input').value = {json.dumps(TOKEN)};"
-                         "document.getElementById('token-form').requestSubmit(); true")
+        browser.evaluate(
+            f"document.getElementById('token-input').value = {json.dumps(TOKEN)};"
+            "document.getElementById('token-form').requestSubmit(); true"
+        )
         browser.wait_for(f"{row} && {row}.dataset.status === 'queued'")
         assert browser.evaluate("document.getElementById('live').textContent") != "(live)"
         assert run_jobs(app) == 1  # the job runs and ends while the page has no stream

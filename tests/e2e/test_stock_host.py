@@ -7,6 +7,7 @@ plays the part of the host user's login environment: the system python3 (no zsta
 mode, a PATH built from /usr/bin minus s5cmd (and minus zstd where a test says so), pip pointed at
 nothing (PIP_NO_INDEX, an index URL on a closed port, no config files), and an empty cache home.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,21 +44,30 @@ unset PIP_FIND_LINKS PIP_EXTRA_INDEX_URL PIP_CONSTRAINT PYTHONPATH PYTHONHOME VI
 exec {SYSTEM_PYTHON} -I "$@"
 """)
     wrapper.chmod(0o755)
+
     # The setup must really be what it claims, or the test proves nothing.
     def host(code: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(wrapper), "-c", code], capture_output=True, text=True, timeout=120)
+
     assert host("import zstandard").returncode != 0
     assert host("import shutil, sys; sys.exit(shutil.which('s5cmd') is not None)").returncode == 0
     assert host("import shutil, sys; sys.exit((shutil.which('zstd') is None) == %r)" % zstd_binary).returncode == 0
-    pip = host("import subprocess, sys; sys.exit(subprocess.call([sys.executable, '-m', 'pip', 'download', "
-               "'--no-deps', '-d', '/tmp/gpusnap-never', 'zstandard']))")
+    pip = host(
+        "import subprocess, sys; sys.exit(subprocess.call([sys.executable, '-m', 'pip', 'download', "
+        "'--no-deps', '-d', '/tmp/gpusnap-never', 'zstandard']))"
+    )
     assert pip.returncode != 0, "the host reached a package index"
     return str(wrapper)
 
 
 def _s3(s3_server):  # type: ignore[no-untyped-def]
-    return boto3.client("s3", endpoint_url=s3_server.endpoint, aws_access_key_id=s3_server.access_key,
-                        aws_secret_access_key=s3_server.secret_key, region_name=s3_server.region)
+    return boto3.client(
+        "s3",
+        endpoint_url=s3_server.endpoint,
+        aws_access_key_id=s3_server.access_key,
+        aws_secret_access_key=s3_server.secret_key,
+        region_name=s3_server.region,
+    )
 
 
 def _manifest(s3_server, snap: dict) -> dict:  # type: ignore[no-untyped-def]
@@ -80,23 +90,31 @@ def _use_host_python(stack, wrapper: str) -> None:  # type: ignore[no-untyped-de
 
 
 def _snapshot(stack, host, workspace: pathlib.Path, instance_id: str) -> tuple[dict, dict]:  # type: ignore[no-untyped-def]
-    r = stack.post("/api/gpu-snapshots", json={"instance_id": instance_id, "ssh_host": host.host,
-                                                "ssh_port": host.port, "workspace_path": str(workspace),
-                                                "codec": "zstd"})
+    r = stack.post(
+        "/api/gpu-snapshots",
+        json={
+            "instance_id": instance_id,
+            "ssh_host": host.host,
+            "ssh_port": host.port,
+            "workspace_path": str(workspace),
+            "codec": "zstd",
+        },
+    )
     assert r.status_code == 202, r.text
     job = stack.wait_job(r.json()["job"]["id"], timeout=240)
     return job, stack.get(f"/api/gpu-snapshots/{r.json()['snapshot']['id']}").json()
 
 
 def _restore(stack, host, snap: dict, target: pathlib.Path) -> dict:  # type: ignore[no-untyped-def]
-    r = stack.post(f"/api/gpu-snapshots/{snap['id']}/restore",
-                   json={"ssh_host": host.host, "ssh_port": host.port, "workspace_path": str(target)})
+    r = stack.post(
+        f"/api/gpu-snapshots/{snap['id']}/restore",
+        json={"ssh_host": host.host, "ssh_port": host.port, "workspace_path": str(target)},
+    )
     assert r.status_code == 202, r.text
     return stack.wait_job(r.json()["job"]["id"], timeout=240)
 
 
-def test_stock_host_round_trip_ships_s5cmd_and_compresses_with_the_zstd_binary(stack, stock_host, s3_server,
-                                                                               tmp_path):
+def test_stock_host_round_trip_ships_s5cmd_and_compresses_with_the_zstd_binary(stack, stock_host, s3_server, tmp_path):
     _use_host_python(stack, stock_host_python(tmp_path / "host", zstd_binary=True))
     workspace = make_tricky_tree(tmp_path / "workspace")
     before = describe_tree(workspace)

@@ -1,5 +1,6 @@
 """A dropped SSH link is retried inside the job (issue 14), end to end: a real worker process, the loopback
 sshd behind tests/support/fault_relay.py (which resets live TCP connections on demand), SeaweedFS."""
+
 from __future__ import annotations
 
 import os
@@ -32,8 +33,15 @@ def _workspace(tmp_path: pathlib.Path) -> pathlib.Path:
 
 
 def _create_via(stack, relay, workspace, instance_id):  # type: ignore[no-untyped-def]
-    r = stack.post("/api/gpu-snapshots", json={"instance_id": instance_id, "ssh_host": "127.0.0.1",
-                                               "ssh_port": relay.port, "workspace_path": str(workspace)})
+    r = stack.post(
+        "/api/gpu-snapshots",
+        json={
+            "instance_id": instance_id,
+            "ssh_host": "127.0.0.1",
+            "ssh_port": relay.port,
+            "workspace_path": str(workspace),
+        },
+    )
     assert r.status_code == 202, r.text
     return r.json()
 
@@ -51,8 +59,13 @@ def _reset_once_parts_are_stored(stack, relay, job_id: str, parts: int = 3) -> N
 
 
 def _keys(s3_server, prefix: str) -> list[str]:  # type: ignore[no-untyped-def]
-    s3 = boto3.client("s3", endpoint_url=s3_server.endpoint, aws_access_key_id=s3_server.access_key,
-                      aws_secret_access_key=s3_server.secret_key, region_name=s3_server.region)
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=s3_server.endpoint,
+        aws_access_key_id=s3_server.access_key,
+        aws_secret_access_key=s3_server.secret_key,
+        region_name=s3_server.region,
+    )
     return [o["Key"] for o in s3.list_objects_v2(Bucket=s3_server.bucket, Prefix=prefix).get("Contents", [])]
 
 
@@ -72,16 +85,21 @@ def test_a_reset_mid_upload_is_retried_and_resumes(stack, relay, s3_server, tmp_
     assert any(e.get("kind") == "remote_retry" for e in events), events
 
     target = tmp_path / "restored"
-    r = stack.post(f"/api/gpu-snapshots/{created['snapshot']['id']}/restore",
-                   json={"ssh_host": "127.0.0.1", "ssh_port": relay.port, "workspace_path": str(target),
-                         "instance_id": "reset-1"})
+    r = stack.post(
+        f"/api/gpu-snapshots/{created['snapshot']['id']}/restore",
+        json={"ssh_host": "127.0.0.1", "ssh_port": relay.port, "workspace_path": str(target), "instance_id": "reset-1"},
+    )
     assert r.status_code == 202, r.text
     assert stack.wait_job(r.json()["job"]["id"], timeout=240)["status"] == "succeeded"
     assert describe_tree(target) == describe_tree(workspace)
 
 
-def test_cancel_during_the_retry_wait_is_final_and_removes_the_parts(stack, relay, s3_server,  # type: ignore[no-untyped-def]
-                                                                    tmp_path):
+def test_cancel_during_the_retry_wait_is_final_and_removes_the_parts(
+    stack,
+    relay,
+    s3_server,  # type: ignore[no-untyped-def]
+    tmp_path,
+):
     stack.stop_worker()
     stack.start_worker(REMOTE_RETRY_BACKOFF_S="120")
     workspace = _workspace(tmp_path)

@@ -15,6 +15,7 @@ Unknown account ids and buckets are refused, and a parent key other than the acc
 the real API can only sign with a key it holds. `on_mint(creds, body)` lets a test make the minted key
 real on its S3 stand-in (tests/support/s3_server.py `add_identity`).
 """
+
 from __future__ import annotations
 
 import json
@@ -82,8 +83,9 @@ class FakeCloudflareApi:
     def _answer(self, request: Request) -> Response:
         path = f"/client/v4/accounts/{self.account_id}/r2/temp-access-credentials"
         if request.path != path:
-            return self._error(404, 7003, "Could not route to %s, perhaps your object identifier is invalid?"
-                               % request.path)
+            return self._error(
+                404, 7003, "Could not route to %s, perhaps your object identifier is invalid?" % request.path
+            )
         if request.method != "POST":
             return self._error(405, 10405, "Method not allowed")
         if request.headers.get("Authorization") != f"Bearer {self.api_token}":
@@ -103,21 +105,36 @@ class FakeCloudflareApi:
             return self._error(404, 10006, "The specified bucket does not exist.")
         if body["parentAccessKeyId"] != self.parent_access_key:
             return self._error(400, 10026, "parentAccessKeyId does not name an access key of this account")
-        minted = Minted(body=body, access_key="TMP" + secrets.token_hex(10).upper(),
-                        secret_key=secrets.token_hex(32), session_token=secrets.token_urlsafe(48))
+        minted = Minted(
+            body=body,
+            access_key="TMP" + secrets.token_hex(10).upper(),
+            secret_key=secrets.token_hex(32),
+            session_token=secrets.token_urlsafe(48),
+        )
         if self.on_mint is not None:
             self.on_mint(minted)
         with self._lock:
             self.minted.append(minted)
-        return _json(200, {"result": {"accessKeyId": minted.access_key, "secretAccessKey": minted.secret_key,
-                                      "sessionToken": minted.session_token},
-                           "success": True, "errors": [], "messages": []})
+        return _json(
+            200,
+            {
+                "result": {
+                    "accessKeyId": minted.access_key,
+                    "secretAccessKey": minted.secret_key,
+                    "sessionToken": minted.session_token,
+                },
+                "success": True,
+                "errors": [],
+                "messages": [],
+            },
+        )
 
     def _error(self, status: int, code: int, message: str) -> Response:
         with self._lock:
             self.refusals.append((status, message))
-        return _json(status, {"result": None, "success": False, "errors": [{"code": code, "message": message}],
-                              "messages": []})
+        return _json(
+            status, {"result": None, "success": False, "errors": [{"code": code, "message": message}], "messages": []}
+        )
 
 
 def _invalid(body: Any) -> str | None:

@@ -17,6 +17,7 @@ faults a test injects (an out-of-memory error on the next encode or decode, a 5.
 The compressed form is zlib behind a header naming the format's major version, so a 5.x stream
 does not decode with 6.x and the other way round, like the real ANS format.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -36,8 +37,9 @@ _CURRENT = threading.local()  # the calling thread's current CUDA device (FakePr
 def reset(devices: int = 1, free: int = 8 << 30) -> None:
     _CURRENT.__dict__.clear()  # the calling thread's current device is 0 again
     STATE.clear()
-    STATE.update(free={i: free for i in range(devices)}, fail_encode=0, fail_decode=0, format_major=6,
-                 encodes=0, decodes=0)
+    STATE.update(
+        free={i: free for i in range(devices)}, fail_encode=0, fail_decode=0, format_major=6, encodes=0, decodes=0
+    )
 
 
 reset()
@@ -50,17 +52,28 @@ class Array:
         self.buffer_size = len(data)
         if device is None:
             self._cbuf = ctypes.create_string_buffer(data, len(data) or 1)
-            self.__array_interface__ = {"shape": (len(data),), "typestr": "|u1", "version": 3,
-                                        "data": (ctypes.addressof(self._cbuf), False), "strides": None}
+            self.__array_interface__ = {
+                "shape": (len(data),),
+                "typestr": "|u1",
+                "version": 3,
+                "data": (ctypes.addressof(self._cbuf), False),
+                "strides": None,
+            }
         else:
-            self.__cuda_array_interface__ = {"shape": (len(data),), "typestr": "|u1", "version": 3,
-                                             "data": (0, False), "strides": None, "stream": 1}
+            self.__cuda_array_interface__ = {
+                "shape": (len(data),),
+                "typestr": "|u1",
+                "version": 3,
+                "data": (0, False),
+                "strides": None,
+                "stream": 1,
+            }
 
     @property
     def buffer_kind(self) -> str:
         return "STRIDED_HOST" if self._device is None else "STRIDED_DEVICE"
 
-    def cuda(self) -> "Array":
+    def cuda(self) -> Array:
         if self._device is not None:
             return self
         device_id = getattr(_CURRENT, "device", 0)  # CUDA's current device, per thread
@@ -70,7 +83,7 @@ class Array:
         finally:
             _give(device_id, len(self._data))  # the fake frees at once; the real one when collected
 
-    def cpu(self) -> "Array":
+    def cpu(self) -> Array:
         return self if self._device is None else Array(self._data, None)
 
 
@@ -95,8 +108,17 @@ def _give(device: int, size: int) -> None:
     STATE["free"][device] += size
 
 
-_CODEC_KWARGS = {"algorithm", "device_id", "cuda_stream", "uses_stream_ordered_allocator", "bitstream_kind",
-                 "checksum_policy", "chunk_size", "data_type", "algorithm_type"}
+_CODEC_KWARGS = {
+    "algorithm",
+    "device_id",
+    "cuda_stream",
+    "uses_stream_ordered_allocator",
+    "bitstream_kind",
+    "checksum_policy",
+    "chunk_size",
+    "data_type",
+    "algorithm_type",
+}
 
 
 class Codec:
@@ -135,11 +157,11 @@ class Codec:
         data = array._data
         if len(data) < _HEADER.size:
             raise RuntimeError("nvCOMP error: nvcompErrorBadChecksum / invalid format")
-        magic, major, size = _HEADER.unpack(data[:_HEADER.size])
+        magic, major, size = _HEADER.unpack(data[: _HEADER.size])
         if magic != b"FAKEANS\0" or major != int(__version__.split(".")[0]):
             raise RuntimeError("nvCOMP error: invalid or unsupported bitstream format")
         try:
-            out = zlib.decompress(data[_HEADER.size:])
+            out = zlib.decompress(data[_HEADER.size :])
         except zlib.error as exc:
             raise RuntimeError("nvCOMP error: decompression failed: %s" % exc) from None
         if len(out) != size:
@@ -166,5 +188,7 @@ class FakeProbe:
     def devices(self) -> list[dict[str, Any]] | None:
         if self._devices is not None:
             return self._devices
-        return [{"index": i, "free": free, "total": 80 << 30, "compute_mode": "default", "processes": 0}
-                for i, free in STATE["free"].items()]
+        return [
+            {"index": i, "free": free, "total": 80 << 30, "compute_mode": "default", "processes": 0}
+            for i, free in STATE["free"].items()
+        ]

@@ -1,4 +1,5 @@
 """An in-memory object store with the same interface as `src.adapters.object_store.ObjectStore`."""
+
 from __future__ import annotations
 
 import hashlib

@@ -13,6 +13,7 @@ it is asked (probe_host before and after a file was shipped). A script's list ma
 `SshConnectionLost("dropped")` after two progress events). Setting the `cancel` event makes the next
 step raise `RemoteCancelled`, like the real session after it killed the process group.
 """
+
 from __future__ import annotations
 
 import base64
@@ -41,9 +42,16 @@ def fake_host_key(seed: str) -> str:
 FAKE_HOST_KEY = fake_host_key("fake-gpu-host")
 
 # What probe_host.py answers on a host that has a recent s5cmd on its PATH (the jobs' first call).
-HOST_WITH_S5CMD = [{"event": "started", "pid": 2, "pgid": 2},
-                   {"event": "result", "machine": "x86_64", "s5cmd_path": "/usr/local/bin/s5cmd",
-                    "s5cmd_version": "v2.3.0-991c9fb", "s5cmd_sha256": None}]
+HOST_WITH_S5CMD = [
+    {"event": "started", "pid": 2, "pgid": 2},
+    {
+        "event": "result",
+        "machine": "x86_64",
+        "s5cmd_path": "/usr/local/bin/s5cmd",
+        "s5cmd_version": "v2.3.0-991c9fb",
+        "s5cmd_sha256": None,
+    },
+]
 
 
 @dataclass
@@ -95,8 +103,13 @@ class FakeRemoteSession:
         self._check_open()
         if name not in self.client.scripts:
             raise ValueError(f"no remote script named {name!r}")
-        call = ScriptCall(target=self.target, name=name, params=copy.deepcopy(params),
-                          deadline_s=deadline_s, idle_timeout_s=idle_timeout_s)
+        call = ScriptCall(
+            target=self.target,
+            name=name,
+            params=copy.deepcopy(params),
+            deadline_s=deadline_s,
+            idle_timeout_s=idle_timeout_s,
+        )
         self.client.script_calls.append(call)
         steps = self.client.scripts[name]
         return self._steps(call, list(steps(copy.deepcopy(params)) if callable(steps) else steps), cancel)

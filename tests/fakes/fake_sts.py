@@ -7,6 +7,7 @@ header whose credential names the caller's access key. Success is an `AssumeRole
 with `Credentials` (AccessKeyId, SecretAccessKey, SessionToken, Expiration); a refusal is an
 `ErrorResponse` with `Type` Sender and `Code` ValidationError (400) or AccessDenied (403), as STS answers.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -61,28 +62,38 @@ class FakeSts:
             return _error(403, "InvalidClientTokenId", "The security token included in the request is invalid.")
         form = {k: v[0] for k, v in parse_qs(request.get_data(as_text=True)).items()}
         if form.get("Action") != "AssumeRole" or form.get("Version") != "2011-06-15":
-            return _error(400, "InvalidAction", "Could not find operation %s for version %s"
-                          % (form.get("Action"), form.get("Version")))
+            return _error(
+                400,
+                "InvalidAction",
+                "Could not find operation %s for version %s" % (form.get("Action"), form.get("Version")),
+            )
         problem = _invalid(form)
         if problem:
             return _error(400, "ValidationError", problem)
         if form["RoleArn"] != self.role_arn:
-            return _error(403, "AccessDenied", "User is not authorized to perform: sts:AssumeRole on resource: "
-                          + form["RoleArn"])
-        creds = {"AccessKeyId": "ASIA" + secrets.token_hex(8).upper(), "SecretAccessKey": secrets.token_hex(20),
-                 "SessionToken": secrets.token_urlsafe(64)}
-        self.assumed.append({**form, "Policy": json.loads(form["Policy"]) if "Policy" in form else None,
-                             "credentials": creds})
+            return _error(
+                403, "AccessDenied", "User is not authorized to perform: sts:AssumeRole on resource: " + form["RoleArn"]
+            )
+        creds = {
+            "AccessKeyId": "ASIA" + secrets.token_hex(8).upper(),
+            "SecretAccessKey": secrets.token_hex(20),
+            "SessionToken": secrets.token_urlsafe(64),
+        }
+        self.assumed.append(
+            {**form, "Policy": json.loads(form["Policy"]) if "Policy" in form else None, "credentials": creds}
+        )
         expires = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=int(form.get("DurationSeconds", 3600)))
-        body = (f'<AssumeRoleResponse xmlns="{_NS}"><AssumeRoleResult><Credentials>'
-                f"<AccessKeyId>{creds['AccessKeyId']}</AccessKeyId>"
-                f"<SecretAccessKey>{creds['SecretAccessKey']}</SecretAccessKey>"
-                f"<SessionToken>{creds['SessionToken']}</SessionToken>"
-                f"<Expiration>{expires.strftime('%Y-%m-%dT%H:%M:%SZ')}</Expiration>"
-                "</Credentials><AssumedRoleUser><AssumedRoleId>AROAFAKE:"
-                f"{form['RoleSessionName']}</AssumedRoleId><Arn>{form['RoleArn']}</Arn></AssumedRoleUser>"
-                "</AssumeRoleResult><ResponseMetadata><RequestId>fake</RequestId></ResponseMetadata>"
-                "</AssumeRoleResponse>")
+        body = (
+            f'<AssumeRoleResponse xmlns="{_NS}"><AssumeRoleResult><Credentials>'
+            f"<AccessKeyId>{creds['AccessKeyId']}</AccessKeyId>"
+            f"<SecretAccessKey>{creds['SecretAccessKey']}</SecretAccessKey>"
+            f"<SessionToken>{creds['SessionToken']}</SessionToken>"
+            f"<Expiration>{expires.strftime('%Y-%m-%dT%H:%M:%SZ')}</Expiration>"
+            "</Credentials><AssumedRoleUser><AssumedRoleId>AROAFAKE:"
+            f"{form['RoleSessionName']}</AssumedRoleId><Arn>{form['RoleArn']}</Arn></AssumedRoleUser>"
+            "</AssumeRoleResult><ResponseMetadata><RequestId>fake</RequestId></ResponseMetadata>"
+            "</AssumeRoleResponse>"
+        )
         return Response(body, status=200, mimetype="text/xml")
 
 
@@ -107,6 +118,8 @@ def _invalid(form: dict[str, str]) -> str | None:
 
 
 def _error(status: int, code: str, message: str) -> Response:
-    body = (f'<ErrorResponse xmlns="{_NS}"><Error><Type>Sender</Type><Code>{code}</Code>'
-            f"<Message>{message}</Message></Error><RequestId>fake</RequestId></ErrorResponse>")
+    body = (
+        f'<ErrorResponse xmlns="{_NS}"><Error><Type>Sender</Type><Code>{code}</Code>'
+        f"<Message>{message}</Message></Error><RequestId>fake</RequestId></ErrorResponse>"
+    )
     return Response(body, status=status, mimetype="text/xml")

@@ -7,6 +7,7 @@ whichever SSH endpoint their runtype makes live (direct mapping or proxy) at `ss
 loopback sshd), the other at a dead port. Like vast.ai, it enforces a minimum interval between calls
 to each endpoint (429 "API requests too frequent", no Retry-After), scaled by `rate_limit_scale`.
 Shapes and switches are described in docs/vast.md."""
+
 from __future__ import annotations
 
 import json
@@ -45,11 +46,14 @@ class _Fault:
     status: int = 500
     method: str | None = None
     path_prefix: str | None = None
-    seconds: float = 0.0          # for slow calls: sleep this long, then answer normally
+    seconds: float = 0.0  # for slow calls: sleep this long, then answer normally
 
     def matches(self, method: str, path: str) -> bool:
-        return (self.remaining > 0 and (self.method is None or self.method == method)
-                and (self.path_prefix is None or path.startswith(self.path_prefix)))
+        return (
+            self.remaining > 0
+            and (self.method is None or self.method == method)
+            and (self.path_prefix is None or path.startswith(self.path_prefix))
+        )
 
 
 # Minimum seconds between two accepted calls to an endpoint ("Rate Limits and Errors": per endpoint and
@@ -58,20 +62,29 @@ class _Fault:
 # auto_get_api_v0_instances_id_4ff617.yaml 2, auto_put_… 1, auto_delete_… 3, auto_get_api_v1_instances_7c2781.yaml 1)
 # and "Rate Limits by Endpoint and Method" (GET /api/v0/instances/ 0.5 token/s). A refused call costs no token
 # (penalty 0 in that table), so it does not push the next allowed moment back.
-MIN_INTERVAL_S = {"search": 2.0, "create": 4.5, "show": 2.0, "update": 1.0, "destroy": 3.0, "list_v1": 1.0,
-                  "list_v0": 2.0}
+MIN_INTERVAL_S = {
+    "search": 2.0,
+    "create": 4.5,
+    "show": 2.0,
+    "update": 1.0,
+    "destroy": 3.0,
+    "list_v1": 1.0,
+    "list_v0": 2.0,
+}
 # Tests would take minutes at vast.ai's pace; the default keeps the shape (which calls collide) at 1/100 speed.
 DEFAULT_RATE_LIMIT_SCALE = 0.01
 
-_URLS = Map([
-    Rule("/api/v0/bundles/", endpoint="search", methods=["POST"]),
-    Rule("/api/v0/asks/<int:offer_id>/", endpoint="create", methods=["PUT"]),
-    Rule("/api/v0/instances/", endpoint="list_v0", methods=["GET"]),
-    Rule("/api/v0/instances/<int:iid>/", endpoint="show", methods=["GET"]),
-    Rule("/api/v0/instances/<int:iid>/", endpoint="update", methods=["PUT"]),
-    Rule("/api/v0/instances/<int:iid>/", endpoint="destroy", methods=["DELETE"]),
-    Rule("/api/v1/instances/", endpoint="list_v1", methods=["GET"]),
-])
+_URLS = Map(
+    [
+        Rule("/api/v0/bundles/", endpoint="search", methods=["POST"]),
+        Rule("/api/v0/asks/<int:offer_id>/", endpoint="create", methods=["PUT"]),
+        Rule("/api/v0/instances/", endpoint="list_v0", methods=["GET"]),
+        Rule("/api/v0/instances/<int:iid>/", endpoint="show", methods=["GET"]),
+        Rule("/api/v0/instances/<int:iid>/", endpoint="update", methods=["PUT"]),
+        Rule("/api/v0/instances/<int:iid>/", endpoint="destroy", methods=["DELETE"]),
+        Rule("/api/v1/instances/", endpoint="list_v1", methods=["GET"]),
+    ]
+)
 
 
 class FakeVastApi(FakeVastMarket):
@@ -79,12 +92,25 @@ class FakeVastApi(FakeVastMarket):
     `VastClient` needs. The market's switches and assertions (`stay_loading`, `live_instances`...) are
     inherited; the ones here act on calls before they reach it."""
 
-    def __init__(self, *, api_key: str = "fake-vast-key", ssh_endpoint: tuple[str, int] = ("127.0.0.1", 22),
-                 offers: list[dict[str, Any]] | None = None, polls_until_running: int = 1,
-                 seconds_until_running: float | None = None, page_size: int = 25, host: str = "127.0.0.1",
-                 rate_limit_scale: float = DEFAULT_RATE_LIMIT_SCALE) -> None:
-        super().__init__(ssh_endpoint=ssh_endpoint, offers=offers, polls_until_running=polls_until_running,
-                         seconds_until_running=seconds_until_running, page_size=page_size)
+    def __init__(
+        self,
+        *,
+        api_key: str = "fake-vast-key",
+        ssh_endpoint: tuple[str, int] = ("127.0.0.1", 22),
+        offers: list[dict[str, Any]] | None = None,
+        polls_until_running: int = 1,
+        seconds_until_running: float | None = None,
+        page_size: int = 25,
+        host: str = "127.0.0.1",
+        rate_limit_scale: float = DEFAULT_RATE_LIMIT_SCALE,
+    ) -> None:
+        super().__init__(
+            ssh_endpoint=ssh_endpoint,
+            offers=offers,
+            polls_until_running=polls_until_running,
+            seconds_until_running=seconds_until_running,
+            page_size=page_size,
+        )
         self.api_key = api_key
         self.calls: list[Call] = []
         self._host = host
@@ -92,7 +118,7 @@ class FakeVastApi(FakeVastMarket):
         self._retry_after: str | None = "0"
         self._faults: list[_Fault] = []
         self._slow: list[_Fault] = []
-        self.rate_limit_scale = rate_limit_scale   # 0 turns the minimum intervals off
+        self.rate_limit_scale = rate_limit_scale  # 0 turns the minimum intervals off
         self._last_accepted: dict[str, float] = {}
         self._server: Any = None
         self._thread: threading.Thread | None = None
@@ -107,8 +133,9 @@ class FakeVastApi(FakeVastMarket):
     def start(self) -> FakeVastApi:
         self._server = make_server(self._host, 0, self._wsgi, threaded=True, request_handler=_QuietHandler)
         server = self._server  # a short poll interval makes stop() (and so each test's teardown) quick
-        self._thread = threading.Thread(target=lambda: server.serve_forever(poll_interval=0.02),
-                                        name="fake-vast-api", daemon=True)
+        self._thread = threading.Thread(
+            target=lambda: server.serve_forever(poll_interval=0.02), name="fake-vast-api", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -135,7 +162,9 @@ class FakeVastApi(FakeVastMarket):
         with self._lock:
             self._rate_limited, self._retry_after = n, retry_after
 
-    def fail_next(self, n: int, *, status: int = 500, method: str | None = None, path_prefix: str | None = None) -> None:
+    def fail_next(
+        self, n: int, *, status: int = 500, method: str | None = None, path_prefix: str | None = None
+    ) -> None:
         """Answer the next `n` matching calls with `status` and do nothing else."""
         with self._lock:
             self._faults.append(_Fault(remaining=n, status=status, method=method, path_prefix=path_prefix))
@@ -172,7 +201,9 @@ class FakeVastApi(FakeVastMarket):
         key = request.args.get("api_key")
         auth = request.headers.get("Authorization", "")
         if auth != f"Bearer {self.api_key}" and key != self.api_key:
-            return _response((401, {"success": False, "error": "auth_error", "msg": "Unauthenticated or blacklisted user."}))
+            return _response(
+                (401, {"success": False, "error": "auth_error", "msg": "Unauthenticated or blacklisted user."})
+            )
         if self._rate_limited > 0:
             self._rate_limited -= 1
             headers = {"Retry-After": self._retry_after} if self._retry_after is not None else {}

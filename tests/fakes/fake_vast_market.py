@@ -6,6 +6,7 @@ Sources for each behaviour (see docs/vast.md for the full table): the OpenAPI fi
 `api-reference/openapi/yaml/` (named below by their endpoint), "Creating Instances with the API"
 (vast-ai/docs `api-reference/creating-instances-with-api.mdx`) and the official CLI (vast-ai/vast-cli
 `vastai/api/offers.py`, `vastai/api/query.py`, `vastai/cli/commands/misc.py`)."""
+
 from __future__ import annotations
 
 import base64
@@ -30,14 +31,60 @@ _OFFER_TYPES = {"ondemand", "on-demand", "bid", "reserved"}
 # where the CLI only warns; the fake refuses them (400) so that a misspelt filter, which vast.ai would apply
 # to a column that does not exist, fails a test instead of silently matching everything or nothing.
 _SEARCH_FIELDS = {
-    "bw_nvlink", "cluster_id", "compute_cap", "cpu_arch", "cpu_cores", "cpu_cores_effective", "cpu_ghz", "cpu_ram",
-    "cuda_max_good", "datacenter", "direct_port_count", "disk_bw", "disk_space", "dlperf", "dlperf_per_dphtotal",
-    "dph_total", "driver_version", "duration", "external", "flops_per_dphtotal", "geolocation", "gpu_arch",
-    "gpu_display_active", "gpu_frac", "gpu_max_power", "gpu_max_temp", "gpu_mem_bw", "gpu_name", "gpu_ram",
-    "gpu_total_ram", "has_avx", "host_id", "id", "inet_down", "inet_down_cost", "inet_up", "inet_up_cost",
-    "machine_id", "min_bid", "mobo_name", "num_gpus", "os_version", "pci_gen", "pcie_bw", "reliability",
-    "rentable", "rented", "static_ip", "storage_cost", "total_flops", "ubuntu_version", "verification",
-    "verified", "vms_enabled",
+    "bw_nvlink",
+    "cluster_id",
+    "compute_cap",
+    "cpu_arch",
+    "cpu_cores",
+    "cpu_cores_effective",
+    "cpu_ghz",
+    "cpu_ram",
+    "cuda_max_good",
+    "datacenter",
+    "direct_port_count",
+    "disk_bw",
+    "disk_space",
+    "dlperf",
+    "dlperf_per_dphtotal",
+    "dph_total",
+    "driver_version",
+    "duration",
+    "external",
+    "flops_per_dphtotal",
+    "geolocation",
+    "gpu_arch",
+    "gpu_display_active",
+    "gpu_frac",
+    "gpu_max_power",
+    "gpu_max_temp",
+    "gpu_mem_bw",
+    "gpu_name",
+    "gpu_ram",
+    "gpu_total_ram",
+    "has_avx",
+    "host_id",
+    "id",
+    "inet_down",
+    "inet_down_cost",
+    "inet_up",
+    "inet_up_cost",
+    "machine_id",
+    "min_bid",
+    "mobo_name",
+    "num_gpus",
+    "os_version",
+    "pci_gen",
+    "pcie_bw",
+    "reliability",
+    "rentable",
+    "rented",
+    "static_ip",
+    "storage_cost",
+    "total_flops",
+    "ubuntu_version",
+    "verification",
+    "verified",
+    "vms_enabled",
 }
 # A filter object's operators: the schema's `additionalProperties: false` over exactly these.
 _OPERATORS = {"eq", "neq", "gt", "gte", "lt", "lte", "in", "notin"}
@@ -54,16 +101,38 @@ def default_offers() -> list[dict[str, Any]]:
     """A small market: two rentable RTX 4090s at different prices and places, one unreliable and one
     unverified 4090 (cheaper, so filters must drop them), a 3090 in Canada whose host has no direct ports
     (proxy SSH only), a 2x A100, a taken H100."""
+
     def offer(id_: int, gpu: str, n: int, dph: float, geo: str, **extra: Any) -> dict[str, Any]:
-        base = {"id": id_, "direct_port_count": 32, "machine_id": id_ + 9000, "host_id": 77, "gpu_name": gpu, "num_gpus": n,
-                "gpu_ram": 24564, "dph_total": dph, "dph_base": round(dph * 0.9, 4), "disk_space": 200.0,
-                "reliability": 0.99, "inet_down": 800.0, "inet_up": 400.0, "geolocation": geo,
-                "verification": "verified", "verified": True, "rentable": True, "rented": False,
-                "external": False, "cpu_cores": 16, "cpu_ram": 64000, "cuda_max_good": 12.4,
-                # USD per GB, as the bundles answer and the CLI's `offers_fields` name them.
-                "inet_up_cost": 0.002, "inet_down_cost": 0.001}
+        base = {
+            "id": id_,
+            "direct_port_count": 32,
+            "machine_id": id_ + 9000,
+            "host_id": 77,
+            "gpu_name": gpu,
+            "num_gpus": n,
+            "gpu_ram": 24564,
+            "dph_total": dph,
+            "dph_base": round(dph * 0.9, 4),
+            "disk_space": 200.0,
+            "reliability": 0.99,
+            "inet_down": 800.0,
+            "inet_up": 400.0,
+            "geolocation": geo,
+            "verification": "verified",
+            "verified": True,
+            "rentable": True,
+            "rented": False,
+            "external": False,
+            "cpu_cores": 16,
+            "cpu_ram": 64000,
+            "cuda_max_good": 12.4,
+            # USD per GB, as the bundles answer and the CLI's `offers_fields` name them.
+            "inet_up_cost": 0.002,
+            "inet_down_cost": 0.001,
+        }
         base.update(extra)
         return base
+
     return [
         offer(1001, "RTX 4090", 1, 0.40, "Texas, US"),
         offer(1002, "RTX 4090", 1, 0.35, "Sweden, SE", disk_space=100.0, inet_down=500.0),
@@ -80,13 +149,13 @@ class _Meta:
     offer_id: int
     created_at: float
     body: dict[str, Any]
-    stuck: str | None = None      # "loading" forever, or "exited"/"unknown" and never running
+    stuck: str | None = None  # "loading" forever, or "exited"/"unknown" and never running
     polls: int = 0
     destroyed: bool = False
     linger_gets: int = 0
     runtype: str = "ssh"
-    direct: bool = False          # the container's 22/tcp is mapped on the host (a _direct runtype, host with ports)
-    gpus_free_at: float | None = None   # while in the future, starts are refused and queued
+    direct: bool = False  # the container's 22/tcp is mapped on the host (a _direct runtype, host with ports)
+    gpus_free_at: float | None = None  # while in the future, starts are refused and queued
 
 
 @dataclass
@@ -108,9 +177,15 @@ class FakeVastMarket:
     `polls_until_running` more reads, or after `seconds_until_running` when set. Switches and assertions take `_lock`; the `answer_*` methods
     expect the caller (the HTTP server) to hold it."""
 
-    def __init__(self, *, ssh_endpoint: tuple[str, int] = ("127.0.0.1", 22),
-                 offers: list[dict[str, Any]] | None = None, polls_until_running: int = 1,
-                 seconds_until_running: float | None = None, page_size: int = 25) -> None:
+    def __init__(
+        self,
+        *,
+        ssh_endpoint: tuple[str, int] = ("127.0.0.1", 22),
+        offers: list[dict[str, Any]] | None = None,
+        polls_until_running: int = 1,
+        seconds_until_running: float | None = None,
+        page_size: int = 25,
+    ) -> None:
         self.ssh_endpoint = ssh_endpoint
         # Where the endpoint an instance does NOT use points: a loopback port nothing listens on, so a client
         # that picks the wrong one (proxy for a direct rental, ssh_port without Jupyter's +1...) fails fast.
@@ -222,7 +297,11 @@ class FakeVastMarket:
             return 400, {"success": False, "error": "invalid_args", "msg": f"Invalid query: unknown field {unknown[0]}"}
         bad_ops = sorted({op for ops in conditions.values() for op in ops} - _OPERATORS)
         if bad_ops:
-            return 400, {"success": False, "error": "invalid_args", "msg": f"Invalid query: unknown operator {bad_ops[0]}"}
+            return 400, {
+                "success": False,
+                "error": "invalid_args",
+                "msg": f"Invalid query: unknown operator {bad_ops[0]}",
+            }
         offers = [o for o in self.offers if _matches(o, conditions)]
         for column, direction in reversed(body.get("order") or []):
             offers.sort(key=lambda o: (o.get(column) is None, o.get(column)), reverse=direction == "desc")
@@ -233,7 +312,11 @@ class FakeVastMarket:
         if offer is None:
             return 404, {"success": False, "error": "no_such_ask", "msg": f"No ask by id {offer_id} is available."}
         if offer_id in self._sw.gone_offers:
-            return 410, {"success": False, "error": "no_such_ask", "msg": f"Instance type {offer_id} is no longer available."}
+            return 410, {
+                "success": False,
+                "error": "no_such_ask",
+                "msg": f"Instance type {offer_id} is no longer available.",
+            }
         if not isinstance(body, dict) or not body.get("image"):
             return 400, {"success": False, "error": "invalid_args", "msg": "'image' is required"}
         runtype = body.get("runtype", "ssh")
@@ -243,8 +326,13 @@ class FakeVastMarket:
             return 400, {"success": False, "error": "invalid_args", "msg": "label_too_long"}
         iid = self._next_id
         self._next_id += 1
-        meta = _Meta(offer_id=offer_id, created_at=time.monotonic(), body=body, runtype=runtype,
-                     direct=runtype in _DIRECT_RUNTYPES and int(offer.get("direct_port_count") or 0) >= 1)
+        meta = _Meta(
+            offer_id=offer_id,
+            created_at=time.monotonic(),
+            body=body,
+            runtype=runtype,
+            direct=runtype in _DIRECT_RUNTYPES and int(offer.get("direct_port_count") or 0) >= 1,
+        )
         if offer_id in self._sw.stay_loading_offers or self._sw.stay_loading_next > 0:
             self._sw.stay_loading_next = max(0, self._sw.stay_loading_next - 1)
             meta.stuck = "loading"
@@ -254,31 +342,55 @@ class FakeVastMarket:
             meta.stuck = self._sw.fail_start_next.popleft()
         env = body.get("env") if isinstance(body.get("env"), dict) else {}
         self._instances[iid] = {
-            "id": iid, "machine_id": offer["machine_id"], "host_id": offer.get("host_id"),
-            "label": body.get("label"), "image_uuid": body["image"], "disk_space": float(body.get("disk") or 8),
-            "gpu_name": offer["gpu_name"], "num_gpus": offer["num_gpus"], "dph_total": offer["dph_total"],
-            "inet_up_cost": offer.get("inet_up_cost"), "inet_down_cost": offer.get("inet_down_cost"),
-            "geolocation": offer["geolocation"], "onstart": body.get("onstart"),
-            "extra_env": [[k, v] for k, v in env.items()], "start_date": time.time(), "image_runtype": runtype,
+            "id": iid,
+            "machine_id": offer["machine_id"],
+            "host_id": offer.get("host_id"),
+            "label": body.get("label"),
+            "image_uuid": body["image"],
+            "disk_space": float(body.get("disk") or 8),
+            "gpu_name": offer["gpu_name"],
+            "num_gpus": offer["num_gpus"],
+            "dph_total": offer["dph_total"],
+            "inet_up_cost": offer.get("inet_up_cost"),
+            "inet_down_cost": offer.get("inet_down_cost"),
+            "geolocation": offer["geolocation"],
+            "onstart": body.get("onstart"),
+            "extra_env": [[k, v] for k, v in env.items()],
+            "start_date": time.time(),
+            "image_runtype": runtype,
             # Null until the host reports the container (Statuses: "null while provisioning"), then loading.
-            "actual_status": None, "intended_status": "running", "cur_state": "running",
-            "status_msg": None, "template_name": None,
+            "actual_status": None,
+            "intended_status": "running",
+            "cur_state": "running",
+            "status_msg": None,
+            "template_name": None,
         }
         self._meta[iid] = meta
         failure = self._sw.create_failures.popleft() if self._sw.create_failures else None
         if failure == "http_500":
             return 500, "Internal Server Error"
         if failure == "success_false":
-            self._instances[iid].update(actual_status="stopped", intended_status="stopped", cur_state="stopped",
-                                        status_msg="Required resources are currently unavailable")
+            self._instances[iid].update(
+                actual_status="stopped",
+                intended_status="stopped",
+                cur_state="stopped",
+                status_msg="Required resources are currently unavailable",
+            )
             meta.stuck = "stopped"
-            return 200, {"success": False, "new_contract": iid, "error": "resources_unavailable",
-                         "msg": "Required resources are currently unavailable, instance created stopped."}
+            return 200, {
+                "success": False,
+                "new_contract": iid,
+                "error": "resources_unavailable",
+                "msg": "Required resources are currently unavailable, instance created stopped.",
+            }
         return 200, {"success": True, "new_contract": iid, "instance_api_key": f"fake-instance-key-{iid}"}
 
     def answer_list_v0(self) -> Answer:
-        return 410, {"success": False, "error": "deprecated",
-                     "msg": "Endpoint deprecated: /api/v0/instances/ is deprecated. Use /api/v1/instances/ instead."}
+        return 410, {
+            "success": False,
+            "error": "deprecated",
+            "msg": "Endpoint deprecated: /api/v0/instances/ is deprecated. Use /api/v1/instances/ instead.",
+        }
 
     def answer_show(self, iid: int) -> Answer:
         return 200, {"instances": self._observe(iid) if self._visible(iid) else None}
@@ -301,8 +413,11 @@ class FakeVastMarket:
             record["intended_status"] = "running"
             if meta.gpus_free_at is not None and time.monotonic() < meta.gpus_free_at and meta.stuck == "stopped":
                 record["status_msg"] = "Required resources are currently unavailable, state change queued."
-                return 200, {"success": False, "error": "resources_unavailable",
-                             "msg": "Required resources are currently unavailable, state change queued."}
+                return 200, {
+                    "success": False,
+                    "error": "resources_unavailable",
+                    "msg": "Required resources are currently unavailable, state change queued.",
+                }
             record["cur_state"] = "running"
             if meta.stuck == "stopped":
                 meta.stuck = None
@@ -332,14 +447,22 @@ class FakeVastMarket:
         except (ValueError, KeyError, TypeError):
             return 400, {"success": False, "error": "invalid_args", "msg": "invalid query parameters"}
         limit = 5 if limit <= 0 else min(limit, 25, self.page_size)
-        ids = [i for i in sorted(self._meta) if self._visible(i, consume=False) and _matches(self._instances[i], filters)]
+        ids = [
+            i for i in sorted(self._meta) if self._visible(i, consume=False) and _matches(self._instances[i], filters)
+        ]
         page = [i for i in ids if i > after_id][:limit]
         rows = [self._observe(i) for i in page if self._visible(i)]  # a listing is a read too
         more = bool(page) and any(i > page[-1] for i in ids)
         token = base64.b64encode(json.dumps({"values": {"id": page[-1]}}).encode()).decode() if more else None
         labels = collections.Counter(self._instances[i].get("label") or "" for i in ids)
-        return 200, {"success": True, "total_instances": len(ids), "label_counts": dict(labels),
-                     "instances_found": len(rows), "instances": rows, "next_token": token}
+        return 200, {
+            "success": True,
+            "total_instances": len(ids),
+            "label_counts": dict(labels),
+            "instances_found": len(rows),
+            "instances": rows,
+            "next_token": token,
+        }
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -397,8 +520,12 @@ class FakeVastMarket:
         host, port = self.ssh_endpoint
         live_proxy = not meta.direct and meta.runtype != "args"
         proxy_ssh = port if live_proxy else self.dead_port
-        row.update(ssh_host=host, ssh_port=proxy_ssh - 1 if "jupyter" in meta.runtype else proxy_ssh,
-                   public_ipaddr=host, ports={})
+        row.update(
+            ssh_host=host,
+            ssh_port=proxy_ssh - 1 if "jupyter" in meta.runtype else proxy_ssh,
+            public_ipaddr=host,
+            ports={},
+        )
         if meta.direct and row["actual_status"] is not None:
             row["ports"] = {"22/tcp": [{"HostIp": "0.0.0.0", "HostPort": str(port)}]}
         return row
@@ -415,12 +542,14 @@ def _matches(row: dict[str, Any], conditions: dict[str, Any]) -> bool:
         for op, expected in ops.items():
             try:
                 ok = {
-                    "eq": lambda: value == expected, "neq": lambda: value != expected,
+                    "eq": lambda: value == expected,
+                    "neq": lambda: value != expected,
                     "gt": lambda: value is not None and value > expected,
                     "gte": lambda: value is not None and value >= expected,
                     "lt": lambda: value is not None and value < expected,
                     "lte": lambda: value is not None and value <= expected,
-                    "in": lambda: value in expected, "notin": lambda: value not in expected,
+                    "in": lambda: value in expected,
+                    "notin": lambda: value not in expected,
                 }[op]()
             except (KeyError, TypeError):
                 return False

@@ -1,4 +1,5 @@
 """nvCOMP ANS codec on a real CUDA GPU. Skipped (with the reason) where there is none."""
+
 from __future__ import annotations
 
 import os
@@ -57,11 +58,12 @@ def test_ans_restore_path_decodes_into_the_spare_byte_buffer(ans: NvcompAnsCodec
     raw = bytes(range(256)) * 3000 + b"\x01"  # odd length
     stored = ans.compress(raw)
     buf = bytearray(len(raw) + 1)  # what gs_fetch hands decompress_into
-    assert ans.decompress_into(stored, memoryview(buf)) == len(raw) and bytes(buf[:len(raw)]) == raw
+    assert ans.decompress_into(stored, memoryview(buf)) == len(raw) and bytes(buf[: len(raw)]) == raw
 
 
 def test_ans_selection_round_trips_on_the_gpu_nvml_chose(ans: NvcompAnsCodec) -> None:
     from gs_gpu import GpuProbe
+
     devices = GpuProbe().devices()
     if devices:  # NVML answered: the codec is on the usable device with the most free memory
         assert ans.device_id in {d["index"] for d in devices}

@@ -1,5 +1,6 @@
 """Bearer-token auth over a real database (SQLite and PostgreSQL): deny by default, tokens from
 API_TOKENS and from `gpusnap tokens create`, revocation, and the few public endpoints."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,8 +12,7 @@ from src.services.tokens import digest
 from tests.support.fixtures_app import AUTH
 
 PUBLIC = ["/healthz", "/readyz", "/metrics", "/api/openapi.json", "/api/docs", "/api/docs/assets/swagger-ui.css"]
-PROTECTED = ["/api/gpu-snapshots", "/api/jobs", "/api/instances",
-             "/api/jobs/job_nope", "/api/instances/m-nope"]
+PROTECTED = ["/api/gpu-snapshots", "/api/jobs", "/api/instances", "/api/jobs/job_nope", "/api/instances/m-nope"]
 
 
 def _bearer(token: str) -> dict[str, str]:
@@ -105,6 +105,7 @@ def test_openapi_and_docs_are_readable_without_a_token_but_the_api_is_not(client
     assert "SwaggerUIBundle(" in html and "/api/openapi.json" in html
     # Every script and stylesheet comes from this server (works offline, nothing from a CDN).
     import re
+
     for ref in re.findall(r"(?:src|href)='([^']+)'", html):
         assert ref.startswith("/"), ref
     assert '"validatorUrl": null' in html  # Swagger UI would post the document to validator.swagger.io
@@ -117,8 +118,18 @@ def test_openapi_and_docs_are_readable_without_a_token_but_the_api_is_not(client
     assert client.get("/api/gpu-snapshots").status_code == 401
 
 
-@pytest.mark.parametrize("name", ["../openapi.py", "..%2F..%2Fsrc%2Fapp.py", "index.template.html", "VERSION",
-                                  "swagger-ui-bundle.js.map", "%00", "x" * 300])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../openapi.py",
+        "..%2F..%2Fsrc%2Fapp.py",
+        "index.template.html",
+        "VERSION",
+        "swagger-ui-bundle.js.map",
+        "%00",
+        "x" * 300,
+    ],
+)
 def test_docs_assets_serve_only_swagger_ui_files(client, name):
     r = client.get(f"/api/docs/assets/{name}")
     assert r.status_code in (401, 404), r.status_code

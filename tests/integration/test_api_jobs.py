@@ -1,5 +1,6 @@
 """The job, instance and probe endpoints over a real database (SQLite and PostgreSQL) and the real
 SQLite (or an unreachable Redis) Huey queue."""
+
 from __future__ import annotations
 
 import shutil
@@ -16,8 +17,13 @@ from tests.support.snapshots import add_complete_snapshot
 
 
 def _body(instance_id: str = "4242", **changes):  # type: ignore[no-untyped-def]
-    return {"instance_id": instance_id, "ssh_host": "10.1.2.3", "ssh_port": 2222, "workspace_path": "/workspace",
-            **changes}
+    return {
+        "instance_id": instance_id,
+        "ssh_host": "10.1.2.3",
+        "ssh_port": 2222,
+        "workspace_path": "/workspace",
+        **changes,
+    }
 
 
 def _create(client, instance_id: str = "4242", **changes):  # type: ignore[no-untyped-def]
@@ -52,8 +58,18 @@ def test_get_job_200_with_contract_shape_and_404(client):
     assert r.status_code == 200
     body = r.get_json()
     assert body["id"] == job["id"] and body["kind"] == "create_snapshot" and body["status"] == "queued"
-    assert {"id", "kind", "status", "phase", "progress", "result", "error", "created_at", "started_at",
-            "finished_at"} <= set(body)
+    assert {
+        "id",
+        "kind",
+        "status",
+        "phase",
+        "progress",
+        "result",
+        "error",
+        "created_at",
+        "started_at",
+        "finished_at",
+    } <= set(body)
     assert set(body["progress"]) == {"bytes_done", "bytes_total", "parts_done", "parts_total"}
     assert body["error"] is None and body["created_at"].endswith("Z") and body["started_at"] is None
     missing = client.get("/api/jobs/job_nope", headers=AUTH)
@@ -86,9 +102,21 @@ def test_list_jobs_cursor_pagination_walks_every_job_once(client):
     assert [job_id for page in pages for job_id in _ids(page)] == created[::-1] and len(pages) == 3
 
 
-@pytest.mark.parametrize("query", ["limit=0", "limit=201", "limit=x", "status=done", "kind=Bad-Kind",
-                                   "cursor=%%%", "cursor=bm90IGFuIGlk!", "extra=1", "kind=a&kind=b",
-                                   "instance_id=" + "x" * 129])
+@pytest.mark.parametrize(
+    "query",
+    [
+        "limit=0",
+        "limit=201",
+        "limit=x",
+        "status=done",
+        "kind=Bad-Kind",
+        "cursor=%%%",
+        "cursor=bm90IGFuIGlk!",
+        "extra=1",
+        "kind=a&kind=b",
+        "instance_id=" + "x" * 129,
+    ],
+)
 def test_list_jobs_bad_query_is_400(client, query):
     r = client.get(f"/api/jobs?{query}", headers=AUTH)
     assert r.status_code == 400, r.get_json()
@@ -167,8 +195,13 @@ def test_instances_list_and_detail_with_events(client):
     client.post(f"/api/jobs/{job_id}/cancel", headers=AUTH)
     _create(client, "gpu-a", ssh_host="10.9.9.9")
     kinds = [e["kind"] for e in client.get("/api/instances/gpu-a", headers=AUTH).get_json()["events"]]
-    assert kinds == ["registered", "create_snapshot_requested", "snapshot_failed", "endpoint_changed",
-                     "create_snapshot_requested"]
+    assert kinds == [
+        "registered",
+        "create_snapshot_requested",
+        "snapshot_failed",
+        "endpoint_changed",
+        "create_snapshot_requested",
+    ]
 
 
 def test_instances_pagination_with_every_machine_id_character_and_the_longest_id(client):
@@ -190,24 +223,30 @@ def test_instance_found_by_vast_instance_id_and_404_when_unknown(client, app):
         assert r.status_code == 404 and r.get_json()["error"]["code"] == "not_found"
 
 
-HOSTILE_IDS = ["a%00b", "%0a", "x" * 129, "99999999999999999999999", "9223372036854775808", "%C2%B2",
-               "%D9%A1%D9%A2"]
+HOSTILE_IDS = ["a%00b", "%0a", "x" * 129, "99999999999999999999999", "9223372036854775808", "%C2%B2", "%D9%A1%D9%A2"]
 
 
 @pytest.mark.parametrize("raw", HOSTILE_IDS)
 def test_ids_no_row_can_have_are_404_not_500(client, raw):
     """NUL (PostgreSQL refuses it), numbers past BIGINT, and digits `int()` refuses ('²')."""
-    checks = [("GET", f"/api/jobs/{raw}"), ("POST", f"/api/jobs/{raw}/cancel"), ("GET", f"/api/gpu-snapshots/{raw}"),
-              ("POST", f"/api/gpu-snapshots/{raw}/verify"), ("DELETE", f"/api/gpu-snapshots/{raw}"),
-              ("GET", f"/api/instances/{raw}"), ("POST", f"/api/instances/{raw}/pause")]
+    checks = [
+        ("GET", f"/api/jobs/{raw}"),
+        ("POST", f"/api/jobs/{raw}/cancel"),
+        ("GET", f"/api/gpu-snapshots/{raw}"),
+        ("POST", f"/api/gpu-snapshots/{raw}/verify"),
+        ("DELETE", f"/api/gpu-snapshots/{raw}"),
+        ("GET", f"/api/instances/{raw}"),
+        ("POST", f"/api/instances/{raw}/pause"),
+    ]
     for method, path in checks:
         r = client.open(path, method=method, headers=AUTH)
         assert r.status_code in (404, 503), (method, path, r.status_code, r.get_json())
         assert r.get_json()["error"]["code"] in ("not_found", "not_configured")
 
 
-@pytest.mark.parametrize("raw, expect_vast_id", [("99999999999999999999999", None), ("%C2%B2", None),
-                                                 ("123456789", 123456789)])
+@pytest.mark.parametrize(
+    "raw, expect_vast_id", [("99999999999999999999999", None), ("%C2%B2", None), ("123456789", 123456789)]
+)
 def test_hibernate_registers_numeric_ids_as_vast_ids_only_when_they_fit(client, raw, expect_vast_id):
     body = {"workspace_path": "/workspace", "ssh_host": "10.0.0.1", "ssh_port": 22, "destroy_after": False}
     r = client.post(f"/api/instances/{raw}/hibernate", json=body, headers=AUTH)
@@ -250,8 +289,11 @@ def test_readyz_reports_database_and_queue(client):
 def test_readyz_is_503_when_the_sqlite_queue_file_is_gone(tmp_path, sqlite_url, store):
     # The queue lives in its own directory (a volume, say); it vanishes under a running API.
     queue_dir = tmp_path / "queue-volume"
-    app = create_app(make_settings(tmp_path, sqlite_url, queue_path=str(queue_dir / "queue.db")),
-                     object_store=store, configure_logs=False)
+    app = create_app(
+        make_settings(tmp_path, sqlite_url, queue_path=str(queue_dir / "queue.db")),
+        object_store=store,
+        configure_logs=False,
+    )
     client = app.test_client()
     assert client.get("/readyz").status_code == 200
     app.extensions["gpusnap"].queue.huey.storage.close()  # as after a restart: the next use opens the file anew
@@ -266,8 +308,12 @@ def test_readyz_is_503_when_the_sqlite_queue_file_is_gone(tmp_path, sqlite_url, 
 def test_readyz_is_503_when_the_redis_queue_is_unreachable(tmp_path, sqlite_url, store):
     port = 1  # nothing listens on port 1 here
     assert not port_open("127.0.0.1", port)
-    app = create_app(make_settings(tmp_path, sqlite_url), object_store=store, configure_logs=False,
-                     huey=RedisHuey("gpusnap-readyz-test", url=f"redis://127.0.0.1:{port}/15"))
+    app = create_app(
+        make_settings(tmp_path, sqlite_url),
+        object_store=store,
+        configure_logs=False,
+        huey=RedisHuey("gpusnap-readyz-test", url=f"redis://127.0.0.1:{port}/15"),
+    )
     r = app.test_client().get("/readyz")
     assert r.status_code == 503
     assert r.get_json()["checks"] == {"database": "ok", "queue": "unavailable"}

@@ -1,4 +1,5 @@
 """The snapshot endpoints over a real database (SQLite and PostgreSQL): happy paths and every refusal."""
+
 from __future__ import annotations
 
 import pytest
@@ -49,17 +50,20 @@ def test_idempotency_key_returns_same_job_and_refuses_other_body(client):
     assert len(client.get("/api/jobs", headers=AUTH).get_json()["items"]) == 1
 
 
-@pytest.mark.parametrize("change, field", [
-    ({"workspace_path": "relative/path"}, "workspace_path"),
-    ({"workspace_path": "/workspace/../etc"}, "workspace_path"),
-    ({"workspace_path": "/"}, "workspace_path"),
-    ({"ssh_port": 0}, "ssh_port"),
-    ({"ssh_port": 70000}, "ssh_port"),
-    ({"ssh_host": "not a host"}, "ssh_host"),
-    ({"codec": "gzip"}, "codec"),
-    ({"unexpected": 1}, "unexpected"),
-    ({"instance_id": ""}, "instance_id"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"workspace_path": "relative/path"}, "workspace_path"),
+        ({"workspace_path": "/workspace/../etc"}, "workspace_path"),
+        ({"workspace_path": "/"}, "workspace_path"),
+        ({"ssh_port": 0}, "ssh_port"),
+        ({"ssh_port": 70000}, "ssh_port"),
+        ({"ssh_host": "not a host"}, "ssh_host"),
+        ({"codec": "gzip"}, "codec"),
+        ({"unexpected": 1}, "unexpected"),
+        ({"instance_id": ""}, "instance_id"),
+    ],
+)
 def test_invalid_create_bodies_are_422_with_the_field_named(client, change, field):
     r = client.post("/api/gpu-snapshots", json={**CREATE, **change}, headers=AUTH)
     assert r.status_code == 422, r.get_json()
@@ -115,8 +119,9 @@ def test_list_filters_and_cursor_pagination(client, app, store):
     assert {s["instance_id"] for s in only_a["items"]} == {"a"} and len(only_a["items"]) == 2
 
 
-@pytest.mark.parametrize("query", ["limit=0", "limit=abc", "limit=201", "status=weird", "cursor=%%%", "bogus=1",
-                                   "limit=1&limit=2"])
+@pytest.mark.parametrize(
+    "query", ["limit=0", "limit=abc", "limit=201", "status=weird", "cursor=%%%", "bogus=1", "limit=1&limit=2"]
+)
 def test_bad_query_is_400(client, query):
     r = client.get(f"/api/gpu-snapshots?{query}", headers=AUTH)
     assert r.status_code == 400

@@ -1,6 +1,7 @@
 """The admin commands as a newcomer meets them: on a database that was never migrated, with a name that
 already exists, with a database that does not answer or a setting that does not parse. Each ends in one
 line `error: <code>: <message>` naming what to do, exit 1, never a traceback."""
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,9 @@ def _gpusnap(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     """The real console entry (`python -m src.cli`), so that what a user sees on stderr is what is checked."""
     full = {**os.environ, "PYTHONPATH": ROOT, **env}
     full.pop("GPUSNAP_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "src.cli", *args], env=full, capture_output=True, text=True,
-                          timeout=60, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "src.cli", *args], env=full, capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
 
 
 def _one_line_error(result: subprocess.CompletedProcess, code: str) -> str:
@@ -35,11 +37,14 @@ def _one_line_error(result: subprocess.CompletedProcess, code: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("args", [("tokens", "create", "me"), ("tokens", "ls"), ("tokens", "revoke", "me"),
-                                  ("worker",)])
+@pytest.mark.parametrize(
+    "args", [("tokens", "create", "me"), ("tokens", "ls"), ("tokens", "revoke", "me"), ("worker",)]
+)
 def test_admin_commands_on_an_unmigrated_database_say_to_run_db_upgrade(tmp_path, args):
-    env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'instance' / 'gpusnap.db'}",
-           "QUEUE_PATH": str(tmp_path / "instance" / "queue.db")}
+    env = {
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'instance' / 'gpusnap.db'}",
+        "QUEUE_PATH": str(tmp_path / "instance" / "queue.db"),
+    }
     line = _one_line_error(_gpusnap(env, *args), "not_migrated")
     assert "gpusnap db upgrade" in line
 
@@ -58,8 +63,9 @@ def test_tokens_create_again_needs_replace_and_replace_retires_the_old_token(tmp
     old, new = first.stdout.strip(), second.stdout.strip()
     assert old != new
 
-    app = create_app(Settings(database_url=url, queue_path=str(tmp_path / "q.db"), log_format="text"),
-                     configure_logs=False)
+    app = create_app(
+        Settings(database_url=url, queue_path=str(tmp_path / "q.db"), log_format="text"), configure_logs=False
+    )
     try:
         client = app.test_client()
         assert client.get("/api/gpu-snapshots", headers={"Authorization": f"Bearer {new}"}).status_code == 200
@@ -77,8 +83,9 @@ def test_a_database_that_does_not_answer_is_one_line_without_the_password(tmp_pa
     assert "hunter2" not in line
 
 
-@pytest.mark.parametrize("env,code", [({"DATABASE_URL": "not a url"}, "database_unavailable"),
-                                      ({"WORKER_THREADS": "many"}, "bad_settings")])
+@pytest.mark.parametrize(
+    "env,code", [({"DATABASE_URL": "not a url"}, "database_unavailable"), ({"WORKER_THREADS": "many"}, "bad_settings")]
+)
 def test_bad_settings_are_one_line(tmp_path, env, code):
     line = _one_line_error(_gpusnap({"DATABASE_URL": f"sqlite:///{tmp_path / 'g.db'}", **env}, "tokens", "ls"), code)
     assert "DATABASE_URL" in line or "WORKER_THREADS" in line

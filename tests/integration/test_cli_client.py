@@ -1,5 +1,6 @@
 """The `gpusnap` runbook client against the real app behind a real HTTP server (werkzeug, in a thread),
 on SQLite, with an in-memory object store. Jobs run only in the tests that start the `worker` fixture."""
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,9 @@ FAST = ["--interval", "0.05", "--timeout", "20"]  # a safety net: a stuck job fa
 
 @pytest.fixture
 def app(tmp_path, sqlite_url, store, fake_vast):  # type: ignore[no-untyped-def]
-    settings = make_settings(tmp_path, sqlite_url, vast_api_key=fake_vast.api_key, vast_api_url=fake_vast.base_url,
-                             vast_poll_interval_s=0.05)
+    settings = make_settings(
+        tmp_path, sqlite_url, vast_api_key=fake_vast.api_key, vast_api_url=fake_vast.base_url, vast_poll_interval_s=0.05
+    )
     application = create_app(settings, object_store=store, configure_logs=False)
     yield application
     application.extensions["gpusnap"].engine.dispose()
@@ -130,8 +132,9 @@ def test_snapshots_restore_passes_keep_setuid(cli, app, store, flag, kept):
     from src.models import Job
 
     snap = add_complete_snapshot(app, store)
-    r = cli("snapshots", "restore", snap["id"], "--host", "10.0.0.9", "--port", "22", "--workspace", "/w",
-            *flag, "--json")
+    r = cli(
+        "snapshots", "restore", snap["id"], "--host", "10.0.0.9", "--port", "22", "--workspace", "/w", *flag, "--json"
+    )
     assert r.exit_code == 0, r.output
     with app.extensions["gpusnap"].session_factory() as s:
         assert s.get(Job, json.loads(r.stdout)["job"]["id"]).params["keep_setuid"] is kept
@@ -217,8 +220,9 @@ def test_gc_wait_removes_what_a_deleted_v2_snapshot_left_and_keeps_the_rest(cli,
     assert r.exit_code == 0, r.output
     job = json.loads(r.stdout)
     assert job["kind"] == "gc" and job["status"] == "succeeded" and job["result"]["deleted_objects"] == 2
-    assert {k for k in store.objects if "/chunks/" in k} == {second["store_prefix"] + o.key
-                                                               for o in second["manifest"].objects}
+    assert {k for k in store.objects if "/chunks/" in k} == {
+        second["store_prefix"] + o.key for o in second["manifest"].objects
+    }
 
 
 def test_wait_on_a_failed_job_exits_1_with_its_code(cli, app, store, worker):
@@ -297,8 +301,19 @@ def test_instances_forget_host_key(cli, app):
 
 
 def test_instances_hibernate_keep_instance_submits_a_job(cli):
-    r = cli("instances", "hibernate", "m9", "--workspace", "/workspace", "--host", "10.1.2.3", "--port", "22",
-            "--keep-instance", "--json")
+    r = cli(
+        "instances",
+        "hibernate",
+        "m9",
+        "--workspace",
+        "/workspace",
+        "--host",
+        "10.1.2.3",
+        "--port",
+        "22",
+        "--keep-instance",
+        "--json",
+    )
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["job"]["kind"] == "hibernate"
     busy = cli("instances", "hibernate", "m9", "--workspace", "/workspace", "--keep-instance")
@@ -331,8 +346,10 @@ def test_pause_then_resume_with_wait_and_the_history_shows_both(cli, app, vast_c
 
 def _requests_seen(app, route: str) -> float:  # type: ignore[no-untyped-def]
     registry = app.extensions["gpusnap"].metrics.registry
-    return registry.get_sample_value("gpusnap_http_requests_total", {"method": "GET", "route": route,
-                                                                      "status": "200"}) or 0.0
+    return (
+        registry.get_sample_value("gpusnap_http_requests_total", {"method": "GET", "route": route, "status": "200"})
+        or 0.0
+    )
 
 
 def test_jobs_wait_follows_the_event_stream_instead_of_polling(cli, app, store):
@@ -366,8 +383,9 @@ def test_jobs_wait_falls_back_to_polling_when_the_server_has_no_stream_free(cli,
         r = cli("snapshots", "verify", snap["id"], "--wait", *FAST)
         assert r.exit_code == 0, r.output
         assert "succeeded" in r.stdout
-        refused = c.metrics.registry.get_sample_value("gpusnap_http_requests_total", {
-            "method": "GET", "route": "/api/events", "status": "503"})
+        refused = c.metrics.registry.get_sample_value(
+            "gpusnap_http_requests_total", {"method": "GET", "route": "/api/events", "status": "503"}
+        )
         assert refused == 1  # it asked for the stream, was told no, and polled
     finally:
         held.close()

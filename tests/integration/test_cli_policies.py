@@ -1,5 +1,6 @@
 """`gpusnap instances policy set|show|rm`, `instances wake --priority` and `snapshots restore` with
 several `--host`, against the real app over HTTP (the fixtures of test_cli_client.py)."""
+
 from __future__ import annotations
 
 import json
@@ -17,21 +18,48 @@ def _machine(app, machine_id: str = "12345") -> None:  # type: ignore[no-untyped
 
 def test_policy_set_show_rm(cli, app):  # type: ignore[no-untyped-def]  # noqa: F811
     _machine(app)
-    r = cli("instances", "policy", "set", "12345", "--schedule", "0 3 * * *", "--keep-last", "7", "--keep-daily", "7",
-            "--exclude", ".cache", "--idle-below", "5", "--idle-for", "1800", "--idle-action", "notify", "--json")
+    r = cli(
+        "instances",
+        "policy",
+        "set",
+        "12345",
+        "--schedule",
+        "0 3 * * *",
+        "--keep-last",
+        "7",
+        "--keep-daily",
+        "7",
+        "--exclude",
+        ".cache",
+        "--idle-below",
+        "5",
+        "--idle-for",
+        "1800",
+        "--idle-action",
+        "notify",
+        "--json",
+    )
     assert r.exit_code == 0, r.output
     policy = json.loads(r.stdout)
     assert policy["schedule"] == "0 3 * * *" and policy["excludes"] == [".cache"]
     assert policy["retention"] == {"keep_last": 7, "keep_daily": 7, "keep_weekly": 0, "keep_monthly": 0}
-    assert policy["idle"] == {"gpu_util_below": 5, "for_s": 1800, "sample_every_s": 60, "action": "notify",
-                              "respect_ssh_sessions": True, "dry_run": False}
+    assert policy["idle"] == {
+        "gpu_util_below": 5,
+        "for_s": 1800,
+        "sample_every_s": 60,
+        "action": "notify",
+        "respect_ssh_sessions": True,
+        "dry_run": False,
+    }
     shown = cli("instances", "policy", "show", "12345")
     assert shown.exit_code == 0, shown.output
     assert "0 3 * * * (UTC)" in shown.stdout and "keep_last=7, keep_daily=7" in shown.stdout
     assert "notify when every GPU < 5% for 1800s" in shown.stdout
     machine = cli("instances", "show", "12345")
-    assert "policy:" in machine.stdout and "snapshots 0 3 * * * UTC; retention last=7,daily=7; idle notify" \
-        in machine.stdout
+    assert (
+        "policy:" in machine.stdout
+        and "snapshots 0 3 * * * UTC; retention last=7,daily=7; idle notify" in machine.stdout
+    )
     bad = cli("instances", "policy", "set", "12345", "--schedule", "0 3 * *")
     assert bad.exit_code == 1 and bad.stderr.startswith("error: validation_error: schedule")
     assert cli("instances", "policy", "rm", "12345").exit_code == 0
@@ -52,17 +80,46 @@ def test_policy_set_from_a_file(cli, app, tmp_path):  # type: ignore[no-untyped-
 
 def test_restore_onto_several_hosts_starts_one_job_each(cli, app, store):  # type: ignore[no-untyped-def]  # noqa: F811
     snap = add_complete_snapshot(app, store)
-    r = cli("snapshots", "restore", snap["id"], "--host", "10.0.0.5:22", "--host", "10.0.0.6", "--port", "2222",
-            "--workspace", "/w", "--json", "--idempotency-key", "rep-1")
+    r = cli(
+        "snapshots",
+        "restore",
+        snap["id"],
+        "--host",
+        "10.0.0.5:22",
+        "--host",
+        "10.0.0.6",
+        "--port",
+        "2222",
+        "--workspace",
+        "/w",
+        "--json",
+        "--idempotency-key",
+        "rep-1",
+    )
     assert r.exit_code == 0, r.output
     jobs = json.loads(r.stdout)["jobs"]
     assert len(jobs) == 2 and {j["machine_id"] for j in jobs} == {"10.0.0.5:22", "10.0.0.6:2222"}
-    again = cli("snapshots", "restore", snap["id"], "--host", "10.0.0.5:22", "--host", "10.0.0.6", "--port", "2222",
-                "--workspace", "/w", "--json", "--idempotency-key", "rep-1")
+    again = cli(
+        "snapshots",
+        "restore",
+        snap["id"],
+        "--host",
+        "10.0.0.5:22",
+        "--host",
+        "10.0.0.6",
+        "--port",
+        "2222",
+        "--workspace",
+        "/w",
+        "--json",
+        "--idempotency-key",
+        "rep-1",
+    )
     assert [j["id"] for j in json.loads(again.stdout)["jobs"]] == [j["id"] for j in jobs]  # a retry: same jobs
     assert cli("snapshots", "restore", snap["id"], "--host", "10.0.0.7", "--workspace", "/w").exit_code == 2
-    two = cli("snapshots", "restore", snap["id"], "--host", "a:1", "--host", "b:1", "--instance", "x",
-              "--workspace", "/w")
+    two = cli(
+        "snapshots", "restore", snap["id"], "--host", "a:1", "--host", "b:1", "--instance", "x", "--workspace", "/w"
+    )
     assert two.exit_code == 2 and "--instance" in two.output
 
 

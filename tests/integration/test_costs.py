@@ -1,6 +1,7 @@
 """Costs and savings from recorded events, against a hand calculation. The machine's status changes are
 made the way jobs make them (ORM writes, whose flush records `machine.status` events with the price in
 force); the test then spreads those events over a known timeline (what waiting hours would have done)."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -22,8 +23,7 @@ H = dt.timedelta(hours=1)
 
 @pytest.fixture
 def app(tmp_path, database_url):  # type: ignore[no-untyped-def]
-    application = create_app(make_settings(tmp_path, database_url, storage_price_gb_month=0.015),
-                             configure_logs=False)
+    application = create_app(make_settings(tmp_path, database_url, storage_price_gb_month=0.015), configure_logs=False)
     yield application
     application.extensions["gpusnap"].engine.dispose()
 
@@ -38,32 +38,72 @@ def _change(app, machine_id: str, **values) -> None:  # type: ignore[no-untyped-
 def test_savings_from_recorded_events_match_a_hand_calculation(app):
     sf = app.extensions["gpusnap"].session_factory
     with transaction(sf) as s:
-        s.add(Machine(id="box-7", status="running", gpu_name="RTX 4090", created_at=T0,
-                      offer={"dph_total": 0.40, "inet_up_cost": 0.002, "inet_down_cost": 0.001}))
+        s.add(
+            Machine(
+                id="box-7",
+                status="running",
+                gpu_name="RTX 4090",
+                created_at=T0,
+                offer={"dph_total": 0.40, "inet_up_cost": 0.002, "inet_down_cost": 0.001},
+            )
+        )
     # The life of a machine, as hibernate, wake and pause write it:
-    _change(app, "box-7", status="hibernating")                     # T0+2h     (ran 2 h at $0.40)
-    _change(app, "box-7", status="hibernated")                      # T0+2.25h  (snapshot took 15 min)
-    _change(app, "box-7", status="waking")                          # T0+12.25h (hibernated 10 h)
+    _change(app, "box-7", status="hibernating")  # T0+2h     (ran 2 h at $0.40)
+    _change(app, "box-7", status="hibernated")  # T0+2.25h  (snapshot took 15 min)
+    _change(app, "box-7", status="waking")  # T0+12.25h (hibernated 10 h)
     _change(app, "box-7", status="running", offer={"dph_total": 0.30})  # T0+12.5h: a cheaper instance
-    _change(app, "box-7", status="pausing")                         # T0+14.5h  (ran 2 h at $0.30)
-    _change(app, "box-7", status="paused")                          # T0+14.6h
-    _change(app, "box-7", status="resuming")                        # T0+17.6h  (paused 3 h)
-    _change(app, "box-7", status="running")                         # T0+17.7h
-    when = [T0 + 2 * H, T0 + 2.25 * H, T0 + 12.25 * H, T0 + 12.5 * H, T0 + 14.5 * H, T0 + 14.6 * H,
-            T0 + 17.6 * H, T0 + 17.7 * H]
+    _change(app, "box-7", status="pausing")  # T0+14.5h  (ran 2 h at $0.30)
+    _change(app, "box-7", status="paused")  # T0+14.6h
+    _change(app, "box-7", status="resuming")  # T0+17.6h  (paused 3 h)
+    _change(app, "box-7", status="running")  # T0+17.7h
+    when = [
+        T0 + 2 * H,
+        T0 + 2.25 * H,
+        T0 + 12.25 * H,
+        T0 + 12.5 * H,
+        T0 + 14.5 * H,
+        T0 + 14.6 * H,
+        T0 + 17.6 * H,
+        T0 + 17.7 * H,
+    ]
     with transaction(sf) as s:
-        recorded = list(s.scalars(select(Event).where(Event.machine_id == "box-7", Event.kind == "machine.status")
-                                  .order_by(Event.id)))
+        recorded = list(
+            s.scalars(
+                select(Event).where(Event.machine_id == "box-7", Event.kind == "machine.status").order_by(Event.id)
+            )
+        )
         assert [(e.data["from"], e.data["to"], e.data["hourly_usd"]) for e in recorded] == [
-            ("running", "hibernating", 0.40), ("hibernating", "hibernated", 0.40), ("hibernated", "waking", 0.40),
-            ("waking", "running", 0.30), ("running", "pausing", 0.30), ("pausing", "paused", 0.30),
-            ("paused", "resuming", 0.30), ("resuming", "running", 0.30)]
+            ("running", "hibernating", 0.40),
+            ("hibernating", "hibernated", 0.40),
+            ("hibernated", "waking", 0.40),
+            ("waking", "running", 0.30),
+            ("running", "pausing", 0.30),
+            ("pausing", "paused", 0.30),
+            ("paused", "resuming", 0.30),
+            ("resuming", "running", 0.30),
+        ]
         for event, at in zip(recorded, when):
             s.execute(update(Event).where(Event.id == event.id).values(created_at=at))
-        s.add(Snapshot(id="snap_a", machine_id="box-7", status="complete", storage_prefix="p/a/",
-                       workspace_path="/workspace", stored_bytes=2_500_000_000))
-        s.add(Snapshot(id="snap_b", machine_id="box-7", status="failed", storage_prefix="p/b/",
-                       workspace_path="/workspace", stored_bytes=900_000_000))  # not kept: not counted
+        s.add(
+            Snapshot(
+                id="snap_a",
+                machine_id="box-7",
+                status="complete",
+                storage_prefix="p/a/",
+                workspace_path="/workspace",
+                stored_bytes=2_500_000_000,
+            )
+        )
+        s.add(
+            Snapshot(
+                id="snap_b",
+                machine_id="box-7",
+                status="failed",
+                storage_prefix="p/b/",
+                workspace_path="/workspace",
+                stored_bytes=900_000_000,
+            )
+        )  # not kept: not counted
 
     now = T0 + 20 * H
     with transaction(sf) as s:
@@ -99,8 +139,14 @@ def test_a_machine_without_a_known_price_and_transfer_prices(app):
     sf = app.extensions["gpusnap"].session_factory
     with transaction(sf) as s:
         s.add(Machine(id="ssh-box", status="running", created_at=T0))
-        s.add(Machine(id="rented", status="hibernated", created_at=T0,
-                      offer={"dph_total": 0.5, "inet_up_cost": 0.002, "inet_down_cost": 0.001}))
+        s.add(
+            Machine(
+                id="rented",
+                status="hibernated",
+                created_at=T0,
+                offer={"dph_total": 0.5, "inet_up_cost": 0.002, "inet_down_cost": 0.001},
+            )
+        )
     _change(app, "ssh-box", status="hibernating")
     _change(app, "ssh-box", status="hibernated")
     with transaction(sf) as s:
@@ -144,8 +190,14 @@ def test_an_offer_with_an_infinite_price_is_no_price(app, database_url):
         pytest.skip("PostgreSQL's json type refuses such an offer when the machine is stored")
     sf = app.extensions["gpusnap"].session_factory
     with transaction(sf) as s:
-        s.add(Machine(id="inf", status="running", created_at=T0,
-                      offer={"dph_total": float("inf"), "inet_up_cost": float("inf")}))
+        s.add(
+            Machine(
+                id="inf",
+                status="running",
+                created_at=T0,
+                offer={"dph_total": float("inf"), "inet_up_cost": float("inf")},
+            )
+        )
     _change(app, "inf", status="hibernating")
     r = app.test_client().get("/api/instances/inf", headers=AUTH)
     assert r.status_code == 200

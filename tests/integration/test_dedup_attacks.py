@@ -1,5 +1,6 @@
 """Format 2 under attack (an outside tester's findings): objects in the machine's chunk store that
 vouch for a chunk digest they do not hold. Real snapshot.py/restore.py, SeaweedFS, GNU tar, s5cmd."""
+
 from __future__ import annotations
 
 import copy
@@ -7,7 +8,7 @@ import hashlib
 import json
 import os
 import pathlib
-from typing import Any, Dict
+from typing import Any
 
 import pytest
 import zstandard
@@ -22,7 +23,8 @@ BLOCK = 256 * 1024  # test_remote_dedup.SMALL's block size: a file of exactly th
 
 
 def test_a_planted_block_that_decodes_to_other_bytes_is_never_restored_silently(
-        tmp_path: pathlib.Path, s3_server: Any, s3_prefix: str, s3_client: Any) -> None:
+    tmp_path: pathlib.Path, s3_server: Any, s3_prefix: str, s3_client: Any
+) -> None:
     """A previous (hostile) host of the machine, or anyone with write on its prefix, plants
     `chunks/<digest of a block it can predict>` (a public model's 16 MiB block) holding zstd of other
     bytes of the same size, with metadata that vouches for it. The next snapshot's resume check reuses
@@ -36,9 +38,18 @@ def test_a_planted_block_that_decodes_to_other_bytes_is_never_restored_silently(
     store = Store(s3_server, s3_client, s3_prefix)
     evil = zstandard.ZstdCompressor(write_checksum=True).compress(os.urandom(BLOCK))
     raw = hashlib.sha256(public).hexdigest()
-    s3_client.put_object(Bucket=s3_server.bucket, Key=store.store + "chunks/" + raw, Body=evil, Metadata={
-        "sha256": hashlib.sha256(evil).hexdigest(), "raw-sha256": raw, "raw-size": str(BLOCK),
-        "stored-size": str(len(evil)), "codec": "zstd"})
+    s3_client.put_object(
+        Bucket=s3_server.bucket,
+        Key=store.store + "chunks/" + raw,
+        Body=evil,
+        Metadata={
+            "sha256": hashlib.sha256(evil).hexdigest(),
+            "raw-sha256": raw,
+            "raw-size": str(BLOCK),
+            "stored-size": str(len(evil)),
+            "codec": "zstd",
+        },
+    )
     res = store.snapshot(str(src))
     assert any(c["raw_sha256"] == raw for c in res["manifest"]["chunks"])  # the planted digest is the block's
     target = tmp_path / "restored"
@@ -52,13 +63,23 @@ def test_a_planted_block_that_decodes_to_other_bytes_is_never_restored_silently(
 def _plant_block(s3_server: Any, s3_client: Any, store: Store, raw: str, size: int) -> None:
     """`chunks/<raw>` holding zstd of other bytes of `size`, its metadata vouching for `raw`."""
     evil = zstandard.ZstdCompressor(write_checksum=True).compress(os.urandom(size))
-    s3_client.put_object(Bucket=s3_server.bucket, Key=store.store + "chunks/" + raw, Body=evil, Metadata={
-        "sha256": hashlib.sha256(evil).hexdigest(), "raw-sha256": raw, "raw-size": str(size),
-        "stored-size": str(len(evil)), "codec": "zstd"})
+    s3_client.put_object(
+        Bucket=s3_server.bucket,
+        Key=store.store + "chunks/" + raw,
+        Body=evil,
+        Metadata={
+            "sha256": hashlib.sha256(evil).hexdigest(),
+            "raw-sha256": raw,
+            "raw-size": str(size),
+            "stored-size": str(len(evil)),
+            "codec": "zstd",
+        },
+    )
 
 
 def test_the_next_snapshot_does_not_adopt_planted_blocks_or_packs_whose_toc_lies(
-        tmp_path: pathlib.Path, s3_server: Any, s3_prefix: str, s3_client: Any) -> None:
+    tmp_path: pathlib.Path, s3_server: Any, s3_prefix: str, s3_client: Any
+) -> None:
     """Planted objects that vouch for chunk digests (block metadata, a pack TOC named by its own
     SHA-256 with self-consistent slice digests) are not reused by the resume check: the snapshot stores
     the real chunks and restores byte-identical. Otherwise the snapshot completes, hibernate's light
@@ -77,20 +98,36 @@ def test_the_next_snapshot_does_not_adopt_planted_blocks_or_packs_whose_toc_lies
             _plant_block(s3_server, s3_client, store, c["raw_sha256"], c["raw_size"])
         else:
             evil = zstandard.ZstdCompressor(write_checksum=True).compress(os.urandom(c["raw_size"]))
-            entries.append((PackEntry(raw_sha256=c["raw_sha256"], offset=0, stored_size=len(evil),
-                                      raw_size=c["raw_size"], codec="zstd",
-                                      sha256=hashlib.sha256(evil).hexdigest()), evil))
+            entries.append(
+                (
+                    PackEntry(
+                        raw_sha256=c["raw_sha256"],
+                        offset=0,
+                        stored_size=len(evil),
+                        raw_size=c["raw_size"],
+                        codec="zstd",
+                        sha256=hashlib.sha256(evil).hexdigest(),
+                    ),
+                    evil,
+                )
+            )
     assert entries and len(entries) < len(chunks)
     body, _ = build_pack(entries)
-    s3_client.put_object(Bucket=s3_server.bucket, Key=store.store + "packs/" + hashlib.sha256(body).hexdigest(),
-                         Body=body)
+    s3_client.put_object(
+        Bucket=s3_server.bucket, Key=store.store + "packs/" + hashlib.sha256(body).hexdigest(), Body=body
+    )
     res = store.snapshot(str(src))
     assert res["resumed_chunks"] == 0 and res["resumed_packs"] == 1, res
     check_restore(store, res, src, tmp_path / "restored")
 
 
-DEFAULTS = {"block_size": 16 << 20, "large_min": 256 * 1024, "group_max": 4 << 20, "group_modulus": 64,
-            "pack_size": 32 << 20}
+DEFAULTS = {
+    "block_size": 16 << 20,
+    "large_min": 256 * 1024,
+    "group_max": 4 << 20,
+    "group_modulus": 64,
+    "pack_size": 32 << 20,
+}
 
 
 def _edge_tree(root: pathlib.Path, case: str) -> None:
@@ -101,8 +138,13 @@ def _edge_tree(root: pathlib.Path, case: str) -> None:
         (root / "z").write_bytes(b"")
         return
     if case == "sizes":
-        for name, size in (("a_256k", 256 * 1024), ("b_256k_less1", 256 * 1024 - 1), ("c_16m", 16 << 20),
-                           ("d_16m_plus1", (16 << 20) + 1), ("e_32m_less512", (32 << 20) - 512)):
+        for name, size in (
+            ("a_256k", 256 * 1024),
+            ("b_256k_less1", 256 * 1024 - 1),
+            ("c_16m", 16 << 20),
+            ("d_16m_plus1", (16 << 20) + 1),
+            ("e_32m_less512", (32 << 20) - 512),
+        ):
             (root / name).write_bytes(os.urandom(size))
         return
     if case == "sparse_and_links":
@@ -131,7 +173,8 @@ def _edge_tree(root: pathlib.Path, case: str) -> None:
 
 @pytest.mark.parametrize("case", ["empty", "zero_byte", "sizes", "sparse_and_links", "long_names"])
 def test_chunker_edge_trees_restore_identical_and_dedup_fully(
-        tmp_path: pathlib.Path, s3_server: Any, s3_prefix: str, s3_client: Any, case: str) -> None:
+    tmp_path: pathlib.Path, s3_server: Any, s3_prefix: str, s3_client: Any, case: str
+) -> None:
     """The design's real cut points (16 MiB blocks from 256 KiB): trees at and around every boundary,
     sparse files and hard links (tar's own sparse/link members), names that need pax headers. Each
     restores byte-identical, and a second snapshot of the unchanged tree uploads nothing."""
@@ -147,13 +190,14 @@ def test_chunker_edge_trees_restore_identical_and_dedup_fully(
 
 
 def test_peak_memory_is_bounded_on_a_1_gib_file_and_50k_small_files(
-        tmp_path: pathlib.Path, s3_server: Any, s3_prefix: str, s3_client: Any) -> None:
+    tmp_path: pathlib.Path, s3_server: Any, s3_prefix: str, s3_client: Any
+) -> None:
     """The issue's bound (peak RSS <= 1 GiB, no local disk) with the design's sizes: a 1 GiB file (64
     blocks) and 50,000 small files (many groups, several packs, a 50k-entry chunk list and manifest)."""
+    import json
     import resource
     import subprocess
     import sys
-    import json
 
     from tests.support.fixtures_s3 import REMOTE_SCRIPTS
 
@@ -170,8 +214,12 @@ def test_peak_memory_is_bounded_on_a_1_gib_file_and_50k_small_files(
             (sub / ("f%04d.txt" % i)).write_bytes(b"%d %d\n" % (d, i) * 20)
     store = Store(s3_server, s3_client, s3_prefix, **DEFAULTS)
     cfg = store.config(str(src))
-    proc = subprocess.run([sys.executable, str(REMOTE_SCRIPTS / "snapshot.py")], input=json.dumps(cfg).encode(),
-                          capture_output=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(REMOTE_SCRIPTS / "snapshot.py")],
+        input=json.dumps(cfg).encode(),
+        capture_output=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the largest reaped descendant
     res = json.loads(proc.stdout.decode().splitlines()[-1])
@@ -180,7 +228,7 @@ def test_peak_memory_is_bounded_on_a_1_gib_file_and_50k_small_files(
     assert peak_kib < (1 << 20), "peak RSS %d KiB" % peak_kib
 
 
-def _rewrite_manifest(s3_server: Any, s3_client: Any, res: Dict[str, Any], change: Any) -> Dict[str, Any]:
+def _rewrite_manifest(s3_server: Any, s3_client: Any, res: dict[str, Any], change: Any) -> dict[str, Any]:
     """Replace the snapshot's manifest by `change(doc)` (a hostile previous host writes what it likes);
     returns the snapshot result with the new manifest's digest, as the control plane would hold it."""
     doc = copy.deepcopy(res["manifest"])
@@ -190,13 +238,13 @@ def _rewrite_manifest(s3_server: Any, s3_client: Any, res: Dict[str, Any], chang
     return dict(res, manifest=doc, manifest_sha256=hashlib.sha256(body).hexdigest())
 
 
-def _huge_raw(doc: Dict[str, Any]) -> None:
+def _huge_raw(doc: dict[str, Any]) -> None:
     c = next(c for c in doc["chunks"] if c["codec"] == "zstd")
     doc["totals"]["raw_bytes"] += (8 << 30) - c["raw_size"]
     c["raw_size"] = 8 << 30  # under the disk check's bar; one decode buffer of this size per worker
 
 
-def _huge_object(doc: Dict[str, Any]) -> None:
+def _huge_object(doc: dict[str, Any]) -> None:
     o = next(o for o in doc["objects"] if o["key"].startswith("packs/"))
     doc["totals"]["stored_bytes"] += (1 << 46) - o["size"]
     o["size"] = 1 << 46
@@ -204,7 +252,8 @@ def _huge_object(doc: Dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("change", [_huge_raw, _huge_object])
 def test_a_manifest_claiming_huge_sizes_is_manifest_invalid_before_any_allocation(
-        tmp_path: pathlib.Path, s3_server: Any, s3_prefix: str, s3_client: Any, change: Any) -> None:
+    tmp_path: pathlib.Path, s3_server: Any, s3_prefix: str, s3_client: Any, change: Any
+) -> None:
     """Restore sizes its buffers from the manifest (the largest object and raw chunk it names). A
     manifest from a hostile previous host that names a 64 TiB chunk or object must be refused as
     `manifest_invalid` (no chunk or object of format 2 is ever larger than the chunking allows), not
@@ -221,7 +270,8 @@ def test_a_manifest_claiming_huge_sizes_is_manifest_invalid_before_any_allocatio
 
 
 def test_resume_never_buffers_a_listed_object_bigger_than_this_run_could_have_written(
-        tmp_path: pathlib.Path, s3_server: Any, s3_prefix: str, s3_client: Any) -> None:
+    tmp_path: pathlib.Path, s3_server: Any, s3_prefix: str, s3_client: Any
+) -> None:
     """The resume check downloads whole listed packs no known chunk points to (and, since they are
     checked by content, listed blocks). Anyone with write on the machine prefix can list a 50 GB
     `packs/<its digest>` there: the next snapshot would buffer it in memory (MemoryError or an OOM kill
@@ -235,33 +285,60 @@ def test_resume_never_buffers_a_listed_object_bigger_than_this_run_could_have_wr
     chunks = Store(s3_server, s3_client, s3_prefix + "probe/").snapshot(str(src))["manifest"]["chunks"]
     store = Store(s3_server, s3_client, s3_prefix)
     filler = os.urandom(4 << 20)
-    entries = [(PackEntry(raw_sha256=hashlib.sha256(filler).hexdigest(), offset=0, stored_size=len(filler),
-                          raw_size=len(filler), codec="none", sha256=hashlib.sha256(filler).hexdigest()), filler)]
-    entries += [(PackEntry(raw_sha256=c["raw_sha256"], offset=0, stored_size=len(raw), raw_size=len(raw), codec="none",
-                           sha256=c["raw_sha256"]), raw)
-                for c, raw in ((c, _group_bytes(s3_server, s3_client, s3_prefix + "probe/m1/", c)) for c in chunks)]
+    entries = [
+        (
+            PackEntry(
+                raw_sha256=hashlib.sha256(filler).hexdigest(),
+                offset=0,
+                stored_size=len(filler),
+                raw_size=len(filler),
+                codec="none",
+                sha256=hashlib.sha256(filler).hexdigest(),
+            ),
+            filler,
+        )
+    ]
+    entries += [
+        (
+            PackEntry(
+                raw_sha256=c["raw_sha256"],
+                offset=0,
+                stored_size=len(raw),
+                raw_size=len(raw),
+                codec="none",
+                sha256=c["raw_sha256"],
+            ),
+            raw,
+        )
+        for c, raw in ((c, _group_bytes(s3_server, s3_client, s3_prefix + "probe/m1/", c)) for c in chunks)
+    ]
     body, _ = build_pack(entries)
-    s3_client.put_object(Bucket=s3_server.bucket, Key=store.store + "packs/" + hashlib.sha256(body).hexdigest(),
-                         Body=body)
+    s3_client.put_object(
+        Bucket=s3_server.bucket, Key=store.store + "packs/" + hashlib.sha256(body).hexdigest(), Body=body
+    )
     res = store.snapshot(str(src))
     assert res["resumed_packs"] == 0 and res["resumed_chunks"] == 0, res
     check_restore(store, res, src, tmp_path / "restored")
 
 
-def _group_bytes(s3_server: Any, s3_client: Any, store: str, c: Dict[str, Any]) -> bytes:
+def _group_bytes(s3_server: Any, s3_client: Any, store: str, c: dict[str, Any]) -> bytes:
     """The raw bytes of a chunk of a probe snapshot (its pack fetched, its slice decoded)."""
-    manifests = [o for o in s3_client.list_objects_v2(Bucket=s3_server.bucket, Prefix=store)["Contents"]
-                 if o["Key"].endswith("manifest.json")]
+    manifests = [
+        o
+        for o in s3_client.list_objects_v2(Bucket=s3_server.bucket, Prefix=store)["Contents"]
+        if o["Key"].endswith("manifest.json")
+    ]
     doc = json.loads(s3_client.get_object(Bucket=s3_server.bucket, Key=manifests[0]["Key"])["Body"].read())
     chunk = next(x for x in doc["chunks"] if x["raw_sha256"] == c["raw_sha256"])
     obj = doc["objects"][chunk["object"]]
     data = s3_client.get_object(Bucket=s3_server.bucket, Key=store + obj["key"])["Body"].read()
-    stored = data[chunk["offset"]:chunk["offset"] + chunk["stored_size"]]
+    stored = data[chunk["offset"] : chunk["offset"] + chunk["stored_size"]]
     return stored if chunk["codec"] == "none" else zstandard.ZstdDecompressor().decompress(stored)
 
 
 def test_known_chunks_whose_objects_gc_deleted_are_stored_again(
-        tmp_path: pathlib.Path, s3_server: Any, s3_prefix: str, s3_client: Any) -> None:
+    tmp_path: pathlib.Path, s3_server: Any, s3_prefix: str, s3_client: Any
+) -> None:
     """The control plane tells the host of chunks whose objects are gone (gc removed them, or someone
     did by hand): the host's listing drops those rows, stores the chunks again, and the snapshot
     restores byte-identical."""
@@ -278,7 +355,8 @@ def test_known_chunks_whose_objects_gc_deleted_are_stored_again(
 
 
 def test_a_reused_chunk_that_decodes_to_other_bytes_fails_the_restore(
-        tmp_path: pathlib.Path, s3_server: Any, s3_prefix: str, s3_client: Any) -> None:
+    tmp_path: pathlib.Path, s3_server: Any, s3_prefix: str, s3_client: Any
+) -> None:
     """A hostile host of the machine replaces the block of a predictable file by zstd of other bytes of
     the same size and rewrites its own snapshot's manifest to match (so the control plane indexes the
     lie). The next, honest host is told that chunk (known_chunks) and reuses it. The restore of that
@@ -295,7 +373,7 @@ def test_a_reused_chunk_that_decodes_to_other_bytes_fails_the_restore(
     s3_client.put_object(Bucket=s3_server.bucket, Key=store.store + "chunks/" + raw, Body=evil)
     digest = hashlib.sha256(evil).hexdigest()
 
-    def lie(doc: Dict[str, Any]) -> None:
+    def lie(doc: dict[str, Any]) -> None:
         for c in doc["chunks"]:
             if c["raw_sha256"] == raw:
                 c.update(codec="zstd", stored_size=len(evil), sha256=digest)

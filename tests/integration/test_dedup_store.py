@@ -3,6 +3,7 @@ verify (light and deep) of shared objects, DELETE (manifest, record and referenc
 stay), gc (only what no snapshot references, past the grace period, never while a snapshot of the
 machine is in progress) and known_chunks. The snapshots are hand-built (tests/support/chunkstore.py),
 with the layout the host writes (docs/data-plane.md)."""
+
 from __future__ import annotations
 
 import os
@@ -25,8 +26,13 @@ BLOCK = 300 << 10
 
 @pytest.fixture
 def s3store(s3_server) -> ObjectStore:  # type: ignore[no-untyped-def]
-    return ObjectStore(endpoint=s3_server.endpoint, bucket=s3_server.bucket, access_key=s3_server.access_key,
-                       secret_key=s3_server.secret_key, region=s3_server.region)
+    return ObjectStore(
+        endpoint=s3_server.endpoint,
+        bucket=s3_server.bucket,
+        access_key=s3_server.access_key,
+        secret_key=s3_server.secret_key,
+        region=s3_server.region,
+    )
 
 
 @pytest.fixture
@@ -45,7 +51,7 @@ def _job(client, path: str, body: dict | None = None) -> dict:  # type: ignore[n
 
 
 def _keys(store: ObjectStore, prefix: str) -> set[str]:
-    return {o.key[len(prefix):] for o in store.list(prefix)}
+    return {o.key[len(prefix) :] for o in store.list(prefix)}
 
 
 def test_verify_light_and_deep_check_every_shared_object(app, s3store):
@@ -85,8 +91,9 @@ def test_delete_keeps_shared_objects_and_gc_removes_only_unreferenced_ones(app, 
     client = app.test_client()
     shared, only_first, only_second = (os.urandom(BLOCK) for _ in range(3))
     first = add_v2_snapshot(app, s3store, blocks=[shared, only_first], groups=[b"g-first"])
-    second = add_v2_snapshot(app, s3store, blocks=[shared, only_second], groups=[b"g-first"],
-                             previous=first["manifest"])
+    second = add_v2_snapshot(
+        app, s3store, blocks=[shared, only_second], groups=[b"g-first"], previous=first["manifest"]
+    )
     assert second["manifest"].totals["chunks_reused"] == 2
     store_prefix = first["store_prefix"]
     before = _keys(s3store, store_prefix)
@@ -125,8 +132,9 @@ def test_gc_waits_out_the_grace_period_and_skips_a_machine_with_a_snapshot_in_pr
 
 def test_gc_never_touches_the_snapshot_a_hibernated_machine_wakes_from(app, s3store):
     client = app.test_client()
-    snap = add_v2_snapshot(app, s3store, machine_id="sleepy", blocks=[os.urandom(BLOCK)], groups=[b"g"],
-                           machine_status="hibernated")
+    snap = add_v2_snapshot(
+        app, s3store, machine_id="sleepy", blocks=[os.urandom(BLOCK)], groups=[b"g"], machine_status="hibernated"
+    )
     before = _keys(s3store, snap["store_prefix"])
     assert _job(client, "/api/maintenance/gc", {"grace_s": 0})["result"]["deleted_objects"] == 0
     assert _keys(s3store, snap["store_prefix"]) == before
@@ -235,7 +243,7 @@ def assert_restorable(c, store: ObjectStore, snapshot_id: str) -> None:  # type:
         assert data is not None, f"{obj.key} of {snapshot_id} is gone"
         assert hashlib.sha256(data).hexdigest() == obj.sha256
         for chunk in (c for c in manifest.chunks if c.object == i):
-            assert hashlib.sha256(data[chunk.offset:chunk.offset + chunk.stored_size]).hexdigest() == chunk.sha256
+            assert hashlib.sha256(data[chunk.offset : chunk.offset + chunk.stored_size]).hexdigest() == chunk.sha256
 
 
 def test_gc_repacks_a_mostly_garbage_pack_and_the_survivor_still_verifies(app, s3store):

@@ -3,6 +3,7 @@ checked for what a deployment depends on (every gpusnap container shares one dat
 schema is migrated before the API and the worker start, healthchecks are `python -c`, Redis has a
 password, the image installs the app without test extras), and the entrypoint's roles are run here for
 real, with the compose healthchecks run against them."""
+
 from __future__ import annotations
 
 import os
@@ -34,8 +35,11 @@ def compose() -> dict:
 def dockerfile() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
     text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
-    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1].strip())
-            for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return [
+        (line.split(None, 1)[0].upper(), line.split(None, 1)[1].strip())
+        for line in text.splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
 
 
 def test_compose_runs_api_worker_postgres_and_redis_with_shared_settings(compose):
@@ -46,8 +50,9 @@ def test_compose_runs_api_worker_postgres_and_redis_with_shared_settings(compose
     env = envs[0]
     db, queue = urlsplit(env["DATABASE_URL"]), urlsplit(env["REDIS_URL"])
     assert db.scheme.startswith("postgresql") and db.hostname == "postgres"
-    assert queue.scheme in ("redis", "rediss") and queue.hostname == "redis" and queue.password, \
+    assert queue.scheme in ("redis", "rediss") and queue.hostname == "redis" and queue.password, (
         "Redis must be authenticated: Huey pickles task payloads"
+    )
     assert "--requirepass" in services["redis"]["command"]
     assert "ports" not in services["redis"] and "ports" not in services["postgres"]  # private
     assert all(services[name]["image"] == services["api"]["image"] for name in GPUSNAP)  # one image
@@ -107,16 +112,30 @@ def role_env(tmp_path):  # type: ignore[no-untyped-def]
     """What the image provides (gpusnap and gunicorn on PATH, GPUSNAP_HOME) with one SQLite database and
     queue shared by the roles, as a /data volume would be."""
     bin_dir = Path(sys.executable).parent
-    return {**{k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "PROMETHEUS_MULTIPROC_DIR")},
-            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONPATH": str(ROOT),
-            "GPUSNAP_HOME": str(ROOT), "DATABASE_URL": f"sqlite:///{tmp_path / 'data' / 'gpusnap.db'}",
-            "QUEUE_PATH": str(tmp_path / "data" / "queue.db"), "GUNICORN_BIND": f"127.0.0.1:{free_port()}",
-            "GUNICORN_WORKERS": "2", "GUNICORN_THREADS": "2", "LOG_FORMAT": "text", "SSH_ALLOWED_NETWORKS": "10.0.0.0/8"}
+    return {
+        **{k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "PROMETHEUS_MULTIPROC_DIR")},
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": str(ROOT),
+        "GPUSNAP_HOME": str(ROOT),
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'data' / 'gpusnap.db'}",
+        "QUEUE_PATH": str(tmp_path / "data" / "queue.db"),
+        "GUNICORN_BIND": f"127.0.0.1:{free_port()}",
+        "GUNICORN_WORKERS": "2",
+        "GUNICORN_THREADS": "2",
+        "LOG_FORMAT": "text",
+        "SSH_ALLOWED_NETWORKS": "10.0.0.0/8",
+    }
 
 
 def _start(role: str, env: dict, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(["sh", str(ENTRYPOINT), role], env=env, cwd=ROOT, stdout=log.open("wb"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        ["sh", str(ENTRYPOINT), role],
+        env=env,
+        cwd=ROOT,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -135,8 +154,9 @@ def _healthcheck(compose: dict, service: str, env: dict) -> subprocess.Completed
 
 
 def test_entrypoint_roles_share_one_database_and_pass_their_healthchecks(compose, role_env, tmp_path):
-    migrated = subprocess.run(["sh", str(ENTRYPOINT), "migrate"], env=role_env, cwd=ROOT, capture_output=True,
-                              text=True, timeout=120)
+    migrated = subprocess.run(
+        ["sh", str(ENTRYPOINT), "migrate"], env=role_env, cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert migrated.returncode == 0 and "database at revision" in migrated.stdout, migrated.stderr
     assert _healthcheck(compose, "api", role_env).returncode != 0  # nothing listens yet: unhealthy
 
@@ -157,8 +177,14 @@ def test_entrypoint_roles_share_one_database_and_pass_their_healthchecks(compose
         checked = _healthcheck(compose, "api", role_env)
         assert checked.returncode == 0, checked.stderr
         # Any other command runs as given: a token made through the image reaches the API's database.
-        made = subprocess.run(["sh", str(ENTRYPOINT), "gpusnap", "tokens", "create", "me", "--replace"],
-                              env=role_env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        made = subprocess.run(
+            ["sh", str(ENTRYPOINT), "gpusnap", "tokens", "create", "me", "--replace"],
+            env=role_env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert made.returncode == 0, made.stderr
         token = made.stdout.strip()
         r = requests.get(f"{url}/api/gpu-snapshots", headers={"Authorization": f"Bearer {token}"}, timeout=10)

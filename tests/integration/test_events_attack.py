@@ -1,4 +1,5 @@
 """Attacks on GET /api/events and stream tokens that once got through: each test is a finding."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -16,8 +17,11 @@ from tests.support.test_kinds import make_kinds
 
 @pytest.fixture
 def app(tmp_path, sqlite_url):  # type: ignore[no-untyped-def]
-    application = create_app(make_settings(tmp_path, sqlite_url, events_poll_s=0.05, events_max_streams=2,
-                                           events_heartbeat_s=0.3), job_kinds=make_kinds(), configure_logs=False)
+    application = create_app(
+        make_settings(tmp_path, sqlite_url, events_poll_s=0.05, events_max_streams=2, events_heartbeat_s=0.3),
+        job_kinds=make_kinds(),
+        configure_logs=False,
+    )
     yield application
     application.extensions["gpusnap"].engine.dispose()
 

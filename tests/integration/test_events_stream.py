@@ -2,6 +2,7 @@
 by the same JobRunner the worker uses: a job's events arrive in order, a reconnect with Last-Event-ID
 resumes without losing or repeating one, progress is throttled, stream tokens expire and open nothing
 else, and the number of open streams is bounded."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -25,8 +26,11 @@ from tests.support.test_kinds import make_kinds
 
 @pytest.fixture
 def app(tmp_path, database_url):  # type: ignore[no-untyped-def]
-    application = create_app(make_settings(tmp_path, database_url, events_poll_s=0.05, events_max_streams=2,
-                                           events_heartbeat_s=0.3), job_kinds=make_kinds(), configure_logs=False)
+    application = create_app(
+        make_settings(tmp_path, database_url, events_poll_s=0.05, events_max_streams=2, events_heartbeat_s=0.3),
+        job_kinds=make_kinds(),
+        configure_logs=False,
+    )
     yield application
     application.extensions["gpusnap"].engine.dispose()
 
@@ -34,8 +38,9 @@ def app(tmp_path, database_url):  # type: ignore[no-untyped-def]
 def _start_sleep_job(app, seconds: float, machine_id: str = "ev-1") -> str:  # type: ignore[no-untyped-def]
     c = app.extensions["gpusnap"]
     with transaction(c.session_factory) as s:
-        job_id = job_service.add_job(s, kind="sleep", params={"seconds": seconds}, lock_key=f"machine:{machine_id}",
-                                     machine_id=machine_id).id
+        job_id = job_service.add_job(
+            s, kind="sleep", params={"seconds": seconds}, lock_key=f"machine:{machine_id}", machine_id=machine_id
+        ).id
     c.queue.enqueue(job_id)
     return job_id
 
@@ -98,14 +103,18 @@ def test_a_jobs_events_arrive_in_order_and_a_reconnect_resumes_without_loss_or_r
     done = [f["data"]["job"]["progress"]["bytes_done"] for f in events if f["event"] == "job.progress"]
     assert len(done) >= 2 and done == sorted(done), done  # it moved, forwards
     # Throttled: the sleep kind reports every 20 ms; the stream carries at most 2 a second.
-    stamps = [dt.datetime.fromisoformat(f["data"]["at"].replace("Z", "+00:00")) for f in events
-              if f["event"] == "job.progress"]
+    stamps = [
+        dt.datetime.fromisoformat(f["data"]["at"].replace("Z", "+00:00"))
+        for f in events
+        if f["event"] == "job.progress"
+    ]
     assert all((b - a).total_seconds() >= 0.5 for a, b in zip(stamps, stamps[1:])), stamps
     assert events[-1]["data"]["job"]["progress"]["bytes_done"] == 1600
 
     # Reconnect after the 3rd event, as EventSource does (Last-Event-ID header): exactly the rest.
-    again = client.get(f"/api/events?job_id={job_id}", headers={**AUTH, "Last-Event-ID": events[2]["id"]},
-                       buffered=False)
+    again = client.get(
+        f"/api/events?job_id={job_id}", headers={**AUTH, "Last-Event-ID": events[2]["id"]}, buffered=False
+    )
     rest = read_until(again, _finished)
     again.close()
     assert [f["id"] for f in rest] == [f["id"] for f in events[3:]]
@@ -153,8 +162,13 @@ def test_stream_tokens_open_the_stream_only_and_expire(app):
 
     # Anywhere else it is no token at all: not as a bearer token, not as ?token=, not to mint another.
     bearer = {"Authorization": f"Bearer {token}"}
-    for method, path in [("GET", "/api/jobs"), ("GET", "/api/summary"), ("POST", "/api/stream-tokens"),
-                         ("GET", f"/api/jobs?token={token}"), ("GET", f"/api/instances?token={token}")]:
+    for method, path in [
+        ("GET", "/api/jobs"),
+        ("GET", "/api/summary"),
+        ("POST", "/api/stream-tokens"),
+        ("GET", f"/api/jobs?token={token}"),
+        ("GET", f"/api/instances?token={token}"),
+    ]:
         r = client.open(path, method=method, headers=bearer)
         assert r.status_code == 401 and r.get_json()["error"]["code"] == "invalid_token", (method, path)
         r = client.open(path, method=method)
@@ -190,8 +204,9 @@ def test_open_streams_are_bounded_per_process_and_a_closed_one_frees_its_slot(ap
 
 
 def test_a_stream_ends_after_its_maximum_life(tmp_path, sqlite_url):
-    app = create_app(make_settings(tmp_path, sqlite_url, events_poll_s=0.05, events_max_stream_s=0.5),
-                     configure_logs=False)
+    app = create_app(
+        make_settings(tmp_path, sqlite_url, events_poll_s=0.05, events_max_stream_s=0.5), configure_logs=False
+    )
     started = time.monotonic()
     body = app.test_client().get("/api/events", headers=AUTH).get_data(as_text=True)  # returns: it ended
     assert body.startswith("retry: 2000\n") and time.monotonic() - started < 10

@@ -1,6 +1,7 @@
 """kill -9 of the worker at each step of gc (src/jobs/failpoints.py), then a fresh worker re-runs the job:
 it finishes, nothing a snapshot references is ever lost (checked while the first worker lies dead, and
 after), and what gc set out to remove is gone. Real worker processes, SQLite, SeaweedFS."""
+
 from __future__ import annotations
 
 import os
@@ -17,16 +18,31 @@ from tests.integration.test_dedup_store import _keys, assert_restorable
 from tests.support.chunkstore import add_v2_snapshot
 from tests.support.test_worker import WorkerProcess, control_app, worker_env
 
-STEPS = ["gc.after_mark", "gc.after_delete", "gc.after_forget", "gc.repack_after_upload", "gc.repack_after_plan",
-         "gc.repack_after_manifest", "gc.repack_after_switch"]
+STEPS = [
+    "gc.after_mark",
+    "gc.after_delete",
+    "gc.after_forget",
+    "gc.repack_after_upload",
+    "gc.repack_after_plan",
+    "gc.repack_after_manifest",
+    "gc.repack_after_switch",
+]
 
 
 @pytest.mark.parametrize("step", STEPS)
 def test_gc_killed_at_each_step_finishes_on_rerun_and_loses_nothing_referenced(tmp_path, s3_server, s3_prefix, step):
-    env = worker_env(tmp_path, QUEUE_PATH=str(tmp_path / "queue.db"), JOB_STALE_AFTER_S="600",
-                     TEST_WORKER_KINDS="all", R2_ENDPOINT=s3_server.endpoint, R2_BUCKET=s3_server.bucket,
-                     R2_ACCESS_KEY=s3_server.access_key, R2_SECRET_KEY=s3_server.secret_key,
-                     R2_REGION=s3_server.region, SNAPSHOT_PREFIX=s3_prefix)
+    env = worker_env(
+        tmp_path,
+        QUEUE_PATH=str(tmp_path / "queue.db"),
+        JOB_STALE_AFTER_S="600",
+        TEST_WORKER_KINDS="all",
+        R2_ENDPOINT=s3_server.endpoint,
+        R2_BUCKET=s3_server.bucket,
+        R2_ACCESS_KEY=s3_server.access_key,
+        R2_SECRET_KEY=s3_server.secret_key,
+        R2_REGION=s3_server.region,
+        SNAPSHOT_PREFIX=s3_prefix,
+    )
     app = control_app(env)
     c = app.extensions["gpusnap"]
     store = c.object_store()
@@ -38,6 +54,7 @@ def test_gc_killed_at_each_step_finishes_on_rerun_and_loses_nothing_referenced(t
         from sqlalchemy import delete
 
         from src.models import SnapshotObject
+
         s.execute(delete(SnapshotObject).where(SnapshotObject.snapshot_id == first["id"]))
     store.delete_keys([first["prefix"] + "manifest.json"])
     garbage = {o.key for o in first["manifest"].objects}  # the block and the mostly-dead pack

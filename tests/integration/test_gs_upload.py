@@ -1,4 +1,5 @@
 """The long-lived `s5cmd run` uploader of the snapshot script, against SeaweedFS."""
+
 from __future__ import annotations
 
 import os

@@ -1,5 +1,6 @@
 """The brokers that mint each job's host credentials, against strict fakes of Cloudflare's R2
 temporary-credentials API and of STS AssumeRole (both real HTTP servers on loopback)."""
+
 from __future__ import annotations
 
 import pytest
@@ -31,8 +32,7 @@ def cloudflare():  # type: ignore[no-untyped-def]
 
 
 def _r2(fake: FakeCloudflareApi, **changes: str) -> CloudflareR2Broker:
-    fields = dict(account_id=ACCOUNT, api_token=TOKEN, bucket=BUCKET, parent_access_key=PARENT,
-                  api_url=fake.base_url)
+    fields = dict(account_id=ACCOUNT, api_token=TOKEN, bucket=BUCKET, parent_access_key=PARENT, api_url=fake.base_url)
     return CloudflareR2Broker(**{**fields, **changes})  # type: ignore[arg-type]
 
 
@@ -40,24 +40,38 @@ def test_r2_broker_asks_for_exactly_the_prefix_and_the_access_the_job_needs(clou
     rw = _r2(cloudflare).for_prefix(PREFIX, write=True, ttl_s=7200)
     ro = _r2(cloudflare).for_prefix(PREFIX, write=False, ttl_s=7200)
     assert [m.body for m in cloudflare.minted] == [
-        {"bucket": BUCKET, "parentAccessKeyId": PARENT, "permission": "object-read-write", "ttlSeconds": 7200,
-         "prefixes": [PREFIX]},
-        {"bucket": BUCKET, "parentAccessKeyId": PARENT, "permission": "object-read-only", "ttlSeconds": 7200,
-         "prefixes": [PREFIX]}]
+        {
+            "bucket": BUCKET,
+            "parentAccessKeyId": PARENT,
+            "permission": "object-read-write",
+            "ttlSeconds": 7200,
+            "prefixes": [PREFIX],
+        },
+        {
+            "bucket": BUCKET,
+            "parentAccessKeyId": PARENT,
+            "permission": "object-read-only",
+            "ttlSeconds": 7200,
+            "prefixes": [PREFIX],
+        },
+    ]
     assert rw.scoped and rw.source == "cloudflare-r2" and rw.session_token == cloudflare.minted[0].session_token
-    assert ro.s3_fields() == {"access_key": cloudflare.minted[1].access_key,
-                              "secret_key": cloudflare.minted[1].secret_key,
-                              "session_token": cloudflare.minted[1].session_token}
+    assert ro.s3_fields() == {
+        "access_key": cloudflare.minted[1].access_key,
+        "secret_key": cloudflare.minted[1].secret_key,
+        "session_token": cloudflare.minted[1].session_token,
+    }
     assert PARENT not in repr(rw) and rw.secret_key not in repr(rw)
 
 
 def test_r2_ttl_is_clamped_to_cloudflares_maximum(cloudflare):
-    _r2(cloudflare).for_prefix(PREFIX, write=False, ttl_s=10 ** 9)
+    _r2(cloudflare).for_prefix(PREFIX, write=False, ttl_s=10**9)
     assert cloudflare.minted[0].body["ttlSeconds"] == 604_800
 
 
-@pytest.mark.parametrize("prefix", ["", "snapshots", "/", "snapshots/m-1", "//", "snapshots//", "a/../",
-                                    "snapshots/*/", "./"])
+@pytest.mark.parametrize(
+    "prefix", ["", "snapshots", "/", "snapshots/m-1", "//", "snapshots//", "a/../", "snapshots/*/", "./"]
+)
 def test_no_credentials_for_a_prefix_that_is_not_one(cloudflare, prefix):
     with pytest.raises(CredentialsUnavailable, match="prefix"):
         _r2(cloudflare).for_prefix(prefix, write=True, ttl_s=900)
@@ -86,7 +100,7 @@ def test_sts_broker_sends_a_session_policy_limited_to_the_prefix():
     with FakeSts(caller_access_key=PARENT, role_arn=role) as sts:
         broker = StsBroker(endpoint=sts.url, role_arn=role, bucket=BUCKET, access_key=PARENT, secret_key="s")
         ro = broker.for_prefix(PREFIX, write=False, ttl_s=60)  # below STS's minimum: raised to 900
-        rw = broker.for_prefix(PREFIX, write=True, ttl_s=10 ** 6)  # above its maximum: lowered to 43200
+        rw = broker.for_prefix(PREFIX, write=True, ttl_s=10**6)  # above its maximum: lowered to 43200
         assert [a["DurationSeconds"] for a in sts.assumed] == ["900", "43200"]
         assert sts.assumed[0]["Policy"] == session_policy(BUCKET, PREFIX, write=False)
         read_only = sts.assumed[0]["Policy"]["Statement"]
@@ -95,8 +109,9 @@ def test_sts_broker_sends_a_session_policy_limited_to_the_prefix():
         assert read_only[1]["Condition"] == {"StringLike": {"s3:prefix": [f"{PREFIX}*"]}}
         assert "s3:PutObject" in sts.assumed[1]["Policy"]["Statement"][0]["Action"]
         assert ro.session_token == sts.assumed[0]["credentials"]["SessionToken"] and rw.scoped
-        wrong = StsBroker(endpoint=sts.url, role_arn=role.replace("hosts", "admin"), bucket=BUCKET,
-                          access_key=PARENT, secret_key="s")
+        wrong = StsBroker(
+            endpoint=sts.url, role_arn=role.replace("hosts", "admin"), bucket=BUCKET, access_key=PARENT, secret_key="s"
+        )
         with pytest.raises(CredentialsUnavailable, match="AccessDenied"):
             wrong.for_prefix(PREFIX, write=True, ttl_s=900)
 
@@ -105,8 +120,10 @@ def test_broker_choice_and_the_loud_parent_key_fallback():
     base = Settings(r2_endpoint="http://s3", r2_bucket=BUCKET, r2_access_key=PARENT, r2_secret_key="secret")
     parent = broker_from_settings(base)
     assert isinstance(parent, ParentKeyBroker) and not parent.scoped
-    assert parent.for_prefix(PREFIX, write=True, ttl_s=900).s3_fields() == {"access_key": PARENT,
-                                                                             "secret_key": "secret"}
+    assert parent.for_prefix(PREFIX, write=True, ttl_s=900).s3_fields() == {
+        "access_key": PARENT,
+        "secret_key": "secret",
+    }
     assert describe(base).startswith("parent:") and "CLOUDFLARE_API_TOKEN" in describe(base)
     r2 = base.replace(cloudflare_account_id=ACCOUNT, cloudflare_api_token=TOKEN)
     assert isinstance(broker_from_settings(r2), CloudflareR2Broker) and describe(r2).startswith("scoped")
@@ -115,19 +132,33 @@ def test_broker_choice_and_the_loud_parent_key_fallback():
 
 
 def test_required_scoped_credentials_refuse_the_parent_key(tmp_path):  # type: ignore[no-untyped-def]
-    settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}", r2_endpoint="http://s3",
-                             r2_bucket=BUCKET, r2_access_key=PARENT, r2_secret_key="secret",
-                             require_scoped_credentials=True)
+    settings = make_settings(
+        tmp_path,
+        f"sqlite:///{tmp_path / 'db.sqlite'}",
+        r2_endpoint="http://s3",
+        r2_bucket=BUCKET,
+        r2_access_key=PARENT,
+        r2_secret_key="secret",
+        require_scoped_credentials=True,
+    )
     container = create_app(settings, configure_logs=False).extensions["gpusnap"]
     with pytest.raises(NotConfigured, match="REQUIRE_SCOPED_CREDENTIALS"):
         container.host_credentials()
-    scoped = create_app(settings.replace(cloudflare_account_id=ACCOUNT, cloudflare_api_token=TOKEN),
-                        configure_logs=False).extensions["gpusnap"]
+    scoped = create_app(
+        settings.replace(cloudflare_account_id=ACCOUNT, cloudflare_api_token=TOKEN), configure_logs=False
+    ).extensions["gpusnap"]
     assert isinstance(scoped.host_credentials(), CloudflareR2Broker)
 
 
 def test_settings_read_the_credential_variables():
-    s = Settings.from_env({"CLOUDFLARE_ACCOUNT_ID": ACCOUNT, "CLOUDFLARE_API_TOKEN": TOKEN,
-                           "REQUIRE_SCOPED_CREDENTIALS": "true", "STS_ROLE_ARN": "arn:x"}, dotenv=False)
+    s = Settings.from_env(
+        {
+            "CLOUDFLARE_ACCOUNT_ID": ACCOUNT,
+            "CLOUDFLARE_API_TOKEN": TOKEN,
+            "REQUIRE_SCOPED_CREDENTIALS": "true",
+            "STS_ROLE_ARN": "arn:x",
+        },
+        dotenv=False,
+    )
     assert (s.cloudflare_account_id, s.cloudflare_api_token, s.require_scoped_credentials) == (ACCOUNT, TOKEN, True)
     assert TOKEN not in repr(s)

@@ -2,6 +2,7 @@
 a known machine by another host or port never resets it; only a wake onto a new instance or an
 explicit `POST /api/instances/<id>/forget-host-key` (audited) does. In-process app, real database and
 queue, a scripted SSH host that refuses a pinned key it does not present (as the real adapter does)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -20,8 +21,9 @@ ORIGINAL, IMPOSTOR = fake_host_key("the-real-gpu-host"), fake_host_key("someone-
 
 @pytest.fixture
 def world(tmp_path, database_url):  # type: ignore[no-untyped-def]
-    settings = make_settings(tmp_path, database_url, r2_endpoint="http://unused", r2_bucket="b", r2_access_key="k",
-                             r2_secret_key="s")
+    settings = make_settings(
+        tmp_path, database_url, r2_endpoint="http://unused", r2_bucket="b", r2_access_key="k", r2_secret_key="s"
+    )
     store, ssh = FakeObjectStore(), FakeSshClient(host_key=ORIGINAL)
     app = create_app(settings, object_store=store, ssh=ssh, configure_logs=False)
     yield app, store, ssh
@@ -31,16 +33,30 @@ def world(tmp_path, database_url):  # type: ignore[no-untyped-def]
 def _snapshot(app, store, ssh, *, host: str, port: int = 22) -> dict:  # type: ignore[no-untyped-def]
     """Run one create_snapshot job of machine `box` reached as host:port; return the finished job."""
     client = app.test_client()
-    r = client.post("/api/gpu-snapshots", json={"instance_id": "box", "ssh_host": host, "ssh_port": port,
-                                                "workspace_path": "/workspace"}, headers=AUTH)
+    r = client.post(
+        "/api/gpu-snapshots",
+        json={"instance_id": "box", "ssh_host": host, "ssh_port": port, "workspace_path": "/workspace"},
+        headers=AUTH,
+    )
     assert r.status_code == 202, r.get_json()
     snap = r.get_json()["snapshot"]
     raw = write_snapshot_objects(store, snap["storage_prefix"], snapshot_id=snap["id"], format=snap["format"], parts=1)
     ssh.scripts["snapshot"] = [
         {"event": "started", "pid": 10, "pgid": 10},
-        {"event": "result", "manifest_sha256": hashlib.sha256(raw).hexdigest(), "raw_bytes": 1024,
-         "stored_bytes": 1024, "parts": 1, "files": 1, "codec": "none", "part_size": 1024,
-         "uploaded_parts": 1, "skipped_parts": 0, "duration_s": 0.1, "timings": {}},
+        {
+            "event": "result",
+            "manifest_sha256": hashlib.sha256(raw).hexdigest(),
+            "raw_bytes": 1024,
+            "stored_bytes": 1024,
+            "parts": 1,
+            "files": 1,
+            "codec": "none",
+            "part_size": 1024,
+            "uploaded_parts": 1,
+            "skipped_parts": 0,
+            "duration_s": 0.1,
+            "timings": {},
+        },
     ]
     run_jobs(app)
     return client.get(f"/api/jobs/{r.get_json()['job']['id']}", headers=AUTH).get_json()
@@ -91,8 +107,11 @@ def test_forget_host_key_clears_the_pin_audited(world):
 def test_forget_host_key_of_an_unknown_machine_is_404_or_422(world, machine_id):
     app, _, _ = world
     r = app.test_client().post(f"/api/instances/{machine_id}/forget-host-key", headers=AUTH)
-    assert r.status_code in (404, 422) and r.get_json()["error"]["code"] in ("not_found", "invalid_request",
-                                                                            "validation_error"), r.get_json()
+    assert r.status_code in (404, 422) and r.get_json()["error"]["code"] in (
+        "not_found",
+        "invalid_request",
+        "validation_error",
+    ), r.get_json()
 
 
 def test_forget_host_key_needs_a_token(world):

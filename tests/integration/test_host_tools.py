@@ -2,6 +2,7 @@
 into the job's private directory, with every check that guards it (architecture, SHA-256, version).
 In-process with a scripted host (FakeSshClient) and an in-memory bucket; the real thing runs in
 tests/e2e/test_stock_host.py."""
+
 from __future__ import annotations
 
 import hashlib
@@ -22,15 +23,23 @@ CREATE = {"instance_id": "4242", "ssh_host": "10.1.2.3", "ssh_port": 2222, "work
 SHIPPED = "/tmp/gpusnap.fake/s5cmd"
 
 
-def probe(*, machine: str = "x86_64", version_on_host: str | None = None, shipped_sha: str | None = None,
-          shipped_version: str = "v2.3.0-991c9fb") -> Any:
+def probe(
+    *,
+    machine: str = "x86_64",
+    version_on_host: str | None = None,
+    shipped_sha: str | None = None,
+    shipped_version: str = "v2.3.0-991c9fb",
+) -> Any:
     """probe_host as a host answers it: nothing (or `version_on_host`) for REMOTE_S5CMD, and the
     shipped copy once it is there, with `shipped_sha` (default: the real digest) as its SHA-256."""
 
     def answer(params: dict[str, Any]) -> list[dict[str, Any]]:
         if params["s5cmd"] == SHIPPED:
-            result = {"s5cmd_path": SHIPPED, "s5cmd_version": shipped_version,
-                      "s5cmd_sha256": shipped_sha or local_s5cmd().sha256}
+            result = {
+                "s5cmd_path": SHIPPED,
+                "s5cmd_version": shipped_version,
+                "s5cmd_sha256": shipped_sha or local_s5cmd().sha256,
+            }
         elif version_on_host is not None:
             result = {"s5cmd_path": "/usr/bin/s5cmd", "s5cmd_version": version_on_host, "s5cmd_sha256": None}
         else:
@@ -42,8 +51,9 @@ def probe(*, machine: str = "x86_64", version_on_host: str | None = None, shippe
 
 @pytest.fixture
 def box(tmp_path, sqlite_url):  # type: ignore[no-untyped-def]
-    settings = make_settings(tmp_path, sqlite_url, r2_endpoint="http://unused", r2_bucket="b", r2_access_key="k",
-                             r2_secret_key="s")
+    settings = make_settings(
+        tmp_path, sqlite_url, r2_endpoint="http://unused", r2_bucket="b", r2_access_key="k", r2_secret_key="s"
+    )
     store, ssh = FakeObjectStore(), FakeSshClient()
     app = create_app(settings, object_store=store, ssh=ssh, configure_logs=False)
     client = app.test_client()
@@ -52,13 +62,26 @@ def box(tmp_path, sqlite_url):  # type: ignore[no-untyped-def]
         r = client.post("/api/gpu-snapshots", json=CREATE, headers=AUTH)
         assert r.status_code == 202, r.get_json()
         snap = r.get_json()["snapshot"]
-        raw = write_snapshot_objects(store, snap["storage_prefix"], snapshot_id=snap["id"], format=snap["format"], parts=1)
-        ssh.scripts["snapshot"] = [{"event": "started", "pid": 9, "pgid": 9},
-                                   {"event": "result", "manifest_sha256": hashlib.sha256(raw).hexdigest(),
-                                    "raw_bytes": 1024, "stored_bytes": 1024, "parts": 1, "files": 1, "codec": "none",
-                                    "part_size": 1024, "duration_s": 0.1, "timings": {},
-                                    "warnings": ["codec zstd was asked for; parts are stored with none because: x"],
-                                    "codec_fallback": {"requested": "zstd", "used": "none", "reasons": ["x"]}}]
+        raw = write_snapshot_objects(
+            store, snap["storage_prefix"], snapshot_id=snap["id"], format=snap["format"], parts=1
+        )
+        ssh.scripts["snapshot"] = [
+            {"event": "started", "pid": 9, "pgid": 9},
+            {
+                "event": "result",
+                "manifest_sha256": hashlib.sha256(raw).hexdigest(),
+                "raw_bytes": 1024,
+                "stored_bytes": 1024,
+                "parts": 1,
+                "files": 1,
+                "codec": "none",
+                "part_size": 1024,
+                "duration_s": 0.1,
+                "timings": {},
+                "warnings": ["codec zstd was asked for; parts are stored with none because: x"],
+                "codec_fallback": {"requested": "zstd", "used": "none", "reasons": ["x"]},
+            },
+        ]
         run_jobs(app)
         return client.get(f"/api/jobs/{r.get_json()['job']['id']}", headers=AUTH).get_json()
 
@@ -90,8 +113,12 @@ def test_a_missing_or_old_s5cmd_is_replaced_by_ours(box, on_host) -> None:  # ty
     data, mode = ssh.files["s5cmd"]
     assert hashlib.sha256(data).hexdigest() == local_s5cmd().sha256 and mode == 0o700
     assert _snapshot_calls(ssh)[0].params["s5cmd"] == SHIPPED
-    assert job["result"]["s5cmd"] == {"source": "shipped", "path": SHIPPED, "version": "v2.3.0-991c9fb",
-                                      "sha256": local_s5cmd().sha256}
+    assert job["result"]["s5cmd"] == {
+        "source": "shipped",
+        "path": SHIPPED,
+        "version": "v2.3.0-991c9fb",
+        "sha256": local_s5cmd().sha256,
+    }
     assert [c.params for c in ssh.script_calls if c.name == "probe_host"][-1] == {"s5cmd": SHIPPED, "sha256": True}
 
 
@@ -133,7 +160,7 @@ def test_the_local_binary_must_match_its_wheel_record(tmp_path) -> None:  # type
         load_tool(altered, tool.sha256)
     assert err.value.code == "missing_dependency" and "altered" in err.value.message
     script = tmp_path / "wrapper"
-    script.write_bytes(b"#!/bin/sh\nexec s5cmd \"$@\"\n")
+    script.write_bytes(b'#!/bin/sh\nexec s5cmd "$@"\n')
     with pytest.raises(JobFailed, match="not an ELF"):
         load_tool(script, None)
 

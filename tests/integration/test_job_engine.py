@@ -1,6 +1,7 @@
 """The job engine (claim, heartbeat, progress, cancel, failure, recovery, fencing, saved state) with
 job kinds defined here, on a real database (SQLite and PostgreSQL) and the real Huey queue. Handlers
 run in threads of this process through the same `JobRunner` the worker uses."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -113,16 +114,19 @@ def _on_end(s, job: Job) -> None:  # type: ignore[no-untyped-def]
     ENDED.append((job.id, job.status))
 
 
-KINDS = {k.name: k for k in [
-    JobKind("progress", progress_kind, on_end=_on_end),
-    JobKind("loop", loop_until_cancelled, on_end=_on_end),
-    JobKind("fail", fail_on_purpose, on_end=_on_end),
-    JobKind("crash", crash, on_end=_on_end),
-    JobKind("resumable", resumable, rerunnable=True),
-    JobKind("count", count_execution),
-    JobKind("rerun", quick, rerunnable=True, on_end=_on_end),
-    JobKind("once", quick, rerunnable=False, on_end=_on_end),
-]}
+KINDS = {
+    k.name: k
+    for k in [
+        JobKind("progress", progress_kind, on_end=_on_end),
+        JobKind("loop", loop_until_cancelled, on_end=_on_end),
+        JobKind("fail", fail_on_purpose, on_end=_on_end),
+        JobKind("crash", crash, on_end=_on_end),
+        JobKind("resumable", resumable, rerunnable=True),
+        JobKind("count", count_execution),
+        JobKind("rerun", quick, rerunnable=True, on_end=_on_end),
+        JobKind("once", quick, rerunnable=False, on_end=_on_end),
+    ]
+}
 
 
 @pytest.fixture
@@ -155,8 +159,14 @@ def _c(app):  # type: ignore[no-untyped-def]
     return app.extensions["gpusnap"]
 
 
-def _add(app, kind: str, *, lock_key: str | None = LOCK, gate: str | None = None,  # type: ignore[no-untyped-def]
-         **params: Any) -> str:
+def _add(
+    app,
+    kind: str,
+    *,
+    lock_key: str | None = LOCK,
+    gate: str | None = None,  # type: ignore[no-untyped-def]
+    **params: Any,
+) -> str:
     if gate is not None:
         GATES[gate] = Gate()
         params["gate"] = gate
@@ -192,9 +202,13 @@ def _age(app, job_id: str, **values: Any) -> None:  # type: ignore[no-untyped-de
 def _requeue_stale(app) -> list[str]:  # type: ignore[no-untyped-def]
     """What recovery does to jobs whose heartbeat is over a minute old, every kind counted as rerunnable."""
     c = _c(app)
-    return job_service.requeue_stale(c.session_factory, stale_after=dt.timedelta(seconds=60),
-                                     max_attempts=c.settings.job_max_attempts, rerunnable=lambda k: True,
-                                     on_end=lambda k: None)
+    return job_service.requeue_stale(
+        c.session_factory,
+        stale_after=dt.timedelta(seconds=60),
+        max_attempts=c.settings.job_max_attempts,
+        rerunnable=lambda k: True,
+        on_end=lambda k: None,
+    )
 
 
 OLD = dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc)
@@ -350,13 +364,16 @@ def test_stale_attempt_heartbeat_and_finish_are_refused_after_takeover(app, othe
     assert second.attempts == 2
     assert job_service.claim(sf, job_id, worker="host-c:3") is None  # only one claim wins
 
-    assert job_service.heartbeat(sf, job_id, attempt=1, progress={"phase": "stale", "bytes_done": 1},
-                                 state={"by": "stale"}) == "lost"
+    assert (
+        job_service.heartbeat(
+            sf, job_id, attempt=1, progress={"phase": "stale", "bytes_done": 1}, state={"by": "stale"}
+        )
+        == "lost"
+    )
     assert job_service.heartbeat(sf, job_id, attempt=2, progress={"phase": "current", "bytes_done": 5}) == "ok"
     assert job_service.finish(sf, job_id, attempt=1, status="succeeded", result={"by": "stale"}) is False
     row = other_session(job_id)
-    assert (row.status, row.attempts, row.worker, row.phase, row.bytes_done) == ("running", 2, "host-b:2",
-                                                                                 "current", 5)
+    assert (row.status, row.attempts, row.worker, row.phase, row.bytes_done) == ("running", 2, "host-b:2", "current", 5)
     assert row.result is None and row.state == {} and row.lock_key == LOCK
 
     assert job_service.finish(sf, job_id, attempt=2, status="succeeded", result={"by": "current"}) is True

@@ -2,6 +2,7 @@
 is final, a cancel after the point of no return is refused, and an attempt that lost its job (recovered
 and handed to another worker) writes nothing. Jobs are claimed and driven through `JobContext` the way
 the runner does, so every interleaving is exact instead of timed."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -41,8 +42,13 @@ def _machine(app, machine_id: str) -> Machine:  # type: ignore[no-untyped-def]
 def _requeue_all_running(app) -> list[str]:  # type: ignore[no-untyped-def]
     """Recovery, as if every running job's lease had run out."""
     c = app.extensions["gpusnap"]
-    return job_service.requeue_stale(c.session_factory, stale_after=dt.timedelta(seconds=-60), max_attempts=3,
-                                     rerunnable=lambda _k: True, on_end=lambda k: c.job_kinds[k].on_end)
+    return job_service.requeue_stale(
+        c.session_factory,
+        stale_after=dt.timedelta(seconds=-60),
+        max_attempts=3,
+        rerunnable=lambda _k: True,
+        on_end=lambda k: c.job_kinds[k].on_end,
+    )
 
 
 def test_a_cancel_accepted_before_the_point_of_no_return_is_final(client, app):
@@ -56,8 +62,12 @@ def test_a_cancel_accepted_before_the_point_of_no_return_is_final(client, app):
     row = _row(app, ctx.job_id)
     assert job_service.NO_RETURN not in row.state and "destroying" not in row.state
     # Even a handler that then returns success ends cancelled: the 202 was not a lie.
-    assert job_service.finish(app.extensions["gpusnap"].session_factory, ctx.job_id, attempt=1,
-                              status="succeeded", result={"done": True}) is True
+    assert (
+        job_service.finish(
+            app.extensions["gpusnap"].session_factory, ctx.job_id, attempt=1, status="succeeded", result={"done": True}
+        )
+        is True
+    )
     row = _row(app, ctx.job_id)
     assert (row.status, row.error_code, row.result, row.lock_key) == ("cancelled", "cancelled", {"done": True}, None)
 
@@ -75,8 +85,12 @@ def test_a_cancel_after_the_point_of_no_return_is_409_and_the_job_finishes(clien
     ctx.point_of_no_return("destroy")  # a re-run reaching the same step again: allowed, nothing changes
     ctx.save_state(destroyed=True)  # later saves keep the mark (ctx.state carries it)
     assert job_service.NO_RETURN in _row(app, ctx.job_id).state
-    assert job_service.finish(app.extensions["gpusnap"].session_factory, ctx.job_id, attempt=1,
-                              status="succeeded", result={}) is True
+    assert (
+        job_service.finish(
+            app.extensions["gpusnap"].session_factory, ctx.job_id, attempt=1, status="succeeded", result={}
+        )
+        is True
+    )
     assert _row(app, ctx.job_id).status == "succeeded"
 
 
@@ -137,13 +151,26 @@ def test_recovery_leaves_a_job_whose_worker_heartbeated_since_it_was_read(client
     c = app.extensions["gpusnap"]
     with transaction(c.session_factory) as s:
         s.get(Job, ctx.job_id).heartbeat_at = dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc)
-    ids = job_service.requeue_stale(c.session_factory, stale_after=dt.timedelta(days=365 * 20), max_attempts=3,
-                                    rerunnable=lambda _k: True, on_end=lambda _k: None)
+    ids = job_service.requeue_stale(
+        c.session_factory,
+        stale_after=dt.timedelta(days=365 * 20),
+        max_attempts=3,
+        rerunnable=lambda _k: True,
+        on_end=lambda _k: None,
+    )
     assert ids == [ctx.job_id]  # stale: re-queued
     ctx2 = JobContext(container=c, job=job_service.claim(c.session_factory, ctx.job_id, worker="w:2"))
     ctx2.flush()  # a fresh heartbeat
-    assert job_service.requeue_stale(c.session_factory, stale_after=dt.timedelta(days=365 * 20), max_attempts=3,
-                                     rerunnable=lambda _k: True, on_end=lambda _k: None) == []
+    assert (
+        job_service.requeue_stale(
+            c.session_factory,
+            stale_after=dt.timedelta(days=365 * 20),
+            max_attempts=3,
+            rerunnable=lambda _k: True,
+            on_end=lambda _k: None,
+        )
+        == []
+    )
     assert _row(app, ctx.job_id).status == "running"
 
 

@@ -1,6 +1,7 @@
 """Hibernate, wake, pause and resume as jobs, in-process: a scripted SSH host (FakeSshClient), an
 in-memory bucket, and the fake vast.ai API over real HTTP. The edge cases live here; the e2e tests run
 the same flows with the real sshd, scripts and SeaweedFS."""
+
 from __future__ import annotations
 
 import hashlib
@@ -41,14 +42,33 @@ class World:
 
     def script_snapshot_success(self, snapshot: dict, codec: str = "none") -> None:
         """Make the next `snapshot` script run succeed: objects in the bucket, a matching result event."""
-        raw = write_snapshot_objects(self.store, snapshot["storage_prefix"], snapshot_id=snapshot["id"], format=snapshot["format"], parts=2)
+        raw = write_snapshot_objects(
+            self.store, snapshot["storage_prefix"], snapshot_id=snapshot["id"], format=snapshot["format"], parts=2
+        )
         self.ssh.scripts["snapshot"] = [
             {"event": "started", "pid": 10, "pgid": 10},
-            {"event": "progress", "phase": "upload", "bytes_done": 1024, "bytes_total": 2048, "parts_done": 1,
-             "parts_total": 2},
-            {"event": "result", "manifest_sha256": hashlib.sha256(raw).hexdigest(), "raw_bytes": 2048,
-             "stored_bytes": 2048, "parts": 2, "files": 1, "codec": codec, "part_size": 1024,
-             "uploaded_parts": 2, "skipped_parts": 0, "duration_s": 0.1, "timings": {}},
+            {
+                "event": "progress",
+                "phase": "upload",
+                "bytes_done": 1024,
+                "bytes_total": 2048,
+                "parts_done": 1,
+                "parts_total": 2,
+            },
+            {
+                "event": "result",
+                "manifest_sha256": hashlib.sha256(raw).hexdigest(),
+                "raw_bytes": 2048,
+                "stored_bytes": 2048,
+                "parts": 2,
+                "files": 1,
+                "codec": codec,
+                "part_size": 1024,
+                "uploaded_parts": 2,
+                "skipped_parts": 0,
+                "duration_s": 0.1,
+                "timings": {},
+            },
         ]
 
     def hibernate(self, instance_id: int, **body) -> dict:  # type: ignore[no-untyped-def]
@@ -72,9 +92,19 @@ class World:
 
 @pytest.fixture
 def world(tmp_path, sqlite_url, fake_vast, vast_client):  # type: ignore[no-untyped-def]
-    settings = make_settings(tmp_path, sqlite_url, vast_api_key=fake_vast.api_key, vast_api_url=fake_vast.base_url,
-                             vast_poll_interval_s=0.01, vast_ready_deadline_s=1.0, vast_destroy_deadline_s=1.0,
-                             r2_endpoint="http://unused", r2_bucket="b", r2_access_key="k", r2_secret_key="s")
+    settings = make_settings(
+        tmp_path,
+        sqlite_url,
+        vast_api_key=fake_vast.api_key,
+        vast_api_url=fake_vast.base_url,
+        vast_poll_interval_s=0.01,
+        vast_ready_deadline_s=1.0,
+        vast_destroy_deadline_s=1.0,
+        r2_endpoint="http://unused",
+        r2_bucket="b",
+        r2_access_key="k",
+        r2_secret_key="s",
+    )
     store, ssh = FakeObjectStore(), FakeSshClient(scripts={"restore": [{"event": "result", "raw_bytes": 2048}]})
     app = create_app(settings, object_store=store, ssh=ssh, vast=vast_client, configure_logs=False)
     yield World(app, store, ssh, vast_client, fake_vast)
@@ -143,8 +173,9 @@ def test_hibernate_is_idempotent_and_refused_while_busy_or_hibernated(world):
     assert first.get_json()["job"]["id"] == again.get_json()["job"]["id"]
     busy = world.post(f"/api/instances/{box}/hibernate", {"workspace_path": "/workspace"})
     assert busy.status_code == 409
-    world.script_snapshot_success(world.client.get(
-        f"/api/gpu-snapshots/{first.get_json()['job']['snapshot_id']}", headers=AUTH).get_json())
+    world.script_snapshot_success(
+        world.client.get(f"/api/gpu-snapshots/{first.get_json()['job']['snapshot_id']}", headers=AUTH).get_json()
+    )
     run_jobs(world.app)
     again = world.post(f"/api/instances/{box}/hibernate", {"workspace_path": "/workspace"})
     assert again.status_code == 409 and again.get_json()["error"]["code"] == "machine_hibernated"
@@ -285,7 +316,8 @@ def test_a_cancel_accepted_before_the_wake_hand_over_destroys_the_new_instance(w
     answers = []
     world.app.extensions["gpusnap"].ssh_override = _CancelDuringRestore(
         lambda: answers.append(world.post(f"/api/jobs/{job_id}/cancel").status_code),
-        scripts={"restore": [{"event": "result", "raw_bytes": 2048}]})
+        scripts={"restore": [{"event": "result", "raw_bytes": 2048}]},
+    )
     job_id = world.post(f"/api/instances/{box}/wake").get_json()["job"]["id"]
     run_jobs(world.app)
     job = world.job(job_id)
@@ -377,6 +409,7 @@ def test_wake_moves_on_when_an_offer_is_gone_and_only_rents_hosts_with_direct_po
 
 def test_a_gpu_only_snapshot_wakes_only_on_a_host_that_can_decode_it(world):
     from tests.fakes.fake_vast_market import default_offers
+
     box = world.hibernated_box(codec="nvcomp-ans")
     snap = world.client.get(f"/api/gpu-snapshots/{world.machine(box)['last_snapshot_id']}", headers=AUTH).get_json()
     assert snap["codec"] == "nvcomp-ans" and snap["requires_gpu"] is True
@@ -392,6 +425,7 @@ def test_a_gpu_only_snapshot_wakes_only_on_a_host_that_can_decode_it(world):
 
 def test_a_gpu_only_snapshot_rents_nothing_when_no_host_can_decode_it(world):
     from tests.fakes.fake_vast_market import default_offers
+
     box = world.hibernated_box(codec="nvcomp-ans")
     world.fake.set_offers([dict(o, cuda_max_good=11.8) for o in default_offers()])
     rented_before = len(world.fake.calls_to("PUT", "/api/v0/asks/"))
@@ -399,6 +433,8 @@ def test_a_gpu_only_snapshot_rents_nothing_when_no_host_can_decode_it(world):
     r = world.post(f"/api/instances/{box}/wake")
     run_jobs(world.app)
     job = world.job(r.get_json()["job"]["id"])
-    assert job["status"] == "failed" and job["error"]["code"] == "no_offer" and "min_cuda=12.0" in job["error"]["message"]
+    assert (
+        job["status"] == "failed" and job["error"]["code"] == "no_offer" and "min_cuda=12.0" in job["error"]["message"]
+    )
     assert len(world.fake.calls_to("PUT", "/api/v0/asks/")) == rented_before and world.ours() == []
     assert world.machine(box)["status"] == "hibernated"

@@ -1,6 +1,7 @@
 """`gpusnap db upgrade` on a fresh SQLite file and a fresh PostgreSQL database: reaches head, a second
 run changes nothing, and the schema it builds is exactly `src.models` (Alembic autogenerate finds no
 difference, types, indexes and unique constraints included)."""
+
 from __future__ import annotations
 
 import os
@@ -73,8 +74,12 @@ def test_db_upgrade_reaches_head_is_idempotent_and_matches_the_models(fresh_url)
         assert _diffs(engine) == []
 
         with engine.begin() as conn:  # data written between runs must survive the second run
-            conn.execute(sa.text("INSERT INTO machines (id, status, created_at, updated_at) "
-                                 "VALUES ('keep-me', 'running', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"))
+            conn.execute(
+                sa.text(
+                    "INSERT INTO machines (id, status, created_at, updated_at) "
+                    "VALUES ('keep-me', 'running', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+                )
+            )
 
         second = CliRunner().invoke(main, ["db", "upgrade"], env=env, catch_exceptions=False)
         assert second.exit_code == 0, second.output
@@ -94,8 +99,9 @@ def test_gpusnap_db_upgrade_console_script_in_a_subprocess(tmp_path):
     command = [str(gpusnap)] if gpusnap.exists() else [sys.executable, "-m", "src.cli"]
     env = {**os.environ, "DATABASE_URL": url}
     for _ in range(2):
-        done = subprocess.run([*command, "db", "upgrade"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=60)
+        done = subprocess.run(
+            [*command, "db", "upgrade"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+        )
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip() == f"database at revision {_head(url)}"
     engine = sa.create_engine(url)

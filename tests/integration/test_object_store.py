@@ -1,4 +1,5 @@
 """The boto3 object-store adapter against a real S3 server (SeaweedFS)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -10,8 +11,13 @@ from src.adapters.object_store import ObjectStore, StorageError
 
 @pytest.fixture
 def store(s3_server) -> ObjectStore:  # type: ignore[no-untyped-def]
-    return ObjectStore(endpoint=s3_server.endpoint, bucket=s3_server.bucket, access_key=s3_server.access_key,
-                       secret_key=s3_server.secret_key, region=s3_server.region)
+    return ObjectStore(
+        endpoint=s3_server.endpoint,
+        bucket=s3_server.bucket,
+        access_key=s3_server.access_key,
+        secret_key=s3_server.secret_key,
+        region=s3_server.region,
+    )
 
 
 def test_put_head_get_digest_and_missing(store, s3_prefix):
@@ -38,8 +44,13 @@ def test_delete_prefix_takes_everything_under_it_and_nothing_beside(store, s3_pr
 
 
 def test_wrong_credentials_are_a_clear_error(s3_server, s3_prefix):
-    bad = ObjectStore(endpoint=s3_server.endpoint, bucket=s3_server.bucket, access_key=s3_server.access_key,
-                      secret_key="Zq9-not-the-secret", region=s3_server.region)
+    bad = ObjectStore(
+        endpoint=s3_server.endpoint,
+        bucket=s3_server.bucket,
+        access_key=s3_server.access_key,
+        secret_key="Zq9-not-the-secret",
+        region=s3_server.region,
+    )
     with pytest.raises(StorageError) as caught:
         bad.head(s3_prefix + "a")
     assert caught.value.code == "storage_auth_failed"

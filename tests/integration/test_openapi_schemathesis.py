@@ -1,6 +1,7 @@
 """The OpenAPI document against the app that serves it: schemathesis generates requests (valid and
 invalid) for every operation and sends them to the app in-process (WSGI) on SQLite and PostgreSQL;
 plain tests check the document's structure and that it lists every route of the public contract."""
+
 from __future__ import annotations
 
 import re
@@ -25,20 +26,40 @@ from tests.support.fixtures_app import AUTH, make_settings
 from tests.support.snapshots import add_complete_snapshot
 
 MAX_EXAMPLES = 30  # per operation and generation mode; both databases run in about 20 s
-CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
-          response_headers_conformance, negative_data_rejection]
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+    response_headers_conformance,
+    negative_data_rejection,
+]
 
 # The REST table of the public contract (CONTRACT.md), method and path as the app spells them.
 CONTRACT_ROUTES = [
-    ("GET", "/api/gpu-snapshots"), ("POST", "/api/gpu-snapshots"), ("POST", "/api/gpu-snapshots/create"),
-    ("GET", "/api/gpu-snapshots/{snapshot_id}"), ("POST", "/api/gpu-snapshots/{snapshot_id}/restore"),
-    ("POST", "/api/gpu-snapshots/{snapshot_id}/verify"), ("DELETE", "/api/gpu-snapshots/{snapshot_id}"),
-    ("POST", "/api/instances/{instance_id}/hibernate"), ("POST", "/api/instances/{instance_id}/wake"),
-    ("GET", "/api/instances"), ("GET", "/api/instances/{instance_id}"),
-    ("GET", "/api/jobs/{job_id}"), ("GET", "/api/jobs"), ("POST", "/api/jobs/{job_id}/cancel"),
-    ("GET", "/api/openapi.json"), ("GET", "/api/docs"),
-    ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics"),
-    ("POST", "/api/stream-tokens"), ("GET", "/api/events"), ("GET", "/api/summary"), ("GET", "/"),
+    ("GET", "/api/gpu-snapshots"),
+    ("POST", "/api/gpu-snapshots"),
+    ("POST", "/api/gpu-snapshots/create"),
+    ("GET", "/api/gpu-snapshots/{snapshot_id}"),
+    ("POST", "/api/gpu-snapshots/{snapshot_id}/restore"),
+    ("POST", "/api/gpu-snapshots/{snapshot_id}/verify"),
+    ("DELETE", "/api/gpu-snapshots/{snapshot_id}"),
+    ("POST", "/api/instances/{instance_id}/hibernate"),
+    ("POST", "/api/instances/{instance_id}/wake"),
+    ("GET", "/api/instances"),
+    ("GET", "/api/instances/{instance_id}"),
+    ("GET", "/api/jobs/{job_id}"),
+    ("GET", "/api/jobs"),
+    ("POST", "/api/jobs/{job_id}/cancel"),
+    ("GET", "/api/openapi.json"),
+    ("GET", "/api/docs"),
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),
+    ("POST", "/api/stream-tokens"),
+    ("GET", "/api/events"),
+    ("GET", "/api/summary"),
+    ("GET", "/"),
 ]
 PUBLIC = {"/healthz", "/readyz", "/metrics", "/api/openapi.json", "/api/docs", "/api/docs/assets/{name}", "/"}
 
@@ -60,12 +81,19 @@ def _seeded_app(tmp_path, database_url: str):  # type: ignore[no-untyped-def]
     store = FakeObjectStore()
     # Event streams end after 0.2 s here: a generated GET /api/events is then read to its end and each
     # event checked against the document.
-    app = create_app(make_settings(tmp_path, database_url, ssh_allowed_networks=("*",), events_max_stream_s=0.2,
-                                   events_poll_s=0.05), object_store=store, vast=_AnyVast(), configure_logs=False)
+    app = create_app(
+        make_settings(tmp_path, database_url, ssh_allowed_networks=("*",), events_max_stream_s=0.2, events_poll_s=0.05),
+        object_store=store,
+        vast=_AnyVast(),
+        configure_logs=False,
+    )
     client = app.test_client()
     snap = add_complete_snapshot(app, store, machine_id="seed-machine")
-    created = client.post("/api/gpu-snapshots", headers=AUTH, json={
-        "instance_id": "4242", "ssh_host": "10.1.2.3", "ssh_port": 22, "workspace_path": "/workspace"}).get_json()
+    created = client.post(
+        "/api/gpu-snapshots",
+        headers=AUTH,
+        json={"instance_id": "4242", "ssh_host": "10.1.2.3", "ssh_port": 22, "workspace_path": "/workspace"},
+    ).get_json()
     verify = client.post(f"/api/gpu-snapshots/{snap['id']}/verify", headers=AUTH).get_json()
     client.post(f"/api/jobs/{verify['job']['id']}/cancel", headers=AUTH)
     seeds = {"snapshot_id": snap["id"], "job_id": created["job"]["id"], "instance_id": "4242"}
@@ -75,11 +103,13 @@ def _seeded_app(tmp_path, database_url: str):  # type: ignore[no-untyped-def]
 @pytest.fixture
 def api_schema(tmp_path, database_url):  # type: ignore[no-untyped-def]
     app, _ = _seeded_app(tmp_path, database_url)
-    config = schemathesis.Config.from_dict({
-        "seed": 20240601,
-        "headers": AUTH,
-        "generation": {"mode": "all", "max-examples": MAX_EXAMPLES, "deterministic": True},
-    })
+    config = schemathesis.Config.from_dict(
+        {
+            "seed": 20240601,
+            "headers": AUTH,
+            "generation": {"mode": "all", "max-examples": MAX_EXAMPLES, "deterministic": True},
+        }
+    )
     yield schemathesis.openapi.from_wsgi("/api/openapi.json", app, headers=AUTH, config=config)
     app.extensions["gpusnap"].engine.dispose()
 
@@ -114,8 +144,9 @@ def document(tmp_path, sqlite_url) -> dict[str, Any]:  # type: ignore[no-untyped
 
 def _refs(node: Any) -> list[str]:
     if isinstance(node, dict):
-        return ([node["$ref"]] if isinstance(node.get("$ref"), str) else []) + \
-            [r for v in node.values() for r in _refs(v)]
+        return ([node["$ref"]] if isinstance(node.get("$ref"), str) else []) + [
+            r for v in node.values() for r in _refs(v)
+        ]
     if isinstance(node, list):
         return [r for v in node for r in _refs(v)]
     return []
@@ -160,8 +191,11 @@ def test_document_is_well_formed_openapi_3(document):
 def test_document_lists_every_contract_route_and_every_route_the_app_serves(tmp_path, sqlite_url, document):
     documented = {(method.upper(), path) for path, ops in document["paths"].items() for method in ops}
     app = create_app(make_settings(tmp_path, sqlite_url), configure_logs=False)
-    served = {(method, re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule.rule))
-              for rule in app.url_map.iter_rules() for method in rule.methods - {"HEAD", "OPTIONS"}}
+    served = {
+        (method, re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule.rule))
+        for rule in app.url_map.iter_rules()
+        for method in rule.methods - {"HEAD", "OPTIONS"}
+    }
     app.extensions["gpusnap"].engine.dispose()
     for route in CONTRACT_ROUTES:
         assert route in served, f"contract route {route} is not served"
@@ -174,11 +208,13 @@ def test_seeded_rows_validate_through_schemathesis_with_real_ids(tmp_path, sqlit
     machine with its event history) and check the 200 bodies against the document."""
     app, seeds = _seeded_app(tmp_path, sqlite_url)
     loaded = schemathesis.openapi.from_wsgi("/api/openapi.json", app, headers=AUTH)
-    calls = [("/api/gpu-snapshots/{snapshot_id}", "GET", {"snapshot_id": seeds["snapshot_id"]}, 200),
-             ("/api/jobs/{job_id}", "GET", {"job_id": seeds["job_id"]}, 200),
-             ("/api/instances/{instance_id}", "GET", {"instance_id": seeds["instance_id"]}, 200),
-             ("/api/jobs/{job_id}/cancel", "POST", {"job_id": seeds["job_id"]}, 202),
-             ("/api/jobs/{job_id}/cancel", "POST", {"job_id": seeds["job_id"]}, 202)]
+    calls = [
+        ("/api/gpu-snapshots/{snapshot_id}", "GET", {"snapshot_id": seeds["snapshot_id"]}, 200),
+        ("/api/jobs/{job_id}", "GET", {"job_id": seeds["job_id"]}, 200),
+        ("/api/instances/{instance_id}", "GET", {"instance_id": seeds["instance_id"]}, 200),
+        ("/api/jobs/{job_id}/cancel", "POST", {"job_id": seeds["job_id"]}, 202),
+        ("/api/jobs/{job_id}/cancel", "POST", {"job_id": seeds["job_id"]}, 202),
+    ]
     for path, method, params, status in calls:
         case = loaded[path][method].Case(path_parameters=params)
         response = case.call_and_validate(headers=AUTH, checks=CHECKS[:-1])

@@ -1,6 +1,7 @@
 """What outside testers broke, kept broken-proof: each test reproduces a reported finding against the
 app in-process with the strict fake vast.ai and the fake object store (tests/integration/test_machine_jobs
 has the `world` these run in)."""
+
 from __future__ import annotations
 
 from tests.integration.test_machine_jobs import world  # noqa: F401  (fixture)
@@ -74,10 +75,14 @@ def test_the_first_wake_of_a_machine_we_did_not_rent_keeps_its_gpus_and_image(wo
     world.post(f"/api/instances/{box}/wake")
     run_jobs(world.app)
     search = [c.json for c in world.fake.calls_to("POST", "/api/v0/bundles/") if c.status == 200][-1]
-    rent = [c.json for c in world.fake.calls if c.method == "PUT" and c.path.startswith("/api/v0/asks/")
-            and c.status == 200][-1]
-    assert (search.get("gpu_name"), search["num_gpus"], rent["image"]) == \
-        ({"eq": "A100 SXM4"}, {"eq": 2}, "my/cuda-image")
+    rent = [
+        c.json for c in world.fake.calls if c.method == "PUT" and c.path.startswith("/api/v0/asks/") and c.status == 200
+    ][-1]
+    assert (search.get("gpu_name"), search["num_gpus"], rent["image"]) == (
+        {"eq": "A100 SXM4"},
+        {"eq": 2},
+        "my/cuda-image",
+    )
 
 
 def _app(tmp_path, sqlite_url):  # type: ignore[no-untyped-def]
@@ -89,9 +94,13 @@ def _app(tmp_path, sqlite_url):  # type: ignore[no-untyped-def]
 
 def test_openapi_lists_the_503_not_configured_answers(tmp_path, sqlite_url):
     doc = _app(tmp_path, sqlite_url).test_client().get("/api/openapi.json").get_json()
-    missing = [f"{m.upper()} {p}" for p, ops in doc["paths"].items() for m, op in ops.items()
-               if (p.startswith("/api/gpu-snapshots") and m in ("post", "delete") or p.endswith("/hibernate"))
-               and "503" not in op.get("responses", {})]
+    missing = [
+        f"{m.upper()} {p}"
+        for p, ops in doc["paths"].items()
+        for m, op in ops.items()
+        if (p.startswith("/api/gpu-snapshots") and m in ("post", "delete") or p.endswith("/hibernate"))
+        and "503" not in op.get("responses", {})
+    ]
     assert missing == []
 
 
@@ -111,14 +120,29 @@ def test_a_restore_naming_the_machine_by_its_vast_id_waits_for_the_machines_own_
     new_vast = world.job(r.get_json()["job"]["id"])["result"]["instance_id"]
     machine = world.machine(box)
     assert world.post(f"/api/instances/{box}/hibernate", {"workspace_path": "/workspace"}).status_code == 202
-    older = world.client.get(f"/api/gpu-snapshots?instance_id={box}&status=complete",
-                             headers=AUTH).get_json()["items"][0]["id"]
-    rest = world.post(f"/api/gpu-snapshots/{older}/restore", {
-        "ssh_host": machine["ssh_host"], "ssh_port": machine["ssh_port"], "workspace_path": "/workspace",
-        "instance_id": str(new_vast), "overwrite": True})
+    older = world.client.get(f"/api/gpu-snapshots?instance_id={box}&status=complete", headers=AUTH).get_json()["items"][
+        0
+    ]["id"]
+    rest = world.post(
+        f"/api/gpu-snapshots/{older}/restore",
+        {
+            "ssh_host": machine["ssh_host"],
+            "ssh_port": machine["ssh_port"],
+            "workspace_path": "/workspace",
+            "instance_id": str(new_vast),
+            "overwrite": True,
+        },
+    )
     assert rest.status_code == 409, rest.get_json()
-    snap = world.post("/api/gpu-snapshots", {"instance_id": str(new_vast), "ssh_host": machine["ssh_host"],
-                                             "ssh_port": machine["ssh_port"], "workspace_path": "/workspace"})
+    snap = world.post(
+        "/api/gpu-snapshots",
+        {
+            "instance_id": str(new_vast),
+            "ssh_host": machine["ssh_host"],
+            "ssh_port": machine["ssh_port"],
+            "workspace_path": "/workspace",
+        },
+    )
     assert snap.status_code == 409, snap.get_json()
     ids = {m["id"] for m in world.client.get("/api/instances", headers=AUTH).get_json()["items"]}
     assert str(new_vast) not in ids

@@ -3,6 +3,7 @@ policy in the machine's view, schedule slots (missed slots run once, a slot runs
 workers tick at once, a hibernated or busy machine is skipped with an event), retention through the
 normal delete path with its protections, and the wake queue. The scheduler's `tick` is called with an
 explicit clock; jobs it starts are run with `run_jobs` where a test needs them to end."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -22,16 +23,34 @@ from src.services.wake_queue import admit_wakes, hold_unless_admitted
 from tests.support.fixtures_app import AUTH, make_settings, run_jobs
 from tests.support.snapshots import add_complete_snapshot
 
-POLICY = {"workspace_path": "/workspace", "excludes": [".cache"], "schedule": "0 3 * * *",
-          "retention": {"keep_last": 7, "keep_daily": 7, "keep_weekly": 4, "keep_monthly": 0},
-          "idle": {"gpu_util_below": 5, "for_s": 1800, "sample_every_s": 60, "action": "notify",
-                   "respect_ssh_sessions": True, "dry_run": False}}
+POLICY = {
+    "workspace_path": "/workspace",
+    "excludes": [".cache"],
+    "schedule": "0 3 * * *",
+    "retention": {"keep_last": 7, "keep_daily": 7, "keep_weekly": 4, "keep_monthly": 0},
+    "idle": {
+        "gpu_util_below": 5,
+        "for_s": 1800,
+        "sample_every_s": 60,
+        "action": "notify",
+        "respect_ssh_sessions": True,
+        "dry_run": False,
+    },
+}
 
 
 def _machine(app, machine_id: str = "m1", *, status: str = "running", vast_id: int | None = None) -> None:
     with transaction(app.extensions["gpusnap"].session_factory) as s:
-        s.add(Machine(id=machine_id, status=status, ssh_host="127.0.0.1", ssh_port=22, workspace_path="/workspace",
-                      vast_instance_id=vast_id))
+        s.add(
+            Machine(
+                id=machine_id,
+                status=status,
+                ssh_host="127.0.0.1",
+                ssh_port=22,
+                workspace_path="/workspace",
+                vast_instance_id=vast_id,
+            )
+        )
 
 
 def _events(app, machine_id: str, kind: str) -> list[MachineEvent]:
@@ -69,21 +88,24 @@ def test_put_get_delete_and_the_machine_view(app, client):  # type: ignore[no-un
     assert client.get("/api/instances/m1", headers=AUTH).get_json()["policy"] is None
 
 
-@pytest.mark.parametrize("body, code, where", [
-    ({"schedule": "0 3 * *"}, "validation_error", "schedule"),
-    ({"schedule": "61 * * * *"}, "validation_error", "schedule"),
-    ({"schedule": "0 0 31 2 *"}, "validation_error", "schedule"),
-    ({"schedule": "0 3 * * * ; rm -rf /"}, "validation_error", "schedule"),
-    ({"retention": {"keep_last": 0}}, "validation_error", "retention"),
-    ({"retention": {"keep_last": -1}}, "validation_error", "retention"),
-    ({"retention": {"keep_hourly": 3}}, "validation_error", "retention"),
-    ({"idle": {"for_s": 30, "sample_every_s": 60}}, "validation_error", "idle"),
-    ({"idle": {"action": "destroy"}}, "validation_error", "idle"),
-    ({"idle": {"gpu_util_below": 0}}, "validation_error", "idle"),
-    ({"workspace_path": "/workspace/../etc"}, "validation_error", "workspace_path"),
-    ({"excludes": ["*"], "schedule": "0 3 * * *"}, "exclude_matches_root", None),
-    ({"surprise": 1}, "validation_error", "surprise"),
-])
+@pytest.mark.parametrize(
+    "body, code, where",
+    [
+        ({"schedule": "0 3 * *"}, "validation_error", "schedule"),
+        ({"schedule": "61 * * * *"}, "validation_error", "schedule"),
+        ({"schedule": "0 0 31 2 *"}, "validation_error", "schedule"),
+        ({"schedule": "0 3 * * * ; rm -rf /"}, "validation_error", "schedule"),
+        ({"retention": {"keep_last": 0}}, "validation_error", "retention"),
+        ({"retention": {"keep_last": -1}}, "validation_error", "retention"),
+        ({"retention": {"keep_hourly": 3}}, "validation_error", "retention"),
+        ({"idle": {"for_s": 30, "sample_every_s": 60}}, "validation_error", "idle"),
+        ({"idle": {"action": "destroy"}}, "validation_error", "idle"),
+        ({"idle": {"gpu_util_below": 0}}, "validation_error", "idle"),
+        ({"workspace_path": "/workspace/../etc"}, "validation_error", "workspace_path"),
+        ({"excludes": ["*"], "schedule": "0 3 * * *"}, "exclude_matches_root", None),
+        ({"surprise": 1}, "validation_error", "surprise"),
+    ],
+)
 def test_bad_policies_are_refused(app, client, body, code, where):  # type: ignore[no-untyped-def]
     _machine(app)
     r = client.put("/api/instances/m1/policy", json=body, headers=AUTH)
@@ -103,12 +125,15 @@ def test_policy_refusals_that_need_the_machine(app, client):  # type: ignore[no-
     r = client.put("/api/instances/bare/policy", json={"schedule": "0 3 * * *"}, headers=AUTH)
     assert r.status_code == 422 and r.get_json()["error"]["code"] == "no_workspace_path"
     # hibernate needs vast.ai, which this app has no key for: 503 now, not a failed job at 3 a.m.
-    r = client.put("/api/instances/bare/policy", json={"workspace_path": "/w", "idle": {"action": "hibernate"}},
-                   headers=AUTH)
+    r = client.put(
+        "/api/instances/bare/policy", json={"workspace_path": "/w", "idle": {"action": "hibernate"}}, headers=AUTH
+    )
     assert r.status_code == 503 and r.get_json()["error"]["code"] == "not_configured"
-    r = client.put("/api/instances/bare/policy", json={"workspace_path": "/w",
-                                                       "idle": {"action": "hibernate", "dry_run": True}},
-                   headers=AUTH)
+    r = client.put(
+        "/api/instances/bare/policy",
+        json={"workspace_path": "/w", "idle": {"action": "hibernate", "dry_run": True}},
+        headers=AUTH,
+    )
     assert r.status_code == 200
 
 
@@ -149,8 +174,11 @@ def test_a_hibernated_or_busy_machine_is_skipped_with_an_event(app, client):  # 
     _machine(app, "asleep")
     set_at = _set(app, client, "busy", {"schedule": "*/5 * * * *"})
     _set(app, client, "asleep", {"schedule": "*/5 * * * *"})
-    r = client.post("/api/gpu-snapshots", json={"instance_id": "busy", "ssh_host": "127.0.0.1", "ssh_port": 22,
-                                                 "workspace_path": "/workspace"}, headers=AUTH)
+    r = client.post(
+        "/api/gpu-snapshots",
+        json={"instance_id": "busy", "ssh_host": "127.0.0.1", "ssh_port": 22, "workspace_path": "/workspace"},
+        headers=AUTH,
+    )
     assert r.status_code == 202
     with transaction(c.session_factory) as s:
         s.get(Machine, "asleep").status = "hibernated"
@@ -172,8 +200,9 @@ def test_workers_ticking_at_once_run_each_slot_exactly_once(app, client, tmp_pat
     set_at = _set(app, client, "m0", {"schedule": "* * * * *"})
     _set(app, client, "m1", {"schedule": "* * * * *"})
     _set(app, client, "m2", {"schedule": "* * * * *"})
-    workers = [create_app(make_settings(tmp_path, database_url), object_store=store, configure_logs=False)
-               for _ in range(4)]
+    workers = [
+        create_app(make_settings(tmp_path, database_url), object_store=store, configure_logs=False) for _ in range(4)
+    ]
     started: list[str] = []
     errors: list[BaseException] = []
     for minute in range(1, 4):
@@ -226,9 +255,11 @@ def test_retention_deletes_through_the_delete_job_and_keeps_protected_ones(app, 
     ids = _snapshots(app, store, "m1", 5)
     _set(app, client, "m1", {"retention": {"keep_last": 2}})
     # ids[0] is being restored somewhere: in use, so kept whatever the rules say.
-    r = client.post(f"/api/gpu-snapshots/{ids[0]}/restore", json={"ssh_host": "127.0.0.1", "ssh_port": 22,
-                                                                  "workspace_path": "/restore", "instance_id": "other"},
-                    headers=AUTH)
+    r = client.post(
+        f"/api/gpu-snapshots/{ids[0]}/restore",
+        json={"ssh_host": "127.0.0.1", "ssh_port": 22, "workspace_path": "/restore", "instance_id": "other"},
+        headers=AUTH,
+    )
     assert r.status_code == 202
     deleting = apply_retention(c, "m1")
     assert deleting == [ids[2], ids[1]]
@@ -280,8 +311,12 @@ def test_a_successful_snapshot_job_applies_retention(app, client, store):  # typ
 
 @pytest.fixture
 def capped(tmp_path, database_url, store):  # type: ignore[no-untyped-def]
-    application = create_app(make_settings(tmp_path, database_url, wake_concurrency=1, vast_api_key="k"),
-                             object_store=store, vast=object(), configure_logs=False)
+    application = create_app(
+        make_settings(tmp_path, database_url, wake_concurrency=1, vast_api_key="k"),
+        object_store=store,
+        vast=object(),
+        configure_logs=False,
+    )
     yield application
     application.extensions["gpusnap"].engine.dispose()
 

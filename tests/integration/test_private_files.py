@@ -1,6 +1,7 @@
 """The SQLite database (token digests, job parameters, pinned host keys) and the SQLite queue (Huey pickles
 task payloads into it) are readable by the service's user only: directory 0700, files 0600, -wal/-shm too,
 whatever the umask."""
+
 from __future__ import annotations
 
 import os
@@ -51,8 +52,12 @@ def test_a_database_left_world_readable_is_narrowed(tmp_path, loose_umask):
     db = home / "old.db"
     upgrade(f"sqlite:///{db}")
     os.chmod(db, 0o644)  # as an older version left it
-    app = create_app(Settings(database_url=f"sqlite:///{db}", queue_path=str(tmp_path / "q.db"),
-                              api_tokens=(TOKEN,), log_format="text"), configure_logs=False)
+    app = create_app(
+        Settings(
+            database_url=f"sqlite:///{db}", queue_path=str(tmp_path / "q.db"), api_tokens=(TOKEN,), log_format="text"
+        ),
+        configure_logs=False,
+    )
     try:
         assert app.test_client().get("/api/gpu-snapshots", headers=AUTH).status_code == 200
         assert _mode(db) == 0o600 and _mode(home / "old.db-wal") == 0o600

@@ -2,6 +2,7 @@
 nvidia-smi first on its PATH, printing what real drivers print when things go wrong. Whatever the
 fake prints that is not one integer per GPU must come back as `gpu_error`, never as a reading.
 (Counting interactive SSH sessions needs a real sshd: tests/e2e/test_policies.py.)"""
+
 from __future__ import annotations
 
 import json
@@ -30,18 +31,24 @@ def _run(tmp_path: pathlib.Path, smi: str | None) -> dict:
     return result
 
 
-@pytest.mark.parametrize("smi, util, error", [
-    ("printf '0\\n37\\n100\\n'", [0, 37, 100], None),
-    ("printf ' 3 \\n'", [3], None),
-    ("printf '[N/A]\\n0\\n'", None, "gpu_util_unreadable"),  # a GPU that cannot report utilisation
-    ("printf '[Unknown Error]\\n'", None, "gpu_util_unreadable"),
-    ("printf '3 %%\\n'", None, "gpu_util_unreadable"),  # units, though nounits was asked for
-    ("printf '\\n'", None, "no_gpus"),
-    ("echo \"NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.\"; exit 9", None,
-     "nvidia_smi_failed: exit 9"),
-    ("echo 'No devices were found'; exit 6", None, "nvidia_smi_failed: exit 6"),
-    (None, None, "nvidia_smi_missing"),
-])
+@pytest.mark.parametrize(
+    "smi, util, error",
+    [
+        ("printf '0\\n37\\n100\\n'", [0, 37, 100], None),
+        ("printf ' 3 \\n'", [3], None),
+        ("printf '[N/A]\\n0\\n'", None, "gpu_util_unreadable"),  # a GPU that cannot report utilisation
+        ("printf '[Unknown Error]\\n'", None, "gpu_util_unreadable"),
+        ("printf '3 %%\\n'", None, "gpu_util_unreadable"),  # units, though nounits was asked for
+        ("printf '\\n'", None, "no_gpus"),
+        (
+            'echo "NVIDIA-SMI has failed because it couldn\'t communicate with the NVIDIA driver."; exit 9',
+            None,
+            "nvidia_smi_failed: exit 9",
+        ),
+        ("echo 'No devices were found'; exit 6", None, "nvidia_smi_failed: exit 6"),
+        (None, None, "nvidia_smi_missing"),
+    ],
+)
 def test_gpu_readings_and_failures(tmp_path, smi, util, error):  # type: ignore[no-untyped-def]
     result = _run(tmp_path, smi)
     assert result["gpu_util"] == util
@@ -49,6 +56,7 @@ def test_gpu_readings_and_failures(tmp_path, smi, util, error):  # type: ignore[
 
 
 def test_the_exact_query_is_asked(tmp_path):  # type: ignore[no-untyped-def]
-    result = _run(tmp_path, '[ "$*" = "--query-gpu=utilization.gpu --format=csv,noheader,nounits" ] || exit 2\n'
-                            "echo 0\n")
+    result = _run(
+        tmp_path, '[ "$*" = "--query-gpu=utilization.gpu --format=csv,noheader,nounits" ] || exit 2\necho 0\n'
+    )
     assert result["gpu_util"] == [0]

@@ -1,5 +1,6 @@
 """The Redis job queue with two real worker processes sharing it (and one SQLite database file):
 every job runs exactly once, even when its id is in the queue twice."""
+
 from __future__ import annotations
 
 import collections
@@ -43,8 +44,10 @@ def test_two_worker_processes_share_the_redis_queue_and_run_each_job_once(tmp_pa
             w.wait_ready()
         record_file = tmp_path / "executions.txt"
         with transaction(c.session_factory) as s:
-            ids = [job_service.add_job(s, kind="record", params={"path": str(record_file), "sleep": 0.1},
-                                       lock_key=None).id for _ in range(JOBS)]
+            ids = [
+                job_service.add_job(s, kind="record", params={"path": str(record_file), "sleep": 0.1}, lock_key=None).id
+                for _ in range(JOBS)
+            ]
         for job_id in ids + ids:  # each id twice: a duplicate delivery must not run a job again
             c.queue.enqueue(job_id)
 

@@ -5,6 +5,7 @@ chunk caught by every restore that uses it, a killed run resumed, v1 still resto
 plane's part (known_chunks from its database) is simulated from the previous manifests, as the
 control plane computes it: every chunk of a complete snapshot.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,7 @@ import pathlib
 import shutil
 import signal
 import time
-from typing import Any, Dict, List
+from typing import Any
 
 import pytest
 
@@ -22,18 +23,32 @@ from tests.support.trees import make_tricky_tree
 
 pytestmark = pytest.mark.slow
 
-SMALL = {"block_size": 256 * 1024, "large_min": 64 * 1024, "group_max": 256 * 1024, "group_modulus": 8,
-         "pack_size": 512 * 1024}
+SMALL = {
+    "block_size": 256 * 1024,
+    "large_min": 64 * 1024,
+    "group_max": 256 * 1024,
+    "group_modulus": 8,
+    "pack_size": 512 * 1024,
+}
 
 
-def known_from(manifests: List[Dict[str, Any]]) -> List[List[Any]]:
+def known_from(manifests: list[dict[str, Any]]) -> list[list[Any]]:
     """known_chunks as the control plane sends them: every chunk of these complete snapshots."""
-    rows: Dict[str, List[Any]] = {}
+    rows: dict[str, list[Any]] = {}
     for m in manifests:
         for c in m["chunks"]:
             obj = m["objects"][c["object"]]
-            rows[c["raw_sha256"]] = [c["raw_sha256"], obj["key"], c["offset"], c["stored_size"], c["raw_size"],
-                                     c["codec"], c["sha256"], obj["size"], obj["sha256"]]
+            rows[c["raw_sha256"]] = [
+                c["raw_sha256"],
+                obj["key"],
+                c["offset"],
+                c["stored_size"],
+                c["raw_size"],
+                c["codec"],
+                c["sha256"],
+                obj["size"],
+                obj["sha256"],
+            ]
     return list(rows.values())
 
 
@@ -43,17 +58,24 @@ class Store:
     def __init__(self, s3: Any, client: Any, base: str, **extra: Any) -> None:
         self.s3, self.client, self.store = s3, client, base + "m1/"
         self.extra = dict(SMALL, **extra)
-        self.manifests: List[Dict[str, Any]] = []
+        self.manifests: list[dict[str, Any]] = []
         self.n = 0
 
-    def config(self, workspace: str, **extra: Any) -> Dict[str, Any]:
+    def config(self, workspace: str, **extra: Any) -> dict[str, Any]:
         self.n += 1
-        cfg = script_config(self.s3, "%ss%d/" % (self.store, self.n), workspace, format=2,
-                            store_prefix=self.store, known_chunks=known_from(self.manifests), **self.extra)
+        cfg = script_config(
+            self.s3,
+            "%ss%d/" % (self.store, self.n),
+            workspace,
+            format=2,
+            store_prefix=self.store,
+            known_chunks=known_from(self.manifests),
+            **self.extra,
+        )
         cfg.update(extra)
         return cfg
 
-    def snapshot(self, workspace: str, **extra: Any) -> Dict[str, Any]:
+    def snapshot(self, workspace: str, **extra: Any) -> dict[str, Any]:
         cfg = self.config(workspace, **extra)
         run = run_script("snapshot", cfg, timeout=300)
         assert run.returncode == 0, run.stderr
@@ -64,13 +86,22 @@ class Store:
         self.manifests.append(res["manifest"])
         return res
 
-    def restore(self, res: Dict[str, Any], target: str) -> Any:
-        return run_script("restore", script_config(self.s3, res["prefix"], target, store_prefix=self.store,
-                                                   manifest_sha256=res["manifest_sha256"],
-                                                   allow_external_symlinks=True), timeout=300)
+    def restore(self, res: dict[str, Any], target: str) -> Any:
+        return run_script(
+            "restore",
+            script_config(
+                self.s3,
+                res["prefix"],
+                target,
+                store_prefix=self.store,
+                manifest_sha256=res["manifest_sha256"],
+                allow_external_symlinks=True,
+            ),
+            timeout=300,
+        )
 
 
-def check_restore(store: Store, res: Dict[str, Any], src: pathlib.Path, target: pathlib.Path) -> None:
+def check_restore(store: Store, res: dict[str, Any], src: pathlib.Path, target: pathlib.Path) -> None:
     run = store.restore(res, str(target))
     assert run.returncode == 0, run.stderr
     assert run.last["format"] == 2
@@ -78,7 +109,8 @@ def check_restore(store: Store, res: Dict[str, Any], src: pathlib.Path, target: 
 
 
 def test_v2_snapshot_restores_identical_and_a_second_uploads_only_changes(
-        tmp_path: pathlib.Path, s3_server: Any, s3_prefix: str, s3_client: Any) -> None:
+    tmp_path: pathlib.Path, s3_server: Any, s3_prefix: str, s3_client: Any
+) -> None:
     src = make_tricky_tree(tmp_path / "src", big_bytes=3 << 20)
     for i in range(40):  # small files, several groups
         (src / "src" / "pkg" / ("data_%02d.txt" % i)).write_text(("line %d\n" % i) * 500)
@@ -131,7 +163,8 @@ def mutate(src: pathlib.Path, step: int) -> None:
 
 
 def test_chain_of_changes_restores_identical_at_each_step(
-        tmp_path: pathlib.Path, s3_server: Any, s3_prefix: str, s3_client: Any) -> None:
+    tmp_path: pathlib.Path, s3_server: Any, s3_prefix: str, s3_client: Any
+) -> None:
     src = make_tricky_tree(tmp_path / "src", big_bytes=2 << 20)
     store = Store(s3_server, s3_client, s3_prefix)
     results = [store.snapshot(str(src))]
@@ -152,7 +185,8 @@ def test_chain_of_changes_restores_identical_at_each_step(
 
 
 def test_corrupted_shared_chunk_fails_every_restore_that_uses_it(
-        tmp_path: pathlib.Path, s3_server: Any, s3_prefix: str, s3_client: Any) -> None:
+    tmp_path: pathlib.Path, s3_server: Any, s3_prefix: str, s3_client: Any
+) -> None:
     src = make_tricky_tree(tmp_path / "src", big_bytes=2 << 20)
     store = Store(s3_server, s3_client, s3_prefix)
     first = store.snapshot(str(src))
@@ -173,7 +207,8 @@ def test_corrupted_shared_chunk_fails_every_restore_that_uses_it(
 
 
 def test_killed_run_is_resumed_reusing_what_it_uploaded(
-        tmp_path: pathlib.Path, s3_server: Any, s3_prefix: str, s3_client: Any) -> None:
+    tmp_path: pathlib.Path, s3_server: Any, s3_prefix: str, s3_client: Any
+) -> None:
     src = tmp_path / "src"
     (src / "big").mkdir(parents=True)
     for i in range(6):
@@ -206,7 +241,8 @@ def test_killed_run_is_resumed_reusing_what_it_uploaded(
 
 
 def test_restore_of_v2_without_store_prefix_is_bad_config_and_v1_still_restores(
-        tmp_path: pathlib.Path, s3_server: Any, s3_prefix: str, s3_client: Any) -> None:
+    tmp_path: pathlib.Path, s3_server: Any, s3_prefix: str, s3_client: Any
+) -> None:
     src = make_tricky_tree(tmp_path / "src", big_bytes=1 << 20)
     store = Store(s3_server, s3_client, s3_prefix)
     res = store.snapshot(str(src))
@@ -214,15 +250,17 @@ def test_restore_of_v2_without_store_prefix_is_bad_config_and_v1_still_restores(
     assert run.error_code == "bad_config"
     v1 = run_script("snapshot", script_config(s3_server, s3_prefix + "v1/", str(src)))
     assert v1.returncode == 0 and "format" not in v1.last
-    restored = run_script("restore", script_config(s3_server, s3_prefix + "v1/", str(tmp_path / "v1"),
-                                                  allow_external_symlinks=True))
+    restored = run_script(
+        "restore", script_config(s3_server, s3_prefix + "v1/", str(tmp_path / "v1"), allow_external_symlinks=True)
+    )
     assert restored.returncode == 0, restored.stderr
     assert restored.last["format"] == 1
     assert tree_state(str(tmp_path / "v1")) == tree_state(str(src))
 
 
 def test_missing_pack_is_part_missing_and_nothing_is_swapped_in(
-        tmp_path: pathlib.Path, s3_server: Any, s3_prefix: str, s3_client: Any) -> None:
+    tmp_path: pathlib.Path, s3_server: Any, s3_prefix: str, s3_client: Any
+) -> None:
     src = make_tricky_tree(tmp_path / "src", big_bytes=1 << 20)
     store = Store(s3_server, s3_client, s3_prefix)
     res = store.snapshot(str(src))
@@ -235,7 +273,8 @@ def test_missing_pack_is_part_missing_and_nothing_is_swapped_in(
 
 
 def test_rerun_after_a_crash_before_the_manifest_reuses_every_block_and_pack(
-        tmp_path: pathlib.Path, s3_server: Any, s3_prefix: str, s3_client: Any) -> None:
+    tmp_path: pathlib.Path, s3_server: Any, s3_prefix: str, s3_client: Any
+) -> None:
     """A crash after the last upload but before the manifest: the control plane knows nothing of the
     objects (known_chunks is empty), the re-run finds them by listing, HEAD (blocks) and TOC (packs)."""
     src = make_tricky_tree(tmp_path / "src", big_bytes=2 << 20)
@@ -256,16 +295,20 @@ def test_rerun_after_a_crash_before_the_manifest_reuses_every_block_and_pack(
     check_restore(store, res, src, tmp_path / "restored")
 
 
-@pytest.mark.parametrize("extra", [
-    {"store_prefix": "elsewhere/m1/"},  # the snapshot prefix must be <store_prefix><id>/
-    {"known_chunks": [["nothex", "chunks/" + "0" * 64, 0, 1, 1, "none", "0" * 64, 1, "0" * 64]]},
-    {"known_chunks": [["0" * 64, "../x", 0, 1, 1, "none", "0" * 64, 1, "0" * 64]]},
-    {"known_chunks": [["0" * 64, "packs/" + "0" * 64, 5, 10, 10, "none", "0" * 64, 12, "0" * 64]]},  # past the end
-    {"block_size": 1000},
-    {"format": 3},
-])
-def test_bad_format_2_config_is_bad_config(tmp_path: pathlib.Path, s3_server: Any, s3_prefix: str,
-                                           s3_client: Any, extra: Dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"store_prefix": "elsewhere/m1/"},  # the snapshot prefix must be <store_prefix><id>/
+        {"known_chunks": [["nothex", "chunks/" + "0" * 64, 0, 1, 1, "none", "0" * 64, 1, "0" * 64]]},
+        {"known_chunks": [["0" * 64, "../x", 0, 1, 1, "none", "0" * 64, 1, "0" * 64]]},
+        {"known_chunks": [["0" * 64, "packs/" + "0" * 64, 5, 10, 10, "none", "0" * 64, 12, "0" * 64]]},  # past the end
+        {"block_size": 1000},
+        {"format": 3},
+    ],
+)
+def test_bad_format_2_config_is_bad_config(
+    tmp_path: pathlib.Path, s3_server: Any, s3_prefix: str, s3_client: Any, extra: dict[str, Any]
+) -> None:
     src = tmp_path / "src"
     src.mkdir()
     cfg = Store(s3_server, s3_client, s3_prefix).config(str(src), **extra)

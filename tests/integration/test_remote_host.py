@@ -1,4 +1,5 @@
 """The SSH adapter against a real OpenSSH server on 127.0.0.1 (the loopback sshd fixture)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -99,8 +100,13 @@ def scripts_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def make_client(scripts_dir: Path) -> Callable[..., SshClient]:
     def make(server: LoopbackSshd, **overrides: object) -> SshClient:
-        options: dict = {"policy": SshPolicy.from_setting("127.0.0.1/32"), "connect_timeout": 3,
-                         "ready_retries": 0, "remote_python": sys.executable, "scripts_dir": scripts_dir}
+        options: dict = {
+            "policy": SshPolicy.from_setting("127.0.0.1/32"),
+            "connect_timeout": 3,
+            "ready_retries": 0,
+            "remote_python": sys.executable,
+            "scripts_dir": scripts_dir,
+        }
         key_path = overrides.pop("key_path", server.client_key_path)
         options.update(overrides)
         return SshClient(key_path, **options)  # type: ignore[arg-type]
@@ -146,6 +152,7 @@ def assert_nobody_connected(sock: socket.socket) -> None:
 
 # --- host keys and authentication -------------------------------------------------------------------
 
+
 def test_first_use_returns_the_presented_host_key(sshd: LoopbackSshd, make_client) -> None:
     with make_client(sshd).open(target_of(sshd)) as session:
         assert session.host_key == sshd.host_public_key
@@ -187,11 +194,14 @@ def test_wrong_client_key_is_an_auth_failure(sshd: LoopbackSshd, make_client, tm
 
 def test_unreadable_key_fails_before_connecting(sshd, make_client, listener: socket.socket, tmp_path: Path) -> None:
     with pytest.raises(SshAuthFailed, match="cannot load"):
-        make_client(sshd, key_path=tmp_path / "missing").open(SshTarget(host="127.0.0.1", port=listener.getsockname()[1]))
+        make_client(sshd, key_path=tmp_path / "missing").open(
+            SshTarget(host="127.0.0.1", port=listener.getsockname()[1])
+        )
     assert_nobody_connected(listener)
 
 
 # --- reaching the host ------------------------------------------------------------------------------
+
 
 def test_retries_until_sshd_comes_up(sshd_factory, make_client) -> None:
     server = sshd_factory(start=False)
@@ -252,8 +262,12 @@ def test_unreachable_hosts_all_fail_alike(make_client, sshd: LoopbackSshd, caplo
 
     threading.Thread(target=answer_http, daemon=True).start()
     client = make_client(sshd, policy=SshPolicy.from_setting("*"), banner_timeout=1.0, connect_timeout=1.0)
-    targets = [("127.0.0.1", closed_port), ("127.0.0.1", mute.getsockname()[1]),
-               ("127.0.0.1", chatty.getsockname()[1]), ("no-such-host.invalid", 22)]
+    targets = [
+        ("127.0.0.1", closed_port),
+        ("127.0.0.1", mute.getsockname()[1]),
+        ("127.0.0.1", chatty.getsockname()[1]),
+        ("no-such-host.invalid", 22),
+    ]
     try:
         for host, port in targets:
             with caplog.at_level(logging.WARNING), pytest.raises(SshUnreachable) as info:
@@ -267,6 +281,7 @@ def test_unreachable_hosts_all_fail_alike(make_client, sshd: LoopbackSshd, caplo
 
 
 # --- running scripts --------------------------------------------------------------------------------
+
 
 def test_run_script_streams_events_in_order(sshd: LoopbackSshd, make_client) -> None:
     with make_client(sshd).open(target_of(sshd)) as session:
@@ -426,6 +441,7 @@ def test_fake_offers_the_same_methods(real: type, fake: type) -> None:
 
 # --- silent hosts and dead links (issues 9 and 14) ----------------------------------------------------
 
+
 def test_a_host_silent_on_exec_times_out_and_cancels(make_client, sshd: LoopbackSshd) -> None:
     with SilentSshServer(authorized_key_path=sshd.client_key_path, mode="exec") as silent:
         target = SshTarget(host=silent.host, port=silent.port)
@@ -465,7 +481,8 @@ def test_cancel_while_connecting_returns_at_once(make_client, sshd: LoopbackSshd
     try:
         with pytest.raises(RemoteCancelled):
             make_client(sshd, ready_retries=None, ready_deadline=60).open(
-                SshTarget(host="127.0.0.1", port=mute.getsockname()[1]), cancel=cancel)
+                SshTarget(host="127.0.0.1", port=mute.getsockname()[1]), cancel=cancel
+            )
     finally:
         mute.close()
     assert time.monotonic() - began < 3
@@ -514,8 +531,7 @@ def test_hostile_started_events_never_aim_the_kill_elsewhere(make_client, sshd: 
     try:
         with make_client(sshd).open(target_of(sshd)) as session:
             for bogus in (1, 0, -5, "12", True, bystander.pid):
-                run = _ScriptRun(name="slow", remote_dir=session.remote_dir or "/tmp/none",
-                                 reader=None, output=None)  # type: ignore[arg-type]
+                run = _ScriptRun(name="slow", remote_dir=session.remote_dir or "/tmp/none", reader=None, output=None)  # type: ignore[arg-type]
                 run.pgid = _valid_pgid(bogus)
                 assert session._kill(session, run)  # nothing of ours runs: "gone" without killing anyone
         assert bystander.poll() is None

@@ -4,6 +4,7 @@ Round trip of a tree with every tricky kind of entry; each verification failure 
 workspace untouched and no staging directory; unsafe archives are refused; disk limits on a real
 (tmpfs) filesystem.
 """
+
 from __future__ import annotations
 
 import glob
@@ -81,14 +82,16 @@ def restored_state(src: str, keep_setuid: bool = False) -> dict[bytes, Any]:
 
 
 def staging_dirs(target: str) -> list[str]:
-    return (glob.glob(glob.escape(target) + ".gpusnap-staging-*")
-            + glob.glob(os.path.join(glob.escape(target), ".gpusnap-staging-*")))
+    return glob.glob(glob.escape(target) + ".gpusnap-staging-*") + glob.glob(
+        os.path.join(glob.escape(target), ".gpusnap-staging-*")
+    )
 
 
 def kept_old(target: str) -> list[str]:
     """Workspaces a restore replaced and kept (beside the target, or inside it for a mount point)."""
-    return (glob.glob(glob.escape(target) + ".gpusnap-old-*")
-            + glob.glob(os.path.join(glob.escape(target), ".gpusnap-old-*")))
+    return glob.glob(glob.escape(target) + ".gpusnap-old-*") + glob.glob(
+        os.path.join(glob.escape(target), ".gpusnap-old-*")
+    )
 
 
 @pytest.fixture
@@ -109,8 +112,9 @@ def existing_workspace(tmp_path: Any) -> str:
     return target
 
 
-def test_round_trip_is_identical(snapshot_of_tree: dict[str, Any], s3_server: Any, s3_prefix: str,
-                                 tmp_path: Any, existing_workspace: str) -> None:
+def test_round_trip_is_identical(
+    snapshot_of_tree: dict[str, Any], s3_server: Any, s3_prefix: str, tmp_path: Any, existing_workspace: str
+) -> None:
     snap = snapshot_of_tree["result"]
     assert snap["event"] == "result" and snap["parts"] >= 6 and snap["codec"] == "zstd"
     run = run_script("restore", script_config(s3_server, s3_prefix, existing_workspace, overwrite=True))
@@ -130,8 +134,9 @@ def test_round_trip_is_identical(snapshot_of_tree: dict[str, Any], s3_server: An
     assert run.events[0]["event"] == "started" and any(e["event"] == "progress" for e in run.events)
 
 
-def test_round_trip_into_missing_target_with_codec_none_keeping_setuid(tmp_path: Any, s3_server: Any,
-                                                                       s3_prefix: str) -> None:
+def test_round_trip_into_missing_target_with_codec_none_keeping_setuid(
+    tmp_path: Any, s3_server: Any, s3_prefix: str
+) -> None:
     src = str(tmp_path / "src")
     make_tricky_tree(src)
     snap = run_script("snapshot", script_config(s3_server, s3_prefix, src, codec="none"))
@@ -144,20 +149,32 @@ def test_round_trip_into_missing_target_with_codec_none_keeping_setuid(tmp_path:
     assert run.last["setuid_cleared"] == 0
 
 
-@pytest.mark.parametrize("damage,code", [
-    ("corrupt", "part_corrupt"), ("truncate", "part_truncated"), ("delete", "part_missing"),
-    ("manifest", "manifest_missing"), ("garbage-manifest", "manifest_invalid"),
-])
-def test_damaged_snapshot_fails_and_leaves_workspace(damage: str, code: str, snapshot_of_tree: dict[str, Any],
-                                                     s3_server: Any, s3_prefix: str, s3_client: Any,
-                                                     existing_workspace: str) -> None:
+@pytest.mark.parametrize(
+    "damage,code",
+    [
+        ("corrupt", "part_corrupt"),
+        ("truncate", "part_truncated"),
+        ("delete", "part_missing"),
+        ("manifest", "manifest_missing"),
+        ("garbage-manifest", "manifest_invalid"),
+    ],
+)
+def test_damaged_snapshot_fails_and_leaves_workspace(
+    damage: str,
+    code: str,
+    snapshot_of_tree: dict[str, Any],
+    s3_server: Any,
+    s3_prefix: str,
+    s3_client: Any,
+    existing_workspace: str,
+) -> None:
     bucket, key = s3_server.bucket, s3_prefix + "part-00002"
     if damage in ("corrupt", "truncate"):
         body = bytearray(s3_client.get_object(Bucket=bucket, Key=key)["Body"].read())
         if damage == "corrupt":
             body[len(body) // 2] ^= 0xFF
         else:
-            del body[len(body) // 2:]
+            del body[len(body) // 2 :]
         s3_client.put_object(Bucket=bucket, Key=key, Body=bytes(body))
     elif damage == "delete":
         s3_client.delete_object(Bucket=bucket, Key=key)
@@ -177,16 +194,31 @@ def upload_crafted(s3_client: Any, bucket: str, prefix: str, tar_bytes: bytes, p
     """A hand-made snapshot (codec none): parts plus a manifest with correct sizes and hashes."""
     parts = []
     for i in range(0, len(tar_bytes), part_size):
-        chunk = tar_bytes[i:i + part_size]
+        chunk = tar_bytes[i : i + part_size]
         digest = hashlib.sha256(chunk).hexdigest()
         key = "part-%05d" % len(parts)
         s3_client.put_object(Bucket=bucket, Key=prefix + key, Body=chunk)
-        parts.append({"index": len(parts), "key": key, "codec": "none", "raw_size": len(chunk),
-                      "stored_size": len(chunk), "sha256": digest, "raw_sha256": digest})
-    manifest = {"format": "gpusnap-manifest", "version": 1, "snapshot_id": "evil", "instance_id": "evil",
-                "codec": "none", "part_size": part_size, "parts": parts,
-                "totals": {"raw_bytes": len(tar_bytes), "stored_bytes": len(tar_bytes), "parts": len(parts),
-                           "files": 2}}
+        parts.append(
+            {
+                "index": len(parts),
+                "key": key,
+                "codec": "none",
+                "raw_size": len(chunk),
+                "stored_size": len(chunk),
+                "sha256": digest,
+                "raw_sha256": digest,
+            }
+        )
+    manifest = {
+        "format": "gpusnap-manifest",
+        "version": 1,
+        "snapshot_id": "evil",
+        "instance_id": "evil",
+        "codec": "none",
+        "part_size": part_size,
+        "parts": parts,
+        "totals": {"raw_bytes": len(tar_bytes), "stored_bytes": len(tar_bytes), "parts": len(parts), "files": 2},
+    }
     s3_client.put_object(Bucket=bucket, Key=prefix + "manifest.json", Body=json.dumps(manifest).encode())
 
 
@@ -233,14 +265,16 @@ def evil_tar(kind: str, outside: str) -> bytes:
 
 
 @pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink", "symlink-then-write", "hardlink", "device"])
-def test_unsafe_archive_is_refused(kind: str, tmp_path: Any, s3_server: Any, s3_prefix: str, s3_client: Any,
-                                   existing_workspace: str) -> None:
+def test_unsafe_archive_is_refused(
+    kind: str, tmp_path: Any, s3_server: Any, s3_prefix: str, s3_client: Any, existing_workspace: str
+) -> None:
     outside = str(tmp_path / ("outside-" + uuid.uuid4().hex[:6]))
     upload_crafted(s3_client, s3_server.bucket, s3_prefix, evil_tar(kind, outside))
     before = tree_state(existing_workspace)
     # with external symlinks allowed, writing *through* one must still be refused
-    cfg = script_config(s3_server, s3_prefix, existing_workspace, overwrite=True,
-                        allow_external_symlinks=kind == "symlink-then-write")
+    cfg = script_config(
+        s3_server, s3_prefix, existing_workspace, overwrite=True, allow_external_symlinks=kind == "symlink-then-write"
+    )
     run = run_script("restore", cfg)
     assert run.returncode != 0
     assert run.error_code == "unsafe_archive", run.last
@@ -249,8 +283,9 @@ def test_unsafe_archive_is_refused(kind: str, tmp_path: Any, s3_server: Any, s3_
     assert staging_dirs(existing_workspace) == []
 
 
-def test_wrong_credentials(snapshot_of_tree: dict[str, Any], s3_server: Any, s3_prefix: str,
-                           existing_workspace: str) -> None:
+def test_wrong_credentials(
+    snapshot_of_tree: dict[str, Any], s3_server: Any, s3_prefix: str, existing_workspace: str
+) -> None:
     cfg = script_config(s3_server, s3_prefix, existing_workspace, overwrite=True)
     cfg["s3"]["secret_key"] = "not-the-secret"
     run = run_script("restore", cfg)
@@ -281,8 +316,9 @@ def small_fs(tmp_path: Any) -> Iterator[Any]:
         subprocess.run(["umount", "-l", path], check=False)
 
 
-def test_insufficient_disk_is_refused_before_download(snapshot_of_tree: dict[str, Any], s3_server: Any,
-                                                      s3_prefix: str, small_fs: Any) -> None:
+def test_insufficient_disk_is_refused_before_download(
+    snapshot_of_tree: dict[str, Any], s3_server: Any, s3_prefix: str, small_fs: Any
+) -> None:
     fs = small_fs("tiny", "size=256k")
     target = os.path.join(fs, "ws")
     os.makedirs(os.path.join(target, "keep"))
@@ -310,8 +346,9 @@ def test_disk_full_during_extraction(tmp_path: Any, s3_server: Any, s3_prefix: s
     assert tree_state(target) == before and staging_dirs(target) == []
 
 
-def test_restore_into_a_mount_point(snapshot_of_tree: dict[str, Any], s3_server: Any, s3_prefix: str,
-                                    small_fs: Any) -> None:
+def test_restore_into_a_mount_point(
+    snapshot_of_tree: dict[str, Any], s3_server: Any, s3_prefix: str, small_fs: Any
+) -> None:
     """A volume mounted at the workspace path cannot be renamed: staging goes inside it instead."""
     target = small_fs("volume", "size=64m")
     with open(os.path.join(target, "old.txt"), "w") as fh:
@@ -329,21 +366,28 @@ def test_restore_into_a_mount_point(snapshot_of_tree: dict[str, Any], s3_server:
     assert os.path.ismount(target) and staging_dirs(target) == []
 
 
-def test_a_manifest_other_than_the_recorded_one_is_refused(snapshot_of_tree: dict[str, Any], s3_server: Any,
-                                                            s3_prefix: str, existing_workspace: str) -> None:
+def test_a_manifest_other_than_the_recorded_one_is_refused(
+    snapshot_of_tree: dict[str, Any], s3_server: Any, s3_prefix: str, existing_workspace: str
+) -> None:
     before = tree_state(existing_workspace)
-    run = run_script("restore", script_config(s3_server, s3_prefix, existing_workspace, overwrite=True, manifest_sha256="0" * 64))
+    run = run_script(
+        "restore", script_config(s3_server, s3_prefix, existing_workspace, overwrite=True, manifest_sha256="0" * 64)
+    )
     assert run.returncode != 0 and run.last["code"] == "manifest_changed"
     assert tree_state(existing_workspace) == before
     recorded = snapshot_of_tree["result"]["manifest_sha256"]
-    run = run_script("restore", script_config(s3_server, s3_prefix, existing_workspace, overwrite=True, manifest_sha256=recorded))
+    run = run_script(
+        "restore", script_config(s3_server, s3_prefix, existing_workspace, overwrite=True, manifest_sha256=recorded)
+    )
     assert run.returncode == 0, run.stderr
 
 
-def test_zstd_planes_snapshot_round_trips_through_the_scripts(tmp_path: Any, s3_server: Any, s3_prefix: str,
-                                                              s3_client: Any) -> None:
+def test_zstd_planes_snapshot_round_trips_through_the_scripts(
+    tmp_path: Any, s3_server: Any, s3_prefix: str, s3_client: Any
+) -> None:
     import array
     import random
+
     src = str(tmp_path / "model")
     os.makedirs(src)
     rng = random.Random(3)
@@ -367,9 +411,10 @@ def test_zstd_planes_snapshot_round_trips_through_the_scripts(tmp_path: Any, s3_
 
 
 def test_gpu_only_parts_are_refused_before_any_download_on_a_host_without_gpu(
-        snapshot_of_tree: Dict[str, Any], s3_server: Any, s3_prefix: str, s3_client: Any,
-        existing_workspace: str) -> None:
+    snapshot_of_tree: dict[str, Any], s3_server: Any, s3_prefix: str, s3_client: Any, existing_workspace: str
+) -> None:
     import ctypes
+
     try:
         ctypes.CDLL("libcuda.so.1")
         pytest.skip("this host has a CUDA driver: the refusal is for hosts without one")

@@ -1,6 +1,7 @@
 """The remote step's retry policy and the failure path of a snapshot, in-process: a scripted SSH host
 (FakeSshClient), an in-memory bucket, a real SQLite database. The e2e tests do the same with a real sshd
 behind a TCP relay that resets connections (tests/e2e/test_transient_ssh_faults.py)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -17,8 +18,16 @@ from tests.support.snapshots import write_snapshot_objects
 
 @pytest.fixture
 def app(tmp_path, sqlite_url):  # type: ignore[no-untyped-def]
-    settings = make_settings(tmp_path, sqlite_url, remote_tries=3, remote_retry_backoff_s=0.01,
-                             r2_endpoint="http://unused", r2_bucket="b", r2_access_key="k", r2_secret_key="s")
+    settings = make_settings(
+        tmp_path,
+        sqlite_url,
+        remote_tries=3,
+        remote_retry_backoff_s=0.01,
+        r2_endpoint="http://unused",
+        r2_bucket="b",
+        r2_access_key="k",
+        r2_secret_key="s",
+    )
     store, ssh = FakeObjectStore(), FakeSshClient()
     app = create_app(settings, object_store=store, ssh=ssh, configure_logs=False)
     app.store, app.ssh = store, ssh  # type: ignore[attr-defined]
@@ -27,19 +36,35 @@ def app(tmp_path, sqlite_url):  # type: ignore[no-untyped-def]
 
 
 def _create(app):  # type: ignore[no-untyped-def]
-    r = app.test_client().post("/api/gpu-snapshots", headers=AUTH, json={
-        "instance_id": "box", "ssh_host": "10.0.0.5", "ssh_port": 22, "workspace_path": "/workspace"})
+    r = app.test_client().post(
+        "/api/gpu-snapshots",
+        headers=AUTH,
+        json={"instance_id": "box", "ssh_host": "10.0.0.5", "ssh_port": 22, "workspace_path": "/workspace"},
+    )
     assert r.status_code == 202, r.get_json()
     return r.get_json()
 
 
 def _script_succeeds(app, snapshot):  # type: ignore[no-untyped-def]
-    raw = write_snapshot_objects(app.store, snapshot["storage_prefix"], snapshot_id=snapshot["id"], format=snapshot["format"], parts=2)
+    raw = write_snapshot_objects(
+        app.store, snapshot["storage_prefix"], snapshot_id=snapshot["id"], format=snapshot["format"], parts=2
+    )
     app.ssh.scripts["snapshot"] = [
         {"event": "started", "pid": 10, "pgid": 10},
-        {"event": "result", "manifest_sha256": hashlib.sha256(raw).hexdigest(), "raw_bytes": 2048,
-         "stored_bytes": 2048, "parts": 2, "files": 1, "codec": "none", "part_size": 1024,
-         "uploaded_parts": 1, "skipped_parts": 1, "duration_s": 0.1, "timings": {}},
+        {
+            "event": "result",
+            "manifest_sha256": hashlib.sha256(raw).hexdigest(),
+            "raw_bytes": 2048,
+            "stored_bytes": 2048,
+            "parts": 2,
+            "files": 1,
+            "codec": "none",
+            "part_size": 1024,
+            "uploaded_parts": 1,
+            "skipped_parts": 1,
+            "duration_s": 0.1,
+            "timings": {},
+        },
     ]
 
 
@@ -89,10 +114,13 @@ def test_a_script_download_or_upload_failure_is_tried_again(app):  # type: ignor
     assert len([c for c in app.ssh.script_calls if c.name != "probe_host"]) == 3 and job["remote_tries"] == 3
 
 
-@pytest.mark.parametrize("failure,code", [
-    (SshAuthFailed("key refused"), "ssh_auth_failed"),
-    (SshUnreachable("handshake failed", retryable=False), "ssh_unreachable"),
-])
+@pytest.mark.parametrize(
+    "failure,code",
+    [
+        (SshAuthFailed("key refused"), "ssh_auth_failed"),
+        (SshUnreachable("handshake failed", retryable=False), "ssh_unreachable"),
+    ],
+)
 def test_permanent_failures_are_not_retried(app, failure, code):  # type: ignore[no-untyped-def]
     created = _create(app)
     app.ssh.fail_next_opens = [failure]
@@ -117,7 +145,9 @@ def test_verify_after_upload_outlasts_a_burst_of_store_errors(app):  # type: ign
     run_jobs(app)
     job = _job(app, created["job"]["id"])
     assert job["status"] == "succeeded", job
-    assert app.store.fail_calls == 0 and len([c for c in app.ssh.script_calls if c.name != "probe_host"]) == 1  # verify retried, not the upload
+    assert (
+        app.store.fail_calls == 0 and len([c for c in app.ssh.script_calls if c.name != "probe_host"]) == 1
+    )  # verify retried, not the upload
 
 
 def test_a_store_that_stays_down_fails_the_job_with_a_retryable_code(app):  # type: ignore[no-untyped-def]
@@ -146,8 +176,9 @@ def test_an_attempt_that_lost_the_job_never_removes_the_parts(tmp_path, sqlite_u
                 s.execute(update(Job).values(attempts=Job.attempts + 1))
             raise SshAuthFailed("the old attempt's connection is gone")
 
-    settings = make_settings(tmp_path, sqlite_url, r2_endpoint="http://unused", r2_bucket="b", r2_access_key="k",
-                             r2_secret_key="s")
+    settings = make_settings(
+        tmp_path, sqlite_url, r2_endpoint="http://unused", r2_bucket="b", r2_access_key="k", r2_secret_key="s"
+    )
     store = FakeObjectStore()
     app = create_app(settings, object_store=store, ssh=ReplacedWhileFrozen(), configure_logs=False)
     try:

@@ -3,6 +3,7 @@
 Manifest last and complete, resume after SIGKILL uploads only what is missing, credentials never
 in any argv, cancellation, a vanished reader, excludes, bad config, wrong credentials.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,7 +25,7 @@ def keys(s3_client: Any, bucket: str, prefix: str) -> dict[str, int]:
     out: dict[str, int] = {}
     for page in s3_client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for item in page.get("Contents", []):
-            out[item["Key"][len(prefix):]] = item["Size"]
+            out[item["Key"][len(prefix) :]] = item["Size"]
     return out
 
 
@@ -35,8 +36,9 @@ def random_tree(root: str, files: int = 40, size: int = 48 * 1024) -> None:
             fh.write(os.urandom(size))
 
 
-def test_snapshot_writes_parts_then_a_valid_manifest(tmp_path: Any, s3_server: Any, s3_prefix: str,
-                                                     s3_client: Any) -> None:
+def test_snapshot_writes_parts_then_a_valid_manifest(
+    tmp_path: Any, s3_server: Any, s3_prefix: str, s3_client: Any
+) -> None:
     src = str(tmp_path / "src")
     random_tree(src, files=10)
     with open(os.path.join(src, "text.log"), "w") as fh:
@@ -65,8 +67,9 @@ def test_snapshot_writes_parts_then_a_valid_manifest(tmp_path: Any, s3_server: A
     assert {"phase", "bytes_done", "bytes_total", "parts_done", "parts_total"} <= set(progress[0])
 
 
-def test_resume_after_sigkill_uploads_only_missing_parts(tmp_path: Any, s3_server: Any, s3_prefix: str,
-                                                         s3_client: Any) -> None:
+def test_resume_after_sigkill_uploads_only_missing_parts(
+    tmp_path: Any, s3_server: Any, s3_prefix: str, s3_client: Any
+) -> None:
     src = str(tmp_path / "src")
     random_tree(src, files=40)  # ~2 MiB of random data -> ~60 parts of 32 KiB
     cfg = script_config(s3_server, s3_prefix, src, part_size=32 * 1024, parallelism=2, codec="none")
@@ -191,14 +194,17 @@ def test_excludes(tmp_path: Any, s3_server: Any, s3_prefix: str) -> None:
     assert found == ["code/a.py", "keep.txt"]
 
 
-@pytest.mark.parametrize("change,code", [
-    ({"workspace_path": None}, "bad_config"),
-    ({"codec": "lzma"}, "bad_config"),
-    ({"part_size": 10}, "bad_config"),
-    ({"parallelism": "8"}, "bad_config"),
-    ({"prefix": "/abs/"}, "bad_config"),
-    ({"workspace_path": "/nonexistent/gpusnap-ws"}, "workspace_not_found"),
-])
+@pytest.mark.parametrize(
+    "change,code",
+    [
+        ({"workspace_path": None}, "bad_config"),
+        ({"codec": "lzma"}, "bad_config"),
+        ({"part_size": 10}, "bad_config"),
+        ({"parallelism": "8"}, "bad_config"),
+        ({"prefix": "/abs/"}, "bad_config"),
+        ({"workspace_path": "/nonexistent/gpusnap-ws"}, "workspace_not_found"),
+    ],
+)
 def test_bad_config(change: dict[str, Any], code: str, tmp_path: Any, s3_server: Any, s3_prefix: str) -> None:
     cfg = script_config(s3_server, s3_prefix, str(tmp_path))
     cfg.update(change)

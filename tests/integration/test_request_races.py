@@ -2,6 +2,7 @@
 machine, the same Idempotency-Key sent to two API processes at once, and a queue that refuses the job
 after its row was committed. Threads released together by a barrier make the race; each request gets a
 clear answer and nothing answers 500."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -74,23 +75,32 @@ def test_concurrent_first_requests_for_a_new_machine_one_202_the_rest_409(app):
 
 def test_same_idempotency_key_to_two_api_processes_at_once_gives_both_the_same_job(tmp_path, database_url, store):
     # Two apps, each with its own engine and connection pool, sharing the database: two API processes.
-    apps = [create_app(make_settings(tmp_path, database_url), object_store=store, configure_logs=False)
-            for _ in range(2)]
+    apps = [
+        create_app(make_settings(tmp_path, database_url), object_store=store, configure_logs=False) for _ in range(2)
+    ]
     try:
         for round_ in range(4):
             machine_id = f"idem-{round_}"
             key = f"key-{round_}"
-            answers = _together([lambda a=a: _post(a, "/api/gpu-snapshots", _snapshot_body(machine_id), key)
-                                 for a in apps])
+            answers = _together(
+                [lambda a=a: _post(a, "/api/gpu-snapshots", _snapshot_body(machine_id), key) for a in apps]
+            )
             assert [code for code, _ in answers] == [202, 202], answers
             assert answers[0][1]["job"]["id"] == answers[1][1]["job"]["id"]
             assert answers[0][1]["snapshot"]["id"] == answers[1][1]["snapshot"]["id"]
             # The same race for an existing machine, on another endpoint.
             key = f"hib-{round_}"
-            answers = _together([lambda a=a: _post(a, f"/api/instances/{machine_id}/hibernate",
-                                                   {"workspace_path": "/w", "destroy_after": False,
-                                                    "ssh_host": "10.1.2.3", "ssh_port": 2222}, key)
-                                 for a in apps])
+            answers = _together(
+                [
+                    lambda a=a: _post(
+                        a,
+                        f"/api/instances/{machine_id}/hibernate",
+                        {"workspace_path": "/w", "destroy_after": False, "ssh_host": "10.1.2.3", "ssh_port": 2222},
+                        key,
+                    )
+                    for a in apps
+                ]
+            )
             # The machine is busy with the snapshot job: both get the same 409 (no job carries the key).
             assert [(code, body["error"]["code"]) for code, body in answers] == [(409, "machine_busy")] * 2
         # The key with another body is still refused, race or not.
@@ -102,8 +112,9 @@ def test_same_idempotency_key_to_two_api_processes_at_once_gives_both_the_same_j
 
 
 def test_same_idempotency_key_race_for_a_new_machine_on_hibernate(tmp_path, database_url, store):
-    apps = [create_app(make_settings(tmp_path, database_url), object_store=store, configure_logs=False)
-            for _ in range(2)]
+    apps = [
+        create_app(make_settings(tmp_path, database_url), object_store=store, configure_logs=False) for _ in range(2)
+    ]
     try:
         for round_ in range(4):
             path = f"/api/instances/{8100 + round_}/hibernate"
@@ -117,10 +128,15 @@ def test_same_idempotency_key_race_for_a_new_machine_on_hibernate(tmp_path, data
 
 def test_enqueue_failure_after_commit_answers_202_and_recovery_runs_the_job(tmp_path, database_url, store):
     port = free_port()  # nothing listens there: a real connection refused, every time
-    down = create_app(make_settings(tmp_path, database_url), object_store=store, configure_logs=False,
-                      huey=RedisHuey("gpusnap-enqueue-test", url=f"redis://127.0.0.1:{port}/15"))
-    up = create_app(make_settings(tmp_path, database_url, job_stale_after_s=60), object_store=store,
-                    configure_logs=False)
+    down = create_app(
+        make_settings(tmp_path, database_url),
+        object_store=store,
+        configure_logs=False,
+        huey=RedisHuey("gpusnap-enqueue-test", url=f"redis://127.0.0.1:{port}/15"),
+    )
+    up = create_app(
+        make_settings(tmp_path, database_url, job_stale_after_s=60), object_store=store, configure_logs=False
+    )
     try:
         snap = add_complete_snapshot(up, store, machine_id="m-enq")
         r = down.test_client().post(f"/api/gpu-snapshots/{snap['id']}/verify", headers=AUTH)
@@ -146,8 +162,12 @@ def test_enqueue_failure_after_commit_answers_202_and_recovery_runs_the_job(tmp_
 
 def test_enqueue_failure_is_reported_by_the_queue_not_raised(tmp_path, sqlite_url, store):
     port = free_port()
-    app = create_app(make_settings(tmp_path, sqlite_url), object_store=store, configure_logs=False,
-                     huey=RedisHuey("gpusnap-enqueue-test", url=f"redis://127.0.0.1:{port}/15"))
+    app = create_app(
+        make_settings(tmp_path, sqlite_url),
+        object_store=store,
+        configure_logs=False,
+        huey=RedisHuey("gpusnap-enqueue-test", url=f"redis://127.0.0.1:{port}/15"),
+    )
     try:
         c = app.extensions["gpusnap"]
         with transaction(c.session_factory) as s:

@@ -2,6 +2,7 @@
 is refused even when the path only resolves to one on the host, a non-empty workspace is replaced only
 with `overwrite`, and the replaced tree is kept beside it until the next successful restore of that path.
 Also snapshot.py's scan report, which hibernate compares with the snapshot before destroying anything."""
+
 from __future__ import annotations
 
 import glob
@@ -30,8 +31,9 @@ def _old(target: str) -> list:
     return sorted(glob.glob(glob.escape(target) + ".gpusnap-old-*"))
 
 
-def test_a_non_empty_workspace_needs_overwrite(snapshot: dict[str, Any], s3_server: Any, s3_prefix: str,
-                                               tmp_path: Any) -> None:
+def test_a_non_empty_workspace_needs_overwrite(
+    snapshot: dict[str, Any], s3_server: Any, s3_prefix: str, tmp_path: Any
+) -> None:
     target = tmp_path / "ws"
     target.mkdir()
     (target / "mine.txt").write_text("precious")
@@ -45,8 +47,9 @@ def test_a_non_empty_workspace_needs_overwrite(snapshot: dict[str, Any], s3_serv
     assert run.last["code"] == "workspace_exists"
 
 
-def test_overwrite_keeps_the_old_tree_until_the_next_restore(snapshot: dict[str, Any], s3_server: Any,
-                                                             s3_prefix: str, tmp_path: Any) -> None:
+def test_overwrite_keeps_the_old_tree_until_the_next_restore(
+    snapshot: dict[str, Any], s3_server: Any, s3_prefix: str, tmp_path: Any
+) -> None:
     target = str(tmp_path / "ws")
     os.makedirs(target)
     with open(os.path.join(target, "mine.txt"), "w") as fh:
@@ -64,8 +67,9 @@ def test_overwrite_keeps_the_old_tree_until_the_next_restore(snapshot: dict[str,
     assert tree_state(second.last["previous_workspace"]) == tree_state(snapshot["src"])
 
 
-def test_an_empty_or_missing_workspace_needs_no_overwrite(snapshot: dict[str, Any], s3_server: Any,
-                                                          s3_prefix: str, tmp_path: Any) -> None:
+def test_an_empty_or_missing_workspace_needs_no_overwrite(
+    snapshot: dict[str, Any], s3_server: Any, s3_prefix: str, tmp_path: Any
+) -> None:
     empty = tmp_path / "empty"
     (empty / "lost+found").mkdir(parents=True)  # what a freshly made filesystem holds
     run = run_script("restore", script_config(s3_server, s3_prefix, str(empty)))

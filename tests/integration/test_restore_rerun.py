@@ -2,6 +2,7 @@
 job re-run after its worker died) must not swap a second time: that would move the restored tree aside
 and remove the kept original, the user's own workspace. Real restore.py, SeaweedFS and GNU tar, all in
 tmp_path. Found by an outside tester (a second run deleted `precious.txt` for good)."""
+
 from __future__ import annotations
 
 import os
@@ -41,8 +42,9 @@ def test_the_same_restore_run_twice_reports_its_commit_and_keeps_the_original(tm
     assert (target / "snap.txt").read_text() == "from the snapshot"
 
     # A later, different restore of the same path is a real restore again (and replaces the marker).
-    third = run_script("restore", script_config(s3_server, s3_prefix, str(target), overwrite=True,
-                                                restore_id="job_other2"))
+    third = run_script(
+        "restore", script_config(s3_server, s3_prefix, str(target), overwrite=True, restore_id="job_other2")
+    )
     assert third.returncode == 0 and not third.last.get("already_restored"), third.last
     markers = sorted(p.name for p in (tmp_path / "data").iterdir() if ".gpusnap-restored-" in p.name)
     assert markers == ["ws.gpusnap-restored-job_other2"]
@@ -50,7 +52,8 @@ def test_the_same_restore_run_twice_reports_its_commit_and_keeps_the_original(tm
 
 def test_a_restore_id_that_is_not_a_plain_name_is_refused(tmp_path, s3_server, s3_prefix):
     target = _snapshot_and_target(tmp_path, s3_server, s3_prefix)
-    run = run_script("restore", script_config(s3_server, s3_prefix, str(target), overwrite=True,
-                                              restore_id="../../etc/x"))
+    run = run_script(
+        "restore", script_config(s3_server, s3_prefix, str(target), overwrite=True, restore_id="../../etc/x")
+    )
     assert run.returncode != 0 and run.last["code"] == "bad_config", run.last
     assert (target / "precious.txt").exists()

@@ -1,6 +1,7 @@
 """Uploads into a session's private directory against the real loopback sshd, with and without the
 SFTP subsystem: the real remote scripts arrive either way, a shipped binary keeps its digest and mode,
 and a directory that is not private is refused."""
+
 from __future__ import annotations
 
 import hashlib
@@ -15,8 +16,13 @@ from src.jobs.host_tools import local_s5cmd
 
 
 def _open(server):  # type: ignore[no-untyped-def]
-    client = SshClient(server.client_key_path, policy=SshPolicy.from_setting("127.0.0.1/32"), connect_timeout=5,
-                       ready_retries=0, remote_python=sys.executable)
+    client = SshClient(
+        server.client_key_path,
+        policy=SshPolicy.from_setting("127.0.0.1/32"),
+        connect_timeout=5,
+        ready_retries=0,
+        remote_python=sys.executable,
+    )
     return client.open(SshTarget(host=server.host, port=server.port, user=server.user))
 
 
@@ -54,8 +60,13 @@ def test_a_private_directory_opened_to_others_is_refused(sshd_factory, sftp) -> 
 
 def test_a_remote_python_that_is_not_there_is_named(sshd_factory) -> None:  # type: ignore[no-untyped-def]
     server = sshd_factory(sftp=False)
-    client = SshClient(server.client_key_path, policy=SshPolicy.from_setting("127.0.0.1/32"), connect_timeout=5,
-                       ready_retries=0, remote_python="/nonexistent/python3")
+    client = SshClient(
+        server.client_key_path,
+        policy=SshPolicy.from_setting("127.0.0.1/32"),
+        connect_timeout=5,
+        ready_retries=0,
+        remote_python="/nonexistent/python3",
+    )
     with client.open(SshTarget(host=server.host, port=server.port, user=server.user)) as session:
         with pytest.raises(ScriptUploadFailed, match="REMOTE_PYTHON"):
             list(session.run_script("probe_host", {"s5cmd": "s5cmd"}))

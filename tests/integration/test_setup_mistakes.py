@@ -1,6 +1,7 @@
 """Mistakes a newcomer makes in the settings, met as early and as plainly as possible: no bucket (a 503
 `not_configured` when the request is made, not a job that fails later), a missing SSH key or an
 interpreter the host does not have (the message names the setting to change)."""
+
 from __future__ import annotations
 
 import sys
@@ -26,17 +27,26 @@ def bucketless(tmp_path, sqlite_url):  # type: ignore[no-untyped-def]
     app.extensions["gpusnap"].engine.dispose()
 
 
-@pytest.mark.parametrize("method,path,body", [
-    ("POST", "/api/gpu-snapshots", CREATE),
-    ("POST", "/api/gpu-snapshots/create", CREATE),
-    ("POST", "/api/instances/5001/hibernate", {"workspace_path": "/workspace", "ssh_host": "10.0.0.5"}),
-    ("POST", "/api/instances/5001/hibernate", {"workspace_path": "/workspace", "destroy_after": False,
-                                               "ssh_host": "10.0.0.5", "ssh_port": 22}),
-    ("POST", "/api/gpu-snapshots/snap_x/restore", {"ssh_host": "10.0.0.5", "ssh_port": 22,
-                                                    "workspace_path": "/workspace"}),
-    ("POST", "/api/gpu-snapshots/snap_x/verify", None),
-    ("DELETE", "/api/gpu-snapshots/snap_x", None),
-])
+@pytest.mark.parametrize(
+    "method,path,body",
+    [
+        ("POST", "/api/gpu-snapshots", CREATE),
+        ("POST", "/api/gpu-snapshots/create", CREATE),
+        ("POST", "/api/instances/5001/hibernate", {"workspace_path": "/workspace", "ssh_host": "10.0.0.5"}),
+        (
+            "POST",
+            "/api/instances/5001/hibernate",
+            {"workspace_path": "/workspace", "destroy_after": False, "ssh_host": "10.0.0.5", "ssh_port": 22},
+        ),
+        (
+            "POST",
+            "/api/gpu-snapshots/snap_x/restore",
+            {"ssh_host": "10.0.0.5", "ssh_port": 22, "workspace_path": "/workspace"},
+        ),
+        ("POST", "/api/gpu-snapshots/snap_x/verify", None),
+        ("DELETE", "/api/gpu-snapshots/snap_x", None),
+    ],
+)
 def test_bucket_operations_without_a_bucket_are_503_not_configured_and_start_nothing(bucketless, method, path, body):
     r = bucketless.test_client().open(path, method=method, json=body, headers=AUTH)
     assert r.status_code == 503, r.get_data(as_text=True)
@@ -49,20 +59,29 @@ def test_bucket_operations_without_a_bucket_are_503_not_configured_and_start_not
 def test_hibernate_that_destroys_without_a_vast_key_is_503_at_request_time(tmp_path, sqlite_url, store):
     app = create_app(make_settings(tmp_path, sqlite_url), object_store=store, configure_logs=False)
     try:
-        r = app.test_client().post("/api/instances/5001/hibernate", headers=AUTH,
-                                   json={"workspace_path": "/workspace", "ssh_host": "10.0.0.5"})
+        r = app.test_client().post(
+            "/api/instances/5001/hibernate", headers=AUTH, json={"workspace_path": "/workspace", "ssh_host": "10.0.0.5"}
+        )
         assert r.status_code == 503 and r.get_json()["error"]["code"] == "not_configured"
         assert "VAST_API_KEY" in r.get_json()["error"]["message"]
-        snapshot_only = app.test_client().post("/api/instances/m1/hibernate", headers=AUTH, json={
-            "workspace_path": "/workspace", "ssh_host": "10.0.0.5", "ssh_port": 22, "destroy_after": False})
+        snapshot_only = app.test_client().post(
+            "/api/instances/m1/hibernate",
+            headers=AUTH,
+            json={"workspace_path": "/workspace", "ssh_host": "10.0.0.5", "ssh_port": 22, "destroy_after": False},
+        )
         assert snapshot_only.status_code == 202, snapshot_only.get_data(as_text=True)
     finally:
         app.extensions["gpusnap"].engine.dispose()
 
 
 def _client(sshd: LoopbackSshd, **overrides: object) -> SshClient:
-    options: dict = {"policy": SshPolicy.from_setting("127.0.0.1/32"), "connect_timeout": 3, "ready_retries": 0,
-                     "remote_python": sys.executable, "scripts_dir": SCRIPTS}
+    options: dict = {
+        "policy": SshPolicy.from_setting("127.0.0.1/32"),
+        "connect_timeout": 3,
+        "ready_retries": 0,
+        "remote_python": sys.executable,
+        "scripts_dir": SCRIPTS,
+    }
     key_path = overrides.pop("key_path", sshd.client_key_path)
     options.update(overrides)
     return SshClient(key_path, **options)  # type: ignore[arg-type]

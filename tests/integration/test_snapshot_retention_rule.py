@@ -1,6 +1,7 @@
 """`snapshots_needed_by_machines`: the one rule DELETE, the delete job and any future retention or
 garbage collection use to leave alone the snapshot a machine without an instance would wake from. On
 SQLite and PostgreSQL (the query groups by machine), with rows written directly."""
+
 from __future__ import annotations
 
 import time
@@ -19,8 +20,16 @@ def _add(app, machine_id: str, status: str, snapshots: list[str]) -> list[str]: 
         for snap_status in snapshots:
             time.sleep(0.002)  # ids order by creation only across milliseconds
             sid = new_id("snap")
-            s.add(Snapshot(id=sid, machine_id=machine_id, status=snap_status, workspace_path="/workspace",
-                           storage_prefix=f"snapshots/{machine_id}/{sid}/", excludes=[]))
+            s.add(
+                Snapshot(
+                    id=sid,
+                    machine_id=machine_id,
+                    status=snap_status,
+                    workspace_path="/workspace",
+                    storage_prefix=f"snapshots/{machine_id}/{sid}/",
+                    excludes=[],
+                )
+            )
             ids.append(sid)
     return ids
 
@@ -76,8 +85,17 @@ def test_the_delete_job_checks_again_before_removing_anything(app, client, store
 def test_a_snapshot_in_use_by_a_restore_is_not_deleted_even_forced(app, client):  # type: ignore[no-untyped-def]
     (sid,) = _add(app, "m3", "running", ["complete"])
     with transaction(app.extensions["gpusnap"].session_factory) as s:
-        s.add(Job(id=new_id("job"), kind="restore_snapshot", status="running", params={"snapshot_id": sid},
-                  machine_id="m3", snapshot_id=sid, lock_key="machine:m3"))
+        s.add(
+            Job(
+                id=new_id("job"),
+                kind="restore_snapshot",
+                status="running",
+                params={"snapshot_id": sid},
+                machine_id="m3",
+                snapshot_id=sid,
+                lock_key="machine:m3",
+            )
+        )
     r = client.delete(f"/api/gpu-snapshots/{sid}?force=true", headers=AUTH)
     assert r.status_code == 409 and r.get_json()["error"]["code"] == "snapshot_busy"
 
@@ -85,7 +103,10 @@ def test_a_snapshot_in_use_by_a_restore_is_not_deleted_even_forced(app, client):
 def test_a_hibernated_machine_takes_no_snapshot_from_some_host(app, client):  # type: ignore[no-untyped-def]
     """It would become the newest complete snapshot: what wake restores and what is protected."""
     (sid,) = _add(app, "m4", "hibernated", ["complete"])
-    r = client.post("/api/gpu-snapshots", headers=AUTH, json={"instance_id": "m4", "ssh_host": "127.0.0.1",
-                                                              "ssh_port": 22, "workspace_path": "/tmp/empty"})
+    r = client.post(
+        "/api/gpu-snapshots",
+        headers=AUTH,
+        json={"instance_id": "m4", "ssh_host": "127.0.0.1", "ssh_port": 22, "workspace_path": "/tmp/empty"},
+    )
     assert r.status_code == 409 and r.get_json()["error"]["code"] == "machine_hibernated"
     assert _needed(app) == {sid: ["m4"]}

@@ -3,6 +3,7 @@
 Real parts: SeaweedFS behind tests/support/s3_fault_proxy.py, the real s5cmd (2.3.0, which exits 0 with a
 short body after a connection reset mid-GET), real tar, a real tmpfs mount for the mount-point case.
 """
+
 from __future__ import annotations
 
 import os
@@ -61,18 +62,22 @@ def restore_via(proxy: S3FaultProxy, s3_server: Any, prefix: str, target: str, *
     return run_script("restore", cfg, timeout=180)
 
 
-def test_a_part_cut_short_by_a_reset_is_fetched_again(proxy: S3FaultProxy, snapshot: dict[str, Any],
-                                                       s3_server: Any, s3_prefix: str, workspace: str) -> None:
-    proxy.plan(Fault("reset", method="GET", key_contains="part-00001", keep_fraction=0.5),
-               Fault("reset", method="GET", key_contains="part-00003", keep_fraction=0.8, count=2))
+def test_a_part_cut_short_by_a_reset_is_fetched_again(
+    proxy: S3FaultProxy, snapshot: dict[str, Any], s3_server: Any, s3_prefix: str, workspace: str
+) -> None:
+    proxy.plan(
+        Fault("reset", method="GET", key_contains="part-00001", keep_fraction=0.5),
+        Fault("reset", method="GET", key_contains="part-00003", keep_fraction=0.8, count=2),
+    )
     run = restore_via(proxy, s3_server, s3_prefix, workspace)
     assert run.returncode == 0, (run.last, run.stderr[-2000:])
     assert proxy.stats.faults.get("reset") == 3  # the faults did happen, and were absorbed
     assert tree_state(workspace) == tree_state(snapshot["src"])
 
 
-def test_a_manifest_cut_short_is_not_reported_as_changed(proxy: S3FaultProxy, tmp_path: Any, s3_server: Any,
-                                                         s3_prefix: str, workspace: str) -> None:
+def test_a_manifest_cut_short_is_not_reported_as_changed(
+    proxy: S3FaultProxy, tmp_path: Any, s3_server: Any, s3_prefix: str, workspace: str
+) -> None:
     # ~400 parts: a manifest of ~90 KB, so more than s5cmd's first 64 KiB is out before the reset
     snapshot = take_snapshot(tmp_path, s3_server, s3_prefix, part_size=4096, size=1600 * 1024)
     proxy.plan(Fault("reset", method="GET", key_contains="manifest.json", keep_fraction=0.9))
@@ -82,9 +87,9 @@ def test_a_manifest_cut_short_is_not_reported_as_changed(proxy: S3FaultProxy, tm
     assert tree_state(workspace) == tree_state(snapshot["src"])
 
 
-def test_a_part_that_never_arrives_whole_is_a_download_failure(proxy: S3FaultProxy, snapshot: dict[str, Any],
-                                                               s3_server: Any, s3_prefix: str,
-                                                               workspace: str) -> None:
+def test_a_part_that_never_arrives_whole_is_a_download_failure(
+    proxy: S3FaultProxy, snapshot: dict[str, Any], s3_server: Any, s3_prefix: str, workspace: str
+) -> None:
     proxy.plan(Fault("reset", method="GET", key_contains="part-00002", keep_fraction=0.8, count=100))
     before = tree_state(workspace)
     run = restore_via(proxy, s3_server, s3_prefix, workspace)
@@ -94,18 +99,21 @@ def test_a_part_that_never_arrives_whole_is_a_download_failure(proxy: S3FaultPro
     assert tree_state(workspace) == before
 
 
-def test_5xx_answers_are_retried(proxy: S3FaultProxy, snapshot: dict[str, Any], s3_server: Any, s3_prefix: str,
-                                 workspace: str) -> None:
-    proxy.plan(Fault("503", method="GET", key_contains="part-", count=3),
-               Fault("500", method="GET", key_contains="manifest.json", count=1))
+def test_5xx_answers_are_retried(
+    proxy: S3FaultProxy, snapshot: dict[str, Any], s3_server: Any, s3_prefix: str, workspace: str
+) -> None:
+    proxy.plan(
+        Fault("503", method="GET", key_contains="part-", count=3),
+        Fault("500", method="GET", key_contains="manifest.json", count=1),
+    )
     run = restore_via(proxy, s3_server, s3_prefix, workspace)
     assert run.returncode == 0, (run.last, run.stderr[-2000:])
     assert tree_state(workspace) == tree_state(snapshot["src"])
 
 
-def test_a_really_truncated_part_is_still_part_truncated(proxy: S3FaultProxy, snapshot: dict[str, Any],
-                                                         s3_server: Any, s3_prefix: str, s3_client: Any,
-                                                         workspace: str) -> None:
+def test_a_really_truncated_part_is_still_part_truncated(
+    proxy: S3FaultProxy, snapshot: dict[str, Any], s3_server: Any, s3_prefix: str, s3_client: Any, workspace: str
+) -> None:
     """Retries must not hide damage: the bucket's own size of the object decides."""
     key = s3_prefix + "part-00001"
     body = s3_client.get_object(Bucket=s3_server.bucket, Key=key)["Body"].read()
@@ -114,10 +122,16 @@ def test_a_really_truncated_part_is_still_part_truncated(proxy: S3FaultProxy, sn
     assert run.error_code == "part_truncated", run.last
 
 
-def test_control_plane_reads_are_retried_after_a_reset(proxy: S3FaultProxy, snapshot: dict[str, Any],
-                                                       s3_server: Any, s3_prefix: str, s3_client: Any) -> None:
-    store = ObjectStore(endpoint=proxy.endpoint, bucket=s3_server.bucket, access_key=s3_server.access_key,
-                        secret_key=s3_server.secret_key, region=s3_server.region)
+def test_control_plane_reads_are_retried_after_a_reset(
+    proxy: S3FaultProxy, snapshot: dict[str, Any], s3_server: Any, s3_prefix: str, s3_client: Any
+) -> None:
+    store = ObjectStore(
+        endpoint=proxy.endpoint,
+        bucket=s3_server.bucket,
+        access_key=s3_server.access_key,
+        secret_key=s3_server.secret_key,
+        region=s3_server.region,
+    )
     key = s3_prefix + "part-00001"
     whole = s3_client.get_object(Bucket=s3_server.bucket, Key=key)["Body"].read()
     proxy.plan(Fault("reset", method="GET", key_contains="part-00001", keep_fraction=0.5, count=2))
@@ -135,18 +149,24 @@ def mounted_workspace(tmp_path: Any) -> Iterator[str]:
     os.makedirs(path)
     res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", path], capture_output=True)
     if res.returncode != 0:
-        pytest.skip("SKIPPED LOUDLY: cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN), so the "
-                    "mount-point failure path is untested: %s" % res.stderr.decode().strip())
+        pytest.skip(
+            "SKIPPED LOUDLY: cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN), so the "
+            "mount-point failure path is untested: %s" % res.stderr.decode().strip()
+        )
     try:
         yield path
     finally:
         subprocess.run(["umount", "-l", path], check=False)
 
 
-def test_failed_restore_into_a_mount_point_leaves_the_root_as_it_was(proxy: S3FaultProxy,
-                                                                    snapshot: dict[str, Any], s3_server: Any,
-                                                                    s3_prefix: str, s3_client: Any,
-                                                                    mounted_workspace: str) -> None:
+def test_failed_restore_into_a_mount_point_leaves_the_root_as_it_was(
+    proxy: S3FaultProxy,
+    snapshot: dict[str, Any],
+    s3_server: Any,
+    s3_prefix: str,
+    s3_client: Any,
+    mounted_workspace: str,
+) -> None:
     target = mounted_workspace
     with open(os.path.join(target, "old.txt"), "w") as fh:
         fh.write("old")

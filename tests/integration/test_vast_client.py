@@ -1,5 +1,6 @@
 """The real `VastClient` against the fake vast.ai API over HTTP: shapes on the wire, the instance life
 cycle, pagination, and how it behaves when vast.ai rate-limits, fails, stalls or refuses the key."""
+
 from __future__ import annotations
 
 import logging
@@ -27,6 +28,7 @@ def _poll_until_running(client: VastClient, instance_id: int, polls: int = 10):
 
 # -- search ---------------------------------------------------------------------------------------
 
+
 def test_search_sends_vast_filter_and_returns_cheapest_first(fake_vast: FakeVastApi, vast_client: VastClient) -> None:
     offers = vast_client.search_offers(gpu_name="RTX_4090", max_price_per_hour=1.0, min_disk_gb=80)
     # 1003 (unreliable) and 1006 (unverified) are cheaper but filtered out, as vast.ai would.
@@ -44,20 +46,38 @@ def test_search_filters_region_disk_bandwidth_and_count(vast_client: VastClient)
     assert [o.id for o in vast_client.search_offers(gpu_name="RTX 4090", min_inet_down_mbps=600)] == [1001]
     assert [o.id for o in vast_client.search_offers(num_gpus=2)] == [1005]
     assert [o.id for o in vast_client.search_offers(min_disk_gb=300)] == []
-    assert [o.id for o in vast_client.search_offers(gpu_name="RTX 4090", verified=False, min_reliability=None)] \
-        == [1006, 1003, 1002, 1001]
+    assert [o.id for o in vast_client.search_offers(gpu_name="RTX 4090", verified=False, min_reliability=None)] == [
+        1006,
+        1003,
+        1002,
+        1001,
+    ]
     assert len(vast_client.search_offers(limit=2)) == 2
 
 
 # -- life cycle -----------------------------------------------------------------------------------
 
+
 def test_create_show_progresses_to_running_with_ssh_endpoint(fake_vast: FakeVastApi, vast_client: VastClient) -> None:
     fake_vast.set_ssh_endpoint("127.0.0.1", 2222)
-    iid = vast_client.create_instance(1001, image=IMAGE, disk_gb=40, label="gpusnap-m1",
-                                      onstart="touch /root/ready", env={"GPUSNAP": "1", "-p 8000:8000": "1"})
+    iid = vast_client.create_instance(
+        1001,
+        image=IMAGE,
+        disk_gb=40,
+        label="gpusnap-m1",
+        onstart="touch /root/ready",
+        env={"GPUSNAP": "1", "-p 8000:8000": "1"},
+    )
     body = fake_vast.create_body(iid)
-    assert body == {"client_id": "me", "image": IMAGE, "disk": 40, "label": "gpusnap-m1", "runtype": "ssh",
-                    "env": {"GPUSNAP": "1", "-p 8000:8000": "1"}, "onstart": "touch /root/ready"}
+    assert body == {
+        "client_id": "me",
+        "image": IMAGE,
+        "disk": 40,
+        "label": "gpusnap-m1",
+        "runtype": "ssh",
+        "env": {"GPUSNAP": "1", "-p 8000:8000": "1"},
+        "onstart": "touch /root/ready",
+    }
     first = vast_client.show_instance(iid)
     # vast.ai shows the proxy endpoint while the container is still loading: it is not usable yet.
     assert first.actual_status == "loading" and not first.is_running and first.ssh_endpoint is not None
@@ -117,7 +137,10 @@ def test_stop_and_start(fake_vast: FakeVastApi, vast_client: VastClient) -> None
     vast_client.start_instance(iid)
     assert vast_client.show_instance(iid).is_running
     assert [c.json for c in fake_vast.calls_to("PUT", "/api/v0/instances/") if c.status != 429] == [
-        {"state": "stopped"}, {"state": "stopped"}, {"state": "running"}]
+        {"state": "stopped"},
+        {"state": "stopped"},
+        {"state": "running"},
+    ]
 
 
 def test_destroy_is_idempotent(fake_vast: FakeVastApi, vast_client: VastClient) -> None:
@@ -150,6 +173,7 @@ def test_destroy_retries_5xx_then_succeeds(fake_vast: FakeVastApi, vast_client: 
 
 
 # -- failures -------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("retry_after", ["0", None])
 def test_429_is_retried_and_succeeds(fake_vast: FakeVastApi, vast_client: VastClient, retry_after) -> None:
@@ -235,6 +259,7 @@ def test_unreachable_vast_is_vast_unavailable() -> None:
 
 # -- vast.ai as it really answers (issue 8) -------------------------------------------------------
 
+
 def test_a_new_instance_is_null_then_loading_then_running(fake_vast: FakeVastApi, vast_client: VastClient) -> None:
     iid = _rent(vast_client)
     assert fake_vast.instance(iid)["actual_status"] is None  # provisioning: vast.ai says null
@@ -242,11 +267,20 @@ def test_a_new_instance_is_null_then_loading_then_running(fake_vast: FakeVastApi
     assert _poll_until_running(vast_client, iid).is_running
 
 
-@pytest.mark.parametrize("runtype, kind", [("ssh_direct", "direct"), ("jupyter_direct", "direct"),
-                                           ("ssh", "proxy"), ("ssh_proxy", "proxy"),
-                                           ("jupyter", "proxy"), ("jupyter_proxy", "proxy")])
-def test_only_the_endpoint_the_runtype_makes_live_reaches_the_host(fake_vast: FakeVastApi, vast_client: VastClient,
-                                                                   runtype: str, kind: str) -> None:
+@pytest.mark.parametrize(
+    "runtype, kind",
+    [
+        ("ssh_direct", "direct"),
+        ("jupyter_direct", "direct"),
+        ("ssh", "proxy"),
+        ("ssh_proxy", "proxy"),
+        ("jupyter", "proxy"),
+        ("jupyter_proxy", "proxy"),
+    ],
+)
+def test_only_the_endpoint_the_runtype_makes_live_reaches_the_host(
+    fake_vast: FakeVastApi, vast_client: VastClient, runtype: str, kind: str
+) -> None:
     fake_vast.set_ssh_endpoint("127.0.0.1", 2222)
     iid = vast_client.create_instance(1001, image=IMAGE, disk_gb=40, label="m", runtype=runtype)
     inst = _poll_until_running(vast_client, iid)
@@ -258,16 +292,19 @@ def test_only_the_endpoint_the_runtype_makes_live_reaches_the_host(fake_vast: Fa
 
 def test_jupyter_proxy_ssh_is_the_port_after_ssh_port(fake_vast: FakeVastApi, vast_client: VastClient) -> None:
     fake_vast.set_ssh_endpoint("127.0.0.1", 2222)
-    inst = _poll_until_running(vast_client, vast_client.create_instance(1001, image=IMAGE, disk_gb=40, label="m",
-                                                                        runtype="jupyter_proxy"))
+    inst = _poll_until_running(
+        vast_client, vast_client.create_instance(1001, image=IMAGE, disk_gb=40, label="m", runtype="jupyter_proxy")
+    )
     assert inst.ssh_port == 2221 and inst.ssh_endpoint.port == 2222  # vast-cli misc.py: ssh_port + 1
 
 
-def test_direct_runtype_on_a_host_without_direct_ports_falls_back_to_the_proxy(fake_vast: FakeVastApi,
-                                                                               vast_client: VastClient) -> None:
+def test_direct_runtype_on_a_host_without_direct_ports_falls_back_to_the_proxy(
+    fake_vast: FakeVastApi, vast_client: VastClient
+) -> None:
     fake_vast.set_ssh_endpoint("127.0.0.1", 2222)
-    inst = _poll_until_running(vast_client, vast_client.create_instance(1004, image=IMAGE, disk_gb=40, label="m",
-                                                                        runtype="ssh_direct"))
+    inst = _poll_until_running(
+        vast_client, vast_client.create_instance(1004, image=IMAGE, disk_gb=40, label="m", runtype="ssh_direct")
+    )
     assert inst.direct_ssh_endpoint is None
     assert (inst.ssh_endpoint.port, inst.ssh_endpoint.kind) == (2222, "proxy")
 
@@ -279,16 +316,23 @@ def test_search_can_ask_for_hosts_with_direct_ports(fake_vast: FakeVastApi, vast
     assert call.json["direct_port_count"] == {"gte": 1}
 
 
-@pytest.mark.parametrize("query, msg", [({"gpu_nam": {"eq": "RTX 4090"}}, "unknown field gpu_nam"),
-                                        ({"num_gpus": {"ge": 1}}, "unknown operator ge"),
-                                        ({"num_gpus": 1}, "must be dict of conditions")])
-def test_fake_refuses_unknown_search_fields_and_operators(fake_vast: FakeVastApi, vast_client: VastClient,
-                                                          query: dict, msg: str) -> None:
+@pytest.mark.parametrize(
+    "query, msg",
+    [
+        ({"gpu_nam": {"eq": "RTX 4090"}}, "unknown field gpu_nam"),
+        ({"num_gpus": {"ge": 1}}, "unknown operator ge"),
+        ({"num_gpus": 1}, "must be dict of conditions"),
+    ],
+)
+def test_fake_refuses_unknown_search_fields_and_operators(
+    fake_vast: FakeVastApi, vast_client: VastClient, query: dict, msg: str
+) -> None:
     """What the client sends is checked against vast.ai's schema, so a typo in our filter fails here."""
     response = vast_client._call("POST", "/api/v0/bundles/", json={**query, "type": "on-demand"})
     assert response.status_code == 400 and msg in response.json()["msg"]
-    vast_client.search_offers(gpu_name="RTX 4090", region="eu", max_price_per_hour=1, min_disk_gb=10,
-                              min_inet_down_mbps=1, min_direct_ports=1)  # everything we send is known
+    vast_client.search_offers(
+        gpu_name="RTX 4090", region="eu", max_price_per_hour=1, min_disk_gb=10, min_inet_down_mbps=1, min_direct_ports=1
+    )  # everything we send is known
     assert fake_vast.calls[-1].status == 200
 
 
@@ -309,15 +353,20 @@ def test_over_long_label_is_refused_before_any_call(fake_vast: FakeVastApi, vast
 
 
 def test_fake_refuses_over_long_labels_like_vast(fake_vast: FakeVastApi, vast_client: VastClient) -> None:
-    response = vast_client._call("PUT", "/api/v0/asks/1001/", json={"image": IMAGE, "label": "x" * 65},
-                                 idempotent=False)
-    assert response.status_code == 400 and response.json() == {"success": False, "error": "invalid_args",
-                                                               "msg": "label_too_long"}
+    response = vast_client._call(
+        "PUT", "/api/v0/asks/1001/", json={"image": IMAGE, "label": "x" * 65}, idempotent=False
+    )
+    assert response.status_code == 400 and response.json() == {
+        "success": False,
+        "error": "invalid_args",
+        "msg": "label_too_long",
+    }
     assert fake_vast.live_instances() == []
 
 
-def test_start_while_gpus_taken_is_queued_and_happens_later_unless_cancelled(fake_vast: FakeVastApi,
-                                                                             vast_client: VastClient) -> None:
+def test_start_while_gpus_taken_is_queued_and_happens_later_unless_cancelled(
+    fake_vast: FakeVastApi, vast_client: VastClient
+) -> None:
     queued, cancelled = _rent(vast_client, label="a"), _rent(vast_client, label="b")
     for iid in (queued, cancelled):
         _poll_until_running(vast_client, iid)
@@ -331,8 +380,10 @@ def test_start_while_gpus_taken_is_queued_and_happens_later_unless_cancelled(fak
     vast_client.stop_instance(cancelled)
     time.sleep(0.35)
     assert fake_vast.instance(queued)["actual_status"] in ("loading", "running")  # started (and bills) by itself
-    assert (fake_vast.instance(cancelled)["actual_status"], fake_vast.instance(cancelled)["intended_status"]) \
-        == ("stopped", "stopped")
+    assert (fake_vast.instance(cancelled)["actual_status"], fake_vast.instance(cancelled)["intended_status"]) == (
+        "stopped",
+        "stopped",
+    )
 
 
 def test_polling_faster_than_vast_allows_gets_429_and_the_client_backs_off(fake_vast: FakeVastApi) -> None:

@@ -2,6 +2,7 @@
 worker to start on this host sees the dead pid, and re-queues the job (a kind safe to re-run, which
 resumes from its saved state) or fails it with `interrupted`. JOB_STALE_AFTER_S is ten minutes here,
 so only the dead-pid check can explain a recovery within the test."""
+
 from __future__ import annotations
 
 import time

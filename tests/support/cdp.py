@@ -3,6 +3,7 @@
 JSON ended by a NUL byte; the transport Puppeteer's `pipe: true` uses). No websocket library and no
 browser download: what `make test`'s system-deps install is enough. Every non-loopback request goes to a
 dead proxy port and no host name resolves, so a page cannot reach anything off this machine."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,10 @@ def chromium_binary() -> str:
     real = "/usr/lib/chromium/chromium"
     found = real if os.access(real, os.X_OK) else shutil.which("chromium") or shutil.which("chromium-browser")
     if not found:
-        pytest.fail("chromium is not installed: `make system-deps` (run by `make test`) installs Debian's chromium "
-                    "package; the status page cannot be checked in a browser without it")
+        pytest.fail(
+            "chromium is not installed: `make system-deps` (run by `make test`) installs Debian's chromium "
+            "package; the status page cannot be checked in a browser without it"
+        )
     return found
 
 
@@ -41,17 +44,34 @@ class Browser:
     def __init__(self, profile: pathlib.Path, log: pathlib.Path) -> None:
         to_browser_r, self._to_browser = os.pipe()
         self._from_browser, from_browser_w = os.pipe()
-        args = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                "--no-default-browser-check", "--disable-background-networking", "--disable-component-update",
-                "--disable-sync", "--disable-default-apps", "--disable-extensions", f"--user-data-dir={profile}",
-                f"--proxy-server=http://127.0.0.1:{_dead_port()}",
-                "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1", "--remote-debugging-pipe", "about:blank"]
+        args = [
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--no-default-browser-check",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-default-apps",
+            "--disable-extensions",
+            f"--user-data-dir={profile}",
+            f"--proxy-server=http://127.0.0.1:{_dead_port()}",
+            "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+            "--remote-debugging-pipe",
+            "about:blank",
+        ]
         # bash puts the pipe ends on fds 3 and 4, where Chromium looks for them, then becomes Chromium.
         script = f'exec 3<&{to_browser_r} 4>&{from_browser_w} {to_browser_r}<&- {from_browser_w}>&-; exec "$0" "$@"'
         self._log = open(log, "wb")
-        self.proc = subprocess.Popen(["bash", "-c", script, chromium_binary(), *args],
-                                     pass_fds=(to_browser_r, from_browser_w), stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            ["bash", "-c", script, chromium_binary(), *args],
+            pass_fds=(to_browser_r, from_browser_w),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         os.close(to_browser_r)
         os.close(from_browser_w)
         self._next_id = 0
@@ -74,8 +94,9 @@ class Browser:
                         self._answers[message["id"]] = message
                         self._cond.notify_all()
 
-    def send(self, method: str, params: dict[str, Any] | None = None, *, session: str | None = None,
-             timeout: float = 60) -> dict[str, Any]:
+    def send(
+        self, method: str, params: dict[str, Any] | None = None, *, session: str | None = None, timeout: float = 60
+    ) -> dict[str, Any]:
         with self._cond:
             self._next_id += 1
             ident = self._next_id
@@ -97,8 +118,11 @@ class Browser:
         self.send("Page.navigate", {"url": url}, session=self.session)
 
     def evaluate(self, expression: str) -> Any:
-        result = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True,
-                                                "awaitPromise": True}, session=self.session)
+        result = self.send(
+            "Runtime.evaluate",
+            {"expression": expression, "returnByValue": True, "awaitPromise": True},
+            session=self.session,
+        )
         assert "exceptionDetails" not in result, result["exceptionDetails"]
         return result["result"].get("value")
 

@@ -1,6 +1,7 @@
 """Hand-built format-2 snapshots (docs/data-plane.md, _brief/DEDUP-DESIGN.md): blocks, packs and a v2
 manifest written into a store (fake or SeaweedFS), and the matching complete snapshot row with its
 index, as a completed snapshot job would leave them. Used until, and beside, the host's snapshot.py v2."""
+
 from __future__ import annotations
 
 import hashlib
@@ -18,8 +19,15 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def write_v2(store: Any, store_prefix: str, snapshot_id: str, *, blocks: list[bytes], groups: list[bytes],
-             previous: Manifest | None = None) -> bytes:
+def write_v2(
+    store: Any,
+    store_prefix: str,
+    snapshot_id: str,
+    *,
+    blocks: list[bytes],
+    groups: list[bytes],
+    previous: Manifest | None = None,
+) -> bytes:
     """Write `blocks` (one object each, stored raw) and the new ones of `groups` (one pack) under the
     machine prefix, and a v2 manifest under `<store_prefix><snapshot_id>/`. Chunks `previous` (an earlier
     snapshot's manifest) holds are referenced where it stored them (`new: false`), as the host does
@@ -59,24 +67,56 @@ def write_v2(store: Any, store_prefix: str, snapshot_id: str, *, blocks: list[by
         else:
             index, offset = object_index(*pack_obj), where[raw].offset
         written.add(raw)
-        chunks.append({"raw_sha256": raw, "raw_size": len(data), "object": index, "offset": offset,
-                       "stored_size": len(data), "codec": "none", "sha256": raw, "kind": kind, "new": new})
+        chunks.append(
+            {
+                "raw_sha256": raw,
+                "raw_size": len(data),
+                "object": index,
+                "offset": offset,
+                "stored_size": len(data),
+                "codec": "none",
+                "sha256": raw,
+                "kind": kind,
+                "new": new,
+            }
+        )
     new_count = sum(1 for c in chunks if c["new"])
-    doc = {"format": "gpusnap-manifest", "version": 2, "snapshot_id": snapshot_id, "instance_id": "m",
-           "codec": "none", "chunking": {"block_size": 16 << 20, "large_min": 256 << 10, "group_max": 4 << 20,
-                                         "group_modulus": 64},
-           "objects": objects, "chunks": chunks,
-           "totals": {"raw_bytes": sum(c["raw_size"] for c in chunks), "stored_bytes": sum(o["size"] for o in objects),
-                      "chunks": len(chunks), "chunks_new": new_count, "chunks_reused": len(chunks) - new_count,
-                      "bytes_uploaded": uploaded, "objects": len(objects), "files": 1}}
+    doc = {
+        "format": "gpusnap-manifest",
+        "version": 2,
+        "snapshot_id": snapshot_id,
+        "instance_id": "m",
+        "codec": "none",
+        "chunking": {"block_size": 16 << 20, "large_min": 256 << 10, "group_max": 4 << 20, "group_modulus": 64},
+        "objects": objects,
+        "chunks": chunks,
+        "totals": {
+            "raw_bytes": sum(c["raw_size"] for c in chunks),
+            "stored_bytes": sum(o["size"] for o in objects),
+            "chunks": len(chunks),
+            "chunks_new": new_count,
+            "chunks_reused": len(chunks) - new_count,
+            "bytes_uploaded": uploaded,
+            "objects": len(objects),
+            "files": 1,
+        },
+    }
     raw = json.dumps(doc).encode()
     store.put_bytes(f"{store_prefix}{snapshot_id}/manifest.json", raw)
     return raw
 
 
-def add_v2_snapshot(app: Any, store: Any, *, machine_id: str = "m1", blocks: list[bytes] = (),
-                    groups: list[bytes] = (), previous: Manifest | None = None, status: str = "complete",
-                    machine_status: str = "running") -> dict[str, Any]:
+def add_v2_snapshot(
+    app: Any,
+    store: Any,
+    *,
+    machine_id: str = "m1",
+    blocks: list[bytes] = (),
+    groups: list[bytes] = (),
+    previous: Manifest | None = None,
+    status: str = "complete",
+    machine_status: str = "running",
+) -> dict[str, Any]:
     """A format-2 snapshot row (complete by default) with real objects behind it, indexed."""
     c = app.extensions["gpusnap"]
     snap_id = new_id("snap")
@@ -87,12 +127,26 @@ def add_v2_snapshot(app: Any, store: Any, *, machine_id: str = "m1", blocks: lis
         if s.get(Machine, machine_id) is None:
             s.add(Machine(id=machine_id, status=machine_status, ssh_host="127.0.0.1", ssh_port=22))
             s.flush()
-        s.add(Snapshot(id=snap_id, machine_id=machine_id, status=status, storage_prefix=f"{store_prefix}{snap_id}/",
-                       workspace_path="/workspace", codec="none", part_count=len(manifest.chunks),
-                       raw_bytes=manifest.raw_bytes, stored_bytes=manifest.stored_bytes, file_count=1, format=2,
-                       chunks_new=manifest.totals["chunks_new"], chunks_reused=manifest.totals["chunks_reused"],
-                       bytes_uploaded=manifest.totals["bytes_uploaded"], manifest_sha256=manifest.sha256,
-                       completed_at=utcnow() if status == "complete" else None))
+        s.add(
+            Snapshot(
+                id=snap_id,
+                machine_id=machine_id,
+                status=status,
+                storage_prefix=f"{store_prefix}{snap_id}/",
+                workspace_path="/workspace",
+                codec="none",
+                part_count=len(manifest.chunks),
+                raw_bytes=manifest.raw_bytes,
+                stored_bytes=manifest.stored_bytes,
+                file_count=1,
+                format=2,
+                chunks_new=manifest.totals["chunks_new"],
+                chunks_reused=manifest.totals["chunks_reused"],
+                bytes_uploaded=manifest.totals["bytes_uploaded"],
+                manifest_sha256=manifest.sha256,
+                completed_at=utcnow() if status == "complete" else None,
+            )
+        )
         s.flush()
         if status == "complete":
             record_manifest(s, snap_id, machine_id, manifest)

@@ -9,6 +9,7 @@
 A reset is SO_LINGER 0 then close: the peer sees ECONNRESET, not an orderly FIN. New connections are
 accepted and relayed normally after a reset (a reconnecting client gets through), unless `refuse` is set.
 """
+
 from __future__ import annotations
 
 import logging

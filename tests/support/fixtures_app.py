@@ -1,5 +1,6 @@
 """The app in-process, with a real database and a real (SQLite) Huey queue. Jobs are run by calling
 `run_jobs(app)`, which drains the queue through the same JobRunner the worker uses."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -15,8 +16,14 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def make_settings(tmp_path, database_url: str, **overrides: Any) -> Settings:  # type: ignore[no-untyped-def]
-    base = Settings(database_url=database_url, queue_path=str(tmp_path / "queue.db"), api_tokens=(TOKEN,),
-                    job_heartbeat_s=0.2, log_format="text", ssh_allowed_networks=("127.0.0.1/32", "10.0.0.0/8"))
+    base = Settings(
+        database_url=database_url,
+        queue_path=str(tmp_path / "queue.db"),
+        api_tokens=(TOKEN,),
+        job_heartbeat_s=0.2,
+        log_format="text",
+        ssh_allowed_networks=("127.0.0.1/32", "10.0.0.0/8"),
+    )
     return base.replace(**overrides)
 
 

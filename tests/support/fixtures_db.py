@@ -2,6 +2,7 @@
 
 SQLite: a fresh file per test, copied from a template migrated once. PostgreSQL: a database of our own
 (created and migrated once per session, dropped at the end), emptied between tests."""
+
 from __future__ import annotations
 
 import os
@@ -61,7 +62,11 @@ def database_url(request: pytest.FixtureRequest, tmp_path) -> str:  # type: igno
     url = request.getfixturevalue("_postgres_database")
     engine = sa.create_engine(url)
     with engine.begin() as conn:
-        conn.execute(sa.text("TRUNCATE machines, machine_events, snapshots, jobs, api_tokens, events, stream_tokens, store_objects, store_chunks, snapshot_objects RESTART IDENTITY CASCADE"))
+        conn.execute(
+            sa.text(
+                "TRUNCATE machines, machine_events, snapshots, jobs, api_tokens, events, stream_tokens, store_objects, store_chunks, snapshot_objects RESTART IDENTITY CASCADE"
+            )
+        )
     engine.dispose()
     return url
 

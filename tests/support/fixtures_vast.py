@@ -1,6 +1,7 @@
 """The fake vast.ai API for tests: a fresh server and state per test (it starts in milliseconds).
 Running instances report the loopback `sshd` as their SSH endpoint when the test also asks for `sshd`,
 else ("127.0.0.1", 22); any test can repoint them with `fake_vast.set_ssh_endpoint(host, port)`."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator

@@ -14,6 +14,7 @@ with their own Host header and bytes, so SigV4 signatures still verify at the se
 Everything is counted in `proxy.stats` (requests, and faults by kind) so a test can say the fault did
 happen. Threaded: one thread per client connection, HTTP/1.1 keep-alive like a real endpoint.
 """
+
 from __future__ import annotations
 
 import http.client
@@ -59,8 +60,15 @@ class ProxyStats:
 
 
 class S3FaultProxy:
-    def __init__(self, upstream: str, *, rate: float = 0.0, kinds: tuple[str, ...] = KINDS,
-                 stall_s: float = 3.0, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        rate: float = 0.0,
+        kinds: tuple[str, ...] = KINDS,
+        stall_s: float = 3.0,
+        seed: int | None = None,
+    ) -> None:
         parsed = urllib.parse.urlsplit(upstream)
         self.upstream = (parsed.hostname or "127.0.0.1", parsed.port or 80)
         self.rate = rate
@@ -181,8 +189,9 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length else b""
 
-    def _forward(self, body: bytes) -> tuple[int, str, list[tuple[str, str]], http.client.HTTPResponse,
-                                              http.client.HTTPConnection]:
+    def _forward(
+        self, body: bytes
+    ) -> tuple[int, str, list[tuple[str, str]], http.client.HTTPResponse, http.client.HTTPConnection]:
         conn = http.client.HTTPConnection(*self.owner.upstream, timeout=120)
         conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
         for name, value in self.headers.items():
@@ -203,8 +212,10 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
     def _answer_error(self, kind: str) -> None:
         code, message = _ERROR_BODY[kind]
-        body = ('<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>%s</Code><Message>%s</Message>'
-                '<Resource>%s</Resource><RequestId>fault-proxy</RequestId></Error>' % (code, message, self.path))
+        body = (
+            '<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>%s</Code><Message>%s</Message>'
+            "<Resource>%s</Resource><RequestId>fault-proxy</RequestId></Error>" % (code, message, self.path)
+        )
         data = body.encode() if self.command != "HEAD" else b""
         self.send_response_only(int(kind), "Internal Server Error" if kind == "500" else "Slow Down")
         self.send_header("Content-Type", "application/xml")
@@ -238,5 +249,5 @@ class _Buffered:
 
     def read(self, n: int = -1) -> bytes:
         end = len(self.data) if n < 0 else self.pos + n
-        chunk, self.pos = self.data[self.pos:end], min(end, len(self.data))
+        chunk, self.pos = self.data[self.pos : end], min(end, len(self.data))
         return chunk

@@ -4,6 +4,7 @@ Binds 127.0.0.1 only, telemetry and admin UI off, every port chosen at runtime (
 gRPC port at each HTTP port + 10000, so both must be free), data in a private temporary directory,
 one bucket created at start, S3 identities from a generated `-s3.config` file.
 """
+
 from __future__ import annotations
 
 import json
@@ -92,12 +93,21 @@ class S3Endpoint:
 
     def script_s3(self, **changes: str) -> dict[str, str]:
         """The `s3` object of a snapshot.py/restore.py config for this server (with `changes`)."""
-        return dict({"endpoint": self.endpoint, "bucket": self.bucket, "access_key": self.access_key,
-                     "secret_key": self.secret_key, "region": self.region}, **changes)
+        return dict(
+            {
+                "endpoint": self.endpoint,
+                "bucket": self.bucket,
+                "access_key": self.access_key,
+                "secret_key": self.secret_key,
+                "region": self.region,
+            },
+            **changes,
+        )
 
 
-def add_identity(server: S3Endpoint, *, name: str, access_key: str, secret_key: str, actions: list[str],
-                 timeout: float = 30.0) -> None:
+def add_identity(
+    server: S3Endpoint, *, name: str, access_key: str, secret_key: str, actions: list[str], timeout: float = 30.0
+) -> None:
     """Add an S3 identity to a running server (`weed shell s3.configure -apply`), e.g. one limited to a
     prefix: SeaweedFS scopes actions as `Read:<bucket>/<prefix>*`, `Write:<bucket>/<prefix>*`. Waits until
     the S3 gateway knows the key (it learns of changes through the filer a moment later)."""
@@ -106,14 +116,28 @@ def add_identity(server: S3Endpoint, *, name: str, access_key: str, secret_key: 
     from botocore.exceptions import ClientError
 
     command = "s3.configure -user=%s -access_key=%s -secret_key=%s -actions=%s -apply\n" % (
-        name, access_key, secret_key, ",".join(actions))
-    done = subprocess.run([venv_binary("weed"), "shell", "-master=" + server.master, "-filer=" + server.filer],
-                          input=command, capture_output=True, text=True, timeout=timeout)
+        name,
+        access_key,
+        secret_key,
+        ",".join(actions),
+    )
+    done = subprocess.run(
+        [venv_binary("weed"), "shell", "-master=" + server.master, "-filer=" + server.filer],
+        input=command,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if done.returncode != 0:
         raise RuntimeError("weed shell s3.configure failed: %s" % done.stderr[-2000:])
-    client = boto3.client("s3", endpoint_url=server.endpoint, aws_access_key_id=access_key,
-                          aws_secret_access_key=secret_key, region_name=server.region,
-                          config=Config(retries={"max_attempts": 1}))
+    client = boto3.client(
+        "s3",
+        endpoint_url=server.endpoint,
+        aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key,
+        region_name=server.region,
+        config=Config(retries={"max_attempts": 1}),
+    )
     deadline = time.monotonic() + timeout
     while True:
         try:  # a GET answers with an error code in its body, unlike a HEAD
@@ -130,8 +154,13 @@ def add_identity(server: S3Endpoint, *, name: str, access_key: str, secret_key: 
 class SeaweedS3Server:
     """start() → S3Endpoint; stop() kills the server and removes its data directory."""
 
-    def __init__(self, bucket: str = "gpusnap-test", access_key: str | None = None,
-                 secret_key: str | None = None, data_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        bucket: str = "gpusnap-test",
+        access_key: str | None = None,
+        secret_key: str | None = None,
+        data_dir: str | None = None,
+    ) -> None:
         self.bucket = bucket
         self.access_key = access_key or "AK" + os.urandom(8).hex().upper()
         self.secret_key = secret_key or os.urandom(20).hex()
@@ -146,26 +175,51 @@ class SeaweedS3Server:
         os.makedirs(data, exist_ok=True)
         config = os.path.join(self.root, "s3.json")
         with open(config, "w") as fh:
-            json.dump({"identities": [{"name": "admin", "credentials": [
-                {"accessKey": self.access_key, "secretKey": self.secret_key}],
-                "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}, fh)
+            json.dump(
+                {
+                    "identities": [
+                        {
+                            "name": "admin",
+                            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+                            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                        }
+                    ]
+                },
+                fh,
+            )
         os.chmod(config, 0o600)
         last_error = ""
         for _attempt in range(3):  # a port can be grabbed by someone else between pick and bind
             ports = dict(zip(_PORT_NAMES, pick_ports(len(_PORT_NAMES))))
-            args = [weed, "mini", "-dir=" + data, "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                    "-master.telemetry=false", "-admin.ui=false", "-s3.config=" + config,
-                    "-s3.port.iceberg=0", "-s3.port.lance=0", "-bucket=" + self.bucket]
+            args = [
+                weed,
+                "mini",
+                "-dir=" + data,
+                "-ip=127.0.0.1",
+                "-ip.bind=127.0.0.1",
+                "-master.telemetry=false",
+                "-admin.ui=false",
+                "-s3.config=" + config,
+                "-s3.port.iceberg=0",
+                "-s3.port.lance=0",
+                "-bucket=" + self.bucket,
+            ]
             args += ["-%s.port=%d" % (name, port) for name, port in ports.items()]
             log = open(os.path.join(self.root, "weed.log"), "ab")
-            self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
             log.close()
             endpoint = "http://127.0.0.1:%d" % ports["s3"]
             try:
                 self._wait_ready(endpoint, timeout)
-                self.info = S3Endpoint(endpoint, self.access_key, self.secret_key, "us-east-1", self.bucket,
-                                       master="127.0.0.1:%d" % ports["master"], filer="127.0.0.1:%d" % ports["filer"])
+                self.info = S3Endpoint(
+                    endpoint,
+                    self.access_key,
+                    self.secret_key,
+                    "us-east-1",
+                    self.bucket,
+                    master="127.0.0.1:%d" % ports["master"],
+                    filer="127.0.0.1:%d" % ports["filer"],
+                )
                 return self.info
             except RuntimeError as exc:
                 last_error = str(exc)
@@ -176,9 +230,14 @@ class SeaweedS3Server:
         import boto3  # test-side dependency only
         from botocore.config import Config
 
-        client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=self.access_key,
-                              aws_secret_access_key=self.secret_key, region_name="us-east-1",
-                              config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5))
+        client = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name="us-east-1",
+            config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5),
+        )
         deadline = time.monotonic() + timeout
         error = "timeout"
         while time.monotonic() < deadline:

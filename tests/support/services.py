@@ -1,5 +1,6 @@
 """Start PostgreSQL and Redis for the tests when they are installed but not running (a fresh CI
 machine), using the same commands the machine image uses at boot."""
+
 from __future__ import annotations
 
 import glob
@@ -34,8 +35,12 @@ def ensure_postgres(host: str = "127.0.0.1", port: int = 5432) -> str | None:
     if not versions or not shutil.which("pg_ctlcluster"):
         return "PostgreSQL is not installed on this machine (no /etc/postgresql cluster, no pg_ctlcluster)"
     version = versions[-1].rsplit("/", 1)[-1]
-    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "start"],
-                   check=False, capture_output=True, timeout=60)
+    subprocess.run(
+        ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "start"],
+        check=False,
+        capture_output=True,
+        timeout=60,
+    )
     return None if _wait(host, port, 30) else f"PostgreSQL {version} did not start on {host}:{port}"
 
 
@@ -45,8 +50,24 @@ def ensure_redis(host: str = "127.0.0.1", port: int = 6379) -> str | None:
         return None
     if not shutil.which("redis-server"):
         return "redis-server is not installed on this machine"
-    subprocess.run(["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "--port", str(port),
-                    "--save", "", "--appendonly", "no"], check=False, capture_output=True, timeout=30)
+    subprocess.run(
+        [
+            "redis-server",
+            "--daemonize",
+            "yes",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        check=False,
+        capture_output=True,
+        timeout=30,
+    )
     return None if _wait(host, port, 15) else f"Redis did not start on {host}:{port}"
 
 

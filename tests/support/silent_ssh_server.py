@@ -10,6 +10,7 @@ connection goes fully silent, keepalives included, exactly like a host whose ssh
     server.connections  # how many TCP connections were accepted
     server.held         # how many requests are being held unanswered right now
 """
+
 from __future__ import annotations
 
 import logging

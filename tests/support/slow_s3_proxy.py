@@ -8,6 +8,7 @@ may have moved before it looked).
 
 Plain HTTP/1.0 with one request per connection: enough for boto3 and s5cmd, and nothing to get wrong
 about keep-alive."""
+
 from __future__ import annotations
 
 import http.client

@@ -8,6 +8,7 @@ used outside pytest:
     with LoopbackSshd() as sshd:
         print(sshd.host, sshd.port, sshd.user, sshd.client_key_path, sshd.host_public_key)
 """
+
 from __future__ import annotations
 
 import getpass
@@ -34,8 +35,9 @@ _PRIVSEP_DIR = Path("/run/sshd")
 def write_key_pair(private_path: Path) -> str:
     """Write a new ed25519 private key (OpenSSH format, mode 600); return its public line."""
     key = Ed25519PrivateKey.generate()
-    private_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                               serialization.NoEncryption()))
+    private_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    )
     private_path.chmod(0o600)
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     return public.decode()
@@ -59,8 +61,15 @@ def _children(pid: int) -> list[int]:
 class LoopbackSshd:
     """A throwaway sshd. `start()` blocks until it answers with its banner; `stop()` is idempotent."""
 
-    def __init__(self, *, host: str = "127.0.0.1", port: int | None = None, sshd_path: str = SSHD_PATH,
-                 sftp: bool = True, sftp_read_only: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        sshd_path: str = SSHD_PATH,
+        sftp: bool = True,
+        sftp_read_only: bool = False,
+    ) -> None:
         """`sftp=False`: no `Subsystem sftp` line, as in minimal images and some container sshd
         configs; a client asking for the subsystem is refused and only exec channels work.
         `sftp_read_only`: the subsystem answers but refuses every write (`internal-sftp -R`)."""
@@ -102,8 +111,9 @@ class LoopbackSshd:
         config = self._dir / "sshd_config"
         config.write_text(self._config())
         log = self.log_path.open("ab")
-        self._process = subprocess.Popen([self._sshd_path, "-D", "-e", "-f", str(config)],
-                                         stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        self._process = subprocess.Popen(
+            [self._sshd_path, "-D", "-e", "-f", str(config)], stdin=subprocess.DEVNULL, stdout=log, stderr=log
+        )
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -176,21 +186,23 @@ class LoopbackSshd:
             return False
 
     def _config(self) -> str:
-        return "\n".join([
-            f"ListenAddress {self.host}:{self.port}",
-            f"HostKey {self._host_key_path}",
-            f"PidFile {self._dir / 'sshd.pid'}",
-            f"AuthorizedKeysFile {self._authorized}",
-            "StrictModes no",
-            "UsePAM no",
-            "PubkeyAuthentication yes",
-            "PasswordAuthentication no",
-            "KbdInteractiveAuthentication no",
-            "PermitRootLogin prohibit-password",
-            f"AllowUsers {self.user}",
-            "MaxStartups 100:30:200",
-            "MaxSessions 100",
-            "LogLevel VERBOSE",
-            *([f"Subsystem sftp internal-sftp{' -R' if self.sftp_read_only else ''}"] if self.sftp else []),
-            "",
-        ])
+        return "\n".join(
+            [
+                f"ListenAddress {self.host}:{self.port}",
+                f"HostKey {self._host_key_path}",
+                f"PidFile {self._dir / 'sshd.pid'}",
+                f"AuthorizedKeysFile {self._authorized}",
+                "StrictModes no",
+                "UsePAM no",
+                "PubkeyAuthentication yes",
+                "PasswordAuthentication no",
+                "KbdInteractiveAuthentication no",
+                "PermitRootLogin prohibit-password",
+                f"AllowUsers {self.user}",
+                "MaxStartups 100:30:200",
+                "MaxSessions 100",
+                "LogLevel VERBOSE",
+                *([f"Subsystem sftp internal-sftp{' -R' if self.sftp_read_only else ''}"] if self.sftp else []),
+                "",
+            ]
+        )

@@ -17,6 +17,7 @@
         ... connect to relay.host:relay.port ...
         relay.blackhole()
 """
+
 from __future__ import annotations
 
 import logging

@@ -3,6 +3,7 @@ useful; they leave evidence of having run (a line in a file) and can be made slo
 resumable, which is what the queue and recovery tests need.
 
 (Named for the brief; pytest collects this module but finds no tests in it.)"""
+
 from __future__ import annotations
 
 import os

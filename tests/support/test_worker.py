@@ -8,6 +8,7 @@ TEST_WORKER_KINDS=all the worker also runs every production job kind (hibernate,
 that freeze or kill a worker in the middle of a real job.
 
 (Named for the brief; pytest collects this module but finds no tests in it.)"""
+
 from __future__ import annotations
 
 import os
@@ -28,8 +29,16 @@ from tests.support.test_kinds import make_kinds
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 # Settings the parent's environment must not leak into a worker the test configures itself.
-_OWN = ("DATABASE_URL", "REDIS_URL", "QUEUE_PATH", "API_TOKENS", "WORKER_THREADS", "JOB_HEARTBEAT_S",
-        "JOB_STALE_AFTER_S", "JOB_MAX_ATTEMPTS")
+_OWN = (
+    "DATABASE_URL",
+    "REDIS_URL",
+    "QUEUE_PATH",
+    "API_TOKENS",
+    "WORKER_THREADS",
+    "JOB_HEARTBEAT_S",
+    "JOB_STALE_AFTER_S",
+    "JOB_MAX_ATTEMPTS",
+)
 
 
 def worker_env(tmp: pathlib.Path, **settings: str) -> dict[str, str]:
@@ -37,8 +46,13 @@ def worker_env(tmp: pathlib.Path, **settings: str) -> dict[str, str]:
     heartbeat every 0.5 s, two threads each, and `settings` (REDIS_URL or QUEUE_PATH, say) on top."""
     database_url = f"sqlite:///{tmp / 'gpusnap.db'}"
     upgrade(database_url)
-    return {"DATABASE_URL": database_url, "LOG_FORMAT": "text", "JOB_HEARTBEAT_S": "0.5", "TEST_WORKER_THREADS": "2",
-            **settings}
+    return {
+        "DATABASE_URL": database_url,
+        "LOG_FORMAT": "text",
+        "JOB_HEARTBEAT_S": "0.5",
+        "TEST_WORKER_THREADS": "2",
+        **settings,
+    }
 
 
 def control_app(env: dict[str, str]) -> Flask:
@@ -53,8 +67,11 @@ class WorkerProcess:
         self.name = name
         self.log_path = tmp / f"{name}.log"
         self.ready_path = tmp / f"{name}.ready"
-        self.env = {**{k: v for k, v in os.environ.items() if k not in _OWN}, **env,
-                    "TEST_WORKER_READY_FILE": str(self.ready_path)}
+        self.env = {
+            **{k: v for k, v in os.environ.items() if k not in _OWN},
+            **env,
+            "TEST_WORKER_READY_FILE": str(self.ready_path),
+        }
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -65,9 +82,14 @@ class WorkerProcess:
     def start(self) -> WorkerProcess:
         self.ready_path.unlink(missing_ok=True)
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "tests.support.test_worker"], cwd=ROOT,
-                                         env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tests.support.test_worker"],
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         return self
 
     def wait_ready(self, timeout: float = 30) -> None:

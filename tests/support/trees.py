@@ -1,5 +1,6 @@
 """Build workspace trees with every tricky kind of file, and describe trees for comparison: contents,
 modes, symlink targets, hard-link groups and mtimes (to the second, what tar keeps)."""
+
 from __future__ import annotations
 
 import hashlib

@@ -1,4 +1,5 @@
 """The CLI's progress formatting and the wait loop, with a fake clock: no terminal, no server."""
+
 from __future__ import annotations
 
 import io
@@ -21,19 +22,44 @@ from src.cli.progress import (
 )
 
 
-@pytest.mark.parametrize("n, text", [
-    (0, "0 B"), (1, "1 B"), (1023, "1023 B"), (1024, "1.0 KiB"), (1536, "1.5 KiB"),
-    (5 * 1024**2, "5.0 MiB"), (int(2.25 * 1024**3), "2.2 GiB"), (3 * 1024**4, "3.0 TiB"),
-    (150 * 1024**2, "150 MiB"), (2048 * 1024**5, "2048 PiB"), (None, "?"),
-])
+@pytest.mark.parametrize(
+    "n, text",
+    [
+        (0, "0 B"),
+        (1, "1 B"),
+        (1023, "1023 B"),
+        (1024, "1.0 KiB"),
+        (1536, "1.5 KiB"),
+        (5 * 1024**2, "5.0 MiB"),
+        (int(2.25 * 1024**3), "2.2 GiB"),
+        (3 * 1024**4, "3.0 TiB"),
+        (150 * 1024**2, "150 MiB"),
+        (2048 * 1024**5, "2048 PiB"),
+        (None, "?"),
+    ],
+)
 def test_human_bytes(n, text):
     assert human_bytes(n) == text
 
 
-@pytest.mark.parametrize("seconds, text", [
-    (0, "0s"), (0.4, "0s"), (42, "42s"), (59.6, "1m00s"), (65, "1m05s"), (3599, "59m59s"), (3600, "1h00m"),
-    (3725, "1h02m"), (90000, "1d01h"), (None, "?"), (-1, "?"), (float("nan"), "?"), (1e12, "?"),
-])
+@pytest.mark.parametrize(
+    "seconds, text",
+    [
+        (0, "0s"),
+        (0.4, "0s"),
+        (42, "42s"),
+        (59.6, "1m00s"),
+        (65, "1m05s"),
+        (3599, "59m59s"),
+        (3600, "1h00m"),
+        (3725, "1h02m"),
+        (90000, "1d01h"),
+        (None, "?"),
+        (-1, "?"),
+        (float("nan"), "?"),
+        (1e12, "?"),
+    ],
+)
 def test_human_duration(seconds, text):
     assert human_duration(seconds) == text
 
@@ -73,9 +99,16 @@ def test_rate_starts_over_when_the_count_goes_back_and_ignores_repeated_instants
     assert meter.update(4.0, None) == pytest.approx(50)
 
 
-@pytest.mark.parametrize("fraction, bar", [
-    (0.0, "[----------]"), (0.5, "[#####-----]"), (1.0, "[##########]"), (1.7, "[##########]"), (-1, "[----------]"),
-])
+@pytest.mark.parametrize(
+    "fraction, bar",
+    [
+        (0.0, "[----------]"),
+        (0.5, "[#####-----]"),
+        (1.0, "[##########]"),
+        (1.7, "[##########]"),
+        (-1, "[----------]"),
+    ],
+)
 def test_bar_at_known_fractions(fraction, bar):
     assert render_bar(fraction, width=12) == bar
 
@@ -93,7 +126,7 @@ def _job(**progress):  # type: ignore[no-untyped-def]
 
 
 def _bar_of(line: str) -> str:
-    return line[line.index("["):line.index("]") + 1]
+    return line[line.index("[") : line.index("]") + 1]
 
 
 def test_bytes_pair_shares_the_unit_when_it_can():
@@ -103,8 +136,9 @@ def test_bytes_pair_shares_the_unit_when_it_can():
 
 
 def test_bar_line_shows_phase_percent_bytes_parts_rate_and_eta():
-    line = bar_line(_job(bytes_done=512 * 1024, bytes_total=1024 * 1024, parts_done=1, parts_total=2),
-                    256 * 1024.0, width=200)
+    line = bar_line(
+        _job(bytes_done=512 * 1024, bytes_total=1024 * 1024, parts_done=1, parts_total=2), 256 * 1024.0, width=200
+    )
     assert line.startswith("upload  [")
     for part in (" 50%", "512 KiB/1.0 MiB", "parts 1/2", "256 KiB/s", "ETA 2s"):
         assert part in line

@@ -1,13 +1,21 @@
 """Job deadlines and SSH cleanup limits: read from the environment, documented defaults, and a value
 that would disable the bound (0, negative, NaN, text) refused at start."""
+
 from __future__ import annotations
 
 import pytest
 
 from src.settings import Settings, SettingsError
 
-NAMES = ["JOB_DEADLINE_SNAPSHOT_S", "JOB_DEADLINE_RESTORE_S", "JOB_DEADLINE_HIBERNATE_S", "JOB_DEADLINE_WAKE_S",
-         "JOB_DEADLINE_OTHER_S", "SSH_UPLOAD_TIMEOUT_S", "SSH_CLEANUP_TIMEOUT_S"]
+NAMES = [
+    "JOB_DEADLINE_SNAPSHOT_S",
+    "JOB_DEADLINE_RESTORE_S",
+    "JOB_DEADLINE_HIBERNATE_S",
+    "JOB_DEADLINE_WAKE_S",
+    "JOB_DEADLINE_OTHER_S",
+    "SSH_UPLOAD_TIMEOUT_S",
+    "SSH_CLEANUP_TIMEOUT_S",
+]
 
 
 def test_defaults_and_the_deadline_of_each_kind() -> None:
@@ -20,8 +28,9 @@ def test_defaults_and_the_deadline_of_each_kind() -> None:
 
 
 def test_values_from_the_environment() -> None:
-    s = Settings.from_env({"JOB_DEADLINE_SNAPSHOT_S": "3", "JOB_DEADLINE_WAKE_S": "90.5",
-                           "SSH_CLEANUP_TIMEOUT_S": "6"}, dotenv=False)
+    s = Settings.from_env(
+        {"JOB_DEADLINE_SNAPSHOT_S": "3", "JOB_DEADLINE_WAKE_S": "90.5", "SSH_CLEANUP_TIMEOUT_S": "6"}, dotenv=False
+    )
     assert s.job_deadline_s("create_snapshot") == 3 and s.job_deadline_s("wake") == 90.5
     assert s.ssh_cleanup_timeout_s == 6
 

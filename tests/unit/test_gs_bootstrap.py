@@ -1,4 +1,5 @@
 """gs_bootstrap (private pip installs) and gs_common (event stream) without network."""
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,13 @@ def test_module_already_in_private_dir_is_found(tmp_path) -> None:  # type: igno
 
 def test_failed_install_is_missing_dependency_naming_the_module(tmp_path) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ScriptError) as err:
-        ensure("gs_not_a_module_abc", "gs-not-a-package", pip=["false"], target=str(tmp_path / "lib"),
-               pins={"gs-not-a-package": ["gs-not-a-package==1.0 --hash=sha256:" + "0" * 64]})
+        ensure(
+            "gs_not_a_module_abc",
+            "gs-not-a-package",
+            pip=["false"],
+            target=str(tmp_path / "lib"),
+            pins={"gs-not-a-package": ["gs-not-a-package==1.0 --hash=sha256:" + "0" * 64]},
+        )
     sys.path.remove(str(tmp_path / "lib"))
     assert err.value.code == "missing_dependency" and "gs_not_a_module_abc" in err.value.message
 
@@ -37,12 +43,19 @@ def test_failed_install_is_missing_dependency_naming_the_module(tmp_path) -> Non
 def test_install_puts_the_module_in_the_private_dir(tmp_path) -> None:  # type: ignore[no-untyped-def]
     # a stand-in "pip" that writes the module where --target points
     fake_pip = tmp_path / "fake_pip.py"
-    fake_pip.write_text("import sys, os\nt = sys.argv[sys.argv.index('--target') + 1]\n"
-                        "open(os.path.join(t, 'gs_installed_dep.py'), 'w').write('OK = True\\n')\n")
+    fake_pip.write_text(
+        "import sys, os\nt = sys.argv[sys.argv.index('--target') + 1]\n"
+        "open(os.path.join(t, 'gs_installed_dep.py'), 'w').write('OK = True\\n')\n"
+    )
     target = str(tmp_path / "lib")
     try:
-        mod = ensure("gs_installed_dep", "gs-installed-dep", pip=[sys.executable, str(fake_pip)], target=target,
-                     pins={"gs-installed-dep": ["gs-installed-dep==1.0 --hash=sha256:" + "0" * 64]})
+        mod = ensure(
+            "gs_installed_dep",
+            "gs-installed-dep",
+            pip=[sys.executable, str(fake_pip)],
+            target=target,
+            pins={"gs-installed-dep": ["gs-installed-dep==1.0 --hash=sha256:" + "0" * 64]},
+        )
         assert mod.OK and os.path.exists(os.path.join(target, "gs_installed_dep.py"))
     finally:
         sys.path.remove(target)

@@ -1,5 +1,6 @@
 """gs_chunker: the chunks always concatenate to the exact stream, and a small change to a tree changes
 only a few chunks of the stream real GNU tar writes for it (with snapshot.py's exact options)."""
+
 from __future__ import annotations
 
 import io
@@ -8,7 +9,6 @@ import pathlib
 import subprocess
 import sys
 import tarfile
-from typing import Dict, List, Set
 
 import pytest
 
@@ -27,13 +27,13 @@ def tar_stream(root: pathlib.Path) -> bytes:
     return subprocess.run(cmd, stdout=subprocess.PIPE, check=True, env=dict(os.environ, LC_ALL="C")).stdout
 
 
-def kinds(data: bytes, **kw: int) -> List[str]:
+def kinds(data: bytes, **kw: int) -> list[str]:
     take = lambda kind: bytearray(kw["block_size"] if kind == "block" else kw["group_max"])  # noqa: E731
     return [k for k, _, _ in Chunker(io.BytesIO(data), take, **kw)]
 
 
 @pytest.mark.parametrize("params", [{}, SMALL, {"block_size": 512, "large_min": 512, "group_max": 4096, "modulus": 1}])
-def test_chunks_concatenate_to_the_tar_stream_of_a_tricky_tree(tmp_path: pathlib.Path, params: Dict[str, int]) -> None:
+def test_chunks_concatenate_to_the_tar_stream_of_a_tricky_tree(tmp_path: pathlib.Path, params: dict[str, int]) -> None:
     root = make_tricky_tree(tmp_path / "w", big_bytes=5 << 20)
     (root / ("long" * 40)).write_bytes(os.urandom(20_000))  # a pax path record
     with open(root / "sparse_big", "wb") as fh:  # sparse with a large data region (sparse 0.0 pax map)
@@ -57,7 +57,7 @@ def test_large_members_are_cut_in_blocks_aligned_to_their_data(tmp_path: pathlib
     chunks = chunk_bytes(data, **SMALL)
     ks = kinds(data, **SMALL)
     blocks = [c for c, k in zip(chunks, ks) if k == "block"]
-    assert b"".join(blocks)[:len(payload)] == payload  # blocks are exactly the data region (+ padding)
+    assert b"".join(blocks)[: len(payload)] == payload  # blocks are exactly the data region (+ padding)
     assert [len(b) for b in blocks] == [65536, 65536, 65536, 200_000 - 3 * 65536 + 192]
     assert ks[0] == "group" and ks[-1] == "group"  # headers before, end-of-archive after
 
@@ -76,7 +76,7 @@ def test_foreign_streams_and_garbage_still_round_trip(fmt: int) -> None:
     assert b"".join(chunk_bytes(data, **SMALL)) == data
     junk = os.urandom(300_000)
     assert b"".join(chunk_bytes(junk, **SMALL)) == junk
-    truncated = data[:len(data) // 2 + 7]
+    truncated = data[: len(data) // 2 + 7]
     assert b"".join(chunk_bytes(truncated, **SMALL)) == truncated
 
 
@@ -93,13 +93,12 @@ def build(root: pathlib.Path) -> None:
     os.utime(root, (MTIME, MTIME))
 
 
-def changed(before: bytes, after: bytes) -> Set[bytes]:
+def changed(before: bytes, after: bytes) -> set[bytes]:
     return set(chunk_bytes(after, **SMALL)) - set(chunk_bytes(before, **SMALL))
 
 
 # A rename is a deletion plus an addition, and both parent directories' mtimes change.
-@pytest.mark.parametrize("change,limit", [
-    ("append", 3), ("touch", 1), ("new_file", 3), ("delete", 2), ("rename", 5)])
+@pytest.mark.parametrize("change,limit", [("append", 3), ("touch", 1), ("new_file", 3), ("delete", 2), ("rename", 5)])
 def test_a_small_change_changes_only_a_few_chunks(tmp_path: pathlib.Path, change: str, limit: int) -> None:
     root = tmp_path / "w"
     build(root)

@@ -1,5 +1,6 @@
 """A host without the zstandard package: the pinned install, the `zstd` binary codec (same frames as
 the package, both ways) and the `none` fallback, all without network."""
+
 from __future__ import annotations
 
 import os
@@ -58,11 +59,11 @@ def test_pip_is_asked_for_hash_checked_wheels_only() -> None:
 def test_install_hands_pip_exactly_the_pinned_lines(tmp_path) -> None:  # type: ignore[no-untyped-def]
     seen = tmp_path / "seen.txt"
     fake_pip = tmp_path / "fake_pip.py"
-    fake_pip.write_text("import sys, shutil\nshutil.copy(sys.argv[sys.argv.index('-r') + 1], %r)\nsys.exit(1)\n"
-                        % str(seen))
+    fake_pip.write_text(
+        "import sys, shutil\nshutil.copy(sys.argv[sys.argv.index('-r') + 1], %r)\nsys.exit(1)\n" % str(seen)
+    )
     with pytest.raises(ScriptError) as err:
-        ensure("gs_never_importable_zz", "zstandard", pip=[sys.executable, str(fake_pip)],
-               target=str(tmp_path / "lib"))
+        ensure("gs_never_importable_zz", "zstandard", pip=[sys.executable, str(fake_pip)], target=str(tmp_path / "lib"))
     sys.path.remove(str(tmp_path / "lib"))
     assert err.value.code == "missing_dependency" and "pinned" in err.value.message
     assert seen.read_text().splitlines() == PINNED["zstandard"]
@@ -84,11 +85,11 @@ def test_binary_frames_and_package_frames_are_interchangeable() -> None:
     assert cli.checks_output(by_cli) and pkg.checks_output(by_cli)
     assert pkg.decompress(by_cli, len(RAW)) == RAW  # written by the binary, read by the package
     out = bytearray(len(RAW) + 1)
-    assert pkg.decompress_into(by_cli, memoryview(out)) == len(RAW) and out[:len(RAW)] == RAW
+    assert pkg.decompress_into(by_cli, memoryview(out)) == len(RAW) and out[: len(RAW)] == RAW
     by_pkg = pkg.compress(RAW)
     assert cli.decompress(by_pkg, len(RAW)) == RAW  # and the other way round
     out = bytearray(len(RAW) + 1)
-    assert cli.decompress_into(by_pkg, memoryview(out)) == len(RAW) and bytes(out[:len(RAW)]) == RAW
+    assert cli.decompress_into(by_pkg, memoryview(out)) == len(RAW) and bytes(out[: len(RAW)]) == RAW
     assert cli.version().startswith("zstd-cli 1.")
 
 

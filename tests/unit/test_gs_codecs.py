@@ -1,4 +1,5 @@
 """gs_codecs and gs_manifest: per-part encoding rules and manifest validation (pure)."""
+
 from __future__ import annotations
 
 import copy
@@ -57,10 +58,27 @@ def _manifest() -> dict:
     parts = []
     for i, data in enumerate([b"a" * 10, b"b" * 4]):
         digest = hashlib.sha256(data).hexdigest()
-        parts.append({"index": i, "key": part_key(i), "codec": "none", "raw_size": len(data),
-                      "stored_size": len(data), "sha256": digest, "raw_sha256": digest})
-    return build(cfg={"snapshot_id": "s", "instance_id": "i"}, codec="none", part_size=10, parts=parts,
-                 files=3, source={}, created_at="2025-01-01T00:00:00Z", timings={"total_s": 1.0})
+        parts.append(
+            {
+                "index": i,
+                "key": part_key(i),
+                "codec": "none",
+                "raw_size": len(data),
+                "stored_size": len(data),
+                "sha256": digest,
+                "raw_sha256": digest,
+            }
+        )
+    return build(
+        cfg={"snapshot_id": "s", "instance_id": "i"},
+        codec="none",
+        part_size=10,
+        parts=parts,
+        files=3,
+        source={},
+        created_at="2025-01-01T00:00:00Z",
+        timings={"total_s": 1.0},
+    )
 
 
 def test_built_manifest_validates() -> None:
@@ -69,18 +87,21 @@ def test_built_manifest_validates() -> None:
     assert doc["totals"] == {"raw_bytes": 14, "stored_bytes": 14, "parts": 2, "files": 3}
 
 
-@pytest.mark.parametrize("breakage", [
-    lambda d: d.update(format="other"),
-    lambda d: d.update(version=2),
-    lambda d: d["parts"][1].update(key="../../etc/passwd"),
-    lambda d: d["parts"][1].update(index=5),
-    lambda d: d["parts"][0].update(codec="lz4"),
-    lambda d: d["parts"][0].update(sha256="zz"),
-    lambda d: d["parts"][0].update(raw_size=-1),
-    lambda d: d["totals"].update(raw_bytes=1),
-    lambda d: d.update(parts=[]),
-    lambda d: d.pop("totals"),
-])
+@pytest.mark.parametrize(
+    "breakage",
+    [
+        lambda d: d.update(format="other"),
+        lambda d: d.update(version=2),
+        lambda d: d["parts"][1].update(key="../../etc/passwd"),
+        lambda d: d["parts"][1].update(index=5),
+        lambda d: d["parts"][0].update(codec="lz4"),
+        lambda d: d["parts"][0].update(sha256="zz"),
+        lambda d: d["parts"][0].update(raw_size=-1),
+        lambda d: d["totals"].update(raw_bytes=1),
+        lambda d: d.update(parts=[]),
+        lambda d: d.pop("totals"),
+    ],
+)
 def test_broken_manifests_are_invalid(breakage) -> None:  # type: ignore[no-untyped-def]
     doc = copy.deepcopy(_manifest())
     breakage(doc)

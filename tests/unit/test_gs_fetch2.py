@@ -1,6 +1,7 @@
 """gs_fetch2.ChunkFetcher against an in-memory bucket: chunks come out in order and verified, an object
 used again soon is fetched once, one used again much later is fetched again, object buffers stay
 bounded, and damage maps to part_missing / part_truncated / part_corrupt."""
+
 from __future__ import annotations
 
 import hashlib
@@ -8,7 +9,7 @@ import json
 import os
 import pathlib
 import sys
-from typing import Any, Dict, List, Tuple
+from typing import Any
 
 import pytest
 
@@ -26,16 +27,16 @@ class DictStore:
     """The part of gs_s3.S5 ChunkFetcher uses, over a dict. cat_into as the real one: NotFound for an
     absent key, at most expected + 1 bytes copied, the count returned (short only when the object is)."""
 
-    def __init__(self, objects: Dict[str, bytes]) -> None:
+    def __init__(self, objects: dict[str, bytes]) -> None:
         self.objects = objects
-        self.gets: List[str] = []
+        self.gets: list[str] = []
 
     def cat_into(self, key: str, buf: bytearray, expected: int, fallback: str = "download_failed") -> int:
         if key not in self.objects:
             raise NotFound(key)
         self.gets.append(key)
-        data = self.objects[key][:expected + 1]
-        buf[:len(data)] = data
+        data = self.objects[key][: expected + 1]
+        buf[: len(data)] = data
         return len(data)
 
 
@@ -43,7 +44,7 @@ def h(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def make(order: List[Tuple[str, int]]) -> Tuple[Dict[str, Any], Dict[str, bytes], List[bytes]]:
+def make(order: list[tuple[str, int]]) -> tuple[dict[str, Any], dict[str, bytes], list[bytes]]:
     """A v2 manifest over objects in a dict: ("g", i) = group i (all in one pack), ("b", i) = block i."""
     builder = PackBuilder(pack_size=1 << 20, chunk_max=1 << 16)
     groups = [os.urandom(100 + i) for i in range(4)]
@@ -62,24 +63,39 @@ def make(order: List[Tuple[str, int]]) -> Tuple[Dict[str, Any], Dict[str, bytes]
             objects[loc.key] = data  # type: ignore[index]
             entries.append((h(data), len(data), loc, "block", True))
             stream.append(data)
-    doc = build_v2(cfg={}, codec="none", chunking={}, entries=entries, files=1, bytes_uploaded=0, source={},
-                   created_at="t", timings={})
+    doc = build_v2(
+        cfg={},
+        codec="none",
+        chunking={},
+        entries=entries,
+        files=1,
+        bytes_uploaded=0,
+        source={},
+        created_at="t",
+        timings={},
+    )
     return validate(json.loads(json.dumps(doc))), objects, stream
 
 
 class Counting(ChunkFetcher):
     allocated = 0
 
-    def _take(self, free: List[bytearray], size: int) -> bytearray:
+    def _take(self, free: list[bytearray], size: int) -> bytearray:
         if free in self._obj_free.values() and not free:
             Counting.allocated += 1
         return super()._take(free, size)
 
 
-def drain(manifest: Dict[str, Any], store: DictStore, window: int = 2) -> List[bytes]:
+def drain(manifest: dict[str, Any], store: DictStore, window: int = 2) -> list[bytes]:
     Counting.allocated = 0
-    fetcher = Counting(ctx=Context(Events(fd=os.open(os.devnull, os.O_WRONLY))), s5=store,  # type: ignore[arg-type]
-                       store_prefix="m/", manifest=manifest, codecs=for_restore(["none"], False), window=window)
+    fetcher = Counting(
+        ctx=Context(Events(fd=os.open(os.devnull, os.O_WRONLY))),
+        s5=store,  # type: ignore[arg-type]
+        store_prefix="m/",
+        manifest=manifest,
+        codecs=for_restore(["none"], False),
+        window=window,
+    )
     out = []
     try:
         while True:
@@ -112,8 +128,10 @@ def test_a_pack_used_again_much_later_is_fetched_again_and_buffers_stay_bounded(
     assert Counting.allocated <= 2 * 2 + 3, Counting.allocated
 
 
-@pytest.mark.parametrize("damage,code", [("delete", "part_missing"), ("truncate", "part_truncated"),
-                                         ("flip", "part_corrupt"), ("extend", "part_corrupt")])
+@pytest.mark.parametrize(
+    "damage,code",
+    [("delete", "part_missing"), ("truncate", "part_truncated"), ("flip", "part_corrupt"), ("extend", "part_corrupt")],
+)
 def test_damage_is_reported_with_its_code(damage: str, code: str) -> None:
     manifest, objects, _ = make([("g", 0), ("b", 0), ("b", 1)])
     store = DictStore({"m/" + k: v for k, v in objects.items()})

@@ -1,5 +1,6 @@
 """Manifest v2 (gs_manifest.build_v2/validate) and pack objects (gs_packer): what restore trusts is
 checked strictly, and v1 manifests still validate."""
+
 from __future__ import annotations
 
 import copy
@@ -7,7 +8,8 @@ import hashlib
 import json
 import pathlib
 import sys
-from typing import Any, Callable, Dict
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -22,7 +24,7 @@ def h(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def sample() -> Dict[str, Any]:
+def sample() -> dict[str, Any]:
     block = b"B" * 1000
     g1, g2 = b"group one", b"group two!"
     builder = PackBuilder(pack_size=1 << 20, chunk_max=4096)
@@ -31,10 +33,23 @@ def sample() -> Dict[str, Any]:
     sealed = builder.flush()
     assert sealed is not None and loc1.key == loc2.key == sealed[0]
     bloc = Loc("chunks/" + h(block), 0, len(block), len(block), "none", h(block), len(block), h(block))
-    entries = [(h(g1), len(g1), loc1, "group", True), (h(block), len(block), bloc, "block", True),
-               (h(g2), len(g2), loc2, "group", True), (h(block), len(block), bloc, "block", False)]
-    doc = build_v2(cfg={"snapshot_id": "s1"}, codec="zstd", chunking={"block_size": 1 << 24}, entries=entries,
-                   files=3, bytes_uploaded=sealed[4] + len(block), source={}, created_at="t", timings={})
+    entries = [
+        (h(g1), len(g1), loc1, "group", True),
+        (h(block), len(block), bloc, "block", True),
+        (h(g2), len(g2), loc2, "group", True),
+        (h(block), len(block), bloc, "block", False),
+    ]
+    doc = build_v2(
+        cfg={"snapshot_id": "s1"},
+        codec="zstd",
+        chunking={"block_size": 1 << 24},
+        entries=entries,
+        files=3,
+        bytes_uploaded=sealed[4] + len(block),
+        source={},
+        created_at="t",
+        timings={},
+    )
     return json.loads(json.dumps(doc))
 
 
@@ -46,49 +61,53 @@ def test_a_built_manifest_validates_and_adds_up() -> None:
     assert t["raw_bytes"] == 9 + 1000 + 10 + 1000
 
 
-def _set(path: str, value: Any) -> Callable[[Dict[str, Any]], None]:
-    def apply(doc: Dict[str, Any]) -> None:
+def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    def apply(doc: dict[str, Any]) -> None:
         target = doc
         parts = path.split(".")
         for p in parts[:-1]:
             target = target[int(p)] if p.isdigit() else target[p]
         target[int(parts[-1]) if parts[-1].isdigit() else parts[-1]] = value
+
     return apply
 
 
-def _huge_raw(d: Dict[str, Any]) -> None:
+def _huge_raw(d: dict[str, Any]) -> None:
     """A consistent manifest but for one chunk claiming 1 TiB of raw bytes (restore sizes buffers by it)."""
     c = next(c for c in d["chunks"] if c["kind"] == "group")
     d["totals"]["raw_bytes"] += (1 << 40) - c["raw_size"]
     c.update(codec="zstd", raw_size=1 << 40)
 
 
-def _huge_object(d: Dict[str, Any]) -> None:
+def _huge_object(d: dict[str, Any]) -> None:
     o = next(o for o in d["objects"] if o["key"].startswith("packs/"))
     d["totals"]["stored_bytes"] += (1 << 40) - o["size"]
     o["size"] = 1 << 40
 
 
-@pytest.mark.parametrize("damage", [
-    _set("objects.0.key", "../../etc/passwd"),
-    _set("objects.0.key", "chunks/" + "A" * 64),
-    _set("objects.1.key", "packs/" + "0" * 64),  # a pack not named by its digest
-    _set("chunks.0.object", 7),
-    _set("chunks.0.offset", 10**9),
-    _set("chunks.1.stored_size", 999),  # a block chunk must fill its object
-    _set("chunks.0.codec", "gzip"),
-    _set("chunks.0.kind", "part"),
-    _set("chunks.0.new", "yes"),
-    _set("chunks.0.raw_size", 3),  # raw chunk with stored != raw
-    _set("totals.raw_bytes", 1),
-    _set("totals.stored_bytes", 1),
-    _set("totals.chunks_new", 4),
-    _set("chunks", []),
-    _set("chunking", None),
-    _huge_raw,
-    _huge_object,
-])
-def test_damaged_manifests_are_manifest_invalid(damage: Callable[[Dict[str, Any]], None]) -> None:
+@pytest.mark.parametrize(
+    "damage",
+    [
+        _set("objects.0.key", "../../etc/passwd"),
+        _set("objects.0.key", "chunks/" + "A" * 64),
+        _set("objects.1.key", "packs/" + "0" * 64),  # a pack not named by its digest
+        _set("chunks.0.object", 7),
+        _set("chunks.0.offset", 10**9),
+        _set("chunks.1.stored_size", 999),  # a block chunk must fill its object
+        _set("chunks.0.codec", "gzip"),
+        _set("chunks.0.kind", "part"),
+        _set("chunks.0.new", "yes"),
+        _set("chunks.0.raw_size", 3),  # raw chunk with stored != raw
+        _set("totals.raw_bytes", 1),
+        _set("totals.stored_bytes", 1),
+        _set("totals.chunks_new", 4),
+        _set("chunks", []),
+        _set("chunking", None),
+        _huge_raw,
+        _huge_object,
+    ],
+)
+def test_damaged_manifests_are_manifest_invalid(damage: Callable[[dict[str, Any]], None]) -> None:
     doc = copy.deepcopy(sample())
     damage(doc)
     with pytest.raises(ScriptError) as err:
@@ -112,10 +131,24 @@ def test_listed_twice_or_unused_objects_are_refused() -> None:
 
 def test_v1_manifests_still_validate() -> None:
     data = b"x" * 10
-    doc = {"format": "gpusnap-manifest", "version": 1, "codec": "none", "part_size": 10,
-           "parts": [{"index": 0, "key": "part-00000", "codec": "none", "raw_size": 10, "stored_size": 10,
-                      "sha256": h(data), "raw_sha256": h(data)}],
-           "totals": {"raw_bytes": 10, "stored_bytes": 10, "parts": 1, "files": 1}}
+    doc = {
+        "format": "gpusnap-manifest",
+        "version": 1,
+        "codec": "none",
+        "part_size": 10,
+        "parts": [
+            {
+                "index": 0,
+                "key": "part-00000",
+                "codec": "none",
+                "raw_size": 10,
+                "stored_size": 10,
+                "sha256": h(data),
+                "raw_sha256": h(data),
+            }
+        ],
+        "totals": {"raw_bytes": 10, "stored_bytes": 10, "parts": 1, "files": 1},
+    }
     assert validate(doc) is doc
     doc["version"] = 3
     with pytest.raises(ScriptError):

@@ -1,14 +1,16 @@
 """gs_nvcomp / gs_gpu on the CPU, against a stand-in `nvidia.nvcomp` (tests/fakes/fake_nvcomp.py,
 written from NVIDIA's Python API docs) installed the way a host gets it: a bootstrapped `nvidia/nvcomp`
 directory, behind a regular `nvidia` package that an older NVIDIA wheel left on the path."""
+
 from __future__ import annotations
 
 import importlib
 import os
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -17,6 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "src", "r
 from gs_codecs import decode_requirements, encode_part, fallback_warning, for_restore, for_snapshot  # noqa: E402
 from gs_common import ScriptError  # noqa: E402
 from gs_nvcomp import NvcompAnsCodec  # noqa: E402
+
 from tests.fakes import fake_nvcomp  # noqa: E402
 from tests.fakes.fake_nvcomp import FakeProbe  # noqa: E402
 
@@ -61,7 +64,7 @@ def test_restore_decodes_into_the_spare_byte_buffer_the_fetcher_gives(host: Path
     assert name == "nvcomp-ans" and codec.fallback is None
     decoder = for_restore([name], bootstrap=False, gpu_probe=FakeProbe())[name]
     rbuf = bytearray(len(RAW) + 64)  # a recycled part buffer, as gs_fetch hands it: raw_size + 1
-    n = decoder.decompress_into(stored, memoryview(rbuf)[:len(RAW) + 1])
+    n = decoder.decompress_into(stored, memoryview(rbuf)[: len(RAW) + 1])
     assert n == len(RAW) and bytes(rbuf[:n]) == RAW
     short = bytearray(len(RAW) - 1)  # an over-long part shows as a count past the buffer
     assert decoder.decompress_into(stored, memoryview(short)) == len(RAW)
@@ -106,11 +109,14 @@ def test_a_failed_round_trip_at_selection_means_zstd(host: Path) -> None:
 def test_the_gpu_with_most_free_memory_that_admits_us_is_chosen(host: Path) -> None:
     fake_nvcomp.reset(devices=4)
     gib = 1 << 30
-    probe = FakeProbe(devices=[
-        {"index": 0, "free": 1 * gib, "total": 80 * gib, "compute_mode": "default", "processes": 1},
-        {"index": 1, "free": 70 * gib, "total": 80 * gib, "compute_mode": "exclusive_process", "processes": 1},
-        {"index": 2, "free": 60 * gib, "total": 80 * gib, "compute_mode": "prohibited", "processes": 0},
-        {"index": 3, "free": 20 * gib, "total": 80 * gib, "compute_mode": "default", "processes": 2}])
+    probe = FakeProbe(
+        devices=[
+            {"index": 0, "free": 1 * gib, "total": 80 * gib, "compute_mode": "default", "processes": 1},
+            {"index": 1, "free": 70 * gib, "total": 80 * gib, "compute_mode": "exclusive_process", "processes": 1},
+            {"index": 2, "free": 60 * gib, "total": 80 * gib, "compute_mode": "prohibited", "processes": 0},
+            {"index": 3, "free": 20 * gib, "total": 80 * gib, "compute_mode": "default", "processes": 2},
+        ]
+    )
     assert NvcompAnsCodec(bootstrap=False, probe=probe).device_id == 3
     probe._devices = probe._devices[:3]  # type: ignore[index]
     codec = for_snapshot("nvcomp-ans", 3, bootstrap=False, gpu_probe=probe, part_size=64 << 20, parallelism=8)
@@ -171,6 +177,7 @@ def test_each_thread_gets_its_own_nvcomp_codec(host: Path) -> None:
 def test_the_pinned_nvcomp_is_major_6_like_the_codec_and_the_test_extra() -> None:
     from gs_bootstrap import PINNED
     from gs_nvcomp import NVCOMP_MAJOR
+
     root = Path(__file__).resolve().parents[2]
     assert NVCOMP_MAJOR == 6 and '"nvidia-nvcomp-cu12>=6,<7"' in (root / "pyproject.toml").read_text()
     for cuda in (12, 13):
@@ -185,8 +192,8 @@ class _Bucket:
         self.objects = objects
 
     def cat_into(self, key: str, buf: bytearray, expected: int, fallback: str = "download_failed") -> int:
-        data = self.objects[key][:expected + 1]
-        buf[:len(data)] = data
+        data = self.objects[key][: expected + 1]
+        buf[: len(data)] = data
         return len(data)
 
 
@@ -196,6 +203,7 @@ def test_the_fetcher_restores_nvcomp_parts_and_their_cpu_fallbacks(host: Path) -
     import hashlib
 
     from gs_fetch import PartFetcher
+
     codec = for_snapshot("auto", 3, bootstrap=False, gpu_probe=FakeProbe())
     raws = [RAW, RAW[::-1], RAW[:777] * 3, RAW[1:]]
     fake_nvcomp.STATE["fail_encode"] = 1  # the first part lands on the CPU
@@ -204,14 +212,29 @@ def test_the_fetcher_restores_nvcomp_parts_and_their_cpu_fallbacks(host: Path) -
         name, stored = encode_part(codec, raw)
         key = "part-%05d" % i
         objects["p/" + key] = bytes(stored)
-        parts.append({"index": i, "key": key, "codec": name, "raw_size": len(raw), "stored_size": len(stored),
-                      "sha256": hashlib.sha256(stored).hexdigest(),
-                      "raw_sha256": None if codec.checks_output(stored) and name != "nvcomp-ans"
-                      else hashlib.sha256(raw).hexdigest()})
+        parts.append(
+            {
+                "index": i,
+                "key": key,
+                "codec": name,
+                "raw_size": len(raw),
+                "stored_size": len(stored),
+                "sha256": hashlib.sha256(stored).hexdigest(),
+                "raw_sha256": None
+                if codec.checks_output(stored) and name != "nvcomp-ans"
+                else hashlib.sha256(raw).hexdigest(),
+            }
+        )
     assert parts[0]["codec"] != "nvcomp-ans" and {p["codec"] for p in parts[1:]} == {"nvcomp-ans"}
     codecs = for_restore([p["codec"] for p in parts], bootstrap=False, gpu_probe=FakeProbe())
-    fetcher = PartFetcher(ctx=None, s5=_Bucket(objects), prefix="p/", parts=parts, codecs=codecs,  # type: ignore[arg-type]
-                          window=3)
+    fetcher = PartFetcher(
+        ctx=None,
+        s5=_Bucket(objects),
+        prefix="p/",
+        parts=parts,
+        codecs=codecs,  # type: ignore[arg-type]
+        window=3,
+    )
     try:
         got = []
         while True:

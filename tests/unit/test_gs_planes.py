@@ -1,4 +1,5 @@
 """gs_planes: the zstd-planes codec and auto's per-part choice (pure, with the zstandard package)."""
+
 from __future__ import annotations
 
 import array
@@ -37,7 +38,7 @@ def test_round_trip_of_any_length_into_the_fetchers_spare_byte_buffer(planes: Pl
     stored = planes.compress(memoryview(bytearray(raw)))
     assert stored[:4] == MAGIC and planes.checks_output(stored)
     rbuf = bytearray(size + 100)  # recycled buffer; the fetcher passes raw_size + 1 of it
-    n = planes.decompress_into(stored, memoryview(rbuf)[:size + 1])
+    n = planes.decompress_into(stored, memoryview(rbuf)[: size + 1])
     assert n == size and bytes(rbuf[:n]) == raw
     assert planes.decompress(stored, size) == raw
     assert planes.decompress_into(stored, memoryview(bytearray(size))) == size  # too short: "more"
@@ -67,9 +68,11 @@ def test_auto_keeps_plain_zstd_for_text_and_raw_for_noise() -> None:
 def test_a_corrupt_planes_part_is_part_corrupt_never_wrong_bytes(planes: PlanesCodec) -> None:
     raw = bf16(50000)
     stored = bytearray(planes.compress(raw))
-    for damage in (lambda b: b.__setitem__(slice(0, 4), b"GSP9"),       # header
-                   lambda b: b.__setitem__(len(b) - 3, b[len(b) - 3] ^ 0xFF),  # plane 1's checksum
-                   lambda b: b.__delitem__(slice(len(b) - 10, None))):  # truncated
+    for damage in (
+        lambda b: b.__setitem__(slice(0, 4), b"GSP9"),  # header
+        lambda b: b.__setitem__(len(b) - 3, b[len(b) - 3] ^ 0xFF),  # plane 1's checksum
+        lambda b: b.__delitem__(slice(len(b) - 10, None)),
+    ):  # truncated
         bad = bytearray(stored)
         damage(bad)
         with pytest.raises(ScriptError) as err:
@@ -85,10 +88,25 @@ def test_explicit_zstd_planes_and_the_manifest_accept_it_without_raw_digest() ->
     raw = bf16(20000)
     name, stored = encode_part(codec, raw)
     assert name == "zstd-planes"
-    part = {"index": 0, "key": "part-00000", "codec": name, "raw_size": len(raw), "stored_size": len(stored),
-            "sha256": hashlib.sha256(stored).hexdigest(), "raw_sha256": None}
-    doc = build(cfg={"snapshot_id": "s"}, codec=codec.name, part_size=1 << 20, parts=[part], files=1,
-                source={}, created_at="t", timings={})
+    part = {
+        "index": 0,
+        "key": "part-00000",
+        "codec": name,
+        "raw_size": len(raw),
+        "stored_size": len(stored),
+        "sha256": hashlib.sha256(stored).hexdigest(),
+        "raw_sha256": None,
+    }
+    doc = build(
+        cfg={"snapshot_id": "s"},
+        codec=codec.name,
+        part_size=1 << 20,
+        parts=[part],
+        files=1,
+        source={},
+        created_at="t",
+        timings={},
+    )
     assert validate(doc)["decode"] == {"requires_gpu": False}
 
 

@@ -1,5 +1,6 @@
 """gs_receive.py, the host side of an upload over an exec channel, run for real as the control plane
 runs it: `python -c <source> <dir> receive|check` with the header and bytes on stdin."""
+
 from __future__ import annotations
 
 import hashlib
@@ -14,8 +15,9 @@ SOURCE = (Path(__file__).resolve().parents[2] / "src" / "remote_scripts" / "gs_r
 
 
 def _run(directory: Path, mode: str, stdin: bytes) -> tuple[int, dict]:
-    res = subprocess.run([sys.executable, "-c", SOURCE, str(directory), mode], input=stdin,
-                         capture_output=True, timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-c", SOURCE, str(directory), mode], input=stdin, capture_output=True, timeout=60
+    )
     return res.returncode, json.loads(res.stdout.decode().strip().splitlines()[-1])
 
 

@@ -1,5 +1,6 @@
 """gs_runlock: one run per snapshot/restore on a host, the newest (attempt, try) wins. Real processes,
 real flock, a private XDG_CACHE_HOME; the runs left behind are children in their own process groups."""
+
 from __future__ import annotations
 
 import os
@@ -22,9 +23,12 @@ time.sleep(120)
 
 
 def _holder(tmp_path: Path, attempt: int, try_: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", HOLD.format(scripts=str(SCRIPTS), attempt=attempt, try_=try_)],
-                            env=dict(os.environ, XDG_CACHE_HOME=str(tmp_path)), stdout=subprocess.PIPE,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD.format(scripts=str(SCRIPTS), attempt=attempt, try_=try_)],
+        env=dict(os.environ, XDG_CACHE_HOME=str(tmp_path)),
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
     assert proc.stdout is not None and proc.stdout.readline().strip() == b"held"
     return proc
 
@@ -65,8 +69,12 @@ def test_a_free_lock_is_taken_and_a_bad_spec_refused(tmp_path, runlock):
     assert runlock.take(None) is None
     fd = runlock.take({"name": "restore-job_1", "rank": [1, 1]})
     os.close(fd)
-    for bad in ({"name": "../x", "rank": [1, 1]}, {"name": "a", "rank": [1]}, {"name": "a", "rank": [True, 1]},
-                "snapshot-snap_1"):
+    for bad in (
+        {"name": "../x", "rank": [1, 1]},
+        {"name": "a", "rank": [1]},
+        {"name": "a", "rank": [True, 1]},
+        "snapshot-snap_1",
+    ):
         with pytest.raises(runlock.ScriptError) as refused:
             runlock.take(bad)
         assert refused.value.code == "bad_config"

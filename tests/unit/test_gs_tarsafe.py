@@ -1,6 +1,7 @@
 """gs_tarsafe: the streaming member gate (pure: in-memory tar streams, no tar binary, no network).
 
 The hostile-archive corpus, run through real GNU tar, is test_gs_tarsafe_corpus.py."""
+
 from __future__ import annotations
 
 import io
@@ -74,8 +75,13 @@ def test_safe_stream_is_rewritten_with_the_same_members(step: int) -> None:
 
 
 def test_fifo_is_left_out_and_setuid_cleared_unless_kept() -> None:
-    stream = build(lambda t: (member(t, "./fifo", type=tarfile.FIFOTYPE), member(t, "./s", b"x", mode=0o6755),
-                              member(t, "./after", b"y")))
+    stream = build(
+        lambda t: (
+            member(t, "./fifo", type=tarfile.FIFOTYPE),
+            member(t, "./s", b"x", mode=0o6755),
+            member(t, "./after", b"y"),
+        )
+    )
     src = io.BytesIO(stream)
     policy = MemberPolicy("/workspace")
     sunk: list[bytes] = []
@@ -89,25 +95,34 @@ def test_fifo_is_left_out_and_setuid_cleared_unless_kept() -> None:
     assert {m[0]: m for m in _members(b"".join(sunk))}["./s"][2] == 0o6755
 
 
-@pytest.mark.parametrize("add", [
-    lambda t: member(t, "../escape", b"x"),
-    lambda t: member(t, "./a/../../escape", b"x"),
-    lambda t: member(t, "/etc/passwd", b"x"),
-    lambda t: member(t, "./l", type=tarfile.SYMTYPE, linkname="../../etc"),
-    lambda t: member(t, "./l", type=tarfile.SYMTYPE, linkname="/etc"),
-    lambda t: member(t, "./h", type=tarfile.LNKTYPE, linkname="/etc/passwd"),
-    lambda t: member(t, "./h", type=tarfile.LNKTYPE, linkname="./never-seen"),
-    lambda t: member(t, "./null", type=tarfile.CHRTYPE),
-    lambda t: member(t, "./sda", type=tarfile.BLKTYPE),
-    lambda t: (member(t, "./d", type=tarfile.SYMTYPE, linkname="sub"), member(t, "./d/x", b"through")),
-    lambda t: (member(t, "./d", type=tarfile.SYMTYPE, linkname="sub"), member(t, "./d", b"replace")),
-    # a hard link to a symlink is a symlink (GNU tar links the symlink itself): no writing through it,
-    lambda t: (member(t, "./s", type=tarfile.SYMTYPE, linkname="sub"),
-               member(t, "./h", type=tarfile.LNKTYPE, linkname="./s"), member(t, "./h/x", b"through")),
-    # and its relative target may leave the tree from its new place
-    lambda t: (member(t, "./a/", type=tarfile.DIRTYPE), member(t, "./a/l", type=tarfile.SYMTYPE, linkname="../x"),
-               member(t, "./h", type=tarfile.LNKTYPE, linkname="./a/l")),
-])
+@pytest.mark.parametrize(
+    "add",
+    [
+        lambda t: member(t, "../escape", b"x"),
+        lambda t: member(t, "./a/../../escape", b"x"),
+        lambda t: member(t, "/etc/passwd", b"x"),
+        lambda t: member(t, "./l", type=tarfile.SYMTYPE, linkname="../../etc"),
+        lambda t: member(t, "./l", type=tarfile.SYMTYPE, linkname="/etc"),
+        lambda t: member(t, "./h", type=tarfile.LNKTYPE, linkname="/etc/passwd"),
+        lambda t: member(t, "./h", type=tarfile.LNKTYPE, linkname="./never-seen"),
+        lambda t: member(t, "./null", type=tarfile.CHRTYPE),
+        lambda t: member(t, "./sda", type=tarfile.BLKTYPE),
+        lambda t: (member(t, "./d", type=tarfile.SYMTYPE, linkname="sub"), member(t, "./d/x", b"through")),
+        lambda t: (member(t, "./d", type=tarfile.SYMTYPE, linkname="sub"), member(t, "./d", b"replace")),
+        # a hard link to a symlink is a symlink (GNU tar links the symlink itself): no writing through it,
+        lambda t: (
+            member(t, "./s", type=tarfile.SYMTYPE, linkname="sub"),
+            member(t, "./h", type=tarfile.LNKTYPE, linkname="./s"),
+            member(t, "./h/x", b"through"),
+        ),
+        # and its relative target may leave the tree from its new place
+        lambda t: (
+            member(t, "./a/", type=tarfile.DIRTYPE),
+            member(t, "./a/l", type=tarfile.SYMTYPE, linkname="../x"),
+            member(t, "./h", type=tarfile.LNKTYPE, linkname="./a/l"),
+        ),
+    ],
+)
 def test_unsafe_members_are_refused_before_reaching_the_sink(add: Callable[[tarfile.TarFile], None]) -> None:
     def full(tar: tarfile.TarFile) -> None:
         member(tar, "./before.txt", b"ok")
@@ -121,7 +136,7 @@ def test_unsafe_members_are_refused_before_reaching_the_sink(add: Callable[[tarf
     assert err.value.code == "unsafe_archive"
     # the refused header never reached tar: the sink holds (a prefix of) the approved members only
     names = [m[0] for m in _members(b"".join(sunk) + bytes(1024))]
-    assert names == [".", "./before.txt"][:len(names)]
+    assert names == [".", "./before.txt"][: len(names)]
 
 
 def test_external_symlink_allowed_when_asked_but_never_traversed() -> None:
@@ -129,8 +144,9 @@ def test_external_symlink_allowed_when_asked_but_never_traversed() -> None:
     assert _members(run_gate(ext, allow_external=True)) == _members(ext)
     with pytest.raises(ScriptError):
         run_gate(ext)
-    through = build(lambda t: (member(t, "./etc", type=tarfile.SYMTYPE, linkname="/etc"),
-                               member(t, "./etc/passwd", b"x")))
+    through = build(
+        lambda t: (member(t, "./etc", type=tarfile.SYMTYPE, linkname="/etc"), member(t, "./etc/passwd", b"x"))
+    )
     with pytest.raises(ScriptError):
         run_gate(through, allow_external=True)
 
@@ -169,7 +185,7 @@ def test_gate_over_recycled_part_buffers_with_tiny_parts() -> None:
             member(tar, "./f%03d" % i, os.urandom(3000 + 733 * i))
 
     stream = build(add)
-    parts = [stream[i:i + 4096] for i in range(0, len(stream), 4096)]
+    parts = [stream[i : i + 4096] for i in range(0, len(stream), 4096)]
 
     class FakeFetcher:
         ctx = type("C", (), {"check": staticmethod(lambda: None)})()
@@ -181,8 +197,8 @@ def test_gate_over_recycled_part_buffers_with_tiny_parts() -> None:
             if self.i == len(parts):
                 return None
             buf = self.pool.pop() if self.pool else bytearray(4097)
-            buf[:len(parts[self.i])] = parts[self.i]
-            view = memoryview(buf)[:len(parts[self.i])]
+            buf[: len(parts[self.i])] = parts[self.i]
+            view = memoryview(buf)[: len(parts[self.i])]
             self.i += 1
             return buf, view
 

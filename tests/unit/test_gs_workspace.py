@@ -1,4 +1,5 @@
 """gs_workspace: size pre-scan and the staging swap (local temporary directories only)."""
+
 from __future__ import annotations
 
 import os

@@ -1,6 +1,7 @@
 """An outside tester's repro: a GPU that disappears from nvidia-smi's list within the idle window (fell off
 the bus, driver reset, a MIG/vGPU reconfiguration) is a GPU whose utilisation is not known for the rest
 of the window. Unknown is busy, never idle (issue 11: a failed or missing sample counts as busy)."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -12,8 +13,9 @@ T0 = dt.datetime(2026, 12, 1, 10, tzinfo=dt.timezone.utc)
 
 
 def _series(*utils: list[int]) -> list[Sample]:
-    return [Sample(taken_at=T0 + dt.timedelta(minutes=i), ok=True, gpu_util=u, ssh_sessions=0)
-            for i, u in enumerate(utils)]
+    return [
+        Sample(taken_at=T0 + dt.timedelta(minutes=i), ok=True, gpu_util=u, ssh_sessions=0) for i, u in enumerate(utils)
+    ]
 
 
 def test_a_gpu_that_vanishes_within_the_window_is_not_read_as_idle():

@@ -1,5 +1,6 @@
 """src/manifest.py reads format-2 manifests as strictly as the host's validator (gs_manifest.validate_v2):
 a manifest that could point a restore at another object, or whose numbers do not add up, is refused."""
+
 from __future__ import annotations
 
 import copy
@@ -30,8 +31,12 @@ def doc() -> dict:
 def _drop_blocks(d: dict) -> None:
     d["chunks"] = [dict(c, object=c["object"]) for c in d["chunks"] if c["kind"] != "block"]
     t = d["totals"]
-    t.update(chunks=len(d["chunks"]), chunks_new=sum(c["new"] for c in d["chunks"]),
-             chunks_reused=sum(not c["new"] for c in d["chunks"]), raw_bytes=sum(c["raw_size"] for c in d["chunks"]))
+    t.update(
+        chunks=len(d["chunks"]),
+        chunks_new=sum(c["new"] for c in d["chunks"]),
+        chunks_reused=sum(not c["new"] for c in d["chunks"]),
+        raw_bytes=sum(c["raw_size"] for c in d["chunks"]),
+    )
 
 
 def _parse(doc: dict):  # type: ignore[no-untyped-def]
@@ -59,27 +64,30 @@ def _huge_object(d: dict) -> None:
     o["size"] = 1 << 40
 
 
-@pytest.mark.parametrize("breaks", [
-    lambda d: d["objects"][0].update(key="../other/chunks/" + "a" * 64),
-    lambda d: d["objects"][0].update(key="chunks/" + "A" * 64),
-    lambda d: d["objects"][1].update(key="packs/" + "0" * 64),  # a pack not named by its digest
-    lambda d: d["objects"].append(dict(d["objects"][0])),  # listed twice
-    lambda d: d["chunks"][0].update(object=7),
-    lambda d: d["chunks"][2].update(offset=10 ** 9),  # outside its pack
-    lambda d: d["chunks"][0].update(offset=1),  # a block is its whole object
-    lambda d: d["chunks"][0].update(codec="lz4"),
-    lambda d: d["chunks"][0].update(kind="file"),
-    lambda d: d["chunks"][0].update(new="yes"),
-    lambda d: d["chunks"][2].update(sha256="f" * 64),  # raw chunk whose stored digest is not its raw digest
-    lambda d: d["totals"].update(raw_bytes=1),
-    lambda d: d["totals"].update(chunks_new=0),
-    lambda d: d["totals"].update(objects=9),
-    lambda d: d.update(chunks=[]),
-    lambda d: d.pop("chunking"),
-    _huge_raw,
-    _huge_object,
-    lambda d: _drop_blocks(d),  # the block object is listed but no chunk uses it
-])
+@pytest.mark.parametrize(
+    "breaks",
+    [
+        lambda d: d["objects"][0].update(key="../other/chunks/" + "a" * 64),
+        lambda d: d["objects"][0].update(key="chunks/" + "A" * 64),
+        lambda d: d["objects"][1].update(key="packs/" + "0" * 64),  # a pack not named by its digest
+        lambda d: d["objects"].append(dict(d["objects"][0])),  # listed twice
+        lambda d: d["chunks"][0].update(object=7),
+        lambda d: d["chunks"][2].update(offset=10**9),  # outside its pack
+        lambda d: d["chunks"][0].update(offset=1),  # a block is its whole object
+        lambda d: d["chunks"][0].update(codec="lz4"),
+        lambda d: d["chunks"][0].update(kind="file"),
+        lambda d: d["chunks"][0].update(new="yes"),
+        lambda d: d["chunks"][2].update(sha256="f" * 64),  # raw chunk whose stored digest is not its raw digest
+        lambda d: d["totals"].update(raw_bytes=1),
+        lambda d: d["totals"].update(chunks_new=0),
+        lambda d: d["totals"].update(objects=9),
+        lambda d: d.update(chunks=[]),
+        lambda d: d.pop("chunking"),
+        _huge_raw,
+        _huge_object,
+        lambda d: _drop_blocks(d),  # the block object is listed but no chunk uses it
+    ],
+)
 def test_a_manifest_that_breaks_a_rule_is_manifest_invalid(doc, breaks):
     bad = copy.deepcopy(doc)
     breaks(bad)
@@ -101,7 +109,7 @@ def test_pack_round_trip():
     chunks = [(PackEntry(_sha(d), 0, len(d), len(d), "none", _sha(d)), d) for d in (b"one", b"two!", b"")]
     pack, entries = build_pack(chunks)
     assert read_toc(pack) == entries and [e.offset for e in entries] == [0, 3, 7]
-    assert pack[entries[1].offset:entries[1].offset + 4] == b"two!"
+    assert pack[entries[1].offset : entries[1].offset + 4] == b"two!"
     with pytest.raises(ValueError):
         read_toc(pack[:-1])
 

@@ -1,4 +1,5 @@
 """The pure rules behind policies: cron slots, restic-style retention, and when a machine is idle."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -18,26 +19,47 @@ def t(day: int, hour: int = 0, minute: int = 0, second: int = 0, month: int = 12
 
 # ---- cron -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("expr, now, latest, following", [
-    ("* * * * *", t(1, 15, 47, 30), t(1, 15, 47), t(1, 15, 48)),
-    ("0 3 * * *", t(1, 15, 47), t(1, 3), t(2, 3)),
-    ("0 3 * * *", t(1, 3, 0, 59), t(1, 3), t(2, 3)),
-    ("*/15 * * * *", t(1, 15, 47), t(1, 15, 45), t(1, 16, 0)),
-    ("0 0 * * mon", t(1, 12), t(30, month=11), t(7)),  # 2026-12-01 is a Tuesday
-    ("0 0 * * 7", t(1, 12), t(29, month=11), t(6)),  # 7 is Sunday too
-    ("0 0 1 * 0", t(2), t(1), t(6)),  # both day fields restricted: either matches (crontab(5))
-    ("30 2 1-3 jan,dec *", t(5), t(3, 2, 30), dt.datetime(2027, 1, 1, 2, 30, tzinfo=UTC)),
-    ("5/20 * * * *", t(1, 10, 4), t(1, 9, 45), t(1, 10, 5)),
-])
+
+@pytest.mark.parametrize(
+    "expr, now, latest, following",
+    [
+        ("* * * * *", t(1, 15, 47, 30), t(1, 15, 47), t(1, 15, 48)),
+        ("0 3 * * *", t(1, 15, 47), t(1, 3), t(2, 3)),
+        ("0 3 * * *", t(1, 3, 0, 59), t(1, 3), t(2, 3)),
+        ("*/15 * * * *", t(1, 15, 47), t(1, 15, 45), t(1, 16, 0)),
+        ("0 0 * * mon", t(1, 12), t(30, month=11), t(7)),  # 2026-12-01 is a Tuesday
+        ("0 0 * * 7", t(1, 12), t(29, month=11), t(6)),  # 7 is Sunday too
+        ("0 0 1 * 0", t(2), t(1), t(6)),  # both day fields restricted: either matches (crontab(5))
+        ("30 2 1-3 jan,dec *", t(5), t(3, 2, 30), dt.datetime(2027, 1, 1, 2, 30, tzinfo=UTC)),
+        ("5/20 * * * *", t(1, 10, 4), t(1, 9, 45), t(1, 10, 5)),
+    ],
+)
 def test_cron_latest_and_next_slot(expr, now, latest, following):  # type: ignore[no-untyped-def]
     c = cron.parse(expr)
     assert c.latest_at_or_before(now) == latest
     assert c.next_after(now) == following
 
 
-@pytest.mark.parametrize("bad", ["* * * *", "* * * * * *", "60 * * * *", "* 24 * * *", "* * 0 * *", "* * * 13 *",
-                                 "* * * * 8", "*/0 * * * *", "5-1 * * * *", "a * * * *", "@daily", "* * * * MON#2",
-                                 "0 0 L * *", "-1 * * * *", "1,,2 * * * *"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "* * * *",
+        "* * * * * *",
+        "60 * * * *",
+        "* 24 * * *",
+        "* * 0 * *",
+        "* * * 13 *",
+        "* * * * 8",
+        "*/0 * * * *",
+        "5-1 * * * *",
+        "a * * * *",
+        "@daily",
+        "* * * * MON#2",
+        "0 0 L * *",
+        "-1 * * * *",
+        "1,,2 * * * *",
+    ],
+)
 def test_cron_refuses_what_it_does_not_understand(bad):  # type: ignore[no-untyped-def]
     with pytest.raises(cron.CronError):
         cron.parse(bad)
@@ -54,6 +76,7 @@ def test_naive_datetimes_are_utc():
 
 
 # ---- retention (restic forget) ------------------------------------------------------------------------
+
 
 def _snaps(*times: dt.datetime) -> list[tuple[str, dt.datetime]]:
     return [(f"s{i:02d}", at) for i, at in enumerate(times)]
@@ -99,13 +122,21 @@ def test_the_only_snapshot_is_never_forgotten():
 RULES = {"gpu_util_below": 5, "for_s": 180, "sample_every_s": 60, "respect_ssh_sessions": True}
 
 
-def _series(*utils: list[int] | None, start: dt.datetime = t(1, 10), every: int = 60,
-            sessions: int = 0) -> list[Sample]:
+def _series(
+    *utils: list[int] | None, start: dt.datetime = t(1, 10), every: int = 60, sessions: int = 0
+) -> list[Sample]:
     out = []
     for i, u in enumerate(utils):
         at = start + dt.timedelta(seconds=every * i)
-        out.append(Sample(taken_at=at, ok=u is not None, gpu_util=u, ssh_sessions=sessions,
-                          error=None if u is not None else "nvidia_smi_failed: exit 9"))
+        out.append(
+            Sample(
+                taken_at=at,
+                ok=u is not None,
+                gpu_util=u,
+                ssh_sessions=sessions,
+                error=None if u is not None else "nvidia_smi_failed: exit 9",
+            )
+        )
     return out
 
 
@@ -154,15 +185,18 @@ def test_an_open_ssh_session_defers_unless_ignored():
     assert not decide(unknown, now=t(1, 10, 3), rules=RULES).idle
 
 
-@pytest.mark.parametrize("result, util, error", [
-    ({"gpu_util": [0, 12], "gpu_error": None, "ssh_sessions": 0}, [0, 12], None),
-    ({"gpu_util": None, "gpu_error": "nvidia_smi_missing: x", "ssh_sessions": 0}, None, "nvidia_smi_missing: x"),
-    ({"gpu_util": [0, 101], "gpu_error": None, "ssh_sessions": 0}, None, "gpu_util_unreadable"),
-    ({"gpu_util": [True], "gpu_error": None, "ssh_sessions": 0}, None, "gpu_util_unreadable"),
-    ({"gpu_util": "0", "gpu_error": None, "ssh_sessions": 0}, None, "gpu_util_unreadable"),
-    ({"gpu_util": [], "gpu_error": None, "ssh_sessions": 0}, None, "gpu_util_unreadable"),
-    ({"gpu_util": [-1], "gpu_error": None, "ssh_sessions": 0}, None, "gpu_util_unreadable"),
-])
+@pytest.mark.parametrize(
+    "result, util, error",
+    [
+        ({"gpu_util": [0, 12], "gpu_error": None, "ssh_sessions": 0}, [0, 12], None),
+        ({"gpu_util": None, "gpu_error": "nvidia_smi_missing: x", "ssh_sessions": 0}, None, "nvidia_smi_missing: x"),
+        ({"gpu_util": [0, 101], "gpu_error": None, "ssh_sessions": 0}, None, "gpu_util_unreadable"),
+        ({"gpu_util": [True], "gpu_error": None, "ssh_sessions": 0}, None, "gpu_util_unreadable"),
+        ({"gpu_util": "0", "gpu_error": None, "ssh_sessions": 0}, None, "gpu_util_unreadable"),
+        ({"gpu_util": [], "gpu_error": None, "ssh_sessions": 0}, None, "gpu_util_unreadable"),
+        ({"gpu_util": [-1], "gpu_error": None, "ssh_sessions": 0}, None, "gpu_util_unreadable"),
+    ],
+)
 def test_probe_answers_are_not_trusted(result, util, error):  # type: ignore[no-untyped-def]
     got_util, _sessions, got_error = parse_probe(result)
     assert got_util == util
@@ -176,12 +210,17 @@ def test_hostile_session_counts_become_unknown():
 
 # ---- wake-time histograms ---------------------------------------------------------------------------
 
+
 def test_wake_phase_histograms_count_each_phase_of_succeeded_wakes():
     from src.services.policy_metrics import _wake_histogram
 
-    results = [{"timings": {"queue_s": 0.0, "rent_s": 40.0, "restore_s": 400.0}},
-               {"timings": {"queue_s": 100.0, "rent_s": 200.0, "restore_s": 700.0}},
-               {"timings": {"queue_s": None}}, None, {"no": "timings"}]
+    results = [
+        {"timings": {"queue_s": 0.0, "rent_s": 40.0, "restore_s": 400.0}},
+        {"timings": {"queue_s": 100.0, "rent_s": 200.0, "restore_s": 700.0}},
+        {"timings": {"queue_s": None}},
+        None,
+        {"no": "timings"},
+    ]
     family = _wake_histogram(results)
     samples = {(s.name, s.labels["phase"], s.labels.get("le")): s.value for s in family.samples}
     assert samples[("gpusnap_wake_phase_seconds_count", "queue", None)] == 2

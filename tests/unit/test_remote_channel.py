@@ -1,4 +1,5 @@
 """ChannelReader's idea of "the remote process is done": exit status AND end of output."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """SSH_ALLOWED_NETWORKS: parsing, CIDRs, names, IPv6, names resolving into forbidden ranges."""
+
 from __future__ import annotations
 
 import socket
@@ -28,23 +29,51 @@ def policy(setting: str, **table: list[str]) -> SshPolicy:
 
 # Every kind of address that is not one public host (issue 9: unset must fail safe).
 NOT_PUBLIC = [
-    "127.0.0.1", "127.8.9.10", "::1", "[::1]", "::ffff:127.0.0.1",   # loopback, also IPv4-mapped
-    "169.254.169.254", "169.254.0.1", "fe80::1", "[fe80::1%eth0]",   # link-local: the metadata service
-    "10.0.0.1", "172.16.3.4", "192.168.1.1", "fd00::1", "fec0::1",   # private, ULA, site-local
-    "100.64.0.1",                                                    # CGNAT shared space
-    "224.0.0.1", "239.255.255.250", "ff02::1",                       # multicast
-    "0.0.0.0", "::", "255.255.255.255", "240.0.0.1",                 # unspecified, broadcast, reserved
-    "192.0.2.7", "198.51.100.7", "203.0.113.7", "2001:db8::7",       # documentation ranges
-    "198.18.0.1",                                                    # benchmarking
-    "64:ff9b::a9fe:a9fe", "2002:7f00:1::1", "2001:0:4136:e378:8000:63bf:3fff:fdd2",  # NAT64/6to4/Teredo wraps
+    "127.0.0.1",
+    "127.8.9.10",
+    "::1",
+    "[::1]",
+    "::ffff:127.0.0.1",  # loopback, also IPv4-mapped
+    "169.254.169.254",
+    "169.254.0.1",
+    "fe80::1",
+    "[fe80::1%eth0]",  # link-local: the metadata service
+    "10.0.0.1",
+    "172.16.3.4",
+    "192.168.1.1",
+    "fd00::1",
+    "fec0::1",  # private, ULA, site-local
+    "100.64.0.1",  # CGNAT shared space
+    "224.0.0.1",
+    "239.255.255.250",
+    "ff02::1",  # multicast
+    "0.0.0.0",
+    "::",
+    "255.255.255.255",
+    "240.0.0.1",  # unspecified, broadcast, reserved
+    "192.0.2.7",
+    "198.51.100.7",
+    "203.0.113.7",
+    "2001:db8::7",  # documentation ranges
+    "198.18.0.1",  # benchmarking
+    "64:ff9b::a9fe:a9fe",
+    "2002:7f00:1::1",
+    "2001:0:4136:e378:8000:63bf:3fff:fdd2",  # NAT64/6to4/Teredo wraps
 ]
 
 
 @pytest.mark.parametrize("setting", [None, "", "  ", ",", " , ,"])
 def test_unset_or_blank_allows_public_unicast_only(setting: str | None) -> None:
-    p = SshPolicy.from_setting(setting, resolver=FakeResolver({"gpu.example.org": ["8.8.4.4", "2606:4700::1"],
-                                                                 "sneaky.example.org": ["8.8.4.4", "169.254.169.254"],
-                                                                 "metadata.example.org": ["169.254.169.254"]}))
+    p = SshPolicy.from_setting(
+        setting,
+        resolver=FakeResolver(
+            {
+                "gpu.example.org": ["8.8.4.4", "2606:4700::1"],
+                "sneaky.example.org": ["8.8.4.4", "169.254.169.254"],
+                "metadata.example.org": ["169.254.169.254"],
+            }
+        ),
+    )
     assert p.public_only and not p.allows_everything
     for host in ("8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "gpu.example.org", "64:ff9b::808:808"):
         p.check(host)

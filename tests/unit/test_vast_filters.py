@@ -1,4 +1,5 @@
 """The vast.ai search filter and region mapping, and reading instance records: pure functions, no server."""
+
 from __future__ import annotations
 
 import pytest
@@ -17,15 +18,29 @@ from src.errors import InvalidRequest
 
 def test_default_query_is_rentable_verified_reliable_cheapest_first() -> None:
     assert build_offer_query() == {
-        "rentable": {"eq": True}, "rented": {"eq": False}, "external": {"eq": False},
-        "num_gpus": {"eq": 1}, "verified": {"eq": True}, "reliability": {"gte": 0.95},
-        "order": [["dph_total", "asc"]], "type": "on-demand", "limit": 20,
+        "rentable": {"eq": True},
+        "rented": {"eq": False},
+        "external": {"eq": False},
+        "num_gpus": {"eq": 1},
+        "verified": {"eq": True},
+        "reliability": {"gte": 0.95},
+        "order": [["dph_total", "asc"]],
+        "type": "on-demand",
+        "limit": 20,
     }
 
 
 def test_every_filter_uses_vast_field_and_operator() -> None:
-    query = build_offer_query(gpu_name="RTX_4090", num_gpus=2, region="us", max_price_per_hour=0.5,
-                              min_disk_gb=100, min_reliability=0.99, min_inet_down_mbps=500, limit=5)
+    query = build_offer_query(
+        gpu_name="RTX_4090",
+        num_gpus=2,
+        region="us",
+        max_price_per_hour=0.5,
+        min_disk_gb=100,
+        min_reliability=0.99,
+        min_inet_down_mbps=500,
+        limit=5,
+    )
     assert query["gpu_name"] == {"eq": "RTX 4090"}
     assert query["num_gpus"] == {"eq": 2}
     assert query["geolocation"] == {"in": ["US", "CA"]}
@@ -48,10 +63,19 @@ def test_nonsense_filters_are_refused(bad: dict) -> None:
         build_offer_query(**bad)
 
 
-@pytest.mark.parametrize("region, expected", [
-    ("eu", list(EUROPE)), ("Europe", list(EUROPE)), ("us", ["US", "CA"]), ("NA", ["US", "CA"]),
-    ("north_america", ["US", "CA"]), ("de", ["DE"]), ("US,ca", ["US", "CA"]), (" se ", ["SE"]),
-])
+@pytest.mark.parametrize(
+    "region, expected",
+    [
+        ("eu", list(EUROPE)),
+        ("Europe", list(EUROPE)),
+        ("us", ["US", "CA"]),
+        ("NA", ["US", "CA"]),
+        ("north_america", ["US", "CA"]),
+        ("de", ["DE"]),
+        ("US,ca", ["US", "CA"]),
+        (" se ", ["SE"]),
+    ],
+)
 def test_regions_map_to_country_codes(region: str, expected: list[str]) -> None:
     assert region_country_codes(region) == expected
 
@@ -81,8 +105,17 @@ def test_country_code_from_vast_geolocation() -> None:
 
 
 def test_offer_from_api_keeps_raw_and_types() -> None:
-    offer = Offer.from_api({"id": "12", "gpu_name": "RTX 4090", "num_gpus": 1, "dph_total": "0.4",
-                            "geolocation": "Quebec, CA", "reliability2": 0.97, "extra": 1})
+    offer = Offer.from_api(
+        {
+            "id": "12",
+            "gpu_name": "RTX 4090",
+            "num_gpus": 1,
+            "dph_total": "0.4",
+            "geolocation": "Quebec, CA",
+            "reliability2": 0.97,
+            "extra": 1,
+        }
+    )
     assert (offer.id, offer.dph_total, offer.country_code, offer.reliability) == (12, 0.4, "CA", 0.97)
     assert offer.raw["extra"] == 1
 
@@ -92,8 +125,12 @@ def _instance(**fields) -> Instance:
 
 
 def test_direct_ssh_is_preferred_over_the_proxy() -> None:
-    inst = _instance(ssh_host="ssh4.vast.ai", ssh_port=31000, public_ipaddr="203.0.113.9\n",
-                     ports={"22/tcp": [{"HostIp": "0.0.0.0", "HostPort": "41022"}]})
+    inst = _instance(
+        ssh_host="ssh4.vast.ai",
+        ssh_port=31000,
+        public_ipaddr="203.0.113.9\n",
+        ports={"22/tcp": [{"HostIp": "0.0.0.0", "HostPort": "41022"}]},
+    )
     assert (inst.ssh_endpoint.host, inst.ssh_endpoint.port, inst.ssh_endpoint.kind) == ("203.0.113.9", 41022, "direct")
     assert inst.proxy_ssh_endpoint.port == 31000
 
@@ -120,11 +157,19 @@ def test_ssh_runtypes_use_ssh_port_as_is() -> None:
         assert _instance(ssh_host="ssh4.vast.ai", ssh_port=31000, image_runtype=runtype).ssh_endpoint.port == 31000
 
 
-@pytest.mark.parametrize("fields", [
-    {"ports": {"22/tcp": "41022"}}, {"ports": {"22/tcp": ["41022"]}}, {"ports": {"22/tcp": [{"HostPort": "0"}]}},
-    {"ports": {"22/tcp": [{"HostPort": "70000"}]}}, {"ports": {"22/tcp": [{"HostPort": None}]}},
-    {"ports": ["22/tcp"]}, {"ssh_port": 65535, "image_runtype": "jupyter"}, {"image_runtype": 7},
-])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"ports": {"22/tcp": "41022"}},
+        {"ports": {"22/tcp": ["41022"]}},
+        {"ports": {"22/tcp": [{"HostPort": "0"}]}},
+        {"ports": {"22/tcp": [{"HostPort": "70000"}]}},
+        {"ports": {"22/tcp": [{"HostPort": None}]}},
+        {"ports": ["22/tcp"]},
+        {"ssh_port": 65535, "image_runtype": "jupyter"},
+        {"image_runtype": 7},
+    ],
+)
 def test_hostile_instance_records_give_no_endpoint_rather_than_a_crash(fields: dict) -> None:
     inst = _instance(**{"public_ipaddr": "203.0.113.9", "ssh_host": None, **fields})
     if "ssh_port" in fields:  # 65535 + 1 is no port at all

@@ -1,6 +1,7 @@
 """bench/wanproxy.py shapes what passes through it: a per-connection rate, a link shared by all
 connections, a one-way delay. Only lower bounds on time are asserted (shaping guarantees them; a
 loaded machine can only make things slower)."""
+
 from __future__ import annotations
 
 import os
@@ -9,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Iterator, List, Tuple
+from collections.abc import Iterator
 
 import pytest
 
@@ -17,7 +18,7 @@ BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "bench")
 
 
 @pytest.fixture
-def sink() -> Iterator[Tuple[str, int]]:
+def sink() -> Iterator[tuple[str, int]]:
     """A TCP server that reads everything and answers each 1-byte message, then 'ok' at EOF."""
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
@@ -48,16 +49,31 @@ def sink() -> Iterator[Tuple[str, int]]:
     srv.close()
 
 
-def proxy(upstream: Tuple[str, int], conn_rate: str, link_rate: str, delay_ms: float) -> Tuple[subprocess.Popen, Tuple[str, int]]:
-    proc = subprocess.Popen([sys.executable, os.path.join(BENCH, "wanproxy.py"), "--upstream", "%s:%d" % upstream,
-                             "--conn-rate", conn_rate, "--link-rate", link_rate, "--delay-ms", str(delay_ms)],
-                            stdout=subprocess.PIPE, text=True)
+def proxy(
+    upstream: tuple[str, int], conn_rate: str, link_rate: str, delay_ms: float
+) -> tuple[subprocess.Popen, tuple[str, int]]:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            os.path.join(BENCH, "wanproxy.py"),
+            "--upstream",
+            "%s:%d" % upstream,
+            "--conn-rate",
+            conn_rate,
+            "--link-rate",
+            link_rate,
+            "--delay-ms",
+            str(delay_ms),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     line = proc.stdout.readline().split()  # type: ignore[union-attr]
     host, port = line[1].rsplit(":", 1)
     return proc, (host, int(port))
 
 
-def send(addr: Tuple[str, int], nbytes: int) -> float:
+def send(addr: tuple[str, int], nbytes: int) -> float:
     t0 = time.monotonic()
     with socket.create_connection(addr) as s:
         s.sendall(b"x" * nbytes)
@@ -66,11 +82,11 @@ def send(addr: Tuple[str, int], nbytes: int) -> float:
     return time.monotonic() - t0
 
 
-def test_a_connection_is_capped_and_the_link_is_shared(sink: Tuple[str, int]) -> None:
+def test_a_connection_is_capped_and_the_link_is_shared(sink: tuple[str, int]) -> None:
     proc, addr = proxy(sink, "1M", "1.5M", 1)
     try:
         assert send(addr, 1_000_000) >= 0.9  # 1 MB at 1 MB/s
-        times: List[float] = []
+        times: list[float] = []
         threads = [threading.Thread(target=lambda: times.append(send(addr, 600_000))) for _ in range(3)]
         t0 = time.monotonic()
         for t in threads:
@@ -84,7 +100,7 @@ def test_a_connection_is_capped_and_the_link_is_shared(sink: Tuple[str, int]) ->
         proc.wait(10)
 
 
-def test_each_direction_is_delayed_and_a_new_connection_pays_a_round_trip(sink: Tuple[str, int]) -> None:
+def test_each_direction_is_delayed_and_a_new_connection_pays_a_round_trip(sink: tuple[str, int]) -> None:
     proc, addr = proxy(sink, "100M", "100M", 100)
     try:
         t0 = time.monotonic()

@@ -8,8 +8,9 @@ import logging
 import os
 import pathlib
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -20,8 +21,6 @@ from src.settings import Settings
 
 if TYPE_CHECKING:
     from src.adapters.object_store import ObjectStore
-    from src.jobs.kinds import JobKind
-    from src.jobs.queue import JobQueue
 
 logger = logging.getLogger(__name__)
 
@@ -31,14 +30,28 @@ class NotConfigured(GpusnapError):
     http_status = 503
 
 
+class JobQueuePort(Protocol):
+    """What the rest of the app uses of the job queue (`src.jobs.queue.JobQueue`, set by `create_app`).
+    Described here rather than imported: the job engine reads the container, and the container must not
+    import the job engine back."""
+
+    huey: Any
+
+    def enqueue(self, job_id: str) -> bool: ...
+
+    def ping(self) -> None: ...
+
+    def recover_stale_jobs(self, *, local_dead_workers: bool = False) -> list[str]: ...
+
+
 @dataclass
 class Container:
     settings: Settings
     engine: Engine
     session_factory: sessionmaker[Session]
     metrics: Metrics
-    job_kinds: dict[str, JobKind]
-    queue: JobQueue = field(init=False)
+    job_kinds: Mapping[str, Any]  # name -> src.jobs.kinds.JobKind (not imported here, as JobQueuePort says)
+    queue: JobQueuePort = field(init=False)
     # Overrides (tests); None means "build the real one from settings on first use".
     object_store_override: Any = None
     ssh_override: Any = None
@@ -105,13 +118,15 @@ class Container:
 def _object_store(s: Settings) -> ObjectStore:
     from src.adapters.object_store import ObjectStore
 
+    # Only called once `object_store_configured` said all four are set.
+    assert s.r2_endpoint and s.r2_bucket and s.r2_access_key and s.r2_secret_key
     return ObjectStore(
         endpoint=s.r2_endpoint,
         bucket=s.r2_bucket,
-        access_key=s.r2_access_key,  # type: ignore[arg-type]
+        access_key=s.r2_access_key,
         secret_key=s.r2_secret_key,
         region=s.r2_region,
-    )  # type: ignore[arg-type]
+    )
 
 
 def _ssh_client(s: Settings) -> Any:

@@ -17,7 +17,7 @@ from alembic.util.exc import CommandError as AlembicError
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError, ProgrammingError, SQLAlchemyError
 
-from src.cli.client import CliFailure
+from src.cli.common import CliFailure
 from src.errors import GpusnapError
 from src.settings import Settings
 

@@ -7,7 +7,8 @@ from typing import Any
 import click
 
 from src.cli import render
-from src.cli.client import (
+from src.cli.client_policies import policy
+from src.cli.common import (
     CODECS,
     api_command,
     given,
@@ -18,7 +19,6 @@ from src.cli.client import (
     show_list,
     show_one,
 )
-from src.cli.client_policies import policy
 from src.cli.http import ApiClient, seg
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from src.cli import render
-from src.cli.client import CODECS, api_command, echo_json, json_option
+from src.cli.common import CODECS, api_command, echo_json, json_option
 from src.cli.http import ApiClient, seg
 
 

@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from src.cli import render
-from src.cli.client import (
+from src.cli.common import (
     CODECS,
     CliFailure,
     api_command,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 
 import pytest
 
@@ -48,6 +49,9 @@ def test_hibernate_then_wake_restores_same_machine(stack, fake_vast, box):
     assert snap["status"] == "complete"
 
     shutil.rmtree(box["workspace"])  # the rented disk is gone with the instance
+    # Stay hibernated for a second: costs give hours to 4 decimals (0.36 s), and a wake asked for at once
+    # would leave the hibernated time below what the costs below can show.
+    time.sleep(1.0)
     r = stack.post(f"/api/instances/{box['id']}/wake", json={"gpu_type": "RTX 4090", "region": "us"})
     assert r.status_code == 202, r.text
     woke = stack.wait_job(r.json()["job"]["id"])

@@ -11,6 +11,8 @@ source: {...}, timings: {...}}.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import time
 from typing import Any, Dict, List
@@ -30,6 +32,17 @@ def part_key(index: int) -> str:
 
 def utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def upload(s5: Any, prefix: str, manifest: Dict[str, Any]) -> str:
+    """Write the manifest (the commit point: a snapshot without it does not exist), last, and check its
+    size in the bucket. Returns the SHA-256 the control plane records."""
+    body = json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8")
+    digest = hashlib.sha256(body).hexdigest()
+    s5.put(prefix + MANIFEST_NAME, body, {"sha256": digest})
+    if s5.head(prefix + MANIFEST_NAME)["size"] != len(body):
+        raise ScriptError("upload_failed", "manifest size mismatch after upload")
+    return digest
 
 
 def build(

@@ -8,8 +8,6 @@ every referenced object is present at its size -> manifest v2 last (the commit p
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from typing import Any, Callable, Dict, List
 
@@ -18,7 +16,7 @@ from gs_chunkpipe import ChunkUploader
 from gs_chunkstore import ChunkIndex, parse_known
 from gs_codecs import Codec, fallback_warning
 from gs_common import Context, ScriptError, heartbeat, key_prefix, require
-from gs_manifest import MANIFEST_NAME, build_v2
+from gs_manifest import MANIFEST_NAME, build_v2, upload
 from gs_packer import DEFAULT_PACK_SIZE
 from gs_s3 import S5
 from gs_upload import BatchUploader
@@ -128,11 +126,7 @@ def run(
     )
     if warnings:
         manifest["warnings"] = warnings
-    body = json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8")
-    digest = hashlib.sha256(body).hexdigest()
-    s5.put(prefix + MANIFEST_NAME, body, {"sha256": digest})
-    if s5.head(prefix + MANIFEST_NAME)["size"] != len(body):
-        raise ScriptError("upload_failed", "manifest size mismatch after upload")
+    digest = upload(s5, prefix, manifest)
     timings["manifest_s"] = round(time.monotonic() - t_manifest, 3)
     totals = manifest["totals"]
     events.progress(

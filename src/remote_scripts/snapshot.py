@@ -16,8 +16,6 @@ all snapshots of a machine, only new ones uploaded (docs/data-plane.md, "Format 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import platform
 import socket
@@ -32,7 +30,7 @@ import gs_runlock  # noqa: E402
 import gs_snapshot2  # noqa: E402
 from gs_codecs import CODEC_NAMES, fallback_warning, for_snapshot  # noqa: E402
 from gs_common import MAX_PARALLELISM, Context, ScriptError, heartbeat, key_prefix, require, run_script  # noqa: E402
-from gs_manifest import MANIFEST_NAME, build, part_key, utc_now  # noqa: E402
+from gs_manifest import MANIFEST_NAME, build, part_key, upload, utc_now  # noqa: E402
 from gs_pipeline import PartUploader  # noqa: E402
 from gs_s3 import S5  # noqa: E402
 from gs_upload import BatchUploader  # noqa: E402
@@ -206,11 +204,7 @@ def main(cfg: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
     )
     if warnings:
         manifest["warnings"] = warnings
-    body = json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8")
-    digest = hashlib.sha256(body).hexdigest()
-    s5.put(prefix + MANIFEST_NAME, body, {"sha256": digest})
-    if s5.head(prefix + MANIFEST_NAME)["size"] != len(body):
-        raise ScriptError("upload_failed", "manifest size mismatch after upload")
+    digest = upload(s5, prefix, manifest)
     timings["manifest_s"] = round(time.monotonic() - t_manifest, 3)
     totals = manifest["totals"]
     events.progress(

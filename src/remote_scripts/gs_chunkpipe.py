@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from gs_chunker import Chunker
 from gs_chunkstore import ChunkIndex
 from gs_codecs import Codec, encode_part
-from gs_common import Context, ScriptError, tail_text, widen_pipe
+from gs_common import Context, ScriptError, TarCreate
 from gs_packer import Loc, PackBuilder
 
 logger = logging.getLogger("gpusnap.remote")
@@ -88,27 +88,8 @@ class ChunkUploader:
 
     def run(self, make_tar: Callable[[int], List[str]]) -> Tuple[List[Tuple[str, int, Loc, str, bool]], int]:
         """Stream the whole archive; returns (chunk entries in stream order, file count)."""
-        index_r, index_w = os.pipe()
-        try:
-            self._tar = tar = self.ctx.spawn(
-                make_tar(index_w),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                stdin=subprocess.DEVNULL,
-                pass_fds=(index_w,),
-                bufsize=0,
-                env=dict(os.environ, LC_ALL="C"),
-            )
-        except FileNotFoundError:
-            raise ScriptError("missing_dependency", "GNU tar is not installed") from None
-        finally:
-            os.close(index_w)
-        widen_pipe(tar.stdout.fileno())
-        counter = threading.Thread(target=self._count_members, args=(index_r,), daemon=True)
-        errors: List[bytes] = []
-        drain = threading.Thread(target=lambda: errors.append(tar.stderr.read()), daemon=True)
-        counter.start()
-        drain.start()
+        tar_run = TarCreate(self.ctx, make_tar)
+        self._tar = tar = tar_run.proc
         chunker = Chunker(
             tar.stdout,
             self._take,
@@ -136,25 +117,17 @@ class ChunkUploader:
                     break
             if self.error is not None or self.ctx.cancelled.is_set():
                 tar.kill()
-            rc = tar.wait()
-        drain.join()
-        counter.join(5)
+            rc = tar_run.finish()
+        self.files = tar_run.files
         self.ctx.check()
         if self.error is not None:
             raise self.error
         if rc != 0:
-            raise ScriptError("tar_failed", "tar exited %d: %s" % (rc, tail_text(b"".join(errors))))
+            raise tar_run.failure(rc)
         sealed = self.packer.flush()
         if sealed is not None:
             self._upload_pack(sealed)
         return [self.entries[i] for i in range(count)], self.files
-
-    def _count_members(self, fd: int) -> None:
-        count = 0  # tar --verbose --index-file: one line per member; "./" is the root itself
-        with os.fdopen(fd, "rb") as index:
-            for _line in index:
-                count += 1
-        self.files = max(0, count - 1)
 
     def _chunk(self, i: int, kind: str, buf: bytearray, n: int) -> None:
         raw = memoryview(buf)[:n]

@@ -287,3 +287,51 @@ def read_full(stream: Any, buf: Any) -> int:
 
 def tail_text(data: bytes, limit: int = 2000) -> str:
     return data[-limit:].decode("utf-8", "replace").strip()
+
+
+class TarCreate:
+    """`tar --create` writing its stream to `proc.stdout`, with the member index it writes to a pipe
+    counted (`files`, after `finish`) and its stderr drained (so it never blocks on a full pipe). Both
+    snapshot formats read the stream this way; `make_tar(index_fd)` builds the command line."""
+
+    def __init__(self, ctx: Context, make_tar: Callable[[int], List[str]]) -> None:
+        index_r, index_w = os.pipe()
+        try:
+            self.proc = ctx.spawn(
+                make_tar(index_w),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                stdin=subprocess.DEVNULL,
+                pass_fds=(index_w,),
+                bufsize=0,
+                env=dict(os.environ, LC_ALL="C"),
+            )
+        except FileNotFoundError:
+            os.close(index_r)
+            raise ScriptError("missing_dependency", "GNU tar is not installed") from None
+        finally:
+            os.close(index_w)
+        widen_pipe(self.proc.stdout.fileno())
+        self.files = 0
+        self._errors: List[bytes] = []
+        self._counter = threading.Thread(target=self._count_members, args=(index_r,), daemon=True)
+        self._drain = threading.Thread(target=lambda: self._errors.append(self.proc.stderr.read()), daemon=True)
+        self._counter.start()
+        self._drain.start()
+
+    def _count_members(self, fd: int) -> None:
+        count = 0  # tar --verbose --index-file: one (escaped) line per member; "./" is the root itself
+        with os.fdopen(fd, "rb") as index:
+            for _line in index:
+                count += 1
+        self.files = max(0, count - 1)
+
+    def finish(self) -> int:
+        """Wait for tar and its two readers; returns tar's exit status."""
+        rc = self.proc.wait()
+        self._drain.join()
+        self._counter.join(5)
+        return rc
+
+    def failure(self, rc: int) -> ScriptError:
+        return ScriptError("tar_failed", "tar exited %d: %s" % (rc, tail_text(b"".join(self._errors))))

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from gs_codecs import Codec, encode_part
-from gs_common import Context, ScriptError, read_full, tail_text, widen_pipe
+from gs_common import Context, ScriptError, TarCreate, read_full
 from gs_manifest import part_key
 from gs_s3 import S5, NotFound
 
@@ -74,27 +74,8 @@ class PartUploader:
 
     def run(self, make_tar: Callable[[int], List[str]]) -> Tuple[List[Dict[str, Any]], int]:
         """Stream the whole archive; returns (manifest part entries in order, file count)."""
-        index_r, index_w = os.pipe()
-        try:
-            self._tar = tar = self.ctx.spawn(
-                make_tar(index_w),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                stdin=subprocess.DEVNULL,
-                pass_fds=(index_w,),
-                bufsize=0,
-                env=dict(os.environ, LC_ALL="C"),
-            )
-        except FileNotFoundError:
-            raise ScriptError("missing_dependency", "GNU tar is not installed") from None
-        finally:
-            os.close(index_w)
-        widen_pipe(tar.stdout.fileno())
-        counter = threading.Thread(target=self._count_members, args=(index_r,), daemon=True)
-        errors: List[bytes] = []
-        drain = threading.Thread(target=lambda: errors.append(tar.stderr.read()), daemon=True)
-        counter.start()
-        drain.start()
+        tar_run = TarCreate(self.ctx, make_tar)
+        self._tar = tar = tar_run.proc
         with ThreadPoolExecutor(self.parallelism, thread_name_prefix="part") as pool:
             index = 0
             while True:
@@ -112,14 +93,13 @@ class PartUploader:
                     self.parts_read = index + 1
                 pool.submit(self._part, index, buf, got)
                 index += 1
-            rc = tar.wait()
-        drain.join()
-        counter.join(5)
+            rc = tar_run.finish()
+        self.files = tar_run.files
         self.ctx.check()
         if self.error is not None:
             raise self.error
         if rc != 0:
-            raise ScriptError("tar_failed", "tar exited %d: %s" % (rc, tail_text(b"".join(errors))))
+            raise tar_run.failure(rc)
         return [self.parts[i] for i in range(index)], self.files
 
     def _take_slot(self) -> bool:
@@ -127,14 +107,6 @@ class PartUploader:
             if self.error is not None or self.ctx.cancelled.is_set():
                 return False
         return True
-
-    def _count_members(self, fd: int) -> None:
-        # tar --verbose --index-file writes one (escaped) line per member; "./" is the root itself.
-        count = 0
-        with os.fdopen(fd, "rb") as index:
-            for _line in index:
-                count += 1
-        self.files = max(0, count - 1)
 
     def _part(self, index: int, buf: bytearray, size: int) -> None:
         raw = memoryview(buf)[:size]

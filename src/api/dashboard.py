@@ -11,7 +11,7 @@ import secrets
 
 from flask import Blueprint, Response, render_template
 
-from src.api import schemas as m
+from src.api import schemas_events as ev
 from src.api.common import container, ok
 from src.api.routing import route
 from src.services import costs
@@ -26,7 +26,7 @@ TAG = "dashboard"
     "GET",
     tag=TAG,
     summary="Totals across machines: status, costs and savings, jobs",
-    responses={200: m.Summary},
+    responses={200: ev.Summary},
     description="Machines by status (live ones bill their hourly price), the hourly spend of the live ones, "
     "USD spent and saved (hibernated hours at the price of the instance destroyed), stored bytes "
     "and their monthly price at STORAGE_PRICE_GB_MONTH, jobs by status. Per machine: "

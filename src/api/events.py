@@ -17,6 +17,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, request
 
 from src.api import schemas as m
+from src.api import schemas_events as ev
 from src.api.common import container, ok
 from src.api.routing import route
 from src.errors import GpusnapError, InvalidRequest
@@ -52,7 +53,7 @@ def _slots() -> threading.BoundedSemaphore:
     summary="A short-lived token that may only open the event stream",
     body=m.EmptyRequest,
     body_optional=True,
-    responses={201: m.StreamTokenResponse},
+    responses={201: ev.StreamTokenResponse},
     description="For a browser's EventSource, which cannot send `Authorization`: open "
     "`/api/events?token=<token>` within `expires_in` seconds (STREAM_TOKEN_TTL_S); it opens one "
     "stream. The token is refused by every other endpoint.",
@@ -68,7 +69,7 @@ def create_token(body: m.EmptyRequest) -> Response:
     tag=TAG,
     summary="Live job and machine events (Server-Sent Events)",
     query=m.EventsQuery,
-    responses={200: m.StreamEvent, 503: m.ErrorResponse},
+    responses={200: ev.StreamEvent, 503: m.ErrorResponse},
     content_type="text/event-stream",
     stream_token=True,
     description="`text/event-stream`. Each event has `id:` (a number that only grows), `event:` (its kind: "

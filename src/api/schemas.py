@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
+from src.api.schemas_costs import MachineCosts
 from src.services import cron
 
 # ---- field types -------------------------------------------------------------------------------
@@ -420,36 +421,6 @@ class MachineEvent(BaseModel):
     at: str
 
 
-class Hours(BaseModel):
-    running: float = Field(
-        description="Hours billed at the full hourly price: running, and hibernating, "
-        "waking, pausing, resuming or in error"
-    )
-    paused: float = Field(description="Hours stopped (vast.ai bills only the disk)")
-    hibernated: float = Field(description="Hours with no instance at all")
-
-
-class TransferPrices(BaseModel):
-    upload: float | None = Field(description="USD per GB sent from the instance (vast.ai `inet_up_cost`)")
-    download: float | None = Field(description="USD per GB received (vast.ai `inet_down_cost`)")
-
-
-class MachineCosts(BaseModel):
-    hourly_usd: float | None = Field(
-        description="Price of the instance rented last (vast.ai `dph_total`); null "
-        "when unknown (a host gpusnap did not rent)"
-    )
-    hours: Hours
-    spent_usd: float | None = Field(description="Billed hours at the price in force in each of them")
-    saved_usd: float | None = Field(
-        description="What the hibernated hours would have cost at the price of the instance hibernating destroyed"
-    )
-    stored_bytes: int = Field(description="Stored bytes of the machine's complete snapshots")
-    storage_usd_month: float = Field(description="stored_bytes at STORAGE_PRICE_GB_MONTH (GB = 10^9 bytes)")
-    transfer_usd_per_gb: TransferPrices | None
-    as_of: str
-
-
 class Policy(BaseModel):
     machine_id: str
     workspace_path: str | None
@@ -520,71 +491,3 @@ class Health(BaseModel):
         description="Warnings that do not make the service "
         "unready, e.g. `host_credentials`: which credentials GPU hosts get",
     )
-
-
-class StreamTokenResponse(BaseModel):
-    token: str = Field(description="Use as `GET /api/events?token=`; refused by every other endpoint")
-    expires_at: str
-    expires_in: int = Field(description="Seconds (STREAM_TOKEN_TTL_S)")
-    scope: Literal["events"]
-
-
-class StreamEventJob(BaseModel):
-    id: str
-    kind: str
-    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
-    phase: str | None
-    progress: JobProgress
-    error: JobError | None
-    machine_id: str | None
-    snapshot_id: str | None
-
-
-class StreamEventEntry(BaseModel):
-    kind: str
-    message: str
-    data: dict[str, Any] | None
-
-
-class StreamEvent(BaseModel):
-    """The JSON of one `data:` line of GET /api/events."""
-
-    id: int = Field(description="The same as the event's `id:` line; resume after it with Last-Event-ID")
-    kind: Literal["job.status", "job.phase", "job.progress", "machine.status", "machine.event"]
-    at: str
-    machine_id: str | None
-    job_id: str | None
-    job: StreamEventJob | None = Field(None, description="job.* events: the job as it is after the change")
-    event: StreamEventEntry | None = Field(None, description="machine.event: the machine's new history entry")
-    from_: str | None = Field(None, alias="from", description="machine.status: the status before")
-    to: str | None = Field(None, description="machine.status: the status now")
-    hourly_usd: float | None = Field(None, description="machine.status: the hourly price in force")
-
-
-class MachineTotals(BaseModel):
-    total: int
-    live: int = Field(description="Machines with a billed instance (running and its transitions)")
-    paused: int
-    hibernated: int
-    by_status: dict[str, int]
-
-
-class CostTotals(BaseModel):
-    live_hourly_usd: float = Field(description="Sum of the hourly prices of the live machines")
-    spent_usd: float
-    saved_usd: float
-    stored_bytes: int
-    storage_usd_month: float
-    storage_price_gb_month: float
-
-
-class JobTotals(BaseModel):
-    by_status: dict[str, int]
-    active: int
-
-
-class Summary(BaseModel):
-    machines: MachineTotals
-    costs: CostTotals
-    jobs: JobTotals
-    as_of: str

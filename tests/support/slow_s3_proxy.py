@@ -6,6 +6,11 @@ forwarded, `put_delay_s` each PUT; `heads` counts the HEADs seen and `heads_held
 right now (a test that must act while a client waits on a slow HEAD looks at this, not at a count that
 may have moved before it looked).
 
+`hold_puts_after(n, key_part)` lets the first n PUTs whose path contains `key_part` through and holds
+every later one (`puts_held` counts them) until `release_puts()`: a test that must act in the middle of
+an upload gets a moment that cannot pass before it looks, however fast the machine. A held PUT whose
+client went away meanwhile is dropped, as a server drops a truncated upload.
+
 Plain HTTP/1.0 with one request per connection: enough for boto3 and s5cmd, and nothing to get wrong
 about keep-alive."""
 
@@ -29,6 +34,11 @@ class SlowS3Proxy:
         self.put_delay_s = put_delay_s  # each PUT (an uploaded part) waits this long: uploads that take a while
         self.heads = 0
         self.heads_held = 0
+        self.puts_forwarded = 0
+        self.puts_held = 0
+        self._hold_after: int | None = None
+        self._hold_key_part = ""
+        self._released = threading.Event()
         self._lock = threading.Lock()
         proxy = self
 
@@ -50,8 +60,15 @@ class SlowS3Proxy:
                             proxy.heads_held -= 1
                 if self.command == "PUT" and proxy.put_delay_s:
                     time.sleep(proxy.put_delay_s)
+                if self.command == "PUT":
+                    proxy._maybe_hold(self.path)
                 length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else None
+                try:
+                    body = self.rfile.read(length) if length else None
+                except OSError:
+                    return  # the client went away mid-body: nothing to forward
+                if body is not None and len(body) < length:
+                    return
                 conn = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port, timeout=120)
                 try:
                     conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
@@ -79,10 +96,31 @@ class SlowS3Proxy:
         self.endpoint = f"http://127.0.0.1:{self._server.server_port}"
         self._thread = threading.Thread(target=self._server.serve_forever, name="slow-s3-proxy", daemon=True)
 
+    def hold_puts_after(self, n: int, key_part: str = "") -> None:
+        with self._lock:
+            self._hold_after, self._hold_key_part = n, key_part
+            self._released.clear()
+
+    def release_puts(self) -> None:
+        self._released.set()
+
+    def _maybe_hold(self, path: str) -> None:
+        with self._lock:
+            if self._hold_after is None or self._hold_key_part not in path:
+                return
+            if self.puts_forwarded < self._hold_after:
+                self.puts_forwarded += 1
+                return
+            self.puts_held += 1
+        self._released.wait(timeout=300)
+        with self._lock:
+            self.puts_held -= 1
+
     def __enter__(self) -> SlowS3Proxy:
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._released.set()
         self._server.shutdown()
         self._server.server_close()

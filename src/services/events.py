@@ -167,13 +167,53 @@ def _aware(value: dt.datetime) -> dt.datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=dt.timezone.utc)
 
 
+HIGH_VOLUME_MACHINE_EVENTS = ("idle_sample",)  # one a minute per machine with an idle policy
+_PRUNE_BATCH = 2000
+
+
 def prune_progress(session_factory: sessionmaker[Session], *, older_than_s: float) -> int:
-    """Delete `job.progress` events older than `older_than_s` seconds (the bulk of the log: a job's final
-    counters stay in its last `job.status` event). Status, phase and machine events are kept: costs are
-    computed from `machine.status`. Returns how many were deleted. Safe to run from several workers."""
+    """Delete the high-volume events older than `older_than_s` seconds: `job.progress` (a job's final
+    counters stay in its last `job.status` event) and the idle samples of machines with an idle policy
+    (from the machine's history and from the stream; the policy decides from `idle_samples`, not from
+    events). Status, phase and the other machine events are kept: costs are computed from
+    `machine.status`. Returns how many were deleted. Safe to run from several workers."""
     cutoff = utcnow() - dt.timedelta(seconds=older_than_s)
     with transaction(session_factory) as s:
-        return rowcount(s.execute(delete(Event).where(Event.kind == JOB_PROGRESS, Event.created_at < cutoff)))
+        deleted = rowcount(s.execute(delete(Event).where(Event.kind == JOB_PROGRESS, Event.created_at < cutoff)))
+        deleted += rowcount(
+            s.execute(
+                delete(MachineEvent).where(
+                    MachineEvent.kind.in_(HIGH_VOLUME_MACHINE_EVENTS), MachineEvent.created_at < cutoff
+                )
+            )
+        )
+    return deleted + _prune_stream_machine_events(session_factory, cutoff)
+
+
+def _prune_stream_machine_events(session_factory: sessionmaker[Session], cutoff: dt.datetime) -> int:
+    """The stream's copies of those machine events. Their kind sits in the JSON payload, which SQLite and
+    Postgres query differently, so the rows are read and filtered here, a batch per transaction."""
+    deleted, after = 0, 0
+    while True:
+        with transaction(session_factory) as s:
+            rows = s.execute(
+                select(Event.id, Event.data)
+                .where(Event.kind == MACHINE_EVENT, Event.created_at < cutoff, Event.id > after)
+                .order_by(Event.id)
+                .limit(_PRUNE_BATCH)
+            ).all()
+            if not rows:
+                return deleted
+            after = rows[-1].id
+            doomed = [
+                row.id
+                for row in rows
+                if isinstance(row.data, dict)
+                and isinstance(row.data.get("event"), dict)
+                and row.data["event"].get("kind") in HIGH_VOLUME_MACHINE_EVENTS
+            ]
+            if doomed:
+                deleted += rowcount(s.execute(delete(Event).where(Event.id.in_(doomed))))
 
 
 # ---- reading -----------------------------------------------------------------------------------

@@ -277,3 +277,32 @@ def test_old_progress_events_are_pruned_and_the_rest_kept(app):
     resp = app.test_client().get(f"/api/events?job_id={job_id}&last_event_id=0", headers=AUTH, buffered=False)
     assert [f["data"]["job"]["status"] for f in read_until(resp, _finished)][-1] == "succeeded"
     resp.close()
+
+
+def test_old_idle_samples_are_pruned_from_history_and_stream_and_other_machine_events_kept(app):
+    """An idle policy samples its machine every minute: 1,440 history entries a day per machine. Once a
+    week old they go, from the machine's history and from the stream; other machine events stay."""
+    from src.jobs.idle_probe import record
+    from src.models import MachineEvent
+    from src.services.idle import Sample
+    from src.services.machines import add_event, ensure_machine
+
+    c = app.extensions["gpusnap"]
+    now = dt.datetime.now(dt.timezone.utc)
+    with transaction(c.session_factory) as s:
+        ensure_machine(s, machine_id="idle-1", host="127.0.0.1", port=22, user="root")
+    for _ in range(3):
+        record(c, "idle-1", Sample(taken_at=now, ok=True, gpu_util=[0], ssh_sessions=0))
+    with transaction(c.session_factory) as s:
+        add_event(s, "idle-1", "hibernated", "hibernated to snap_x")
+        s.execute(update(Event).values(created_at=now - dt.timedelta(days=8)))
+        s.execute(update(MachineEvent).values(created_at=now - dt.timedelta(days=8)))
+    record(c, "idle-1", Sample(taken_at=now, ok=True, gpu_util=[0], ssh_sessions=0))  # a fresh one stays
+
+    assert c.queue.prune_events() == 6  # three old samples, each in the history and in the stream
+    with transaction(c.session_factory) as s:
+        history = [k for (k,) in s.execute(select(MachineEvent.kind).order_by(MachineEvent.id))]
+        stream = [e["event"]["kind"] for (e,) in s.execute(select(Event.data).where(Event.kind == "machine.event"))]
+    assert history == ["registered", "hibernated", "idle_sample"]
+    assert stream == ["registered", "hibernated", "idle_sample"]
+    assert c.queue.prune_events() == 0

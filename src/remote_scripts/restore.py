@@ -52,7 +52,7 @@ from gs_tarsafe import MemberPolicy, extract_command, gate  # noqa: E402
 from gs_tuning import Concurrency, plan_here  # noqa: E402
 from gs_workspace import Staging, free_bytes, occupied, read_done  # noqa: E402
 
-DEFAULT_PARALLELISM = 4
+DEFAULT_PARALLELISM = 16  # a cap: gs_tuning lowers it to fit the host
 MAX_MANIFEST_BYTES = 256 << 20
 _DISK_FULL = (b"No space left on device", b"Disk quota exceeded")
 

@@ -39,7 +39,7 @@ from gs_upload import BatchUploader  # noqa: E402
 from gs_workspace import OWN_EXCLUDES, scan  # noqa: E402
 
 DEFAULT_PART_SIZE = 32 << 20
-DEFAULT_PARALLELISM = 4
+DEFAULT_PARALLELISM = 16  # a cap: gs_tuning lowers it to fit the host
 DEFAULT_ZSTD_LEVEL = 3
 MIN_PART_SIZE = 4096
 MAX_PART_SIZE = 1 << 30

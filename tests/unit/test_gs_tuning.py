@@ -103,11 +103,11 @@ def test_the_plan_keeps_parts_in_flight_within_the_memory_bound() -> None:
     assert plan(cap=16, part_size=32 * MIB, copies=3, cpus=4, mem_available=0)["parallelism_max"] == 1
 
 
-def test_the_start_is_the_old_default_or_one_transfer_per_compressing_cpu() -> None:
+def test_transfers_start_at_the_maximum_and_compression_at_one_per_usable_cpu() -> None:
     small = plan(cap=16, part_size=32 * MIB, copies=2, cpus=2, mem_available=64 * GIB)
-    assert (small["compress_workers"], small["parallelism_start"], small["parallelism_max"]) == (2, 4, 12)
+    assert (small["compress_workers"], small["parallelism_start"], small["parallelism_max"]) == (2, 12, 12)
     wide = plan(cap=16, part_size=8 * MIB, copies=2, cpus=10, mem_available=64 * GIB)
-    assert (wide["compress_workers"], wide["parallelism_start"], wide["parallelism_max"]) == (10, 10, 16)
+    assert (wide["compress_workers"], wide["parallelism_start"], wide["parallelism_max"]) == (10, 16, 16)
 
 
 class Clock:

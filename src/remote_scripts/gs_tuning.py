@@ -22,7 +22,7 @@ Concurrency then moves between 1 and parallelism_max while the run goes (AIMD-li
 growth matters below the maximum: after a backoff, or for a controller started lower):
 a window closes once `limit` transfers finished and at least WINDOW_S passed; if its throughput beat
 the best window so far by GAIN, the limit grows by half (at least 1), otherwise it stays where it is.
-A throttled request (429, 503 SlowDown) halves it at once, at most once per window, and the level
+A throttled request (429, 503 SlowDown) halves it at once, at most once per WINDOW_S, and the level
 that was throttled is not reached again in this run.
 """
 

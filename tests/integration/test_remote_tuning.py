@@ -97,3 +97,15 @@ def test_a_throttled_download_backs_off_and_the_restore_completes(
     assert proxy.stats.faults.get("503") == S5CMD_TRIES
     assert run.last["tuning"]["backoffs"] == 1 and run.last["tuning"]["throttles"] == 1
     assert tree_state(target) == tree_state(src)
+
+
+def test_a_store_that_keeps_throttling_fails_the_upload_after_three_tries(
+    proxy: S3FaultProxy, s3_server: Any, s3_prefix: str, src: str
+) -> None:
+    proxy.plan(Fault("503", method="PUT", key_contains="part-00001", count=100))
+    cfg = script_config(s3_server, s3_prefix, src, codec="none", parallelism=2)
+    cfg["s3"] = s3_server.script_s3(endpoint=proxy.endpoint)
+    run = run_script("snapshot", cfg, timeout=300)
+    assert run.returncode != 0 and run.error_code == "upload_failed"  # retryable by the job (REMOTE_TRIES)
+    assert "SlowDown" in run.last["message"]
+    assert proxy.stats.faults.get("503") == 3 * S5CMD_TRIES  # THROTTLE_TRIES sends, each retried by s5cmd

@@ -225,6 +225,7 @@ def main(argv: list[str]) -> int:
                         "wall_s": round(wall, 2),
                         "bytes": moved,
                         "timings": res.get("timings") if tool != "pipe" else None,
+                        "tuning": res.get("tuning") if tool == "ours" else None,  # gs_tuning's choices
                         "proxy_cpu_s": round(cpu_of(proxy.pid) - proxy_cpu, 2),
                         "load1": round(load, 1),
                         "mb_s": round(moved / wall / 1e6, 1),

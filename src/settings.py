@@ -121,7 +121,9 @@ class Settings:
     # Data plane tuning, passed to the remote scripts.
     snapshot_codec: str = "auto"
     snapshot_part_size_mb: int = 32
-    snapshot_parallelism: int = 4
+    # A cap: the host scripts choose fewer parts in flight to fit its memory and adapt how many
+    # transfers run at once (src/remote_scripts/gs_tuning.py).
+    snapshot_parallelism: int = 16
     # Format of new snapshots: 2 = content-addressed chunks shared by a machine's snapshots (only what
     # changed is uploaded), 1 = self-contained fixed parts. Both restore and verify forever.
     snapshot_format: int = 2

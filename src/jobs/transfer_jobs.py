@@ -122,6 +122,7 @@ def take_snapshot(ctx: JobContext, snapshot_id: str, endpoint: Endpoint) -> dict
         warnings=warnings,
         codec_fallback=result.get("codec_fallback"),
         s5cmd=s5cmd_used,
+        tuning=_tuning(result),
     )
     return summary
 
@@ -358,6 +359,7 @@ def restore_onto(
         "skipped_members": result.get("skipped_members"),
         "setuid_cleared": result.get("setuid_cleared"),
         "s5cmd": s5cmd_used,
+        "tuning": _tuning(result),
     }
 
 
@@ -374,6 +376,32 @@ def manifest_digest(ctx: JobContext, snap: dict[str, Any]) -> str | None:
     raw = ctx.container.object_store().get_bytes(snap["storage_prefix"] + MANIFEST_NAME, max_bytes=MAX_MANIFEST_BYTES)
     found = hashlib.sha256(raw).hexdigest() if raw is not None else None
     return found if found in (recorded, switching) else recorded
+
+
+def _tuning(result: dict[str, Any]) -> dict[str, int | None] | None:
+    """What the host chose and adapted (gs_tuning), as numbers only: the host's answer is not trusted
+    to put anything else into the job's result."""
+    tuning = result.get("tuning")
+    if not isinstance(tuning, dict):
+        return None  # an older host script, or a restore that had committed already
+    return {
+        k: v if isinstance(v, int) and not isinstance(v, bool) else None for k, v in tuning.items() if k in _TUNING_KEYS
+    }
+
+
+_TUNING_KEYS = (
+    "cpus",
+    "mem_available",
+    "part_size",
+    "parallelism_cap",
+    "parallelism_max",
+    "parallelism_start",
+    "parallelism_max_used",
+    "parallelism_end",
+    "compress_workers",
+    "backoffs",
+    "throttles",
+)
 
 
 def _summary(snap: dict[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import subprocess
 import threading
 import time
@@ -25,6 +24,7 @@ from gs_chunkstore import ChunkIndex
 from gs_codecs import Codec, encode_part
 from gs_common import Context, ScriptError, TarCreate
 from gs_packer import Loc, PackBuilder
+from gs_tuning import usable_cpus
 
 logger = logging.getLogger("gpusnap.remote")
 
@@ -52,7 +52,7 @@ class ChunkUploader:
         self.parallelism, self.bytes_total = parallelism, bytes_total
         self.packer = PackBuilder(pack_size, group_max)
         self.slots = threading.Semaphore(parallelism)
-        self.cpu = threading.Semaphore(max(1, min(parallelism, os.cpu_count() or 1)))
+        self.cpu = threading.Semaphore(max(1, min(parallelism, usable_cpus())))
         self.lock = threading.Lock()
         self.entries: Dict[int, Tuple[str, int, Loc, str, bool]] = {}
         self.error: Optional[ScriptError] = None

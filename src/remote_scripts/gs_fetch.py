@@ -11,7 +11,6 @@ carry XXH64) or, for codecs without one, against raw_sha256, before they are han
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 import time
 from collections import deque
@@ -21,6 +20,7 @@ from typing import Any, Deque, Dict, List, Optional, Tuple
 from gs_codecs import Codec
 from gs_common import Context, ScriptError
 from gs_s3 import S5, NotFound
+from gs_tuning import usable_cpus
 
 
 class PartFetcher:
@@ -31,7 +31,7 @@ class PartFetcher:
     ) -> None:
         self.ctx, self.s5, self.prefix, self.parts, self.codecs = ctx, s5, prefix, parts, codecs
         self.window = max(1, window)
-        self.cpu = threading.Semaphore(max(1, min(self.window, os.cpu_count() or 1)))
+        self.cpu = threading.Semaphore(max(1, min(self.window, usable_cpus())))
         self.pool = ThreadPoolExecutor(self.window, thread_name_prefix="fetch")
         self.queue: Deque[Future] = deque()
         self.submitted = 0

@@ -21,7 +21,6 @@ chunk).
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 import time
 from collections import deque
@@ -31,6 +30,7 @@ from typing import Any, Deque, Dict, List, Optional, Tuple
 from gs_codecs import Codec
 from gs_common import Context, ScriptError
 from gs_s3 import S5, NotFound
+from gs_tuning import usable_cpus
 
 
 def _kind(key: str) -> str:
@@ -84,9 +84,7 @@ class ChunkFetcher:
         self._obj_free: Dict[str, List[bytearray]] = {"chunks/": [], "packs/": []}
         self._raw_free: List[bytearray] = []
         self.fetch_pool = ThreadPoolExecutor(self.window, thread_name_prefix="fetch")
-        self.decode_pool = ThreadPoolExecutor(
-            max(1, min(self.window, os.cpu_count() or 1)), thread_name_prefix="decode"
-        )
+        self.decode_pool = ThreadPoolExecutor(max(1, min(self.window, usable_cpus())), thread_name_prefix="decode")
         self.queue: Deque[Future] = deque()
         self.next_chunk = 0
         self.next_load = 0

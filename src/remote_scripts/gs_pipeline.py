@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import subprocess
 import threading
 import time
@@ -20,6 +19,7 @@ from gs_codecs import Codec, encode_part
 from gs_common import Context, ScriptError, TarCreate, read_full
 from gs_manifest import part_key
 from gs_s3 import S5, NotFound
+from gs_tuning import usable_cpus
 
 logger = logging.getLogger("gpusnap.remote")
 
@@ -45,7 +45,7 @@ class PartUploader:
         self.part_size, self.parallelism = part_size, parallelism
         self.existing, self.bytes_total = existing, bytes_total
         self.slots = threading.Semaphore(parallelism)
-        self.cpu = threading.Semaphore(max(1, min(parallelism, os.cpu_count() or 1)))
+        self.cpu = threading.Semaphore(max(1, min(parallelism, usable_cpus())))
         self.lock = threading.Lock()
         self.parts: Dict[int, Dict[str, Any]] = {}
         self.error: Optional[ScriptError] = None

@@ -15,6 +15,7 @@ import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 
 from gs_common import Context, ScriptError, read_full, tail_text, widen_pipe
+from gs_tuning import Concurrency
 
 # s5cmd prints the AWS SDK's error as "<Code>: <Message>\n\tstatus code: <n>, request id: ..." (inside its
 # --json error line). R2 answers a bad key with code `Unauthorized` and HTTP 401 (a HEAD has no body, so
@@ -69,6 +70,9 @@ class S5:
         self.ctx = ctx
         self.bucket = s3["bucket"]
         self.work_dir = work_dir
+        # The run's adaptive limit on transfers in flight (gs_tuning); downloads and batch uploads
+        # take a place in it and report their bytes and throttled answers. None: no limit.
+        self.transfers: Optional[Concurrency] = None
         self.base = [s5cmd, "--json", "--retry-count", "5", "--endpoint-url", s3["endpoint"]]
         env = dict(os.environ)
         for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
@@ -178,17 +182,27 @@ class S5:
         for attempt in range(FETCH_TRIES):
             if attempt:
                 self._backoff(attempt)
+            gate, got = self.transfers, -1  # -1: the try failed
+            if gate is not None:
+                gate.acquire(self.ctx.check)
             try:
                 got = self._cat_once(key, buf, expected, fallback)
             except ScriptError as exc:
                 if exc.code != fallback:
                     raise  # storage_auth_failed, bad_config: the same request will fail the same way
                 problem = exc.message
-                continue
+            finally:
+                if gate is not None:
+                    gate.release(got if got >= expected else 0)
             if got >= expected:
                 return got  # whole (or too long: the caller reports a size mismatch)
-            shorts.add(got)
-            problem = "got %d of %d bytes" % (got, expected)
+            if gate is not None:
+                # s5cmd 2.3.0 `cat` exits 1 without a word when the store keeps answering 503
+                # SlowDown: every failed or short try is taken as the store pushing back.
+                gate.throttled()
+            if got >= 0:
+                shorts.add(got)
+                problem = "got %d of %d bytes" % (got, expected)
         if shorts:
             try:
                 size = self.head(key, fallback)["size"]

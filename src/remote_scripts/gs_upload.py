@@ -21,7 +21,10 @@ from typing import Any, Dict, List, Optional
 
 from gs_common import ScriptError, tail_text
 from gs_s3 import S5, classify, memfile, metadata_args
+from gs_tuning import is_throttle
 
+THROTTLE_TRIES = 3
+THROTTLE_BACKOFF_S = 1.0  # times the try number: 1 s, 2 s
 # What a command line may hold without quoting (s5cmd splits `run` lines on whitespace).
 _PLAIN = re.compile(r"^[A-Za-z0-9._:/=@+,%-]+$")
 
@@ -44,8 +47,9 @@ class BatchUploader:
         self._dead: Optional[str] = None
         self._stderr_done = threading.Event()
         try:
+            # --log debug adds only s5cmd's "retryable error: ..." lines to stdout (s5cmd 2.3.0)
             self._proc = s5.ctx.spawn(
-                s5.base + ["--numworkers", str(workers), "run"],
+                s5.base + ["--log", "debug", "--numworkers", str(workers), "run"],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -67,7 +71,9 @@ class BatchUploader:
         self.close()
 
     def put(self, key: str, data: Any, metadata: Dict[str, str]) -> None:
-        """Upload `data` as `key`; raises ScriptError (upload_failed, storage_auth_failed, cancelled)."""
+        """Upload `data` as `key`; raises ScriptError (upload_failed, storage_auth_failed, cancelled).
+        A throttled upload (429, 503 SlowDown past s5cmd's own retries) halves the run's transfer
+        limit (gs_tuning) and is sent again, up to THROTTLE_TRIES times in all: a PUT is whole or absent."""
         url = self.s5.url(key)
         meta = metadata_args(metadata)
         if not all(_PLAIN.match(arg) for arg in meta + [url]):
@@ -76,26 +82,45 @@ class BatchUploader:
         fd = memfile(data, self.s5.work_dir)
         try:
             line = " ".join(["cp", "--raw"] + meta + ["/proc/%d/fd/%d" % (os.getpid(), fd), url]) + "\n"
-            waiter = _Waiter()
-            with self._lock:
-                if self._dead is not None:
-                    raise ScriptError("upload_failed", "s5cmd stopped: %s" % self._dead)
-                self._pending[url] = waiter
-                try:
-                    self._proc.stdin.write(line.encode())
-                    self._proc.stdin.flush()
-                except (BrokenPipeError, ValueError):
-                    self._pending.pop(url, None)
+            gate = self.s5.transfers
+            for attempt in range(THROTTLE_TRIES):
+                if attempt:
+                    self.s5.ctx.cancelled.wait(THROTTLE_BACKOFF_S * attempt)
                     self.s5.ctx.check()
-                    raise ScriptError(
-                        "upload_failed", "s5cmd stopped: %s" % tail_text(b"".join(self._stderr))
-                    ) from None
-            while not waiter.done.wait(0.2):
-                self.s5.ctx.check()
+                if gate is not None:
+                    gate.acquire(self.s5.ctx.check)
+                error: Optional[str] = "not sent"
+                try:
+                    error = self._send(url, line)
+                finally:
+                    if gate is not None:
+                        gate.release(memoryview(data).nbytes if error is None else 0)
+                if error is None:
+                    return
+                if gate is None or not is_throttle(error):
+                    break
+                gate.throttled()
         finally:
             os.close(fd)  # s5cmd holds its own descriptor while it reads
-        if waiter.error is not None:
-            raise ScriptError(classify(waiter.error, "upload_failed"), "upload of %s failed: %s" % (key, waiter.error))
+        raise ScriptError(classify(str(error), "upload_failed"), "upload of %s failed: %s" % (key, error))
+
+    def _send(self, url: str, line: str) -> Optional[str]:
+        """Hand one command to s5cmd and wait for its answer: None when stored, else the error."""
+        waiter = _Waiter()
+        with self._lock:
+            if self._dead is not None:
+                raise ScriptError("upload_failed", "s5cmd stopped: %s" % self._dead)
+            self._pending[url] = waiter
+            try:
+                self._proc.stdin.write(line.encode())
+                self._proc.stdin.flush()
+            except (BrokenPipeError, ValueError):
+                self._pending.pop(url, None)
+                self.s5.ctx.check()
+                raise ScriptError("upload_failed", "s5cmd stopped: %s" % tail_text(b"".join(self._stderr))) from None
+        while not waiter.done.wait(0.2):
+            self.s5.ctx.check()
+        return waiter.error
 
     def close(self) -> None:
         """Let s5cmd finish and exit; idempotent."""
@@ -124,6 +149,12 @@ class BatchUploader:
             try:
                 item = json.loads(line)
             except ValueError:
+                continue
+            if "error" in item and "operation" not in item:
+                # `--log debug`: a request s5cmd is about to retry. Throttling slows us down now,
+                # while s5cmd retries, not only once it gives up.
+                if self.s5.transfers is not None and is_throttle(str(item["error"])):
+                    self.s5.transfers.throttled()
                 continue
             if item.get("operation") == "cp" and item.get("destination"):
                 self._resolve(item["destination"], None if item.get("success") else str(item))

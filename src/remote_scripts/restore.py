@@ -49,9 +49,10 @@ from gs_manifest import MANIFEST_NAME, validate  # noqa: E402
 from gs_paths import denied_reason  # noqa: E402
 from gs_s3 import S5, NotFound  # noqa: E402
 from gs_tarsafe import MemberPolicy, extract_command, gate  # noqa: E402
+from gs_tuning import Concurrency, plan_here  # noqa: E402
 from gs_workspace import Staging, free_bytes, occupied, read_done  # noqa: E402
 
-DEFAULT_PARALLELISM = 4
+DEFAULT_PARALLELISM = 16  # a cap: gs_tuning lowers it to fit the host
 MAX_MANIFEST_BYTES = 256 << 20
 _DISK_FULL = (b"No space left on device", b"Disk quota exceeded")
 
@@ -81,6 +82,19 @@ def parse_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     if not os.path.isabs(opts["workspace"]) or os.path.normpath(opts["workspace"]) == "/":
         raise ScriptError("bad_config", "workspace_path must be an absolute path other than /")
     return opts
+
+
+def restore_plan(manifest: Dict[str, Any], cap: int) -> Dict[str, Any]:
+    """gs_tuning's plan for this snapshot: its largest object sizes what one download in flight
+    holds, twice for format 1 (stored and decoded buffers), three times for format 2 (the object,
+    a second one read ahead, the decoded chunk)."""
+    if manifest["version"] == 1:
+        unit = max([max(p["raw_size"], p["stored_size"]) for p in manifest["parts"]] or [0])
+        copies = 2
+    else:
+        unit = max([o["size"] for o in manifest["objects"]] + [c["raw_size"] for c in manifest["chunks"]] or [0])
+        copies = 3
+    return plan_here(cap=cap, part_size=unit, copies=copies)
 
 
 def check_destination(workspace: str, overwrite: bool) -> None:
@@ -210,18 +224,16 @@ def main(cfg: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
         parts_total=len(parts),
     )
     heartbeat(events, ctx)
+    tuning = restore_plan(manifest, opts["parallelism"])
+    s5.transfers = transfers = Concurrency(tuning["parallelism_start"], tuning["parallelism_max"])
+    window = tuning["parallelism_max"]  # read ahead; downloads at once: `transfers`
     fetcher: Any
     if version == 2:
         fetcher = ChunkFetcher(
-            ctx=ctx,
-            s5=s5,
-            store_prefix=opts["store_prefix"],
-            manifest=manifest,
-            codecs=codecs,
-            window=opts["parallelism"],
+            ctx=ctx, s5=s5, store_prefix=opts["store_prefix"], manifest=manifest, codecs=codecs, window=window
         )
     else:
-        fetcher = PartFetcher(ctx=ctx, s5=s5, prefix=prefix, parts=parts, codecs=codecs, window=opts["parallelism"])
+        fetcher = PartFetcher(ctx=ctx, s5=s5, prefix=prefix, parts=parts, codecs=codecs, window=window)
     progress = {"bytes": 0, "parts": 0}
 
     def on_part(size: int) -> None:
@@ -286,7 +298,11 @@ def main(cfg: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
         parts_total=len(parts),
     )
     return dict(
-        summary, previous_workspace=staging.kept_old, duration_s=round(time.monotonic() - started, 3), timings=timings
+        summary,
+        previous_workspace=staging.kept_old,
+        duration_s=round(time.monotonic() - started, 3),
+        timings=timings,
+        tuning=dict(tuning, **transfers.report()),
     )
 
 

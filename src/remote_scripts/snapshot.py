@@ -5,7 +5,8 @@
 Pipeline, all stages overlapping: GNU tar (deterministic stream) -> fixed-size raw parts read from
 tar's stdout -> compress + hash in a bounded thread pool -> upload each part from memory through one
 long-lived `s5cmd run`.
-At most `parallelism` parts are alive at once, so memory is bounded by about
+At most `parallelism` parts are alive at once (lowered to fit the host's memory by gs_tuning, which
+also adapts how many of them upload at once), so memory is bounded by about
 parallelism x (part_size + 2 x stored part) and no local disk is used at all. The manifest is uploaded last, after a
 listing confirms every part is present with its size. A re-run with the same prefix resumes: a part
 whose object already carries the same SHA-256 (object metadata) is compressed but not uploaded again.
@@ -33,14 +34,16 @@ from gs_common import MAX_PARALLELISM, Context, ScriptError, heartbeat, key_pref
 from gs_manifest import MANIFEST_NAME, build, part_key, upload, utc_now  # noqa: E402
 from gs_pipeline import PartUploader  # noqa: E402
 from gs_s3 import S5  # noqa: E402
+from gs_tuning import Concurrency, plan_here  # noqa: E402
 from gs_upload import BatchUploader  # noqa: E402
 from gs_workspace import OWN_EXCLUDES, scan  # noqa: E402
 
 DEFAULT_PART_SIZE = 32 << 20
-DEFAULT_PARALLELISM = 4
+DEFAULT_PARALLELISM = 16  # a cap: gs_tuning lowers it to fit the host
 DEFAULT_ZSTD_LEVEL = 3
 MIN_PART_SIZE = 4096
 MAX_PART_SIZE = 1 << 30
+SNAPSHOT_COPIES = 3  # per part in flight: raw, compressed, the in-memory file s5cmd reads (gs_tuning)
 
 
 def tar_command(workspace: str, excludes: List[str], index_fd: int) -> List[str]:
@@ -90,6 +93,19 @@ def parse_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     return opts
 
 
+def choose_codec(opts: Dict[str, Any], v2: Dict[str, Any], tuning: Dict[str, Any], gpu_probe: Any = None) -> Any:
+    """The run's codec. The GPU check (gs_gpu.needed_bytes) is for the units this run really
+    compresses at once: its part (format 2: block) size, `compress_workers` of them."""
+    return for_snapshot(
+        opts["codec"],
+        opts["zstd_level"],
+        opts["bootstrap"],
+        part_size=v2["block_size"] if v2 else opts["part_size"],
+        parallelism=tuning["compress_workers"],
+        gpu_probe=gpu_probe,
+    )
+
+
 def _tool_version(cmd: List[str]) -> str:
     try:
         out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=10).stdout
@@ -116,12 +132,18 @@ def main(cfg: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
     workspace, prefix, events = opts["workspace"], opts["prefix"], ctx.events
     if not os.path.isdir(workspace):
         raise ScriptError("workspace_not_found", "workspace %s is not a directory" % workspace)
+    v2: Dict[str, Any] = {}
     if opts["format"] == 2:
         v2 = gs_snapshot2.parse_config(cfg, opts)  # before any tool runs: a bad v2 config is bad_config
-    codec = for_snapshot(opts["codec"], opts["zstd_level"], opts["bootstrap"])
+    # Format 2 holds 16 MiB blocks and packs in flight, not parts: its largest unit sizes the plan.
+    unit = max(v2["block_size"], v2["pack_size"]) if v2 else opts["part_size"]
+    tuning = plan_here(cap=opts["parallelism"], part_size=unit, copies=SNAPSHOT_COPIES)
+    codec = choose_codec(opts, v2, tuning)
     s5 = S5(ctx, opts["s3"], opts["s5cmd"], opts["work_dir"])
+    s5.transfers = transfers = Concurrency(tuning["parallelism_start"], tuning["parallelism_max"])
+    opts["parallelism"] = tuning["parallelism_max"]  # parts alive at once; uploads: `transfers`
     if opts["format"] == 2:
-        return gs_snapshot2.run(
+        result = gs_snapshot2.run(
             ctx=ctx,
             cfg=cfg,
             opts=opts,
@@ -133,6 +155,7 @@ def main(cfg: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
             make_tar=lambda fd: tar_command(workspace, opts["excludes"], fd),
             source=lambda: _source(opts, workspace, codec),
         )
+        return dict(result, tuning=dict(tuning, **transfers.report()))
     existing = s5.list(prefix)  # also the credentials check, before any real work
     if prefix + MANIFEST_NAME in existing:
         # Parts are about to be rewritten: the old manifest would describe objects that change
@@ -233,6 +256,7 @@ def main(cfg: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
         "timings": timings,
         "warnings": warnings,
         "codec_fallback": codec.fallback,
+        "tuning": dict(tuning, **transfers.report()),
     }
 
 

@@ -50,6 +50,8 @@ def test_create_list_restore_verify_delete(stack, sshd, s3_server, tmp_path):
     job = stack.wait_job(created["job"]["id"])
     assert job["status"] == "succeeded", job
     assert job["progress"]["parts_total"] and job["progress"]["parts_done"] == job["progress"]["parts_total"]
+    # what the host's self-tuning chose reaches the job result, within SNAPSHOT_PARALLELISM (4 here)
+    assert job["result"]["tuning"]["parallelism_cap"] == 4 and job["result"]["tuning"]["compress_workers"] >= 1
     snap = stack.get(f"/api/gpu-snapshots/{created['snapshot']['id']}").json()
     assert snap["status"] == "complete" and snap["verified_at"]
     assert snap["raw_bytes"] > 0 and snap["stored_bytes"] > 0 and snap["parts"] >= 2
@@ -65,7 +67,8 @@ def test_create_list_restore_verify_delete(stack, sshd, s3_server, tmp_path):
         json={"ssh_host": sshd.host, "ssh_port": sshd.port, "workspace_path": str(target), "instance_id": "e2e-target"},
     )
     assert r.status_code == 202, r.text
-    assert stack.wait_job(r.json()["job"]["id"])["status"] == "succeeded"
+    restored = stack.wait_job(r.json()["job"]["id"])
+    assert restored["status"] == "succeeded" and restored["result"]["tuning"]["parallelism_max"] <= 4
     assert describe_tree(target) == before
 
     r = stack.post(f"/api/gpu-snapshots/{snap['id']}/verify", json={"deep": True})

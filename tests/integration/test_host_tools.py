@@ -80,6 +80,8 @@ def box(tmp_path, sqlite_url):  # type: ignore[no-untyped-def]
                 "timings": {},
                 "warnings": ["codec zstd was asked for; parts are stored with none because: x"],
                 "codec_fallback": {"requested": "zstd", "used": "none", "reasons": ["x"]},
+                # what gs_tuning chose, with two values a broken or hostile host might send
+                "tuning": {"cpus": 8, "parallelism_cap": 16, "parallelism_max": 8, "backoffs": "<b>", "x": [1] * 9},
             },
         ]
         run_jobs(app)
@@ -91,6 +93,14 @@ def box(tmp_path, sqlite_url):  # type: ignore[no-untyped-def]
 
 def _snapshot_calls(ssh: FakeSshClient) -> list[Any]:
     return [c for c in ssh.script_calls if c.name == "snapshot"]
+
+
+def test_the_hosts_tuning_reaches_the_job_result_as_numbers_only(box) -> None:  # type: ignore[no-untyped-def]
+    ssh, snapshot = box
+    ssh.scripts["probe_host"] = probe(version_on_host="v2.3.0")
+    job = snapshot()
+    assert job["status"] == "succeeded", job
+    assert job["result"]["tuning"] == {"cpus": 8, "parallelism_cap": 16, "parallelism_max": 8, "backoffs": None}
 
 
 def test_a_host_with_a_recent_s5cmd_uses_its_own(box) -> None:  # type: ignore[no-untyped-def]

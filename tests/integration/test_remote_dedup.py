@@ -122,6 +122,9 @@ def test_v2_snapshot_restores_identical_and_a_second_uploads_only_changes(
     assert {c["kind"] for c in m["chunks"]} == {"block", "group"}
     assert any(o["key"].startswith("packs/") for o in m["objects"])
     assert any(o["key"].startswith("chunks/") for o in m["objects"])
+    # gs_tuning sizes format 2 by its largest unit (a pack here), within the configured cap
+    assert first["tuning"]["part_size"] == SMALL["pack_size"] and first["tuning"]["parallelism_cap"] == 4
+    assert 1 <= first["tuning"]["parallelism_end"] <= first["tuning"]["parallelism_max"] <= 4
     check_restore(store, first, src, tmp_path / "r1")
 
     again = store.snapshot(str(src))  # nothing changed: nothing uploaded

@@ -247,3 +247,35 @@ def test_the_fetcher_restores_nvcomp_parts_and_their_cpu_fallbacks(host: Path) -
     finally:
         fetcher.close()
     assert got == raws
+
+
+def test_the_snapshot_asks_the_gpu_for_its_real_part_size_and_compress_workers(host: Path) -> None:
+    """snapshot.py once chose the codec without its part size and parallelism, so the free-memory
+    check assumed 32 MiB x 4 whatever the run was about to hold on the device."""
+    import snapshot
+    from gs_tuning import plan
+
+    mib = 1 << 20
+    fake_nvcomp.reset(free=1536 * mib)
+    opts = snapshot.parse_config(
+        {
+            "workspace_path": str(host),
+            "s3": {},
+            "prefix": "snaps/s1/",
+            "codec": "nvcomp-ans",
+            "part_size": 64 * mib,
+            "bootstrap": False,
+        }
+    )
+    tuning = plan(cap=4, part_size=64 * mib, copies=3, cpus=8, mem_available=64 << 30)
+    assert tuning["compress_workers"] == 4
+    # 1 GiB + 3 x 64 MiB x 4 = 1792 MiB needed; 32 MiB x 4 (the old assumption) would have fitted.
+    codec = snapshot.choose_codec(opts, {}, tuning, gpu_probe=FakeProbe())
+    assert codec.name == "zstd"
+    assert "GPU 0: 1536 MiB free, 1792 MiB needed" in (fallback_warning(codec) or "")
+    # Format 2 compresses 16 MiB blocks, not parts: 1 GiB + 3 x 16 MiB x 4 fits.
+    fitting = snapshot.choose_codec(opts, {"block_size": 16 * mib}, tuning, gpu_probe=FakeProbe())
+    assert fitting.name == "nvcomp-ans"
+    # Two compress workers: 1 GiB + 3 x 64 MiB x 2 = 1408 MiB fits too.
+    fewer = plan(cap=4, part_size=64 * mib, copies=3, cpus=2, mem_available=64 << 30)
+    assert snapshot.choose_codec(opts, {}, fewer, gpu_probe=FakeProbe()).name == "nvcomp-ans"

@@ -226,7 +226,13 @@ def test_cancel_mid_upload_stops_the_remote_processes(stack, sshd, held_bucket, 
                 cmdline = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
             except OSError:
                 continue
-            if "gpusnap." in cmdline and "snapshot.py" in cmdline or "s5cmd" in cmdline and " run" in cmdline:
+            # s5cmd by the endpoint only this test uses: other runs on the machine have their own
+            if (
+                "gpusnap." in cmdline
+                and "snapshot.py" in cmdline
+                or "s5cmd" in cmdline
+                and held_bucket.endpoint in cmdline
+            ):
                 found.append(cmdline)
         return found
 

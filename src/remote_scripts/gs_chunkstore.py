@@ -135,13 +135,11 @@ class ChunkIndex:
 
     def _head(self, key: str) -> Optional[List[str]]:
         """The block digests an orphan run's metadata names; None for a group pack (or a run whose
-        metadata is malformed: its TOC is read instead)."""
+        metadata is malformed: its TOC is read at the start instead)."""
         try:
             meta = self.s5.head(self.prefix + key)["metadata"]
         except NotFound:
             return []  # removed since the listing (gc of an old attempt): nothing to reuse
-        except ScriptError:
-            return None
         blocks = meta.get("blocks", "").split(",")
         if "blocks" not in meta or len(blocks) > RUN_BLOCKS or not all(_HEX64.match(b) for b in blocks):
             return None

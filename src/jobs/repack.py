@@ -1,5 +1,7 @@
 """gc's repack: a pack whose chunks are mostly unreferenced (live bytes under REPACK_BELOW of the chunk
 bytes it holds, after snapshots that used it were deleted) is replaced by a new pack holding only its live chunks.
+A run (a pack of 16 MiB blocks, two per ~32 MiB object) is repacked as soon as one of its blocks is dead:
+a dead block is as much garbage as a whole dead block object of the older layout, which gc deleted.
 
 Kill-safe order (a re-run of gc finishes or undoes each step; failpoints `gc.repack_*` prove it):
 1. write the new pack N (an unreferenced object until step 2: a crash leaves an orphan for gc);
@@ -115,6 +117,7 @@ def repack_machine(ctx: JobContext, machine_id: str, prefix: str, manifests: dic
     users: dict[str, list[str]] = {}
     live: dict[str, dict[int, Any]] = {}  # pack key -> {old offset: chunk}
     sizes: dict[str, int] = {}
+    runs: set[str] = set()  # packs of blocks
     for snap_id, manifest in manifests.items():
         for obj in manifest.objects:
             if obj.kind == "pack":
@@ -124,6 +127,8 @@ def repack_machine(ctx: JobContext, machine_id: str, prefix: str, manifests: dic
             obj = manifest.objects[c.object]
             if obj.kind == "pack":
                 live.setdefault(obj.key, {})[c.offset] = c
+                if c.kind == "block":
+                    runs.add(obj.key)
     # A pack's chunk bytes as indexed (every chunk any snapshot ever used from it), not its size: the
     # TOC of a small pack must not make it look mostly garbage (it would be repacked again every time).
     with ctx.owned() as s:
@@ -137,7 +142,7 @@ def repack_machine(ctx: JobContext, machine_id: str, prefix: str, manifests: dic
     repacked = freed = 0
     for key in sorted(users):
         live_bytes = sum(c.stored_size for c in live[key].values())
-        if live_bytes >= int(held.get(key) or 0) * REPACK_BELOW:
+        if live_bytes >= int(held.get(key) or 0) * (1 if key in runs else REPACK_BELOW):
             continue
         ctx.check_cancelled()
         if _repack_one(

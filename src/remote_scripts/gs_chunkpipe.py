@@ -5,8 +5,9 @@ it fills a chunk buffer, the worker that finishes the chunk gives it back, so at
 chunk buffers (16 MiB blocks or 4 MiB groups) plus their compressed copies and the pack buffers are
 alive, whatever the workspace size. Every chunk is
 hashed (SHA-256 in worker threads: hashlib releases the GIL); only chunks the store does not hold
-are compressed and uploaded: blocks as their own object `chunks/<raw sha256>`, groups into packs
-(gs_packer).
+are compressed and uploaded into packs (gs_packer): groups into group packs, blocks into runs (a
+file's consecutive new blocks, in the order workers finish them, up to `pack_size` per object). Old
+snapshots' blocks stored as their own object `chunks/<raw sha256>` are still read and reused.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from gs_chunker import Chunker
 from gs_chunkstore import ChunkIndex
 from gs_codecs import Codec, encode_part
 from gs_common import Context, ScriptError, TarCreate
-from gs_packer import Loc, PackBuilder
+from gs_packer import Loc, PackBuilder, Sealed
 from gs_tuning import usable_cpus
 
 logger = logging.getLogger("gpusnap.remote")
@@ -51,6 +52,7 @@ class ChunkUploader:
         self.block_size, self.group_max, self.large_min, self.modulus = block_size, group_max, large_min, modulus
         self.parallelism, self.bytes_total = parallelism, bytes_total
         self.packer = PackBuilder(pack_size, group_max)
+        self.runs = PackBuilder(pack_size, block_size, runs=True)
         self.slots = threading.Semaphore(parallelism)
         self.cpu = threading.Semaphore(max(1, min(parallelism, usable_cpus())))
         self.lock = threading.Lock()
@@ -124,9 +126,10 @@ class ChunkUploader:
             raise self.error
         if rc != 0:
             raise tar_run.failure(rc)
-        sealed = self.packer.flush()
-        if sealed is not None:
-            self._upload_pack(sealed)
+        for builder in (self.packer, self.runs):
+            sealed = builder.flush()
+            if sealed is not None:
+                self._upload_pack(builder, sealed)
         return [self.entries[i] for i in range(count)], self.files
 
     def _chunk(self, i: int, kind: str, buf: bytearray, n: int) -> None:
@@ -165,10 +168,10 @@ class ChunkUploader:
             self.slots.release()
 
     def _store(self, kind: str, digest: str, raw: memoryview) -> Tuple[Loc, bool]:
-        """Compress and upload one new chunk (a block: its own object; a group: into a pack);
-        (location, True when this run uploaded it)."""
+        """Compress one new chunk and add it to a pack (a block: to a run; a group: to a group pack),
+        uploading the pack it sealed; (location, True when this run stored it)."""
         if kind == "block":
-            found = self.index.listed_block(digest, len(raw))  # uploaded by a crashed attempt
+            found = self.index.listed_block(digest, len(raw))  # stored by a crashed attempt
             if found is not None:
                 return found, False
         t0 = time.monotonic()
@@ -179,33 +182,19 @@ class ChunkUploader:
         t2 = time.monotonic()
         self._add("compress_s", t1 - t0)
         self._add("hash_s", t2 - t1)
-        if kind == "group":
-            loc, sealed = self.packer.add(digest, stored, len(raw), codec_name, sha)
-            if sealed is not None:
-                self._upload_pack(sealed)
-            return loc, True
-        key = "chunks/" + digest
-        meta = {
-            "sha256": sha,
-            "raw-sha256": digest,
-            "raw-size": str(len(raw)),
-            "stored-size": str(len(stored)),
-            "codec": codec_name,
-        }
-        self.put(key, stored, meta)
-        self._add("upload_s", time.monotonic() - t2)
-        with self.lock:
-            self.bytes_uploaded += len(stored)
-            self.objects_uploaded += 1
-        return Loc(key, 0, len(stored), len(raw), codec_name, sha, len(stored), sha), True
+        builder = self.packer if kind == "group" else self.runs
+        loc, sealed = builder.add(digest, stored, len(raw), codec_name, sha)
+        if sealed is not None:
+            self._upload_pack(builder, sealed)
+        return loc, True
 
-    def _upload_pack(self, sealed: Tuple[str, memoryview, bytearray, List[Loc], int]) -> None:
-        key, view, buf, locs, size = sealed
+    def _upload_pack(self, builder: PackBuilder, sealed: Sealed) -> None:
+        key, view, buf, _, size, meta = sealed
         t0 = time.monotonic()
         try:
-            self.put(key, view, {"sha256": key[len("packs/") :], "chunks": str(len(locs))})
+            self.put(key, view, meta)
         finally:
-            self.packer.done(buf, view)
+            builder.done(buf, view)
         self._add("upload_s", time.monotonic() - t0)
         with self.lock:
             self.bytes_uploaded += size

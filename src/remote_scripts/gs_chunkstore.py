@@ -5,10 +5,13 @@ Three sources, checked in this order for each chunk digest:
 1. `known_chunks` from the control plane (its database: chunks of complete snapshots of this machine),
    kept only when the start-of-run listing shows their object with the recorded size;
 2. chunks stored earlier in this run (a repeated file, zero blocks of a preallocated file);
-3. what a crashed or cancelled earlier attempt left (resume): a listed block `chunks/<raw>` is reused
-   after a HEAD shows matching metadata and its bytes, fetched, decode to the digest; listed packs that
-   no known chunk points to are fetched once and their TOC read (at most RESUME_PACKS of them), each
-   chunk reused only when it decodes to the digest its TOC row names. Nothing an unreferenced object
+3. what a crashed or cancelled earlier attempt left (resume). Listed packs that no known chunk points
+   to are HEADed (at most RESUME_HEADS of them, in parallel): a run (its metadata names its blocks) is
+   fetched only when this run needs one of those blocks, its TOC read and every row checked; other
+   packs (groups) are fetched at the start and their TOC read (at most RESUME_PACKS of them). A chunk
+   is reused only when its stored bytes decode to the digest its TOC row names. A block that an older
+   writer stored as its own object `chunks/<raw>` is reused after a HEAD shows matching metadata and
+   its bytes, fetched, decode to the digest. Nothing an unreferenced object
    says about itself is trusted: anyone with write on the machine prefix (a previous host of the
    machine) can plant one, and a restore would fail on it only after hibernate destroyed the host.
 
@@ -22,18 +25,20 @@ import hashlib
 import logging
 import re
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Optional, Tuple
 
 from gs_codecs import PART_CODECS, Codec, for_restore
 from gs_common import ScriptError
-from gs_packer import Loc, parse_toc
+from gs_packer import RUN_BLOCKS, Loc, parse_toc
 from gs_s3 import S5, NotFound
 
 logger = logging.getLogger("gpusnap.remote")
 
 KEY_RE = re.compile(r"^(chunks|packs)/[0-9a-f]{64}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-RESUME_PACKS = 64  # a crashed run leaves few packs (small files only); never download more than this
+RESUME_PACKS = 64  # a crashed run leaves few group packs (small files only); never download more than this
+RESUME_HEADS = 4096  # orphan packs looked at (a HEAD each): a crashed attempt of 128 GiB of runs at most
 
 
 def parse_known(rows: Any) -> Dict[str, Loc]:
@@ -78,6 +83,10 @@ class ChunkIndex:
         self.stored: Dict[str, Loc] = {}  # stored by this run, or found from an earlier attempt
         self.inflight: Dict[str, threading.Event] = {}
         self.resumed_chunks = 0
+        self.packs_read = 0
+        self.runs: Dict[str, str] = {}  # raw digest -> orphan run that says it holds it (unverified)
+        self._run_rows: Dict[str, Dict[str, Loc]] = {}  # run key -> its verified rows, once fetched
+        self._run_locks: Dict[str, threading.Lock] = {}
         self.failed = False
         self._decoders: Dict[str, Optional[Codec]] = {}
 
@@ -98,52 +107,77 @@ class ChunkIndex:
             return False
         return len(raw) == raw_size and hashlib.sha256(raw).hexdigest() == raw_sha256
 
-    def resume_packs(self, max_size: int) -> int:
-        """Read the TOC of listed packs no known chunk points to (left by an earlier attempt). A listed
-        pack over `max_size` (more than this run's packs can be) is not one of ours: never buffered."""
+    def resume_packs(self, max_size: int, workers: int) -> int:
+        """Look at the listed packs no known chunk points to (left by an earlier attempt): remember
+        which blocks each run says it holds, read the TOC of the others now. A listed pack over
+        `max_size` (more than this run's packs can be) is not one of ours: never buffered. Returns
+        the number of orphan packs looked at."""
         referenced = {loc.key for loc in self.known.values()}
         orphans = sorted(
             k for k in self.listing if k.startswith("packs/") and k not in referenced and self.listing[k] <= max_size
-        )
-        for key in orphans[:RESUME_PACKS]:
-            size = self.listing[key]
-            try:
-                body = self.s5.cat(self.prefix + key, size, "upload_failed")
-            except NotFound:
-                continue  # removed since the listing (gc of an old attempt): nothing to reuse
-            digest = hashlib.sha256(body).hexdigest()
-            if len(body) != size or "packs/" + digest != key:
-                logger.warning("pack %s does not match its name; not reused", key)
-                continue
-            try:
-                rows = parse_toc(body)
-            except ScriptError as exc:
-                logger.warning("pack %s: %s; not reused", key, exc.message)
-                continue
-            for row in rows:
-                stored = memoryview(body)[row["offset"] : row["offset"] + row["stored_size"]]
-                if hashlib.sha256(stored).hexdigest() != row["sha256"] or not self.decodes_to(
-                    row["codec"], stored, row["raw_sha256"], row["raw_size"]
-                ):
-                    logger.warning(
-                        "pack %s: chunk %s... does not hold what its TOC says; not reused", key, row["raw_sha256"][:12]
-                    )
-                    continue
-                self.stored.setdefault(
-                    row["raw_sha256"],
-                    Loc(
-                        key,
-                        row["offset"],
-                        row["stored_size"],
-                        row["raw_size"],
-                        row["codec"],
-                        row["sha256"],
-                        size,
-                        digest,
-                    ),
-                )
+        )[:RESUME_HEADS]
+        if not orphans:
+            return 0
+        with ThreadPoolExecutor(max(1, workers), thread_name_prefix="head") as pool:
+            heads = list(pool.map(self._head, orphans))
+        groups = []
+        for key, blocks in zip(orphans, heads):
+            if blocks is None:
+                groups.append(key)
+            for raw in blocks or ():
+                self.runs.setdefault(raw, key)
+                self._run_locks.setdefault(key, threading.Lock())
+        for key in groups[:RESUME_PACKS]:
+            for row in self._read_pack(key):
+                self.stored.setdefault(row[0], row[1])
                 self.resumed_chunks += 1
-        return len(orphans[:RESUME_PACKS])
+        return len(orphans)
+
+    def _head(self, key: str) -> Optional[List[str]]:
+        """The block digests an orphan run's metadata names; None for a group pack (or a run whose
+        metadata is malformed: its TOC is read at the start instead)."""
+        try:
+            meta = self.s5.head(self.prefix + key)["metadata"]
+        except NotFound:
+            return []  # removed since the listing (gc of an old attempt): nothing to reuse
+        blocks = meta.get("blocks", "").split(",")
+        if "blocks" not in meta or len(blocks) > RUN_BLOCKS or not all(_HEX64.match(b) for b in blocks):
+            return None
+        return blocks
+
+    def _read_pack(self, key: str) -> List[Tuple[str, Loc]]:
+        """The rows of an orphan pack whose stored bytes decode to the digest the row names."""
+        size = self.listing[key]
+        try:
+            body = self.s5.cat(self.prefix + key, size, "upload_failed")
+        except NotFound:
+            return []  # removed since the listing (gc of an old attempt): nothing to reuse
+        with self.lock:
+            self.packs_read += 1
+        digest = hashlib.sha256(body).hexdigest()
+        if len(body) != size or "packs/" + digest != key:
+            logger.warning("pack %s does not match its name; not reused", key)
+            return []
+        try:
+            rows = parse_toc(body)
+        except ScriptError as exc:
+            logger.warning("pack %s: %s; not reused", key, exc.message)
+            return []
+        out = []
+        for row in rows:
+            stored = memoryview(body)[row["offset"] : row["offset"] + row["stored_size"]]
+            if hashlib.sha256(stored).hexdigest() != row["sha256"] or not self.decodes_to(
+                row["codec"], stored, row["raw_sha256"], row["raw_size"]
+            ):
+                logger.warning(
+                    "pack %s: chunk %s... does not hold what its TOC says; not reused", key, row["raw_sha256"][:12]
+                )
+                continue
+            loc = Loc(
+                key, row["offset"], row["stored_size"], row["raw_size"], row["codec"], row["sha256"], size, digest
+            )
+            out.append((row["raw_sha256"], loc))
+        return out
 
     def claim(self, raw: str) -> Tuple[Optional[Loc], bool]:
         """(location, False) when the chunk is already stored; (None, True) when the caller must store
@@ -172,7 +206,19 @@ class ChunkIndex:
         event.set()
 
     def listed_block(self, raw: str, raw_size: int) -> Optional[Loc]:
-        """A block an earlier attempt uploaded as chunks/<raw>, when its metadata vouches for it."""
+        """A block an earlier attempt stored: in a run whose metadata names it (the run is fetched
+        once and every row checked), or as chunks/<raw> (older writers) when its metadata vouches."""
+        run = self.runs.get(raw)
+        if run is not None:
+            with self._run_locks[run]:
+                rows = self._run_rows.get(run)
+                if rows is None:
+                    rows = self._run_rows[run] = dict(self._read_pack(run))
+            loc = rows.get(raw)
+            if loc is not None and loc.raw_size == raw_size:
+                with self.lock:
+                    self.resumed_chunks += 1
+                return loc
         key = "chunks/" + raw
         size = self.listing.get(key)
         if size is None or size > raw_size:  # a stored block is never larger than its raw bytes

@@ -1,4 +1,5 @@
-"""The format-2 restore data path: fetch whole objects (blocks, packs) in stream order with a bounded
+"""The format-2 restore data path: fetch whole objects (packs: groups or runs
+of blocks; blocks of their own, as earlier writers stored them) in stream order with a bounded
 read-ahead, verify and decode each chunk, and hand the chunks' raw bytes on in order.
 
 Drop-in for gs_fetch.PartFetcher (next()/release()/close(), `ctx`, `spent`), so restore.py feeds the
@@ -6,8 +7,8 @@ same PartStream, member gate and `tar -x` as for format 1.
 
 s5cmd has no ranged GET, so an object is fetched whole. A static plan, made from the manifest before
 any download, decides which fetch ("load") serves each chunk: a chunk whose object was loaded for
-one of the last `window + 2` loads uses that load (a pack that serves a run of groups, a repeated
-zero block; this is the small pack cache), otherwise the object is loaded again. `window` objects
+one of the last `window + 2` loads uses that load (a pack that serves a run of groups, a run
+of blocks that serves a file's consecutive blocks, a repeated zero block; this is the small pack cache), otherwise the object is loaded again. `window` objects
 are read ahead and `window` chunks decoded ahead (read-ahead by bytes, as many as format 1's window
 of 32 MiB parts, was measured: more CPU and memory, no faster, on a 2-core host). A load's buffer
 (one pool per kind: blocks, packs) is recycled once every chunk planned on it is decoded, so about

@@ -7,7 +7,11 @@ codec, sha256_of_stored], ...]}. The object is named by the SHA-256 of all its b
 (`packs/<hex>`), so a name never holds two different contents.
 
 Packs exist so that a workspace of 100,000 small files is a few hundred objects, not 100,000: every
-object costs a request to write, list, verify and delete.
+object costs a request to write, list, verify and delete. The 16 MiB blocks of large files are stored
+in packs too ("runs": up to `pack_size` bytes, at most RUN_BLOCKS blocks, never a group), so a restore
+makes one GET and one s5cmd process per ~32 MiB, as format 1 does, not one per block (measured:
+docs/benchmarks.md). A run's object metadata `blocks` names its blocks' raw digests, so that a
+resumed run finds a crashed attempt's blocks with a HEAD instead of downloading every orphan.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ MAGIC = b"GSPACK01"
 FOOTER = 16
 PACK_FORMAT = "gpusnap-pack"
 DEFAULT_PACK_SIZE = 32 << 20
+RUN_BLOCKS = 16  # blocks per run object at most: their digests (65 bytes each) fit S3's 2 KiB of metadata
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -103,15 +108,21 @@ class Loc:
         self.codec, self.sha256, self.object_size, self.object_sha256 = codec, sha256, object_size, object_sha256
 
 
+# A sealed pack: (key, object bytes, its buffer, the Locs it holds, size, object metadata).
+Sealed = Tuple[str, memoryview, bytearray, List[Loc], int, Dict[str, str]]
+
+
 class PackBuilder:
-    """Collects stored group chunks into packs of about `pack_size` bytes; thread-safe.
+    """Collects stored chunks into packs of about `pack_size` bytes; thread-safe.
 
     add() copies a chunk into the open pack and returns its Loc plus, when that filled the pack, the
     sealed pack to upload (the caller uploads it outside the lock, then calls done()). Buffers are
-    recycled: at most `open + uploading` packs exist at any time."""
+    recycled: at most `open + uploading` packs exist at any time. Group packs are sealed once they
+    reach `pack_size`; runs of blocks (`runs=True`) before a block would take them past it (two
+    incompressible 16 MiB blocks fill a 32 MiB run exactly) or past RUN_BLOCKS blocks."""
 
-    def __init__(self, pack_size: int, chunk_max: int) -> None:
-        self.pack_size, self.chunk_max = pack_size, chunk_max
+    def __init__(self, pack_size: int, chunk_max: int, runs: bool = False) -> None:
+        self.pack_size, self.chunk_max, self.runs = pack_size, chunk_max, runs
         self.lock = threading.Lock()
         self._free: List[bytearray] = []
         self._buf: Optional[bytearray] = None
@@ -119,13 +130,15 @@ class PackBuilder:
         self._toc: List[List[Any]] = []
         self._locs: List[Loc] = []
 
-    def add(
-        self, raw_sha: str, stored: Any, raw_size: int, codec: str, sha: str
-    ) -> Tuple[Loc, Optional[Tuple[str, memoryview, bytearray, List[Loc], int]]]:
+    def add(self, raw_sha: str, stored: Any, raw_size: int, codec: str, sha: str) -> Tuple[Loc, Optional[Sealed]]:
         n = len(stored)
         with self.lock:
+            sealed = None
+            if self.runs and self._toc and (self._len + n > self.pack_size or len(self._toc) >= RUN_BLOCKS):
+                sealed = self._seal_locked()
             if self._buf is None:
-                self._buf = self._free.pop() if self._free else bytearray(self.pack_size + self.chunk_max)
+                size = max(self.pack_size, n) + 4096 if self.runs else self.pack_size + self.chunk_max
+                self._buf = self._free.pop() if self._free else bytearray(size)
                 self._len, self._toc, self._locs = 0, [], []
             off = self._len
             self._buf[off : off + n] = stored
@@ -133,16 +146,16 @@ class PackBuilder:
             loc = Loc(None, off, n, raw_size, codec, sha)
             self._toc.append([raw_sha, off, n, raw_size, codec, sha])
             self._locs.append(loc)
-            if self._len < self.pack_size:
-                return loc, None
+            if sealed is not None or self._len < self.pack_size:
+                return loc, sealed
             return loc, self._seal_locked()
 
-    def flush(self) -> Optional[Tuple[str, memoryview, bytearray, List[Loc], int]]:
+    def flush(self) -> Optional[Sealed]:
         """The open pack, sealed (None when it is empty): call after the last add()."""
         with self.lock:
             return self._seal_locked() if self._buf is not None and self._toc else None
 
-    def _seal_locked(self) -> Tuple[str, memoryview, bytearray, List[Loc], int]:
+    def _seal_locked(self) -> Sealed:
         buf, length, toc, locs = self._buf, self._len, self._toc, self._locs
         self._buf, self._len, self._toc, self._locs = None, 0, [], []
         assert buf is not None
@@ -150,7 +163,10 @@ class PackBuilder:
         key = "packs/" + digest
         for loc in locs:
             loc.key, loc.object_size, loc.object_sha256 = key, len(view), digest
-        return key, view, buf, locs, len(view)
+        meta = {"sha256": digest, "chunks": str(len(locs))}
+        if self.runs:
+            meta["blocks"] = ",".join(row[0] for row in toc)
+        return key, view, buf, locs, len(view), meta
 
     def done(self, buf: bytearray, view: memoryview) -> None:
         """The sealed pack is uploaded: its buffer can hold the next one."""

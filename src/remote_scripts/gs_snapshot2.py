@@ -1,7 +1,8 @@
 """snapshot.py, format 2: chunks shared by a machine's snapshots (docs/data-plane.md, "Format 2").
 
 Order: list the machine's store (`M chunks/`, `M packs/`; also the credentials check) -> drop a
-manifest at our prefix (an earlier attempt's) -> read the TOC of packs an earlier attempt left ->
+manifest at our prefix (an earlier attempt's) -> HEAD the packs an earlier attempt left, read the TOC
+of its group packs (its runs: when a block they hold comes by) ->
 stream tar through the chunker, storing only chunks the store does not hold -> a listing confirms
 every referenced object is present at its size -> manifest v2 last (the commit point).
 """
@@ -61,9 +62,11 @@ def run(
         s5.remove([prefix + MANIFEST_NAME])  # an earlier attempt's: it is rewritten last, as in v1
     t_scan = time.monotonic()
     index = ChunkIndex(s5, store, v2["known"])
-    # A pack holds at most pack_size bytes of chunks plus one group and its TOC (rows of ~200 bytes for
-    # chunks of at least 512): twice that is a generous bound that keeps the memory bound.
-    resumed_packs = index.resume_packs(2 * (v2["pack_size"] + v2["group_max"]))
+    # A pack holds at most pack_size bytes of chunks plus one group or block and its TOC (rows of ~200
+    # bytes for chunks of at least 512): twice that is a generous bound that keeps the memory bound.
+    orphans = index.resume_packs(
+        2 * (v2["pack_size"] + max(v2["group_max"], v2["block_size"])), workers=opts["parallelism"]
+    )
     bytes_total, entries = scan(opts["workspace"], opts["excludes"])
     events.progress(
         force=True,
@@ -156,7 +159,8 @@ def run(
         "skipped_parts": totals["chunks_reused"],
         "objects_uploaded": uploader.objects_uploaded,
         "resumed_chunks": index.resumed_chunks,
-        "resumed_packs": resumed_packs,
+        "resumed_packs": index.packs_read,
+        "orphan_packs": orphans,
         "known_dropped": index.dropped,
         "scan": {"entries": max(0, entries - 1), "bytes": bytes_total},
         "duration_s": round(time.monotonic() - started, 3),

@@ -9,6 +9,7 @@ import shutil
 import boto3
 import pytest
 
+from src.pack import read_toc
 from tests.e2e.test_hibernate_wake import _hibernate, box  # noqa: F401  (fixture)
 from tests.support.trees import describe_tree, make_tricky_tree
 
@@ -101,10 +102,11 @@ def test_second_snapshot_uploads_little_both_restore_and_gc_keeps_what_is_refere
         region_name=s3_server.region,
     )
     store_prefix = second["storage_prefix"][: -len(second["id"]) - 1]
-    blocks = s3.list_objects_v2(Bucket=s3_server.bucket, Prefix=store_prefix + "chunks/")["Contents"]
-    key = max(blocks, key=lambda o: o["Size"])["Key"]
+    packs = s3.list_objects_v2(Bucket=s3_server.bucket, Prefix=store_prefix + "packs/")["Contents"]
+    key = max(packs, key=lambda o: o["Size"])["Key"]  # a run of blocks
     data = bytearray(s3.get_object(Bucket=s3_server.bucket, Key=key)["Body"].read())
-    data[len(data) // 2] ^= 0xFF
+    first_chunk = read_toc(bytes(data))[0]  # after gc every chunk left is one `second` uses
+    data[first_chunk.offset + first_chunk.stored_size // 2] ^= 0xFF
     s3.put_object(Bucket=s3_server.bucket, Key=key, Body=bytes(data))
     assert _run(stack, f"/api/gpu-snapshots/{second['id']}/verify", {"deep": False})["status"] == "succeeded"
     deep = _run(stack, f"/api/gpu-snapshots/{second['id']}/verify", {"deep": True})

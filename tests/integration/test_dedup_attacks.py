@@ -370,16 +370,18 @@ def test_a_reused_chunk_that_decodes_to_other_bytes_fails_the_restore(
     first = store.snapshot(str(src))
     raw = hashlib.sha256(public).hexdigest()
     evil = zstandard.ZstdCompressor(write_checksum=True).compress(os.urandom(BLOCK))
-    s3_client.put_object(Bucket=s3_server.bucket, Key=store.store + "chunks/" + raw, Body=evil)
     digest = hashlib.sha256(evil).hexdigest()
+    body, (entry,) = build_pack([(PackEntry(raw, 0, len(evil), BLOCK, "zstd", digest), evil)])
+    key = "packs/" + hashlib.sha256(body).hexdigest()  # a run holding the lie (the file is one block)
+    s3_client.put_object(Bucket=s3_server.bucket, Key=store.store + key, Body=body)
 
     def lie(doc: dict[str, Any]) -> None:
         for c in doc["chunks"]:
             if c["raw_sha256"] == raw:
-                c.update(codec="zstd", stored_size=len(evil), sha256=digest)
+                c.update(codec="zstd", stored_size=len(evil), sha256=digest, offset=entry.offset)
                 o = doc["objects"][c["object"]]
-                doc["totals"]["stored_bytes"] += len(evil) - o["size"]
-                o.update(size=len(evil), sha256=digest)
+                doc["totals"]["stored_bytes"] += len(body) - o["size"]
+                o.update(key=key, size=len(body), sha256=key[6:])
 
     store.manifests[-1] = _rewrite_manifest(s3_server, s3_client, first, lie)["manifest"]
     second = store.snapshot(str(src))
@@ -388,3 +390,41 @@ def test_a_reused_chunk_that_decodes_to_other_bytes_fails_the_restore(
     target = tmp_path / "restored"
     run = store.restore(second, str(target))
     assert run.returncode != 0 and run.error_code == "part_corrupt", run.events[-1]
+
+
+def test_a_planted_run_whose_metadata_and_toc_vouch_for_blocks_it_does_not_hold_is_not_adopted(
+    tmp_path: pathlib.Path, s3_server: Any, s3_prefix: str, s3_client: Any
+) -> None:
+    """A run (pack named by its SHA-256, metadata `blocks` naming predictable block digests, a TOC
+    whose rows match their slices) holding zstd of other bytes: resume fetches it when a named block
+    comes by, finds every row decodes to other bytes, and stores the real blocks."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "weights.bin").write_bytes(hashlib.sha256(b"public").digest() * (2 * BLOCK // 32))  # two blocks
+    probe = Store(s3_server, s3_client, s3_prefix + "probe/")
+    blocks = [c for c in probe.snapshot(str(src))["manifest"]["chunks"] if c["kind"] == "block"]
+    assert len(blocks) == 2
+    store = Store(s3_server, s3_client, s3_prefix)
+    entries = []
+    for c in blocks:
+        evil = zstandard.ZstdCompressor(write_checksum=True).compress(os.urandom(c["raw_size"]))
+        sha = hashlib.sha256(evil).hexdigest()
+        entries.append((PackEntry(c["raw_sha256"], 0, len(evil), c["raw_size"], "zstd", sha), evil))
+    body, _ = build_pack(entries)
+    other = zstandard.ZstdCompressor().compress(os.urandom(1000))  # names blocks no one needs
+    unrelated, _ = build_pack(
+        [(PackEntry("ab" * 32, 0, len(other), 1000, "zstd", hashlib.sha256(other).hexdigest()), other)]
+    )
+    for pack, names in ((body, [c["raw_sha256"] for c in blocks]), (unrelated, ["ab" * 32])):
+        sha = hashlib.sha256(pack).hexdigest()
+        s3_client.put_object(
+            Bucket=s3_server.bucket,
+            Key=store.store + "packs/" + sha,
+            Body=pack,
+            Metadata={"sha256": sha, "chunks": str(len(names)), "blocks": ",".join(names)},
+        )
+    res = store.snapshot(str(src))
+    # both HEADed; only the run naming a block this snapshot needs is fetched (runs are read lazily)
+    assert res["orphan_packs"] == 2 and res["resumed_packs"] == 1
+    assert res["resumed_chunks"] == 0 and res["chunks_new"] >= 1, res
+    check_restore(store, res, src, tmp_path / "restored")

@@ -270,3 +270,27 @@ def test_gc_repacks_a_mostly_garbage_pack_and_the_survivor_still_verifies(app, s
     assert _job(client, f"/api/gpu-snapshots/{second['id']}/verify", {"deep": True})["status"] == "succeeded"
     again = _job(client, "/api/maintenance/gc", {"grace_s": 0})["result"]  # nothing left to do
     assert again["deleted_objects"] == 0 and again["repacked_packs"] == 0
+
+
+def test_gc_repacks_a_run_with_one_dead_block_and_the_survivors_still_verify(app, s3store):  # type: ignore[no-untyped-def]
+    """A run (the blocks of a file, one pack) whose middle block changed: once the older snapshot is
+    deleted, the dead block is garbage like a dead block object was, and gc repacks the run."""
+    client = app.test_client()
+    c = app.extensions["gpusnap"]
+    blocks = [os.urandom(BLOCK) for _ in range(3)]
+    first = add_v2_snapshot(app, s3store, blocks=blocks, groups=[b"g"], run=True)
+    old_run = next(o.key for o in first["manifest"].objects if o.kind == "pack" and o.size > 2 * BLOCK)
+    changed = [blocks[0], os.urandom(BLOCK), blocks[2]]
+    second = add_v2_snapshot(app, s3store, blocks=changed, groups=[b"g"], previous=first["manifest"], run=True)
+    assert old_run in {o.key for o in second["manifest"].objects}  # the unchanged blocks are reused
+    assert client.delete(f"/api/gpu-snapshots/{first['id']}", headers=AUTH).status_code == 202
+    run_jobs(app)
+    job = _job(client, "/api/maintenance/gc", {"grace_s": 0})
+    assert job["status"] == "succeeded", job
+    assert job["result"]["repacked_packs"] == 1, job["result"]
+    keys = _keys(s3store, first["store_prefix"])
+    assert old_run not in keys
+    assert_restorable(c, s3store, second["id"])
+    assert _job(client, f"/api/gpu-snapshots/{second['id']}/verify", {"deep": True})["status"] == "succeeded"
+    again = _job(client, "/api/maintenance/gc", {"grace_s": 0})["result"]  # the new run is all live
+    assert again["deleted_objects"] == 0 and again["repacked_packs"] == 0

@@ -120,11 +120,15 @@ def test_v2_snapshot_restores_identical_and_a_second_uploads_only_changes(
     assert m["version"] == 2 and first["format"] == 2
     assert first["chunks_new"] == first["chunks"] - first["chunks_reused"] and first["chunks_new"] > 5
     assert {c["kind"] for c in m["chunks"]} == {"block", "group"}
-    assert any(o["key"].startswith("packs/") for o in m["objects"])
-    assert any(o["key"].startswith("chunks/") for o in m["objects"])
     # gs_tuning sizes format 2 by its largest unit (a pack here), within the configured cap
     assert first["tuning"]["part_size"] == SMALL["pack_size"] and first["tuning"]["parallelism_cap"] == 4
     assert 1 <= first["tuning"]["parallelism_end"] <= first["tuning"]["parallelism_max"] <= 4
+    assert all(o["key"].startswith("packs/") for o in m["objects"])  # runs of blocks and group packs
+    runs = {c["object"] for c in m["chunks"] if c["kind"] == "block"}
+    groups = {c["object"] for c in m["chunks"] if c["kind"] == "group"}
+    assert runs and groups and not runs & groups  # a run never holds a group
+    blocks = [c for c in m["chunks"] if c["kind"] == "block"]
+    assert len(runs) < len(blocks)  # consecutive blocks share an object
     check_restore(store, first, src, tmp_path / "r1")
 
     again = store.snapshot(str(src))  # nothing changed: nothing uploaded
@@ -197,10 +201,10 @@ def test_corrupted_shared_chunk_fails_every_restore_that_uses_it(
     second = store.snapshot(str(src))
     m1, m2 = first["manifest"], second["manifest"]
     shared = sorted({o["key"] for o in m1["objects"]} & {o["key"] for o in m2["objects"]})
-    block = next(k for k in shared if k.startswith("chunks/"))
-    key = store.store + block
+    chunk = next(c for c in m1["chunks"] if c["kind"] == "block" and m1["objects"][c["object"]]["key"] in shared)
+    key = store.store + m1["objects"][chunk["object"]]["key"]  # a run of blocks both snapshots use
     body = bytearray(s3_client.get_object(Bucket=s3_server.bucket, Key=key)["Body"].read())
-    body[len(body) // 2] ^= 0xFF  # same size: only the digest can tell
+    body[chunk["offset"] + chunk["stored_size"] // 2] ^= 0xFF  # same size: only the digest can tell
     s3_client.put_object(Bucket=s3_server.bucket, Key=key, Body=bytes(body))
     for i, res in enumerate((first, second)):
         target = tmp_path / ("r%d" % i)
@@ -232,7 +236,7 @@ def test_killed_run_is_resumed_reusing_what_it_uploaded(
     proc.wait()
     assert done >= 12
     time.sleep(1.0)  # the killed script's s5cmd may finish the object it had opened
-    listed = s3_client.list_objects_v2(Bucket=s3_server.bucket, Prefix=store.store + "chunks/").get("KeyCount", 0)
+    listed = s3_client.list_objects_v2(Bucket=s3_server.bucket, Prefix=store.store + "packs/").get("KeyCount", 0)
     assert listed >= 1
     run = run_script("snapshot", cfg, timeout=300)  # the same snapshot again (a re-run of the job)
     assert run.returncode == 0, run.stderr
@@ -317,3 +321,115 @@ def test_bad_format_2_config_is_bad_config(
     cfg = Store(s3_server, s3_client, s3_prefix).config(str(src), **extra)
     run = run_script("snapshot", cfg)
     assert run.error_code == "bad_config", run.events[-1]
+
+
+def test_a_changed_middle_block_is_one_new_block_and_the_run_around_it_is_reused(
+    tmp_path: pathlib.Path, s3_server: Any, s3_prefix: str, s3_client: Any
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big.bin").write_bytes(os.urandom(8 * SMALL["block_size"]))  # 8 blocks: 4 runs of 2
+    store = Store(s3_server, s3_client, s3_prefix, codec="none")
+    first = store.snapshot(str(src))
+    m1 = first["manifest"]
+    blocks1 = [c for c in m1["chunks"] if c["kind"] == "block"]
+    assert len(blocks1) == 8 and len({c["object"] for c in blocks1}) == 4
+    with open(src / "big.bin", "r+b") as fh:
+        fh.seek(5 * SMALL["block_size"] + 100)
+        fh.write(os.urandom(100))
+    second = store.snapshot(str(src))
+    m2 = second["manifest"]
+    blocks2 = [c for c in m2["chunks"] if c["kind"] == "block"]
+    assert [c["new"] for c in blocks2] == [i == 5 for i in range(8)]
+    old_keys = {o["key"] for o in m1["objects"]}
+    new_run = m2["objects"][blocks2[5]["object"]]["key"]
+    assert new_run not in old_keys  # a run of its own: the unchanged blocks were not stored again
+    assert {m2["objects"][c["object"]]["key"] for i, c in enumerate(blocks2) if i != 5} <= old_keys
+    assert second["bytes_uploaded"] < 2 * SMALL["block_size"]
+    check_restore(store, second, src, tmp_path / "r2")
+
+
+def old_layout(store: Store, res: dict[str, Any], manifest_too: bool = True) -> dict[str, Any]:
+    """Rewrite a snapshot into the layout of the first format-2 writer: every block its own object
+    `chunks/<raw sha256>` (with that writer's metadata), the manifest pointing there. Returns the
+    rewritten result (manifest uploaded when `manifest_too`)."""
+    import hashlib
+
+    m = res["manifest"]
+    objects: list[dict[str, Any]] = []
+    index: dict[str, int] = {}
+    chunks = []
+    bodies: dict[str, bytes] = {}
+    for c in m["chunks"]:
+        obj = m["objects"][c["object"]]
+        c = dict(c)
+        if c["kind"] == "block":
+            if obj["key"] not in bodies:
+                got = store.client.get_object(Bucket=store.s3.bucket, Key=store.store + obj["key"])
+                bodies[obj["key"]] = got["Body"].read()
+            stored = bodies[obj["key"]][c["offset"] : c["offset"] + c["stored_size"]]
+            obj = {"key": "chunks/" + c["raw_sha256"], "size": len(stored), "sha256": c["sha256"]}
+            store.client.put_object(
+                Bucket=store.s3.bucket,
+                Key=store.store + obj["key"],
+                Body=stored,
+                Metadata={
+                    "sha256": c["sha256"],
+                    "raw-sha256": c["raw_sha256"],
+                    "raw-size": str(c["raw_size"]),
+                    "stored-size": str(len(stored)),
+                    "codec": c["codec"],
+                },
+            )
+            c["offset"] = 0
+        if obj["key"] not in index:
+            index[obj["key"]] = len(objects)
+            objects.append(obj)
+        c["object"] = index[obj["key"]]
+        chunks.append(c)
+    for key in bodies:  # the runs are gone: only the old layout can serve the blocks
+        store.client.delete_object(Bucket=store.s3.bucket, Key=store.store + key)
+    m = dict(m, objects=objects, chunks=chunks)
+    m["totals"] = dict(m["totals"], objects=len(objects), stored_bytes=sum(o["size"] for o in objects))
+    body = json.dumps(m).encode()
+    if manifest_too:
+        store.client.put_object(Bucket=store.s3.bucket, Key=res["manifest_key"], Body=body)
+    return dict(res, manifest=m, manifest_sha256=hashlib.sha256(body).hexdigest())
+
+
+def test_an_old_layout_snapshot_restores_and_its_blocks_are_reused(
+    tmp_path: pathlib.Path, s3_server: Any, s3_prefix: str, s3_client: Any
+) -> None:
+    src = make_tricky_tree(tmp_path / "src", big_bytes=2 << 20)
+    store = Store(s3_server, s3_client, s3_prefix)
+    old = old_layout(store, store.snapshot(str(src)))
+    store.manifests[-1] = old["manifest"]  # what the control plane's database holds of it
+    assert any(o["key"].startswith("chunks/") for o in old["manifest"]["objects"])
+    check_restore(store, old, src, tmp_path / "r1")
+    with open(src / "models" / "weights.bin", "ab") as fh:
+        fh.write(os.urandom(1000))
+    new = store.snapshot(str(src))  # reuses the old block objects, stores the changed block in a run
+    keys = {o["key"] for o in new["manifest"]["objects"]}
+    assert any(k.startswith("chunks/") for k in keys) and new["chunks_new"] <= 3
+    check_restore(store, new, src, tmp_path / "r2")
+
+
+def test_a_crashed_old_writer_s_block_objects_are_resumed(
+    tmp_path: pathlib.Path, s3_server: Any, s3_prefix: str, s3_client: Any
+) -> None:
+    """The older writer crashed before its manifest: its `chunks/<raw>` objects are found (HEAD,
+    then the bytes checked) and reused by today's writer."""
+    src = make_tricky_tree(tmp_path / "src", big_bytes=2 << 20)
+    store = Store(s3_server, s3_client, s3_prefix)
+    cfg = store.config(str(src))
+    first = run_script("snapshot", cfg, timeout=300)
+    assert first.returncode == 0, first.stderr
+    res = dict(first.last, prefix=cfg["prefix"])
+    res["manifest"] = json.loads(s3_client.get_object(Bucket=s3_server.bucket, Key=res["manifest_key"])["Body"].read())
+    old_layout(store, res, manifest_too=False)
+    s3_client.delete_object(Bucket=s3_server.bucket, Key=res["manifest_key"])  # never committed
+    again = run_script("snapshot", cfg, timeout=300)
+    assert again.returncode == 0, again.stderr
+    blocks = {c["raw_sha256"] for c in res["manifest"]["chunks"] if c["kind"] == "block"}
+    assert again.last["resumed_chunks"] >= len(blocks) and again.last["chunks_new"] == 0
+    check_restore(store, dict(again.last, prefix=cfg["prefix"]), src, tmp_path / "restored")

@@ -27,11 +27,13 @@ def write_v2(
     blocks: list[bytes],
     groups: list[bytes],
     previous: Manifest | None = None,
+    run: bool = False,
 ) -> bytes:
-    """Write `blocks` (one object each, stored raw) and the new ones of `groups` (one pack) under the
-    machine prefix, and a v2 manifest under `<store_prefix><snapshot_id>/`. Chunks `previous` (an earlier
-    snapshot's manifest) holds are referenced where it stored them (`new: false`), as the host does
-    with the known_chunks it is told. Returns the manifest."""
+    """Write `blocks` (one object each, stored raw, as the first format-2 writer did; with `run`: the
+    new ones in one pack, a run, as the host writes them now) and the new ones of `groups` (one pack)
+    under the machine prefix, and a v2 manifest under `<store_prefix><snapshot_id>/`. Chunks `previous`
+    (an earlier snapshot's manifest) holds are referenced where it stored them (`new: false`), as the
+    host does with the known_chunks it is told. Returns the manifest."""
     old = {c.raw_sha256: (previous.objects[c.object], c) for c in previous.chunks} if previous else {}
     objects: list[dict[str, Any]] = []
     chunks: list[dict[str, Any]] = []
@@ -52,6 +54,17 @@ def write_v2(
         uploaded += len(pack)
         pack_obj = (f"packs/{_sha(pack)}", len(pack), _sha(pack))
         where = {e.raw_sha256: e for e in entries}
+    in_run: dict[str, PackEntry] = {}
+    if run:
+        fresh_blocks = list(dict.fromkeys(b for b in blocks if _sha(b) not in old))
+        if fresh_blocks:
+            body, entries = build_pack(
+                [(PackEntry(_sha(b), 0, len(b), len(b), "none", _sha(b)), b) for b in fresh_blocks]
+            )
+            store.put_bytes(f"{store_prefix}packs/{_sha(body)}", body)
+            uploaded += len(body)
+            run_obj = (f"packs/{_sha(body)}", len(body), _sha(body))
+            in_run = {e.raw_sha256: e for e in entries}
     written: set[str] = set()
     for kind, data in [("block", b) for b in blocks] + [("group", g) for g in groups]:
         raw = _sha(data)
@@ -59,6 +72,8 @@ def write_v2(
         if raw in old:
             obj, c = old[raw]
             index, offset = object_index(obj.key, obj.size, obj.sha256), c.offset
+        elif kind == "block" and run:
+            index, offset = object_index(*run_obj), in_run[raw].offset
         elif kind == "block":
             if new:
                 store.put_bytes(f"{store_prefix}chunks/{raw}", data)
@@ -116,12 +131,13 @@ def add_v2_snapshot(
     previous: Manifest | None = None,
     status: str = "complete",
     machine_status: str = "running",
+    run: bool = False,
 ) -> dict[str, Any]:
     """A format-2 snapshot row (complete by default) with real objects behind it, indexed."""
     c = app.extensions["gpusnap"]
     snap_id = new_id("snap")
     store_prefix = f"{c.settings.snapshot_prefix}{machine_id}/"
-    raw = write_v2(store, store_prefix, snap_id, blocks=list(blocks), groups=list(groups), previous=previous)
+    raw = write_v2(store, store_prefix, snap_id, blocks=list(blocks), groups=list(groups), previous=previous, run=run)
     manifest = parse_manifest(raw)
     with transaction(c.session_factory) as s:
         if s.get(Machine, machine_id) is None:

@@ -44,25 +44,38 @@ def h(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def make(order: list[tuple[str, int]]) -> tuple[dict[str, Any], dict[str, bytes], list[bytes]]:
-    """A v2 manifest over objects in a dict: ("g", i) = group i (all in one pack), ("b", i) = block i."""
+def make(order: list[tuple[str, int]], run_size: int = 0) -> tuple[dict[str, Any], dict[str, bytes], list[bytes]]:
+    """A v2 manifest over objects in a dict: ("g", i) = group i (all in one pack), ("b", i) = block i:
+    its own object `chunks/<raw>` (the first writer's layout) or, with `run_size`, in runs of blocks
+    of up to that many bytes (today's writer)."""
     builder = PackBuilder(pack_size=1 << 20, chunk_max=1 << 16)
+    runs = PackBuilder(pack_size=run_size, chunk_max=1 << 16, runs=True)
     groups = [os.urandom(100 + i) for i in range(4)]
     blocks = [os.urandom(5000 + i) for i in range(50)]
     group_locs = [builder.add(h(g), g, len(g), "none", h(g))[0] for g in groups]
-    key, view, _buf, _locs, _size = builder.flush()  # type: ignore[misc]
+    key, view, _buf, _locs, _size, _meta = builder.flush()  # type: ignore[misc]
     objects = {key: bytes(view)}
     entries, stream = [], []
     for kind, i in order:
         if kind == "g":
             entries.append((h(groups[i]), len(groups[i]), group_locs[i], "group", True))
             stream.append(groups[i])
+        elif run_size:
+            data = blocks[i]
+            loc, sealed = runs.add(h(data), data, len(data), "none", h(data))
+            if sealed is not None:
+                objects[sealed[0]] = bytes(sealed[1])
+            entries.append((h(data), len(data), loc, "block", True))
+            stream.append(data)
         else:
             data = blocks[i]
             loc = Loc("chunks/" + h(data), 0, len(data), len(data), "none", h(data), len(data), h(data))
             objects[loc.key] = data  # type: ignore[index]
             entries.append((h(data), len(data), loc, "block", True))
             stream.append(data)
+    last = runs.flush()
+    if last is not None:
+        objects[last[0]] = bytes(last[1])
     doc = build_v2(
         cfg={},
         codec="none",
@@ -116,6 +129,17 @@ def test_chunks_come_out_in_order_and_a_pack_used_again_soon_is_fetched_once() -
     assert drain(manifest, store) == stream
     pack = [k for k in store.gets if "/packs/" in k]
     assert len(pack) == 1 and len(store.gets) == 3
+
+
+def test_consecutive_blocks_in_one_run_are_served_by_one_fetch() -> None:
+    order = [("g", 0)] + [("b", i) for i in range(10)] + [("g", 1)]
+    manifest, objects, stream = make(order, run_size=2 * 5010)  # two blocks of ~5000 bytes per run
+    assert len(objects) == 1 + 5
+    store = DictStore({"m/" + k: v for k, v in objects.items()})
+    assert drain(manifest, store, window=2) == stream
+    pack = "m/" + manifest["objects"][manifest["chunks"][0]["object"]]["key"]
+    runs = [k for k in store.gets if k != pack]
+    assert len(runs) == len(set(runs)) == 5  # each run once, for both of its blocks
 
 
 def test_a_pack_used_again_much_later_is_fetched_again_and_buffers_stay_bounded() -> None:

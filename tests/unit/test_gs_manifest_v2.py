@@ -186,3 +186,32 @@ def test_pack_builder_seals_when_full_and_names_every_chunk() -> None:
     for s in sealed:
         rows = parse_toc(s[1])
         assert "packs/" + h(bytes(s[1])) == s[0] and len(rows) == 4
+
+
+def test_a_run_is_sealed_before_a_block_would_overflow_it_and_its_metadata_names_its_blocks() -> None:
+    runs = PackBuilder(pack_size=100, chunk_max=50, runs=True)
+    blocks = [bytes([i]) * 50 for i in range(5)]
+    sealed = [s for s in (runs.add(h(b), b, 50, "none", h(b))[1] for b in blocks) if s is not None]
+    last = runs.flush()
+    assert last is not None
+    sealed.append(last)
+    # two full blocks per run, never three: a run stays within pack_size (+ its TOC)
+    assert [len(parse_toc(s[1])) for s in sealed] == [2, 2, 1]
+    for key, view, _buf, _locs, size, meta in sealed:
+        rows = parse_toc(view)
+        assert meta["blocks"] == ",".join(r["raw_sha256"] for r in rows) and meta["sha256"] == key[6:]
+        assert sum(r["stored_size"] for r in rows) <= 100 and size == len(view)
+    groups = PackBuilder(pack_size=100, chunk_max=50)  # a group pack fills past pack_size; no block list
+    for b in blocks[:3]:
+        _, s = groups.add(h(b), b, 50, "none", h(b))
+    assert s is None and "blocks" not in groups.flush()[5]  # type: ignore[index]
+
+
+def test_a_run_holds_at_most_run_blocks_blocks() -> None:
+    from gs_packer import RUN_BLOCKS
+
+    runs = PackBuilder(pack_size=1 << 20, chunk_max=64, runs=True)
+    tiny = [("%04d" % i).encode() for i in range(RUN_BLOCKS + 3)]  # compressible blocks: small stored
+    sealed = [s for s in (runs.add(h(b), b, len(b), "none", h(b))[1] for b in tiny) if s is not None]
+    assert len(sealed) == 1 and len(parse_toc(sealed[0][1])) == RUN_BLOCKS
+    assert len(sealed[0][5]["blocks"]) == RUN_BLOCKS * 65 - 1  # fits S3's 2 KiB of user metadata

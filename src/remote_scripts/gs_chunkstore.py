@@ -68,11 +68,15 @@ def parse_known(rows: Any) -> Dict[str, Loc]:
     return out
 
 
+MAX_RAW_DEFAULT = 256 << 20  # gs_manifest.MAX_CHUNK_BYTES
+
+
 class ChunkIndex:
     """Thread-safe lookup and claim of chunk digests for one run."""
 
-    def __init__(self, s5: S5, store_prefix: str, known: Dict[str, Loc]) -> None:
+    def __init__(self, s5: S5, store_prefix: str, known: Dict[str, Loc], max_raw: int = MAX_RAW_DEFAULT) -> None:
         self.s5, self.prefix = s5, store_prefix
+        self.max_raw = max_raw  # no chunk this run writes is larger: a bigger claim is not ours
         self.lock = threading.Lock()
         self.listing: Dict[str, int] = {}
         for folder in ("chunks/", "packs/"):
@@ -91,7 +95,11 @@ class ChunkIndex:
         self._decoders: Dict[str, Optional[Codec]] = {}
 
     def decodes_to(self, codec: str, stored: Any, raw_sha256: str, raw_size: int) -> bool:
-        """Whether stored bytes left by an earlier attempt decode to the chunk they claim to be."""
+        """Whether stored bytes left by an earlier attempt decode to the chunk they claim to be. A
+        decoder allocates the claimed size first, so a claim larger than any chunk of this run (a
+        planted pack's TOC saying 1 TiB) is refused before it is decoded, never allocated."""
+        if raw_size > self.max_raw:
+            return False
         with self.lock:
             if codec not in self._decoders:
                 try:
@@ -103,7 +111,7 @@ class ChunkIndex:
             return False
         try:
             raw = stored if codec == "none" else decoder.decompress(stored, raw_size)
-        except ScriptError:
+        except (ScriptError, MemoryError):
             return False
         return len(raw) == raw_size and hashlib.sha256(raw).hexdigest() == raw_sha256
 

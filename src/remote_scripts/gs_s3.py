@@ -15,7 +15,7 @@ import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 
 from gs_common import Context, ScriptError, read_full, tail_text, widen_pipe
-from gs_tuning import Concurrency
+from gs_tuning import Concurrency, is_throttle
 
 # s5cmd prints the AWS SDK's error as "<Code>: <Message>\n\tstatus code: <n>, request id: ..." (inside its
 # --json error line). R2 answers a bad key with code `Unauthorized` and HTTP 401 (a HEAD has no body, so
@@ -182,7 +182,7 @@ class S5:
         for attempt in range(FETCH_TRIES):
             if attempt:
                 self._backoff(attempt)
-            gate, got = self.transfers, -1  # -1: the try failed
+            gate, got, said = self.transfers, -1, ""  # -1: the try failed
             if gate is not None:
                 gate.acquire(self.ctx.check)
             try:
@@ -190,15 +190,16 @@ class S5:
             except ScriptError as exc:
                 if exc.code != fallback:
                     raise  # storage_auth_failed, bad_config: the same request will fail the same way
-                problem = exc.message
+                problem, said = exc.message, getattr(exc, "s5cmd_said", exc.message)
             finally:
                 if gate is not None:
                     gate.release(got if got >= expected else 0)
             if got >= expected:
                 return got  # whole (or too long: the caller reports a size mismatch)
-            if gate is not None:
+            if gate is not None and got < 0 and (is_throttle(said) or not said.strip()):
                 # s5cmd 2.3.0 `cat` exits 1 without a word when the store keeps answering 503
-                # SlowDown: every failed or short try is taken as the store pushing back.
+                # SlowDown: a silent failure is taken as the store pushing back. A reset, a 500 or a
+                # short body is a fault of this request, not a reason to slow the whole run.
                 gate.throttled()
             if got >= 0:
                 shorts.add(got)
@@ -238,7 +239,9 @@ class S5:
             text = tail_text(err)
             if _is_not_found(text):
                 raise NotFound(key)
-            raise self._fail(proc.returncode, text, fallback, "download of %s" % key)
+            failure = self._fail(proc.returncode, text, fallback, "download of %s" % key)
+            failure.s5cmd_said = text  # type: ignore[attr-defined]  # cat_into: throttled, or silent?
+            raise failure
         return got
 
     def remove(self, keys: List[str]) -> None:

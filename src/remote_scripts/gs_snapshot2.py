@@ -61,7 +61,7 @@ def run(
     if prefix + MANIFEST_NAME in s5.list(prefix):
         s5.remove([prefix + MANIFEST_NAME])  # an earlier attempt's: it is rewritten last, as in v1
     t_scan = time.monotonic()
-    index = ChunkIndex(s5, store, v2["known"])
+    index = ChunkIndex(s5, store, v2["known"], max_raw=max(v2["block_size"], v2["group_max"]))
     # A pack holds at most pack_size bytes of chunks plus one group or block and its TOC (rows of ~200
     # bytes for chunks of at least 512): twice that is a generous bound that keeps the memory bound.
     orphans = index.resume_packs(

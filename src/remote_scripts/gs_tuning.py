@@ -23,7 +23,8 @@ growth matters below the maximum: after a backoff, or for a controller started l
 a window closes once `limit` transfers finished and at least WINDOW_S passed; if its throughput beat
 the best window so far by GAIN, the limit grows by half (at least 1), otherwise it stays where it is.
 A throttled request (429, 503 SlowDown) halves it at once, at most once per WINDOW_S, and the level
-that was throttled is not reached again in this run.
+that was throttled is not reached again until CEILING_HOLD_S pass without another throttle; then the
+ceiling rises one level per window (a short burst of 503s must not cap a multi-hour run for good).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ PARTS_BUDGET = 768 * MIB  # of the 1 GiB peak-RSS goal; the rest: interpreter, t
 MEM_FRACTION = 4  # parts may take at most 1/4 of the memory available when the run starts
 WINDOW_S = 1.0
 GAIN = 0.10  # a window must be 10% faster than the best one to earn more concurrency
+CEILING_HOLD_S = 30.0  # after a throttle, the throttled level stays out of reach this long
 _UNLIMITED = 1 << 60  # cgroup v1 writes ~2^63 for "no limit"
 # Texts of a throttled request in s5cmd's error lines (AWS SDK: "<Code>: <Message>\n\tstatus code: <n>").
 _THROTTLE_MARKERS = (
@@ -126,10 +128,24 @@ def available_memory(root: str = "/") -> Optional[int]:
                 usage = int(_read(os.path.join(d, usage_name)) or "0")
             except ValueError:
                 continue  # "max", or absent
+            # The usage counts the cgroup's page cache, which the kernel reclaims before it fails an
+            # allocation: a training job that read its dataset sits near its limit yet has room.
+            usage = max(0, usage - _inactive_file(d))
             if limit < _UNLIMITED:
                 free = max(0, limit - usage)
                 found = free if found is None else min(found, free)
     return found
+
+
+def _inactive_file(cgroup_dir: str) -> int:
+    """Reclaimable file cache in a cgroup's memory.stat: v2 `inactive_file`, v1 `total_inactive_file`
+    (this cgroup and its children); 0 when absent."""
+    found = {}
+    for line in (_read(os.path.join(cgroup_dir, "memory.stat")) or "").splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("inactive_file", "total_inactive_file") and value.strip().isdigit():
+            found[name] = int(value)
+    return found.get("total_inactive_file", found.get("inactive_file", 0))
 
 
 def plan(*, cap: int, part_size: int, copies: int, cpus: int, mem_available: Optional[int]) -> Dict[str, Any]:
@@ -198,6 +214,8 @@ class Concurrency:
         elapsed = now - self._start
         if self._done < self.limit or elapsed < WINDOW_S:
             return
+        if self.ceiling < self.maximum and now >= self._quiet_until - WINDOW_S + CEILING_HOLD_S:
+            self.ceiling += 1  # quiet for a while: the store may take more again
         rate = self._bytes / elapsed
         if self._best is None or rate > self._best * (1 + GAIN):
             self._best = rate

@@ -428,3 +428,36 @@ def test_a_planted_run_whose_metadata_and_toc_vouch_for_blocks_it_does_not_hold_
     assert res["orphan_packs"] == 2 and res["resumed_packs"] == 1
     assert res["resumed_chunks"] == 0 and res["chunks_new"] >= 1, res
     check_restore(store, res, src, tmp_path / "restored")
+
+
+def test_a_planted_pack_claiming_a_huge_raw_size_is_refused_before_any_allocation(
+    tmp_path: pathlib.Path, s3_server: Any, s3_prefix: str, s3_client: Any
+) -> None:
+    """A pack (group pack, and a run naming a block the snapshot needs) whose TOC rows claim 1 TiB of
+    raw bytes for a zstd frame that states no content size: a decoder would allocate the claim first
+    (MemoryError, or a host out of memory for a smaller lie). Resume refuses any claim larger than a
+    chunk of this run before decoding, and the snapshot stores the real chunks."""
+    src = tmp_path / "src"
+    (src / "pkg").mkdir(parents=True)
+    (src / "weights.bin").write_bytes(hashlib.sha256(b"public").digest() * (BLOCK // 32))
+    for i in range(10):
+        (src / "pkg" / ("f%02d.txt" % i)).write_text("line %d\n" % i * 300)
+    probe = Store(s3_server, s3_client, s3_prefix + "probe/")
+    chunks = probe.snapshot(str(src))["manifest"]["chunks"]
+    store = Store(s3_server, s3_client, s3_prefix)
+    frame = zstandard.ZstdCompressor(write_content_size=False).compress(b"\0" * 4096)
+    sha = hashlib.sha256(frame).hexdigest()
+    block = next(c for c in chunks if c["kind"] == "block")
+    group = next(c for c in chunks if c["kind"] == "group")
+    for raw, metadata in ((group["raw_sha256"], {}), (block["raw_sha256"], {"blocks": block["raw_sha256"]})):
+        body, _ = build_pack([(PackEntry(raw, 0, len(frame), 1 << 40, "zstd", sha), frame)])
+        pack_sha = hashlib.sha256(body).hexdigest()
+        s3_client.put_object(
+            Bucket=s3_server.bucket,
+            Key=store.store + "packs/" + pack_sha,
+            Body=body,
+            Metadata={"sha256": pack_sha, "chunks": "1", **metadata},
+        )
+    res = store.snapshot(str(src))
+    assert res["orphan_packs"] == 2 and res["resumed_chunks"] == 0, res
+    check_restore(store, res, src, tmp_path / "restored")

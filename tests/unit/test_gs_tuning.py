@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "src", "remote_scripts"))
 
-from gs_tuning import WINDOW_S, Concurrency, available_memory, is_throttle, plan, usable_cpus  # noqa: E402
+from gs_tuning import CEILING_HOLD_S, WINDOW_S, Concurrency, available_memory, is_throttle, plan, usable_cpus  # noqa: E402
 
 MIB, GIB = 1 << 20, 1 << 30
 
@@ -218,3 +218,38 @@ def test_throttle_texts_are_recognised_and_other_errors_are_not() -> None:
     assert is_throttle("TooManyRequests: slow down\n\tstatus code: 429")
     assert not is_throttle("AccessDenied: Access Denied\n\tstatus code: 403")
     assert not is_throttle("InternalError: We encountered an internal error.\n\tstatus code: 500")
+
+
+def test_a_cgroup_near_its_limit_with_page_cache_still_has_room(tmp_path: Path) -> None:
+    """A training job that read its dataset: the cgroup's usage counts the page cache, which the
+    kernel reclaims before failing an allocation; parts in flight must not collapse to one."""
+    v2 = {
+        "proc/meminfo": "MemAvailable:    8388608 kB",
+        "proc/self/cgroup": "0::/job",
+        "sys/fs/cgroup/job/memory.max": str(4 * GIB),
+        "sys/fs/cgroup/job/memory.current": str(4 * GIB - MIB),
+        "sys/fs/cgroup/job/memory.stat": "anon %d\nfile %d\ninactive_file %d\nactive_file 0" % (GIB, 3 * GIB, 3 * GIB),
+    }
+    assert available_memory(_host(tmp_path / "v2", v2)) == 3 * GIB + MIB  # 4 GiB - (4 GiB - 1 MiB - 3 GiB)
+    v1 = {
+        "proc/meminfo": "MemAvailable:    8388608 kB",
+        "proc/self/cgroup": "3:memory:/docker/abc",
+        "sys/fs/cgroup/memory/docker/abc/memory.limit_in_bytes": str(2 * GIB),
+        "sys/fs/cgroup/memory/docker/abc/memory.usage_in_bytes": str(2 * GIB),
+        "sys/fs/cgroup/memory/docker/abc/memory.stat": "cache 5\ninactive_file 7\ntotal_inactive_file %d" % GIB,
+    }
+    assert available_memory(_host(tmp_path / "v1", v1)) == GIB
+
+
+def test_the_throttled_level_comes_back_in_reach_after_a_quiet_while() -> None:
+    """A short burst of 503s early in a multi-hour run must not cap the rest of it."""
+    clock = Clock()
+    c = Concurrency(8, 8, clock=clock)
+    c.throttled()
+    assert (c.limit, c.ceiling) == (4, 7)
+    _window(c, clock, seconds=WINDOW_S)  # soon after: grows, but the ceiling holds
+    assert (c.limit, c.ceiling) == (6, 7)
+    _window(c, clock, seconds=CEILING_HOLD_S)  # a slow, quiet while: no growth, the ceiling rises
+    assert (c.limit, c.ceiling) == (6, 8)
+    _window(c, clock, seconds=WINDOW_S * 1.01)  # faster again: the throttled level is in reach
+    assert (c.limit, c.ceiling) == (8, 8)

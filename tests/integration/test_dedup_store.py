@@ -246,6 +246,17 @@ def assert_restorable(c, store: ObjectStore, snapshot_id: str) -> None:  # type:
             assert hashlib.sha256(data[chunk.offset : chunk.offset + chunk.stored_size]).hexdigest() == chunk.sha256
 
 
+def _delete_then_gc_repacks_one_pack(app, s3store, snapshot: dict) -> set:  # type: ignore[no-untyped-def]
+    """Delete `snapshot`, run gc with no grace: it succeeds and repacks one pack. The store's keys after."""
+    client = app.test_client()
+    assert client.delete(f"/api/gpu-snapshots/{snapshot['id']}", headers=AUTH).status_code == 202
+    run_jobs(app)
+    job = _job(client, "/api/maintenance/gc", {"grace_s": 0})
+    assert job["status"] == "succeeded", job
+    assert job["result"]["repacked_packs"] == 1, job["result"]
+    return _keys(s3store, snapshot["store_prefix"])
+
+
 def test_gc_repacks_a_mostly_garbage_pack_and_the_survivor_still_verifies(app, s3store):
     client = app.test_client()
     c = app.extensions["gpusnap"]
@@ -254,12 +265,7 @@ def test_gc_repacks_a_mostly_garbage_pack_and_the_survivor_still_verifies(app, s
     # the second keeps one group of the first's pack and adds its own (a second pack)
     second = add_v2_snapshot(app, s3store, groups=[groups[3], b"new-group"], previous=first["manifest"])
     old_pack = next(o.key for o in first["manifest"].objects if o.kind == "pack")
-    assert client.delete(f"/api/gpu-snapshots/{first['id']}", headers=AUTH).status_code == 202
-    run_jobs(app)
-    job = _job(client, "/api/maintenance/gc", {"grace_s": 0})
-    assert job["status"] == "succeeded", job
-    assert job["result"]["repacked_packs"] == 1, job["result"]
-    keys = _keys(s3store, first["store_prefix"])
+    keys = _delete_then_gc_repacks_one_pack(app, s3store, first)
     assert old_pack not in keys
     assert_restorable(c, s3store, second["id"])
     with transaction(c.session_factory) as s:
@@ -283,12 +289,7 @@ def test_gc_repacks_a_run_with_one_dead_block_and_the_survivors_still_verify(app
     changed = [blocks[0], os.urandom(BLOCK), blocks[2]]
     second = add_v2_snapshot(app, s3store, blocks=changed, groups=[b"g"], previous=first["manifest"], run=True)
     assert old_run in {o.key for o in second["manifest"].objects}  # the unchanged blocks are reused
-    assert client.delete(f"/api/gpu-snapshots/{first['id']}", headers=AUTH).status_code == 202
-    run_jobs(app)
-    job = _job(client, "/api/maintenance/gc", {"grace_s": 0})
-    assert job["status"] == "succeeded", job
-    assert job["result"]["repacked_packs"] == 1, job["result"]
-    keys = _keys(s3store, first["store_prefix"])
+    keys = _delete_then_gc_repacks_one_pack(app, s3store, first)
     assert old_run not in keys
     assert_restorable(c, s3store, second["id"])
     assert _job(client, f"/api/gpu-snapshots/{second['id']}/verify", {"deep": True})["status"] == "succeeded"

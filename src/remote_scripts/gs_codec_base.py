@@ -20,6 +20,10 @@ class Codec:
     # Set by for_snapshot when this codec replaces the one asked for: {"requested", "used", "reasons"}.
     fallback: Optional[Dict[str, Any]] = None
     requires_gpu = False  # parts it writes can only be decoded on a GPU (no CPU decoder exists)
+    # Decoding ANY bytes is memory-safe and bounded by the output buffer (a CPU decoder that checks
+    # its input), so a reader that verifies the decoded bytes' SHA-256 anyway may skip the stored
+    # bytes' one: damage shows as a decode error or as the wrong raw digest (gs_fetch2).
+    decodes_untrusted_input = False
 
     def checks_output(self, stored: Any) -> bool:
         return True  # `none`: the decoded bytes are the SHA-256-verified stored bytes

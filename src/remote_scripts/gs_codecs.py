@@ -43,6 +43,8 @@ class ZstdCodec(Codec):
     `threads` is zstd's own worker count per part (0 = single-threaded, our default: parallelism
     comes from compressing several parts at once, which keeps memory per part predictable)."""
 
+    decodes_untrusted_input = True  # zstd checks every frame it reads; output bounded by the buffer
+
     name = "zstd"
 
     def __init__(self, level: int = 3, threads: int = 0, bootstrap: bool = True) -> None:

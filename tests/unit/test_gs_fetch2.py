@@ -171,3 +171,83 @@ def test_damage_is_reported_with_its_code(damage: str, code: str) -> None:
     with pytest.raises(ScriptError) as err:
         drain(manifest, store)
     assert err.value.code == code
+
+
+
+def make_zstd(new: bool, raws: list[bytes], put: list[bytes] | None = None) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """A v2 manifest of zstd chunks of `raws` in one pack, all `new` or all reused (`new: false`).
+    `put` replaces the frames written into the pack; the manifest still records the true ones."""
+    zstd = for_restore(["zstd"], False)["zstd"]
+    true = [bytes(zstd.compress(r)) for r in raws]
+    builder = PackBuilder(pack_size=1 << 20, chunk_max=1 << 16)
+    entries = []
+    for raw, frame, stored in zip(raws, true, put or true):
+        loc = builder.add(h(raw), stored, len(raw), "zstd", h(frame))[0]
+        entries.append((h(raw), len(raw), loc, "block", new))
+    key, view, _buf, _locs, _size, _meta = builder.flush()  # type: ignore[misc]
+    doc = build_v2(
+        cfg={},
+        codec="zstd",
+        chunking={},
+        entries=entries,
+        files=1,
+        bytes_uploaded=0,
+        source={},
+        created_at="t",
+        timings={},
+    )
+    return validate(json.loads(json.dumps(doc))), {key: bytes(view)}
+
+
+def drain_zstd(manifest: dict[str, Any], objects: dict[str, bytes]) -> list[bytes]:
+    fetcher = ChunkFetcher(
+        ctx=Context(Events(fd=os.open(os.devnull, os.O_WRONLY))),
+        s5=DictStore({"m/" + k: v for k, v in objects.items()}),  # type: ignore[arg-type]
+        store_prefix="m/",
+        manifest=manifest,
+        codecs=for_restore(["zstd"], False),
+        window=2,
+    )
+    out = []
+    try:
+        while (item := fetcher.next()) is not None:
+            out.append(bytes(item[1]))
+            fetcher.release(item[0])
+    finally:
+        fetcher.close()
+    return out
+
+
+def some_raws() -> list[bytes]:
+    return [os.urandom(3000) + bytes(3000) for _ in range(3)]
+
+
+@pytest.mark.parametrize("new", [True, False])
+def test_zstd_chunks_restore_whether_stored_by_this_snapshot_or_reused(new: bool) -> None:
+    raws = some_raws()
+    manifest, objects = make_zstd(new, raws)
+    assert drain_zstd(manifest, objects) == raws
+
+
+@pytest.mark.parametrize("new", [True, False])
+@pytest.mark.parametrize("damage", ["flip", "other_frame", "frame_without_checksum"])
+def test_a_damaged_or_swapped_zstd_chunk_is_part_corrupt_reused_or_not(new: bool, damage: str) -> None:
+    """A reused chunk is checked by its decoded bytes' SHA-256 alone (the stored bytes' hash is
+    skipped: one hash, not two); every kind of damage is still caught, for a new one by its stored
+    bytes' hash (its frame checksum only vouches for the frame)."""
+    import zstandard
+
+    raws = some_raws()
+    frames = [bytes(zstandard.ZstdCompressor(level=3, write_checksum=True).compress(r)) for r in raws]
+    if damage == "flip":
+        bad = bytearray(frames[1])
+        bad[len(bad) // 2] ^= 0x40
+        frames[1] = bytes(bad)
+    elif damage == "other_frame":  # a valid frame, checksum and all, of other bytes of the same size
+        frames[1] = bytes(zstandard.ZstdCompressor(write_checksum=True).compress(os.urandom(6000)))
+    else:  # the chunk's bytes altered, in a frame with no checksum to catch it
+        frames[1] = bytes(zstandard.ZstdCompressor(write_checksum=False).compress(raws[1][:-1] + b"\x01"))
+    manifest, objects = make_zstd(new, raws, frames)
+    with pytest.raises(ScriptError) as err:
+        drain_zstd(manifest, objects)
+    assert err.value.code == "part_corrupt"

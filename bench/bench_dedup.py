@@ -320,8 +320,8 @@ def report_md(rep: dict[str, Any]) -> str:
     ]
     return (
         "%s\n## Incremental deduplicated snapshots, format 2 (bench/bench_dedup.py)\n\n"
-        "Measured %s, %s synthetic workspace (`bench/workspace.py`), SeaweedFS on the same host, on a loaded "
-        "2-core box (load average %.1f at start, %.1f at end; other helpers' tests shared the CPUs). "
+        "Measured %s, %s synthetic workspace (`bench/workspace.py`), SeaweedFS on the same host, on "
+        "a %d-core box (load average %.1f at start, %.1f at end, the benchmark's own load included). "
         "Each change is ~1%%: an in-place edit of a weight shard, a log append, a new checkpoint and a package "
         "upgrade. known_chunks is computed from the previous manifests, as the control plane does.\n\n%s\n\n"
         "Every v2 snapshot:\n\n%s\n%s"
@@ -329,6 +329,7 @@ def report_md(rep: dict[str, Any]) -> str:
             BEGIN,
             rep["date"],
             rep["size"],
+            rep["cpus"],
             rep["loadavg_start"][0],
             rep["loadavg_end"][0],
             "\n".join(rows),

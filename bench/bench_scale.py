@@ -1,7 +1,7 @@
 """Many small files: our snapshot and restore against plain `tar -c` / `tar -x` of the same tree,
 side by side in one run (issue 13's scale goal: within 1.3x of plain tar).
 
-    .venv/bin/python bench/bench_scale.py [--files 300000] [--rounds 2] [--format 1] [--no-docs]
+    .venv/bin/python bench/bench_scale.py [--files 300000] [--rounds 2] [--format 1] [--tmpfs 8G] [--no-docs]
 
 The tree looks like a venv plus a dataset of small files: `--files` files of 16 B to 4 KiB (mean
 ~1 KiB) in directories of 100, some 2-3 levels deep. Per round, alternating the order:
@@ -14,7 +14,11 @@ The tree looks like a venv plus a dataset of small files: `--files` files of 16 
 * ours restore: restore.py of that snapshot into an empty directory, compared entry by entry.
 
 Reports wall and CPU seconds (CPU of the process tree; the S3 server's own CPU apart) and peak
-memory. Restored trees are deleted between steps, outside the timed part (`sync` before each step).
+memory of ours (the process tree, sampled twice a second). `sync` before each step. Both restores create their trees in `--restore-dir`; `--tmpfs 8G`
+mounts a tmpfs there (root only), as docs/benchmarks.md's runs did: on this host's ext4, file creation after an earlier run had deleted ~300k files spent its time in
+ext4's inode allocator skipping recently deleted inodes (perf: find_inode_bit -> recently_deleted,
+433 us per openat; plain `tar -x` went from 15 s to 74-126 s), which measures the disk's history,
+not the tools.
 Writes JSON to bench/out/ and a table into docs/benchmarks.md between the scale markers.
 """
 
@@ -39,10 +43,9 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 sys.path.insert(0, SCRIPTS)
 
-import bench_dataplane  # noqa: E402
-from bench_dataplane import measured  # noqa: E402
 from gs_tarsafe import extract_command  # noqa: E402
 from report import replace_section, tree_signature  # noqa: E402
+from sampler import Sampler  # noqa: E402
 from snapshot import tar_command  # noqa: E402
 
 from tests.support.s3_server import SeaweedS3Server, s5cmd_binary  # noqa: E402
@@ -75,7 +78,35 @@ def timed(cmd: list[str], **kwargs: Any) -> dict[str, Any]:
     wall = time.monotonic() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {"wall_s": round(wall, 3), "cpu_s": round(cpu, 2), "peak_rss_bytes": after.ru_maxrss * 1024}
+    return {"wall_s": round(wall, 3), "cpu_s": round(cpu, 2)}
+
+
+def ours(script: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Run snapshot.py / restore.py as bench_dataplane.measured does, but sampling the process tree's
+    memory twice a second, not 20 times: on 2 CPUs the sampler's own /proc walks took half a core
+    from the pipeline it measured (plain tar runs unsampled)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(SCRIPTS, script)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    with Sampler(proc.pid, [], interval=0.5) as sampler:
+        out, err = proc.communicate(json.dumps(cfg))
+    wall = time.monotonic() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    lines = [json.loads(line) for line in out.splitlines() if line.strip()]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError("%s failed (%s): %s %s" % (script, proc.returncode, out[-2000:], err[-2000:]))
+    return {
+        "wall_s": round(wall, 3),
+        "cpu_s": round((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), 2),
+        "peak_mem_bytes": sampler.peak_mem,
+        "timings": lines[-1].get("timings"),  # the script's own stage timings
+    }
 
 
 def run_round(n: int, args: argparse.Namespace, s3: Any, tree: str, stream: str, work: str) -> dict[str, Any]:
@@ -94,10 +125,8 @@ def run_round(n: int, args: argparse.Namespace, s3: Any, tree: str, stream: str,
     if n % 2:
         steps = ["ours_snapshot", "tar_c", "ours_restore", "tar_x"]
     out: dict[str, Any] = {}
-    py = sys.executable
     for step in steps:
-        target = os.path.join(work, "restored-%s" % step, "ws")
-        shutil.rmtree(os.path.dirname(target), ignore_errors=True)
+        target = os.path.join(args.restore_dir, "r%d-%s" % (n, step), "ws")
         os.makedirs(os.path.dirname(target))
         os.sync()
         print("round %d: %s ..." % (n, step), file=sys.stderr, flush=True)
@@ -109,21 +138,13 @@ def run_round(n: int, args: argparse.Namespace, s3: Any, tree: str, stream: str,
             with open(stream, "rb") as fh:
                 res = timed(extract_command(target), stdin=fh, env=dict(os.environ, LC_ALL="C"))
         elif step == "ours_snapshot":
-            res = measured([py, os.path.join(SCRIPTS, "snapshot.py")], json.dumps(cfg), dict(os.environ), [])
-            out["manifest_prefix"] = cfg["prefix"]
+            res = ours("snapshot.py", cfg)
         else:
-            res = measured(
-                [py, os.path.join(SCRIPTS, "restore.py")],
-                json.dumps(dict(cfg, workspace_path=target)),
-                dict(os.environ),
-                [],
-            )
+            res = ours("restore.py", dict(cfg, workspace_path=target))
             res["identical"] = tree_signature(target, 1) == tree_signature(tree, 1)
-        res.pop("samples", None)
-        res.pop("result", None)
         out[step] = res
         print("  %.1f s wall, %.1f s CPU" % (res["wall_s"], res["cpu_s"]), file=sys.stderr, flush=True)
-        shutil.rmtree(os.path.dirname(target), ignore_errors=True)
+        shutil.rmtree(os.path.dirname(target))
     return out
 
 
@@ -140,8 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--format", type=int, default=1, choices=(1, 2))
     ap.add_argument("--parallelism", type=int, default=16)
     ap.add_argument("--workdir", default=os.path.join("/tmp", "gpusnap-bench-scale"))
+    ap.add_argument(
+        "--restore-dir", default=None, help="where both restores create their trees (default: WORKDIR/restored)"
+    )
+    ap.add_argument("--tmpfs", default="", help="mount a tmpfs of this size (e.g. 8G; needs root) at the restore dir")
     ap.add_argument("--no-docs", action="store_true")
     args = ap.parse_args(argv)
+    args.restore_dir = args.restore_dir or os.path.join(args.workdir, "restored")
     tree = os.path.join(args.workdir, "tree-%d" % args.files)
     if not os.path.exists(tree + ".complete"):
         shutil.rmtree(tree, ignore_errors=True)
@@ -155,19 +181,26 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(server.root, ignore_errors=True)
     os.makedirs(server.root)
     s3 = server.start()
-    bench_dataplane.SERVER_PID[0] = server.proc.pid if server.proc else 0
     report: dict[str, Any] = {
         "files": args.files,
         "stream_bytes": os.path.getsize(stream),
         "format": args.format,
+        "restore_dir": args.restore_dir + (" (tmpfs)" if args.tmpfs else ""),
         "cpus": os.cpu_count(),
         "loadavg_start": os.getloadavg(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    shutil.rmtree(args.restore_dir, ignore_errors=True)
+    os.makedirs(args.restore_dir)
+    if args.tmpfs:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=" + args.tmpfs, "tmpfs", args.restore_dir], check=True)
     try:
         rounds = [run_round(n, args, s3, tree, stream, args.workdir) for n in range(args.rounds)]
     finally:
         server.stop()
+        if args.tmpfs:
+            subprocess.run(["umount", args.restore_dir], check=True)
+        shutil.rmtree(args.restore_dir, ignore_errors=True)
         shutil.rmtree(os.path.join(args.workdir, "weed"), ignore_errors=True)
         os.unlink(stream)
     report["loadavg_end"] = os.getloadavg()
@@ -200,15 +233,15 @@ def render(report: dict[str, Any]) -> str:
     ):
         walls = [r[step]["wall_s"] for r in report["rounds"]]
         cpus = [r[step]["cpu_s"] for r in report["rounds"]]
-        peak = max(r[step].get("peak_mem_bytes", r[step].get("peak_rss_bytes", 0)) for r in report["rounds"])
+        peak = max(r[step].get("peak_mem_bytes", 0) for r in report["rounds"])
         rows.append(
-            "| %s | %.1f s (%s) | %.1f s | %.0f MiB |"
+            "| %s | %.1f s (%s) | %.1f s | %s |"
             % (
                 label,
                 statistics.median(walls),
                 ", ".join("%.1f" % w for w in walls),
                 statistics.median(cpus),
-                peak / 2**20,
+                "%.0f MiB" % (peak / 2**20) if peak else "",
             )
         )
     s = report["summary"]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import re
 from typing import Dict, List, Optional, Tuple
+from zlib import adler32
 
 from gs_common import ScriptError
 
@@ -84,6 +85,18 @@ class Member:
         self.size, self.mtime, self.linkname, self.sparse = size, mtime, linkname, sparse
 
 
+def _small_sum(data: bytes) -> int:
+    """sum(data) for len(data) <= 256, in C: Adler-32's low 16 bits are 1 + the byte sum modulo
+    65521, exact while the sum stays below it (256 x 255 = 65280). The gate sums three or four header
+    blocks per member; Python's sum() over bytes was a tenth of its time on a tree of small files."""
+    return (adler32(data) & 0xFFFF) - 1
+
+
+def _block_sum(block: bytes) -> int:
+    """sum(block) of one 512-byte header block (two exact halves)."""
+    return (adler32(block[:256]) & 0xFFFF) + (adler32(block[256:]) & 0xFFFF) - 2
+
+
 def _cstr(field: bytes, what: str) -> bytes:
     end = field.find(b"\0")
     if end < 0:
@@ -98,7 +111,9 @@ def _cstr(field: bytes, what: str) -> bytes:
 _NUMBERS = re.compile(rb"([0-7]{7})\0([0-7]{7})\0([0-7]{7})\0([0-7]{11})\0([0-7]{11})\0([0-7]{6})\0 (.)", re.S)
 # devmajor/devminor (all NUL in pax headers, zero in members), prefix (unused by GNU tar's POSIX
 # format), padding
-_TAIL_SUMS = {t: sum(t) for t in (bytes(183), b"0000000\x000000000\x00" + bytes(167))}
+_TAILS = (bytes(183), b"0000000\x000000000\x00" + bytes(167))
+_NO_OWNER_NAMES = bytes(64)  # uname + gname as --numeric-owner writes them
+_NO_LINK = bytes(100)
 
 
 def parse_header(block: bytes) -> Tuple[bytes, Dict[str, object]]:
@@ -108,34 +123,43 @@ def parse_header(block: bytes) -> Tuple[bytes, Dict[str, object]]:
     numbers = _NUMBERS.match(block, 100)
     if numbers is None:
         raise unsafe("mode, uid, gid, size, mtime or checksum is not plain zero-padded octal")
-    mode, uid, gid, size, mtime, checksum = [int(v, 8) for v in numbers.groups()[:6]]
-    kind = numbers.group(7)
+    mode_s, uid_s, gid_s, size_s, mtime_s, checksum_s, kind = numbers.groups()
     if kind in DEVICE_TYPES:
         raise unsafe("device node %r is not allowed" % _cstr(block[0:100], "name"))
     if kind not in MEMBER_TYPES and kind != PAX_TYPE:
         raise unsafe("header type %r is not allowed" % kind)
-    tail = _TAIL_SUMS.get(block[329:512])
-    if tail is None:
+    if block[329:512] not in _TAILS:
         raise unsafe("header has device numbers, a prefix or non-zero padding")
-    if checksum != sum(block[:148]) + sum(block[156:329]) + 256 + tail:  # the checksum field as 8 blanks
+    # The checksum is the sum of the block's bytes with its own field (148:156) counted as 8 blanks.
+    if int(checksum_s, 8) != _block_sum(block) - _small_sum(block[148:156]) + 256:
         raise unsafe("header checksum mismatch")
+    mode = int(mode_s, 8)
     if mode > 0o7777:
         raise unsafe("mode %o has bits beyond 07777" % mode)
-    _cstr(block[265:297], "uname")  # owner names are never used (--numeric-owner) nor passed on
-    _cstr(block[297:329], "gname")
+    if block[265:329] != _NO_OWNER_NAMES:  # owner names are never used (--numeric-owner) nor passed on
+        _cstr(block[265:297], "uname")
+        _cstr(block[297:329], "gname")
     return kind, {
         "name": _cstr(block[0:100], "name"),
-        "linkname": _cstr(block[157:257], "linkname"),
+        "linkname": b"" if block[157:257] == _NO_LINK else _cstr(block[157:257], "linkname"),
         "mode": mode,
-        "uid": uid,
-        "gid": gid,
-        "size": size,
-        "mtime": mtime,
+        "uid": int(uid_s, 8),
+        "gid": int(gid_s, 8),
+        "size": int(size_s, 8),
+        "mtime": int(mtime_s, 8),
     }
+
+
+# The pax header GNU tar writes for nearly every member (`--pax-option=delete=atime,delete=ctime`):
+# one mtime record. Read in one match; anything else takes the general path below.
+_MTIME_ONLY = re.compile(rb"([1-9][0-9]?) mtime=([^\n\0]*)\n\Z")
 
 
 def parse_pax(data: bytes) -> Dict[bytes, object]:
     """The records of one pax header, strictly (see the module docstring)."""
+    one = _MTIME_ONLY.match(data) if len(data) < 100 else None
+    if one is not None and int(one.group(1)) == len(data):
+        return {b"mtime": one.group(2)}
     out: Dict[bytes, object] = {}
     pairs: List[bytes] = []
     pos, n = 0, len(data)
@@ -236,10 +260,23 @@ _TAIL_SUM = sum(_TAIL) + 256  # and the checksum field counted as 8 blanks
 
 def _ustar(name: bytes, mode: int, uid: int, gid: int, size: int, mtime: int, kind: bytes, link: bytes) -> bytes:
     numbers = b"%07o\0%07o\0%07o\0%011o\0%011o\0" % (mode, uid, gid, size, mtime)
-    checksum = sum(name) + sum(numbers) + kind[0] + sum(link) + _TAIL_SUM  # the NUL padding adds nothing
+    # name, link <= 100 bytes, numbers 44: each piece sums exactly (_small_sum); NUL padding adds nothing
+    checksum = _small_sum(name) + _small_sum(numbers) + kind[0] + _small_sum(link) + _TAIL_SUM
     return b"".join(
         (name, bytes(100 - len(name)), numbers, b"%06o\0 " % checksum, kind, link, bytes(100 - len(link)), _TAIL)
     )
+
+
+_PAX_HEADERS: Dict[int, bytes] = {}  # the gate's pax header block for each small record length
+
+
+def _pax_header(length: int) -> bytes:
+    block = _PAX_HEADERS.get(length)
+    if block is None:
+        block = _ustar(b"././@PaxHeader", 0o644, 0, 0, length, 0, PAX_TYPE, b"")
+        if length < BLOCK:  # a one-record header (an mtime): a few dozen lengths, kept
+            _PAX_HEADERS[length] = block
+    return block
 
 
 def _record(key: bytes, value: bytes) -> bytes:
@@ -285,5 +322,28 @@ def encode(m: Member) -> bytes:
     if not records:
         return out
     data = b"".join(records)
-    pax = _ustar(b"././@PaxHeader", 0o644, 0, 0, len(data), 0, PAX_TYPE, b"")
-    return b"".join((pax, data, bytes(-len(data) % BLOCK), out))
+    return b"".join((_pax_header(len(data)), data, bytes(-len(data) % BLOCK), out))
+
+
+def encode_as_read(m: Member, block: bytes, pax_padded: Optional[bytes], mode_read: int) -> Optional[bytes]:
+    """encode(m) without re-serialising, for the common member: the bytes read (the pax header's
+    padded data `pax_padded` and the member's header `block`, both already parsed and checked) when
+    they are byte for byte what encode(m) writes, else None (the caller encodes).
+
+    That holds when the pax header held exactly the one `mtime` record encode() would write (it has
+    a fraction, and its whole seconds are the header's mtime field), the member has no other pax
+    value, the policy left its mode as read (`mode_read`), its name and link fit their fields, and
+    the header's bytes from the magic on are encode()'s (empty owner names, zero device numbers):
+    its numbers were read as exactly the zero-padded octal encode() writes and its checksum checked,
+    so encode() would write the same block. On a tree of small files this is nearly every member,
+    and re-serialising was a third of the gate's time."""
+    if pax_padded is None or m.mode != mode_read or block[257:] != _TAIL:
+        return None
+    mtime = m.mtime
+    whole, dot, _fraction = mtime.partition(b".")
+    if not dot or len(m.name) > 99 or len(m.linkname) > 99 or int(whole) != int(block[136:147], 8):
+        return None
+    record = _record(b"mtime", mtime)
+    if pax_padded[: len(record)] != record or pax_padded[len(record) :].count(0) != len(pax_padded) - len(record):
+        return None  # more records than the mtime, or its length written otherwise
+    return b"".join((_pax_header(len(record)), pax_padded, block))

@@ -37,6 +37,7 @@ from gs_tarheader import (
     ZERO_BLOCK,
     Member,
     encode,
+    encode_as_read,
     make_member,
     parse_header,
     parse_pax,
@@ -46,6 +47,7 @@ from gs_tarheader import (
 __all__ = ["MemberPolicy", "gate", "extract_command", "unsafe", "ScriptError"]
 
 SKIPPED_NAMES_KEPT = 100  # names listed in the result; the count is always exact
+SMALL_MEMBER = 64 << 10  # members with less data are read and written in one piece
 
 
 def extract_command(directory: str) -> List[str]:
@@ -72,7 +74,7 @@ def _components(name: bytes, what: str) -> List[bytes]:
     if not name.startswith(b"./"):
         raise unsafe("%s %r is not a ./-relative name" % (what, name))
     parts = name[2:].split(b"/")
-    if any(p in (b"", b".", b"..") for p in parts):
+    if b"" in parts or b"." in parts or b".." in parts:
         raise unsafe("%s %r has an empty, '.' or '..' component" % (what, name))
     return parts
 
@@ -93,6 +95,8 @@ class MemberPolicy:
         self.cleared_setuid = 0
 
     def _through_symlink(self, parts: List[bytes]) -> bool:
+        if not self.symlinks:  # most trees: nothing to look up
+            return False
         return any(b"/".join(parts[:i]) in self.symlinks for i in range(1, len(parts)))
 
     def _symlink_escapes(self, parts: List[bytes], target: bytes) -> bool:
@@ -178,7 +182,7 @@ class _Input:
         self.view, self.pos = memoryview(self.source(1 << 20)), 0
         return len(self.view) > 0
 
-    def take(self, n: int) -> Optional[bytes]:
+    def take(self, n: int, within: str = "a header") -> Optional[bytes]:
         """Exactly n bytes, or None at a clean end of stream; raises when it ends midway."""
         if len(self.view) - self.pos >= n:
             self.pos += n
@@ -189,7 +193,7 @@ class _Input:
             if self.pos >= len(self.view) and not self._refill():
                 if need == n:
                     return None
-                raise unsafe("the archive ends in the middle of a header")
+                raise unsafe("the archive ends in the middle of %s" % within)
             chunk = self.view[self.pos : self.pos + need]
             parts.append(bytes(chunk))
             self.pos += len(chunk)
@@ -231,6 +235,16 @@ class _Output:
         if len(self.buf) >= self.FLUSH:
             self.flush()
 
+    def member(self, header: bytes, data: bytes, size: int, pad: int) -> None:
+        """A small member at once: its header, its `size` data bytes (of `data`, which may carry the
+        source's padding: never forwarded) and our padding."""
+        buf = self.buf
+        buf += header
+        buf += memoryview(data)[:size]
+        buf += ZERO_BLOCK[:pad]
+        if len(buf) >= self.FLUSH:
+            self.flush()
+
     def data(self, view: memoryview) -> None:
         if view.nbytes < self.DIRECT:
             self.small(view)  # type: ignore[arg-type]
@@ -253,6 +267,7 @@ def gate(source: Callable[[int], Any], sink: Callable[[Any], None], policy: Memb
     headers the gate wrote and data of members it approved."""
     src, out = _Input(source), _Output(sink)
     pax: Optional[Dict[bytes, object]] = None
+    pax_padded: Optional[bytes] = None  # the pax header's data as read, zero padding included
     while True:
         block = src.take(BLOCK)
         if block is None:
@@ -272,15 +287,24 @@ def gate(source: Callable[[int], Any], sink: Callable[[Any], None], policy: Memb
             if data is None or data[size:].count(0) != len(data) - size:  # type: ignore[index,operator]
                 raise unsafe("pax header cut short or badly padded")
             pax = parse_pax(data[:size])  # type: ignore[index]
+            pax_padded = data if len(pax) == 1 and b"mtime" in pax else None
             continue
         member = make_member(kind, fields, pax or {})
-        pax = None
+        padded, pax, pax_padded = pax_padded, None, None
         if not policy.check(member):
             continue  # only FIFOs and links to them: no data to skip
-        out.small(encode(member))
-        src.copy(member.size, out)
-        pad = -member.size % BLOCK
-        if pad:  # the source's padding is skipped, never forwarded: tar reads ours
+        header = encode_as_read(member, block, padded, fields["mode"]) or encode(member)  # type: ignore[arg-type]
+        size = member.size
+        pad = -size % BLOCK  # the source's padding is skipped, never forwarded: tar reads ours
+        if size < SMALL_MEMBER:  # most members of a tree of small files: one read, one write
+            data = src.take(size + pad, "a member's data") if size else b""
+            if data is None:
+                raise unsafe("the archive ends inside a member's data")
+            out.member(header, data, size, pad)
+            continue
+        out.small(header)
+        src.copy(size, out)
+        if pad:
             if src.take(pad) is None:
                 raise unsafe("the archive ends inside a member's padding")
             out.small(ZERO_BLOCK[:pad])

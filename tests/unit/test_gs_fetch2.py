@@ -173,7 +173,6 @@ def test_damage_is_reported_with_its_code(damage: str, code: str) -> None:
     assert err.value.code == code
 
 
-
 def make_zstd(new: bool, raws: list[bytes], put: list[bytes] | None = None) -> tuple[dict[str, Any], dict[str, bytes]]:
     """A v2 manifest of zstd chunks of `raws` in one pack, all `new` or all reused (`new: false`).
     `put` replaces the frames written into the pack; the manifest still records the true ones."""

@@ -65,10 +65,14 @@ def load_gate_at(ref: str, scratch: str) -> Any:
     spec = importlib.util.spec_from_file_location("gs_tarsafe_at_ref", os.path.join(folder, "gs_tarsafe.py"))
     module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
     sys.path.insert(0, folder)  # its own `from gs_common import ...` resolves to the same ref
+    # ... and not to this tree's modules already imported (gs_tarheader, gs_common): set them aside
+    # while it loads, so the "old" gate does not run on the new header code.
+    ours = {name: sys.modules.pop(name) for name in list(sys.modules) if name.startswith("gs_")}
     try:
         spec.loader.exec_module(module)  # type: ignore[union-attr]
     finally:
         sys.path.remove(folder)
+        sys.modules.update(ours)
     return module
 
 

@@ -46,11 +46,11 @@ class ChunkUploader:
         large_min: int,
         modulus: int,
         parallelism: int,
-        bytes_total: int,
+        total: Callable[[], Optional[int]],
     ) -> None:
         self.ctx, self.codec, self.index, self.put = ctx, codec, index, put
         self.block_size, self.group_max, self.large_min, self.modulus = block_size, group_max, large_min, modulus
-        self.parallelism, self.bytes_total = parallelism, bytes_total
+        self.parallelism, self.total = parallelism, total  # estimated stream bytes; None while unknown
         self.packer = PackBuilder(pack_size, group_max)
         self.runs = PackBuilder(pack_size, block_size, runs=True)
         self.slots = threading.Semaphore(parallelism)
@@ -149,12 +149,13 @@ class ChunkUploader:
                 self.entries[i] = (digest, n, loc, kind, mine)
                 self.bytes_done += n
                 done, read, bytes_done = len(self.entries), self.read, self.bytes_done
+            total = self.total()
             self.ctx.events.progress(
                 phase="upload",
                 bytes_done=bytes_done,
-                bytes_total=max(self.bytes_total, bytes_done),
+                bytes_total=None if total is None else max(total, bytes_done),
                 parts_done=done,
-                parts_total=max(read, -(-self.bytes_total // self.block_size)),
+                parts_total=None if total is None else max(read, -(-total // self.block_size)),
             )
         except ScriptError as exc:
             self._fail(exc)

@@ -37,13 +37,13 @@ class PartUploader:
         part_size: int,
         parallelism: int,
         existing: Dict[str, int],
-        bytes_total: int,
+        total: Callable[[], Optional[int]],
         put: Optional[Callable[[str, Any, Dict[str, str]], None]] = None,
     ) -> None:
         self.ctx, self.s5, self.codec, self.prefix = ctx, s5, codec, prefix
         self.put = put or s5.put  # a BatchUploader's put in production: one s5cmd for all parts
         self.part_size, self.parallelism = part_size, parallelism
-        self.existing, self.bytes_total = existing, bytes_total
+        self.existing, self.total = existing, total  # estimated stream bytes; None while unknown
         self.slots = threading.Semaphore(parallelism)
         self.cpu = threading.Semaphore(max(1, min(parallelism, usable_cpus())))
         self.lock = threading.Lock()
@@ -118,12 +118,13 @@ class PartUploader:
                 self.bytes_done += len(raw)
                 done, read = len(self.parts), self.parts_read
                 bytes_done = self.bytes_done
+            total = self.total()
             self.ctx.events.progress(
                 phase="upload",
                 bytes_done=bytes_done,
-                bytes_total=max(self.bytes_total, bytes_done),
+                bytes_total=None if total is None else max(total, bytes_done),
                 parts_done=done,
-                parts_total=max(read, -(-self.bytes_total // self.part_size)),
+                parts_total=None if total is None else max(read, -(-total // self.part_size)),
             )
         except ScriptError as exc:
             self._fail(exc)

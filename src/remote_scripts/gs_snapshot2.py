@@ -20,8 +20,8 @@ from gs_common import Context, ScriptError, heartbeat, key_prefix, require
 from gs_manifest import MANIFEST_NAME, build_v2, upload
 from gs_packer import DEFAULT_PACK_SIZE
 from gs_s3 import S5
+from gs_scan import BackgroundScan
 from gs_upload import BatchUploader
-from gs_workspace import scan
 
 
 def parse_config(cfg: Dict[str, Any], opts: Dict[str, Any]) -> Dict[str, Any]:
@@ -56,25 +56,26 @@ def run(
     created_at: str,
     make_tar: Callable[[int], List[str]],
     source: Callable[[], Dict[str, Any]],
+    walk: BackgroundScan,
 ) -> Dict[str, Any]:
     prefix, store, events = opts["prefix"], v2["store_prefix"], ctx.events
     if prefix + MANIFEST_NAME in s5.list(prefix):
         s5.remove([prefix + MANIFEST_NAME])  # an earlier attempt's: it is rewritten last, as in v1
-    t_scan = time.monotonic()
+    t_resume = time.monotonic()
     index = ChunkIndex(s5, store, v2["known"], max_raw=max(v2["block_size"], v2["group_max"]))
     # A pack holds at most pack_size bytes of chunks plus one group or block and its TOC (rows of ~200
     # bytes for chunks of at least 512): twice that is a generous bound that keeps the memory bound.
     orphans = index.resume_packs(
         2 * (v2["pack_size"] + max(v2["group_max"], v2["block_size"])), workers=opts["parallelism"]
     )
-    bytes_total, entries = scan(opts["workspace"], opts["excludes"])
+    total = walk.total()  # known already on a tree of few files; else the first chunks' events say it
     events.progress(
         force=True,
         phase="upload",
         bytes_done=0,
-        bytes_total=bytes_total,
+        bytes_total=total,
         parts_done=0,
-        parts_total=max(1, -(-bytes_total // v2["block_size"])),
+        parts_total=None if total is None else max(1, -(-total // v2["block_size"])),
     )
     heartbeat(events, ctx)
     t_stream = time.monotonic()
@@ -90,7 +91,7 @@ def run(
             large_min=v2["large_min"],
             modulus=v2["group_modulus"],
             parallelism=opts["parallelism"],
-            bytes_total=bytes_total,
+            total=walk.total,
         )
         chunks, files = uploader.run(make_tar)
 
@@ -99,8 +100,10 @@ def run(
     index.check_present([loc for _, _, loc, _, _ in chunks])
     t_manifest = time.monotonic()
     events.progress(force=True, phase="manifest")
+    bytes_total, entries = walk.result()
     timings = {
-        "scan_s": round(t_stream - t_scan, 3),
+        "scan_s": round(walk.seconds, 3),  # beside the resume and the stream, not before them
+        "resume_s": round(t_stream - t_resume, 3),
         "stream_s": round(t_verify - t_stream, 3),
         "verify_s": round(t_manifest - t_verify, 3),
     }

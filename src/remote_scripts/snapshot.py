@@ -34,9 +34,10 @@ from gs_common import MAX_PARALLELISM, Context, ScriptError, heartbeat, key_pref
 from gs_manifest import MANIFEST_NAME, build, part_key, upload, utc_now  # noqa: E402
 from gs_pipeline import PartUploader  # noqa: E402
 from gs_s3 import S5  # noqa: E402
+from gs_scan import BackgroundScan  # noqa: E402
 from gs_tuning import Concurrency, plan_here  # noqa: E402
 from gs_upload import BatchUploader  # noqa: E402
-from gs_workspace import OWN_EXCLUDES, scan  # noqa: E402
+from gs_workspace import OWN_EXCLUDES  # noqa: E402
 
 DEFAULT_PART_SIZE = 32 << 20
 DEFAULT_PARALLELISM = 16  # a cap: gs_tuning lowers it to fit the host
@@ -139,6 +140,7 @@ def main(cfg: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
     v2: Dict[str, Any] = {}
     if opts["format"] == 2:
         v2 = gs_snapshot2.parse_config(cfg, opts)  # before any tool runs: a bad v2 config is bad_config
+    walk = BackgroundScan(ctx, workspace, opts["excludes"])  # beside codec choice, listing and stream
     # Format 2 holds 16 MiB blocks and packs in flight, not parts: its largest unit sizes the plan.
     unit = max(v2["block_size"], v2["pack_size"]) if v2 else opts["part_size"]
     tuning = plan_here(cap=opts["parallelism"], part_size=unit, copies=SNAPSHOT_COPIES_V2 if v2 else SNAPSHOT_COPIES)
@@ -158,6 +160,7 @@ def main(cfg: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
             created_at=created_at,
             make_tar=lambda fd: tar_command(workspace, opts["excludes"], fd),
             source=lambda: _source(opts, workspace, codec),
+            walk=walk,
         )
         return dict(result, tuning=dict(tuning, **transfers.report()))
     existing = s5.list(prefix)  # also the credentials check, before any real work
@@ -165,15 +168,14 @@ def main(cfg: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
         # Parts are about to be rewritten: the old manifest would describe objects that change
         # under it. Without a manifest the prefix is an unfinished snapshot until we finish.
         s5.remove([prefix + MANIFEST_NAME])
-    t_scan = time.monotonic()
-    bytes_total, entries = scan(workspace, opts["excludes"])
+    total = walk.total()  # known already on a tree of few files; else the first parts' events say it
     events.progress(
         force=True,
         phase="upload",
         bytes_done=0,
-        bytes_total=bytes_total,
+        bytes_total=total,
         parts_done=0,
-        parts_total=max(1, -(-bytes_total // opts["part_size"])),
+        parts_total=None if total is None else max(1, -(-total // opts["part_size"])),
     )
     heartbeat(events, ctx)
     t_stream = time.monotonic()
@@ -186,7 +188,7 @@ def main(cfg: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
             part_size=opts["part_size"],
             parallelism=opts["parallelism"],
             existing=existing,
-            bytes_total=bytes_total,
+            total=walk.total,
             put=batch.put,
         )
         parts, files = uploader.run(lambda fd: tar_command(workspace, opts["excludes"], fd))
@@ -208,8 +210,9 @@ def main(cfg: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
 
     t_manifest = time.monotonic()
     events.progress(force=True, phase="manifest")
+    bytes_total, entries = walk.result()
     timings = {
-        "scan_s": round(t_stream - t_scan, 3),
+        "scan_s": round(walk.seconds, 3),  # beside the stream, not before it
         "stream_s": round(t_verify - t_stream, 3),
         "verify_s": round(t_manifest - t_verify, 3),
     }

@@ -33,7 +33,7 @@ test-deps: $(VENV)/.installed-test
 # - openssh-server: the loopback "GPU host" in the tests is a real sshd;
 # - chromium (Debian's package) and a font: /api/docs is rendered in a real headless browser, offline.
 # Anything that cannot be installed fails `make test` here, loudly, instead of skipping tests later.
-SYSTEM_PACKAGES := /usr/sbin/sshd:openssh-server /usr/bin/chromium:chromium \
+SYSTEM_PACKAGES := /usr/sbin/sshd:openssh-server /usr/bin/chromium:chromium /usr/bin/zstd:zstd \
   /usr/share/fonts/truetype/liberation:fonts-liberation
 system-deps:
 	@SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); missing=""; \

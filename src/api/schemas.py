@@ -338,7 +338,10 @@ class ErrorResponse(BaseModel):
 
 class JobProgress(BaseModel):
     bytes_done: int | None
-    bytes_total: int | None
+    bytes_total: int | None = Field(
+        description="null while unknown: a snapshot's total comes from a walk of the tree that runs beside "
+        "the upload and may end after its first parts"
+    )
     parts_done: int | None
     parts_total: int | None
 

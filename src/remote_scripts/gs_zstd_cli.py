@@ -13,6 +13,7 @@ import subprocess
 import threading
 from typing import Any, List
 
+from gs_codec_base import Codec
 from gs_common import ScriptError, read_full, tail_text
 
 _MAGIC = b"\x28\xb5\x2f\xfd"  # zstd frame magic number 0xFD2FB528, little-endian (RFC 8878 3.1.1)
@@ -26,9 +27,10 @@ def frame_has_checksum(stored: Any) -> bool:
     return len(head) == 5 and head[:4] == _MAGIC and bool(head[4] & 0x04)
 
 
-class ZstdCliCodec:
-    """Codec interface of gs_codecs.Codec (compress, decompress, decompress_into, checks_output,
-    version, name, fallback), one short-lived `zstd` process per part. Thread-safe."""
+class ZstdCliCodec(Codec):
+    """The Codec interface (compress, decompress, decompress_into, checks_output, version), one
+    short-lived `zstd` process per part. Thread-safe. Its decoder is another program fed the stored
+    bytes: decodes_untrusted_input stays False (readers hash stored bytes before handing them on)."""
 
     name = "zstd"
     fallback = None

@@ -250,3 +250,35 @@ def test_a_damaged_or_swapped_zstd_chunk_is_part_corrupt_reused_or_not(new: bool
     with pytest.raises(ScriptError) as err:
         drain_zstd(manifest, objects)
     assert err.value.code == "part_corrupt"
+
+
+@pytest.mark.parametrize("new", [True, False])
+def test_the_zstd_binary_decodes_chunks_when_the_zstandard_package_is_missing(new: bool) -> None:
+    """A host without the zstandard package restores with the `zstd` binary (gs_zstd_cli): reused
+    chunks too, and they keep their stored bytes' hash (that decoder is another program)."""
+    import shutil
+
+    from gs_zstd_cli import ZstdCliCodec
+
+    binary = shutil.which("zstd")
+    if binary is None:
+        pytest.skip("no zstd binary on this machine (the e2e image installs it)")
+    raws = some_raws()
+    manifest, objects = make_zstd(new, raws)
+    fetcher = ChunkFetcher(
+        ctx=Context(Events(fd=os.open(os.devnull, os.O_WRONLY))),
+        s5=DictStore({"m/" + k: v for k, v in objects.items()}),  # type: ignore[arg-type]
+        store_prefix="m/",
+        manifest=manifest,
+        codecs={"zstd": ZstdCliCodec(binary)},
+        window=2,
+    )
+    out = []
+    try:
+        while (item := fetcher.next()) is not None:
+            out.append(bytes(item[1]))
+            fetcher.release(item[0])
+    finally:
+        fetcher.close()
+    assert out == raws
+    assert ZstdCliCodec.decodes_untrusted_input is False

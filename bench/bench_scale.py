@@ -251,7 +251,7 @@ def render(report: dict[str, Any]) -> str:
             "## Many small files (bench/bench_scale.py)",
             "",
             "Measured %s, %d files (a %.0f MiB tar stream), format %d, %d CPUs, load average %.1f at start, "
-            "%.1f at end; medians of %d rounds (each round's walls in brackets)."
+            "%.1f at end; medians of %d rounds (each round's walls in brackets); both restores into %s."
             % (
                 report["date"],
                 report["files"],
@@ -261,6 +261,7 @@ def render(report: dict[str, Any]) -> str:
                 report["loadavg_start"][0],
                 report["loadavg_end"][0],
                 len(report["rounds"]),
+                report["restore_dir"],
             ),
             "",
             "| step | wall | CPU (process tree) | peak memory |",

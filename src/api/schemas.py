@@ -340,7 +340,7 @@ class JobProgress(BaseModel):
     bytes_done: int | None
     bytes_total: int | None = Field(
         description="null while unknown: a snapshot's total comes from a walk of the tree that runs beside "
-        "the upload and may end after its first parts"
+        "the upload and may end after its first parts (a retried step shows its earlier try's total until then)"
     )
     parts_done: int | None
     parts_total: int | None

@@ -54,9 +54,54 @@ def test_without_a_child_the_walk_runs_in_process(tmp_path: pathlib.Path, monkey
     assert walk.result() == scan(str(root), [])
 
 
-def test_a_cancel_kills_the_child_and_result_still_answers(tmp_path: pathlib.Path) -> None:
+def test_a_cancel_kills_the_child_and_no_walk_follows(tmp_path: pathlib.Path) -> None:
+    import pytest
+    from gs_common import ScriptError
+
     root = tree(tmp_path / "ws")
     c = ctx()
     walk = BackgroundScan(c, str(root), [])
     c.cancel("cancelled")
-    assert walk.result() == scan(str(root), [])  # killed or finished: an answer either way
+    try:
+        found = walk.result()
+    except ScriptError as exc:  # the child was killed: the run is over, no walk in-process
+        assert exc.code == "cancelled"
+    else:
+        assert found == scan(str(root), [])  # it had finished before the cancel
+    with pytest.raises(ScriptError):
+        c.check()
+
+
+def test_the_hosts_python_environment_cannot_answer_for_the_child(tmp_path: pathlib.Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A GPU host image's sitecustomize or PYTHON* variables do not reach the child (-I -S), and a
+    line that looks like an answer without the parent's nonce is not taken for one."""
+    root = tree(tmp_path / "ws")
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import atexit, sys\n"
+        'atexit.register(lambda: print(\'{"nonce": "x", "bytes": 0, "entries": 0, "seconds": 0}\'))\n'
+    )
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    monkeypatch.setenv("PYTHONSAFEPATH", "1")
+    monkeypatch.setenv("PYTHONINSPECT", "1")
+    walk = BackgroundScan(ctx(), str(root), [])
+    walk._done.wait(30)
+    assert walk.total() is not None  # the child answered, no in-process fallback needed
+    assert walk.result() == scan(str(root), [])
+
+
+def test_undecodable_names_in_root_and_excludes_walk_as_in_process(tmp_path: pathlib.Path) -> None:
+    base = os.fsencode(str(tmp_path))
+    root = base + b"/ws-\xff\xfe"
+    os.makedirs(root + b"/sub-\xe9")
+    for i in range(5):
+        with open(root + b"/sub-\xe9/f%d-\xff.log" % i, "wb") as fh:
+            fh.write(b"x" * 1000)
+    with open(root + b"/keep", "wb") as fh:
+        fh.write(b"y" * 3000)
+    path, pattern = os.fsdecode(root), os.fsdecode(b"*-\xff.log")
+    walk = BackgroundScan(ctx(), path, [pattern])
+    walk._done.wait(30)
+    assert walk.total() is not None
+    assert walk.result() == scan(path, [pattern]) != scan(path, [])

@@ -76,9 +76,14 @@ def make(order: list[tuple[str, int]], run_size: int = 0) -> tuple[dict[str, Any
     last = runs.flush()
     if last is not None:
         objects[last[0]] = bytes(last[1])
+    return manifest_of(entries, "none"), objects, stream
+
+
+def manifest_of(entries: list[Any], codec: str) -> dict[str, Any]:
+    """A validated v2 manifest over these (raw digest, size, Loc, kind, new) entries."""
     doc = build_v2(
         cfg={},
-        codec="none",
+        codec=codec,
         chunking={},
         entries=entries,
         files=1,
@@ -87,7 +92,7 @@ def make(order: list[tuple[str, int]], run_size: int = 0) -> tuple[dict[str, Any
         created_at="t",
         timings={},
     )
-    return validate(json.loads(json.dumps(doc))), objects, stream
+    return validate(json.loads(json.dumps(doc)))
 
 
 class Counting(ChunkFetcher):
@@ -184,27 +189,18 @@ def make_zstd(new: bool, raws: list[bytes], put: list[bytes] | None = None) -> t
         loc = builder.add(h(raw), stored, len(raw), "zstd", h(frame))[0]
         entries.append((h(raw), len(raw), loc, "block", new))
     key, view, _buf, _locs, _size, _meta = builder.flush()  # type: ignore[misc]
-    doc = build_v2(
-        cfg={},
-        codec="zstd",
-        chunking={},
-        entries=entries,
-        files=1,
-        bytes_uploaded=0,
-        source={},
-        created_at="t",
-        timings={},
-    )
-    return validate(json.loads(json.dumps(doc))), {key: bytes(view)}
+    return manifest_of(entries, "zstd"), {key: bytes(view)}
 
 
-def drain_zstd(manifest: dict[str, Any], objects: dict[str, bytes]) -> list[bytes]:
+def drain_zstd(
+    manifest: dict[str, Any], objects: dict[str, bytes], codecs: dict[str, Any] | None = None
+) -> list[bytes]:
     fetcher = ChunkFetcher(
         ctx=Context(Events(fd=os.open(os.devnull, os.O_WRONLY))),
         s5=DictStore({"m/" + k: v for k, v in objects.items()}),  # type: ignore[arg-type]
         store_prefix="m/",
         manifest=manifest,
-        codecs=for_restore(["zstd"], False),
+        codecs=codecs or for_restore(["zstd"], False),
         window=2,
     )
     out = []
@@ -262,23 +258,8 @@ def test_the_zstd_binary_decodes_chunks_when_the_zstandard_package_is_missing(ne
 
     binary = shutil.which("zstd")
     if binary is None:
-        pytest.skip("no zstd binary on this machine (the e2e image installs it)")
+        pytest.skip("no zstd binary on this machine (`make system-deps` installs it)")
     raws = some_raws()
     manifest, objects = make_zstd(new, raws)
-    fetcher = ChunkFetcher(
-        ctx=Context(Events(fd=os.open(os.devnull, os.O_WRONLY))),
-        s5=DictStore({"m/" + k: v for k, v in objects.items()}),  # type: ignore[arg-type]
-        store_prefix="m/",
-        manifest=manifest,
-        codecs={"zstd": ZstdCliCodec(binary)},
-        window=2,
-    )
-    out = []
-    try:
-        while (item := fetcher.next()) is not None:
-            out.append(bytes(item[1]))
-            fetcher.release(item[0])
-    finally:
-        fetcher.close()
-    assert out == raws
+    assert drain_zstd(manifest, objects, {"zstd": ZstdCliCodec(binary)}) == raws
     assert ZstdCliCodec.decodes_untrusted_input is False
